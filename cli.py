@@ -1,0 +1,72 @@
+"""The ``conceptlab`` command line: one subcommand per capability.
+
+Each capability registers its subcommands from its own module (listed in ``_COMMAND_MODULES``), which
+defines ``register(subparsers)``; every subparser sets ``func(args) -> int``. Errors a user can fix are
+raised as :class:`CLIError` (or ``ValueError`` / ``FileNotFoundError`` / ``OSError``): they are printed to
+stderr as ``conceptlab: error: ...`` with exit code 2 (1 for other failures), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+from . import __version__
+
+# module (relative to this package) -> provides register(subparsers)
+_COMMAND_MODULES = (
+    ".metrics.palette_cli",     # palette
+    ".metrics.captions_cli",    # audit-captions
+    ".metrics.diff_cli",        # diff, diff-compare
+    ".training.merge_cli",      # merge
+    ".training.train_cli",      # train
+    ".training.esd_cli",        # erase
+)
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every capability's subcommands registered."""
+    parser = argparse.ArgumentParser(
+        prog="conceptlab",
+        description="Concept Lab: LoRA training, ESD erasure, merging, weight diffs and pixel-art palette metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"conceptlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name in _COMMAND_MODULES:
+        try:
+            mod = import_module(mod_name, __package__)
+        except ModuleNotFoundError as exc:  # capability not built yet
+            if exc.name and exc.name.endswith(mod_name.rsplit(".", 1)[-1]):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (0 ok, 1 failure, 2 usage / input error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"conceptlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"conceptlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one clear line, not a traceback
+        print(f"conceptlab {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

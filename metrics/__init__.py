@@ -1,0 +1,1 @@
+"""Things that measure: palette and caption metrics, weight diff. Never imports ComfyUI or ``training``."""

@@ -1,0 +1,24 @@
+"""ComfyUI adapters, one module per capability.
+
+Each module defines V1 node classes (INPUT_TYPES / RETURN_TYPES / FUNCTION) plus its own
+``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``; this file merges them. Node modules import
+ComfyUI (``comfy``, ``folder_paths``) only inside functions, through :mod:`.comfy_host`, so that the
+classes import without ComfyUI and CI can check their contracts.
+"""
+
+from importlib import import_module
+
+_MODULES = ("palette", "captions", "diff", "merge", "lora", "esd")
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+
+for _name in _MODULES:
+    _mod = import_module(f".{_name}", __name__)
+    for _node_id, _cls in getattr(_mod, "NODE_CLASS_MAPPINGS", {}).items():
+        if _node_id in NODE_CLASS_MAPPINGS:
+            raise RuntimeError(f"duplicate node id {_node_id} in nodes/{_name}.py")
+        NODE_CLASS_MAPPINGS[_node_id] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS.update(getattr(_mod, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,4 @@
+"""ComfyUI nodes for this capability (filled in by its issue)."""
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -1,0 +1,1 @@
+"""Things that produce weights: LoRA trainer, ESD eraser, merging. Host-neutral: never imports ComfyUI."""

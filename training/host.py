@@ -1,0 +1,259 @@
+"""The small protocol the training and erasure loops see, so they never know which program holds the model.
+
+Two hosts implement :class:`DiffusionHost`: ComfyUI (``nodes/comfy_host.py``: a cloned ModelPatcher, weight
+wrappers, ``diffusion_model`` forward) and diffusers (:mod:`.diffusers_host`: ``UNet2DConditionModel``,
+``CLIPTextModel``, ``AutoencoderKL``; tests and the CLI).
+
+Conventions every host follows:
+
+* **Module paths** are diffusers-style for the UNet (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q``)
+  and transformers-4-style, with the ``text_model.`` level, for CLIP text encoders
+  (``text_model.encoder.layers.0.self_attn.q_proj``), whatever the host's own module tree is. Components are
+  ``"unet"``, ``"te"`` (SD1/SD2) or ``"te1"``/``"te2"`` (SDXL). Kohya names are derived from these paths with
+  :func:`conceptlab.formats.keys.kohya_lora_name`.
+* **Trainable deltas** are :class:`DeltaModule` objects installed on a module's ``weight`` or ``bias``: a callable
+  ``f(weight) -> weight + delta`` (the same contract as ComfyUI's ``ModelPatcher.add_weight_wrapper``, which
+  ComfyUI's own TrainLoraNode uses). The shared base weights are never modified; switching deltas off
+  (:meth:`DiffusionHost.deltas_disabled`) gives the frozen model, so ESD needs one model copy, not two.
+* **Noise schedule**: discrete DDPM ``alphas_cumprod`` (float32, shape ``[T]``, usually T = 1000). ``x_t`` is
+  the DDPM-scaled noisy latent ``sqrt(a_t)·x0 + sqrt(1−a_t)·ε`` and ``timesteps`` are integer indices in
+  ``[0, T)``. :meth:`DiffusionHost.predict` returns the raw network output in the model's own parameterization
+  (``prediction_type`` ``"epsilon"`` or ``"v_prediction"``), not ComfyUI's denoised x0.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class DeltaModule(nn.Module):
+    """A trainable change to one weight tensor, applied as ``weight + delta()`` while :attr:`enabled`.
+
+    Subclasses implement :meth:`delta` returning a tensor of the target weight's shape (any float dtype; it is
+    cast to the weight's dtype, keeping the graph for autograd). The module is callable with the weight,
+    which makes it usable as a ComfyUI weight wrapper and as a ``torch.nn.utils.parametrize`` parametrization.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.multiplier = 1.0
+
+    @abc.abstractmethod
+    def delta(self) -> torch.Tensor:
+        """The change ΔW, shaped like the target weight."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D401 - callable contract
+        if not self.enabled or self.multiplier == 0.0:
+            return weight
+        d = self.delta()
+        if self.multiplier != 1.0:
+            d = d * self.multiplier
+        return weight + d.to(device=weight.device, dtype=weight.dtype)
+
+    # ComfyUI's weight-wrapper bookkeeping (see comfy_extras/nodes_train.py BiasDiff): report memory use and
+    # follow the model between devices.
+    def passive_memory_usage(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def move_to(self, device=None) -> int:
+        if device is not None:
+            self.to(device=device)
+        return self.passive_memory_usage()
+
+
+class FullDelta(DeltaModule):
+    """A full-rank trainable ΔW (fp32 parameter initialised to zeros), as ESD trains its parameter set.
+
+    Args:
+        shape: the target tensor's shape (weight ``[out, in]`` / ``[out, in, kh, kw]`` or bias ``[out]``).
+        device: where the parameter lives.
+    """
+
+    def __init__(self, shape: Sequence[int], device: torch.device | str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(tuple(shape), dtype=torch.float32, device=device))
+
+    def delta(self) -> torch.Tensor:
+        return self.weight
+
+
+class DiffusionHost(abc.ABC):
+    """What the training and erasure loops need from a diffusion model; see the module docstring.
+
+    Attributes:
+        arch: ``"sd1" | "sd2" | "sdxl"`` (the naming used by :mod:`conceptlab.formats.keys`).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        alphas_cumprod: float32 CPU tensor ``[T]``.
+        device: compute device; ``dtype``: compute dtype of the frozen weights.
+        latent_channels: 4 for SD1/SD2/SDXL; ``vae_scale``: pixels per latent cell (8).
+    """
+
+    arch: str = "sd1"
+    prediction_type: str = "epsilon"
+    alphas_cumprod: torch.Tensor
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    latent_channels: int = 4
+    vae_scale: int = 8
+
+    # -- modules and deltas ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def modules(self, component: str) -> dict[str, nn.Module]:
+        """Leaf ``nn.Linear`` / ``nn.Conv2d`` modules of ``component`` keyed by the canonical path (module doc).
+
+        Raises ``ValueError`` for a component the model does not have.
+        """
+
+    def components(self) -> list[str]:
+        """The components this host can adapt, e.g. ``["unet", "te"]``."""
+        return ["unet", "te"]
+
+    @abc.abstractmethod
+    def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
+        """Apply ``delta`` to ``<component>.<path>.<attr>`` (``attr`` is ``"weight"`` or ``"bias"``)."""
+
+    @abc.abstractmethod
+    def clear_deltas(self) -> None:
+        """Remove every installed delta (the host returns to the frozen model)."""
+
+    @abc.abstractmethod
+    def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
+        """``{(component, path, attr): delta}`` currently installed."""
+
+    @contextlib.contextmanager
+    def deltas_disabled(self) -> Iterator[None]:
+        """Within the block every installed delta is off: predictions are the frozen model's."""
+        deltas = list(self.installed_deltas().values())
+        prev = [d.enabled for d in deltas]
+        for d in deltas:
+            d.enabled = False
+        try:
+            yield
+        finally:
+            for d, p in zip(deltas, prev):
+                d.enabled = p
+
+    # -- conditioning, prediction, VAE ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states ``[B, 77, D]`` (compute dtype, on :attr:`device`).
+
+        Differentiable when text-encoder deltas are installed and grad is enabled.
+        """
+
+    @abc.abstractmethod
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Raw network output ``[B, C, h, w]`` for DDPM-scaled ``x_t`` ``[B, C, h, w]`` at integer ``timesteps``
+        ``[B]`` with context ``cond`` ``[B, 77, D]``; parameterization :attr:`prediction_type`."""
+
+    @abc.abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE-encode ``pixels`` ``[B, 3, H, W]`` float in ``[-1, 1]`` to scaled latents ``[B, 4, H/8, W/8]``
+        (the mean of the posterior times the VAE scaling factor, fp32 on CPU)."""
+
+    @abc.abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode scaled latents ``[B, 4, h, w]`` to images ``[B, 3, 8h, 8w]`` float in ``[0, 1]`` (CPU)."""
+
+    def sample(self, prompts: Sequence[str], negative: str = "", *, width: int = 512, height: int = 512,
+               steps: int = 20, cfg: float = 7.0, seed: int = 0) -> torch.Tensor:
+        """Generate images ``[B, 3, H, W]`` in ``[0, 1]`` with the current deltas (DDIM by default).
+
+        Hosts with a native sampler (ComfyUI) override this; the default runs :func:`ddim_sample`.
+        """
+        cond = self.encode_prompts(list(prompts))
+        uncond = self.encode_prompts([negative] * len(prompts))
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        shape = (len(prompts), self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        x = torch.randn(shape, generator=g).to(self.device)
+        lat = ddim_sample(self, x, cond, uncond, steps=steps, cfg=cfg)
+        return self.decode_latents(lat)
+
+
+# -- schedule helpers shared by the loops --------------------------------------------------------------------
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε`` (Ho et al. 2020, Eq. 4).
+
+    Shapes: ``x0``/``noise`` ``[B, C, h, w]``; ``timesteps`` int ``[B]``; ``alphas_cumprod`` ``[T]``.
+    """
+    a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device).long()]
+    a = a.view(-1, *([1] * (x0.dim() - 1)))
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The regression target for the model's parameterization.
+
+    ``"epsilon"``: ε. ``"v_prediction"``: ``v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x0`` (Salimans & Ho 2022, §4).
+    Raises ``ValueError`` for other parameterizations.
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod.to(device=x0.device, dtype=torch.float32)[timesteps.to(x0.device).long()]
+        a = a.view(-1, *([1] * (x0.dim() - 1)))
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(noise.dtype)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+
+
+def eps_from_prediction(output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor,
+                        alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Convert a model output to ε (``"v_prediction"``: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        a = alphas_cumprod.to(device=x_t.device, dtype=torch.float32)[timesteps.to(x_t.device).long()]
+        a = a.view(-1, *([1] * (x_t.dim() - 1)))
+        return (a.sqrt() * output.float() + (1 - a).sqrt() * x_t.float()).to(output.dtype)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Descending DDIM timesteps with diffusers' "leading" spacing (``DDIMScheduler.set_timesteps``)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing="leading",
+                          steps_offset=1)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
+
+
+@torch.no_grad()
+def ddim_sample(host: DiffusionHost, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *,
+                steps: int = 50, cfg: float = 7.5, stop_at: int | None = None, eta: float = 0.0) -> torch.Tensor:
+    """Deterministic DDIM sampling (Song et al. 2021, Eq. 12 with η=0) with classifier-free guidance.
+
+    Uses diffusers' ``DDIMScheduler`` built on the host's ``alphas_cumprod`` (so any schedule works).
+    ``stop_at``: return after that many steps (ESD's "sample up to a random step k"). Returns latents
+    ``[B, C, h, w]`` fp32. ``x_T``: ``[B, C, h, w]`` standard normal.
+    """
+    from diffusers import DDIMScheduler
+
+    ac = host.alphas_cumprod.float()
+    betas = 1 - ac / torch.cat([torch.ones(1), ac[:-1]])
+    sched = DDIMScheduler(num_train_timesteps=len(ac), trained_betas=betas.numpy(), clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                          prediction_type=host.prediction_type)
+    sched.set_timesteps(steps)
+    x = x_T.to(host.device, torch.float32)
+    n = len(sched.timesteps) if stop_at is None else min(int(stop_at), len(sched.timesteps))
+    for t in sched.timesteps[:n]:
+        tt = torch.full((x.shape[0],), int(t), device=host.device, dtype=torch.long)
+        xin = x.to(host.dtype)
+        if cfg == 1.0:
+            out = host.predict(xin, tt, cond).float()
+        else:
+            out_c = host.predict(xin, tt, cond).float()
+            out_u = host.predict(xin, tt, uncond).float()
+            out = out_u + cfg * (out_c - out_u)
+        x = sched.step(out, t, x, eta=eta).prev_sample
+    return x
