@@ -1,0 +1,92 @@
+"""Tiny diffusers models built in the test (nothing is downloaded) and the real SD1.5 UNet config.
+
+``tiny_host()`` gives a :class:`conceptlab.training.diffusers_host.DiffusersHost` with an SD1-shaped layout
+(CrossAttn down/mid/up blocks with attn1/attn2/ff, 1×1 conv proj_in/proj_out, a CLIP text encoder with the
+kohya/ComfyUI ``text_model.`` names, a 4-channel VAE with 8× downsampling) small enough to train on CPU.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+
+TINY_UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16), norm_num_groups=4, sample_size=64,
+)
+
+TINY_VOCAB = 1000
+BOS, EOS = 1, 2
+
+
+def sd15_unet_config() -> dict:
+    """The SD1.5 ``UNet2DConditionModel`` config (runwayml/stable-diffusion-v1-5 unet/config.json essentials)."""
+    return dict(SD15_UNET_CONFIG)
+
+
+def sd15_unet_meta():
+    """The full SD1.5 UNet built on the meta device (real names and shapes, no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+def word_hash_tokenizer(prompts, max_length: int = 77) -> torch.Tensor:
+    """A deterministic stand-in for CLIPTokenizer: words hashed (crc32) into ids, BOS/EOS, padded with EOS."""
+    out = torch.full((len(prompts), max_length), EOS, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        words = str(p).lower().replace(",", " , ").split()
+        ids = [BOS] + [3 + zlib.crc32(w.encode()) % (TINY_VOCAB - 3) for w in words][: max_length - 2] + [EOS]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def tiny_text_encoder(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=EOS)
+    return CLIPTextModel(cfg)
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**TINY_UNET_CONFIG)
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**TINY_VAE_CONFIG)
+
+
+def tiny_host(seed: int = 0, prediction_type: str = "epsilon"):
+    """A tiny SD1-shaped :class:`DiffusersHost` on CPU, fp32, deterministic for a seed."""
+    from conceptlab.training.diffusers_host import DiffusersHost
+
+    return DiffusersHost(tiny_unet(seed), tiny_text_encoder(seed), word_hash_tokenizer, tiny_vae(seed),
+                         prediction_type=prediction_type, arch="sd1")

@@ -1,0 +1,182 @@
+"""The diffusers implementation of :class:`~.host.DiffusionHost` (tests and the CLI).
+
+Wraps ``UNet2DConditionModel``, ``CLIPTextModel`` (+ tokenizer) and ``AutoencoderKL`` from a local folder or
+built in memory. Trainable deltas are installed with ``torch.nn.utils.parametrize`` (the weight seen by the
+module becomes ``delta(weight)``), which leaves the stored weights untouched and is removed cleanly with
+``remove_parametrizations(..., leave_parametrized=False)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .host import DeltaModule, DiffusionHost
+
+
+def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> torch.Tensor:
+    """ᾱ_t of Stable Diffusion's "scaled_linear" schedule (LDM config: linear in sqrt(β)), float32 ``[T]``."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def _canonical_te_path(name: str) -> str:
+    # transformers 5.x CLIPTextModel has no "text_model." level; kohya and ComfyUI names need it.
+    return name if name.startswith("text_model.") else f"text_model.{name}"
+
+
+class DiffusersHost(DiffusionHost):
+    """A :class:`DiffusionHost` over diffusers / transformers modules.
+
+    Args:
+        unet: ``UNet2DConditionModel``.
+        text_encoder: ``CLIPTextModel`` (hidden states of the last layer are the context).
+        tokenizer: a ``CLIPTokenizer`` or any callable ``tok(list[str]) -> LongTensor [B, 77]``.
+        vae: ``AutoencoderKL`` (``config.scaling_factor`` is applied), or ``None`` when latents are given.
+        alphas_cumprod: ``[T]`` float32; default SD's scaled_linear schedule.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        arch: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (naming / metadata only).
+        device, dtype: where and in which dtype the frozen weights run.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, tokenizer: Callable | None,
+                 vae: nn.Module | None, *, alphas_cumprod: torch.Tensor | None = None,
+                 prediction_type: str = "epsilon", arch: str = "sd1", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder = (text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+                             if text_encoder is not None else None)
+        self.tokenizer = tokenizer
+        self.vae = vae.to(self.device, torch.float32).eval().requires_grad_(False) if vae is not None else None
+        self.alphas_cumprod = (alphas_cumprod if alphas_cumprod is not None else sd_alphas_cumprod()).float().cpu()
+        self.prediction_type = prediction_type
+        self.arch = arch
+        self.latent_channels = int(getattr(self.unet.config, "in_channels", 4))
+        if self.vae is not None:
+            self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._installed: dict[tuple[str, str, str], DeltaModule] = {}
+
+    # -- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "DiffusersHost":
+        """Load a local diffusers folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``).
+
+        Nothing is downloaded (``local_files_only``). Raises ``FileNotFoundError`` for a missing part.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        root = Path(folder)
+        for part in ("unet", "text_encoder", "tokenizer", "vae"):
+            if not (root / part).is_dir():
+                raise FileNotFoundError(f"{root}: not a diffusers model folder (missing {part}/)")
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+        te = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+        ac, pred = None, "epsilon"
+        sched_cfg = root / "scheduler" / "scheduler_config.json"
+        if sched_cfg.is_file():
+            import json
+
+            cfg = json.loads(sched_cfg.read_text())
+            pred = cfg.get("prediction_type", "epsilon")
+            if cfg.get("beta_schedule", "scaled_linear") == "scaled_linear":
+                ac = sd_alphas_cumprod(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.00085),
+                                       cfg.get("beta_end", 0.012))
+        arch = "sd2" if getattr(unet.config, "cross_attention_dim", 768) == 1024 else "sd1"
+        return cls(unet, te, tok, vae, alphas_cumprod=ac, prediction_type=pred, arch=arch, device=device,
+                   dtype=dtype)
+
+    # -- modules and deltas -------------------------------------------------------------------------------------
+    def components(self) -> list[str]:
+        return ["unet"] + (["te"] if self.text_encoder is not None else [])
+
+    def _root(self, component: str) -> nn.Module:
+        if component == "unet":
+            return self.unet
+        if component == "te" and self.text_encoder is not None:
+            return self.text_encoder
+        raise ValueError(f"this model has no component {component!r} (has {self.components()})")
+
+    def modules(self, component: str) -> dict[str, nn.Module]:
+        root = self._root(component)
+        out = {}
+        for name, mod in root.named_modules():
+            # skip modules inside installed deltas (registered under <module>.parametrizations.<attr>)
+            if ".parametrizations." in f".{name}." or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                continue
+            out[_canonical_te_path(name) if component == "te" else name] = mod
+        return out
+
+    def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
+        if attr not in ("weight", "bias"):
+            raise ValueError(f"attr must be 'weight' or 'bias', not {attr!r}")
+        mods = self.modules(component)
+        if path not in mods:
+            raise KeyError(f"{component} has no module {path!r}")
+        mod = mods[path]
+        if getattr(mod, attr, None) is None:
+            raise ValueError(f"{component}.{path} has no {attr}")
+        key = (component, path, attr)
+        if key in self._installed:
+            raise ValueError(f"a delta is already installed on {component}.{path}.{attr}")
+        delta.to(self.device)
+        parametrize.register_parametrization(mod, attr, delta, unsafe=True)
+        self._installed[key] = delta
+
+    def clear_deltas(self) -> None:
+        for (component, path, attr) in list(self._installed):
+            mod = self.modules(component)[path]
+            if parametrize.is_parametrized(mod, attr):
+                parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+        self._installed.clear()
+
+    def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
+        return dict(self._installed)
+
+    # -- conditioning, prediction, VAE --------------------------------------------------------------------------
+    def _tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("this host has no tokenizer")
+        if hasattr(self.tokenizer, "model_max_length"):
+            ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        else:
+            ids = self.tokenizer(list(prompts))
+        return ids.to(self.device)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise ValueError("this host has no text encoder")
+        ids = self._tokenize(prompts)
+        return self.text_encoder(ids)[0]
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t.to(self.device, self.dtype), timesteps.to(self.device),
+                         encoder_hidden_states=cond.to(self.device, self.dtype)).sample
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("this host has no VAE")
+        dist = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        return (dist.mean * self.vae.config.scaling_factor).float().cpu()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("this host has no VAE")
+        img = self.vae.decode(latents.to(self.device, torch.float32) / self.vae.config.scaling_factor).sample
+        return ((img.float() + 1) / 2).clamp(0, 1).cpu()
