@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as exc:
         print(f"conceptlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -187,8 +187,13 @@ def _load_torch_weights_only(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's own message suggests weights_only=False, which is exactly what we refuse: keep only the reason.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        keep = [ln for ln in lines if "weights_only" not in ln and not ln.startswith("Check the documentation")]
+        reason = (keep[0].split("WeightsUnpickler error:", 1)[-1].strip() if keep
+                  else (lines[0] if lines else type(exc).__name__)).rstrip(".")
         raise WeightFileError(
-            f"{path.name}: refused to load with torch.load(weights_only=True): {exc}. "
+            f"{path.name}: refused to load with torch.load(weights_only=True): {reason}. "
             "Files that need full unpickling can run arbitrary code, so Concept Lab never loads them; "
             "convert the file to .safetensors with a tool you trust."
         ) from exc
@@ -343,6 +348,24 @@ class SafetensorsStreamWriter:
             data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self._fh.write(data)
         self._next += 1
+
+    def replace_in_header(self, placeholder: str, value: str) -> None:
+        """Overwrite a same-length ``placeholder`` string in the already written header with ``value``.
+
+        For metadata only known after the data is streamed (e.g. input hashes computed during a merge):
+        reserve a unique placeholder in ``metadata`` at construction, then patch it before :meth:`close`.
+        Offsets and the header length do not change. Raises ``ValueError`` if the lengths differ or the
+        placeholder is not found exactly once.
+        """
+        ph, val = placeholder.encode("utf-8"), value.encode("utf-8")
+        if len(ph) != len(val):
+            raise ValueError(f"placeholder and value differ in length ({len(ph)} vs {len(val)} bytes)")
+        pos = self._header.find(ph)
+        if pos < 0 or self._header.find(ph, pos + 1) >= 0:
+            raise ValueError(f"placeholder {placeholder!r} must occur exactly once in the header")
+        self._fh.flush()
+        os.pwrite(self._fh.fileno(), val, pos)
+        self._header = self._header[:pos] + val + self._header[pos + len(ph):]
 
     def close(self) -> Path:
         """Finish the file and move it into place. Raises ``ValueError`` if tensors are missing."""

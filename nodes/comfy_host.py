@@ -14,11 +14,14 @@ without ComfyUI. Node modules use these helpers instead of touching ComfyUI dire
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..training.host import DeltaModule, DiffusionHost
 
 
 class PathOutsideError(ValueError):
@@ -159,3 +162,595 @@ def numpy_to_image(arrays: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
             a = np.repeat(a[..., None], 3, axis=-1)
         batch[i, : a.shape[0], : a.shape[1]] = a[..., :3]
     return torch.from_numpy(batch)
+
+
+# =============================================================================================================
+# Models: the ComfyUI side of the host protocol (training/host.py), key maps and patch helpers.
+# All ComfyUI imports stay inside functions.
+# =============================================================================================================
+
+#: Structural UNet configs (the part ``comfy.utils.unet_to_diffusers`` reads) of the SD families, as ComfyUI's
+#: ``comfy/model_detection.py`` defines them; used by :func:`model_key` when no model is at hand.
+_UNET_LAYOUTS = {
+    "sd1": {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1},
+    "sdxl": {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10},
+}
+_UNET_LAYOUTS["sd2"] = _UNET_LAYOUTS["sd1"]
+
+#: ComfyUI's CLIP-patcher prefix of each text-encoder component, per architecture
+_TE_PREFIX = {
+    "sd1": {"te": "clip_l.transformer."},
+    "sd2": {"te": "clip_h.transformer."},
+    "sdxl": {"te1": "clip_l.transformer.", "te2": "clip_g.transformer."},
+}
+
+
+def _strip_attr(key: str) -> tuple[str, str]:
+    path, _, attr = key.rpartition(".")
+    return path, attr
+
+
+def unet_module_maps(unet_config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """``(diffusers→ldm, ldm→diffusers)`` UNet *module path* maps for a ComfyUI ``unet_config``.
+
+    Built from ComfyUI's own ``comfy.utils.unet_to_diffusers`` (parameter-level map, here reduced to module
+    paths), so it follows the exact block layout of the loaded model (SD1/SD2/SDXL and tiny test UNets).
+    Raises ``ValueError`` for models that are not UNets (no ``num_res_blocks``: Flux, SD3, ...).
+    """
+    import comfy.utils
+
+    pmap = comfy.utils.unet_to_diffusers(dict(unet_config))
+    if not pmap:
+        raise ValueError("this MODEL is not a UNet (SD1.x / SD2.x / SDXL); Concept Lab cannot map its layers")
+    d2l: dict[str, str] = {}
+    for dkey, lkey in pmap.items():
+        dpath, dattr = _strip_attr(dkey)
+        lpath, lattr = _strip_attr(lkey)
+        if dattr in ("weight", "bias") and dattr == lattr:
+            d2l[dpath] = lpath
+    return d2l, {v: k for k, v in d2l.items()}
+
+
+_LAYOUT_MAPS: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+
+
+def model_key(component: str, path: str, attr: str = "weight", *, arch: str = "sd1",
+              unet_config: dict | None = None) -> str:
+    """ComfyUI patch key of ``<component>.<path>.<attr>`` (canonical names, see training/host.py).
+
+    ``("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q", "weight")`` →
+    ``"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"`` (a key of the MODEL's
+    ModelPatcher); ``("te", "text_model.encoder.layers.0.self_attn.q_proj", "weight")`` →
+    ``"clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"`` (a key of the CLIP's patcher;
+    SD2 ``clip_h``, SDXL ``te1``→``clip_l``, ``te2``→``clip_g``). ``unet_config``: the model's own
+    (``model.model.model_config.unet_config``) for non-standard UNets; default: the ``arch`` layout.
+    Raises ``ValueError`` for unknown components, architectures or paths.
+    """
+    if attr not in ("weight", "bias"):
+        raise ValueError(f"attr must be 'weight' or 'bias', got {attr!r}")
+    if component == "unet":
+        if unet_config is not None:
+            d2l = unet_module_maps(unet_config)[0]
+        else:
+            if arch not in _UNET_LAYOUTS:
+                raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_UNET_LAYOUTS)}")
+            if arch not in _LAYOUT_MAPS:
+                _LAYOUT_MAPS[arch] = unet_module_maps(_UNET_LAYOUTS[arch])
+            d2l = _LAYOUT_MAPS[arch][0]
+        if path not in d2l:
+            raise ValueError(f"{path!r} is not a UNet module path of this {arch} layout")
+        return f"diffusion_model.{d2l[path]}.{attr}"
+    prefixes = _TE_PREFIX.get(arch)
+    if prefixes is None:
+        raise ValueError(f"unknown arch {arch!r}")
+    if component not in prefixes:
+        raise ValueError(f"component {component!r} does not exist for {arch}; expected one of "
+                         f"{['unet', *prefixes]}")
+    if not path.startswith("text_model."):
+        raise ValueError(f"text-encoder paths start with 'text_model.', got {path!r}")
+    return f"{prefixes[component]}{path}.{attr}"
+
+
+def _arch_of(base_model) -> str:
+    """"sd1" | "sd2" | "sdxl" from ComfyUI's model config class (then context_dim), else "unknown"."""
+    names = {c.__name__ for c in type(base_model.model_config).__mro__}
+    if "SDXL" in names or "SDXLRefiner" in names:
+        return "sdxl"
+    if "SD20" in names:
+        return "sd2"
+    if "SD15" in names:
+        return "sd1"
+    ctx = base_model.model_config.unet_config.get("context_dim")
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
+
+
+def _te_prefixes(clip) -> dict[str, str]:
+    """``{component: prefix}`` of the text encoders inside a ComfyUI CLIP object (``clip_l.transformer.``...)."""
+    csm = clip.cond_stage_model
+    found = []
+    for name, child in csm.named_children():
+        tr = getattr(child, "transformer", None)
+        if tr is not None and hasattr(tr, "text_model"):
+            found.append(name)
+    if len(found) == 1:
+        return {"te": f"{found[0]}.transformer."}
+    if set(found) == {"clip_l", "clip_g"}:
+        return {"te1": "clip_l.transformer.", "te2": "clip_g.transformer."}
+    raise ValueError(f"unsupported text encoder layout {found or list(dict(csm.named_children()))} "
+                     "(expected SD1/SD2 clip or SDXL clip_l + clip_g)")
+
+
+def _is_loaded(patcher) -> bool:
+    import comfy.model_management as mm
+
+    return any(lm.model is patcher for lm in mm.current_loaded_models)
+
+
+def _materialise_params(module: torch.nn.Module, prefix: str, root: torch.nn.Module) -> int:
+    """Replace inference-mode parameters of ``module`` by equal normal tensors; returns how many.
+
+    ComfyUI builds models inside ``torch.inference_mode()``; autograd cannot save such tensors for backward
+    ("Inference tensors cannot be saved for backward"), which any backward pass through a frozen layer needs.
+    PyTorch's advice is a clone; doing it once (values unchanged, same device/dtype) avoids ComfyUI
+    TrainLoraNode's per-forward copy of every weight.
+    """
+    import comfy.utils
+
+    n = 0
+    with torch.inference_mode(False):
+        for name, p in list(module.named_parameters()):
+            if p.is_inference():
+                comfy.utils.set_attr_param(root, prefix + name, p.detach().clone())
+                n += 1
+        for mname, m in list(module.named_modules()):
+            for bname, b in list(m.named_buffers(recurse=False)):
+                if b is not None and b.is_inference():
+                    m._buffers[bname] = b.clone()
+                    n += 1
+    return n
+
+
+def _load(patcher, materialise: torch.nn.Module | None = None, prefix: str = "") -> None:
+    """Load ``patcher`` (weight wrappers active) with ComfyUI's model management, fully, then make the
+    parameters of ``materialise`` normal tensors (see :func:`_materialise_params`)."""
+    import comfy.model_management as mm
+
+    base = patcher.model
+    if _is_loaded(patcher) and getattr(base, "current_weight_patches_uuid", None) == patcher.patches_uuid:
+        return
+    with torch.inference_mode(False):
+        mm.load_models_gpu([patcher], force_full_load=True)
+        if materialise is not None:
+            _materialise_params(materialise, prefix, base)
+
+
+def _unload(patcher) -> None:
+    import comfy.model_management as mm
+
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        lm = mm.current_loaded_models[i]
+        if lm.model is patcher:
+            mm.current_loaded_models.pop(i)
+            lm.model_unload()
+
+
+def _clone_input_hook(module, args):
+    """Forward pre-hook: give the module a private copy of its input while autograd records.
+
+    ComfyUI's ``comfy/clip_model.py`` CLIPLayer adds residuals in place (``x += self.mlp(self.layer_norm2(x))``);
+    once text-encoder deltas make ``x`` require grad, LayerNorm has saved ``x`` for backward and the in-place add
+    breaks backward ("modified by an inplace operation"). Cloning the LayerNorm input keeps ComfyUI's code
+    untouched and costs one activation copy per layer, only while grad is enabled.
+    """
+    if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+        return (args[0].clone(),) + tuple(args[1:])
+    return None
+
+
+def _to_normal(t: torch.Tensor) -> torch.Tensor:
+    """A tensor usable by autograd: inference tensors are cloned (call inside ``inference_mode(False)``)."""
+    return t.clone() if t.is_inference() else t
+
+
+class ComfyHost(DiffusionHost):
+    """:class:`~conceptlab.training.host.DiffusionHost` over ComfyUI's MODEL / CLIP / VAE objects.
+
+    Args:
+        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x; SDXL except :meth:`predict`).
+            The host works on ``model.clone()``: the input patcher and its patches are never changed.
+        clip: optional ComfyUI ``CLIP`` (cloned too); needed by :meth:`encode_prompts`, :meth:`sample`, and
+            text-encoder deltas.
+        vae: optional ComfyUI ``VAE``; needed by :meth:`encode_images`, :meth:`decode_latents`, :meth:`sample`.
+
+    Mechanics (the same as ComfyUI's ``comfy_extras/nodes_train.py`` TrainLoraNode): trainable deltas are
+    ``ModelPatcher.add_weight_wrapper`` functions, applied on the fly by ComfyUI's cast ops; the model is loaded
+    with ``comfy.model_management.load_models_gpu`` so they are active; training runs under
+    ``torch.inference_mode(False)`` (every method that may build a graph enters it) with inputs cloned out of
+    inference mode. :meth:`predict` calls ``model.model.diffusion_model`` directly and returns the raw ε / v
+    output (ComfyUI's ``apply_model`` returns denoised x0). The schedule: ``alphas_cumprod = 1 / (1 + σ²)``
+    from ComfyUI's discrete ``model_sampling.sigmas`` (σ_t = sqrt((1−ᾱ_t)/ᾱ_t), Karras et al. 2022 §C.1).
+    Call :meth:`close` when done (or use the host as a context manager).
+
+    Raises ``ValueError`` for non-UNet models or non-discrete (EDM / flow) sampling.
+    """
+
+    def __init__(self, model, clip=None, vae=None):
+        import comfy.model_sampling as cms
+
+        self.patcher = model.clone()
+        self.clip = clip.clone() if clip is not None else None
+        self.vae = vae
+        self._orig_wrappers = {k: list(v) for k, v in self.patcher.weight_wrapper_patches.items()}
+        self._clip_orig_wrappers = ({k: list(v) for k, v in self.clip.patcher.weight_wrapper_patches.items()}
+                                    if self.clip is not None else {})
+        base = self.patcher.model
+        self.arch = _arch_of(base)
+        self._d2l, self._l2d = unet_module_maps(base.model_config.unet_config)
+        self._te = _te_prefixes(self.clip) if self.clip is not None else {}
+
+        ms = self.patcher.get_model_object("model_sampling")
+        if not isinstance(ms, cms.ModelSamplingDiscrete) or isinstance(ms, cms.ModelSamplingDiscreteEDM):
+            msg = f"{type(ms).__name__}: only discrete DDPM-schedule models (SD1.x/SD2.x/SDXL) are supported"
+            raise ValueError(msg)  # noqa: TRY004 - an unsupported model, not a wrong argument type
+        if isinstance(ms, cms.V_PREDICTION):
+            self.prediction_type = "v_prediction"
+        elif isinstance(ms, cms.EPS) and not isinstance(ms, (cms.X0, cms.CONST)):
+            self.prediction_type = "epsilon"
+        else:
+            raise ValueError(f"unsupported prediction type {type(ms).__mro__[1].__name__}")  # noqa: TRY004
+        with torch.inference_mode(False):  # usable by training code outside inference mode
+            sigmas = ms.sigmas.detach().to("cpu", torch.float64).clone()
+            self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()
+
+        self.device = torch.device(self.patcher.load_device)
+        self.dtype = base.manual_cast_dtype or base.get_dtype()
+        self.latent_channels = int(base.latent_format.latent_channels)
+        self.vae_scale = int(getattr(vae, "downscale_ratio", 8)) if vae is not None else 8
+        self._deltas: dict[tuple[str, str, str], DeltaModule] = {}
+        self._hooks: list = []
+
+    # -- context manager / cleanup ------------------------------------------------------------------------
+    def __enter__(self) -> ComfyHost:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every installed delta, unload this host's patched models and free cached memory."""
+        import comfy.model_management as mm
+
+        self.clear_deltas()
+        _unload(self.patcher)
+        if self.clip is not None:
+            _unload(self.clip.patcher)
+        mm.soft_empty_cache()
+
+    # -- names ----------------------------------------------------------------------------------------------
+    def components(self) -> list[str]:
+        return ["unet", *self._te]
+
+    def _patcher_for(self, component: str):
+        if component == "unet":
+            return self.patcher
+        if component in self._te:
+            return self.clip.patcher
+        if self.clip is None and component.startswith("te"):
+            raise ValueError(f"component {component!r} needs a CLIP: pass clip= to ComfyHost")
+        raise ValueError(f"unknown component {component!r}; this host has {self.components()}")
+
+    def model_key(self, component: str, path: str, attr: str = "weight") -> str:
+        """This host's ComfyUI patch key for a canonical path (see :func:`model_key`); ``ValueError`` if unknown."""
+        if attr not in ("weight", "bias"):
+            raise ValueError(f"attr must be 'weight' or 'bias', got {attr!r}")
+        if component == "unet":
+            if path not in self._d2l:
+                raise ValueError(f"{path!r} is not a UNet module path of this model")
+            return f"diffusion_model.{self._d2l[path]}.{attr}"
+        self._patcher_for(component)
+        if not path.startswith("text_model."):
+            raise ValueError(f"text-encoder paths start with 'text_model.', got {path!r}")
+        return f"{self._te[component]}{path}.{attr}"
+
+    def modules(self, component: str) -> dict[str, nn.Module]:
+        """Leaf Linear/Conv2d modules keyed by canonical path: UNet diffusers paths, CLIP ``text_model.*``."""
+        if component == "unet":
+            dm = self.patcher.model.diffusion_model
+            out = {}
+            for lpath, m in dm.named_modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and lpath in self._l2d:
+                    out[self._l2d[lpath]] = m
+            return out
+        self._patcher_for(component)
+        prefix = self._te[component]
+        out = {}
+        for name, m in self.clip.cond_stage_model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name.startswith(prefix + "text_model."):
+                out[name[len(prefix):]] = m
+        return out
+
+    # -- deltas ---------------------------------------------------------------------------------------------
+    def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
+        """Register ``delta`` as a ComfyUI weight wrapper on ``<component>.<path>.<attr>``.
+
+        Raises ``ValueError`` for unknown targets, a delta whose shape differs from the target tensor, or a delta
+        already installed there. Deltas meant for training must be created inside ``torch.inference_mode(False)``
+        (parameters made in inference mode work for sampling but cannot be trained).
+        """
+        import comfy.utils
+
+        key = self.model_key(component, path, attr)
+        patcher = self._patcher_for(component)
+        if (component, path, attr) in self._deltas:
+            raise ValueError(f"a delta is already installed on {component}.{path}.{attr}")
+        target = comfy.utils.get_attr(patcher.model, key)
+        if target is None:
+            raise ValueError(f"{component}.{path} has no {attr}")
+        with torch.no_grad():
+            shape = tuple(delta.delta().shape)
+        if shape != tuple(target.shape):
+            raise ValueError(f"delta shape {shape} does not match {component}.{path}.{attr} {tuple(target.shape)}")
+        patcher.add_weight_wrapper(key, delta)
+        self._deltas[(component, path, attr)] = delta
+        if component != "unet" and not self._hooks:
+            for m in self.clip.cond_stage_model.modules():
+                if type(m).__name__ == "CLIPLayer":
+                    for ln in (getattr(m, "layer_norm1", None), getattr(m, "layer_norm2", None)):
+                        if ln is not None:
+                            self._hooks.append(ln.register_forward_pre_hook(_clone_input_hook))
+
+    def clear_deltas(self) -> None:
+        """Remove every delta this host installed (from the patchers and from the loaded modules)."""
+        import comfy.utils
+
+        for hnd in self._hooks:
+            hnd.remove()
+        self._hooks.clear()
+        if not self._deltas:
+            return
+        ours = {id(d) for d in self._deltas.values()}
+        for patcher, orig in ((self.patcher, self._orig_wrappers),
+                              (self.clip.patcher if self.clip is not None else None, self._clip_orig_wrappers)):
+            if patcher is None:
+                continue
+            for key in list(patcher.weight_wrapper_patches):
+                path, attr = _strip_attr(key)
+                try:
+                    mod = comfy.utils.get_attr(patcher.model, path)
+                except AttributeError:
+                    mod = None
+                lst_name = "weight_function" if attr == "weight" else "bias_function"
+                if mod is not None and lst_name in vars(mod):  # only instance lists, never the class default
+                    setattr(mod, lst_name, [f for f in vars(mod)[lst_name] if id(f) not in ours])
+            patcher.weight_wrapper_patches = {k: list(v) for k, v in orig.items()}
+            import uuid
+
+            patcher.patches_uuid = uuid.uuid4()  # force a clean reload next time
+        self._deltas.clear()
+
+    def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
+        return dict(self._deltas)
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the patched UNet (and CLIP) on the compute device with the deltas active (cheap if loaded)."""
+        _load(self.patcher, self.patcher.model.diffusion_model, "diffusion_model.")
+
+    def _load_clip(self) -> None:
+        if self.clip is None:
+            raise ValueError("this operation needs a CLIP: pass clip= to ComfyHost")
+        _load(self.clip.patcher, self.clip.cond_stage_model, "")
+
+    # -- conditioning, prediction, VAE ------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP hidden states ``[B, 77·k, D]`` (k = 1 unless a prompt needs more 77-token chunks; shorter
+        ones are repeated to the common length as ComfyUI's conditioning batching does), compute dtype, on
+        :attr:`device`. Uses ComfyUI's tokenizer and ``encode_from_tokens`` (prompt weighting syntax works);
+        differentiable when text-encoder deltas are installed and grad is enabled. ``ValueError`` without CLIP.
+        """
+        import math
+
+        self._load_clip()
+        outs = []
+        with torch.inference_mode(False):
+            for p in prompts:
+                tokens = self.clip.tokenize(str(p))
+                outs.append(self.clip.encode_from_tokens(tokens))
+            n = math.lcm(*[o.shape[1] for o in outs]) if outs else 0
+            outs = [o.repeat(1, n // o.shape[1], 1) if o.shape[1] != n else o for o in outs]
+            return torch.cat(outs, 0).to(self.device, self.dtype)
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Raw UNet output ``[B, C, h, w]`` (ε or v, compute dtype) = ``model.model.diffusion_model(x_t, t,
+        context=cond)``; ``x_t`` DDPM-scaled, ``timesteps`` integer indices ``[B]`` in ``[0, T)``.
+
+        Runs outside inference mode (inputs cloned if they are inference tensors), so gradients reach the
+        installed deltas when grad is enabled. ``ValueError`` for SDXL-style models that need pooled/size
+        conditioning (``y``), which this protocol does not carry.
+        """
+        base = self.patcher.model
+        if getattr(base, "adm_channels", 0):
+            raise ValueError("predict() needs pooled text embeddings for this model (SDXL); only SD1.x/SD2.x "
+                             "are supported by ComfyHost.predict")
+        self.load()
+        with torch.inference_mode(False):
+            x = _to_normal(x_t).to(self.device, self.dtype)
+            t = _to_normal(timesteps).to(self.device).float()
+            c = _to_normal(cond).to(self.device, self.dtype)
+            if t.dim() == 0:
+                t = t.expand(x.shape[0])
+            return base.diffusion_model(x, t, context=c, transformer_options={})
+
+    def _latent_format(self):
+        return self.patcher.get_model_object("latent_format")
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE-encode ``[B,3,H,W]`` in ``[-1,1]`` → scaled latents ``[B,4,H/8,W/8]`` fp32 CPU (posterior mean ×
+        the model's latent scale, ``latent_format.process_in``; H, W cropped to multiples of 8 as ComfyUI does)."""
+        if self.vae is None:
+            raise ValueError("encode_images needs a VAE: pass vae= to ComfyHost")
+        with torch.inference_mode(False), torch.no_grad():
+            img = ((_to_normal(pixels.detach()).float().cpu() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+            raw = self.vae.encode(img)
+            return _to_normal(self._latent_format().process_in(raw.float()).cpu())
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B,4,h,w]`` → images ``[B,3,8h,8w]`` float 0..1 on CPU (``process_out`` + VAE)."""
+        if self.vae is None:
+            raise ValueError("decode_latents needs a VAE: pass vae= to ComfyHost")
+        with torch.inference_mode(False), torch.no_grad():
+            raw = self._latent_format().process_out(_to_normal(latents.detach()).float().cpu())
+            return _to_normal(self.vae.decode(raw).float().movedim(-1, 1).clamp(0, 1).cpu())
+
+    def conditioning(self, prompt: str) -> list:
+        """ComfyUI CONDITIONING for ``prompt`` from this host's (patched) CLIP, like CLIPTextEncode."""
+        self._load_clip()
+        with torch.no_grad():
+            return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(str(prompt)))
+
+    def sample(self, prompts: Sequence[str], negative: str = "", *, width: int = 512, height: int = 512,
+               steps: int = 20, cfg: float = 7.0, seed: int = 0, sampler_name: str = "euler",
+               scheduler: str = "normal") -> torch.Tensor:
+        """Images ``[B,3,H,W]`` 0..1 (CPU) from ComfyUI's own sampler (``comfy.sample.sample``) on the patched
+        clone with the current deltas: prompt ``i`` uses noise seed ``seed + i`` (ComfyUI's CPU noise).
+        Needs CLIP and VAE (``ValueError`` otherwise)."""
+        if self.vae is None or self.clip is None:
+            raise ValueError("sample() needs both clip= and vae=")
+        neg = self.conditioning(negative)
+        imgs = []
+        for i, p in enumerate(prompts):
+            img = sample_images(self.patcher, self.conditioning(p), neg, self.vae, seed=int(seed) + i,
+                                steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                width=width, height=height)
+            imgs.append(img.movedim(-1, 1))
+        return torch.cat(imgs, 0)
+
+
+def sample_images(model, positive, negative, vae, seed: int, steps: int, cfg: float, sampler_name: str,
+                  scheduler: str, width: int, height: int, batch_size: int = 1, denoise: float = 1.0,
+                  callback=None) -> torch.Tensor:
+    """Text-to-image with ComfyUI's own sampler: KSampler's path (empty latent, ``comfy.sample.prepare_noise``
+    with ``seed``, ``comfy.sample.sample``), then ``vae.decode``.
+
+    Args: ``model`` MODEL (ModelPatcher); ``positive``/``negative`` CONDITIONING; ``sampler_name``/``scheduler``
+    names from ``comfy.samplers.KSampler.SAMPLERS`` / ``SCHEDULERS``; ``width``/``height`` pixels (multiples
+    of 8). Returns IMAGE ``[batch_size, H, W, 3]`` float 0..1 (CPU). Raises ``ValueError`` for unknown
+    sampler/scheduler names. Cancel (ComfyUI interrupt) is honoured between steps by ComfyUI's sampler.
+    ``callback(step, x0, x, total_steps)``: ComfyUI's per-step sampler callback (e.g. to drive a Progress).
+    """
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.samplers
+
+    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler_name!r}")
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}")
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise ValueError(f"width/height must be positive multiples of 8, got {width}x{height}")
+    with torch.no_grad():
+        latent = torch.zeros([int(batch_size), 4, height // 8, width // 8], device=mm.intermediate_device())
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = comfy.sample.prepare_noise(latent, int(seed))
+        samples = comfy.sample.sample(model, noise, int(steps), float(cfg), sampler_name, scheduler, positive,
+                                      negative, latent, denoise=float(denoise), seed=int(seed),
+                                      disable_pbar=True, callback=callback)
+        return vae.decode(samples).float().clamp(0, 1).cpu()
+
+
+def _normalise_model_key(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.diffusion_model.") else key
+
+
+def _is_clip(obj) -> bool:
+    return hasattr(obj, "cond_stage_model") and hasattr(obj, "patcher")
+
+
+def _normalise_clip_key(key: str, prefixes: dict[str, str]) -> str:
+    """LDM checkpoint text-encoder keys → ComfyUI CLIP-patcher keys (SD1: ``cond_stage_model.transformer.``;
+    SDXL te1: ``conditioner.embedders.0.transformer.``); other keys unchanged."""
+    if len(prefixes) == 1:
+        (pre,) = prefixes.values()
+        for src in ("cond_stage_model.transformer.", "te."):
+            if key.startswith(src):
+                rest = key[len(src):]
+                return pre + (rest if rest.startswith("text_model.") else "text_model." + rest)
+    elif "te1" in prefixes and key.startswith("conditioner.embedders.0.transformer."):
+        return prefixes["te1"] + key[len("conditioner.embedders.0.transformer."):]
+    return key
+
+
+def add_diff_patches(model, diffs: dict, strength: float = 1.0):
+    """A clone of ``model`` with full-rank ``("diff", (ΔW,))`` patches, applied by ComfyUI as
+    ``W + strength·ΔW`` when the model loads (``comfy.lora.calculate_weight``); the input is not changed.
+
+    ``model``: a MODEL (ModelPatcher) or a CLIP (then a CLIP clone is returned). Keys: ComfyUI keys
+    (``"diffusion_model.input_blocks...weight"``, ``"clip_l.transformer.text_model...weight"``) or LDM checkpoint
+    keys (``"model.diffusion_model...."``, ``"cond_stage_model.transformer.text_model...."``). ΔW: any float
+    tensor shaped like the weight. All keys and shapes are checked before anything is patched: ``KeyError``
+    for keys the model lacks, ``ValueError`` for shape mismatches.
+    """
+    clip_prefixes = _te_prefixes(model) if _is_clip(model) else None
+    sd = (model.patcher if clip_prefixes is not None else model).model_state_dict()
+    patches = {}
+    missing = []
+    for k, d in diffs.items():
+        mk = _normalise_clip_key(k, clip_prefixes) if clip_prefixes is not None else _normalise_model_key(k)
+        if mk not in sd:
+            missing.append(k)
+            continue
+        if tuple(d.shape) != tuple(sd[mk].shape):
+            raise ValueError(f"diff for {k} has shape {tuple(d.shape)}, weight is {tuple(sd[mk].shape)}")
+        patches[mk] = ("diff", (d.detach(),))
+    if missing:
+        raise KeyError(f"{len(missing)} keys are not in this model, e.g. {missing[:3]}")
+    out = model.clone()
+    added = out.add_patches(patches, strength_patch=float(strength))
+    if len(added) != len(patches):
+        raise RuntimeError(f"ComfyUI accepted {len(added)} of {len(patches)} patches")
+    return out
+
+
+def iter_patched_weights(patcher, keys=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, weight)`` for each key of ``patcher`` (a ModelPatcher, or a CLIP: its patcher; ``keys``
+    default: all of its state dict, LDM ``model.`` prefixes accepted) with every key patch applied, one tensor
+    at a time.
+
+    Each weight: the unpatched base weight (taken from the loaded patcher's backup when some clone of the same
+    model is loaded with its patches baked in), copied to float32, then ``comfy.lora.calculate_weight`` with
+    the patcher's patches (ComfyUI's own LoRA/diff maths), then this patcher's weight wrappers (e.g. a
+    :class:`ComfyHost`'s deltas). Returned as float32 CPU tensors; the model is not modified or loaded.
+    ``KeyError`` for unknown keys.
+    """
+    import comfy.lora
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if _is_clip(patcher):
+        patcher = patcher.patcher
+    base = patcher.model
+    backup = dict(patcher.backup)
+    for lm in mm.current_loaded_models:
+        other = lm.model
+        if other is not None and other is not patcher and other.model is base:
+            backup.update(other.backup)
+    sd_keys = list(patcher.model_state_dict().keys()) if keys is None else None
+    todo = sd_keys if sd_keys is not None else [_normalise_model_key(k) for k in keys]
+    for key in todo:
+        try:
+            weight, _set_func, convert_func = comfy.model_patcher.get_key_weight(base, key)
+        except AttributeError as e:
+            raise KeyError(f"{key!r} is not a weight of this model") from e
+        if key in backup:
+            weight = backup[key].weight
+        with torch.no_grad():
+            w = weight.detach().to(torch.float32, copy=True)
+            if convert_func is not None:
+                w = convert_func(w, inplace=True)
+            if key in patcher.patches:
+                w = comfy.lora.calculate_weight(patcher.patches[key], w, key)
+            for f in patcher.weight_wrapper_patches.get(key, []):
+                w = f(w).to(torch.float32)
+        yield key, w.cpu()

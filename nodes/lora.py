@@ -1,4 +1,429 @@
-"""ComfyUI nodes for this capability (filled in by its issue)."""
+"""ComfyUI nodes for LoRA training with kohya semantics (thin adapters over :mod:`conceptlab.training`).
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+* ``ConceptLabLoraDataset``: a kohya folder inside ComfyUI's input directory → DATASET + summary + caption audit.
+* ``ConceptLabTrainLora``: MODEL, CLIP, VAE, DATASET + settings (+ kohya TOML) → MODEL/CLIP with the LoRA,
+  the file name, loss curve, epoch table and sample grid; files in ``output/loras/``.
+* ``ConceptLabEpochCompare``: saved epoch files → the same prompts/seeds per file as a labelled grid + metrics.
+
+ComfyUI is imported only inside functions (through :mod:`.comfy_host`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import json
+import re
+
+import numpy as np
+import torch
+
+from ..training.captions import CaptionConfig
+from ..training.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
+from ..training.trainer import (BEST_METRICS, OPTIMIZERS, SCHEDULERS, LoraTrainer, configs_from_mapping,
+                                labelled_grid, palette_metrics, parse_kohya_toml, render_epoch_table)
+
+CATEGORY = "Concept Lab/LoRA"
+DATASET_TYPE = "CONCEPTLAB_DATASET"
+
+# tooltips that document kohya's surprises (sd-scripts train_util.process_caption)
+CAPTION_TOOLTIPS = {
+    "caption_prefix": "Text put before every caption, joined with a space (kohya caption_prefix). With shuffling "
+                      "on it becomes part of the first tag, so keep it in front with keep_tokens = 1.",
+    "caption_suffix": "Text put after every caption, joined with a space (kohya caption_suffix).",
+    "shuffle_caption": "Shuffle the comma-separated tags on every use (kohya shuffle_caption). Tags kept by "
+                       "keep_tokens / keep_tokens_separator stay in front.",
+    "keep_tokens": "Number of leading tags that never move or drop (kohya keep_tokens). Surprise: it does NOTHING "
+                   "unless shuffle_caption is on or caption_tag_dropout_rate > 0.",
+    "keep_tokens_separator": "Alternative to keep_tokens, e.g. '|||': tags before it are kept, a second one starts "
+                             "kept suffix tags. Surprise: without shuffle or tag dropout kohya leaves the caption "
+                             "as is, separator text included.",
+    "caption_dropout_rate": "Probability of training a step with an EMPTY caption (the whole caption, not tags; "
+                            "kohya caption_dropout_rate). Drawn afresh on every use.",
+    "caption_dropout_every_n_epochs": "Empty EVERY caption in epochs divisible by N (epochs count from 1, so 2 "
+                                      "means epochs 2, 4, ...). 0 = off. 1 would empty every caption always.",
+    "caption_tag_dropout_rate": "Probability of dropping each flexible tag on a use (kept tags never drop; kohya "
+                                "caption_tag_dropout_rate).",
+}
+
+
+def _dataset_inputs() -> dict:
+    return {
+        "folder": ("STRING", {"default": "lora_dataset", "tooltip": "A kohya training folder inside ComfyUI's "
+                              "input directory holding <repeats>_<name> subfolders (e.g. 10_mystyle) of images with "
+                              "same-name caption files. A subfolder without the number prefix is skipped (kohya)."}),
+        "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
+                               "tooltip": "Training resolution (square side, pixels). Buckets keep about this area."}),
+        "enable_bucket": ("BOOLEAN", {"default": True, "tooltip": "Aspect-ratio bucketing: each image goes to "
+                                      "the bucket with the closest aspect ratio (kohya enable_bucket)."}),
+        "min_bucket_reso": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 64,
+                                    "tooltip": "Smallest bucket side in pixels (must be <= resolution)."}),
+        "max_bucket_reso": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 64,
+                                    "tooltip": "Largest bucket side in pixels (must be >= resolution)."}),
+        "bucket_no_upscale": ("BOOLEAN", {"default": False, "tooltip": "Never enlarge images: the bucket is the "
+                                          "image size rounded down to 64 px (min/max bucket sizes are ignored)."}),
+        "resize_interpolation": (list(INTERPOLATIONS), {"default": "auto", "tooltip": "Resize filter. 'nearest' "
+                                 "keeps pixel art sharp; 'auto' is kohya's (area when shrinking, Lanczos when "
+                                 "enlarging)."}),
+        "flip_aug": ("BOOLEAN", {"default": False, "tooltip": "Mirror images at random (50 %) on each use. Off for "
+                                 "asymmetric subjects or text."}),
+        "caption_extension": ("STRING", {"default": ".txt", "tooltip": "Caption file extension (kohya's own "
+                                         "default is .caption)."}),
+        "background": ("STRING", {"default": "#ffffff", "tooltip": "Colour transparent pixels are composited on "
+                                  "(#rrggbb)."}),
+        "validation_split": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip":
+                                       "Fraction of each folder held out for the validation loss (kohya "
+                                       "validation_split); 0 = none."}),
+    }
+
+
+def _caption_inputs() -> dict:
+    t = CAPTION_TOOLTIPS
+    return {
+        "caption_prefix": ("STRING", {"default": "", "tooltip": t["caption_prefix"]}),
+        "caption_suffix": ("STRING", {"default": "", "tooltip": t["caption_suffix"]}),
+        "shuffle_caption": ("BOOLEAN", {"default": False, "tooltip": t["shuffle_caption"]}),
+        "keep_tokens": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": t["keep_tokens"]}),
+        "keep_tokens_separator": ("STRING", {"default": "", "tooltip": t["keep_tokens_separator"]}),
+        "caption_dropout_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                           "tooltip": t["caption_dropout_rate"]}),
+        "caption_dropout_every_n_epochs": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                                   "tooltip": t["caption_dropout_every_n_epochs"]}),
+        "caption_tag_dropout_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                               "tooltip": t["caption_tag_dropout_rate"]}),
+    }
+
+
+class ConceptLabLoraDataset:
+    """Scan a kohya training folder from ComfyUI's input directory."""
+
+    DESCRIPTION = ("Reads a kohya-style training folder (<repeats>_<name> subfolders of images with .txt captions) "
+                   "from ComfyUI's input directory, assigns aspect-ratio buckets and reports images, repeats, "
+                   "steps per epoch, tag frequency, caption previews, buckets and a caption audit.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (DATASET_TYPE, "STRING", "STRING")
+    RETURN_NAMES = ("dataset", "summary", "caption_audit")
+    OUTPUT_TOOLTIPS = ("The scanned dataset (images, captions, buckets, caption settings) for the train node.",
+                       "Images, repeats, steps per epoch at batch size 1, buckets, top tags, caption previews and "
+                       "kohya warnings.",
+                       "Caption audit (metrics/captions) as text: contradictions between captions and images.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**_dataset_inputs(), **_caption_inputs()}}
+
+    def load(self, folder, **kw):
+        from . import comfy_host
+
+        root = comfy_host.resolve_input(folder)
+        opts = DatasetOptions.from_mapping(kw)
+        caps = CaptionConfig.from_mapping(kw)
+        ds = KohyaDataset.scan(root, opts, caps)
+        return (ds, ds.summary_text(1), _caption_audit(root))
+
+
+def _caption_audit(root) -> str:
+    try:
+        from ..metrics.captions import audit_folder
+    except ImportError:
+        return "caption audit unavailable (metrics.captions not installed)"
+    try:
+        rep = audit_folder(root)
+    except Exception as exc:  # noqa: BLE001 - the audit is advisory; training does not depend on it
+        return f"caption audit failed: {exc}"
+    summary = rep.get("summary", rep) if isinstance(rep, dict) else rep
+    return json.dumps(summary, indent=1, default=str)[:20000]
+
+
+def _np_to_image(arr: np.ndarray | None) -> torch.Tensor:
+    from . import comfy_host
+
+    if arr is None:
+        arr = np.full((64, 64, 3), 255, np.uint8)
+    return comfy_host.numpy_to_image([arr])
+
+
+class ConceptLabTrainLora:
+    """Train a kohya LoRA on the connected model inside ComfyUI."""
+
+    DESCRIPTION = ("Trains a LoRA with kohya sd-scripts semantics (captions, buckets, schedule, metadata) on the "
+                   "connected MODEL/CLIP/VAE. Saves name-000001.safetensors ... and name.safetensors to "
+                   "output/loras/ every save_every_n_epochs, samples and scores every epoch, copies the best "
+                   "epoch to name-best.safetensors, and can resume. Cancel stops within a step and keeps the last "
+                   "finished checkpoint. The inputs are never modified.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "epoch_table", "samples")
+    OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied (the file chosen by 'apply').",
+                       "The CLIP with the LoRA's text-encoder part applied (unchanged when the text encoder was "
+                       "not trained).",
+                       "File name of the applied LoRA inside output/loras/ (LoraLoader lists it after a refresh).",
+                       "Loss per step, moving average and per-epoch train/validation loss; best epoch marked.",
+                       "Per-epoch table: losses and palette metrics; the best epoch highlighted.",
+                       "Sample images per epoch (rows) and prompt (columns).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model to train on (cloned; never changed)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder (captions are encoded with it; trained only if "
+                                             "train_text_encoder is on)."}),
+                "vae": ("VAE", {"tooltip": "The VAE used to cache latents and decode samples."}),
+                "dataset": (DATASET_TYPE, {"tooltip": "From the LoRA Dataset node."}),
+                "output_name": ("STRING", {"default": "my_lora", "tooltip": "Base file name (kohya output_name): "
+                                           "name-000003.safetensors per saved epoch, name.safetensors last."}),
+                "max_train_epochs": ("INT", {"default": 10, "min": 1, "max": 10000,
+                                             "tooltip": "Epochs to train (kohya max_train_epochs)."}),
+                "train_batch_size": ("INT", {"default": 1, "min": 1, "max": 256,
+                                             "tooltip": "Images per step (kohya train_batch_size)."}),
+                "gradient_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip":
+                                                        "Batches summed per optimizer step."}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 10.0, "step": 1e-6,
+                                            "round": 1e-7, "tooltip": "Learning rate (Prodigy: use 1.0)."}),
+                "network_dim": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "LoRA rank (network_dim)."}),
+                "network_alpha": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
+                                            "LoRA alpha; the update is scaled by alpha / dim (0 = dim)."}),
+                "optimizer_type": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW8bit needs "
+                                   "bitsandbytes; Prodigy needs prodigyopt. A clear error tells when one cannot "
+                                   "run here."}),
+                "lr_scheduler": (list(SCHEDULERS), {"default": "cosine", "tooltip": "Learning-rate schedule "
+                                 "(diffusers get_scheduler)."}),
+                "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Warm-up steps."}),
+                "mixed_precision": (["bf16", "fp16", "no"], {"default": "bf16", "tooltip": "Autocast dtype on a "
+                                    "GPU that supports it; CPU always trains in fp32. LoRA weights stay fp32."}),
+                "save_every_n_epochs": ("INT", {"default": 1, "min": 0, "max": 1000, "tooltip": "Write "
+                                        "name-00000N.safetensors every N epochs (0 = only the last)."}),
+                "save_precision": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "Dtype of saved "
+                                   "LoRA files."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed: the same seed "
+                                 "and settings give the same LoRA."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train LoRA on the text "
+                                       "encoder (kohya trains it unless network_train_unet_only)."}),
+                "sample_prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per line, "
+                                   "rendered after every epoch with fixed seeds (seed + line number)."}),
+                "best_metric": (list(BEST_METRICS), {"default": "auto", "tooltip": "How to pick the best epoch: "
+                                "val_loss (needs validation_split), effective_colors_vs_dataset (sample colour "
+                                "count closest to the training images' median), in_palette_frac (needs a "
+                                "palette), train_loss, or none. auto = val_loss if there is a validation split, "
+                                "else colours if there are prompts, else train loss."}),
+                "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Stop after "
+                                            "this many epochs without improvement of best_metric (0 = off)."}),
+                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue from the newest saved state of "
+                           "this output_name (exactly as if never interrupted)."}),
+                "apply": (["best", "last"], {"default": "best", "tooltip": "Which file the returned MODEL uses."}),
+            },
+            "optional": {
+                "kohya_toml": ("STRING", {"multiline": True, "default": "", "tooltip": "A kohya sd-scripts TOML "
+                               "config; sections are flattened and its keys override the widgets (including "
+                               "dataset and caption keys such as keep_tokens, resolution)."}),
+                "palette": ("STRING", {"default": "", "tooltip": "Target palette as #hex list for in-palette "
+                            "metrics on samples (optional)."}),
+                "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps."}),
+                "sample_cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5,
+                                         "tooltip": "Sample guidance scale."}),
+                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip":
+                                            "Min-SNR-γ loss weighting (Hang et al. 2023), 5 is common; 0 = off."}),
+                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                           "tooltip": "kohya noise_offset; 0 = off."}),
+                "conv_dim": ("INT", {"default": 0, "min": 0, "max": 512, "tooltip": "LoCon rank for the 3x3 "
+                             "conv layers (0 = plain LoRA)."}),
+                "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 512.0, "step": 0.5,
+                                         "tooltip": "LoCon alpha."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Trade speed for memory "
+                                           "where the model supports it."}),
+            },
+        }
+
+    def train(self, model, clip, vae, dataset, output_name, max_train_epochs, train_batch_size,
+              gradient_accumulation_steps, learning_rate, network_dim, network_alpha, optimizer_type, lr_scheduler,
+              lr_warmup_steps, mixed_precision, save_every_n_epochs, save_precision, seed, train_text_encoder,
+              sample_prompts, best_metric, early_stopping_patience, resume, apply, kohya_toml="", palette="",
+              sample_steps=20, sample_cfg=7.0, min_snr_gamma=0.0, noise_offset=0.0, conv_dim=0, conv_alpha=1.0,
+              gradient_checkpointing=False):
+        from . import comfy_host
+
+        if not isinstance(dataset, KohyaDataset):
+            raise ValueError("dataset must come from the LoRA Dataset node")
+        values = dict(output_name=output_name, max_train_epochs=max_train_epochs, train_batch_size=train_batch_size,
+                      gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+                      network_dim=network_dim, network_alpha=network_alpha, optimizer_type=optimizer_type,
+                      lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, mixed_precision=mixed_precision,
+                      save_every_n_epochs=save_every_n_epochs or None, save_precision=save_precision, seed=seed,
+                      network_train_unet_only=not train_text_encoder, sample_prompts=sample_prompts,
+                      best_metric=best_metric, early_stopping_patience=early_stopping_patience,
+                      resume="auto" if resume else None, palette=palette or None, sample_steps=sample_steps,
+                      sample_cfg=sample_cfg, min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset or None,
+                      conv_dim=conv_dim or None, conv_alpha=conv_alpha if conv_dim else None,
+                      gradient_checkpointing=gradient_checkpointing)
+        toml = parse_kohya_toml(kohya_toml) if kohya_toml and kohya_toml.strip() else {}
+        ds = dataset
+        if toml:
+            values.update({k: v for k, v in toml.items() if k not in ("output_dir", "logging_dir", "state_dir",
+                                                                       "train_data_dir")})
+            merged = {**dataset.options.to_dict(), **dataset.captions.to_dict(), **toml}
+            _, dopts, caps, _ = configs_from_mapping({**values, **merged})
+            if dopts.to_dict() != dataset.options.to_dict() or caps.to_dict() != dataset.captions.to_dict():
+                ds = KohyaDataset.scan(dataset.root, dopts, caps, seed=int(values["seed"]))
+        name = str(values["output_name"])
+        if not re.fullmatch(r"[\w.\- ]+", name):
+            raise ValueError(f"output_name {name!r} may only contain letters, digits, space, '.', '-' and '_'")
+        lora_dir = comfy_host.output_file("loras", f"{name}.safetensors").parent
+        state_dir = comfy_host.output_file("conceptlab_training", f"{name}/x").parent
+        values["output_dir"], values["state_dir"] = str(lora_dir), str(state_dir)
+        cfg, _, _, _ = configs_from_mapping(values)
+
+        host = None
+        trainer = None
+        with torch.inference_mode(False):
+            try:
+                host = comfy_host.ComfyHost(model, clip, vae)
+                trainer = LoraTrainer(host, ds, cfg)
+                _, max_steps, _ = trainer.schedule()
+                bar = comfy_host.Progress(max_steps)
+
+                def on_step(step, total, info):
+                    bar.set(step)
+
+                def on_epoch(record, preview):
+                    if preview is not None:
+                        from PIL import Image
+
+                        bar.update(0, preview=Image.fromarray(preview))
+
+                trainer.progress, trainer.on_epoch = on_step, on_epoch
+                res = trainer.run()
+            finally:
+                if host is not None:
+                    host.close()
+                ds.release_latents()
+                del trainer
+                gc.collect()
+        chosen = res.best_path if apply == "best" and res.best_path else res.final_path
+        if chosen is None:
+            raise RuntimeError("training finished without writing a LoRA file")
+        out_model, out_clip = _apply_lora(model, clip, chosen)
+        rel = chosen.name
+        return (out_model, out_clip, rel, _np_to_image(res.loss_curve), _np_to_image(res.table_image),
+                _np_to_image(res.sample_grid))
+
+
+def _apply_lora(model, clip, path):
+    """ComfyUI's own LoRA loader (the LoraLoader path) on clones of ``model``/``clip``."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+
+
+class ConceptLabEpochCompare:
+    """Render the same prompts and seeds with each saved epoch file; grid + metrics table."""
+
+    DESCRIPTION = ("Given LoRA files from the loras folder (one per line, wildcards allowed, e.g. my_lora-*), "
+                   "renders the same prompts with the same seeds per file and builds a labelled grid (rows = "
+                   "files, columns = prompts) and a table of palette metrics per file. Works for LoRAs trained "
+                   "elsewhere too (kohya format).")
+    CATEGORY = CATEGORY
+    FUNCTION = "compare"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("grid", "table", "metrics_json")
+    OUTPUT_TOOLTIPS = ("Samples: one row per LoRA file, one column per prompt.",
+                       "Palette metrics per file (means over prompts).",
+                       "The metrics as JSON: [{file, epoch, metrics...}].")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "Base model the LoRAs were trained on."}),
+            "clip": ("CLIP", {"tooltip": "Text encoder for the prompts."}),
+            "vae": ("VAE", {"tooltip": "VAE to decode samples."}),
+            "lora_files": ("STRING", {"multiline": True, "default": "my_lora-*.safetensors\nmy_lora.safetensors",
+                                      "tooltip": "LoRA names from the loras folder, one per line; * and ? "
+                                                 "wildcards are allowed. Sorted by epoch (ss_epoch)."}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per line."}),
+            "negative": ("STRING", {"default": "", "tooltip": "Negative prompt for every sample."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Prompt i uses seed + i "
+                             "for every file."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps."}),
+            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Guidance scale."}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Sample width."}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Sample height."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                   "tooltip": "LoRA strength for every file."}),
+            "palette": ("STRING", {"default": "", "tooltip": "Target palette (#hex list) for in-palette metrics."}),
+        }}
+
+    def compare(self, model, clip, vae, lora_files, prompts, negative, seed, steps, cfg, width, height, strength,
+                palette):
+        from ..formats.safetensors_io import load_state_dict, read_metadata
+        from ..training.lora import LoRANetwork
+        from . import comfy_host
+
+        prompt_list = [p.strip() for p in prompts.splitlines() if p.strip()]
+        if not prompt_list:
+            raise ValueError("give at least one prompt")
+        available = comfy_host.model_list("loras")
+        names: list[str] = []
+        for pat in [p.strip() for p in lora_files.splitlines() if p.strip()]:
+            hits = [n for n in available if fnmatch.fnmatch(n, pat)] if any(c in pat for c in "*?[") else [pat]
+            for h in hits:
+                if h not in names:
+                    names.append(h)
+        if not names:
+            raise ValueError("no LoRA file matches; names are relative to the loras folder")
+        files = []
+        for n in names:
+            path = comfy_host.model_file("loras", n)
+            md = read_metadata(path)
+            ep = md.get("ss_epoch")
+            files.append((int(ep) if ep and ep.isdigit() else 10 ** 9, n, path))
+        files.sort()
+        pal = [t.strip() for t in palette.replace("\n", ",").split(",") if t.strip()]
+        rows, labels, records = [], [], []
+        bar = comfy_host.Progress(len(files) * len(prompt_list))
+        with torch.inference_mode(False):
+            host = comfy_host.ComfyHost(model, clip, vae)
+            try:
+                for ep, n, path in files:
+                    net, unmatched = LoRANetwork.from_kohya_state_dict(host, load_state_dict(path))
+                    net.set_multiplier(strength)
+                    net.install(host)
+                    try:
+                        imgs = []
+                        for i, p in enumerate(prompt_list):
+                            img = host.sample([p], negative, width=width, height=height, steps=steps, cfg=cfg,
+                                              seed=seed + i)
+                            imgs.append((img[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8))
+                            bar.update(1)
+                    finally:
+                        net.remove()
+                    mets = [palette_metrics(im, pal) for im in imgs]
+                    rec = {"file": n, "epoch": None if ep == 10 ** 9 else ep, "unmatched_keys": len(unmatched)}
+                    for k in ("effective_colors", "in_palette_frac", "unique_colors", "native_unique_colors"):
+                        vals = [m[k] for m in mets if k in m]
+                        if vals:
+                            rec[k] = float(np.mean(vals))
+                    records.append(rec)
+                    rows.append(imgs)
+                    labels.append(n.rsplit("/", 1)[-1].removesuffix(".safetensors"))
+            finally:
+                host.close()
+        grid = labelled_grid(rows, labels, [p[:18] for p in prompt_list])
+        table = render_epoch_table(records, [c for c in ("epoch", "effective_colors", "in_palette_frac",
+                                                          "unique_colors") if any(c in r for r in records)])
+        return (_np_to_image(grid), _np_to_image(table), json.dumps(records, indent=1))
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptLabLoraDataset": ConceptLabLoraDataset,
+    "ConceptLabTrainLora": ConceptLabTrainLora,
+    "ConceptLabEpochCompare": ConceptLabEpochCompare,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptLabLoraDataset": "LoRA Dataset (kohya folder)",
+    "ConceptLabTrainLora": "Train LoRA (kohya)",
+    "ConceptLabEpochCompare": "Compare LoRA Epochs",
+}

@@ -12,6 +12,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DAWNLIKE = SHARED_DATA / "dawnlike" / "sprites"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread_per_worker():
+    """pytest-xdist runs one worker per core; torch's own thread pool on top of that oversubscribes the CPU."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def dawnlike_dir() -> Path:
     """The DawnLike sprite folder beside the repo (../shared/data/dawnlike/sprites); skip if absent."""

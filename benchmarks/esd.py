@@ -1,0 +1,166 @@
+"""ESD benchmark: iterations/s and peak memory of Concept Lab's eraser vs a reference-style implementation.
+
+Both run on the same SD1.5-shaped UNet (the real SD1.5 config, random weights: nothing is downloaded), with the
+same ``x_t`` source (``noised``: a cached clean latent forward-noised at a random timestep), the same
+resolution, ESD-x parameters, Adam, in one invocation of this script. Each implementation runs in its own child
+process so that its peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own.
+
+* **ours**: :func:`conceptlab.training.esd.erase` — one UNet; the 80 attn2 tensors get trainable
+  :class:`~conceptlab.training.host.FullDelta` modules; frozen predictions with the deltas switched off, the
+  conditional and unconditional ones in one batched call.
+* **reference-style**: written here after rohitgandikota/erasing ``esd_sd.py``: two UNet copies (``base_unet``
+  frozen, ``esd_unet`` trained in place), three separate UNet calls per iteration, ``torch.optim.Adam`` over the
+  attn2 parameters, and — as in that script, which never calls ``requires_grad_(False)`` on ``esd_unet`` —
+  gradients for every parameter of the trained copy (``--ref-freeze`` turns that off for a fairer comparison).
+
+Usage: ``python benchmarks/esd.py [--resolution 128] [--iterations 4] [--device cpu] [--ref-freeze]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import zlib
+
+import torch
+
+
+def sd15_config() -> dict:
+    """SD1.5's UNet2DConditionModel config (runwayml/stable-diffusion-v1-5 unet/config.json essentials)."""
+    return dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=768, attention_head_dim=8)
+
+
+def build_unet(device: str):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**sd15_config()).to(device).eval()
+
+
+def embed(prompt: str, device: str) -> torch.Tensor:
+    """A fixed random stand-in for CLIP-L hidden states ``[1, 77, 768]`` per prompt (no text encoder needed)."""
+    g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+    return torch.randn(1, 77, 768, generator=g).to(device)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_ours(args) -> dict:
+    from conceptlab.training.diffusers_host import DiffusersHost
+    from conceptlab.training.esd import ESDConfig, erase
+
+    class BenchHost(DiffusersHost):
+        def encode_prompts(self, prompts):
+            return torch.cat([embed(p, args.device) for p in prompts])
+
+    host = BenchHost(build_unet(args.device), None, None, None, device=args.device)
+    stamps = []
+    cfg = ESDConfig(concepts="Van Gogh", iterations=args.iterations, width=args.resolution,
+                    height=args.resolution, xt_source="noised", noised_cache=1, ddim_steps=1, lr=1e-5, seed=0)
+
+    def progress(info):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    res = erase(host, cfg, progress=progress)
+    return {"it_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "peak_mb": peak_memory_mb(args.device),
+            "loss_last": res.losses[-1], "trained_tensors": res.stats["trained_tensors"]}
+
+
+def run_reference(args) -> dict:
+    """Reference-style ESD (two UNets), after esd_sd.py's training loop; x_t from the same noised source."""
+    base_unet = build_unet(args.device)
+    base_unet.requires_grad_(False)
+    esd_unet = copy.deepcopy(base_unet)
+    esd_unet.requires_grad_(not args.ref_freeze)
+    names, params = [], []
+    for name, module in esd_unet.named_modules():
+        if module.__class__.__name__ in ("Linear", "Conv2d") and "attn2" in name:
+            for n, p in module.named_parameters():
+                p.requires_grad_(True)
+                names.append(f"{name}.{n}")
+                params.append(p)
+    opt = torch.optim.Adam(params, lr=1e-5)
+    from conceptlab.training.diffusers_host import sd_alphas_cumprod
+
+    ac = sd_alphas_cumprod()
+    gen = torch.Generator().manual_seed(0)
+    h = args.resolution // 8
+    x0 = torch.randn(1, 4, h, h, generator=gen)
+    erase_embeds, null_embeds = embed("Van Gogh", args.device), embed("", args.device)
+    crit = torch.nn.MSELoss()
+    stamps = []
+    for it in range(args.iterations):
+        opt.zero_grad()
+        t = int(torch.randint(0, 1000, (1,), generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        a = ac[t]
+        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(args.device)
+        with torch.no_grad():
+            e_c = base_unet(xt, t, encoder_hidden_states=erase_embeds).sample
+            e_u = base_unet(xt, t, encoder_hidden_states=null_embeds).sample
+        e_esd = esd_unet(xt, t, encoder_hidden_states=erase_embeds).sample
+        loss = crit(e_esd, e_c - 2.0 * (e_c - e_u))  # esd_sd.py convention, negative_guidance 2
+        loss.backward()
+        opt.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    return {"it_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "peak_mb": peak_memory_mb(args.device),
+            "loss_last": float(loss), "trained_tensors": len(params)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=4, help="timed iterations + 1 (the first is warm-up)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ref-freeze", action="store_true",
+                   help="reference-style: freeze the untrained parameters of the trained copy")
+    p.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        torch.set_grad_enabled(True)
+        out = run_ours(args) if args.child == "ours" else run_reference(args)
+        print("RESULT " + json.dumps(out), flush=True)
+        return 0
+    results = {}
+    for which in ("ref", "ours"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--resolution", str(args.resolution),
+               "--iterations", str(args.iterations), "--device", args.device] + (["--ref-freeze"] if args.ref_freeze
+                                                                                 else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        results[which] = json.loads(line[-1][7:])
+    ours, ref = results["ours"], results["ref"]
+    print(f"ESD-x on an SD1.5-shaped UNet (random weights), {args.resolution}px, x_t source 'noised', "
+          f"device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'':18}{'it/s':>10}{'peak MB':>12}{'tensors':>9}")
+    print(f"{'reference-style':18}{ref['it_per_s']:>10.3f}{ref['peak_mb']:>12.0f}{ref['trained_tensors']:>9}")
+    print(f"{'Concept Lab':18}{ours['it_per_s']:>10.3f}{ours['peak_mb']:>12.0f}{ours['trained_tensors']:>9}")
+    sp, mem = ours["it_per_s"] / ref["it_per_s"], ours["peak_mb"] / ref["peak_mb"]
+    print(f"ratio: {sp:.2f}x iterations/s (target >= 1.5), {mem:.2f}x peak memory (target <= 0.6)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

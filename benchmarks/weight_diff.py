@@ -1,0 +1,259 @@
+"""Benchmark: weight diff of two full-size SD1.5 fp16 checkpoints against the read floor.
+
+Creates two single-file SD1.5 checkpoints with random fp16 weights (UNet, CLIP-L text encoder and VAE in the real
+key layout, ≈1.07 G parameters, ≈2.1 GB each) in a temporary folder, then measures, each phase in a fresh
+subprocess so peak RSS is that phase's own:
+
+* **read floor** — the reference: both files opened with ``safetensors.safe_open`` and read tensor by tensor, doing
+  nothing with the data (one element per 4 KiB page is touched so the bytes are really read from the page cache or
+  disk: safetensors' ``get_tensor`` is a lazy memory map);
+* **ours** — ``conceptlab.metrics.weight_diff.diff_files`` producing the full report (every tensor's statistics,
+  groups, histogram, JSON-able dict) — and separately the three plots.
+
+Every tensor of B differs from A (worst case: no bit-identical fast path). Each phase runs with the files in the
+page cache ("warm") and after dropping them from it with ``posix_fadvise(DONTNEED)`` ("cold", real disk reads).
+Targets (issue 3): wall time ≤ 2× the read floor, peak RSS ≤ 1.5 GB above the interpreter's baseline.
+The files are deleted at the end.
+
+Usage: ``python benchmarks/weight_diff.py [--scale 1.0] [--keep DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: ``echo 5 > clear_refs``), so
+    the peak measured is this phase's own and not inherited from the parent process or the imports."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------ key layout
+def sd15_layout(scale: float = 1.0) -> dict[str, tuple[int, ...]]:
+    """Single-file SD1.5 key -> shape: UNet from diffusers' UNet2DConditionModel (config from
+    ``formats.keys.unet_config_for("sd1")``) on the meta device renamed to LDM names with diffusers' own converter
+    (``formats.keys.diffusers_to_ldm_unet``); CLIP-L text model (ViT-L/14 text config) and AutoencoderKL (SD VAE
+    config) from transformers / diffusers on the meta device. ``scale`` < 1 keeps only that fraction of the keys
+    (for quick trials)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conceptlab.formats.keys import diffusers_to_ldm_unet, unet_config_for
+
+    out: dict[str, tuple[int, ...]] = {}
+    d2l = diffusers_to_ldm_unet("sd1")  # computed on real (tiny) tensors, outside the meta device
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config_for("sd1"))
+        for k, v in unet.state_dict().items():
+            out["model.diffusion_model." + d2l.get(k, k)] = tuple(v.shape)
+        del unet
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                          num_hidden_layers=12, max_position_embeddings=77, vocab_size=49408,
+                                          projection_dim=768))
+        for k, v in te.state_dict().items():
+            k = k if k.startswith("text_model.") else "text_model." + k
+            if v.is_floating_point():
+                out["cond_stage_model.transformer." + k] = tuple(v.shape)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, sample_size=512)
+        for k, v in vae.state_dict().items():
+            out["first_stage_model." + k] = tuple(v.shape)
+    if scale < 1.0:
+        keys = list(out)
+        step = max(1, round(1 / scale))
+        out = {k: out[k] for k in keys[::step]}
+    return out
+
+
+def write_pair(layout: dict[str, tuple[int, ...]], path_a: Path, path_b: Path, seed: int = 0) -> int:
+    """Write A (random fp16, N(0, 0.05²)) and B = A + N(0, 1e-3²) on every tensor, streaming. Returns params."""
+    import torch
+
+    from conceptlab.formats.safetensors_io import SafetensorsStreamWriter
+
+    g = torch.Generator().manual_seed(seed)
+    specs = {k: (torch.float16, s) for k, s in layout.items()}
+    n = 0
+    with SafetensorsStreamWriter(path_a, specs, {"format": "pt"}, overwrite=True) as wa, \
+            SafetensorsStreamWriter(path_b, specs, {"format": "pt"}, overwrite=True) as wb:
+        for k, s in layout.items():
+            a = torch.randn(s, generator=g) * 0.05
+            b = a + torch.randn(s, generator=g) * 1e-3
+            wa.write(k, a.half())
+            wb.write(k, b.half())
+            n += a.numel()
+    return n
+
+
+def drop_cache(*paths: Path) -> None:
+    """Evict the files from the OS page cache (posix_fadvise DONTNEED: clean pages, no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def phase_floor(a: str, b: str) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    _reset_peak()
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    touched = 0.0
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        for k in fa.keys():
+            for f in (fa, fb):
+                t = f.get_tensor(k)
+                flat = t.reshape(-1)
+                touched += float(flat[:: max(1, 4096 // t.element_size())].float().sum())  # one element per page
+                del t, flat
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "cpu_s": time.process_time() - c0, "baseline_rss_mb": base, "peak_rss_mb": _peak_mb(),
+            "check": touched != 0.5}
+
+
+def phase_ours(a: str, b: str, plots: bool = True) -> dict:
+    import torch  # noqa: F401
+
+    from conceptlab.metrics import diff_io, weight_diff  # noqa: F401  (imports before the baseline)
+    from conceptlab.metrics.diff_report import report_markdown
+    import matplotlib  # noqa: F401
+
+    weight_diff.canonical_keys([], "sd1")  # warm imports of formats.keys
+    _reset_peak()
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    rep = weight_diff.diff_files(a, b)
+    md = report_markdown(rep)
+    wall = time.perf_counter() - t0
+    out = {"wall_s": wall, "cpu_s": time.process_time() - c0, "baseline_rss_mb": base, "peak_rss_mb": _peak_mb(),
+           "params": rep["overall"]["params"], "tensors": rep["overall"]["tensors"],
+           "changed_tensors": rep["changed_tensors"], "mean_abs": rep["overall"]["mean_abs"],
+           "markdown_chars": len(md)}
+    if plots:
+        from conceptlab.metrics.diff_plots import render_plots
+
+        t1 = time.perf_counter()
+        render_plots(rep)
+        out["plots_s"] = time.perf_counter() - t1
+    return out
+
+
+def _child(phase: str, a: Path, b: Path) -> dict:
+    cmd = [sys.executable, __file__, "--phase", phase, str(a), str(b)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"phase {phase} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of SD1.5's tensors (1.0 = full size)")
+    ap.add_argument("--keep", help="reuse/keep the two files in this folder instead of a temp dir")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat each measurement, keep the fastest")
+    ap.add_argument("--phase", choices=["floor", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.phase:
+        fn = phase_floor if args.phase == "floor" else phase_ours
+        print(json.dumps(fn(*args.files)))
+        return 0
+
+    import torch
+
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="conceptlab_diff_bench_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    pa, pb = tmp / "sd15_a.safetensors", tmp / "sd15_b.safetensors"
+    try:
+        if not (pa.exists() and pb.exists()):
+            t0 = time.perf_counter()
+            layout = sd15_layout(args.scale)
+            n = write_pair(layout, pa, pb)
+            print(f"created 2 × {pa.stat().st_size / 1e9:.2f} GB ({n / 1e9:.3f} G params, {len(layout)} tensors) "
+                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        results = {}
+        for cache in ("warm", "cold"):
+            for phase in ("floor", "ours"):
+                best = None
+                for _ in range(max(1, args.repeats)):
+                    if cache == "cold":
+                        drop_cache(pa, pb)
+                    else:
+                        _child("floor", pa, pb)  # make sure the files are in the page cache
+                    r = _child(phase, pa, pb)
+                    best = r if best is None or r["wall_s"] < best["wall_s"] else best
+                results[(cache, phase)] = best
+                print(f"{cache:4s} {phase:5s}: {best['wall_s']:.2f} s (CPU {best['cpu_s']:.2f} s), peak RSS {best['peak_rss_mb']:.0f} MB "
+                      f"(baseline {best['baseline_rss_mb']:.0f} MB)", flush=True)
+        print()
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+              f"torch {torch.__version__}; files {pa.stat().st_size / 1e9:.2f} GB each (fp16)")
+        print("| case | read floor (safetensors) | ours (diff_files) | ratio | target |")
+        print("|---|---|---|---|---|")
+        for cache in ("warm", "cold"):
+            f, o = results[(cache, "floor")], results[(cache, "ours")]
+            print(f"| wall, {cache} page cache | {f['wall_s']:.2f} s | {o['wall_s']:.2f} s | "
+                  f"{o['wall_s'] / f['wall_s']:.2f}× | ≤ 2× |")
+        for cache in ("warm", "cold"):
+            f, o = results[(cache, "floor")], results[(cache, "ours")]
+            df, do = f["peak_rss_mb"] - f["baseline_rss_mb"], o["peak_rss_mb"] - o["baseline_rss_mb"]
+            print(f"| peak RSS above baseline, {cache} | {df:.0f} MB | {do:.0f} MB | {do / max(df, 1):.2f}× | "
+                  f"≤ 1536 MB |")
+        for cache in ("warm", "cold"):
+            f, o = results[(cache, "floor")], results[(cache, "ours")]
+            print(f"| CPU time, {cache} | {f['cpu_s']:.2f} s | {o['cpu_s']:.2f} s | {o['cpu_s'] / max(f['cpu_s'], 1e-9):.1f}× | |")
+        o = results[("warm", "ours")]
+        print(f"\nreport: {o['tensors']} tensors, {o['params'] / 1e9:.3f} G params, {o['changed_tensors']} changed, "
+              f"mean |Δ| {o['mean_abs']:.3e}; plots {o.get('plots_s', 0):.2f} s (not in the wall time)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

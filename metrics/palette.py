@@ -1,0 +1,466 @@
+"""Palette metrics of pixel-art renders on their native cell grid: colour counts, palette extraction and
+quantization, fidelity to target hex codes, background, cleanliness. Entry point: :func:`palette_report`.
+
+Every colour statistic is computed on *snapped cells* (one robust colour per native cell, see
+:mod:`.grid`), not on raw render pixels: raw counts of a 512 px render are inflated by resampling / JPEG noise,
+and exact-hex matching fails on any render (``exact_hex_frac`` is reported only to show that).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .color import (
+    MalformedHexError,
+    color_family,
+    color_name,
+    delta_e00,
+    find_hex_codes,
+    parse_hex,
+    rgb_to_hex,
+    srgb_to_lab,
+    srgb_to_oklab,
+    oklab_to_srgb,
+)
+from .grid import Grid, detect_grid, sample_cells, snap, upscale_native
+
+__all__ = [
+    "load_rgb",
+    "to_rgb",
+    "parse_palette",
+    "raw_unique_colors",
+    "cluster_colors",
+    "extract_palette",
+    "quantize",
+    "palette_report",
+    "DEFAULT_TOLERANCE",
+    "TOLERANCES",
+    "CLUSTER_THRESHOLD",
+]
+
+#: ΔE00 tolerance for "this cell matches a target colour".
+DEFAULT_TOLERANCE = 5.0
+#: Tolerances also reported (2.3 ≈ one JND of ΔE*ab; 10 = loose).
+TOLERANCES = (2.3, 5.0, 10.0)
+#: ΔE00 under which snapped cell colours are one effective colour.
+CLUSTER_THRESHOLD = 5.0
+#: Sample-to-cell OKLab distance above which a sample "differs" (mixed cells, pixel-perfectness).
+MIX_THRESHOLD = 0.08
+#: Most distinct colours clustered exactly; more are pre-quantised to 5 bits/channel first.
+MAX_CLUSTER_COLORS = 4096
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(image, matte=(255, 255, 255)) -> np.ndarray:
+    """Any image → RGB uint8 ``[H, W, 3]``.
+
+    Accepts a PIL image (modes RGB, RGBA, LA, L, P with/without transparency, I;16, I, F, 1, CMYK...) or a numpy
+    array ``[H, W]`` / ``[H, W, 1|3|4]`` (uint8, uint16 → /257, float 0..1). Alpha is composited over ``matte``
+    (default white). Raises ValueError with the reason for anything else (empty, wrong shape, unknown dtype).
+    """
+    from PIL import Image
+
+    matte = np.asarray(parse_hex(matte) if isinstance(matte, str) else matte, dtype=np.float32)
+    if isinstance(image, Image.Image):
+        im = image
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im).astype(np.float64)
+            hi = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+            if im.mode == "F" and arr.max(initial=0) <= 1.0:
+                hi = 1.0
+            arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(arr[..., None], 3, axis=2)
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        elif im.mode not in ("RGB", "RGBA", "LA", "L"):
+            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        arr = np.asarray(im)
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an image [H, W] or [H, W, 1-4], got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"empty image of shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        f = None
+    elif arr.dtype == np.uint16:
+        f = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        f = np.clip(arr.astype(np.float32), 0.0, 1.0)
+    elif arr.dtype == np.bool_:
+        f = arr.astype(np.float32)
+    else:
+        raise ValueError(f"unsupported pixel type {arr.dtype}")
+    if f is not None:
+        arr = np.clip(f * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    c = arr.shape[2]
+    if c in (2, 4):
+        alpha = arr[..., -1:].astype(np.float32) / 255.0
+        col = arr[..., :-1].astype(np.float32)
+        if col.shape[2] == 1:
+            col = np.repeat(col, 3, axis=2)
+        out = col * alpha + matte * (1.0 - alpha)
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if c == 1:
+        return np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def load_rgb(path, matte=(255, 255, 255)) -> np.ndarray:
+    """Read an image file → RGB uint8 ``[H, W, 3]`` (see :func:`to_rgb`). Raises FileNotFoundError, or
+    ValueError naming the file when Pillow cannot read it."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder, not an image")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return to_rgb(im, matte)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read {p} as an image: {exc}") from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - huge files
+        raise ValueError(f"{p}: {exc}") from None
+
+
+def parse_palette(spec) -> list[tuple[int, int, int]]:
+    """Target colours from ``"#hex,#hex"`` / whitespace-separated text / a list of hex strings or RGB tuples.
+
+    Raises :class:`~.color.MalformedHexError` naming the bad entry; ValueError if nothing is given.
+    """
+    if spec is None:
+        return []
+    items = spec
+    if isinstance(spec, str):
+        items = [t for t in spec.replace(",", " ").replace(";", " ").split() if t]
+    out = []
+    for it in items:
+        out.append(parse_hex(it) if isinstance(it, str) else tuple(int(v) for v in it))
+    return out
+
+
+def palette_from_caption(text: str) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """All hex codes in a caption → (unique colours in order, malformed codes). Uses the caption audit's parser
+    when :mod:`.captions` provides ``caption_hex_codes``; otherwise :func:`~.color.find_hex_codes`."""
+    seen, cols, bad = set(), [], []
+    for raw, rgb in find_hex_codes(text):
+        if rgb is None:
+            bad.append(raw)
+        elif rgb not in seen:
+            seen.add(rgb)
+            cols.append(rgb)
+    return cols, bad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# colour counting and clustering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pack(rgb: np.ndarray) -> np.ndarray:
+    a = rgb.reshape(-1, 3)
+    return (a[:, 0].astype(np.uint32) << 16) | (a[:, 1].astype(np.uint32) << 8) | a[:, 2].astype(np.uint32)
+
+
+def _unpack(p: np.ndarray) -> np.ndarray:
+    p = p.astype(np.uint32)
+    return np.stack([(p >> 16) & 255, (p >> 8) & 255, p & 255], axis=-1).astype(np.uint8)
+
+
+def raw_unique_colors(rgb: np.ndarray, chunk_rows: int = 512) -> int:
+    """Number of distinct RGB values among all pixels (the naive count). O(2^24) bits of memory plus one
+    row chunk, whatever the image size."""
+    seen = np.zeros(1 << 24, dtype=bool)
+    for i in range(0, rgb.shape[0], chunk_rows):
+        seen[_pack(rgb[i : i + chunk_rows])] = True
+    return int(np.count_nonzero(seen))
+
+
+def _unique_with_counts(colors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Colours ``[N, 3]`` uint8 → (unique ``[U, 3]``, counts ``[U]``, inverse ``[N]``)."""
+    p = _pack(colors)
+    u, inv, cnt = np.unique(p, return_inverse=True, return_counts=True)
+    return _unpack(u), cnt, inv.ravel()
+
+
+def cluster_colors(colors: np.ndarray, counts: np.ndarray, threshold: float = CLUSTER_THRESHOLD):
+    """Greedy leader clustering of distinct colours at a ΔE00 threshold.
+
+    ``colors`` ``[U, 3]`` uint8, ``counts`` ``[U]``. The most frequent unassigned colour becomes a leader and
+    takes every unassigned colour within ``threshold`` ΔE00 (CIEDE2000, :func:`~.color.delta_e00`); repeat.
+    Deterministic. Returns ``(labels [U], leaders [K,3] uint8, sizes [K])`` with clusters sorted by size.
+    """
+    u = len(colors)
+    if u == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.uint8), np.zeros(0, np.int64)
+    lab = srgb_to_lab(colors)
+    order = np.argsort(-counts, kind="stable")
+    labels = np.full(u, -1, dtype=np.int64)
+    leaders = []
+    remaining = order
+    while remaining.size:
+        lead = remaining[0]
+        d = delta_e00(lab[remaining], lab[lead][None, :])
+        take = remaining[d < threshold]
+        labels[take] = len(leaders)
+        leaders.append(lead)
+        remaining = remaining[d >= threshold]
+    sizes = np.bincount(labels, weights=counts, minlength=len(leaders))
+    srt = np.argsort(-sizes, kind="stable")
+    remap = np.empty_like(srt)
+    remap[srt] = np.arange(len(srt))
+    return remap[labels], colors[np.array(leaders)[srt]], sizes[srt].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# extraction and quantization
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kmeans_weighted(x: np.ndarray, w: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
+    """Weighted Lloyd k-means with k-means++ seeding (Arthur & Vassilvitskii 2007). ``x [N, D]``, ``w [N]`` →
+    centres ``[k', D]`` (k' ≤ k when fewer distinct points). Hand-written: numpy/scipy offer no *weighted*
+    k-means (``scipy.cluster.vq.kmeans2`` has no weights) and scikit-learn is not a dependency."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    k = min(k, n)
+    p = w / w.sum()
+    centres = [x[rng.choice(n, p=p)]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        q = d2 * w
+        if q.sum() <= 0:
+            break
+        c = x[rng.choice(n, p=q / q.sum())]
+        centres.append(c)
+        d2 = np.minimum(d2, ((x - c) ** 2).sum(1))
+    c = np.array(centres)
+    for _ in range(iters):
+        lab = ((x[:, None, :] - c[None]) ** 2).sum(2).argmin(1)
+        new = np.array([
+            (x[lab == j] * w[lab == j, None]).sum(0) / w[lab == j].sum() if (lab == j).any() else c[j]
+            for j in range(len(c))
+        ])
+        if np.allclose(new, c, atol=1e-7):
+            break
+        c = new
+    return c
+
+
+def extract_palette(native: np.ndarray, k: int = 8, method: str = "kmeans", seed: int = 0) -> list[dict]:
+    """``k`` dominant colours of a (snapped, native) image ``[h, w, 3]`` uint8.
+
+    ``method``: ``"kmeans"`` — weighted k-means in OKLab on the distinct cell colours weighted by their cell
+    counts (seeded, deterministic); or Pillow's quantizers for comparison: ``"mediancut"``, ``"maxcoverage"``,
+    ``"fastoctree"`` (``Image.quantize(colors=k, method=...)``; note Pillow's ``kmeans=`` argument is a
+    refinement-iteration threshold, not k). Returns ``[{hex, rgb, frac}]`` sorted by coverage.
+    Raises ValueError for k < 1 or an unknown method.
+    """
+    if int(k) < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    k = int(k)
+    flat = native.reshape(-1, 3)
+    cols, cnt, _ = _unique_with_counts(flat)
+    if method == "kmeans":
+        ok = srgb_to_oklab(cols)
+        centres = _kmeans_weighted(ok, cnt.astype(np.float64), k, seed)
+        pal = oklab_to_srgb(centres, as_uint8=True)
+    elif method in ("mediancut", "maxcoverage", "fastoctree"):
+        from PIL import Image
+
+        meth = {"mediancut": Image.Quantize.MEDIANCUT, "maxcoverage": Image.Quantize.MAXCOVERAGE,
+                "fastoctree": Image.Quantize.FASTOCTREE}[method]
+        q = Image.fromarray(np.ascontiguousarray(native)).quantize(colors=k, method=meth)
+        used = sorted({i for _, i in q.getcolors(k * 4 + 256)})
+        pal = np.array(q.getpalette()[: 3 * (max(used) + 1)], dtype=np.uint8).reshape(-1, 3)[used]
+    else:
+        raise ValueError(f"unknown palette method {method!r}: use kmeans, mediancut, maxcoverage or fastoctree")
+    idx = _nearest_oklab(cols, pal)
+    frac = np.bincount(idx, weights=cnt, minlength=len(pal)) / cnt.sum()
+    order = np.argsort(-frac, kind="stable")
+    return [{"hex": rgb_to_hex(pal[i]), "rgb": [int(v) for v in pal[i]], "frac": round(float(frac[i]), 4)}
+            for i in order if frac[i] > 0]
+
+
+def _nearest_oklab(colors: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    a = srgb_to_oklab(colors)
+    b = srgb_to_oklab(np.asarray(palette, dtype=np.uint8))
+    return ((a[:, None, :] - b[None]) ** 2).sum(2).argmin(1)
+
+
+def quantize(rgb: np.ndarray, palette=None, k: int | None = None, seed: int = 0) -> np.ndarray:
+    """Map every pixel of ``rgb`` ``[H, W, 3]`` uint8 to the nearest (OKLab Euclidean) colour of ``palette``
+    (hex list / string / RGB tuples) or, with ``k``, of :func:`extract_palette` (k-means) of the image.
+    Works per distinct colour, so cost is O(pixels + distinct colours × palette). Returns uint8 ``[H, W, 3]``.
+    Raises ValueError when neither or an empty palette is given.
+    """
+    if palette is not None and not isinstance(palette, np.ndarray):
+        palette = parse_palette(palette)
+    if palette is None or len(palette) == 0:
+        if k is None:
+            raise ValueError("quantize needs a palette or k")
+        palette = [tuple(p["rgb"]) for p in extract_palette(rgb, k, "kmeans", seed)]
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    cols, _, inv = _unique_with_counts(rgb.reshape(-1, 3))
+    idx = _nearest_oklab(cols, pal)
+    return pal[idx][inv].reshape(rgb.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _wquantile(v: np.ndarray, w: np.ndarray, q: float) -> float:
+    o = np.argsort(v)
+    cw = np.cumsum(w[o])
+    return float(v[o][np.searchsorted(cw, q * cw[-1])])
+
+
+def palette_report(image, targets=None, cells=None, expected_background=None, tolerance: float = DEFAULT_TOLERANCE,
+                   cluster_threshold: float = CLUSTER_THRESHOLD, k: int = 8, grid: Grid | None = None,
+                   return_arrays: bool = False) -> dict:
+    """Full palette report of one image (see README "palette --json" for every key).
+
+    ``image``: RGB uint8 ``[H, W, 3]`` or anything :func:`to_rgb` takes (PIL image, RGBA/gray arrays).
+    ``targets``: target colours (``"#hex,#hex"``, list of hex / RGB) — adds the fidelity keys.
+    ``cells``: grid override (int or ``(cells_x, cells_y)``). ``expected_background``: hex / RGB.
+    ``tolerance``: ΔE00 for in-palette / present (also reported at 2.3, 5, 10).
+    Keys: ``grid`` {cells_x, cells_y, cell_w, cell_h, phase, confidence, ...}, ``unique_colors`` (raw render),
+    ``native_unique_colors``, ``effective_colors`` (ΔE00 clusters), ``effective_colors_95`` (clusters covering
+    95 % of cells), ``clusters`` [{hex, name, family, frac}], ``palette`` (k-means k), ``background`` {hex, name,
+    family, frac_of_ring, delta_e00_to_expected}, ``cleanliness`` {mixed_cells_frac, isolated_cells,
+    isolated_frac, pixel_perfect_frac}; with targets: ``in_palette_frac``, ``palette_coverage``,
+    ``delta_e00_mean``, ``delta_e00_p90``, ``missing``, ``extraneous``, ``targets`` (per target), ``at_tolerance``
+    {"2.3", "5", "10"}, ``exact_hex_frac`` (the naive exact-hex match, for comparison).
+    With ``return_arrays`` the dict also holds numpy arrays under ``"_arrays"`` (native, clean, labels).
+    Raises ValueError / MalformedHexError / GridError with a clear message for bad input.
+    """
+    rgb = image if (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3
+                    and image.dtype == np.uint8) else to_rgb(image)
+    tgt = parse_palette(targets) if targets is not None and not isinstance(targets, list) else (
+        [parse_hex(t) if isinstance(t, str) else tuple(t) for t in targets] if targets else [])
+    g = grid if grid is not None else detect_grid(rgb, cells)
+    native = snap(rgb, g)
+    ncell = native.shape[0] * native.shape[1]
+    cols, cnt, inv = _unique_with_counts(native.reshape(-1, 3))
+    if len(cols) > MAX_CLUSTER_COLORS:  # huge native images: cluster 5-bit colours
+        q = (native.reshape(-1, 3) & 0xF8) | 4
+        cols, cnt, inv = _unique_with_counts(q)
+    labels_u, leaders, sizes = cluster_colors(cols, cnt, cluster_threshold)
+    cell_labels = labels_u[inv].reshape(native.shape[:2])
+    frac = sizes / ncell
+    cum = np.cumsum(np.sort(frac)[::-1])
+    eff95 = int(np.searchsorted(cum, 0.95 - 1e-9) + 1) if len(cum) else 0
+    fams = color_family(leaders) if len(leaders) else np.array([])
+    clusters = [{"hex": rgb_to_hex(leaders[i]), "family": str(fams[i]), "frac": round(float(frac[i]), 4)}
+                for i in range(len(leaders))]
+    rep: dict = {
+        "width": int(rgb.shape[1]),
+        "height": int(rgb.shape[0]),
+        "grid": g.to_dict(),
+        "unique_colors": raw_unique_colors(rgb),
+        "native_unique_colors": int(len(np.unique(_pack(native)))),
+        "effective_colors": int(len(leaders)),
+        "effective_colors_95": eff95,
+        "cluster_threshold": cluster_threshold,
+        "clusters": clusters[:64],
+    }
+    # background: mode cluster of the outer ring of cells
+    h, w = cell_labels.shape
+    ring = np.zeros((h, w), bool)
+    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
+    rl = cell_labels[ring]
+    bgl = int(np.bincount(rl).argmax())
+    members = native[ring & (cell_labels == bgl)]
+    bg = np.median(members.reshape(-1, 3), axis=0).round().astype(np.uint8)
+    bgd = {"hex": rgb_to_hex(bg), "name": color_name(bg), "family": color_family(bg),
+           "frac_of_ring": round(float((rl == bgl).mean()), 4)}
+    if expected_background is not None:
+        eb = parse_hex(expected_background) if isinstance(expected_background, str) else tuple(expected_background)
+        bgd["expected"] = rgb_to_hex(eb)
+        bgd["delta_e00_to_expected"] = round(float(delta_e00(srgb_to_lab(bg), srgb_to_lab(np.array(eb, np.uint8)))), 3)
+    rep["background"] = bgd
+    # cleanliness
+    samples = sample_cells(rgb, g)  # [h, w, m*m, 3]
+    s_ok = srgb_to_oklab(samples.reshape(-1, 3), np.float32).reshape(samples.shape)
+    n_ok = srgb_to_oklab(native, np.float32)
+    dev = np.sqrt(((s_ok - n_ok[:, :, None, :]) ** 2).sum(-1))  # [h, w, m*m]
+    mixed = (dev > MIX_THRESHOLD).mean(-1) > 0.25
+    pad = np.pad(cell_labels, 1, constant_values=-1)
+    same = np.zeros((h, w), bool)
+    has = np.zeros((h, w), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == dx == 0:
+                continue
+            nb = pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+            has |= nb >= 0
+            same |= nb == cell_labels
+    isolated = has & ~same
+    # pixel-perfectness on a strided pixel lattice (≤ ~65k pixels): how well the clean upscale explains the render
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 65536)))
+    sub = rgb[::step, ::step]
+    ys = np.clip(np.floor((np.arange(0, rgb.shape[0], step) + 0.5 - g.phase_y) / g.cell_h), 0, h - 1).astype(int)
+    xs = np.clip(np.floor((np.arange(0, rgb.shape[1], step) + 0.5 - g.phase_x) / g.cell_w), 0, w - 1).astype(int)
+    recon = n_ok[ys[:, None], xs[None, :]]
+    pdev = np.sqrt(((srgb_to_oklab(sub, np.float32) - recon) ** 2).sum(-1))
+    rep["cleanliness"] = {
+        "mixed_cells": int(mixed.sum()),
+        "mixed_cells_frac": round(float(mixed.mean()), 4),
+        "isolated_cells": int(isolated.sum()),
+        "isolated_frac": round(float(isolated.mean()), 4),
+        "pixel_perfect_frac": round(float((pdev <= MIX_THRESHOLD).mean()), 4),
+        "mean_oklab_error": round(float(pdev.mean()), 4),
+    }
+    rep["palette"] = extract_palette(native, k, "kmeans")
+    # fidelity to targets
+    if tgt:
+        t_arr = np.array(tgt, dtype=np.uint8)
+        d = delta_e00(srgb_to_lab(cols)[:, None, :], srgb_to_lab(t_arr)[None, :, :])  # [U, T]
+        dmin = d.min(1)
+        wts = cnt.astype(np.float64)
+        at = {}
+        for tol in sorted(set(TOLERANCES) | {float(tolerance)}):
+            within = d <= tol
+            present = within.any(0)
+            at[f"{tol:g}"] = {
+                "in_palette_frac": round(float(wts[dmin <= tol].sum() / ncell), 4),
+                "palette_coverage": round(float(present.mean()), 4),
+                "missing": [rgb_to_hex(t_arr[j]) for j in np.nonzero(~present)[0]],
+            }
+        main = at[f"{float(tolerance):g}"]
+        rep.update(main)
+        rep["tolerance"] = float(tolerance)
+        rep["delta_e00_mean"] = round(float((dmin * wts).sum() / wts.sum()), 3)
+        rep["delta_e00_p90"] = round(_wquantile(dmin, wts, 0.9), 3)
+        rep["at_tolerance"] = at
+        lab_lead = srgb_to_lab(leaders)
+        dl = delta_e00(lab_lead[:, None, :], srgb_to_lab(t_arr)[None, :, :]).min(1)
+        rep["extraneous"] = [{"hex": rgb_to_hex(leaders[i]), "frac": round(float(frac[i]), 4),
+                              "delta_e00": round(float(dl[i]), 2)}
+                             for i in range(len(leaders)) if dl[i] > tolerance and frac[i] >= 0.01]
+        near = d.argmin(0)
+        cell_cnt = np.array([wts[d[:, j] <= tolerance].sum() for j in range(len(t_arr))])
+        rep["targets"] = [{"hex": rgb_to_hex(t_arr[j]), "present": bool(cell_cnt[j] > 0),
+                           "nearest_delta_e00": round(float(d[near[j], j]), 3),
+                           "cells_frac": round(float(cell_cnt[j] / ncell), 4)} for j in range(len(t_arr))]
+        packed = _pack(rgb[:: max(1, step), :: max(1, step)])
+        rep["exact_hex_frac"] = round(float(np.isin(packed, _pack(t_arr)).mean()), 4)
+    if return_arrays:
+        rep["_arrays"] = {"native": native, "labels": cell_labels, "grid": g}
+    return rep
+
+
+__all__ += ["palette_from_caption", "MalformedHexError", "upscale_native"]

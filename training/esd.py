@@ -1,0 +1,597 @@
+"""ESD concept erasure (Gandikota et al., "Erasing Concepts from Diffusion Models", ICCV 2023), host-neutral.
+
+Objective (paper, Eq. 3–4): fine-tune θ so that the prediction for the concept ``c`` follows the frozen model's
+*negatively guided* prediction::
+
+    ε_θ(x_t, c, t)  →  ε_θ*(x_t, ∅, t) − η · (ε_θ*(x_t, c, t) − ε_θ*(x_t, ∅, t))        (paper convention, η = 1)
+
+with θ* the frozen original weights and ``negative_guidance`` η. The reference repository's newer script
+(rohitgandikota/erasing, ``esd_sd.py``) writes the same target as
+``ε*(x_t, c, t) − η_ref · (ε*(x_t, c, t) − ε*(x_t, ∅, t))`` with default η_ref = 2: expanding gives
+``ε*(∅) − (η_ref − 1)(ε*(c) − ε*(∅))``, so **η = η_ref − 1** (η_ref 2 ≡ η 1). This module uses the paper's
+convention everywhere; :func:`reference_target` and :func:`paper_eta_from_reference` give the other.
+
+One model copy: the trainable parameters are :class:`~.host.FullDelta` modules installed on the host
+(``host.install_delta``); the frozen predictions ε_θ* are the same host inside ``host.deltas_disabled()``. The
+reference keeps two UNets (frozen + trained) in memory.
+
+Parameter sets (same names as the reference's ``get_esd_trainable_parameters``), over the canonical diffusers
+UNet module paths (:mod:`.host`):
+
+* ``esd-x``: every cross-attention (``attn2``) Linear — to_q, to_k, to_v, to_out.0 weights and every bias
+  (SD1.x: 16 blocks × 5 = 80 tensors, 43,962,560 parameters);
+* ``esd-x-strict``: attn2 to_k and to_v only;
+* ``esd-u``: every Linear / Conv2d outside attn2 (the "unconditional" erasure; ~816 M parameters on SD1.x: the
+  fp32 deltas plus Adam's two moments need ≈ 13 GB — prefer a GPU);
+* ``esd-all``: everything.
+
+Where ``x_t`` comes from:
+
+* ``self_sample`` (the paper's method): DDIM-sample from the frozen model with the concept prompt and
+  ``start_guidance`` for a random number ``k ∈ [0, ddim_steps)`` of steps, then query all three predictions at
+  that step's timestep (``esd_sd.py``'s ``run_till_timestep``). Costs on average ``ddim_steps`` extra UNet
+  evaluations per iteration.
+* ``noised`` (this project's cheaper variant): forward-noise clean latents — VAE-encoded user images, or the frozen
+  model's own samples generated once and cached — at a uniformly random timestep ``t ∈ [0, T)``. This is a
+  **different method**: ``x_t`` comes from the forward process, not from the model's own sampling trajectory.
+  Compare its erasure with ``self_sample`` on your concept; do not assume they are equal.
+
+v-prediction models: the target is computed in the model's own parameterization. Because the target is an
+affine combination with weights summing to one ((1+η)·ε_u − η·ε_c) and ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t is affine
+in the output for a fixed x_t, the v-space target *is* the ε-space target expressed in v; the losses differ only by
+the per-timestep factor ᾱ_t.
+
+Grid masks (:mod:`.masks`) and prompt variations (:mod:`.prompts`) are this project's extensions: the loss of an
+iteration is a masked mean over one weighted-sampled mask, or the weighted sum of masked means over all masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .host import DiffusionHost, FullDelta, add_noise, ddim_sample, ddim_timesteps
+from .masks import grid_masks, masked_mse, normalize_weights, prepare_masks
+from .prompts import PromptSchedule, build_prompts, parse_concepts
+
+METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
+XT_SOURCES = ("self_sample", "noised")
+MASK_MODES = ("sample", "sum")
+
+
+class ESDCancelled(Exception):
+    """Training stopped because the progress callback raised (e.g. ComfyUI's Cancel).
+
+    ``result`` holds what was trained so far (:class:`ESDResult`, ``cancelled=True``); the original exception is
+    ``__cause__``.
+    """
+
+    def __init__(self, result: "ESDResult"):
+        super().__init__(f"ESD erasure cancelled after {result.stats.get('iterations_done', 0)} iterations")
+        self.result = result
+
+
+# -- parameter sets ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """One trained tensor: ``<component>.<path>.<attr>`` (``attr`` ``"weight"``/``"bias"``) of ``shape``."""
+
+    component: str
+    path: str
+    attr: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters (product of ``shape``)."""
+        return int(math.prod(self.shape))
+
+
+def _selected(path: str, method: str) -> bool:
+    parts = path.split(".")
+    in_attn2 = "attn2" in parts
+    if method == "esd-x":
+        return in_attn2
+    if method == "esd-x-strict":
+        return in_attn2 and parts[-1] in ("to_k", "to_v")
+    if method == "esd-u":
+        return not in_attn2
+    if method == "esd-all":
+        return True
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def select_targets(modules: Mapping[str, nn.Module], method: str = "esd-x",
+                   component: str = "unet") -> list[Target]:
+    """The tensors a method trains, from ``{canonical diffusers path: nn.Linear | nn.Conv2d}``.
+
+    Every selected module contributes its ``weight`` and, when present, its ``bias`` (as
+    ``get_esd_trainable_parameters`` in the reference ``esd_sd.py`` does with ``module.named_parameters()``).
+    Works on meta-device modules (shapes only).
+
+    Raises:
+        ValueError: unknown method; a model without cross-attention (no ``attn2`` module) for any method —
+            ESD is defined through the text conditioning, so such a model cannot be erased this way; or an
+            empty selection.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not any("attn2" in p.split(".") for p in modules):
+        raise ValueError("this model has no cross-attention (no 'attn2' modules): ESD erases a text concept "
+                         "through cross-attention, so it needs a text-conditioned UNet (SD1.x/SD2.x/SDXL)")
+    out = []
+    for path in sorted(modules):
+        if not _selected(path, method):
+            continue
+        mod = modules[path]
+        for attr in ("weight", "bias"):
+            p = getattr(mod, attr, None)
+            if p is None:
+                continue
+            out.append(Target(component, path, attr, tuple(p.shape)))
+    if not out:
+        raise ValueError(f"method {method!r} selects no tensor in this model")
+    return out
+
+
+def count_parameters(targets: Sequence[Target]) -> tuple[int, int]:
+    """``(number of tensors, number of scalar parameters)`` of a target list."""
+    return len(targets), sum(t.numel for t in targets)
+
+
+# -- the objective -------------------------------------------------------------------------------------------
+
+def paper_target(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, negative_guidance: float = 1.0) -> torch.Tensor:
+    """ESD target ``ε*(∅) − η·(ε*(c) − ε*(∅))`` (Gandikota et al. 2023, Eq. 4, η = ``negative_guidance``).
+
+    Shapes: ``[B, C, h, w]`` each, frozen-model outputs; returns the same shape (fp32).
+    """
+    u = pred_uncond.float()
+    return u - float(negative_guidance) * (pred_cond.float() - u)
+
+
+def reference_target(pred_from: torch.Tensor, pred_cond: torch.Tensor, pred_uncond: torch.Tensor,
+                     negative_guidance_ref: float = 2.0) -> torch.Tensor:
+    """The target as ``esd_sd.py`` (rohitgandikota/erasing) writes it: ``ε*(c_from) − η_ref·(ε*(c) − ε*(∅))``.
+
+    With ``c_from = c`` this equals :func:`paper_target` with ``η = η_ref − 1``.
+    """
+    return pred_from.float() - float(negative_guidance_ref) * (pred_cond.float() - pred_uncond.float())
+
+
+def paper_eta_from_reference(negative_guidance_ref: float) -> float:
+    """Convert ``esd_sd.py``'s ``--negative_guidance`` (default 2) to the paper's η (default 1): ``η_ref − 1``."""
+    return float(negative_guidance_ref) - 1.0
+
+
+# -- configuration and result --------------------------------------------------------------------------------
+
+@dataclass
+class ESDConfig:
+    """Settings of one erasure. Defaults are the paper's (lr 1e-5, Adam, 1000 iterations, 512 px, start guidance
+    3, 50 DDIM steps, η = 1, ESD-x).
+
+    Fields:
+        concepts: concept text(s), ``"Van Gogh"`` or ``["Van Gogh", "Monet"]`` or ``"A; B"``.
+        prompts: explicit prompts (multiline text or list; ``{concept}`` expanded); else ``templates`` / built-in
+            variations (``variations`` per concept, 0 = the bare concepts, as in the paper).
+        prompt_order: ``"cycle"`` or ``"sample"``.
+        method: one of :data:`METHODS`. xt_source: one of :data:`XT_SOURCES`.
+        negative_guidance: η in the paper's convention (module docstring).
+        masks: ``None`` (whole latent, the paper's loss), ``"grid"`` (``grid_n``×``grid_n`` + centre of
+            ``centre_size``) or a ``[M, H, W]`` tensor (resized to the latent when the aspect ratio matches).
+        mask_weights: per-mask weights (normalised) or ``None`` for :func:`.masks.default_mask_weights`.
+        mask_mode: ``"sample"`` (one weighted-sampled mask per iteration) or ``"sum"`` (weighted sum of all).
+        width, height: training resolution in pixels (multiples of the host's ``vae_scale``).
+        noised_cache: how many frozen-model samples to cache for ``xt_source="noised"`` without images.
+        max_nan_skips: consecutive non-finite iterations tolerated (skipped) before stopping with an error.
+    """
+
+    concepts: str | Sequence[str] = ""
+    prompts: str | Sequence[str] | None = None
+    templates: str | Sequence[str] | None = None
+    variations: int = 0
+    prompt_order: str = "cycle"
+    method: str = "esd-x"
+    xt_source: str = "self_sample"
+    negative_guidance: float = 1.0
+    iterations: int = 1000
+    lr: float = 1e-5
+    width: int = 512
+    height: int = 512
+    start_guidance: float = 3.0
+    ddim_steps: int = 50
+    masks: Any = None
+    mask_weights: Sequence[float] | None = None
+    mask_mode: str = "sample"
+    grid_n: int = 3
+    centre_size: float = 0.5
+    seed: int = 0
+    noised_cache: int = 4
+    max_nan_skips: int = 5
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a clear message for any out-of-range setting."""
+        parse_concepts(self.concepts)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.xt_source not in XT_SOURCES:
+            raise ValueError(f"unknown x_t source {self.xt_source!r}; choose one of {', '.join(XT_SOURCES)}")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"unknown mask mode {self.mask_mode!r}; choose one of {', '.join(MASK_MODES)}")
+        if int(self.iterations) < 1:
+            raise ValueError(f"iterations must be ≥ 1, got {self.iterations}")
+        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not math.isfinite(float(self.negative_guidance)):
+            raise ValueError("negative_guidance must be finite")
+        if int(self.ddim_steps) < 1:
+            raise ValueError(f"ddim_steps must be ≥ 1, got {self.ddim_steps}")
+        if int(self.width) < 8 or int(self.height) < 8:
+            raise ValueError(f"resolution {self.width}×{self.height} is too small")
+
+
+@dataclass
+class ESDResult:
+    """What an erasure produced.
+
+    ``deltas``: ``{(component, path, attr): ΔW}`` float32 CPU tensors (erased weight = base + ΔW);
+    ``targets``: the :class:`Target` list; ``losses``: loss per finished iteration; ``stats`` /
+    ``metadata``: the contents of ``training_stats.json`` / ``metadata.json``; ``cancelled``: stopped early.
+    """
+
+    deltas: dict[tuple[str, str, str], torch.Tensor]
+    targets: list[Target]
+    losses: list[float]
+    stats: dict
+    metadata: dict
+    masks: torch.Tensor | None = None
+    mask_weights: torch.Tensor | None = None
+    mask_names: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+
+def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
+    """sha256 (hex) of the base values of the trained tensors (names + raw bytes, in target order).
+
+    Identifies the base model the deltas apply to without hashing a multi-GB file. Call before installing deltas.
+    """
+    h = hashlib.sha256()
+    mods = {c: host.modules(c) for c in {t.component for t in targets}}
+    for t in targets:
+        v = getattr(mods[t.component][t.path], t.attr).detach().cpu().contiguous()
+        h.update(f"{t.component}.{t.path}.{t.attr}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+ProgressFn = Callable[[dict], Any]
+
+
+def _resolve_masks(cfg: ESDConfig, latent_hw: tuple[int, int]):
+    if cfg.masks is None or (isinstance(cfg.masks, str) and cfg.masks.lower() in ("", "none", "full")):
+        return None, None, []
+    if isinstance(cfg.masks, str):
+        if cfg.masks.lower() != "grid":
+            raise ValueError(f"masks must be None, 'grid' or a [M, H, W] tensor, not {cfg.masks!r}")
+        m, names = grid_masks(latent_hw[0], latent_hw[1], cfg.grid_n, cfg.centre_size)
+    else:
+        m = prepare_masks(torch.as_tensor(cfg.masks), latent_hw)
+        names = [f"m{i}" for i in range(m.shape[0])]
+    w = normalize_weights(cfg.mask_weights, m)
+    return m, w, names
+
+
+def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None = None,
+          images: torch.Tensor | None = None, keep_installed: bool = False,
+          cancel_check: Callable[[], Any] | None = None) -> ESDResult:
+    """Run ESD on ``host`` and return the trained deltas (module docstring for the method).
+
+    Args:
+        host: any :class:`~.host.DiffusionHost`; it must have no deltas installed. Its base weights are never
+            modified; the deltas are removed at the end unless ``keep_installed``.
+        config: :class:`ESDConfig`.
+        progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "mask",
+            "timestep", "losses", "x_t"}`` (``x_t``: the iteration's noisy latent ``[1, C, h, w]``).
+            Returning ``False`` stops training (result ``cancelled=True``); raising stops
+            it and re-raises as :class:`ESDCancelled` carrying the partial result (``__cause__`` = the exception).
+        images: optional clean images ``[N, 3, H, W]`` in ``[-1, 1]`` for ``xt_source="noised"`` (VAE-encoded
+            once; resized latents must match the training resolution).
+        keep_installed: leave the trained deltas installed on the host (e.g. to sample from it).
+        cancel_check: called before every UNet evaluation (also inside the DDIM sampling of ``self_sample``);
+            raising stops within the iteration (the unfinished iteration is dropped) with :class:`ESDCancelled`.
+
+    Returns:
+        :class:`ESDResult`.
+
+    Raises:
+        ValueError: bad settings, empty concept, a model without cross-attention, bad masks, or a host that
+            already has deltas installed. FloatingPointError: more than ``max_nan_skips`` consecutive
+            non-finite losses / gradients (the partial result is on the exception's ``result`` attribute).
+        ESDCancelled: the progress callback raised.
+    """
+    # ComfyUI runs nodes under torch.inference_mode(): training needs autograd, and every tensor made here must
+    # be a normal tensor (inference tensors cannot be saved for backward).
+    with torch.inference_mode(False):
+        return _erase(host, config, progress, None if images is None else images.detach().clone(),
+                      keep_installed, cancel_check)
+
+
+def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat token sequences ``[1, L, D]`` to a common length (prompts longer than 77 tokens come in 77-token
+    chunks; ComfyUI batches such conditionings the same way)."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    n = math.lcm(a.shape[1], b.shape[1])
+    return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
+
+
+class _CancelRequested(Exception):
+    pass
+
+
+class _CheckedHost:
+    """Forwards to a host, calling ``check()`` before every prediction (cancel points inside DDIM sampling)."""
+
+    def __init__(self, host: DiffusionHost, check: Callable[[], Any]):
+        self._host, self._check = host, check
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def predict(self, *args, **kwargs):
+        try:
+            self._check()
+        except Exception as exc:  # noqa: BLE001 - any raise means "cancel"
+            raise _CancelRequested() from exc
+        return self._host.predict(*args, **kwargs)
+
+
+def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, images: torch.Tensor | None,
+           keep_installed: bool, cancel_check: Callable[[], Any] | None) -> ESDResult:
+    cfg.validate()
+    if host.installed_deltas():
+        raise ValueError("the host already has trainable deltas installed; clear them first")
+    concepts = parse_concepts(cfg.concepts)
+    prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed)
+    schedule = PromptSchedule(prompts, cfg.prompt_order, cfg.seed)
+    scale = int(getattr(host, "vae_scale", 8))
+    if cfg.width % scale or cfg.height % scale:
+        raise ValueError(f"resolution {cfg.width}×{cfg.height} must be a multiple of {scale}")
+    lh, lw = cfg.height // scale, cfg.width // scale
+    masks, mask_w, mask_names = _resolve_masks(cfg, (lh, lw))
+
+    targets = select_targets(host.modules("unet"), cfg.method)
+    n_tensors, n_params = count_parameters(targets)
+    base_hash = base_weights_hash(host, targets)
+
+    # `model` is what the loop evaluates: the host itself, or a forwarder that checks for cancel first
+    model = _CheckedHost(host, cancel_check) if cancel_check is not None else host
+    rng = random.Random(int(cfg.seed))
+    gen = torch.Generator("cpu").manual_seed(int(cfg.seed))
+    dev = host.device
+    T = int(host.alphas_cumprod.shape[0])
+    ddim_ts = ddim_timesteps(T, int(cfg.ddim_steps))
+
+    cond_cache: dict[str, torch.Tensor] = {}
+
+    def encode(p: str) -> torch.Tensor:
+        if p not in cond_cache:
+            with torch.no_grad():
+                cond_cache[p] = host.encode_prompts([p]).detach()
+        return cond_cache[p]
+
+    uncond = encode("")
+
+    deltas: dict[tuple[str, str, str], FullDelta] = {}
+    losses: list[float] = []
+    mask_counts: Counter = Counter()
+    nan_skips = 0
+    consecutive_nan = 0
+    cancelled = False
+    started = time.perf_counter()
+    done = 0
+
+    def snapshot() -> ESDResult:
+        d = {k: m.weight.detach().float().cpu().clone() for k, m in deltas.items()}
+        wall = time.perf_counter() - started
+        stats = {
+            "losses": [float(x) for x in losses],
+            "loss_avg_last_20": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
+            "iterations_done": done,
+            "iterations_planned": int(cfg.iterations),
+            "cancelled": cancelled,
+            "nan_skipped": nan_skips,
+            "mask_usage": {mask_names[i] if i >= 0 else "full": n for i, n in sorted(mask_counts.items())},
+            "prompt_usage": dict(schedule.counts),
+            "wall_time_s": wall,
+            "iterations_per_s": (done / wall) if wall > 0 else None,
+            "trained_tensors": n_tensors,
+            "trained_parameters": n_params,
+        }
+        meta = {
+            "method": cfg.method,
+            "concepts": concepts,
+            "prompts": prompts,
+            "prompt_order": cfg.prompt_order,
+            "negative_guidance": float(cfg.negative_guidance),
+            "negative_guidance_convention": "paper: target = e(uncond) - eta*(e(cond) - e(uncond)); "
+                                            "esd_sd.py --negative_guidance = eta + 1",
+            "negative_guidance_esd_sd_py": float(cfg.negative_guidance) + 1.0,
+            "xt_source": cfg.xt_source,
+            "masks": mask_names or ["full"],
+            "mask_weights": [float(x) for x in mask_w] if mask_w is not None else [1.0],
+            "mask_mode": cfg.mask_mode if masks is not None else "full",
+            "grid_n": cfg.grid_n if isinstance(cfg.masks, str) else None,
+            "centre_size": cfg.centre_size if isinstance(cfg.masks, str) else None,
+            "iterations": int(cfg.iterations),
+            "iterations_done": done,
+            "lr": float(cfg.lr),
+            "optimizer": "Adam",
+            "width": int(cfg.width),
+            "height": int(cfg.height),
+            "start_guidance": float(cfg.start_guidance),
+            "ddim_steps": int(cfg.ddim_steps),
+            "seed": int(cfg.seed),
+            "prediction_type": host.prediction_type,
+            "arch": host.arch,
+            "base_model_hash": base_hash,
+            "base_model_hash_kind": "sha256 of the trained tensors' base values",
+            "trained_tensors": n_tensors,
+            "trained_parameters": n_params,
+        }
+        return ESDResult(d, targets, list(losses), stats, meta, masks, mask_w, list(mask_names), cancelled)
+
+    # noised-source cache of clean latents
+    clean_cache: torch.Tensor | None = None
+
+    try:
+        with torch.enable_grad():
+            for t in targets:
+                fd = FullDelta(t.shape, device=dev)
+                host.install_delta(t.component, t.path, t.attr, fd)
+                deltas[(t.component, t.path, t.attr)] = fd
+            params = [m.weight for m in deltas.values()]
+            opt = torch.optim.Adam(params, lr=float(cfg.lr))
+
+            if cfg.xt_source == "noised":
+                with torch.no_grad(), host.deltas_disabled():
+                    if images is not None:
+                        clean_cache = host.encode_images(images.detach().float().clone())
+                        if tuple(clean_cache.shape[-2:]) != (lh, lw):
+                            clean_cache = torch.nn.functional.interpolate(clean_cache, size=(lh, lw),
+                                                                          mode="bilinear", align_corners=False)
+                    else:
+                        lat = []
+                        for i in range(max(1, int(cfg.noised_cache))):
+                            p = prompts[i % len(prompts)]
+                            xT = torch.randn((1, host.latent_channels, lh, lw), generator=gen)
+                            lat.append(ddim_sample(model, xT, encode(p), uncond, steps=int(cfg.ddim_steps),
+                                                   cfg=float(cfg.start_guidance)).float().cpu())
+                        clean_cache = torch.cat(lat)
+
+            for it in range(int(cfg.iterations)):
+                _, prompt = schedule.next()
+                cond = encode(prompt)
+                # --- x_t -----------------------------------------------------------------------------------
+                with torch.no_grad(), host.deltas_disabled():
+                    if cfg.xt_source == "self_sample":
+                        k = rng.randrange(int(cfg.ddim_steps))
+                        t_int = ddim_ts[k]
+                        xT = torch.randn((1, host.latent_channels, lh, lw), generator=gen)
+                        x_t = ddim_sample(model, xT, cond, uncond, steps=int(cfg.ddim_steps),
+                                          cfg=float(cfg.start_guidance), stop_at=k)
+                    else:
+                        t_int = rng.randrange(T)
+                        x0 = clean_cache[rng.randrange(clean_cache.shape[0])][None]
+                        noise = torch.randn(x0.shape, generator=gen)
+                        x_t = add_noise(x0, noise, torch.tensor([t_int]), host.alphas_cumprod)
+                    x_t = x_t.to(dev, host.dtype)
+                    tt = torch.tensor([t_int], device=dev, dtype=torch.long)
+                    # frozen ε*(x_t, c, t) and ε*(x_t, ∅, t) in one batched call
+                    frozen = model.predict(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                                           torch.cat(_same_length(cond, uncond))).float()
+                    target = paper_target(frozen[:1], frozen[1:], cfg.negative_guidance)
+                # --- mask choice -------------------------------------------------------------------------
+                if masks is None:
+                    mask_idx = -1
+                elif cfg.mask_mode == "sample":
+                    mask_idx = int(torch.multinomial(mask_w, 1, generator=gen).item())
+                else:
+                    mask_idx = -2
+                # --- trained prediction and loss ---------------------------------------------------------
+                pred = model.predict(x_t, tt, cond).float()
+                if mask_idx == -1:
+                    loss = masked_mse(pred, target, None)
+                    mask_counts[-1] += 1
+                elif mask_idx >= 0:
+                    loss = masked_mse(pred, target, masks[mask_idx])
+                    mask_counts[mask_idx] += 1
+                else:
+                    loss = sum(float(mask_w[i]) * masked_mse(pred, target, masks[i])
+                               for i in range(masks.shape[0]))
+                    for i in range(masks.shape[0]):
+                        mask_counts[i] += 1
+                opt.zero_grad(set_to_none=True)
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+                    finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                if not finite:
+                    # NaN guard: skip the update; too many in a row means the run diverged
+                    nan_skips += 1
+                    consecutive_nan += 1
+                    opt.zero_grad(set_to_none=True)
+                    if consecutive_nan > int(cfg.max_nan_skips):
+                        err = FloatingPointError(
+                            f"ESD loss or gradients were NaN/inf {consecutive_nan} iterations in a row (at "
+                            f"iteration {it + 1}); lower lr or use fp32 weights")
+                        err.result = snapshot()  # type: ignore[attr-defined]
+                        raise err
+                    loss_value = float("nan")
+                else:
+                    consecutive_nan = 0
+                    opt.step()
+                    loss_value = float(loss.detach())
+                losses.append(loss_value)
+                done = it + 1
+                if progress is not None:
+                    info = {"iteration": done, "total": int(cfg.iterations), "loss": loss_value,
+                            "prompt": prompt, "timestep": int(t_int), "losses": losses, "x_t": x_t.detach(),
+                            "mask": "full" if mask_idx == -1 else ("all" if mask_idx == -2 else
+                                                                   mask_names[mask_idx])}
+                    try:
+                        ret = progress(info)
+                    except Exception as exc:  # noqa: BLE001 - any raise from the callback means "cancel"
+                        cancelled = True
+                        raise ESDCancelled(snapshot()) from exc
+                    if ret is False:
+                        cancelled = True
+                        break
+        return snapshot()
+    except _CancelRequested as req:
+        cancelled = True
+        raise ESDCancelled(snapshot()) from req.__cause__
+    finally:
+        if not keep_installed:
+            host.clear_deltas()
+
+
+def erased_weights(host: DiffusionHost, result: ESDResult) -> dict[str, torch.Tensor]:
+    """``{"<component>.<path>.<attr>": base + ΔW}`` (fp32 CPU) for every trained tensor — the erased model's
+    values. The host must have no deltas installed (its weights are the base weights)."""
+    out = {}
+    for (c, p, a), d in result.deltas.items():
+        base = getattr(host.modules(c)[p], a).detach().float().cpu()
+        out[f"{c}.{p}.{a}"] = base + d
+    return out
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> ESDConfig:
+    """Build an :class:`ESDConfig` from a mapping (TOML table), rejecting unknown keys with a clear error."""
+    known = set(ESDConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown ESD setting(s) {unknown}; known: {sorted(known)}")
+    cfg = ESDConfig(**dict(data))
+    cfg.validate()
+    return cfg
+
+
+def config_dict(cfg: ESDConfig) -> dict:
+    """A JSON-friendly dict of the settings (tensor masks summarised by shape)."""
+    d = asdict(cfg)
+    if torch.is_tensor(cfg.masks):
+        d["masks"] = f"tensor{list(cfg.masks.shape)}"
+    return d

@@ -1,0 +1,148 @@
+"""``conceptlab erase --config erase.toml``: ESD concept erasure with the diffusers host.
+
+The TOML file has the run settings at the top level and the erasure settings in an ``[esd]`` table (the fields
+of :class:`conceptlab.training.esd.ESDConfig`)::
+
+    model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/)
+    output_dir = "erasures/vangogh"          # relative paths are relative to the TOML file
+    name = "esd_vangogh"                     # file stem of <name>.safetensors
+    device = "cuda"                          # or "cpu"
+    dtype = "float32"                        # compute dtype of the frozen model (float16 / bfloat16 on GPU)
+    save_dtype = "float16"                   # dtype of the saved deltas
+    lora_rank = 0                            # > 0: also write <name>_lora_r<rank>.safetensors (SVD)
+    images = ""                              # optional folder of images for xt_source = "noised"
+
+    [esd]
+    concepts = "Van Gogh"
+    variations = 100
+    method = "esd-x"
+    xt_source = "self_sample"
+    negative_guidance = 1.0
+    iterations = 500
+    masks = "grid"                           # "none" (whole latent, the paper) or "grid"
+    mask_mode = "sample"
+
+Writes ``<output_dir>/<name>.safetensors`` (+ LoRA), ``training_stats.json``, ``metadata.json`` and
+``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+_RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "images"}
+
+
+def register(subparsers) -> None:
+    """Add the ``erase`` subcommand."""
+    p = subparsers.add_parser("erase", help="erase a concept from an SD model with ESD (diffusers folder)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="erase.toml (see the description)")
+    p.add_argument("--iterations", type=int, default=None, help="override [esd] iterations")
+    p.add_argument("--seed", type=int, default=None, help="override [esd] seed")
+    p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+
+
+def _load_images(folder: Path, width: int, height: int):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ValueError(f"{folder}: no .png/.jpg/.webp images")
+    arrs = []
+    for f in files:
+        im = Image.open(f).convert("RGB").resize((width, height), Image.BICUBIC)
+        arrs.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def run(args) -> int:
+    """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
+    from ..formats.safetensors_io import parse_dtype
+    from .diffusers_host import DiffusersHost
+    from .esd import ESDCancelled, config_from_mapping, erase
+    from .esd_outputs import loss_plot, save_outputs
+
+    cfg_path = Path(args.config)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"config {cfg_path} not found")
+    try:
+        data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{cfg_path}: invalid TOML: {exc}") from None
+    esd_table = dict(data.pop("esd", {}))
+    unknown = sorted(set(data) - _RUN_KEYS)
+    if unknown:
+        raise ValueError(f"{cfg_path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [esd]")
+    if "model" not in data:
+        raise ValueError(f"{cfg_path}: 'model' (a local diffusers folder) is required")
+    if args.iterations is not None:
+        esd_table["iterations"] = args.iterations
+    if args.seed is not None:
+        esd_table["seed"] = args.seed
+    if isinstance(esd_table.get("masks"), str) and esd_table["masks"].lower() == "none":
+        esd_table["masks"] = None
+    config = config_from_mapping(esd_table)
+
+    base = cfg_path.resolve().parent
+    model_dir = (base / data["model"]).resolve()
+    out_dir = Path(args.output_dir) if args.output_dir else (base / data.get("output_dir", "erasures")).resolve()
+    name = str(data.get("name", "esd_erased"))
+    if not name or "/" in name or "\\" in name:
+        raise ValueError(f"name {name!r} must be a plain file stem")
+    images = None
+    if data.get("images"):
+        images = _load_images((base / data["images"]).resolve(), config.width, config.height)
+    host = DiffusersHost.from_pretrained(model_dir, device=str(data.get("device", "cpu")),
+                                         dtype=parse_dtype(str(data.get("dtype", "float32"))))
+
+    stop = {"flag": False}
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, save, exit; second: abort
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("[erase] stopping after this iteration (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    def progress(info: dict):
+        if stop["flag"]:
+            return False
+        if not args.quiet and (info["iteration"] % 10 == 0 or info["iteration"] == info["total"]):
+            print(f"[erase] {info['iteration']}/{info['total']} loss {info['loss']:.6f} t={info['timestep']} "
+                  f"mask={info['mask']}", file=sys.stderr, flush=True)
+
+    import signal
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = erase(host, config, progress=progress, images=images)
+    except ESDCancelled as exc:
+        result = exc.result
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if result.cancelled:
+        print("[erase] interrupted: saving what was trained so far", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = save_outputs(result, out_dir / f"{name}.safetensors", stats_dir=out_dir,
+                         lora_rank=int(data.get("lora_rank", 0)),
+                         dtype=parse_dtype(str(data.get("save_dtype", "float16"))))
+    from PIL import Image
+
+    from ..formats.safetensors_io import atomic_output
+
+    with atomic_output(out_dir / "loss.png") as tmp:
+        Image.fromarray(loss_plot(result.losses, f"ESD {config.method}")).save(tmp, format="PNG")
+    print(f"wrote {paths['diff']}" + (f" and {paths['lora']}" if paths["lora"] else ""))
+    if paths["svd"]:
+        print(f"low-rank LoRA keeps {paths['svd']['energy_kept'] * 100:.1f}% of the delta energy")
+    s = result.stats
+    print(f"{s['iterations_done']} iterations, {s['trained_tensors']} tensors / {s['trained_parameters']:,} "
+          f"parameters, {s['iterations_per_s']:.3f} it/s, mean loss of last 20 {s['loss_avg_last_20']}")
+    return 130 if result.cancelled else 0

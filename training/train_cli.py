@@ -1,0 +1,136 @@
+"""``conceptlab train --config kohya.toml [--set key=value ...]``: the LoRA trainer on a local diffusers model.
+
+The TOML is a kohya sd-scripts config (sections are flattened; only keys matter). Keys the trainer needs
+besides training settings: ``pretrained_model_name_or_path`` (a local diffusers folder with ``unet/``,
+``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``; nothing is downloaded), ``train_data_dir`` (the
+kohya folder of ``<repeats>_<name>`` subfolders), ``output_dir``, ``output_name``. Single-file ``.safetensors``
+/ ``.ckpt`` checkpoints are not loaded by the CLI yet (that needs the SD1.5 configs and CLIP tokenizer files
+shipped with the pack): convert once with diffusers' ``convert_original_stable_diffusion_to_diffusers.py``,
+or train inside ComfyUI, which reads single files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .trainer import LoraTrainer, configs_from_mapping, parse_kohya_toml, parse_set_values
+
+#: keys the CLI itself consumes (not trainer settings)
+CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file")
+#: kohya keys accepted and ignored without a warning (no effect in this trainer)
+IGNORED_KEYS = ("save_model_as", "network_module", "cache_latents", "cache_latents_to_disk_kohya", "xformers",
+                "sdpa", "persistent_data_loader_workers", "max_data_loader_n_workers", "log_with", "log_prefix",
+                "mem_eff_attn", "full_fp16", "full_bf16", "lowram", "highvram", "v2", "v_parameterization",
+                "clip_skip", "max_token_length", "prior_loss_weight", "reg_data_dir", "save_model_as")
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` subcommand."""
+    p = subparsers.add_parser("train", help="train a kohya-format LoRA on a local diffusers model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="kohya sd-scripts TOML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (TOML value syntax: 3, 1e-4, true, \"text\"); repeatable")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=run)
+
+
+def load_config(config: str | Path, overrides: list[str] | None = None) -> dict:
+    """The flat kohya mapping from a TOML file plus ``--set`` overrides; raises ``FileNotFoundError`` /
+    ``ValueError``. A ``sample_prompts`` key naming a file is read (kohya passes prompts as a file)."""
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    flat = parse_kohya_toml(path.read_text(encoding="utf-8"))
+    flat.update(parse_set_values(overrides or []))
+    sp = flat.get("sample_prompts")
+    if isinstance(sp, str) and "\n" not in sp and sp.endswith((".txt", ".toml")):
+        f = Path(sp) if Path(sp).is_absolute() else path.parent / sp
+        if not f.is_file():
+            raise FileNotFoundError(f"sample_prompts file not found: {f}")
+        flat["sample_prompts"] = f.read_text(encoding="utf-8")
+    return flat
+
+
+def _host_for(model_path: str, device: str, mixed_precision: str):
+    from .diffusers_host import DiffusersHost
+
+    p = Path(model_path)
+    if not p.exists():
+        raise FileNotFoundError(f"pretrained_model_name_or_path not found: {p} (the CLI never downloads)")
+    if p.is_file():
+        raise ValueError(f"{p.name} is a single-file checkpoint; the CLI needs a local diffusers folder "
+                         "(unet/, text_encoder/, tokenizer/, vae/). Convert it once with diffusers' "
+                         "convert_original_stable_diffusion_to_diffusers.py, or train in ComfyUI.")
+    dev = torch.device(device)
+    dtype = torch.float32
+    if dev.type == "cuda":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return DiffusersHost.from_pretrained(p, device=str(dev), dtype=dtype)
+
+
+def run(args, host=None) -> int:
+    """Run the ``train`` subcommand (``host`` may be injected by tests). Returns 0 on success."""
+    from tqdm.auto import tqdm
+
+    from .dataset import KohyaDataset
+
+    flat = load_config(args.config, args.overrides)
+    cfg, dopts, caps, unknown = configs_from_mapping(flat)
+    unknown = [k for k in unknown if k not in CLI_KEYS and k not in IGNORED_KEYS]
+    if unknown:
+        print(f"conceptlab train: warning: ignoring unknown keys: {', '.join(sorted(unknown))}", file=sys.stderr)
+    data_dir = flat.get("train_data_dir")
+    if not data_dir:
+        raise ValueError("train_data_dir is required (the folder holding <repeats>_<name> subfolders)")
+    if "output_dir" not in flat:
+        raise ValueError("output_dir is required")
+    if flat.get("logging_dir") and not cfg.state_dir:
+        cfg.state_dir = str(flat["logging_dir"])
+    device = args.device or flat.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = KohyaDataset.scan(data_dir, dopts, caps, seed=cfg.seed)
+    print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
+    if host is None:
+        model = flat.get("pretrained_model_name_or_path")
+        if not model:
+            raise ValueError("pretrained_model_name_or_path is required (a local diffusers folder)")
+        host = _host_for(str(model), device, cfg.mixed_precision)
+    trainer = LoraTrainer(host, dataset, cfg, model_name=Path(str(flat.get("pretrained_model_name_or_path", "")))
+                          .name)
+    _, max_steps, _ = trainer.schedule()
+    bar = tqdm(total=max_steps, desc="steps", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(step, total, info):
+        bar.n = step
+        bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.4f}", refresh=False)
+        bar.refresh()
+
+    def on_epoch(record, preview):
+        msg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                        if k not in ("samples",))
+        tqdm.write(f"epoch {record['epoch']}: {msg}", file=sys.stderr)
+
+    trainer.progress, trainer.on_epoch = progress, on_epoch
+    try:
+        res = trainer.run()
+    finally:
+        bar.close()
+        dataset.release_latents()
+    summary = {"final": str(res.final_path) if res.final_path else None,
+               "best": str(res.best_path) if res.best_path else None, "best_epoch": res.best_epoch,
+               "best_metric": res.best_metric, "best_value": res.best_value, "steps": res.global_step,
+               "epochs": res.epochs_done, "stopped_early": res.stopped_early,
+               "epoch_table": str(res.table_path) if res.table_path else None,
+               "files": {str(k): str(v) for k, v in res.epoch_files.items()}}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"wrote {summary['final']}" + (f"; best epoch {res.best_epoch} ({res.best_metric}) -> "
+                                             f"{summary['best']}" if res.best_path else ""))
+    return 0
