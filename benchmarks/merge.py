@@ -6,23 +6,37 @@ then measures, each path in a fresh subprocess (so peak RSS is its own):
 
 * ``io_floor``: the reference — read both files and write one with the ``safetensors`` library
   (``load_file`` ×2 + ``save_file`` + fsync), no arithmetic;
-* ``stream_floor``: read both tensor by tensor (``WeightFile``) and stream A's tensors out with
-  ``SafetensorsStreamWriter`` (our I/O path without arithmetic);
-* ``naive``: load both state dicts fully, merge, ``save_file``;
 * ``conceptlab``: :func:`conceptlab.training.merge_files.merge_checkpoints` (weighted sum α = 0.5, fp16, input
-  SHA-256 computed concurrently), and the same with ``hash_inputs=False``.
+  SHA-256 in the recipe), and ``conceptlab_nohash`` the same with ``hash_inputs=False``;
+* ``stream_floor``: read both tensor by tensor (``WeightFile``, memory-mapped) and stream A's tensors out with
+  ``SafetensorsStreamWriter`` (a plain streaming copy, no arithmetic, no hash);
+* ``naive``: load both state dicts fully, merge, ``save_file`` + fsync;
+* with ``--compare-rev REV``: ``conceptlab@REV`` (+ ``_nohash``), the merge of git revision REV of this repo
+  (extracted with ``git archive`` and imported first through PYTHONPATH) — for before/after tables.
+
+Reproducibility: the paths run in a fixed order, ``--repeat`` rounds (default 3), and the median is reported
+(with min–max). Before every run the page cache is put in the same state: ``--cache cold`` (default when
+permitted: ``sync`` + ``echo 3 > /proc/sys/vm/drop_caches``, needs root) or ``--cache warm`` (``sync``, then
+both inputs are read once so they sit in the page cache; used when caches cannot be dropped). The machine
+(CPU model, cores, memory) and the load average before each run are printed with the figures: on a shared
+machine the load average says how much the other jobs took. Times include the final fsync of the output.
 
 Prints wall time and peak RSS above the interpreter's baseline (VmHWM − VmRSS after imports) for each, and
-the ratios against the I/O floor. Targets: ≤ 1.5× the floor's time, ≤ 1.5 GB peak RSS above baseline.
-Everything is deleted afterwards. Usage: ``python benchmarks/merge.py [--keep-dir DIR]``.
+the ratios against the I/O floor (ratio of medians, and the median of the per-round ratios, which cancels
+slow drifts of the machine's load). Targets: ≤ 1.5× the floor's time, ≤ 1.5 GB peak RSS above baseline.
+Everything is deleted afterwards (except ``--inputs-dir``, which keeps the two inputs for later runs). Usage: ``python benchmarks/merge.py [--repeat 3] [--cache cold|warm]
+[--compare-rev HEAD] [--dir DIR] [--only io_floor,conceptlab]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,8 +87,6 @@ def make_checkpoint(path: Path, shapes: dict, seed: int) -> None:
     import torch
 
     from conceptlab.formats.safetensors_io import SafetensorsStreamWriter
-
-    import math
 
     g = torch.Generator().manual_seed(seed)
     pool = (torch.randn(1 << 24, generator=g) * 0.05).to(torch.float16)  # rotated slices of a random pool:
@@ -149,61 +161,176 @@ def child(name, a, b, out):
 
     base = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    PATHS[name](a, b, out)
+    PATHS[name.split("@")[0]](a, b, out)
     dt = time.perf_counter() - t0
     peak = _rss_kib("VmHWM")
     print(json.dumps({"name": name, "seconds": dt, "peak_above_baseline_gib": (peak - base) / 2 ** 20,
-                      "baseline_gib": base / 2 ** 20}))
+                      "baseline_gib": base / 2 ** 20,
+                      "module": conceptlab.training.merge_files.__file__}))
+
+
+def machine() -> str:
+    """CPU model, cores and memory of this machine (Linux /proc; falls back to os.cpu_count())."""
+    model, mem = "", ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as fh:
+            kib = next((int(ln.split()[1]) for ln in fh if ln.startswith("MemTotal")), 0)
+            mem = f", {kib / 2 ** 20:.0f} GiB RAM"
+    return f"{model or 'CPU'}, {os.cpu_count()} cores{mem}"
+
+
+def loadavg() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    return "n/a"
+
+
+def can_drop_caches() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def prepare_cache(mode: str, inputs) -> None:
+    """Put the page cache in the same state before every run (see the module docstring)."""
+    os.sync()
+    if mode == "cold":
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    else:
+        buf = bytearray(8 << 20)
+        for p in inputs:
+            with open(p, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    time.sleep(1.0)
+
+
+def extract_rev(rev: str, dest: Path) -> Path:
+    """``git archive`` revision ``rev`` of this repo into ``dest/conceptlab`` (importable via PYTHONPATH)."""
+    repo = Path(__file__).resolve().parents[1]
+    pkg = dest / "conceptlab"
+    pkg.mkdir(parents=True)
+    arch = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(pkg)], input=arch, check=True)
+    return dest
+
+
+def mem_available() -> int:
+    """MemAvailable in bytes (Linux), or a huge number where it cannot be read."""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/meminfo") as fh:
+            return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable"))
+    return 1 << 62
+
+
+# memory a path needs, in input-file sizes: the whole-file paths hold both inputs and an output
+NEEDS_FILES = {"io_floor": 3.5, "naive": 4.5}
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", nargs=4, metavar=("NAME", "A", "B", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help="where to create the temporary files (default: system temp)")
-    ap.add_argument("--repeat", type=int, default=1, help="repeat each measured path (best time is reported)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over all paths; the median is reported")
+    ap.add_argument("--cache", choices=("auto", "cold", "warm"), default="auto",
+                    help="page-cache state before each run (auto: cold when drop_caches is permitted)")
+    ap.add_argument("--compare-rev", default=None, help="also time the merge of this git revision (e.g. HEAD)")
+    ap.add_argument("--only", default=None, help="comma-separated subset of paths to run")
+    ap.add_argument("--inputs-dir", default=None,
+                    help="keep the two generated checkpoints in this folder and reuse them on later runs")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
+    cache = args.cache
+    if cache == "auto":
+        cache = "cold" if can_drop_caches() else "warm"
+    elif cache == "cold" and not can_drop_caches():
+        ap.error("--cache cold needs permission to write /proc/sys/vm/drop_caches (run as root, or use warm)")
     tmp = Path(tempfile.mkdtemp(prefix="conceptlab-merge-bench-", dir=args.dir))
     try:
         t0 = time.perf_counter()
         shapes = sd15_shapes()
-        a, b = tmp / "a.safetensors", tmp / "b.safetensors"
-        make_checkpoint(a, shapes, 1)
-        make_checkpoint(b, shapes, 2)
+        where = Path(args.inputs_dir) if args.inputs_dir else tmp
+        where.mkdir(parents=True, exist_ok=True)
+        a, b = where / "bench_sd15_a.safetensors", where / "bench_sd15_b.safetensors"
+        for p, seed in ((a, 1), (b, 2)):
+            if not p.exists():
+                make_checkpoint(p, shapes, seed)
         size = a.stat().st_size
-        n = sum(int(__import__("math").prod(s)) for s in shapes.values())
-        print(f"created 2 x {size / 1e9:.2f} GB ({n / 1e6:.1f} M params, {len(shapes)} tensors, fp16) "
-              f"in {time.perf_counter() - t0:.0f} s; CPU cores: {os.cpu_count()}")
-        results = {}
+        n = sum(int(math.prod(s)) for s in shapes.values())
+        print(f"inputs: 2 x {size / 1e9:.2f} GB ({n / 1e6:.1f} M params, {len(shapes)} tensors, fp16) "
+              f"in {time.perf_counter() - t0:.0f} s")
+        print(f"machine: {machine()}; page cache before each run: {cache}; {args.repeat} rounds, fixed order")
         order = ["io_floor", "conceptlab", "conceptlab_nohash", "stream_floor", "naive"]
-        for _ in range(args.repeat):
+        env_for = {name: None for name in order}
+        if args.compare_rev:
+            rev_dir = extract_rev(args.compare_rev, tmp / "rev")
+            for name in ("conceptlab", "conceptlab_nohash"):
+                tagged = f"{name}@{args.compare_rev}"
+                order.append(tagged)
+                env_for[tagged] = {**os.environ, "PYTHONPATH": str(rev_dir)}
+        if args.only:
+            keep = set(args.only.split(","))
+            order = [nm for nm in order if nm in keep]
+        runs: dict[str, list[dict]] = {name: [] for name in order}
+        for rnd in range(args.repeat):
             for name in order:
-                out = tmp / f"out_{name}.safetensors"
+                out = tmp / "out.safetensors"
+                prepare_cache(cache, (a, b))
+                need = NEEDS_FILES.get(name, 1.0) * size
+                if mem_available() < need:  # a shared machine: never push other jobs into the OOM killer
+                    print(f"  round {rnd + 1} {name:<26} skipped: needs ~{need / 1e9:.1f} GB, "
+                          f"{mem_available() / 1e9:.1f} GB available")
+                    continue
+                la = loadavg()
                 proc = subprocess.run([sys.executable, __file__, "--child", name, str(a), str(b), str(out)],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, env=env_for[name])
+                out.unlink(missing_ok=True)
                 if proc.returncode != 0:
                     print(f"{name}: failed\n{proc.stderr[-2000:]}")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                if name not in results or r["seconds"] < results[name]["seconds"]:
-                    results[name] = r
-                out.unlink(missing_ok=True)
-        floor = results["io_floor"]["seconds"]
-        print(f"\n{'path':<20}{'wall s':>9}{'x floor':>9}{'peak RSS above baseline (GiB)':>32}")
+                r["round"], r["load"] = rnd, la
+                runs[name].append(r)
+                print(f"  round {rnd + 1} {name:<26}{r['seconds']:7.2f} s  peak +{r['peak_above_baseline_gib']:.2f} GiB"
+                      f"  (load average before: {la})", flush=True)
+        floor_by_round = {r["round"]: r["seconds"] for r in runs.get("io_floor", [])}
+        floor = _median([r["seconds"] for r in runs.get("io_floor", [])])
+        print(f"\nmachine: {machine()}; cache: {cache}; load average now: {loadavg()}")
+        print(f"{'path':<26}{'median s':>9}{'min-max s':>14}{'x floor':>9}{'x floor/round':>15}"
+              f"{'peak RSS GiB':>14}")
         for name in order:
-            if name in results:
-                r = results[name]
-                print(f"{name:<20}{r['seconds']:>9.2f}{r['seconds'] / floor:>9.2f}{r['peak_above_baseline_gib']:>32.2f}")
-        ours = results.get("conceptlab")
-        if ours:
-            print(f"\nconceptlab vs I/O floor: {ours['seconds'] / floor:.2f}x time (target <= 1.5x), "
-                  f"{ours['peak_above_baseline_gib']:.2f} GiB peak RSS above baseline (target <= 1.5 GB)")
-            if "naive" in results:
-                nv = results["naive"]
-                print(f"conceptlab vs naive: {ours['seconds'] / nv['seconds']:.2f}x time, "
-                      f"{ours['peak_above_baseline_gib']:.2f} vs {nv['peak_above_baseline_gib']:.2f} GiB peak RSS")
+            rs = runs[name]
+            if not rs:
+                continue
+            secs = [r["seconds"] for r in rs]
+            per_round = [r["seconds"] / floor_by_round[r["round"]] for r in rs if r["round"] in floor_by_round]
+            peak = max(r["peak_above_baseline_gib"] for r in rs)
+            print(f"{name:<26}{_median(secs):>9.2f}{f'{min(secs):.1f}-{max(secs):.1f}':>14}"
+                  f"{_median(secs) / floor:>9.2f}{_median(per_round):>15.2f}{peak:>14.2f}")
+        ours = runs.get("conceptlab")
+        if ours and floor == floor:
+            med = _median([r["seconds"] for r in ours])
+            peak = max(r["peak_above_baseline_gib"] for r in ours)
+            print(f"\nconceptlab vs I/O floor: {med / floor:.2f}x time (target <= 1.5x), {peak:.2f} GiB peak RSS "
+                  f"above baseline (target <= 1.5 GB = 1.40 GiB)")
+            if runs.get("naive"):
+                nv = _median([r["seconds"] for r in runs["naive"]])
+                npk = max(r["peak_above_baseline_gib"] for r in runs["naive"])
+                print(f"conceptlab vs naive: {med / nv:.2f}x time, {peak:.2f} vs {npk:.2f} GiB peak RSS")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -342,11 +342,12 @@ class SafetensorsStreamWriter:
         if tensor.dtype != exp_dtype or tuple(tensor.shape) != exp_shape:
             raise ValueError(f"{key}: got {tensor.dtype} {tuple(tensor.shape)}, declared {exp_dtype} {exp_shape}")
         t = tensor.detach().to("cpu").contiguous()
-        if t.dtype == torch.bool:
-            data = t.numpy().tobytes()
-        else:
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        self._fh.write(data)
+        if t.numel():
+            # write straight from the tensor's memory (a byte view, no ``tobytes()`` copy of the data)
+            flat = t.reshape(-1)
+            data = memoryview(flat.numpy()).cast("B") if t.dtype == torch.bool else \
+                memoryview(flat.view(torch.uint8).numpy())
+            self._fh.write(data)
         self._next += 1
 
     def replace_in_header(self, placeholder: str, value: str) -> None:

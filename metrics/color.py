@@ -160,29 +160,65 @@ def srgb_to_linear(rgb) -> np.ndarray:
     if isinstance(rgb, str):
         rgb = np.array(parse_hex(rgb), dtype=np.uint8)
     a = np.asarray(rgb)
-    if a.dtype == np.uint8:
+    if np.issubdtype(a.dtype, np.integer):
         if a.shape[-1:] != (3,):
             raise ValueError(f"expected an RGB array with last axis 3, got shape {a.shape}")
-        return _linear_lut()[a]
+        return _linear_lut()[a if a.dtype == np.uint8 else np.clip(a, 0, 255).astype(np.uint8)]
     import kornia.color as kc
 
     f = as_rgb_float(a)
     return _from_kornia(kc.rgb_to_linear_rgb(_to_kornia(f)), f.shape)
 
 
+# CIE L*a*b* constants (CIE 15:2004; sRGB primaries → XYZ per IEC 61966-2-1, D65 white, 2° observer), the same
+# values kornia.color.rgb_to_xyz / rgb_to_lab use, so the numpy fast path below agrees with kornia to < 1e-4
+# (tests/test_color.py::test_numpy_lab_fast_path_equals_kornia).
+_XYZ_M = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
+_D65 = np.array([0.95047, 1.0, 1.08883])
+_LAB_EPS = 0.008856  # (6/29)^3, CIE 1976
+
+
+def _lab_from_linear(lin: np.ndarray) -> np.ndarray:
+    """Linear-light RGB ``[..., 3]`` float64 → CIE L*a*b* (CIE 1976 with the D65 white above)."""
+    xyz = lin @ (_XYZ_M / _D65[:, None]).T
+    f = np.where(xyz > _LAB_EPS, np.cbrt(np.maximum(xyz, _LAB_EPS)), 7.787 * xyz + 4.0 / 29.0)
+    out = np.empty(f.shape, dtype=np.float64)
+    out[..., 0] = 116.0 * f[..., 1] - 16.0
+    out[..., 1] = 500.0 * (f[..., 0] - f[..., 1])
+    out[..., 2] = 200.0 * (f[..., 1] - f[..., 2])
+    return out
+
+
 def srgb_to_lab(rgb) -> np.ndarray:
     """sRGB ``[..., 3]`` (uint8 0..255 or float 0..1) → CIE L*a*b* ``[..., 3]`` float64 (D65 white, 2° observer).
 
-    Computed by ``kornia.color.rgb_to_lab`` (sRGB decoding, IEC 61966-2-1 matrix to XYZ, CIE 1976 L*a*b*).
-    L* in 0..100. Raises ValueError for a last axis other than 3. Cost: one torch call (≈1 ms); use it on
-    colour *sets* (unique colours, palettes), not on every pixel of a large render.
+    Float input: ``kornia.color.rgb_to_lab`` (sRGB decoding, IEC 61966-2-1 matrix to XYZ, CIE 1976 L*a*b*).
+    Integer (uint8) input — the hot path of the palette report, called on every image's colour sets — uses a
+    numpy evaluation of the same formulas with kornia's constants, decoding through the 256-entry table that
+    kornia builds (:func:`srgb_to_linear`): a torch call costs ~1 ms of fixed overhead, more than the whole
+    conversion of a few hundred colours. The two paths agree to < 1e-4 (tested against kornia).
+    L* in 0..100. Raises ValueError for a last axis other than 3.
     """
+    if isinstance(rgb, str):
+        rgb = parse_hex(rgb)
+    a = np.asarray(rgb)
+    if a.ndim == 0 or a.shape[-1] != 3:
+        raise ValueError(f"expected an RGB array with last axis 3, got shape {a.shape}")
+    if a.size == 0:
+        return np.zeros(a.shape, dtype=np.float64)
+    if np.issubdtype(a.dtype, np.integer):
+        return _lab_from_linear(_linear_lut()[np.clip(a, 0, 255).astype(np.uint8)])
     import kornia.color as kc
 
-    f = as_rgb_float(rgb)
-    if f.size == 0:
-        return np.zeros(f.shape, dtype=np.float64)
+    f = as_rgb_float(a)
     return _from_kornia(kc.rgb_to_lab(_to_kornia(f)), f.shape)
+
+
+def _encode_srgb(lin: np.ndarray) -> np.ndarray:
+    """Linear light → sRGB (IEC 61966-2-1 OETF: 12.92·c below 0.0031308, else 1.055·c^(1/2.4) − 0.055), numpy;
+    equals ``kornia.color.linear_rgb_to_rgb`` to < 1e-6 (tested). Used on small colour sets (palette centres)
+    where a torch call's fixed overhead dominates."""
+    return np.where(lin > 0.0031308, 1.055 * np.power(np.maximum(lin, 0.0031308), 1.0 / 2.4) - 0.055, 12.92 * lin)
 
 
 # OKLab, Björn Ottosson, "A perceptual color space for image processing" (2020),
@@ -235,10 +271,9 @@ def oklab_to_srgb(lab, as_uint8: bool = False) -> np.ndarray:
     """OKLab ``[..., 3]`` → sRGB ``[..., 3]`` float64 0..1 (clipped to the gamut), or uint8 if ``as_uint8``.
 
     Inverse of :func:`srgb_to_oklab` (Ottosson 2020 inverse matrices; sRGB encoding per IEC 61966-2-1 via
-    ``kornia.color.linear_rgb_to_rgb``). Raises ValueError for a last axis other than 3.
+    ``kornia.color.linear_rgb_to_rgb``, or for ≤ 4096 colours the same formula in numpy, :func:`_encode_srgb`).
+    Raises ValueError for a last axis other than 3.
     """
-    import kornia.color as kc
-
     a = np.asarray(lab, dtype=np.float64)
     if a.ndim == 0 or a.shape[-1] != 3:
         raise ValueError(f"expected an OKLab array with last axis 3, got shape {a.shape}")
@@ -246,7 +281,11 @@ def oklab_to_srgb(lab, as_uint8: bool = False) -> np.ndarray:
     lin = np.clip(lms @ _OK_M1_INV.T, 0.0, 1.0)
     if lin.size == 0:
         srgb = lin
+    elif lin.size <= 3 * 4096:  # small sets (palettes): numpy OETF, same formula as kornia's (tested)
+        srgb = np.clip(_encode_srgb(lin), 0.0, 1.0)
     else:
+        import kornia.color as kc
+
         srgb = np.clip(_from_kornia(kc.linear_rgb_to_rgb(_to_kornia(lin)), lin.shape), 0.0, 1.0)
     if as_uint8:
         return np.round(srgb * 255.0).astype(np.uint8)
@@ -337,6 +376,10 @@ def delta_e00_rgb(rgb1, rgb2) -> np.ndarray:
 # names and families
 # ----------------------------------------------------------------------------------------------------------------
 
+#: Achromatic rule of :func:`color_family`: OKLCh chroma below ACHROMATIC_CHROMA + ACHROMATIC_SLOPE·max(0, L − 0.88)
+#: is Black / Gray / White.
+ACHROMATIC_CHROMA = 0.035
+ACHROMATIC_SLOPE = 0.4
 #: Coarse colour families used in epoch tables and by the caption audit.
 FAMILIES = ("Red", "Orange", "Yellow", "Green", "Cyan", "Blue", "Purple", "Pink", "Brown", "Black", "White", "Gray")
 
@@ -362,7 +405,10 @@ def color_name(rgb) -> str:
     """Nearest CSS/X11 colour name (by ΔE00, :func:`delta_e00`) for one colour (``(r,g,b)`` ints 0..255,
     float 0..1 triple, or hex string). Returns e.g. ``"mediumseagreen"``. Raises ValueError for non-colours."""
     names, _, labs = _named_table()
-    lab = srgb_to_lab(as_rgb_float(rgb).reshape(3))
+    a = np.asarray(parse_hex(rgb) if isinstance(rgb, str) else rgb)
+    if a.shape not in ((3,), (1, 3)):
+        raise ValueError(f"color_name needs one colour (3 values), got shape {a.shape}")
+    lab = srgb_to_lab(a.reshape(3) if np.issubdtype(a.dtype, np.integer) else as_rgb_float(a).reshape(3))
     return names[int(np.argmin(delta_e00(labs, lab[None, :])))]
 
 
@@ -392,7 +438,10 @@ def _family_from_lch(L: np.ndarray, C: np.ndarray, h: np.ndarray) -> np.ndarray:
     brown |= (h >= 15) & (h < 35) & (L < 0.55) & (C < 0.11) & (C > 0.035)  # muted dark reds
     brown |= (h >= 40) & (h < 90) & (L < 0.80) & (C < 0.11) & (C > 0.035)  # tan / khaki-ish
     hue = np.where(pink & ~brown, idx["Pink"], np.where(brown, idx["Brown"], hue))
-    chromatic = C >= 0.035
+    # achromatic cutoff rises with lightness above L = 0.88: near-white pastels (DB16's off-white #dfefd7,
+    # L 0.93, C 0.036) read as White, while light but clearly tinted colours (lightblue #add8e6, C 0.049 at
+    # L 0.86; palegoldenrod #eee8aa, C 0.080 at L 0.92) stay chromatic.
+    chromatic = C >= ACHROMATIC_CHROMA + ACHROMATIC_SLOPE * np.maximum(L - 0.88, 0.0)
     out = np.where(chromatic, hue, out)
     achrom_black = L < 0.30
     achrom_white = L > 0.93
@@ -408,13 +457,18 @@ def color_family(rgb) -> str | np.ndarray:
     Purple, Pink, Brown, Black, White, Gray).
 
     Input: one colour (``(r,g,b)`` / hex str / float triple) → ``str``; an array ``[..., 3]`` → array of str.
-    Rule (our own, tuned on the CSS named colours, see tests/test_color.py): OKLCh chroma < 0.035 is
-    achromatic (Black L < 0.30, White L > 0.93, else Gray); chromatic colours by OKLCh hue sector (Red
+    Rule (our own, tuned on the CSS named colours, see tests/test_color.py): OKLCh chroma
+    C < 0.035 + 0.4·max(0, L − 0.88) is achromatic (Black L < 0.30, White L > 0.93, else Gray) — the cutoff
+    rises for very light colours because a tiny chroma near white reads as white (``#dfefd7`` → White,
+    ``#add8e6`` lightblue stays Cyan); chromatic colours by OKLCh hue sector (Red
     350–45°, Orange 45–85°, Yellow 85–125°, Green 125–175°, Cyan 175–228°, Blue 228–295°, Purple 295–350°),
     then light reds/magentas → Pink and dark/muted oranges-yellows → Brown; L < 0.20 is Black.
     """
-    single = isinstance(rgb, str) or np.asarray(rgb).ndim == 1
-    lch = oklch(as_rgb_float(rgb))
+    if isinstance(rgb, str):
+        rgb = parse_hex(rgb)
+    a = np.asarray(rgb)
+    single = a.ndim == 1
+    lch = oklch(a if np.issubdtype(a.dtype, np.integer) else as_rgb_float(a))
     fam = np.asarray(FAMILIES, dtype=object)[_family_from_lch(lch[..., 0], lch[..., 1], lch[..., 2])]
     return str(fam) if single else fam
 

@@ -15,14 +15,13 @@ from .color import (
     color_family,
     color_name,
     delta_e00,
-    find_hex_codes,
     parse_hex,
     rgb_to_hex,
     srgb_to_lab,
     srgb_to_oklab,
     oklab_to_srgb,
 )
-from .grid import Grid, detect_grid, sample_cells, snap, upscale_native
+from .grid import Grid, detect_grid, median_of_samples, sample_cells, snap, upscale_native
 
 __all__ = [
     "load_rgb",
@@ -46,6 +45,8 @@ TOLERANCES = (2.3, 5.0, 10.0)
 CLUSTER_THRESHOLD = 5.0
 #: Sample-to-cell OKLab distance above which a sample "differs" (mixed cells, pixel-perfectness).
 MIX_THRESHOLD = 0.08
+#: Render pixels (a strided lattice) used for pixel_perfect_frac / mean_oklab_error.
+PERFECT_SAMPLES = 16384
 #: Most distinct colours clustered exactly; more are pre-quantised to 5 bits/channel first.
 MAX_CLUSTER_COLORS = 4096
 
@@ -151,16 +152,16 @@ def parse_palette(spec) -> list[tuple[int, int, int]]:
 
 
 def palette_from_caption(text: str) -> tuple[list[tuple[int, int, int]], list[str]]:
-    """All hex codes in a caption → (unique colours in order, malformed codes). Uses the caption audit's parser
-    when :mod:`.captions` provides ``caption_hex_codes``; otherwise :func:`~.color.find_hex_codes`."""
-    seen, cols, bad = set(), [], []
-    for raw, rgb in find_hex_codes(text):
-        if rgb is None:
-            bad.append(raw)
-        elif rgb not in seen:
-            seen.add(rgb)
-            cols.append(rgb)
-    return cols, bad
+    """All hex codes of a caption → ``(unique colours (r, g, b) in first-occurrence order, malformed tokens as
+    written)``, using the caption audit's parser (:func:`.captions.parse_caption`) so ``conceptlab palette
+    --caption`` and ``conceptlab audit-captions`` agree on what is a valid or malformed hex (e.g. ``#12345``,
+    ``#GGGGGG``, the ``#abc`` shorthand and ``(03dc73)`` without ``#`` are malformed for both). Labelled,
+    palette-list and stray codes all count as targets. Never raises on any string.
+    """
+    from .captions import parse_caption  # local: captions imports this module's siblings
+
+    parsed = parse_caption(text or "")
+    return [parse_hex(h) for h in parsed.all_hexes()], parsed.malformed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,13 +200,18 @@ def cluster_colors(colors: np.ndarray, counts: np.ndarray, threshold: float = CL
 
     ``colors`` ``[U, 3]`` uint8, ``counts`` ``[U]``. The most frequent unassigned colour becomes a leader and
     takes every unassigned colour within ``threshold`` ΔE00 (CIEDE2000, :func:`~.color.delta_e00`); repeat.
-    Deterministic. Returns ``(labels [U], leaders [K,3] uint8, sizes [K])`` with clusters sorted by size.
+    Greedy, hence order-dependent, but the order is fixed: descending count, ties broken by ascending packed
+    RGB (``0xRRGGBB``, a stable sort) — whatever order the caller passes the colours in, the result is the
+    same. Leaders are real cell colours (not means), so a cluster's hex is a colour that occurs in the image.
+    Cost O(K·U) ΔE00 evaluations for K clusters. Returns ``(labels [U], leaders [K,3] uint8, sizes [K])``
+    with clusters sorted by size (ties: order of creation).
     """
     u = len(colors)
     if u == 0:
         return np.zeros(0, np.int64), np.zeros((0, 3), np.uint8), np.zeros(0, np.int64)
     lab = srgb_to_lab(colors)
-    order = np.argsort(-counts, kind="stable")
+    by_rgb = np.argsort(_pack(colors), kind="stable")
+    order = by_rgb[np.argsort(-np.asarray(counts)[by_rgb], kind="stable")]
     labels = np.full(u, -1, dtype=np.int64)
     leaders = []
     remaining = order
@@ -246,12 +252,12 @@ def _kmeans_weighted(x: np.ndarray, w: np.ndarray, k: int, seed: int, iters: int
         centres.append(c)
         d2 = np.minimum(d2, ((x - c) ** 2).sum(1))
     c = np.array(centres)
+    kk = len(c)
     for _ in range(iters):
         lab = ((x[:, None, :] - c[None]) ** 2).sum(2).argmin(1)
-        new = np.array([
-            (x[lab == j] * w[lab == j, None]).sum(0) / w[lab == j].sum() if (lab == j).any() else c[j]
-            for j in range(len(c))
-        ])
+        wsum = np.bincount(lab, weights=w, minlength=kk)
+        num = np.stack([np.bincount(lab, weights=w * x[:, d], minlength=kk) for d in range(x.shape[1])], 1)
+        new = np.where(wsum[:, None] > 0, num / np.maximum(wsum, 1e-300)[:, None], c)  # empty cluster: keep
         if np.allclose(new, c, atol=1e-7):
             break
         c = new
@@ -352,7 +358,8 @@ def palette_report(image, targets=None, cells=None, expected_background=None, to
     tgt = parse_palette(targets) if targets is not None and not isinstance(targets, list) else (
         [parse_hex(t) if isinstance(t, str) else tuple(t) for t in targets] if targets else [])
     g = grid if grid is not None else detect_grid(rgb, cells)
-    native = snap(rgb, g)
+    samples = sample_cells(rgb, g)  # [h, w, m*m, 3], gathered once: snapping + cleanliness
+    native = median_of_samples(samples)  # == snap(rgb, g)
     ncell = native.shape[0] * native.shape[1]
     cols, cnt, inv = _unique_with_counts(native.reshape(-1, 3))
     if len(cols) > MAX_CLUSTER_COLORS:  # huge native images: cluster 5-bit colours
@@ -393,8 +400,7 @@ def palette_report(image, targets=None, cells=None, expected_background=None, to
         bgd["delta_e00_to_expected"] = round(float(delta_e00(srgb_to_lab(bg), srgb_to_lab(np.array(eb, np.uint8)))), 3)
     rep["background"] = bgd
     # cleanliness
-    samples = sample_cells(rgb, g)  # [h, w, m*m, 3]
-    s_ok = srgb_to_oklab(samples.reshape(-1, 3), np.float32).reshape(samples.shape)
+    s_ok = srgb_to_oklab(samples, np.float32)  # [h, w, m*m, 3]
     n_ok = srgb_to_oklab(native, np.float32)
     dev = np.sqrt(((s_ok - n_ok[:, :, None, :]) ** 2).sum(-1))  # [h, w, m*m]
     mixed = (dev > MIX_THRESHOLD).mean(-1) > 0.25
@@ -409,12 +415,13 @@ def palette_report(image, targets=None, cells=None, expected_background=None, to
             has |= nb >= 0
             same |= nb == cell_labels
     isolated = has & ~same
-    # pixel-perfectness on a strided pixel lattice (≤ ~65k pixels): how well the clean upscale explains the render
-    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 65536)))
-    sub = rgb[::step, ::step]
-    ys = np.clip(np.floor((np.arange(0, rgb.shape[0], step) + 0.5 - g.phase_y) / g.cell_h), 0, h - 1).astype(int)
-    xs = np.clip(np.floor((np.arange(0, rgb.shape[1], step) + 0.5 - g.phase_x) / g.cell_w), 0, w - 1).astype(int)
-    recon = n_ok[ys[:, None], xs[None, :]]
+    # pixel-perfectness on a strided pixel lattice (≤ PERFECT_SAMPLES pixels): how well the clean upscale
+    # explains the render
+    step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / PERFECT_SAMPLES))))
+    sub = rgb[step // 2 :: step, step // 2 :: step]
+    ys = np.clip(np.floor((np.arange(step // 2, rgb.shape[0], step) + 0.5 - g.phase_y) / g.cell_h), 0, h - 1)
+    xs = np.clip(np.floor((np.arange(step // 2, rgb.shape[1], step) + 0.5 - g.phase_x) / g.cell_w), 0, w - 1)
+    recon = n_ok[ys.astype(np.intp)[:, None], xs.astype(np.intp)[None, :]]
     pdev = np.sqrt(((srgb_to_oklab(sub, np.float32) - recon) ** 2).sum(-1))
     rep["cleanliness"] = {
         "mixed_cells": int(mixed.sum()),

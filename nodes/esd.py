@@ -225,9 +225,8 @@ class ConceptLabESDErase:
             raise cancel_exc.__cause__ or cancel_exc
         erased = ch.add_diff_patches(model, {keys[k]: d for k, d in result.deltas.items()})
         plot = ch.numpy_to_image(loss_plot(result.losses, f"ESD {method}: {', '.join(result.metadata['concepts'])}"))
-        stats.pop("losses", None)
-        stats["loss_first"] = result.losses[0] if result.losses else None
-        stats["loss_last"] = result.losses[-1] if result.losses else None
+        losses = stats.pop("losses", None) or [None]
+        stats["loss_first"], stats["loss_last"] = losses[0], losses[-1]
         return erased, file_name, plot, json.dumps(stats, indent=1)
 
 

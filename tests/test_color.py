@@ -158,3 +158,46 @@ def test_hue_family_of_word(word, family):
 def test_families_compatible():
     assert C.families_compatible("Red", "Pink") and C.families_compatible("Brown", "Black")
     assert not C.families_compatible("Green", "Pink")
+
+
+@pytest.mark.parametrize("hexcode,family", [
+    ("#dfefd7", "White"),  # DB16's off-white: OKLCh C 0.036 at L 0.93 — tiny chroma near white reads white
+    ("#f0fff0", "White"), ("#fff0f5", "White"), ("#e6e6fa", "White"),
+    ("#add8e6", "Cyan"),  # lightblue: light but clearly tinted, stays chromatic
+    ("#eee8aa", "Yellow"), ("#98fb98", "Green"), ("#b0c4de", "Blue"), ("#ffb6c1", "Pink"),
+    ("#d3d3d3", "Gray"), ("#8696a2", "Gray"),
+])
+def test_color_family_near_white_pastels(hexcode, family):
+    assert C.color_family(hexcode) == family
+
+
+def test_achromatic_cutoff_rises_only_near_white():
+    # same hue and chroma: chromatic at mid lightness, White once very light
+    mid = C.oklab_to_srgb(np.array([0.70, 0.0, 0.045]), as_uint8=True)
+    light = C.oklab_to_srgb(np.array([0.96, 0.0, 0.045]), as_uint8=True)
+    assert C.color_family(mid) not in ("White", "Gray", "Black")
+    assert C.color_family(light) == "White"
+
+
+def test_numpy_lab_fast_path_equals_kornia():
+    """uint8 input takes a numpy path (no torch call overhead); it must equal kornia's rgb_to_lab."""
+    import kornia.color as kc
+    import torch
+
+    rng = np.random.default_rng(1)
+    rgb = np.concatenate([rng.integers(0, 256, (20000, 3)), np.indices((16, 16, 16)).reshape(3, -1).T * 17])
+    rgb = rgb.astype(np.uint8)
+    fast = C.srgb_to_lab(rgb)
+    t = torch.from_numpy(rgb.T.astype(np.float64) / 255.0).unsqueeze(-1)
+    ref = kc.rgb_to_lab(t).squeeze(-1).T.numpy()
+    assert np.abs(fast - ref).max() < 1e-4
+    assert np.abs(C.srgb_to_lab(rgb.astype(np.float64) / 255.0) - ref).max() < 1e-9  # float path is kornia
+
+
+def test_numpy_srgb_encode_equals_kornia():
+    import kornia.color as kc
+    import torch
+
+    lin = np.linspace(0.0, 1.0, 5001)
+    ref = kc.linear_rgb_to_rgb(torch.from_numpy(np.stack([lin] * 3)).unsqueeze(-1))[0, :, 0].numpy()
+    assert np.abs(C._encode_srgb(lin) - ref).max() < 1e-6

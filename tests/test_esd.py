@@ -217,3 +217,18 @@ def test_nan_guard_stops_with_clear_error_and_touches_nothing():
 
 def test_methods_constant_lists_all_reference_sets():
     assert set(METHODS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all"}
+
+
+def test_cancel_check_stops_within_an_iteration(host):
+    calls = {"n": 0}
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise InterruptedError("cancel")
+
+    with pytest.raises(ESDCancelled) as ei:
+        erase(host, ESDConfig(**FAST, iterations=5, xt_source="self_sample"), cancel_check=check)
+    assert isinstance(ei.value.__cause__, InterruptedError)
+    assert ei.value.result.stats["iterations_done"] < 2 and calls["n"] == 3
+    assert host.installed_deltas() == {}

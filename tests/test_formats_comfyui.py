@@ -1,8 +1,8 @@
 """Real-ComfyUI tier: our kohya LoRA / .diff files load in ComfyUI's own key map with zero "lora key not loaded",
 and ComfyUI's weight math gives the same ΔW as formats.lora_files.lora_deltas.
 
-ComfyUI runs in a subprocess (tests/formats_comfy_probe.py) with COMFYUI_PYTHON, /work/comfyenv/bin/python or
-this interpreter - whichever can import ComfyUI. No model weights are needed: ComfyUI's key map is built from the
+ComfyUI runs in a subprocess (tests/formats_comfy_probe.py) with COMFYUI_PYTHON (a Python environment that can
+import ComfyUI) or this interpreter - whichever can import ComfyUI. No model weights are needed: ComfyUI's key map is built from the
 real SD1.5 / SDXL UNet key set and shapes (diffusers UNet on the meta device, LDM names from formats.keys).
 """
 
@@ -26,7 +26,7 @@ PROBE = Path(__file__).with_name("formats_comfy_probe.py")
 
 
 def _comfy_python() -> str | None:
-    cands = [os.environ.get("COMFYUI_PYTHON"), "/work/comfyenv/bin/python", sys.executable]
+    cands = [os.environ.get("COMFYUI_PYTHON"), sys.executable]
     for c in cands:
         if not c or not Path(c).exists():
             continue

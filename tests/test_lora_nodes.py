@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +12,6 @@ from conftest import requires_comfyui
 
 from conceptlab.nodes import lora as lora_nodes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_node_contracts():

@@ -335,3 +335,150 @@ def test_bake_lora_at_strength(tmp_path, capsys):
     got = load_file(str(tmp_path / "mb.safetensors"))
     sdb = load_file(str(b))
     torch.testing.assert_close(got[target], 0.5 * sda[target] + 0.5 * sdb[target] + 0.5 * (up @ down))
+
+
+# ------------------------------------------------------------------------------------------------ fast path
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_in_place_weighted_sum_is_bit_exact_and_inputs_untouched(tmp_path, dtype):
+    """The streaming merge computes the weighted sum in place over A's freshly read buffer; the in-memory
+    twin must neither differ by one bit nor mutate the caller's tensors."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    sda, sdb = make_sd(0, dtype=dtype), make_sd(1, dtype=dtype)
+    keep = {k: v.clone() for k, v in sda.items()}
+    a, b = write(tmp_path, "a.safetensors", sda), write(tmp_path, "b.safetensors", sdb)
+    out = tmp_path / "o.safetensors"
+    kw = dict(alpha=0.37, dtype=name, block_weights="gradient_in", vae="merge")
+    MF.merge_checkpoints(a, b, out, **kw)
+    ref, rep = MF.merge_state_dicts(sda, sdb, **kw)
+    got = load_file(str(out))
+    assert rep.merged > 0 and sorted(got) == sorted(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+        assert torch.equal(sda[k], keep[k]), k  # inputs of the in-memory merge are not modified
+    k = UNET_KEYS[4]  # closed form: lerp in the inputs' dtype with the key's block weight
+    w = M.parse_block_weights("gradient_in", "sd1", 0.37).weight(expected_block(k))
+    assert torch.equal(ref[k], torch.lerp(keep[k], sdb[k], w))
+
+
+def _stream_write(path: Path, sd: dict, order) -> Path:
+    specs = {k: (sd[k].dtype, tuple(sd[k].shape)) for k in order}
+    with sio.SafetensorsStreamWriter(path, specs, metadata={"note": "layout test"}, overwrite=True) as w:
+        for k in order:
+            w.write(k, sd[k])
+    return path
+
+
+@pytest.mark.parametrize("layout", ["same", "reversed", "extra_keys", "no_catch_up"])
+def test_input_hashes_are_exact_whatever_the_layout(tmp_path, monkeypatch, layout):
+    """Hashes are taken from the buffers as they are read (A's storage order); B stored in another order, or
+    with keys the merge skips, must still give the file's exact SHA-256."""
+    sda, sdb = make_sd(0), make_sd(1, extra=("model.diffusion_model.extra_a.weight",
+                                            "model.diffusion_model.extra_b.weight"))
+    a = _stream_write(tmp_path / "a.safetensors", sda, list(sda))
+    extra = ["model.diffusion_model.extra_a.weight", "model.diffusion_model.extra_b.weight"]
+    order = [k for k in sdb if k not in extra]
+    if layout == "reversed":
+        order = order[::-1]
+    elif layout in ("extra_keys", "no_catch_up"):  # B-only keys between keys the merge reads: gaps in B's reads
+        order = order[:10] + extra[:1] + order[10:] + extra[1:]
+    if layout == "no_catch_up":  # gaps are then left for the final pass over the rest of the file
+        monkeypatch.setattr(MF._PreadSafetensors, "CATCH_UP_MAX", 0)
+    b = _stream_write(tmp_path / "b.safetensors", {k: sdb[k] for k in order}, order)
+    out = tmp_path / "o.safetensors"
+    rep = MF.merge_checkpoints(a, b, out, dtype="fp32")
+    for tag, p in (("A", a), ("B", b)):
+        assert rep.recipe["inputs"][tag]["sha256"] == sio.sha256_file(p), (layout, tag)
+    assert MF.read_recipe(out) == rep.recipe
+    ref, _ = MF.merge_state_dicts(sda, {k: sdb[k] for k in order}, dtype="fp32")
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_reader_hash_any_read_pattern(tmp_path):
+    sd = make_sd(3, dtype=torch.float16)
+    p = write(tmp_path, "x.safetensors", sd)
+    with sio.WeightFile(p) as wf:
+        keys = wf.keys()
+        for pattern in (keys, keys[::-1], keys[::3], [], keys[5:] + keys[:5]):
+            r = MF._PreadSafetensors(wf, hash_file=True)
+            try:
+                for k in pattern:
+                    assert torch.equal(r.get(k), sd[k]), k
+                assert r.hexdigest() == sio.sha256_file(p)
+            finally:
+                r.close()
+
+
+def test_pickle_input_is_hashed_too(tmp_path):
+    sda, sdb = make_sd(0), make_sd(1)
+    a = write(tmp_path, "a.safetensors", sda)
+    b = tmp_path / "b.ckpt"
+    torch.save({"state_dict": sdb}, str(b))
+    out = tmp_path / "o.safetensors"
+    rep = MF.merge_checkpoints(a, b, out, dtype="fp32")
+    assert rep.recipe["inputs"]["B"]["sha256"] == sio.sha256_file(b)
+    assert rep.recipe["inputs"]["A"]["sha256"] == sio.sha256_file(a)
+    ref, _ = MF.merge_state_dicts(sda, sdb, dtype="fp32")
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_stream_writer_round_trips_all_dtypes(tmp_path):
+    """SafetensorsStreamWriter writes from the tensors' memory (no byte copy): every dtype, empty tensors and
+    non-contiguous inputs must read back equal with the safetensors library."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"f16": torch.randn(3, 5, generator=g).half(), "bf16": torch.randn(7, generator=g).bfloat16(),
+          "f32": torch.randn(2, 2, 2, generator=g), "i64": torch.arange(6).reshape(2, 3),
+          "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "u8": torch.arange(9, dtype=torch.uint8),
+          "strided": torch.randn(4, 6, generator=g).t()}
+    p = _stream_write(tmp_path / "w.safetensors", sd, list(sd))
+    back = load_file(str(p))
+    for k, v in sd.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("method", ["weighted_sum", "add_difference", "ties"])
+def test_pooled_buffers_stay_bit_exact(tmp_path, monkeypatch, method):
+    """With every tensor going through the buffer pool (threshold lowered so tiny tensors use it), buffers
+    are reused across keys; results must still equal the in-memory merge bit for bit, and the input hashes
+    must come from the single pass (no re-reading when B is laid out like A)."""
+    monkeypatch.setattr(MF._BufferPool, "MIN_BYTES", 1)
+    monkeypatch.setattr(MF._BufferPool, "_ROUND", 64)
+    extra: dict[str, int] = {}  # bytes hashed outside the merge's own reads, per file
+    real = MF._PreadSafetensors._hash_range
+
+    def counting(self, start, stop, chunk=8 << 20):
+        extra[self.wf.path.name] = extra.get(self.wf.path.name, 0) + stop - start
+        return real(self, start, stop, chunk)
+
+    monkeypatch.setattr(MF._PreadSafetensors, "_hash_range", counting)
+    sda, sdb, sdc = (make_sd(i, dtype=torch.float16) for i in range(3))
+    a, b, c = (write(tmp_path, f"{n}.safetensors", sd) for n, sd in (("a", sda), ("b", sdb), ("c", sdc)))
+    out = tmp_path / "o.safetensors"
+    kw = dict(method=method, alpha=0.6, density=0.5, dtype="fp16", block_weights="gradient_out")
+    cc = c if method != "weighted_sum" else None
+    rep = MF.merge_checkpoints(a, b, out, c=cc, **kw)
+    ref, _ = MF.merge_state_dicts(sda, sdb, sdc if cc else None, **kw)
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # A is hashed entirely from the merge's reads; B/C only catch up over the keys the merge skips there
+    assert extra.get("a.safetensors", 0) == 0
+    skipped = sum(t.numel() * t.element_size() for k, t in sdb.items() if k not in set(rep_keys_merged(rep, sda)))
+    assert 0 < extra.get("b.safetensors", 0) <= skipped
+    for tag, p in (("A", a), ("B", b)) + ((("C", c),) if cc else ()):
+        assert rep.recipe["inputs"][tag]["sha256"] == sio.sha256_file(p)
+
+
+def rep_keys_merged(rep, sda) -> list[str]:
+    """Keys a merge combined (A's floating keys minus those the report says came from A)."""
+    from_a = set(rep.only_a) | set(rep.shape_mismatch)
+    return [k for k, t in sda.items() if t.is_floating_point() and k not in from_a and
+            (k.startswith("model.diffusion_model.") or k.startswith("cond_stage_model."))]
+
+
+def test_torch_thread_count_is_restored(tmp_path):
+    a = write(tmp_path, "a.safetensors", make_sd(0))
+    b = write(tmp_path, "b.safetensors", make_sd(1))
+    before = torch.get_num_threads()
+    MF.merge_checkpoints(a, b, tmp_path / "o.safetensors", hash_inputs=False)
+    assert torch.get_num_threads() == before

@@ -301,3 +301,31 @@ def test_example_workflow_consistent():
             assert len(n["widgets_values"]) == len(widgets)
             assert set(api[str(n["id"])]["inputs"]) >= set(widgets)
     assert {v["class_type"] for v in api.values()} == {n["type"] for n in ui["nodes"]}
+
+
+def test_palette_from_caption_agrees_with_caption_audit():
+    from conceptlab.metrics.captions import parse_caption
+    from conceptlab.metrics.palette import palette_from_caption
+
+    text = ("pixel art, hair (#03DC73), eyes (#abc), skin (03dc73), palette: #03dc73, #2c1600, #12345, #GGGGGG, "
+            "retro pixel art style, #f7d7c0")
+    cols, bad = palette_from_caption(text)
+    parsed = parse_caption(text)
+    assert cols == [parse_hex(h) for h in parsed.all_hexes()]
+    assert cols == [(3, 220, 115), (44, 22, 0), (247, 215, 192)]
+    assert bad == parsed.malformed and {"#12345", "#GGGGGG", "#abc"} <= set(bad)
+    assert palette_from_caption("") == ([], [])
+
+
+def test_cluster_colors_independent_of_input_order():
+    from conceptlab.metrics.palette import cluster_colors
+
+    rng = np.random.default_rng(3)
+    cols = rng.integers(0, 256, (300, 3), dtype=np.uint8)
+    cols = np.unique(cols, axis=0)
+    cnt = rng.integers(1, 4, len(cols))  # many ties
+    lab1, lead1, size1 = cluster_colors(cols, cnt, 8.0)
+    perm = rng.permutation(len(cols))
+    lab2, lead2, size2 = cluster_colors(cols[perm], cnt[perm], 8.0)
+    assert np.array_equal(lead1, lead2) and np.array_equal(size1, size2)
+    assert np.array_equal(lab1[perm], lab2)

@@ -7,20 +7,12 @@ import json
 import shutil
 
 import pytest
-import torch
 from tiny_models import tiny_host
 
 from conceptlab import cli
 from conceptlab.formats.safetensors_io import read_metadata
 from conceptlab.training import train_cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cli_trains_from_kohya_toml(tmp_path, dawnlike_dir, monkeypatch, capsys):

@@ -22,13 +22,6 @@ from conceptlab.training.trainer import (EarlyStopping, LoraTrainer, OptimizerUn
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_dataset(dawnlike_dir: Path, root: Path, n: int = 6, repeats: int = 2, **opts) -> KohyaDataset:
     sub = root / f"{repeats}_dawnlike"

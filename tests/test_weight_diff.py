@@ -400,3 +400,22 @@ def test_cli_diff_and_diff_compare(tmp_path, capsys):
     assert cli_main(["diff", str(pa), str(sdxl), "--json", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "sd1" in err and "sdxl" in err and not bad.exists()
+
+
+def test_full_rank_diff_file_against_its_checkpoint(tmp_path):
+    """An ESD-style ``.diff`` file (full-rank ΔW under kohya names) at a strength: ΔW × strength, exactly."""
+    from conceptlab.formats.lora_files import save_diff_file
+
+    a = make_state("sd1", dtype=torch.float32)
+    g = torch.Generator().manual_seed(9)
+    name = "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_v"
+    key = UNET + "output_blocks.5.1.transformer_blocks.0.attn2.to_v.weight"
+    dw = (torch.randn(6, 5, generator=g) * 1e-3).half()
+    path = save_diff_file(tmp_path / "esd.safetensors", {name + ".diff": dw})
+    rep = diff_files(save(a, tmp_path / "a.safetensors"), path, lora_strength=2.0)
+    assert rep["changed_tensors"] == 1 and rep["by_block"]["OUT05"]["changed_tensors"] == 1
+    row = next(t for t in rep["tensors"] if t["key"] == key)
+    exp = 2.0 * dw.double().numpy()
+    assert row["mean_abs"] == pytest.approx(np.abs(exp).mean(), rel=1e-6)
+    assert row["rel_change"] == pytest.approx(np.linalg.norm(exp) / np.linalg.norm(a[key].double().numpy()),
+                                              rel=1e-6)

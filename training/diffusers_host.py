@@ -1,6 +1,8 @@
 """The diffusers implementation of :class:`~.host.DiffusionHost` (tests and the CLI).
 
-Wraps ``UNet2DConditionModel``, ``CLIPTextModel`` (+ tokenizer) and ``AutoencoderKL`` from a local folder or
+Wraps ``UNet2DConditionModel``, ``CLIPTextModel`` (+ tokenizer) and ``AutoencoderKL`` from a local diffusers
+folder (:meth:`DiffusersHost.from_pretrained`), a single-file SD 1.x/2.x checkpoint with the configs shipped in
+``configs/`` (:meth:`DiffusersHost.from_single_file`, see :mod:`.model_loading`; ``load_host`` picks one), or
 built in memory. Trainable deltas are installed with ``torch.nn.utils.parametrize`` (the weight seen by the
 module becomes ``delta(weight)``), which leaves the stored weights untouched and is removed cleanly with
 ``remove_parametrizations(..., leave_parametrized=False)``.
@@ -98,6 +100,35 @@ class DiffusersHost(DiffusionHost):
         arch = "sd2" if getattr(unet.config, "cross_attention_dim", 768) == 1024 else "sd1"
         return cls(unet, te, tok, vae, alphas_cumprod=ac, prediction_type=pred, arch=arch, device=device,
                    dtype=dtype)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, tokenizer=None, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+                         configs_dir: str | os.PathLike | None = None, config_overrides=None) -> "DiffusersHost":
+        """Load a single-file SD 1.x / 2.x checkpoint (``.safetensors``; ``.ckpt`` weights-only) with the configs
+        shipped in the pack's ``configs/`` folder; nothing is downloaded.
+
+        ``tokenizer``: a tokenizer object/callable or a folder with ``vocab.json`` + ``merges.txt``; when omitted,
+        ``$COMFYUI_PATH/comfy/sd1_tokenizer`` and then the ComfyUI checkout the pack is installed in are tried
+        (see :func:`.model_loading.resolve_tokenizer`). ``prediction_type`` overrides detection (metadata, SD2
+        heuristic; see :func:`.model_loading.load_single_file`). ``configs_dir`` / ``config_overrides`` replace
+        the shipped configs (tests use tiny ones). The returned host has ``load_report`` (prediction-type source,
+        unused checkpoint keys per component).
+
+        Raises ``FileNotFoundError``, ``formats.safetensors_io.WeightFileError``,
+        :class:`.model_loading.CheckpointLoadError` (SDXL/Flux/inpainting, key or shape mismatch) and
+        :class:`.model_loading.TokenizerNotFound`.
+        """
+        from .model_loading import load_single_file, resolve_tokenizer
+
+        sf = load_single_file(path, dtype=dtype, prediction_type=prediction_type, configs_dir=configs_dir,
+                              config_overrides=config_overrides)
+        tok = resolve_tokenizer(tokenizer, arch=sf.arch)
+        host = cls(sf.unet, sf.text_encoder, tok, sf.vae, alphas_cumprod=sf.alphas_cumprod,
+                   prediction_type=sf.prediction_type, arch=sf.arch, device=device, dtype=dtype)
+        host.load_report = {"path": str(path), "arch": sf.arch, "prediction_type": sf.prediction_type,
+                            "prediction_source": sf.prediction_source, "unused_keys": sf.unused_keys}
+        return host
 
     # -- modules and deltas -------------------------------------------------------------------------------------
     def components(self) -> list[str]:

@@ -406,9 +406,11 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     def snapshot() -> ESDResult:
         d = {k: m.weight.detach().float().cpu().clone() for k, m in deltas.items()}
         wall = time.perf_counter() - started
+        last20 = [x for x in losses[-20:] if math.isfinite(x)]
         stats = {
-            "losses": [float(x) for x in losses],
-            "loss_avg_last_20": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
+            # skipped (non-finite) iterations are null, so the JSON stays standard
+            "losses": [float(x) if math.isfinite(x) else None for x in losses],
+            "loss_avg_last_20": (sum(last20) / len(last20)) if last20 else None,
             "iterations_done": done,
             "iterations_planned": int(cfg.iterations),
             "cancelled": cancelled,

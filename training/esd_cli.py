@@ -3,7 +3,9 @@
 The TOML file has the run settings at the top level and the erasure settings in an ``[esd]`` table (the fields
 of :class:`conceptlab.training.esd.ESDConfig`)::
 
-    model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/)
+    model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
+                                             # or a single-file SD1.x/SD2.x .safetensors checkpoint
+    tokenizer = ""                           # single-file only: folder with vocab.json + merges.txt (optional)
     output_dir = "erasures/vangogh"          # relative paths are relative to the TOML file
     name = "esd_vangogh"                     # file stem of <name>.safetensors
     device = "cuda"                          # or "cpu"
@@ -33,7 +35,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-_RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "images"}
+_RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "images", "tokenizer"}
 
 
 def register(subparsers) -> None:
@@ -100,8 +102,12 @@ def run(args) -> int:
     images = None
     if data.get("images"):
         images = _load_images((base / data["images"]).resolve(), config.width, config.height)
-    host = DiffusersHost.from_pretrained(model_dir, device=str(data.get("device", "cpu")),
-                                         dtype=parse_dtype(str(data.get("dtype", "float32"))))
+    device, dtype = str(data.get("device", "cpu")), parse_dtype(str(data.get("dtype", "float32")))
+    if model_dir.is_file():
+        tok = (base / data["tokenizer"]).resolve() if data.get("tokenizer") else None
+        host = DiffusersHost.from_single_file(model_dir, tokenizer=tok, device=device, dtype=dtype)
+    else:
+        host = DiffusersHost.from_pretrained(model_dir, device=device, dtype=dtype)
 
     stop = {"flag": False}
 

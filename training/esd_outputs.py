@@ -182,7 +182,7 @@ def save_outputs(result: ESDResult, weights_path: str | os.PathLike, *, stats_di
 
 def loss_plot(losses, title: str = "ESD loss", width: int = 640, height: int = 360):
     """Loss per iteration (thin) and its 20-iteration moving average (thick) as a uint8 ``[H, W, 3]`` array
-    (matplotlib, Agg backend). NaN iterations are left out."""
+    (matplotlib, Agg backend). NaN / ``None`` iterations are left out."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -190,7 +190,7 @@ def loss_plot(losses, title: str = "ESD loss", width: int = 640, height: int = 3
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    y = np.asarray([float(x) for x in losses], dtype=np.float64)
+    y = np.asarray([float("nan") if x is None else float(x) for x in losses], dtype=np.float64)
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)

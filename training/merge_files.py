@@ -20,13 +20,20 @@ Key rules (documented, reported in :class:`MergeReport`):
 
 Metadata: ``conceptlab.recipe`` (JSON: method, parameters, input names + SHA-256, LoRA, dtype, tool
 version) and ``modelspec.*`` (SAI model spec 1.0.0: architecture, title, date) where the architecture is
-known. Input hashes are computed in a background thread while the merge runs (the header reserves their
-64 hex digits and they are filled in before the file is moved into place).
+known. Input hashes are computed from the very buffers the merge reads (no second pass over the inputs;
+see :class:`_PreadSafetensors`); the header reserves their 64 hex digits and they are filled in before the
+file is moved into place.
+
+Speed (``benchmarks/merge.py``): one reader thread per input (``preadv`` into the tensor's own buffer +
+SHA-256, both release the GIL), the weighted sum computed in place over A's buffer, and a writer thread that
+writes straight from the tensor's memory, so reading, hashing, arithmetic and writing overlap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import queue
@@ -117,9 +124,9 @@ class _Source:
     def dtype(self, k):
         return self.obj.dtype(k) if self.is_file else self.obj[k].dtype
 
-    def get(self, k):
+    def get(self, k, pool=None):
         if self.reader is not None:
-            return self.reader.get(k)
+            return self.reader.get(k, pool)
         return self.obj.get(k) if self.is_file else self.obj[k]
 
     def has(self, k) -> bool:
@@ -127,37 +134,102 @@ class _Source:
 
 
 class _PreadSafetensors:
-    """Tensor reads from a safetensors file with ``os.pread`` into fresh buffers.
+    """Tensor reads from a safetensors file with ``os.preadv`` into fresh buffers, hashing the file on the way.
 
     ``safetensors.safe_open`` memory-maps the whole file, and every page a merge touches then counts in the
     process's resident set until the map is closed (≈ the size of all inputs for a full pass). Reading each
-    tensor with ``pread`` into its own buffer keeps the resident set at the tensors in flight. The header is
-    the documented safetensors layout (8-byte little-endian length + JSON); the file was already validated by
+    tensor with ``preadv`` straight into the buffer of a new tensor (one copy, page cache → tensor) keeps the
+    resident set at the tensors in flight, and the tensor is the merge's own: it may be computed in place.
+
+    SHA-256 while reading: every data byte of the file passes through memory here anyway, so the input hash
+    is fed from the same buffers instead of reading the files a second time. The hash needs the bytes in
+    file order; reads are in A's storage order, so a cursor follows them: a read that starts at the cursor
+    is hashed, a small gap (a key this merge skips) is read and hashed to catch up, and anything else (B laid
+    out in another order) is left for :meth:`hexdigest`, which hashes whatever lies past the cursor at the
+    end — correct in every case, and a second pass only where the order made it necessary. The header is the
+    documented safetensors layout (8-byte little-endian length + JSON); the file was already validated by
     :class:`WeightFile` (offsets within the file).
     """
 
-    def __init__(self, wf: WeightFile):
+    CATCH_UP_MAX = 64 << 20  # bytes read just to keep the hash sequential over a skipped key
+    READ_AHEAD = 64 << 20  # bytes the kernel is asked to prefetch past the last read
+
+    def __init__(self, wf: WeightFile, hash_file: bool = False):
         import struct
 
         self.wf = wf
         self._fd = os.open(str(wf.path), os.O_RDONLY)
-        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        header = json.loads(os.pread(self._fd, n, 8))
+        with contextlib.suppress(AttributeError, OSError):  # Linux: larger read-ahead for the sequential pass
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        head = os.pread(self._fd, 8, 0)
+        (n,) = struct.unpack("<Q", head)
+        raw = os.pread(self._fd, n, 8)
+        header = json.loads(raw)
         header.pop("__metadata__", None)
         self._base = 8 + n
         self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items()}
+        self._size = os.fstat(self._fd).st_size
+        self._sha = hashlib.sha256(head + raw) if hash_file else None
+        self._cursor = 8 + n  # file position up to which ``_sha`` has consumed the bytes
+        self._ahead = 0  # file position up to which read-ahead was requested
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, pool: "_BufferPool | None" = None) -> torch.Tensor:
+        """The tensor ``key`` in its stored dtype and shape, in a buffer of its own (CPU): a new one, or one
+        from ``pool`` (lent under the token ``key`` until ``pool.release(key)``). Raises WeightFileError."""
         begin, end = self._offsets[key]
         dtype, shape = self.wf.dtype(key), tuple(self.wf.shape(key))
-        out = torch.empty(shape, dtype=dtype)
+        if pool is not None and end - begin >= pool.MIN_BYTES:
+            out = pool.acquire(end - begin, key).view(dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype)
         if end > begin:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.dtype != torch.bool else \
-                memoryview(out.view(-1).numpy()).cast("B")
+            view = _byte_view(out)
             got = os.preadv(self._fd, [view], self._base + begin)
             if got != end - begin:
                 raise WeightFileError(f"{self.wf.path.name}: short read for tensor {key!r} (file truncated?)")
+            self._read_ahead(self._base + end)
+            self._hash(self._base + begin, view)
         return out
+
+    def _read_ahead(self, pos: int) -> None:
+        """Ask the kernel to start reading the next ``READ_AHEAD`` bytes after ``pos`` (asynchronously), so the
+        disk keeps working while this thread hashes and the others compute and write (Linux; no-op elsewhere)."""
+        if self._ahead >= pos + self.READ_AHEAD // 2 or not hasattr(os, "posix_fadvise"):
+            return
+        start = max(self._ahead, pos)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, start, pos + self.READ_AHEAD - start, os.POSIX_FADV_WILLNEED)
+        self._ahead = pos + self.READ_AHEAD
+
+    def _hash(self, pos: int, view: memoryview) -> None:
+        if self._sha is None:
+            return
+        gap = pos - self._cursor
+        if 0 < gap <= self.CATCH_UP_MAX:
+            self._hash_range(self._cursor, pos)
+        if pos == self._cursor:
+            self._sha.update(view)  # releases the GIL for large buffers
+            self._cursor += len(view)
+
+    def _hash_range(self, start: int, stop: int, chunk: int = 8 << 20) -> None:
+        buf = bytearray(min(chunk, max(stop - start, 1)))
+        mv = memoryview(buf)
+        pos = start
+        while pos < stop:
+            got = os.preadv(self._fd, [mv[:min(len(buf), stop - pos)]], pos)
+            if got <= 0:
+                raise WeightFileError(f"{self.wf.path.name}: unexpected end of file at byte {pos}")
+            self._sha.update(mv[:got])
+            pos += got
+        self._cursor = stop
+
+    def hexdigest(self) -> str:
+        """SHA-256 of the whole file (hashes the bytes the reads did not cover, in order). Hashing only."""
+        if self._sha is None:
+            raise RuntimeError("this reader was opened without hashing")
+        if self._cursor < self._size:
+            self._hash_range(self._cursor, self._size)
+        return self._sha.hexdigest()
 
     def data_offset(self, key: str) -> int:
         return self._offsets[key][0]
@@ -168,10 +240,66 @@ class _PreadSafetensors:
             self._fd = None
 
 
-def _fast_reader(src: "_Source"):
+class _BufferPool:
+    """Reusable byte buffers for the streaming merge's tensors.
+
+    A fresh ``torch.empty`` of tens of MB is new memory from the kernel: every 4 KiB page faults and is
+    zeroed before ``preadv`` overwrites it (≈ a third of the reading's system time in ``benchmarks/merge.py``).
+    Buffers are lent per job (token = key) and given back by :meth:`release` once the job's output has been
+    written — never earlier, so no view of a buffer can still be in use when it is lent again. Requests are
+    rounded up to 1 MiB so buffers fit many tensor sizes; at most ``keep_bytes`` of free buffers are kept.
+    Thread-safe (readers acquire, the writer releases).
+    """
+
+    MIN_BYTES = 1 << 20  # smaller tensors come from malloc's heap, which reuses memory by itself
+    _ROUND = 1 << 20
+
+    def __init__(self, keep_bytes: int = 512 << 20):
+        self.keep_bytes = keep_bytes
+        self._free: list[torch.Tensor] = []
+        self._free_bytes = 0
+        self._lent: dict[str, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int, token: str) -> torch.Tensor:
+        """A uint8 tensor of exactly ``nbytes`` (a view of a pooled buffer), lent under ``token``."""
+        with self._lock:
+            best = None
+            for i, buf in enumerate(self._free):  # smallest free buffer that fits
+                if buf.numel() >= nbytes and (best is None or buf.numel() < self._free[best].numel()):
+                    best = i
+            if best is not None:
+                buf = self._free.pop(best)
+                self._free_bytes -= buf.numel()
+            else:
+                buf = None
+        if buf is None:
+            buf = torch.empty(-(-nbytes // self._ROUND) * self._ROUND, dtype=torch.uint8)
+        with self._lock:
+            self._lent.setdefault(token, []).append(buf)
+        return buf[:nbytes]
+
+    def release(self, token: str) -> None:
+        """Take back every buffer lent under ``token`` (call when nothing uses them any more)."""
+        with self._lock:
+            for buf in self._lent.pop(token, ()):
+                if self._free_bytes + buf.numel() <= self.keep_bytes:
+                    self._free.append(buf)
+                    self._free_bytes += buf.numel()
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte ``memoryview`` of a contiguous CPU tensor's storage (no copy)."""
+    flat = t.view(-1)
+    if t.dtype == torch.bool:
+        return memoryview(flat.numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _fast_reader(src: "_Source", hash_file: bool = False):
     if src is None or not src.is_file or src.obj.format != "safetensors":
         return None
-    return _PreadSafetensors(src.obj)
+    return _PreadSafetensors(src.obj, hash_file=hash_file)
 
 
 def _detect_arch(src: _Source) -> str:
@@ -250,9 +378,16 @@ def _read(job: _KeyJob, a: _Source, b: _Source | None, c: _Source | None):
 
 
 def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
-             lora: Mapping[str, torch.Tensor] | None, report: MergeReport) -> torch.Tensor:
+             lora: Mapping[str, torch.Tensor] | None, report: MergeReport, inplace: bool = False) -> torch.Tensor:
+    """Merge one key. ``inplace=True`` (the streaming merge, whose A tensor is a fresh buffer of its own)
+    lets the weighted sum write its result over A's buffer: the same ``torch.lerp`` kernel and arguments as
+    :func:`training.merge.weighted_sum` takes for these dtypes, so the bits are identical (tested), without
+    allocating an output tensor per key."""
     ta, tb, tc = tensors
-    if job.action == "merge":
+    if (inplace and job.action == "merge" and method == "weighted_sum" and ta.dtype == tb.dtype == job.out_dtype
+            and job.out_dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        out = torch.lerp(ta, tb, float(job.weight), out=ta)  # == weighted_sum(ta, tb, w, out_dtype), in place
+    elif job.action == "merge":
         out = merge_tensor(method, job.key, ta, tb, tc, job.weight, density=density, seed=seed,
                            out_dtype=job.out_dtype)
     else:
@@ -414,7 +549,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             × strength), after merging.
         overwrite: replace an existing ``output`` (default: ``FileExistsError``).
         on_shape_mismatch: ``"error"`` (default) or ``"a"``.
-        hash_inputs: store inputs' SHA-256 in the recipe (computed concurrently).
+        hash_inputs: store inputs' SHA-256 in the recipe (computed from the buffers as they are read).
         progress: ``progress(done, total)`` after each tensor; may raise to cancel (no file is left).
     Returns:
         :class:`MergeReport`.
@@ -458,27 +593,52 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem)}
         for src in (sa, sb, sc):
             if src is not None:
-                src.reader = _fast_reader(src)
+                src.reader = _fast_reader(src, hash_file=hash_inputs)
         if sa.reader is not None:  # A's storage order: sequential reads of A (and of B/C when laid out alike)
             jobs.sort(key=lambda j: sa.reader.data_offset(j.key))
         specs = {j.key: (j.out_dtype, j.shape) for j in jobs}
-        if hash_inputs:
-            hasher = _Hasher(all_paths)
-            hasher.start()
+        if hash_inputs:  # safetensors inputs hash while they are read; torch pickles and the LoRA on a thread
+            srcs = {"A": sa, "B": sb, "C": sc}
+            rest = {tag: p for tag, p in all_paths.items() if srcs.get(tag) is None or srcs[tag].reader is None}
+            if rest:
+                hasher = _Hasher(rest)
+                hasher.start()
         with SafetensorsStreamWriter(out_path, specs, metadata=metadata, overwrite=overwrite) as writer:
-            _pipeline(jobs, lambda j: _read(j, sa, sb, sc),
-                      lambda j, t: _compute(j, t, method, density, seed, lora_map, report),
-                      writer.write, progress)
+            pool = _BufferPool()
+            readers = [lambda j: sa.get(j.key, pool)]
+            if sb is not None:
+                readers.append(lambda j: sb.get(j.key, pool) if j.action == "merge" else None)
+            if sc is not None:
+                readers.append(lambda j: sc.get(j.key, pool) if j.action == "merge" and sc.has(j.key) else None)
+
+            def write(key, tensor):
+                writer.write(key, tensor)
+                del tensor
+                pool.release(key)  # the job is finished: its input buffers may be lent again
+            owned = sa.reader is not None  # A's tensors are fresh buffers: compute may overwrite them
+
+            def compute(j, t):
+                t = tuple(t) + (None,) * (3 - len(t))
+                return _compute(j, t, method, density, seed, lora_map, report, inplace=owned)
+
+            with _torch_threads(1 if method in _MEMORY_BOUND or sb is None else None):
+                _pipeline(jobs, readers, compute, write, progress)
+            hashes = {}
+            if hash_inputs:
+                for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
+                    if src is not None and src.reader is not None:
+                        hashes[tag] = src.reader.hexdigest()
             if hasher is not None:
                 hasher.join()
                 if hasher.error is not None:
                     raise hasher.error
-                _patch_hashes(writer, hasher.result)
-                for tag, h in hasher.result.items():
-                    if tag == "LoRA":
-                        recipe["lora"]["sha256"] = h
-                    else:
-                        recipe["inputs"][tag]["sha256"] = h
+                hashes.update(hasher.result)
+            _patch_hashes(writer, hashes)
+            for tag, h in hashes.items():
+                if tag == "LoRA":
+                    recipe["lora"]["sha256"] = h
+                else:
+                    recipe["inputs"][tag]["sha256"] = h
         report.recipe = recipe
         report.output = str(out_path)
         return report
@@ -494,16 +654,39 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
 
 _DONE = object()
 
+# methods whose per-tensor arithmetic is one or two passes over memory: torch's OpenMP threads gain nothing
+# there, and between the thousands of short parallel regions they spin-wait on the cores the reader, hash and
+# writer threads need (benchmarks/merge.py on 2 cores: 7.4 s → 3.3 s user CPU for the same merge).
+_MEMORY_BOUND = ("weighted_sum", "add_difference")
 
-def _pipeline(jobs, read, compute, write, progress, depth: int = 2) -> None:
-    """Read (thread) → compute (caller's thread) → write (thread), each stage ``depth`` tensors ahead.
 
-    File reads and writes release the GIL, so on a 2-core machine I/O overlaps the arithmetic. Any exception
-    in a stage stops the others and is re-raised here (the caller's writer then removes its temporary file).
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (``None``: unchanged) and restore the previous count.
+    Results do not depend on it (torch's element-wise kernels give the same bits for any thread count)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pipeline(jobs, readers, compute, write, progress, depth: int = 3) -> None:
+    """One reader thread per input → compute (caller's thread) → write (thread), each ``depth`` tensors ahead.
+
+    ``readers[i](job)`` returns input ``i``'s tensor for ``job`` (or ``None`` when the job does not need it);
+    ``compute(job, [t_0, t_1, …])`` returns the tensor ``write(key, tensor)`` appends. One thread per input
+    lets A and B be read and hashed (page-cache copies and SHA-256 release the GIL) on both cores at once
+    while the arithmetic and the output writes overlap them. Any exception in a stage stops the others and is
+    re-raised here (the caller's writer then removes its temporary file).
     """
     stop = threading.Event()
     errors: list[BaseException] = []
-    q_in: queue.Queue = queue.Queue(maxsize=depth)
+    q_ins = [queue.Queue(maxsize=depth) for _ in readers]
     q_out: queue.Queue = queue.Queue(maxsize=depth)
 
     def put(q, item):
@@ -523,12 +706,11 @@ def _pipeline(jobs, read, compute, write, progress, depth: int = 2) -> None:
                 if stop.is_set():
                     return _DONE
 
-    def reader():
+    def reader(read, q):
         try:
             for job in jobs:
-                if not put(q_in, (job, read(job))):
+                if not put(q, read(job)):
                     return
-            put(q_in, _DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
             stop.set()
@@ -544,20 +726,19 @@ def _pipeline(jobs, read, compute, write, progress, depth: int = 2) -> None:
             errors.append(exc)
             stop.set()
 
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    threads = [threading.Thread(target=reader, args=(r, q), daemon=True) for r, q in zip(readers, q_ins)]
+    threads.append(threading.Thread(target=writer, daemon=True))
     for t in threads:
         t.start()
     try:
         total = len(jobs)
-        done = 0
-        while True:
-            item = get(q_in)
-            if item is _DONE:
+        for done, job in enumerate(jobs, 1):
+            tensors = [get(q) for q in q_ins]
+            if any(t is _DONE for t in tensors):
                 break
-            job, tensors = item
             if not put(q_out, (job.key, compute(job, tensors))):
                 break
-            done += 1
+            del tensors
             if progress is not None:
                 progress(done, total)
         put(q_out, _DONE)

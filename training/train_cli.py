@@ -1,12 +1,21 @@
-"""``conceptlab train --config kohya.toml [--set key=value ...]``: the LoRA trainer on a local diffusers model.
+"""``conceptlab train --config kohya.toml [--set key=value ...]``: the LoRA trainer on a local model.
 
 The TOML is a kohya sd-scripts config (sections are flattened; only keys matter). Keys the trainer needs
-besides training settings: ``pretrained_model_name_or_path`` (a local diffusers folder with ``unet/``,
-``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``; nothing is downloaded), ``train_data_dir`` (the
-kohya folder of ``<repeats>_<name>`` subfolders), ``output_dir``, ``output_name``. Single-file ``.safetensors``
-/ ``.ckpt`` checkpoints are not loaded by the CLI yet (that needs the SD1.5 configs and CLIP tokenizer files
-shipped with the pack): convert once with diffusers' ``convert_original_stable_diffusion_to_diffusers.py``,
-or train inside ComfyUI, which reads single files.
+besides training settings: ``pretrained_model_name_or_path``, ``train_data_dir`` (the kohya folder of
+``<repeats>_<name>`` subfolders), ``output_dir``, ``output_name``.
+
+``pretrained_model_name_or_path`` is a local path, never a Hub id (nothing is downloaded):
+
+* a diffusers folder with ``unet/``, ``text_encoder/``, ``tokenizer/``, ``vae/`` (``scheduler/`` optional), or
+* a single-file SD 1.x / SD 2.x checkpoint (``.safetensors``; ``.ckpt`` read weights-only), converted with
+  diffusers' own LDM converters and the configs shipped in the pack's ``configs/`` folder. SDXL and Flux single
+  files are refused (train those inside ComfyUI). A single file has no tokenizer: pass ``--tokenizer DIR`` (or
+  a ``tokenizer = "DIR"`` key), a folder with CLIP's ``vocab.json`` + ``merges.txt`` such as a diffusers model's
+  ``tokenizer/`` or ComfyUI's ``comfy/sd1_tokenizer``; without it ``$COMFYUI_PATH/comfy/sd1_tokenizer`` and the
+  ComfyUI checkout the pack is installed in are tried.
+
+Prediction type: detected (safetensors metadata; for SD 2.x ComfyUI's 768-v heuristic), else epsilon. Force it
+with ``--prediction-type v_prediction`` or kohya's ``v_parameterization = true`` (SD 2.x 768-v models).
 """
 
 from __future__ import annotations
@@ -21,22 +30,29 @@ import torch
 from .trainer import LoraTrainer, configs_from_mapping, parse_kohya_toml, parse_set_values
 
 #: keys the CLI itself consumes (not trainer settings)
-CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file")
+CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file",
+            "tokenizer", "v_parameterization")
 #: kohya keys accepted and ignored without a warning (no effect in this trainer)
 IGNORED_KEYS = ("save_model_as", "network_module", "cache_latents", "cache_latents_to_disk_kohya", "xformers",
                 "sdpa", "persistent_data_loader_workers", "max_data_loader_n_workers", "log_with", "log_prefix",
-                "mem_eff_attn", "full_fp16", "full_bf16", "lowram", "highvram", "v2", "v_parameterization",
+                "mem_eff_attn", "full_fp16", "full_bf16", "lowram", "highvram", "v2",
                 "clip_skip", "max_token_length", "prior_loss_weight", "reg_data_dir", "save_model_as")
 
 
 def register(subparsers) -> None:
     """Add the ``train`` subcommand."""
-    p = subparsers.add_parser("train", help="train a kohya-format LoRA on a local diffusers model",
+    p = subparsers.add_parser("train", help="train a kohya-format LoRA on a local diffusers folder or SD1/SD2 "
+                              "single-file checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="kohya sd-scripts TOML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value syntax: 3, 1e-4, true, \"text\"); repeatable")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="CLIP tokenizer folder (vocab.json + merges.txt) for a single-file checkpoint, e.g. "
+                        "ComfyUI/comfy/sd1_tokenizer (default: $COMFYUI_PATH or the ComfyUI holding this pack)")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="override the model's parameterization (SD 2.x 768-v: v_prediction; default: detected)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=run)
 
@@ -58,21 +74,39 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> dict:
     return flat
 
 
-def _host_for(model_path: str, device: str, mixed_precision: str):
+def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str | None = None,
+              prediction_type: str | None = None):
+    """The diffusers host for a local diffusers folder or a single-file SD1/SD2 checkpoint (never downloads).
+
+    Raises ``FileNotFoundError`` (missing path or tokenizer) and ``ValueError`` (unreadable or unsupported file,
+    options that need a single file given with a folder)."""
+    from ..formats.safetensors_io import WeightFileError
     from .diffusers_host import DiffusersHost
+    from .model_loading import CheckpointLoadError
 
     p = Path(model_path)
     if not p.exists():
         raise FileNotFoundError(f"pretrained_model_name_or_path not found: {p} (the CLI never downloads)")
-    if p.is_file():
-        raise ValueError(f"{p.name} is a single-file checkpoint; the CLI needs a local diffusers folder "
-                         "(unet/, text_encoder/, tokenizer/, vae/). Convert it once with diffusers' "
-                         "convert_original_stable_diffusion_to_diffusers.py, or train in ComfyUI.")
     dev = torch.device(device)
     dtype = torch.float32
     if dev.type == "cuda":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    return DiffusersHost.from_pretrained(p, device=str(dev), dtype=dtype)
+    if p.is_dir():
+        if tokenizer or prediction_type:
+            print("conceptlab train: note: --tokenizer/--prediction-type apply to single files; a diffusers folder "
+                  "uses its own tokenizer/ and scheduler/", file=sys.stderr)
+        return DiffusersHost.from_pretrained(p, device=str(dev), dtype=dtype)
+    try:
+        host = DiffusersHost.from_single_file(p, tokenizer=tokenizer, device=str(dev), dtype=dtype,
+                                              prediction_type=prediction_type)
+    except (WeightFileError, CheckpointLoadError) as exc:
+        raise ValueError(f"{exc} (pretrained_model_name_or_path must be a local diffusers folder with unet/, "
+                         "text_encoder/, tokenizer/, vae/ or a single-file SD 1.x/2.x checkpoint)") from exc
+    rep = host.load_report
+    print(f"loaded {p.name}: {rep['arch']}, {rep['prediction_type']} ({rep['prediction_source']})"
+          + (f"; unused keys: {sum(len(v) for v in rep['unused_keys'].values())}" if rep["unused_keys"] else ""),
+          file=sys.stderr)
+    return host
 
 
 def run(args, host=None) -> int:
@@ -99,8 +133,14 @@ def run(args, host=None) -> int:
     if host is None:
         model = flat.get("pretrained_model_name_or_path")
         if not model:
-            raise ValueError("pretrained_model_name_or_path is required (a local diffusers folder)")
-        host = _host_for(str(model), device, cfg.mixed_precision)
+            raise ValueError("pretrained_model_name_or_path is required (a local diffusers folder or a single-file "
+                             "SD1/SD2 checkpoint)")
+        pred = getattr(args, "prediction_type", None)
+        if pred is None and flat.get("v_parameterization") is True:
+            pred = "v_prediction"
+        tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
+        host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
+                         prediction_type=pred)
     trainer = LoraTrainer(host, dataset, cfg, model_name=Path(str(flat.get("pretrained_model_name_or_path", "")))
                           .name)
     _, max_steps, _ = trainer.schedule()

@@ -36,11 +36,21 @@ REPO = Path(__file__).resolve().parents[2]
 SD15 = "v1-5-pruned-emaonly.safetensors"
 PX = 64
 
-#: per node type: the inputs the e2e run shrinks (everything else stays as shipped)
+#: the tiny training folder the e2e run trains on (2 sample images, 1 repeat: 2 steps per epoch at batch 1)
+TINY_DATASET = "pixel_art_tiny"
+TINY_IMAGES = 2
+ONE_PROMPT = ("pixel art, dawnlike, knight, black outline (#140c1c), red body (#d34549), background (#6dc2ca), "
+              "retro pixel art style")
+
+#: per node type: the inputs the e2e run shrinks (everything else stays as shipped). The full-size random SD1.5
+#: model on a 2-core CPU takes seconds per UNet call even at 64 px, so every loop is cut to a handful of calls.
 TINY = {
-    "ConceptLabLoraDataset": {"resolution": PX, "min_bucket_reso": PX, "max_bucket_reso": PX},
-    "ConceptLabTrainLora": {"max_train_epochs": 2, "train_batch_size": 60, "network_dim": 4, "network_alpha": 4.0,
-                            "sample_steps": 1, "mixed_precision": "no"},
+    "ConceptLabCaptionAudit": {"folder": TINY_DATASET},
+    "ConceptLabLoraDataset": {"folder": TINY_DATASET, "resolution": PX, "min_bucket_reso": PX,
+                              "max_bucket_reso": PX},
+    "ConceptLabTrainLora": {"max_train_epochs": 2, "train_batch_size": 1, "gradient_accumulation_steps": 1,
+                            "network_dim": 4, "network_alpha": 4.0, "sample_steps": 1, "mixed_precision": "no",
+                            "sample_prompts": ONE_PROMPT},
     "EmptyLatentImage": {"width": PX, "height": PX, "batch_size": 1},
     "KSampler": {"steps": 1},
     "ConceptLabGridMasks": {"width": PX, "height": PX},
@@ -99,6 +109,12 @@ def server(comfy_server, sd15_checkpoint):  # noqa: F811
     dest = comfy_server.input_dir / "pixel_art"
     if not dest.exists():
         shutil.copytree(REPO / "sample_data" / "pixel_art", dest)
+    tiny = comfy_server.input_dir / TINY_DATASET / "1_dawnlike"  # same kohya layout, 2 images, 1 repeat
+    if not tiny.exists():
+        tiny.mkdir(parents=True)
+        for png in sorted((dest / "10_dawnlike").glob("*.png"))[:TINY_IMAGES]:
+            shutil.copy2(png, tiny / png.name)
+            shutil.copy2(png.with_suffix(".txt"), tiny / png.with_suffix(".txt").name)
     shutil.copy2(REPO / "sample_data" / "example.png", comfy_server.input_dir / "example.png")
     return comfy_server
 
@@ -142,13 +158,19 @@ def test_api_twins_match_live_definitions(server):
 
 
 def test_pixel_art_lora_main_job(server):
+    log_start = len(server.log.read_text(errors="replace"))
     entry, secs = _timed_run(server, shrink(twin("pixel_art_lora")))
     print(f"pixel_art_lora: {secs:.1f}s")
     files = _assert_images(server, entry, 4)  # epoch table, loss curve, samples, final samples (+ audit preview)
     assert any("pixel_art_epochs" in f.name for f in files) and any(f.name.startswith("pixel_art_") for f in files)
     loras = sorted((server.output_dir / "loras").glob("pixel_art*.safetensors"))
     names = [p.name for p in loras]
-    assert "pixel_art-000001.safetensors" in names and "pixel_art.safetensors" in names, names
+    assert {"pixel_art-000001.safetensors", "pixel_art.safetensors", "pixel_art-best.safetensors"} <= set(names), \
+        names
+    for p in loras:
+        _check_lora_file(p)
+    stage1_log = server.log.read_text(errors="replace")[log_start:]
+    assert "lora key not loaded" not in stage1_log, stage1_log[-3000:]  # the trainer applies the file too
     # stage 2: the muted "reuse" group, unmuted, loads the best epoch with LoraLoader
     ui = json.loads((REPO / "example_workflows" / "pixel_art_lora.json").read_text(encoding="utf-8"))
     for n in ui["nodes"]:
@@ -162,46 +184,82 @@ def test_pixel_art_lora_main_job(server):
     stage2 = ancestors(api, target)  # what the frontend queues for "run this output only"
     assert "ConceptLabTrainLora" not in {v["class_type"] for v in stage2.values()}
     log_before = len(server.log.read_text(errors="replace"))
+    t = time.time()
     entry2 = server.run(shrink(stage2), timeout=600)
+    print(f"pixel_art_lora stage 2 (Load LoRA, best epoch): {time.time() - t:.1f}s")
     _assert_images(server, entry2, 1)
     log = server.log.read_text(errors="replace")[log_before:]
     assert "lora key not loaded" not in log, log[-3000:]
 
 
-def test_interrupt_keeps_last_checkpoint_valid(server):
+def _train_only(prompt: dict) -> dict:
+    """The training branch of the pixel_art_lora prompt: checkpoint, dataset, trainer and its SaveImage nodes."""
+    train_id = next(k for k, v in prompt.items() if v["class_type"] == "ConceptLabTrainLora")
+    return {k: v for k, v in prompt.items() if k == train_id or v["class_type"] in (
+        "CheckpointLoaderSimple", "ConceptLabLoraDataset") or (
+        v["class_type"] == "SaveImage" and v["inputs"].get("images", [None])[0] == train_id)}
+
+
+def _check_lora_file(path: Path) -> dict:
+    """Open a saved LoRA completely: kohya UNet keys, every tensor finite; returns its metadata."""
     from safetensors import safe_open
     import torch
 
-    prompt = shrink(twin("pixel_art_lora"), ConceptLabTrainLora={
-        "max_train_epochs": 20, "train_batch_size": 30, "output_name": "pixel_art_cancel", "sample_prompts": ""})
-    # only the training branch
-    train_id = next(k for k, v in prompt.items() if v["class_type"] == "ConceptLabTrainLora")
-    prompt = {k: v for k, v in prompt.items() if k == train_id or v["class_type"] in (
-        "CheckpointLoaderSimple", "ConceptLabLoraDataset") or (
-        v["class_type"] == "SaveImage" and v["inputs"].get("images", [None])[0] == train_id)}
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert any(k.startswith("lora_unet_") for k in keys), (path.name, keys[:5])
+        for k in keys:
+            assert torch.isfinite(f.get_tensor(k).float()).all(), (path.name, k)
+        return f.metadata() or {}
+
+
+def test_interrupt_keeps_last_checkpoint_valid(server):
+    name = "pixel_art_cancel"
+    prompt = _train_only(shrink(twin("pixel_art_lora"), ConceptLabTrainLora={
+        "max_train_epochs": 30, "output_name": name, "sample_prompts": ""}))
+    loras = server.output_dir / "loras"
+    t0 = time.time()
     pid = server.queue(prompt)
-    first = server.output_dir / "loras" / "pixel_art_cancel-000001.safetensors"
+    first = loras / f"{name}-000001.safetensors"
     deadline = time.time() + 900
     while not first.exists() and time.time() < deadline:
         time.sleep(0.5)
     assert first.exists(), server.tail()
+    time.sleep(1.0)  # be inside epoch 2
     t = time.time()
     server.post("/interrupt", {})
     with pytest.raises(Exception) as err:  # the helper raises on execution_interrupted / error
         server.wait(pid, timeout=600)
-    print(f"interrupt honoured after {time.time() - t:.1f}s: {str(err.value)[:200]}")
+    print(f"interrupt: first checkpoint after {t - t0:.1f}s, honoured after {time.time() - t:.1f}s: "
+          f"{str(err.value)[:160]}")
     hist = server.get(f"/history/{pid}")[pid]
     msgs = {m[0] for m in hist["status"]["messages"]}
-    assert "execution_interrupted" in msgs or hist["status"]["status_str"] == "error", msgs
-    saved = sorted((server.output_dir / "loras").glob("pixel_art_cancel*.safetensors"))
+    assert "execution_interrupted" in msgs, (msgs, str(err.value)[:2000])
+    assert not (loras / f"{name}.safetensors").exists(), "an interrupted run must not write the final file"
+    saved = sorted(loras.glob(f"{name}-0*.safetensors"))
     assert saved
     for p in saved:  # every file left is complete and finite
-        with safe_open(str(p), "pt") as f:
-            keys = list(f.keys())
-            assert any(k.startswith("lora_unet_") for k in keys)
-            for k in keys:
-                assert torch.isfinite(f.get_tensor(k).float()).all(), (p.name, k)
-    assert not list((server.output_dir / "loras").glob("*.tmp*")), "temporary file left behind"
+        _check_lora_file(p)
+    assert not [p for p in loras.iterdir() if p.name.startswith(name) and not p.name.endswith(".safetensors")], \
+        "temporary file left behind"
+    last_epoch = max(int(p.stem.rsplit("-", 1)[1]) for p in saved)
+    # the next run resumes from the last saved state and finishes one epoch later
+    log_before = len(server.log.read_text(errors="replace"))
+    resume = _train_only(shrink(twin("pixel_art_lora"), ConceptLabTrainLora={
+        "max_train_epochs": last_epoch + 1, "output_name": name, "sample_prompts": "", "resume": True}))
+    entry, secs = _timed_run(server, resume, timeout=900)
+    print(f"resume from epoch {last_epoch}: {secs:.1f}s")
+    log = server.log.read_text(errors="replace")[log_before:]
+    assert "resumed from" in log, log[-3000:]
+    meta = _check_lora_file(loras / f"{name}.safetensors")
+    assert meta.get("ss_epoch") == str(last_epoch + 1), meta.get("ss_epoch")
+
+
+def test_palette_audit(server):
+    entry, secs = _timed_run(server, shrink(twin("palette_audit")))
+    print(f"palette_audit: {secs:.1f}s")
+    files = _assert_images(server, entry, 1)
+    assert any("palette_clean" in f.name for f in server.output_files(entry, "images")), files
 
 
 def test_esd_grid_erasure(server):
@@ -234,20 +292,30 @@ def test_weight_diff(server):
 
 
 def test_bad_prompts_get_typed_validation_errors(server):
-    api = shrink(twin("merge_back_sweep"))
-    bad = copy.deepcopy(api)
-    merge_id = next(k for k, v in bad.items() if v["class_type"] == "ConceptLabMergeModels")
-    bad[merge_id]["inputs"]["method"] = "no_such_method"
-    code, body = post_raw(server, {"prompt": bad})
-    assert code == 400, body
-    types = {e["type"] for n in body["node_errors"].values() for e in n["errors"]}
-    assert "value_not_in_list" in types, body
-    missing = copy.deepcopy(api)
-    del missing[merge_id]["inputs"]["model_b"]
-    code, body = post_raw(server, {"prompt": missing})
-    assert code == 400, body
-    types = {e["type"] for n in body["node_errors"].values() for e in n["errors"]}
-    assert "required_input_missing" in types, body
+    """A bad value / a missing input is refused with ComfyUI's typed errors and nothing runs.
+
+    ComfyUI queues a prompt whose OTHER outputs are still valid (HTTP 200 with ``node_errors``: only the good
+    outputs run), so the prompt sent is the merge branch alone, where every output depends on the bad node.
+    """
+    full = shrink(twin("merge_back_sweep"))
+    merge_id = next(k for k, v in full.items() if v["class_type"] == "ConceptLabMergeModels")
+    api = {}
+    for k, v in full.items():  # every output node fed by the merge, with its ancestors
+        if any(isinstance(x, list) and x[0] == merge_id for x in v["inputs"].values()):
+            api.update(ancestors(full, k))
+    queue_before = server.get("/queue")
+    cases = {"value_not_in_list": lambda n: n["inputs"].__setitem__("method", "no_such_method"),
+             "required_input_missing": lambda n: n["inputs"].pop("model_b")}
+    for expected, spoil in cases.items():
+        bad = copy.deepcopy(api)
+        spoil(bad[merge_id])
+        code, body = post_raw(server, {"prompt": bad})
+        assert code == 400, body
+        assert body["error"]["type"] == "prompt_outputs_failed_validation", body
+        errors = body["node_errors"][merge_id]["errors"]
+        assert expected in {e["type"] for e in errors}, body
+        print(f"{expected}: {errors[0]['message']}: {errors[0]['details']}")
+    assert server.get("/queue") == queue_before, "a refused prompt must not be queued"
 
 
 def test_comfy_cli_runs_ui_workflow(server, tmp_path):
