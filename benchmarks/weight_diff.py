@@ -1,21 +1,30 @@
 """Benchmark: weight diff of two full-size SD1.5 fp16 checkpoints against the read floor.
 
 Creates two single-file SD1.5 checkpoints with random fp16 weights (UNet, CLIP-L text encoder and VAE in the real
-key layout, ≈1.07 G parameters, ≈2.1 GB each) in a temporary folder, then measures, each phase in a fresh
+key layout, ≈1.07 G parameters, ≈2.13 GB each) in a temporary folder, then measures, each phase in a fresh
 subprocess so peak RSS is that phase's own:
 
-* **read floor** — the reference: both files opened with ``safetensors.safe_open`` and read tensor by tensor, doing
-  nothing with the data (one element per 4 KiB page is touched so the bytes are really read from the page cache or
-  disk: safetensors' ``get_tensor`` is a lazy memory map);
+* **read floor** (the reference, issue 3: "reading both files tensor by tensor with safetensors and doing
+  nothing"): both files opened with ``safetensors.safe_open``, every tensor fetched with ``get_tensor`` and its
+  bytes copied into one reusable preallocated buffer (``buffer[:nbytes].copy_(t.view(uint8))``), so every byte
+  really passes through the CPU. Doing *literally* nothing would not read anything: since safetensors 0.5
+  ``get_tensor`` returns a lazy view of a memory map (measured: 0.4 ms and +1 MB RSS for a 128 MB tensor), and
+  its pages are only read when touched.
+* **page-touch floor** (shown for transparency, a lower bound): the same, but only one byte per 4 KiB page is
+  touched — the pages are mapped (and read from disk when cold) without the bytes being processed.
 * **ours** — ``conceptlab.metrics.weight_diff.diff_files`` producing the full report (every tensor's statistics,
-  groups, histogram, JSON-able dict) — and separately the three plots.
+  groups, histogram, JSON-able dict, Markdown) — and separately the three plots (not in the wall time).
 
 Every tensor of B differs from A (worst case: no bit-identical fast path). Each phase runs with the files in the
-page cache ("warm") and after dropping them from it with ``posix_fadvise(DONTNEED)`` ("cold", real disk reads).
+page cache ("warm": read once just before) and after evicting them ("cold", real disk reads): the two files'
+pages are dropped with ``posix_fadvise(POSIX_FADV_DONTNEED)`` after ``fsync`` (only these two files: the machine
+may be shared, so the global ``/proc/sys/vm/drop_caches`` is not used); the share of the files still resident
+afterwards is checked with ``fincore`` when available and printed. The 1-minute load average is recorded at the
+start of each phase and printed next to its figure (other processes on the machine slow every phase).
 Targets (issue 3): wall time ≤ 2× the read floor, peak RSS ≤ 1.5 GB above the interpreter's baseline.
-The files are deleted at the end.
+The files are deleted at the end unless ``--keep`` names a folder.
 
-Usage: ``python benchmarks/weight_diff.py [--scale 1.0] [--keep DIR]``.
+Usage: ``python benchmarks/weight_diff.py [--scale 1.0] [--keep DIR] [--repeats N]``.
 """
 
 from __future__ import annotations
@@ -122,7 +131,8 @@ def write_pair(layout: dict[str, tuple[int, ...]], path_a: Path, path_b: Path, s
 
 
 def drop_cache(*paths: Path) -> None:
-    """Evict the files from the OS page cache (posix_fadvise DONTNEED: clean pages, no root needed)."""
+    """Evict the files from the OS page cache (fsync, then posix_fadvise DONTNEED: clean, unmapped pages of
+    these files only; no root needed)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -132,26 +142,60 @@ def drop_cache(*paths: Path) -> None:
             os.close(fd)
 
 
+def resident_share(*paths: Path) -> float | None:
+    """Fraction of the files' bytes in the page cache (``fincore --bytes``), or None when unavailable."""
+    if not shutil.which("fincore"):
+        return None
+    try:
+        res = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *map(str, paths)],
+                             capture_output=True, text=True, check=True, timeout=60)
+        rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
+        return sum(int(r[0]) for r in rows) / max(sum(int(r[1]) for r in rows), 1)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 # ------------------------------------------------------------------------------------------------ phases
-def phase_floor(a: str, b: str) -> dict:
+def phase_floor(a: str, b: str, mode: str = "copy") -> dict:
+    """Read both files tensor by tensor with ``safe_open``/``get_tensor``. ``mode="copy"``: copy every tensor's
+    bytes into one reusable buffer (each byte read by the CPU); ``"touch"``: touch one byte per 4 KiB page."""
     import torch
     from safetensors import safe_open
 
+    load = os.getloadavg()[0]
     _reset_peak()
     base = _rss_mb()
+    with safe_open(a, "pt") as fa:
+        biggest = max(_numel(fa.get_slice(k).get_shape()) for k in fa.keys())
+    buf = torch.empty(biggest * 2, dtype=torch.uint8) if mode == "copy" else None  # fp16: 2 bytes per element
+    if buf is not None:
+        buf.fill_(0)  # fault the buffer in before the clock starts
     t0 = time.perf_counter()
     c0 = time.process_time()
-    touched = 0.0
+    check = 0
     with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
         for k in fa.keys():
             for f in (fa, fb):
                 t = f.get_tensor(k)
-                flat = t.reshape(-1)
-                touched += float(flat[:: max(1, 4096 // t.element_size())].float().sum())  # one element per page
-                del t, flat
+                raw = t.reshape(-1).view(torch.uint8)
+                if buf is not None:
+                    if raw.numel() > buf.numel():
+                        buf = torch.empty(raw.numel(), dtype=torch.uint8)
+                    buf[:raw.numel()].copy_(raw)
+                    check += int(buf[raw.numel() - 1])
+                else:
+                    check += int(raw[::4096].sum())
+                del t, raw
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "cpu_s": time.process_time() - c0, "baseline_rss_mb": base, "peak_rss_mb": _peak_mb(),
-            "check": touched != 0.5}
+            "load": load, "check": check >= 0}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
 
 
 def phase_ours(a: str, b: str, plots: bool = True) -> dict:
@@ -162,6 +206,7 @@ def phase_ours(a: str, b: str, plots: bool = True) -> dict:
     import matplotlib  # noqa: F401
 
     weight_diff.canonical_keys([], "sd1")  # warm imports of formats.keys
+    load = os.getloadavg()[0]
     _reset_peak()
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -172,7 +217,7 @@ def phase_ours(a: str, b: str, plots: bool = True) -> dict:
     out = {"wall_s": wall, "cpu_s": time.process_time() - c0, "baseline_rss_mb": base, "peak_rss_mb": _peak_mb(),
            "params": rep["overall"]["params"], "tensors": rep["overall"]["tensors"],
            "changed_tensors": rep["changed_tensors"], "mean_abs": rep["overall"]["mean_abs"],
-           "markdown_chars": len(md)}
+           "markdown_chars": len(md), "load": load}
     if plots:
         from conceptlab.metrics.diff_plots import render_plots
 
@@ -182,12 +227,22 @@ def phase_ours(a: str, b: str, plots: bool = True) -> dict:
     return out
 
 
-def _child(phase: str, a: Path, b: Path) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase, str(a), str(b)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _child(phase: str, a: Path, b: Path, code_root: str | None = None) -> dict:
+    """Run one phase in a fresh interpreter; ``code_root``: a folder holding another ``conceptlab`` package
+    (e.g. an older commit from ``git archive``) put first on ``PYTHONPATH`` for a before/after comparison."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, str(a), str(b)]
+    env = dict(os.environ)
+    if code_root:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(code_root).resolve())] + [x for x in [env.get("PYTHONPATH")] if x])
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd="/" if code_root else None)
     if res.returncode != 0:
         raise RuntimeError(f"phase {phase} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+PHASES = ("floor", "touch", "ours")
+LABELS = {"floor": "read floor (get_tensor + copy)", "touch": "page-touch floor", "ours": "ours (diff_files)",
+          "before": "ours, --before code"}
 
 
 def main(argv=None) -> int:
@@ -195,12 +250,16 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of SD1.5's tensors (1.0 = full size)")
     ap.add_argument("--keep", help="reuse/keep the two files in this folder instead of a temp dir")
     ap.add_argument("--repeats", type=int, default=1, help="repeat each measurement, keep the fastest")
-    ap.add_argument("--phase", choices=["floor", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--before", metavar="DIR", help="also time diff_files of another conceptlab package found in DIR "
+                    "(DIR/conceptlab, e.g. `git archive <commit>` unpacked there): the before/after table")
+    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.phase:
-        fn = phase_floor if args.phase == "floor" else phase_ours
-        print(json.dumps(fn(*args.files)))
+        if args.phase == "ours":
+            print(json.dumps(phase_ours(*args.files)))
+        else:
+            print(json.dumps(phase_floor(*args.files, mode="copy" if args.phase == "floor" else "touch")))
         return 0
 
     import torch
@@ -216,39 +275,62 @@ def main(argv=None) -> int:
             print(f"created 2 × {pa.stat().st_size / 1e9:.2f} GB ({n / 1e9:.3f} G params, {len(layout)} tensors) "
                   f"in {time.perf_counter() - t0:.0f} s", flush=True)
         results = {}
+        phases = PHASES + (("before",) if args.before else ())
         for cache in ("warm", "cold"):
-            for phase in ("floor", "ours"):
+            for phase in phases:
                 best = None
                 for _ in range(max(1, args.repeats)):
                     if cache == "cold":
                         drop_cache(pa, pb)
+                        res_share = resident_share(pa, pb)
                     else:
-                        _child("floor", pa, pb)  # make sure the files are in the page cache
-                    r = _child(phase, pa, pb)
+                        _child("touch", pa, pb)  # make sure the files are in the page cache
+                        res_share = resident_share(pa, pb)
+                    r = (_child("ours", pa, pb, code_root=args.before) if phase == "before"
+                         else _child(phase, pa, pb))
+                    r["resident_before"] = res_share
                     best = r if best is None or r["wall_s"] < best["wall_s"] else best
                 results[(cache, phase)] = best
-                print(f"{cache:4s} {phase:5s}: {best['wall_s']:.2f} s (CPU {best['cpu_s']:.2f} s), peak RSS {best['peak_rss_mb']:.0f} MB "
-                      f"(baseline {best['baseline_rss_mb']:.0f} MB)", flush=True)
+                rs = best["resident_before"]
+                print(f"{cache:4s} {LABELS[phase]:32s}: {best['wall_s']:6.2f} s (CPU {best['cpu_s']:6.2f} s), "
+                      f"peak RSS {best['peak_rss_mb']:5.0f} MB (baseline {best['baseline_rss_mb']:.0f} MB), "
+                      f"load {best['load']:.1f}"
+                      + (f", files {rs:.0%} in page cache at start" if rs is not None else ""), flush=True)
         print()
-        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
-              f"torch {torch.__version__}; files {pa.stat().st_size / 1e9:.2f} GB each (fp16)")
-        print("| case | read floor (safetensors) | ours (diff_files) | ratio | target |")
-        print("|---|---|---|---|---|")
+        print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+              f"load average now {os.getloadavg()[0]:.1f}, torch {torch.__version__}; "
+              f"files {pa.stat().st_size / 1e9:.2f} GB each (fp16)")
+        print("| case | read floor (get_tensor + copy) | page-touch floor | ours (diff_files) | ours / read floor "
+              "| target | load avg (floor / ours) |")
+        print("|---|---|---|---|---|---|---|")
         for cache in ("warm", "cold"):
-            f, o = results[(cache, "floor")], results[(cache, "ours")]
-            print(f"| wall, {cache} page cache | {f['wall_s']:.2f} s | {o['wall_s']:.2f} s | "
-                  f"{o['wall_s'] / f['wall_s']:.2f}× | ≤ 2× |")
+            f, t, o = (results[(cache, p)] for p in PHASES)
+            print(f"| wall, {cache} page cache | {f['wall_s']:.2f} s | {t['wall_s']:.2f} s | {o['wall_s']:.2f} s | "
+                  f"{o['wall_s'] / f['wall_s']:.2f}× | ≤ 2× | {f['load']:.1f} / {o['load']:.1f} |")
         for cache in ("warm", "cold"):
-            f, o = results[(cache, "floor")], results[(cache, "ours")]
-            df, do = f["peak_rss_mb"] - f["baseline_rss_mb"], o["peak_rss_mb"] - o["baseline_rss_mb"]
-            print(f"| peak RSS above baseline, {cache} | {df:.0f} MB | {do:.0f} MB | {do / max(df, 1):.2f}× | "
-                  f"≤ 1536 MB |")
+            f, t, o = (results[(cache, p)] for p in PHASES)
+            print(f"| CPU time, {cache} | {f['cpu_s']:.2f} s | {t['cpu_s']:.2f} s | {o['cpu_s']:.2f} s | "
+                  f"{o['cpu_s'] / max(f['cpu_s'], 1e-9):.1f}× | | |")
         for cache in ("warm", "cold"):
-            f, o = results[(cache, "floor")], results[(cache, "ours")]
-            print(f"| CPU time, {cache} | {f['cpu_s']:.2f} s | {o['cpu_s']:.2f} s | {o['cpu_s'] / max(f['cpu_s'], 1e-9):.1f}× | |")
+            f, t, o = (results[(cache, p)] for p in PHASES)
+            df, dt, do = (x["peak_rss_mb"] - x["baseline_rss_mb"] for x in (f, t, o))
+            print(f"| peak RSS above baseline, {cache} | {df:.0f} MB | {dt:.0f} MB | {do:.0f} MB | | ≤ 1536 MB | |")
+        if args.before:
+            print("\n| case | before | after | speed-up | before / read floor | after / read floor |")
+            print("|---|---|---|---|---|---|")
+            for cache in ("warm", "cold"):
+                f, o, bf = results[(cache, "floor")], results[(cache, "ours")], results[(cache, "before")]
+                print(f"| wall, {cache} | {bf['wall_s']:.2f} s | {o['wall_s']:.2f} s | {bf['wall_s'] / o['wall_s']:.2f}× | "
+                      f"{bf['wall_s'] / f['wall_s']:.2f}× | {o['wall_s'] / f['wall_s']:.2f}× |")
+            for cache in ("warm", "cold"):
+                o, bf = results[(cache, "ours")], results[(cache, "before")]
+                print(f"| CPU, {cache} | {bf['cpu_s']:.2f} s ({bf['cpu_s'] / bf['params'] * 1e9:.2f} ns/param) | "
+                      f"{o['cpu_s']:.2f} s ({o['cpu_s'] / o['params'] * 1e9:.2f} ns/param) | "
+                      f"{bf['cpu_s'] / o['cpu_s']:.2f}× | | |")
         o = results[("warm", "ours")]
         print(f"\nreport: {o['tensors']} tensors, {o['params'] / 1e9:.3f} G params, {o['changed_tensors']} changed, "
-              f"mean |Δ| {o['mean_abs']:.3e}; plots {o.get('plots_s', 0):.2f} s (not in the wall time)")
+              f"mean |Δ| {o['mean_abs']:.3e}; CPU {o['cpu_s'] / o['params'] * 1e9:.2f} ns/param (warm); "
+              f"plots {o.get('plots_s', 0):.2f} s (not in the wall time)")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

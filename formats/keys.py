@@ -509,7 +509,10 @@ def ldm_unet_keys(arch: str = "sd1", unet_config: dict | None = None) -> list[st
 
 
 def diffusers_unet_keys(arch: str = "sd1", unet_config: dict | None = None) -> list[str]:
-    """State-dict keys of diffusers' ``UNet2DConditionModel`` for ``arch`` (built on the ``meta`` device)."""
+    """State-dict keys of diffusers' ``UNet2DConditionModel`` for ``arch`` (built on the ``meta`` device).
+
+    Raises ``ValueError`` for an architecture without a UNet (see :func:`unet_config_for`).
+    """
     return list(_diffusers_unet_keys_cached(_canon_arch(arch)) if unet_config is None
                 else _diffusers_keys_from_config(unet_config))
 
@@ -586,7 +589,10 @@ def ldm_to_diffusers_unet(arch: str = "sd1", unet_config: dict | None = None) ->
 
 
 def diffusers_to_ldm_unet(arch: str = "sd1", unet_config: dict | None = None) -> dict[str, str]:
-    """Inverse of :func:`ldm_to_diffusers_unet`: diffusers UNet parameter key -> LDM UNet parameter key."""
+    """Inverse of :func:`ldm_to_diffusers_unet`: diffusers UNet parameter key -> LDM UNet parameter key.
+
+    Same arguments and errors (``ValueError`` for an unsupported architecture).
+    """
     return {d: l for l, d in ldm_to_diffusers_unet(arch, unet_config).items()}
 
 
@@ -832,7 +838,12 @@ def _kohya_table(component: str) -> dict[str, str]:
 
 
 def checkpoint_key(component: str, rel_key: str, arch: str) -> str:
-    """Full single-file checkpoint key for a component-relative key (LDM names for the UNet)."""
+    """Full single-file checkpoint key for a component-relative key (LDM names for the UNet).
+
+    ``component`` as :data:`CHECKPOINT_PREFIXES` names it (``"unet"``, ``"vae"``, ``"te"``, ``"te1"``, ``"te2"``);
+    ``arch`` ``None``/``"unknown"`` is treated as ``"sd1"``. Raises ``ValueError`` when the architecture has no
+    prefix for that component (e.g. ``"te2"`` in sd1).
+    """
     pre = CHECKPOINT_PREFIXES.get((_arch_or_sd1(arch), component))
     if pre is None:
         raise ValueError(f"no checkpoint prefix for component {component!r} in architecture {arch!r}")

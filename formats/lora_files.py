@@ -44,7 +44,7 @@ from .keys import (
     CHECKPOINT_PREFIXES, detect_architecture, kohya_target, normalize_te_path, openclip_ldm_to_hf,
     split_component,
 )
-from .safetensors_io import WeightFile, WeightFileError, _stringify_metadata, save_safetensors
+from .safetensors_io import WeightFile, _stringify_metadata, save_safetensors
 
 __all__ = ["LoraDeltas", "LoraFormatError", "lora_deltas", "save_kohya_lora", "save_diff_file", "model_hashes",
            "read_lora", "resolve_lora_module", "SUFFIXES"]

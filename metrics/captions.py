@@ -99,6 +99,7 @@ class HexToken:
 
     @property
     def ok(self) -> bool:
+        """True when the token parsed to a valid ``#rrggbb`` (:attr:`hex` is not ``None``)."""
         return self.hex is not None
 
 
@@ -120,18 +121,22 @@ class ParsedCaption:
 
     @property
     def labelled(self) -> list[tuple[str, str]]:
+        """``(feature, "#rrggbb")`` of every valid labelled token, in caption order ("" for no feature text)."""
         return [(t.feature or "", t.hex) for t in self.tokens if t.role == "labelled" and t.ok]
 
     @property
     def palette(self) -> list[str]:
+        """Valid ``#rrggbb`` hexes of the ``palette:`` list, in order, duplicates kept."""
         return [t.hex for t in self.tokens if t.role == "palette" and t.ok]
 
     @property
     def stray(self) -> list[str]:
+        """Valid hexes that are neither labelled nor in the palette list, in order."""
         return [t.hex for t in self.tokens if t.role == "stray" and t.ok]
 
     @property
     def malformed(self) -> list[str]:
+        """Raw texts of the hex-like tokens that did not parse, in order."""
         return [t.raw for t in self.tokens if not t.ok]
 
     def all_hexes(self) -> list[str]:
@@ -143,6 +148,7 @@ class ParsedCaption:
         return list(seen)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able ``{"labelled": [{"feature", "hex"}], "palette", "stray", "malformed", "has_palette"}``."""
         return {
             "labelled": [{"feature": f, "hex": h} for f, h in self.labelled],
             "palette": self.palette,
@@ -352,6 +358,8 @@ class Finding:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the finding's fields (``code``, ``severity``, ``message``, ``feature``, ``hex``,
+        ``data``)."""
         return {"code": self.code, "severity": self.severity, "message": self.message,
                 "feature": self.feature, "hex": self.hex, "data": self.data}
 
@@ -651,8 +659,8 @@ def scan_folder(root: str | os.PathLike) -> list[DatasetItem]:
     """List a dataset folder (recursively: flat folders and kohya ``<repeats>_<name>`` subfolders).
 
     Images (:data:`IMAGE_EXTENSIONS`) and ``.txt`` captions in the same folder pair by file stem. Hidden
-    files/folders (leading '.') are skipped. Items are sorted by key. Raises ``FileNotFoundError`` /
-    ``NotADirectoryError`` with a clear message.
+    files/folders (leading '.') are skipped. Items are sorted by key. Raises ``FileNotFoundError`` for a
+    missing path and :class:`NotAFolderError` (a ``NotADirectoryError``) for a file, with a clear message.
     """
     root_p = Path(root)
     if not root_p.exists():

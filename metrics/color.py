@@ -156,6 +156,8 @@ def srgb_to_linear(rgb) -> np.ndarray:
 
     The sRGB EOTF of IEC 61966-2-1 (piecewise: c/12.92 below 0.04045, else ((c+0.055)/1.055)^2.4), computed by
     ``kornia.color.rgb_to_linear_rgb``; uint8 input goes through a 256-entry table built with it (fast path).
+    A hex string is accepted for one colour. Raises ``ValueError`` when the last axis is not 3
+    (:class:`MalformedHexError` for a bad hex string).
     """
     if isinstance(rgb, str):
         rgb = np.array(parse_hex(rgb), dtype=np.uint8)
@@ -314,6 +316,7 @@ def delta_e00(lab1, lab2, kL: float = 1.0, kC: float = 1.0, kH: float = 1.0) -> 
     |h1'-h2'| > 180°). Reproduces their 34-pair test table to 4 decimals (tests/test_color.py). Written by hand
     because kornia (the project's colour library) has no ΔE. Parametric factors kL = kC = kH = 1 by default.
     ΔE00 ≈ 1 is a just-noticeable difference; 2.3 is the usual JND quoted for ΔE*ab.
+    Raises ``ValueError`` when either input's last axis is not 3.
     """
     a1 = np.asarray(lab1, dtype=np.float64)
     a2 = np.asarray(lab2, dtype=np.float64)

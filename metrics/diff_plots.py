@@ -43,7 +43,10 @@ def _title(report: Mapping) -> str:
 
 def plot_layer_types(report: Mapping, max_rows: int = 30) -> np.ndarray:
     """Bars of mean |Δ| per layer type: over all parameters of the type, and over its changed tensors only
-    (log x axis; types with no change are listed at the bottom without a bar)."""
+    (log x axis; types with no change are listed at the bottom without a bar).
+
+    ``report``: dict from :func:`conceptlab.metrics.weight_diff.diff_files` (uses ``by_layer_type``). Returns
+    uint8 ``[600, 1000, 3]`` (:data:`FIG_SIZE` × :data:`DPI`)."""
     groups = sorted((report.get("by_layer_type") or {}).items(), key=lambda kv: kv[1].get("mean_abs", 0.0),
                     reverse=True)[:max_rows]
     fig = _figure()
@@ -69,7 +72,9 @@ def plot_layer_types(report: Mapping, max_rows: int = 30) -> np.ndarray:
 
 
 def plot_block_heatmap(report: Mapping, max_layer_types: int = 24) -> np.ndarray:
-    """Heatmap of mean |Δ| per (block, layer type) cell, log10 colour scale; grey = no such weights."""
+    """Heatmap of mean |Δ| per (block, layer type) cell, log10 colour scale; grey = no such weights.
+
+    ``report`` as for :func:`plot_layer_types`; returns uint8 ``[H, W, 3]`` of the common size."""
     cells: Mapping[str, Mapping[str, float]] = report.get("by_block_layer_type") or {}
     blocks = [b for b in (report.get("by_block") or {}) if b in cells]
     lt_order = [k for k, _ in sorted((report.get("by_layer_type") or {}).items(),
@@ -102,7 +107,9 @@ def plot_block_heatmap(report: Mapping, max_layer_types: int = 24) -> np.ndarray
 
 
 def plot_histogram(report: Mapping) -> np.ndarray:
-    """Histogram of |Δ| (log10 bins from the report; exact zeros noted in the title)."""
+    """Histogram of |Δ| (log10 bins from the report; exact zeros noted in the title).
+
+    Returns uint8 ``[H, W, 3]`` of the common size."""
     h = report.get("histogram") or {}
     edges = np.asarray(h.get("log10_edges") or [], dtype=float)
     counts = np.asarray(h.get("counts") or [], dtype=float)
@@ -130,7 +137,10 @@ def render_plots(report: Mapping) -> list[np.ndarray]:
 
 def plot_compare(cmp: Mapping, metric: str = "mean_abs", section: str = "by_layer_type",
                  max_rows: int = 30) -> np.ndarray:
-    """Bars of the ratio r2/r1 of ``metric`` per group of ``section`` (log x axis, 1× marked)."""
+    """Bars of the ratio r2/r1 of ``metric`` per group of ``section`` (log x axis, 1× marked).
+
+    ``cmp``: dict from :func:`conceptlab.metrics.weight_diff.compare_reports`. Groups with no, zero or infinite
+    ratio are left out (at most ``max_rows`` bars). Returns uint8 ``[H, W, 3]`` of the common size."""
     groups = [(g, (row.get(metric) or {}).get("ratio")) for g, row in (cmp.get(section) or {}).items()]
     groups = [(g, r) for g, r in groups if r is not None and not math.isinf(r) and r > 0][:max_rows]
     fig = _figure()
@@ -152,7 +162,8 @@ def plot_compare(cmp: Mapping, metric: str = "mean_abs", section: str = "by_laye
 
 
 def save_png(images: list[np.ndarray] | np.ndarray, path: str | os.PathLike) -> str:
-    """Write one image, or several stacked vertically, as a PNG atomically. Returns the path."""
+    """Write one uint8 ``[H, W, 3]`` image, or several stacked vertically (left-aligned on white), as a PNG
+    atomically (:func:`conceptlab.formats.safetensors_io.atomic_output`). Returns the path as ``str``."""
     from PIL import Image
 
     from ..formats.safetensors_io import atomic_output

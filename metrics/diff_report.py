@@ -29,7 +29,8 @@ def _int(x) -> str:
 
 
 def fmt_ratio(r) -> str:
-    """``2.7×`` style ratio (``–`` for None, ``∞`` for inf)."""
+    """``2.7×`` style ratio (``–`` for None, ``∞`` for inf, ``0×`` for 0; 2 significant digits below 10, else
+    rounded to an integer)."""
     if r is None:
         return "–"
     if math.isinf(r):

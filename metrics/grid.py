@@ -535,7 +535,9 @@ def upscale_native(native: np.ndarray, grid: Grid | None = None, size: tuple[int
     """Clean upscaled render: nearest-neighbour upscale of ``native`` ``[cy, cx, 3]`` back onto the grid.
 
     With ``grid``, every output pixel takes the colour of the cell holding its centre (same size and phase
-    as the analysed render); otherwise ``size=(H, W)`` with cells spanning the image. uint8 ``[H, W, 3]``.
+    as the analysed render); otherwise ``size=(H, W)`` with cells spanning the image. Returns ``native``'s dtype
+    (uint8 for :func:`snap` output) ``[H, W, 3]``. Raises ``ValueError`` when neither ``grid`` nor ``size`` is
+    given.
     """
     cy, cx = native.shape[:2]
     if grid is not None:

@@ -21,7 +21,7 @@ from .color import (
     srgb_to_oklab,
     oklab_to_srgb,
 )
-from .grid import Grid, detect_grid, median_of_samples, sample_cells, snap, upscale_native
+from .grid import Grid, detect_grid, median_of_samples, sample_cells, upscale_native
 
 __all__ = [
     "load_rgb",
@@ -268,7 +268,8 @@ def extract_palette(native: np.ndarray, k: int = 8, method: str = "kmeans", seed
     """``k`` dominant colours of a (snapped, native) image ``[h, w, 3]`` uint8.
 
     ``method``: ``"kmeans"`` — weighted k-means in OKLab on the distinct cell colours weighted by their cell
-    counts (seeded, deterministic); or Pillow's quantizers for comparison: ``"mediancut"``, ``"maxcoverage"``,
+    counts (seeded, deterministic; Lloyd iterations with k-means++ seeding, Arthur & Vassilvitskii 2007, see
+    ``_kmeans_weighted``); or Pillow's quantizers for comparison: ``"mediancut"``, ``"maxcoverage"``,
     ``"fastoctree"`` (``Image.quantize(colors=k, method=...)``; note Pillow's ``kmeans=`` argument is a
     refinement-iteration threshold, not k). Returns ``[{hex, rgb, frac}]`` sorted by coverage.
     Raises ValueError for k < 1 or an unknown method.

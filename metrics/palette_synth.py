@@ -40,7 +40,10 @@ class Render:
 
 
 def load_sprite(path) -> np.ndarray:
-    """A sprite file → RGBA uint8 ``[h, w, 4]`` (palette / transparency resolved by Pillow)."""
+    """A sprite file → RGBA uint8 ``[h, w, 4]`` (palette / transparency resolved by Pillow).
+
+    Raises ``FileNotFoundError`` for a missing file and ``PIL.UnidentifiedImageError`` for a non-image.
+    """
     from PIL import Image
 
     with Image.open(path) as im:

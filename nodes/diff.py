@@ -81,15 +81,23 @@ class PatchedWeights:
                 self._entries[k] = entry
 
     def keys(self) -> list[str]:
+        """ComfyUI state-dict keys of every part (position ids, ``logit_scale``, ``model_sampling.*`` skipped)."""
         return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of the stored (unpatched) weight; ``KeyError`` for an unknown key."""
         return tuple(self._entries[key][0][0].shape)
 
     def dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of the weight (what a saved model would round to); ``KeyError`` for an unknown key."""
         return self._entries[key][0][0].dtype
 
     def get(self, key: str) -> torch.Tensor:
+        """The weight as ComfyUI would patch it, on the CPU (see the class docstring); ``KeyError`` if unknown.
+
+        Unpatched CPU weights are returned as stored (shared, not copied); otherwise a new float32 tensor with
+        ComfyUI's weight conversion and ``comfy.lora.calculate_weight`` applied.
+        """
         entry = self._entries[key]
         weight, convert = entry[0]
         if len(entry) == 1 and weight.device.type == "cpu" and getattr(convert, "__name__", "") == "<lambda>":
@@ -139,6 +147,7 @@ class DiffModels:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
                 "model_a": ("MODEL", {"tooltip": "Model A, the reference (e.g. the base model)."}),
@@ -157,6 +166,12 @@ class DiffModels:
 
     def diff(self, model_a, model_b, tolerance=0.0, top_n=20, effective_rank=False, rank_time_budget=60.0,
              clip_a=None, clip_b=None):
+        """Diff MODEL B against MODEL A (and CLIP B against CLIP A when both are connected).
+
+        ``tolerance``: |Δ| at or below it counts as unchanged (weight units); ``rank_time_budget`` in seconds.
+        Returns ``(markdown, report JSON, plots IMAGE [3, H, W, 3])``. Raises the errors of
+        :func:`conceptlab.metrics.weight_diff.diff_sources` (``ValueError`` for different architectures/shapes).
+        """
         n = len(model_a.get_key_patches("diffusion_model."))
         if clip_a is not None and clip_b is not None:
             n += len(clip_a.patcher.get_key_patches())
@@ -193,6 +208,7 @@ class DiffFiles:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         choices = _file_choices() or ["checkpoints/"]
         return {
             "required": {
@@ -210,6 +226,13 @@ class DiffFiles:
 
     def diff(self, file_a, file_b, lora_strength=1.0, tolerance=0.0, top_n=20, effective_rank=False,
              rank_time_budget=60.0):
+        """Diff ``file_b`` against ``file_a`` (``"checkpoints/<name>"`` / ``"loras/<name>"``), LoRA ΔW scaled by
+        ``lora_strength``. Returns ``(markdown, report JSON, plots IMAGE)``.
+
+        Raises ``ValueError`` for a choice outside the checkpoints / loras folders, ``FileNotFoundError`` for a
+        name ComfyUI does not list, and the errors of
+        :func:`conceptlab.metrics.weight_diff.diff_files` (unreadable files, incompatible architectures).
+        """
         from ..metrics.weight_diff import diff_files
 
         pa, pb = _resolve_choice(file_a), _resolve_choice(file_b)
@@ -241,6 +264,7 @@ class CompareDiffReports:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
                 "report_1": ("STRING", {"forceInput": True,
@@ -253,6 +277,11 @@ class CompareDiffReports:
         }
 
     def compare(self, report_1, report_2, label_1="", label_2=""):
+        """Ratios report_2 / report_1 of two diff-report JSON strings.
+
+        Returns ``(markdown, comparison JSON, plot IMAGE [1, H, W, 3])``. Raises ``ValueError`` when an input is
+        not JSON object text, and the errors of :func:`conceptlab.metrics.weight_diff.compare_reports`.
+        """
         from ..metrics.diff_cli import dumps_report
         from ..metrics.diff_plots import plot_compare
         from ..metrics.diff_report import compare_markdown

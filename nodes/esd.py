@@ -49,6 +49,7 @@ class ConceptLabGridMasks:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {"required": {
             "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
                               "tooltip": "Mask width in pixels: use the eraser's training resolution."}),
@@ -66,6 +67,12 @@ class ConceptLabGridMasks:
         }}
 
     def build(self, width, height, grid_n, centre_size, weights=""):
+        """Grid + centre masks of ``height`` × ``width`` px (:func:`conceptlab.training.masks.grid_masks`).
+
+        Returns ``(MASK [M, H, W] float 0/1, preview IMAGE [1, H', W', 3], weights STRING)`` with M = grid_n² (+1
+        with a centre mask); weights are normalised to sum 1. Raises ``ValueError`` for bad weights (count,
+        negative or non-numeric values; see :func:`conceptlab.training.masks.normalize_weights`).
+        """
         from ..training.masks import grid_masks, mask_preview, normalize_weights, parse_weights
         from .comfy_host import numpy_to_image
 
@@ -94,6 +101,7 @@ class ConceptLabESDErase:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x / SD2.x)."}),
@@ -166,6 +174,17 @@ class ConceptLabESDErase:
     def erase(self, model, clip, concepts, prompt_variations, variations, method, xt_source, negative_guidance,
               iterations, lr, seed, resolution, start_guidance, ddim_steps, prompt_order, mask_mode, save_name,
               lora_rank, save_dtype, save_on_cancel, masks=None, mask_weights=""):
+        """Run :func:`conceptlab.training.esd.erase` on a clone of ``model`` (Gandikota et al. 2023, ICCV).
+
+        ``resolution`` in px (square); ``masks`` MASK ``[M, H, W]`` with ``mask_weights`` text. Saves
+        ``output/loras/<save_name>_NNNNN.safetensors`` (+ optional SVD LoRA of ``lora_rank``) and the JSON / plot
+        under ``output/esd/`` unless ``save_name`` is empty. Returns ``(MODEL, file name relative to loras/,
+        loss-plot IMAGE [1, H, W, 3], stats JSON)``.
+
+        Raises ``ValueError`` for bad settings before training starts (:meth:`ESDConfig.validate`, output path
+        outside the output folder), ``FloatingPointError`` when training diverges, and re-raises ComfyUI's
+        interrupt after saving the partial result when ``save_on_cancel`` is set.
+        """
         from PIL import Image
 
         from ..formats.safetensors_io import atomic_output, parse_dtype
@@ -245,6 +264,7 @@ class ConceptLabErasureCompare:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         samplers, schedulers = _samplers()
         return {"required": {
             "original": ("MODEL", {"tooltip": "The model before erasure."}),
@@ -270,6 +290,11 @@ class ConceptLabErasureCompare:
 
     def compare(self, original, erased, clip, vae, concept_prompts, unrelated_prompts, negative, seed, steps, cfg,
                 sampler_name, scheduler, width, height):
+        """Sample every prompt (seed + i) on both models with ComfyUI's sampler.
+
+        Returns ``(grid IMAGE [1, H', W', 3], images IMAGE [2·P, height, width, 3])`` in the order original,
+        erased per prompt. Raises ``ValueError`` when both prompt lists are empty.
+        """
         from ..training.esd_outputs import comparison_grid
         from ..training.prompts import parse_prompt_lines
         from . import comfy_host as ch

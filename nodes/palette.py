@@ -91,6 +91,7 @@ class ConceptLabPaletteMetrics:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "Pixel-art render(s) to measure; batches give one report each."}),
@@ -109,6 +110,12 @@ class ConceptLabPaletteMetrics:
         }
 
     def run(self, image, tolerance=5.0, palette="", caption="", cells=0, background=""):
+        """Report each image of IMAGE ``[B, H, W, 3]`` float 0..1.
+
+        ``tolerance`` in ΔE00 (CIEDE2000, Sharma et al. 2005); ``cells`` 0 = detect the grid. Returns
+        ``(json, annotated IMAGE [B, H', W, 3])``. Raises ``ValueError`` for a malformed ``palette`` hex code or
+        ``background`` (:class:`~conceptlab.metrics.color.MalformedHexError`).
+        """
         targets = _targets(palette, caption)
         imgs = image_to_numpy(image)
         prog = Progress(len(imgs))
@@ -138,6 +145,7 @@ class ConceptLabGridSnap:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {"image": ("IMAGE", {"tooltip": "Pixel-art render(s) to snap."})},
             "optional": {"cells": ("INT", {"default": 0, "min": 0, "max": 4096,
@@ -145,6 +153,11 @@ class ConceptLabGridSnap:
         }
 
     def run(self, image, cells=0):
+        """Snap each image of IMAGE ``[B, H, W, 3]`` float 0..1 to its grid (``cells`` 0 = detect).
+
+        Returns ``(native IMAGE [B, cy, cx, 3], clean IMAGE [B, H, W, 3], grid JSON)``; batches of different sizes
+        are padded to the largest.
+        """
         natives, cleans, grids = [], [], []
         imgs = image_to_numpy(image)
         prog = Progress(len(imgs))
@@ -172,6 +185,7 @@ class ConceptLabPaletteExtract:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "Image(s) to take the palette from."}),
@@ -186,8 +200,15 @@ class ConceptLabPaletteExtract:
         }
 
     def run(self, image, k=8, method="kmeans", seed=0, snap_grid=True):
+        """``k`` (1..256) dominant colours of each image of IMAGE ``[B, H, W, 3]`` float 0..1.
+
+        Returns ``(swatch IMAGE [B, 64, 512, 3], hex lines)``; see
+        :func:`conceptlab.metrics.palette.extract_palette` for the methods and their sources.
+        """
         rows, hexes = [], []
-        for rgb in image_to_numpy(image):
+        imgs = image_to_numpy(image)
+        prog = Progress(len(imgs))
+        for rgb in imgs:
             src = snap(rgb, detect_grid(rgb)) if snap_grid else rgb
             pal = extract_palette(src, int(k), method, int(seed))
             row = np.zeros((64, 512, 3), np.uint8)
@@ -198,6 +219,7 @@ class ConceptLabPaletteExtract:
                 x += wpx
             rows.append(row)
             hexes.append(",".join(p["hex"] for p in pal))
+            prog.update()
         return (numpy_to_image(rows), "\n".join(hexes))
 
 
@@ -214,6 +236,7 @@ class ConceptLabPaletteQuantize:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "Image(s) to quantize."}),
@@ -225,6 +248,10 @@ class ConceptLabPaletteQuantize:
         }
 
     def run(self, image, k=16, palette=""):
+        """Quantize each image of IMAGE ``[B, H, W, 3]`` float 0..1 to ``palette`` (hex list) or ``k`` own colours.
+
+        Returns ``(IMAGE [B, H, W, 3],)``. Raises ``ValueError`` naming the malformed hex code in ``palette``.
+        """
         pal = None
         if palette and palette.strip():
             try:

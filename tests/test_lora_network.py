@@ -123,3 +123,25 @@ def test_from_kohya_state_dict_rejects_foreign_files():
     with pytest.raises(ValueError, match="no LoRA key"):
         LoRANetwork.from_kohya_state_dict(host, {"lora_unet_nothing_here.lora_down.weight": torch.zeros(1, 2),
                                                  "lora_unet_nothing_here.lora_up.weight": torch.zeros(2, 1)})
+
+
+def test_from_kohya_state_dict_names_the_module_of_a_damaged_or_foreign_entry():
+    host = tiny_host()
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    out_f, in_f = host.modules("unet")["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"].weight.shape
+    with pytest.raises(ValueError, match=f"{name}.*no lora_up"):
+        LoRANetwork.from_kohya_state_dict(host, {f"{name}.lora_down.weight": torch.zeros(2, in_f)})
+    with pytest.raises(ValueError, match=f"{name}.*do not fit"):
+        LoRANetwork.from_kohya_state_dict(host, {f"{name}.lora_down.weight": torch.zeros(2, in_f + 8),
+                                                 f"{name}.lora_up.weight": torch.zeros(out_f, 2)})
+
+
+def test_per_sample_loss_rejects_unknown_loss_types():
+    from conceptlab.training.trainer import per_sample_loss
+
+    p, t = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    assert torch.equal(per_sample_loss(p, t, "l2"), torch.ones(2))
+    with pytest.raises(ValueError, match="loss_type"):
+        per_sample_loss(p, t, "mse")
+    with pytest.raises(ValueError, match="huber_c"):
+        per_sample_loss(p, t, "huber")

@@ -419,3 +419,67 @@ def test_full_rank_diff_file_against_its_checkpoint(tmp_path):
     assert row["mean_abs"] == pytest.approx(np.abs(exp).mean(), rel=1e-6)
     assert row["rel_change"] == pytest.approx(np.linalg.norm(exp) / np.linalg.norm(a[key].double().numpy()),
                                               rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _np_tensor_stats(a: np.ndarray, b: np.ndarray, tol: float) -> dict:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    d = b64 - a64
+    return {"params": d.size, "mean_abs": np.abs(d).mean(), "max_abs": np.abs(d).max(), "std": d.std(),
+            "rms": np.sqrt((d * d).mean()), "mean": d.mean(), "rel_change": np.linalg.norm(d) / np.linalg.norm(a64),
+            "cosine": (a64 @ b64) / (np.linalg.norm(a64) * np.linalg.norm(b64)),
+            "frac_changed": np.count_nonzero(np.abs(d) > tol) / d.size}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 0.0), (torch.bfloat16, 0.0), (torch.float32, 2e-3)])
+def test_multi_chunk_tensors_match_numpy_exactly(dtype, tol):
+    """Tensors spanning several CHUNKs (plus a ragged tail, some elements unchanged) go through the chunked
+    fast path: every statistic must equal numpy's float64 result on the same data, at float32-sum accuracy."""
+    from conceptlab.metrics import weight_diff as wd
+
+    g = torch.Generator().manual_seed(11)
+    n = 5 * (2 * wd.CHUNK // 5 + 12_345)
+    a = (torch.randn(n, generator=g) * 0.05).to(dtype)
+    d = torch.randn(n, generator=g) * 1e-3
+    d[::7] = 0  # unchanged elements
+    b = (a.float() + d).to(dtype).reshape(-1, 5)
+    a = a.reshape(-1, 5)
+    key = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    rep = diff_pairs(iter([TensorPair(key, a, b)]), arch="sd1", options=DiffOptions(tolerance=tol))
+    exp = _np_tensor_stats(a.float().numpy(), b.float().numpy(), tol)
+    row = rep["tensors"][0]
+    for k, v in exp.items():
+        assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-15), k
+    assert_stats(rep["by_layer_type"]["attn2.to_k"], {k: exp[k] for k in ("mean_abs", "max_abs", "std", "rms")},
+                 rtol=1e-6)
+    # the |Δ| histogram is sampled on big tensors but weighted back to every element
+    h = rep["histogram"]
+    assert sum(h["counts"]) + h["zeros"] == pytest.approx(n, rel=0.01)
+    # delta form (B = A + Δ, e.g. a LoRA) and a partly-NaN copy through the masked float64 path
+    rep_d = diff_pairs(iter([TensorPair(key, a, delta=b.float() - a.float())]), arch="sd1")
+    assert rep_d["tensors"][0]["mean_abs"] == pytest.approx(exp["mean_abs"], rel=1e-6)
+    bn = b.clone()
+    bn.view(-1)[wd.CHUNK + 3] = float("nan")
+    rep_n = diff_pairs(iter([TensorPair(key, a, bn)]), arch="sd1")
+    ok = torch.isfinite(bn.view(-1))
+    dn = (bn.view(-1)[ok].double() - a.view(-1)[ok].double()).numpy()
+    assert rep_n["tensors"][0]["nonfinite_b"] == 1
+    assert rep_n["tensors"][0]["mean_abs"] == pytest.approx(np.abs(dn).sum() / n, rel=1e-9)
+
+
+def test_multi_chunk_identical_and_below_resolution_counts():
+    from conceptlab.metrics import weight_diff as wd
+
+    g = torch.Generator().manual_seed(12)
+    n = wd.CHUNK + 999
+    a = torch.randn(n, generator=g) * 0.5
+    key = UNET + "input_blocks.1.1.proj_in.weight"
+    rep = diff_pairs(iter([TensorPair(key, a, a.clone())]), arch="sd1")
+    row = rep["tensors"][0]
+    assert row["identical"] and row["max_abs"] == 0 and row["cosine"] == pytest.approx(1.0)
+    assert rep["histogram"]["zeros"] == n
+    # fp32 B with tiny changes vs fp16 storage: exact count of changes lost in fp16, every element
+    b = a + torch.randn(n, generator=g) * 1e-5
+    s, _ = wd.tensor_sums(a, b, resolution_dtype=torch.float16)
+    exp = int(((a != b) & (a.half() == b.half())).sum())
+    assert s.below_resolution == exp > 0

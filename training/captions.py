@@ -54,6 +54,9 @@ class CaptionConfig:
         secondary_separator: replaced by ``caption_separator`` after shuffling (tags that move together).
         enable_wildcard: multi-line captions pick a random line; ``{a|b|c}`` picks one option.
         token_warmup_min / token_warmup_step: kohya's tag warm-up (step < 1 is a fraction of max steps).
+
+    Source: kohya-ss/sd-scripts ``library/train_util.py`` (``BaseSubset`` fields, ``process_caption``).
+    Construction does not check values: call :meth:`validate` (``ValueError``), as :meth:`from_mapping` does.
     """
 
     caption_prefix: str = ""
@@ -113,7 +116,10 @@ class CaptionConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> "CaptionConfig":
-        """Build from a (flattened kohya) mapping, ignoring unrelated keys and ``None`` values."""
+        """Build from a (flattened kohya) mapping, ignoring unrelated keys and ``None`` values.
+
+        Raises ``ValueError`` via :meth:`validate`.
+        """
         names = {f.name: f for f in fields(cls)}
         kw = {}
         for k, v in values.items():
@@ -127,6 +133,7 @@ class CaptionConfig:
         return cfg.validate()
 
     def to_dict(self) -> dict:
+        """All fields as a plain dict (``dataclasses.asdict``)."""
         return asdict(self)
 
 

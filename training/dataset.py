@@ -35,7 +35,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -97,7 +97,12 @@ class DatasetOptions:
         return int(r), int(r)
 
     def validate(self) -> "DatasetOptions":
-        """Check values; raises ``ValueError`` (kohya's messages where kohya asserts)."""
+        """Check values; raises ``ValueError`` (kohya's messages where kohya asserts). Returns ``self``.
+
+        With bucketing on, ``min_bucket_reso`` is rounded down and ``max_bucket_reso`` up to a multiple of
+        ``bucket_reso_steps`` in place (as kohya's ``BucketManager`` does). ``background`` is checked by
+        :func:`parse_color`.
+        """
         w, h = self.size
         if w < 8 or h < 8:
             raise ValueError(f"resolution must be at least 8 px, got {w}x{h}")
@@ -125,7 +130,8 @@ class DatasetOptions:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> "DatasetOptions":
-        """Build from a (flattened kohya) mapping; unrelated keys and ``None`` values are ignored."""
+        """Build from a (flattened kohya) mapping; unrelated keys and ``None`` values are ignored (except
+        ``validation_seed``, where ``None`` means "the training seed"). Raises ``ValueError`` via :meth:`validate`."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in values.items() if k in names and v is not None}
         if "validation_seed" in values:
@@ -133,6 +139,7 @@ class DatasetOptions:
         return cls(**kw).validate()
 
     def to_dict(self) -> dict:
+        """All fields as a plain dict, with ``resolution`` normalised to ``[width, height]``."""
         d = asdict(self)
         d["resolution"] = list(self.size)
         return d
@@ -183,7 +190,9 @@ class BucketManager:
     """Kohya's ``BucketManager.select_bucket`` (train_util.py) for one dataset's options.
 
     ``select(w, h) -> (bucket_reso (w, h), resized_size (w, h), aspect-ratio error)``: the image is resized to
-    ``resized_size`` then centre-cropped to ``bucket_reso``.
+    ``resized_size`` then centre-cropped to ``bucket_reso``. All sizes in pixels; the error is
+    ``bucket_w/bucket_h − width/height`` (signed). Source: kohya-ss/sd-scripts ``library/train_util.py``
+    ``BucketManager.select_bucket`` / ``round_to_steps``.
     """
 
     def __init__(self, opts: DatasetOptions):
@@ -205,6 +214,12 @@ class BucketManager:
         return x - x % self.steps
 
     def select(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], float]:
+        """``(bucket_reso, resized_size, ar_error)`` for an image of ``width`` × ``height`` px (both ≥ 1).
+
+        Predefined buckets: the one of nearest aspect ratio, resized to cover it. ``bucket_no_upscale``: images
+        above the max area are scaled down to it, then the bucket is the size rounded down to the step.
+        Raises :class:`DatasetError` when, with ``bucket_no_upscale``, the image is smaller than one step.
+        """
         ar = width / height
         if not self.no_upscale:
             reso = (width, height)
@@ -308,7 +323,10 @@ def prepare_image(path: str | os.PathLike, bucket_reso: tuple[int, int], resized
                   interpolation: str = "auto", background: tuple[int, int, int] = (255, 255, 255)) -> torch.Tensor:
     """Load, composite, resize and centre-crop one image to its bucket (kohya ``trim_and_resize_if_required``).
 
-    Returns float32 ``[3, H, W]`` in ``[-1, 1]`` with ``(W, H) = bucket_reso``.
+    Returns float32 ``[3, H, W]`` in ``[-1, 1]`` with ``(W, H) = bucket_reso``. ``bucket_reso`` /
+    ``resized_size`` are ``(w, h)`` in pixels, ``resized_size`` ≥ ``bucket_reso`` on both sides; ``background``
+    is the uint8 RGB colour transparency is composited on.
+    Raises :class:`DatasetError` for an unreadable image or a ``resized_size`` smaller than the bucket.
     """
     img = open_rgb(path, background)
     w, h = img.size

@@ -23,7 +23,12 @@ from .host import DeltaModule, DiffusionHost
 
 def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                       beta_end: float = 0.012) -> torch.Tensor:
-    """ᾱ_t of Stable Diffusion's "scaled_linear" schedule (LDM config: linear in sqrt(β)), float32 ``[T]``."""
+    """ᾱ_t of Stable Diffusion's "scaled_linear" schedule (LDM config: linear in sqrt(β)), float32 ``[T]``.
+
+    β_t = linspace(√β_start, √β_end, T)², ᾱ_t = ∏(1 − β_s) — as CompVis ``ldm/modules/diffusionmodules/util.py``
+    ``make_beta_schedule("linear")`` and diffusers ``DDPMScheduler(beta_schedule="scaled_linear")``.
+    Values decrease from ≈0.99915 to ≈0.0047 for the SD defaults.
+    """
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
 
@@ -44,7 +49,10 @@ class DiffusersHost(DiffusionHost):
         alphas_cumprod: ``[T]`` float32; default SD's scaled_linear schedule.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         arch: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (naming / metadata only).
-        device, dtype: where and in which dtype the frozen weights run.
+        device, dtype: where and in which dtype the frozen weights run (the VAE always runs in fp32).
+
+    Raises:
+        ValueError: ``prediction_type`` other than ``"epsilon"`` / ``"v_prediction"``.
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, tokenizer: Callable | None,
@@ -132,6 +140,7 @@ class DiffusersHost(DiffusionHost):
 
     # -- modules and deltas -------------------------------------------------------------------------------------
     def components(self) -> list[str]:
+        """``["unet", "te"]``, or ``["unet"]`` when the host has no text encoder."""
         return ["unet"] + (["te"] if self.text_encoder is not None else [])
 
     def _root(self, component: str) -> nn.Module:
@@ -142,6 +151,12 @@ class DiffusersHost(DiffusionHost):
         raise ValueError(f"this model has no component {component!r} (has {self.components()})")
 
     def modules(self, component: str) -> dict[str, nn.Module]:
+        """Leaf ``nn.Linear`` / ``nn.Conv2d`` modules of ``"unet"`` or ``"te"`` keyed by their diffusers path.
+
+        Text-encoder paths always start with ``text_model.`` (transformers 5.x drops that level; kohya and
+        ComfyUI names need it). Modules inside installed parametrizations are skipped.
+        Raises ``ValueError`` for a component this host does not have.
+        """
         root = self._root(component)
         out = {}
         for name, mod in root.named_modules():
@@ -152,6 +167,15 @@ class DiffusersHost(DiffusionHost):
         return out
 
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
+        """Register ``delta`` as a ``torch.nn.utils.parametrize`` parametrization of ``<component>.<path>.<attr>``.
+
+        The delta is moved to :attr:`device`; the frozen weight is kept as ``parametrizations.<attr>.original``.
+
+        Raises:
+            ValueError: ``attr`` not ``"weight"``/``"bias"``, the module has no such tensor (e.g. ``bias=False``),
+                a delta is already installed there, or an unknown ``component``.
+            KeyError: ``path`` is not a module of ``component`` (see :meth:`modules`).
+        """
         if attr not in ("weight", "bias"):
             raise ValueError(f"attr must be 'weight' or 'bias', not {attr!r}")
         mods = self.modules(component)
@@ -168,6 +192,7 @@ class DiffusersHost(DiffusionHost):
         self._installed[key] = delta
 
     def clear_deltas(self) -> None:
+        """Remove every installed parametrization, restoring the original (frozen) tensors."""
         for (component, path, attr) in list(self._installed):
             mod = self.modules(component)[path]
             if parametrize.is_parametrized(mod, attr):
@@ -175,6 +200,7 @@ class DiffusersHost(DiffusionHost):
         self._installed.clear()
 
     def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
+        """A copy of ``{(component, path, attr): delta}`` for the installed deltas."""
         return dict(self._installed)
 
     # -- conditioning, prediction, VAE --------------------------------------------------------------------------
@@ -189,17 +215,27 @@ class DiffusersHost(DiffusionHost):
         return ids.to(self.device)
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Last-layer CLIP hidden states ``[B, 77, D]`` (compute dtype, on :attr:`device`).
+
+        Tokenized to ``tokenizer.model_max_length`` with padding/truncation when the tokenizer is a
+        transformers tokenizer, else by calling it. Raises ``ValueError`` when the host has no text encoder
+        or no tokenizer.
+        """
         if self.text_encoder is None:
             raise ValueError("this host has no text encoder")
         ids = self._tokenize(prompts)
         return self.text_encoder(ids)[0]
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """UNet output ``[B, C, h, w]`` (compute dtype) for ``x_t`` ``[B, C, h, w]``, int ``timesteps`` ``[B]``,
+        context ``cond`` ``[B, 77, D]``; inputs are moved/cast to :attr:`device` / :attr:`dtype`."""
         return self.unet(x_t.to(self.device, self.dtype), timesteps.to(self.device),
                          encoder_hidden_states=cond.to(self.device, self.dtype)).sample
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mean × ``vae.config.scaling_factor``: ``[B, 3, H, W]`` in ``[-1, 1]`` → fp32 CPU
+        ``[B, latent_channels, H/8, W/8]``. Raises ``ValueError`` when the host has no VAE."""
         if self.vae is None:
             raise ValueError("this host has no VAE")
         dist = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
@@ -207,6 +243,10 @@ class DiffusersHost(DiffusionHost):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B, 4, h, w]`` → fp32 CPU images ``[B, 3, 8h, 8w]`` clamped to ``[0, 1]``.
+
+        Raises ``ValueError`` when the host has no VAE.
+        """
         if self.vae is None:
             raise ValueError("this host has no VAE")
         img = self.vae.decode(latents.to(self.device, torch.float32) / self.vae.config.scaling_factor).sample

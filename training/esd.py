@@ -194,6 +194,9 @@ class ESDConfig:
         width, height: training resolution in pixels (multiples of the host's ``vae_scale``).
         noised_cache: how many frozen-model samples to cache for ``xt_source="noised"`` without images.
         max_nan_skips: consecutive non-finite iterations tolerated (skipped) before stopping with an error.
+
+    Construction does not check anything; :meth:`validate` (called by :func:`erase` and
+    :func:`config_from_mapping`) raises ``ValueError``.
     """
 
     concepts: str | Sequence[str] = ""
@@ -220,7 +223,12 @@ class ESDConfig:
     max_nan_skips: int = 5
 
     def validate(self) -> None:
-        """Raise ``ValueError`` with a clear message for any out-of-range setting."""
+        """Raise ``ValueError`` with a clear message for any out-of-range setting.
+
+        Checks: non-empty concepts (:func:`.prompts.parse_concepts`), ``method`` / ``xt_source`` / ``mask_mode``
+        known, ``iterations`` ≥ 1, ``lr`` > 0 and finite, ``negative_guidance`` finite, ``ddim_steps`` ≥ 1,
+        ``width``/``height`` ≥ 8 px. (Divisibility by ``vae_scale`` and masks are checked by :func:`erase`.)
+        """
         parse_concepts(self.concepts)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -581,7 +589,10 @@ def erased_weights(host: DiffusionHost, result: ESDResult) -> dict[str, torch.Te
 
 
 def config_from_mapping(data: Mapping[str, Any]) -> ESDConfig:
-    """Build an :class:`ESDConfig` from a mapping (TOML table), rejecting unknown keys with a clear error."""
+    """Build an :class:`ESDConfig` from a mapping (TOML table), rejecting unknown keys with a clear error.
+
+    Raises ``ValueError`` for unknown keys (listing the known ones) or any :meth:`ESDConfig.validate` failure.
+    """
     known = set(ESDConfig.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:

@@ -49,6 +49,10 @@ class DeltaModule(nn.Module):
         """The change ΔW, shaped like the target weight."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D401 - callable contract
+        """Return ``weight + multiplier·delta()`` (any shape; result has ``weight``'s device and dtype).
+
+        Returns ``weight`` itself, unchanged, when :attr:`enabled` is False or :attr:`multiplier` is 0.
+        """
         if not self.enabled or self.multiplier == 0.0:
             return weight
         d = self.delta()
@@ -59,9 +63,11 @@ class DeltaModule(nn.Module):
     # ComfyUI's weight-wrapper bookkeeping (see comfy_extras/nodes_train.py BiasDiff): report memory use and
     # follow the model between devices.
     def passive_memory_usage(self) -> int:
+        """Bytes held by this module's parameters (ComfyUI weight-wrapper contract)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def move_to(self, device=None) -> int:
+        """Move the parameters to ``device`` (no-op for None) and return :meth:`passive_memory_usage` bytes."""
         if device is not None:
             self.to(device=device)
         return self.passive_memory_usage()
@@ -80,6 +86,7 @@ class FullDelta(DeltaModule):
         self.weight = nn.Parameter(torch.zeros(tuple(shape), dtype=torch.float32, device=device))
 
     def delta(self) -> torch.Tensor:
+        """The fp32 parameter itself, shaped like the target tensor (zeros until trained)."""
         return self.weight
 
 
@@ -207,7 +214,13 @@ def prediction_target(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
 
 def eps_from_prediction(output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor,
                         alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Convert a model output to ε (``"v_prediction"``: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t)."""
+    """Convert a model output to ε (``"v_prediction"``: ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t).
+
+    Inverse of the v-parameterization of Salimans & Ho 2022 (§4, Eq. 9-10 rearranged). Shapes: ``output`` and
+    ``x_t`` ``[B, C, h, w]``; ``timesteps`` int ``[B]``; ``alphas_cumprod`` ``[T]``. ``"epsilon"`` returns
+    ``output`` itself; the v path computes in fp32 and returns ``output``'s dtype.
+    Raises ``ValueError`` for a ``prediction_type`` other than ``"epsilon"`` / ``"v_prediction"``.
+    """
     if prediction_type == "epsilon":
         return output
     if prediction_type == "v_prediction":
@@ -218,7 +231,12 @@ def eps_from_prediction(output: torch.Tensor, x_t: torch.Tensor, timesteps: torc
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """Descending DDIM timesteps with diffusers' "leading" spacing (``DDIMScheduler.set_timesteps``)."""
+    """Descending DDIM timesteps with diffusers' "leading" spacing (``DDIMScheduler.set_timesteps``).
+
+    ``steps_offset=1`` as in the SD1 scheduler config, so for T=1000, 50 steps → ``[981, 961, …, 1]``.
+    Returns ``steps`` Python ints in ``[0, num_train_timesteps)``; diffusers raises ``ValueError`` when
+    ``steps > num_train_timesteps``.
+    """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing="leading",

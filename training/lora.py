@@ -67,6 +67,12 @@ class LoRADelta(DeltaModule):
 
     Parameters (fp32): ``lora_down`` ``[r, in(, kh, kw)]``, ``lora_up`` ``[out, r(, 1, 1)]`` — kohya's layouts, so
     tensors are saved as they are. Buffer ``alpha`` (scalar fp32).
+
+    Source: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", Eq. 3 (ΔW = B·A scaled by
+    α/r); layouts and init as kohya-ss/sd-scripts ``networks/lora.py`` ``LoRAModule``.
+
+    Raises:
+        ValueError: ``weight_shape`` not 2-D / 4-D, or ``dim`` < 1.
     """
 
     def __init__(self, weight_shape: Iterable[int], dim: int, alpha: float | None,
@@ -95,9 +101,14 @@ class LoRADelta(DeltaModule):
 
     @property
     def scale(self) -> float:
+        """``alpha / dim`` (kohya's ``LoRAModule.scale``); 1.0 when alpha defaulted to ``dim``."""
         return float(self.alpha) / self.dim
 
     def delta(self) -> torch.Tensor:
+        """ΔW = ``(lora_up·rank_mask) @ lora_down · alpha/dim`` as fp32 shaped :attr:`weight_shape`.
+
+        Returns a 0-d fp32 zero (broadcasts in ``weight + delta``) while :attr:`module_off` (module dropout).
+        """
         if self.module_off:
             return torch.zeros((), dtype=self.lora_up.dtype, device=self.lora_up.device)
         up = self.lora_up.flatten(1)
@@ -171,6 +182,10 @@ class LoRANetwork(nn.Module):
     ``state_dict()`` of this module holds fp32 ``<name>.lora_down`` / ``<name>.lora_up`` / ``<name>.alpha``
     (the training-state format); :meth:`kohya_modules` gives the tuples ``formats.lora_files.save_kohya_lora``
     writes.
+
+    ``dropout`` is kohya's ``rank_dropout`` semantics (see module docstring), ``module_dropout`` kohya's
+    ``module_dropout``; ``seed`` seeds the dropout-mask generator. Raises ``ValueError`` when either dropout is
+    outside ``[0, 1)``.
     """
 
     def __init__(self, targets: list[LoRATarget], deltas: Mapping[str, LoRADelta], *, dropout: float = 0.0,
@@ -195,6 +210,7 @@ class LoRANetwork(nn.Module):
 
         ``seed`` fixes the kaiming init of every ``lora_down`` (drawn in target order). Shapes come from the
         host's module weights; parameters are fp32 on CPU (moved to the host device by :meth:`install`).
+        Raises ``ValueError`` when no module is selected (:func:`kohya_targets`) or a dropout is outside [0, 1).
         """
         targets = kohya_targets(host, network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim,
                                 conv_alpha=conv_alpha, train_unet=train_unet,
@@ -212,7 +228,8 @@ class LoRANetwork(nn.Module):
 
         Names are matched against the kohya names of every module the host has (no ``_`` guessing).
         Returns ``(network, unmatched_keys)``. Raises ``ValueError`` if no key matches (wrong model or not a
-        kohya LoRA).
+        kohya LoRA), and also when a matched name's ``lora_up.weight`` is missing or a tensor's size does not fit
+        the model's module (both messages name the module). A missing ``alpha`` means alpha = rank (kohya).
         """
         by_name: dict[str, tuple[str, str, nn.Module]] = {}
         for comp in host.components():
@@ -225,10 +242,16 @@ class LoRANetwork(nn.Module):
                 unmatched.extend(k for k in state if k.startswith(name + "."))
                 continue
             comp, path, mod = by_name[name]
+            if f"{name}.lora_up.weight" not in state:
+                raise ValueError(f"LoRA module {name}: has lora_down.weight but no lora_up.weight (damaged file?)")
             down = state[f"{name}.lora_down.weight"].float()
             up = state[f"{name}.lora_up.weight"].float()
             alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(down.shape[0])
             d = LoRADelta(tuple(mod.weight.shape), down.shape[0], alpha)
+            if down.numel() != d.lora_down.numel() or up.numel() != d.lora_up.numel():
+                raise ValueError(
+                    f"LoRA module {name}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit the "
+                    f"model's {comp}.{path} weight {tuple(mod.weight.shape)} (a LoRA for another model family?)")
             with torch.no_grad():
                 d.lora_down.copy_(down.view_as(d.lora_down))
                 d.lora_up.copy_(up.view_as(d.lora_up))
@@ -244,7 +267,11 @@ class LoRANetwork(nn.Module):
 
     # -- host ---------------------------------------------------------------------------------------------------
     def install(self, host: DiffusionHost) -> None:
-        """Install every module on ``host`` (moved to its device, fp32). Raises if already installed elsewhere."""
+        """Install every module on ``host`` (moved to its device, fp32) via ``host.install_delta``.
+
+        Raises ``RuntimeError`` if this network is already installed (call :meth:`remove` first); any error from
+        ``host.install_delta`` (``ValueError`` / ``KeyError``) is re-raised after ``host.clear_deltas()``.
+        """
         if self._host is not None:
             raise RuntimeError("this LoRA network is already installed; call remove() first")
         self.to(host.device)
@@ -265,6 +292,7 @@ class LoRANetwork(nn.Module):
             self._host = None
 
     def set_multiplier(self, value: float) -> None:
+        """Scale every module's ΔW by ``value`` (kohya's ``multiplier``; 0 disables, 1 is full strength)."""
         for d in self.loras.values():
             d.multiplier = float(value)
 
@@ -305,7 +333,11 @@ class LoRANetwork(nn.Module):
         return out
 
     def load_kohya_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy weights for every module of this network from flat kohya keys; ``KeyError`` if one is missing."""
+        """Copy ``lora_down`` / ``lora_up`` for every module of this network from flat kohya keys.
+
+        ``alpha`` entries are not read: the network keeps its own. Raises ``KeyError`` if a key is missing and
+        ``RuntimeError`` if a tensor's size does not match.
+        """
         with torch.no_grad():
             for name, d in self.loras.items():
                 d.lora_down.copy_(state[f"{name}.lora_down.weight"].to(d.lora_down).view_as(d.lora_down))

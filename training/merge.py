@@ -157,6 +157,7 @@ def trim_top_k(tau: Tensor, density: float) -> Tensor:
     ``density`` in [0, 1] (1 keeps everything, 0 nothing). Exactly k entries are kept (ties in magnitude are
     broken by ``torch.topk``'s order). Returns a float32 tensor shaped like ``tau``.
     Source: Yadav et al. 2023, "TIES-Merging", Alg. 1 step 1 (keep top-k% by magnitude).
+    Raises ``ValueError`` for ``density`` outside [0, 1].
     """
     if not 0.0 <= float(density) <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
@@ -216,7 +217,7 @@ def key_seed(seed: int, key: str, index: int = 0) -> int:
 
 def dare_drop(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
     """DARE "drop and rescale": keep each entry with probability ``density`` (= 1 − p), scale kept ones by
-    ``1/density``; ``density`` in (0, 1] (0 returns zeros).
+    ``1/density``; ``density`` in [0, 1] (0 returns zeros, 1 a copy); ``ValueError`` outside [0, 1].
 
     The Bernoulli mask is drawn on the CPU from ``generator`` (``torch.rand < density``), so results do not
     depend on the device. Returns float32. Source: Yu et al. 2023, "Language Models are Super Mario:
@@ -241,6 +242,8 @@ def dare(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], dens
     ``density`` = keep probability (the paper's drop rate p = 1 − density). Weights are not normalised
     (task arithmetic); with weights (1 − α, α) and density 1 this equals :func:`weighted_sum`.
     Returns float32. Source: Yu et al. 2023 (DARE), Eq. 2 followed by task arithmetic (Ilharco et al. 2023).
+    Raises ``ValueError`` when there are no models, the weight count differs from the model count, or
+    ``density`` is outside [0, 1].
     """
     if not tensors or len(tensors) != len(weights):
         raise ValueError(f"need one weight per model, got {len(tensors)} models and {len(weights)} weights")
@@ -457,6 +460,8 @@ class MergePlan:
         te: ``"merge"`` (text encoder merged with ``te_alpha``, default BASE weight) or ``"a"`` (from A).
         vae: ``"merge"`` (with ``vae_alpha``, default BASE weight) or ``"a"`` (from A, the default).
         other: keys outside UNet / text encoder / VAE (``alphas_cumprod``, EMA bookkeeping …) come from A.
+
+    Raises ``ValueError`` (at construction) when ``te`` or ``vae`` is not ``"merge"`` / ``"a"``.
     """
 
     arch: str
@@ -476,6 +481,7 @@ class MergePlan:
 
     @property
     def base_weight(self) -> float:
+        """The BASE B-weight: the block weights' BASE entry when given, else :attr:`alpha`."""
         return self.block_weights.weight(None) if self.block_weights is not None else float(self.alpha)
 
     def weight_for(self, key: str, component: str | None = None) -> float | None:

@@ -134,12 +134,14 @@ class _Source:
 
 
 class _PreadSafetensors:
-    """Tensor reads from a safetensors file with ``os.preadv`` into fresh buffers, hashing the file on the way.
+    """Tensor reads from a safetensors file with ``os.preadv`` into buffers of their own, hashing the file on
+    the way (POSIX; elsewhere the merge reads through :class:`WeightFile` and hashes on a separate thread).
 
     ``safetensors.safe_open`` memory-maps the whole file, and every page a merge touches then counts in the
     process's resident set until the map is closed (≈ the size of all inputs for a full pass). Reading each
-    tensor with ``preadv`` straight into the buffer of a new tensor (one copy, page cache → tensor) keeps the
-    resident set at the tensors in flight, and the tensor is the merge's own: it may be computed in place.
+    tensor with ``preadv`` straight into the buffer of a tensor (one copy, page cache → tensor; the buffer new
+    or lent by a :class:`_BufferPool`) keeps the resident set at the tensors in flight, and the tensor is the
+    merge's own: it may be computed in place. ``posix_fadvise(WILLNEED)`` keeps the disk reading ahead.
 
     SHA-256 while reading: every data byte of the file passes through memory here anyway, so the input hash
     is fed from the same buffers instead of reading the files a second time. The hash needs the bytes in
@@ -223,12 +225,17 @@ class _PreadSafetensors:
             pos += got
         self._cursor = stop
 
+    def finish_hash(self) -> None:
+        """Hash whatever the reads did not cover, up to the end of the file (the pipeline's reader thread
+        calls it after its last tensor, while the other stages are still busy). No-op without hashing."""
+        if self._sha is not None and self._cursor < self._size:
+            self._hash_range(self._cursor, self._size)
+
     def hexdigest(self) -> str:
-        """SHA-256 of the whole file (hashes the bytes the reads did not cover, in order). Hashing only."""
+        """SHA-256 of the whole file (first hashing, in order, the bytes the reads did not cover)."""
         if self._sha is None:
             raise RuntimeError("this reader was opened without hashing")
-        if self._cursor < self._size:
-            self._hash_range(self._cursor, self._size)
+        self.finish_hash()
         return self._sha.hexdigest()
 
     def data_offset(self, key: str) -> int:
@@ -297,8 +304,8 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 
 
 def _fast_reader(src: "_Source", hash_file: bool = False):
-    if src is None or not src.is_file or src.obj.format != "safetensors":
-        return None
+    if src is None or not src.is_file or src.obj.format != "safetensors" or not hasattr(os, "preadv"):
+        return None  # (Windows has no pread/preadv: WeightFile's memory map is used there)
     return _PreadSafetensors(src.obj, hash_file=hash_file)
 
 
@@ -605,11 +612,12 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                 hasher.start()
         with SafetensorsStreamWriter(out_path, specs, metadata=metadata, overwrite=overwrite) as writer:
             pool = _BufferPool()
-            readers = [lambda j: sa.get(j.key, pool)]
+            readers = [(lambda j: sa.get(j.key, pool), sa)]
             if sb is not None:
-                readers.append(lambda j: sb.get(j.key, pool) if j.action == "merge" else None)
+                readers.append((lambda j: sb.get(j.key, pool) if j.action == "merge" else None, sb))
             if sc is not None:
-                readers.append(lambda j: sc.get(j.key, pool) if j.action == "merge" and sc.has(j.key) else None)
+                readers.append((lambda j: sc.get(j.key, pool) if j.action == "merge" and sc.has(j.key) else None, sc))
+            readers = [(read, src.reader.finish_hash if src.reader is not None else None) for read, src in readers]
 
             def write(key, tensor):
                 writer.write(key, tensor)
@@ -678,7 +686,8 @@ def _torch_threads(n: int | None):
 def _pipeline(jobs, readers, compute, write, progress, depth: int = 3) -> None:
     """One reader thread per input → compute (caller's thread) → write (thread), each ``depth`` tensors ahead.
 
-    ``readers[i](job)`` returns input ``i``'s tensor for ``job`` (or ``None`` when the job does not need it);
+    ``readers[i] = (read, finish)``: ``read(job)`` returns input ``i``'s tensor for ``job`` (or ``None`` when
+    the job does not need it), ``finish()`` (or ``None``) runs on that reader's thread after its last job;
     ``compute(job, [t_0, t_1, …])`` returns the tensor ``write(key, tensor)`` appends. One thread per input
     lets A and B be read and hashed (page-cache copies and SHA-256 release the GIL) on both cores at once
     while the arithmetic and the output writes overlap them. Any exception in a stage stops the others and is
@@ -706,11 +715,13 @@ def _pipeline(jobs, readers, compute, write, progress, depth: int = 3) -> None:
                 if stop.is_set():
                     return _DONE
 
-    def reader(read, q):
+    def reader(read, finish, q):
         try:
             for job in jobs:
                 if not put(q, read(job)):
                     return
+            if finish is not None:
+                finish()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
             stop.set()
@@ -726,7 +737,7 @@ def _pipeline(jobs, readers, compute, write, progress, depth: int = 3) -> None:
             errors.append(exc)
             stop.set()
 
-    threads = [threading.Thread(target=reader, args=(r, q), daemon=True) for r, q in zip(readers, q_ins)]
+    threads = [threading.Thread(target=reader, args=(r, f, q), daemon=True) for (r, f), q in zip(readers, q_ins)]
     threads.append(threading.Thread(target=writer, daemon=True))
     for t in threads:
         t.start()

@@ -171,6 +171,7 @@ def resolve_tokenizer(tokenizer: Any = None, *, arch: str = "sd1", comfyui_path:
     Raises:
         TokenizerNotFound: an explicit folder is not a tokenizer folder, or no candidate exists (the message says
             how to supply one).
+        TypeError: ``tokenizer`` is neither a folder path nor a callable.
     """
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         if not callable(tokenizer):
@@ -297,6 +298,8 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         FileNotFoundError, formats.safetensors_io.WeightFileError: unreadable file.
         CheckpointLoadError: not SD1/SD2 (SDXL, Flux, inpainting, a LoRA...), or keys/shapes that do not match the
             configs (the message lists missing / unexpected keys and shape mismatches).
+        ValueError: ``prediction_type`` not ``"epsilon"`` / ``"v_prediction"``, an unknown ``config_overrides``
+            part, or an invalid shipped config (see :func:`load_configs`).
 
     Source: the key conversion is ``diffusers.loaders.single_file_utils`` (convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint; diffusers 0.42).
@@ -390,7 +393,8 @@ def load_host(path_or_folder: str | os.PathLike, **kw):
     A folder goes to :meth:`DiffusersHost.from_pretrained` (``device``, ``dtype`` only), a file to
     :meth:`DiffusersHost.from_single_file` (also ``tokenizer``, ``prediction_type``, ``configs_dir``,
     ``config_overrides``). Raises ``FileNotFoundError`` for a missing path (nothing is ever downloaded: a Hub id
-    is not accepted) and the errors of the chosen loader.
+    is not accepted), ``ValueError`` when single-file-only options are given for a diffusers folder, and the errors
+    of the chosen loader.
     """
     from .diffusers_host import DiffusersHost
 

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..formats.safetensors_io import atomic_write_text, load_state_dict, read_metadata, save_safetensors
+from ..formats.safetensors_io import atomic_write_text, load_state_dict, save_safetensors
 from .captions import CaptionConfig, process_caption
 from .dataset import DatasetOptions, KohyaDataset
 from .host import DiffusionHost, add_noise, prediction_target
@@ -168,7 +168,9 @@ class TrainConfig:
         """Build from a flat (kohya) mapping. Returns ``(config, unknown_keys)``; ``None`` values are skipped.
 
         ``network_args`` entries ``conv_dim``/``conv_alpha``/``dropout``/``module_dropout`` are applied.
-        Raises ``ValueError`` for values of the wrong type or out of range (see :meth:`validate`).
+        Raises ``ValueError`` for values of the wrong type or out of range, and
+        :class:`OptimizerUnavailableError` for an unknown ``optimizer_type`` (see :meth:`validate`); an unknown
+        keyword is returned in ``unknown_keys``, not raised.
         """
         names = {f.name for f in fields(cls)}
         kw, unknown = {}, []
@@ -194,7 +196,12 @@ class TrainConfig:
         return cfg.validate(), unknown
 
     def validate(self) -> "TrainConfig":
-        """Coerce types and check ranges; raises ``ValueError`` naming the option."""
+        """Coerce types and check ranges in place; returns ``self``.
+
+        Raises ``ValueError`` naming the option, or :class:`OptimizerUnavailableError` (a ``ValueError``
+        subclass) for an ``optimizer_type`` not in ``OPTIMIZERS``.
+        ``min_snr_gamma`` <= 0 and ``noise_offset`` == 0 are normalised to ``None`` (off).
+        """
         ints = ("train_batch_size", "gradient_accumulation_steps", "seed", "network_dim", "max_train_steps",
                 "lr_scheduler_num_cycles", "min_timestep", "sample_every_n_epochs", "sample_steps",
                 "sample_width", "sample_height", "validate_every_n_epochs", "early_stopping_patience")
@@ -239,9 +246,10 @@ class TrainConfig:
         if self.huber_schedule not in ("snr", "exponential", "constant"):
             raise ValueError("huber_schedule must be snr, exponential or constant")
         if self.mixed_precision not in ("no", "fp16", "bf16", "fp32"):
-            raise ValueError("mixed_precision must be no, fp16 or bf16")
+            raise ValueError(f"mixed_precision must be no (= fp32), fp16 or bf16, not {self.mixed_precision!r}")
         if self.save_precision not in ("fp16", "bf16", "fp32", "float", "float16", "bfloat16"):
-            raise ValueError("save_precision must be fp16, bf16 or fp32")
+            raise ValueError(f"save_precision must be fp16, bf16 or fp32 (kohya's float/float16/bfloat16 also work), "
+                             f"not {self.save_precision!r}")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise ValueError("network_train_unet_only and network_train_text_encoder_only exclude each other")
         if self.best_direction not in ("auto", "min", "max"):
@@ -274,6 +282,7 @@ class TrainConfig:
 
     @property
     def palette_list(self) -> list[str]:
+        """``palette`` as a list of stripped entries (a string is split on commas and newlines); ``[]`` if unset."""
         p = self.palette
         if not p:
             return []
@@ -282,6 +291,7 @@ class TrainConfig:
         return [str(t) for t in p]
 
     def to_dict(self) -> dict:
+        """All fields as a plain dict (``dataclasses.asdict``)."""
         return asdict(self)
 
 
@@ -360,7 +370,12 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma:
 
 
 def huber_c_for(cfg: TrainConfig, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Per-sample Huber threshold ``[B]`` (kohya ``get_huber_threshold_if_needed``)."""
+    """Per-sample Huber threshold ``[B]`` float32 (kohya-ss/sd-scripts ``library/train_util.py``
+    ``get_huber_threshold_if_needed``).
+
+    ``exponential``: ``huber_scale·exp(−αt)`` with α = −ln(huber_c)/T; ``snr``: ``(1 − c)/(1 + σ_t)² + c`` with
+    σ_t = √((1−ᾱ_t)/ᾱ_t) (``huber_scale`` not applied); ``constant``: ``huber_c·huber_scale``.
+    """
     t = timesteps.cpu().long()
     if cfg.huber_schedule == "exponential":
         alpha = -math.log(cfg.huber_c) / len(alphas_cumprod)
@@ -377,12 +392,20 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
     """Element loss averaged over all but the batch dim → ``[B]`` (kohya ``conditional_loss`` + mean([1,2,3])).
 
     ``l2``: (p−t)²; ``l1``: |p−t|; ``huber``: 2c(√((p−t)²+c²) − c); ``smooth_l1``: 2(√((p−t)²+c²) − c).
+    Source: kohya-ss/sd-scripts ``library/train_util.py`` ``conditional_loss`` (pseudo-Huber loss).
+    ``pred`` / ``target`` any shape ``[B, ...]`` (computed in fp32); ``huber_c`` ``[B]`` (see
+    :func:`huber_c_for`) is required for ``huber`` / ``smooth_l1``. Raises ``ValueError`` for another
+    ``loss_type`` or a missing ``huber_c``.
     """
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         el = (pred - target) ** 2
     elif loss_type == "l1":
         el = (pred - target).abs()
+    elif loss_type not in ("huber", "smooth_l1"):
+        raise ValueError(f"loss_type must be l2, l1, huber or smooth_l1, not {loss_type!r}")
+    elif huber_c is None:
+        raise ValueError(f"loss_type {loss_type!r} needs huber_c (see huber_c_for)")
     else:
         c = huber_c.to(pred.device).view(-1, *([1] * (pred.dim() - 1)))
         root = torch.sqrt((pred - target) ** 2 + c ** 2) - c
@@ -400,6 +423,14 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: torch.Tenso
         cond: text-encoder context ``[B, 77, D]``.
         generator: CPU generator for noise, noise offset and timesteps (consumed in that order).
         timesteps: fixed integer timesteps ``[B]`` (validation); otherwise uniform in [min_t, max_t).
+        autocast: factory of the mixed-precision context the prediction runs in (``None``: none).
+
+    Returns a 0-d fp32 tensor on the host's device: mean over the batch of :func:`per_sample_loss`, times
+    :func:`min_snr_weight` when ``cfg.min_snr_gamma`` is set. Noise offset as kohya (``noise_offset`` ·
+    N(0,1) per channel, Guttenberg 2023 "Diffusion with offset noise").
+
+    Raises:
+        ValueError: the timestep window ``[max(0, min_timestep), min(T, max_timestep))`` is empty.
     """
     ac = host.alphas_cumprod
     T = len(ac)
@@ -451,7 +482,8 @@ def build_optimizer(name: str, groups: list[dict], lr: float, args: Iterable[str
       given learning rate and scheduler apply — kohya's recommended arguments);
     * ``Prodigy`` (prodigyopt, when installed; use learning_rate 1.0).
 
-    Raises :class:`OptimizerUnavailableError` when the package is missing or cannot run on ``device``.
+    Raises :class:`OptimizerUnavailableError` when the package is missing or cannot run on ``device`` or ``name``
+    is unknown, and ``ValueError`` for an ``optimizer_args`` entry without ``=``.
     """
     kw = _optimizer_kwargs(args)
     key = name.lower()
@@ -494,7 +526,11 @@ def build_optimizer(name: str, groups: list[dict], lr: float, args: Iterable[str
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """diffusers ``get_scheduler`` with kohya's warm-up rule (``lr_warmup_steps`` < 1 is a fraction)."""
+    """diffusers ``get_scheduler`` with kohya's warm-up rule (``lr_warmup_steps`` < 1 is a fraction).
+
+    ``total_steps`` counts optimizer steps. Returns a ``torch.optim.lr_scheduler.LambdaLR``; diffusers raises
+    ``ValueError`` for a scheduler name it does not know (:meth:`TrainConfig.validate` checks first).
+    """
     from diffusers.optimization import get_scheduler
 
     warm = cfg.lr_warmup_steps
@@ -542,7 +578,9 @@ def optimizer_state_to_flat(sd: Mapping) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def optimizer_state_from_flat(tensors: Mapping[str, torch.Tensor], js: Mapping) -> dict:
-    """Inverse of :func:`optimizer_state_to_flat`."""
+    """Inverse of :func:`optimizer_state_to_flat`: ``{"state": {pid: {...}}, "param_groups": [...]}`` for
+    ``optimizer.load_state_dict`` (JSON lists of ``betas`` become tuples). Raises ``KeyError`` when ``js`` has
+    no ``param_groups``."""
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optimizer."):
@@ -669,6 +707,7 @@ class EarlyStopping:
         self.bad_epochs = 0
 
     def update(self, epoch: int, score: float | None) -> bool:
+        """Record ``score`` of ``epoch``; True when training should stop now. ``None`` / NaN / Inf are ignored."""
         if score is None or not math.isfinite(score):
             return False
         if self.best_score is None or score < self.best_score - self.min_delta:
@@ -678,9 +717,11 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_epochs >= self.patience
 
     def state(self) -> dict:
+        """JSON-able ``{"best_score", "best_epoch", "bad_epochs"}`` (saved in the training state for resume)."""
         return {"best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
     def load(self, st: Mapping) -> None:
+        """Restore from :meth:`state`'s dict; ``KeyError`` if a key is missing."""
         self.best_score, self.best_epoch, self.bad_epochs = st["best_score"], st["best_epoch"], st["bad_epochs"]
 
 
@@ -1041,6 +1082,9 @@ class LoraTrainer:
         on_epoch: ``on_epoch(record, preview)`` after each epoch (preview: uint8 sample grid or None).
         model_name / model_hash / new_model_hash: base model identity for ``ss_sd_model_*`` metadata.
         encode_latents_progress: ``(done, total)`` while caching latents.
+
+    Construction validates ``cfg`` (``ValueError`` / :class:`OptimizerUnavailableError`) and raises ``ValueError``
+    when ``network_train_text_encoder_only`` is set for a host without a text encoder.
     """
 
     def __init__(self, host: DiffusionHost, dataset: KohyaDataset, cfg: TrainConfig, *,
@@ -1204,7 +1248,9 @@ class LoraTrainer:
 
         Raises:
             TrainingDivergedError: NaN/Inf loss or gradient (files of finished epochs are kept).
-            OptimizerUnavailableError, ValueError: bad settings (before anything is written).
+            OptimizerUnavailableError, ValueError: bad settings (before anything is written), or a resume state
+                that does not match the settings / dataset.
+            FileNotFoundError: ``cfg.resume`` names a training state that does not exist.
             Whatever ``progress`` raises (cancel), after cleanup.
         """
         cfg, host, ds = self.cfg, self.host, self.dataset
@@ -1282,7 +1328,6 @@ class LoraTrainer:
         stopped_early = False
         final_path = None
         best_path = self.out_dir / f"{cfg.output_name}-best.safetensors"
-        best_state = None
         sample_rows: list[list[np.ndarray]] = []
         sample_labels: list[str] = []
         try:
