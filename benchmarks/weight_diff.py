@@ -162,6 +162,7 @@ def phase_floor(a: str, b: str, mode: str = "copy") -> dict:
     import torch
     from safetensors import safe_open
 
+    torch.set_num_threads(1)  # a plain single-threaded copy: OpenMP barriers only slow it on a busy machine
     load = os.getloadavg()[0]
     _reset_peak()
     base = _rss_mb()

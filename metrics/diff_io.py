@@ -51,6 +51,8 @@ class StreamingWeights:
         self._mm: mmap.mmap | None = None
         self._fh = None
         self._offsets: dict[str, tuple[int, int]] = {}
+        self._bytes: torch.Tensor | None = None
+        self._info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # cached header facts (hot path)
         if self.format == "safetensors":
             self._map()
 
@@ -74,6 +76,9 @@ class StreamingWeights:
         self._fh = open(self.path, "rb")
         if size > 0:
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write to it
+                self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)  # one view of the whole file
 
     @property
     def name(self) -> str:
@@ -98,20 +103,25 @@ class StreamingWeights:
         if self._mm is None:
             return self._wf.get(key)
         start, end = self._offsets[key]
-        dtype = self.dtype(key)
-        shape = self.shape(key)
+        info = self._info.get(key)
+        if info is None:
+            info = self._info[key] = (self.dtype(key), tuple(int(x) for x in self.shape(key)))
+        dtype, shape = info
         numel = 1
         for s in shape:
-            numel *= int(s)
+            numel *= s
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write to it
-            t = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=start)
-        if t.numel() * t.element_size() != end - start:
+        esize = torch.empty((), dtype=dtype).element_size()
+        if numel * esize != end - start:
             raise WeightFileError(f"{self.path.name}: tensor {key!r} has {end - start} bytes, "
-                                  f"expected {t.numel() * t.element_size()}")
-        return t.view(shape)
+                                  f"expected {numel * esize}")
+        raw = self._bytes[start:end]
+        if start % esize == 0:  # aligned (every writer we know of): a plain view of the file map
+            return raw.view(dtype).view(shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=start).view(shape)
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading ``key``'s pages now (``madvise(MADV_WILLNEED)``, asynchronous), so disk
@@ -137,6 +147,7 @@ class StreamingWeights:
 
     def close(self) -> None:
         """Release the map and file (tensors still referenced keep the map alive until collected)."""
+        self._bytes = None
         if self._mm is not None:
             try:
                 self._mm.close()

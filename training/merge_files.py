@@ -175,7 +175,7 @@ class _PreadSafetensors:
         self._cursor = 8 + n  # file position up to which ``_sha`` has consumed the bytes
         self._ahead = 0  # file position up to which read-ahead was requested
 
-    def get(self, key: str, pool: "_BufferPool | None" = None) -> torch.Tensor:
+    def get(self, key: str, pool: _BufferPool | None = None) -> torch.Tensor:
         """The tensor ``key`` in its stored dtype and shape, in a buffer of its own (CPU): a new one, or one
         from ``pool`` (lent under the token ``key`` until ``pool.release(key)``). Raises WeightFileError."""
         begin, end = self._offsets[key]
@@ -303,7 +303,7 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def _fast_reader(src: "_Source", hash_file: bool = False):
+def _fast_reader(src: _Source, hash_file: bool = False):
     if src is None or not src.is_file or src.obj.format != "safetensors" or not hasattr(os, "preadv"):
         return None  # (Windows has no pread/preadv: WeightFile's memory map is used there)
     return _PreadSafetensors(src.obj, hash_file=hash_file)

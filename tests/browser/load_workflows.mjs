@@ -43,6 +43,8 @@ const page = browser.pages()[0] ?? await browser.newPage()
 let events = []
 page.on('console', (m) => { if (m.type() === 'error') events.push({ kind: 'console', text: m.text() }) })
 page.on('pageerror', (e) => events.push({ kind: 'pageerror', text: String(e) }))
+// name the resource behind a 'Failed to load resource' console line
+page.on('response', (r) => { if (r.status() >= 400) events.push({ kind: 'http', text: `${r.status()} ${r.url()}` }) })
 
 const results = { url: args.url, startup_errors: [], workflows: [] }
 const t0 = Date.now()

@@ -1,13 +1,18 @@
 """The shipped example workflows against a real ComfyUI server (``--cpu``, 127.0.0.1, this pack in custom_nodes).
 
-Run (about 10-15 min on 2 CPU cores, first run + ~3 min to build the random 2.1 GB SD1.5 checkpoint):
+Run (about 10-20 min on a loaded 2-core CPU; the first run also builds the random 2.1 GB SD1.5 checkpoint, ~3 min):
 
-    cd /work/main && COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python -m pytest tests/e2e/test_workflows_e2e.py -v
+    cd /work/main && COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python -m pytest tests/e2e -v -s
 
-Each API twin is queued as shipped, with only sizes / steps / iterations shrunk (:func:`shrink`); the model files
-it names are the random checkpoint linked under the shipped names, and the sample dataset is copied into the
-server's input folder as the README says. Workflows run in the order that feeds later ones (the LoRA and merged
-checkpoint are what weight_diff compares).
+Each API twin is queued as shipped, with only sizes / steps / iterations / batch shrunk (:data:`TINY`,
+:func:`shrink`): the model is a full-size random SD1.5 on CPU, so every loop is cut to a handful of UNet calls
+(64 px, batch 1, 2 epochs of 2 steps on a 2-image copy of the sample dataset, 1 sampling step, 2 ESD iterations,
+a 2-ratio x 1-seed sweep). The model files it names are the random checkpoint linked under the shipped names,
+and the sample dataset is copied into the server's input folder as the README says. Workflows run in the order
+that feeds later ones (the LoRA and merged checkpoint are what weight_diff compares). Also checked: the muted
+"reuse the best epoch" group loads with zero "lora key not loaded" lines; /interrupt during training leaves
+complete checkpoints that the next run resumes from; bad prompts get ComfyUI's typed validation errors;
+``comfy run --workflow <UI file>`` (comfy-cli) runs a UI-format example.
 """
 
 from __future__ import annotations
