@@ -1,29 +1,120 @@
-"""Benchmark: LoRA training steps/s and peak memory, Concept Lab's trainer vs a plain diffusers + peft loop.
+"""Benchmark: LoRA training steps/s and peak memory, Concept Lab's trainer vs the reference trainer.
 
-Same model (an SD1.5-shaped UNet: SD1.5's block layout and 768-d cross-attention, channel widths divided by
-``--width-div``, 1 = the real SD1.5 UNet), same rank, batch, resolution and optimizer (AdamW). Each method runs
-in its own process so peak RSS (CPU) / peak CUDA memory are separate. Concept Lab: weight-space deltas through
-``torch.nn.utils.parametrize`` (the mechanism that also fits ComfyUI's weight wrappers) + kohya objective.
-Reference: ``unet.add_adapter(peft.LoraConfig(...))`` on the same kohya target modules, ε-MSE loss.
+Reference, chosen automatically:
 
-    python benchmarks/train_lora.py [--steps 6] [--res 256] [--rank 16] [--batch 1] [--width-div 4] [--device cpu]
+* **ComfyUI's TrainLoraNode** (``comfy_extras/nodes_train.py``) when ComfyUI can be imported (``COMFYUI_PATH``
+  points at a checkout; run with ComfyUI's python, e.g. ``/work/comfyenv/bin/python``). Both trainers work on
+  the same ComfyUI SD1.5-family MODEL: ComfyUI's own SD15 ``BaseModel`` built in-process with SD1.5's block
+  layout and 768-d cross-attention (channel widths divided by ``--width-div``; 1 = the real SD1.5 UNet, seeded
+  random weights), or a checkpoint file given with ``--checkpoint`` (``comfy.sd.load_checkpoint_guess_config``).
+  The model is built under ``torch.inference_mode()`` and both trainers are called under it, as ComfyUI runs
+  nodes. TrainLoraNode's ``train`` is called the way the node is (latents dict, CONDITIONING list, rank, batch,
+  steps, AdamW, MSE, ``training_dtype``/``lora_dtype`` fp32 on CPU, no existing LoRA); its steps are timed from
+  its own loss callback. Concept Lab runs its trainer core on the same patcher: ``nodes.comfy_host.ComfyHost``
+  + ``training.lora.LoRANetwork`` (kohya targets) + the inner step of ``training.trainer.LoraTrainer.run``
+  (``diffusion_loss``, backward, ``clip_grad_norm_`` at kohya's max_grad_norm 1, ``build_optimizer`` AdamW,
+  ``build_scheduler`` constant, ``zero_grad``).
+* **A plain diffusers + peft loop** otherwise (``unet.add_adapter(peft.LoraConfig(...))`` on the same kohya
+  target modules, ε-MSE loss) against Concept Lab's trainer core on the diffusers host
+  (``training.diffusers_host.DiffusersHost``), on an SD1.5-shaped ``UNet2DConditionModel``.
 
-Prints both figures and the ratio. Speed is never asserted in tests.
+Same rank, batch, resolution, latents, conditioning, optimizer (AdamW, lr 1e-4) and thread count for both; one
+warm-up step, then ``--steps`` timed steps. Each trainer runs in its own spawned process, so the memory figures
+are separate: ``peak MiB`` is the process's peak RSS (ru_maxrss; on CUDA, peak allocated), ``train MiB`` the
+peak RSS reached during training above the RSS right after the model was built (Linux ``/proc/self/clear_refs``
+resets the high-water mark; ``-`` where that is unavailable).
+
+    COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python benchmarks/train_lora.py [--steps 5] [--res 64]
+        [--rank 16] [--batch 1] [--width-div 2] [--checkpoint FILE] [--node-gradient-checkpointing]
+    python benchmarks/train_lora.py --reference diffusers [--res 256] [--width-div 4]
+
+Prints a table with both figures, the ratios, the machine and its load average. Speed is never asserted in tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
+import os
+import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 KOHYA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
+#: SD1.5's UNet in ComfyUI's ``UNetModel`` arguments (``comfy/model_detection.py`` ``unet_config_from_diffusers_unet``
+#: SD15 entry); ``model_channels`` is divided by ``--width-div``
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# memory helpers (Linux /proc; other systems fall back to ru_maxrss only)
+# ------------------------------------------------------------------------------------------------------------
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM), Linux ``clear_refs`` value 5; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Mem:
+    """Peak RSS of the whole process and of the training phase (above the RSS when :meth:`start` was called)."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.base = None
+        self.reset_ok = False
+
+    def start(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2 ** 20
+            self.reset_ok = True
+            return
+        self.base = _proc_status_mib("VmRSS")
+        self.reset_ok = _reset_peak_rss() and self.base is not None
+
+    def result(self) -> dict:
+        if self.dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            return {"peak_mib": peak, "train_mib": peak - self.base, "model_mib": self.base}
+        total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        hwm = _proc_status_mib("VmHWM") if self.reset_ok else None
+        return {"peak_mib": total, "train_mib": (hwm - self.base) if hwm is not None else None,
+                "model_mib": self.base}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusers + peft reference (no ComfyUI)
+# ------------------------------------------------------------------------------------------------------------
 
 def _unet(width_div: int):
     from diffusers import UNet2DConditionModel
@@ -38,10 +129,12 @@ def _unet(width_div: int):
                                 norm_num_groups=max(8, 32 // width_div))
 
 
-def _worker(method: str, a: dict, q) -> None:
+def _diffusers_worker(method: str, a: dict, q) -> None:
     torch.set_num_threads(a["threads"])
     dev = torch.device(a["device"])
     unet = _unet(a["width_div"]).to(dev)
+    mem = _Mem(dev)
+    mem.start()
     b, h = a["batch"], a["res"] // 8
     gen = torch.Generator().manual_seed(0)
     lat = torch.randn(b, 4, h, h, generator=gen)
@@ -49,20 +142,13 @@ def _worker(method: str, a: dict, q) -> None:
     if method == "conceptlab":
         from conceptlab.training.diffusers_host import DiffusersHost
         from conceptlab.training.lora import LoRANetwork
-        from conceptlab.training.trainer import TrainConfig, diffusion_loss
+        from conceptlab.training.trainer import TrainConfig
 
         host = DiffusersHost(unet, None, None, None, device=dev)
         net = LoRANetwork.create(host, network_dim=a["rank"], network_alpha=a["rank"])
         net.install(host)
         cfg = TrainConfig().validate()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        nparams = sum(p.numel() for p in net.parameters())
-
-        def step():
-            loss = diffusion_loss(host, lat, cond, cfg, gen)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step, nparams = _conceptlab_step(host, net, cfg, lat, cond, gen)
     else:
         from diffusers import DDPMScheduler
         from peft import LoraConfig
@@ -88,46 +174,265 @@ def _worker(method: str, a: dict, q) -> None:
     step()  # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(a["steps"]):
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    q.put({"method": method, "steps_per_s": a["steps"] / dt, "peak_mib": peak, "lora_params": nparams})
+    q.put({"method": method, "steps_per_s": a["steps"] / dt, "lora_params": nparams, **mem.result()})
+
+
+def _conceptlab_step(host, net, cfg, lat, cond, gen):
+    """The inner optimizer step of ``LoraTrainer.run`` (no accumulation, no scaler): returns (step, n params)."""
+    from conceptlab.training.trainer import build_optimizer, build_scheduler, diffusion_loss
+
+    groups = net.parameter_groups()
+    params = [p for g in groups.values() for p in g]
+    opt = build_optimizer(cfg.optimizer_type, [{"params": params, "lr": cfg.learning_rate}], cfg.learning_rate,
+                          cfg.optimizer_args, host.device)
+    sched = build_scheduler(cfg, opt, 10 ** 6)
+
+    def step():
+        with torch.set_grad_enabled(True):
+            loss = diffusion_loss(host, lat, cond, cfg, gen)
+        if not math.isfinite(float(loss.detach())):
+            raise RuntimeError("non-finite loss in the benchmark")
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ComfyUI: TrainLoraNode vs Concept Lab on one ComfyUI MODEL
+# ------------------------------------------------------------------------------------------------------------
+
+def _comfy_setup() -> Path:
+    """Put ``COMFYUI_PATH`` on ``sys.path``; ComfyUI on CPU unless ``--device cuda``, its argv parsing off."""
+    root = Path(os.environ.get("COMFYUI_PATH", "")).resolve()
+    if not (root / "comfy").is_dir():
+        raise RuntimeError("COMFYUI_PATH must point at a ComfyUI checkout (folder with comfy/)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    return root
+
+
+def _comfy_available() -> bool:
+    p = os.environ.get("COMFYUI_PATH")
+    if not p or not Path(p, "comfy", "model_patcher.py").is_file():
+        return False
+    import importlib.util
+
+    sys.path.insert(0, str(Path(p).resolve()))
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("comfy", "comfy_extras", "conceptlab"))
+    finally:
+        sys.path.pop(0)
+
+
+@torch.no_grad()
+def _init_weights(module: torch.nn.Module, seed: int = 0) -> None:
+    """Seeded fan-in-scaled normal weights (ComfyUI's ops leave ``torch.empty`` weights); norms 1, biases small."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(max(1, p[0].numel())))
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        else:
+            p.fill_(1.0)
+
+
+def _comfy_model(a: dict):
+    """A ComfyUI ModelPatcher (SD1.5 family) built as ComfyUI would, inside ``torch.inference_mode()``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    with torch.inference_mode():
+        if a["checkpoint"]:
+            model = comfy.sd.load_checkpoint_guess_config(a["checkpoint"], output_vae=False, output_clip=False,
+                                                          output_clipvision=False)[0]
+            return model, f"checkpoint {Path(a['checkpoint']).name}"
+        div = a["width_div"]
+        if (320 // div) % 32 or 320 % div:
+            raise ValueError("--width-div must keep 320/div a multiple of 32 (ComfyUI's GroupNorm(32)): 1, 2, 5, 10")
+        cfg = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, model_channels=320 // div, dtype=torch.float32))
+        base = cfg.get_model({})
+        _init_weights(base.diffusion_model)
+        base.eval()
+        dev = mm.get_torch_device()
+        model = comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=torch.device("cpu"))
+        name = "SD1.5 UNet" if div == 1 else f"SD1.5-shaped UNet (channels /{div})"
+        return model, name
+
+
+def _comfy_worker(method: str, a: dict, q) -> None:
+    torch.set_num_threads(a["threads"])
+    _comfy_setup()
+    from comfy.cli_args import args as comfy_args
+
+    if a["device"] == "cpu":
+        comfy_args.cpu = True
+    import comfy.model_management as mm
+
+    model, model_name = _comfy_model(a)
+    dev = torch.device(mm.get_torch_device())
+    b, h = a["batch"], a["res"] // 8
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():  # ComfyUI's executor runs nodes in inference mode; upstream tensors are inference
+        lat = torch.randn(b, 4, h, h, generator=gen)
+        cond = torch.randn(1, 77, 768, generator=gen)
+    n_unet = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    mem = _Mem(dev)
+    mem.start()
+    times: list[float] = []
+    if method == "TrainLoraNode":
+        import comfy_extras.nodes_train as nt
+
+        orig_init = nt.TrainSampler.__init__
+
+        def timed_init(self, *args, **kw):  # time each step from the node's own per-step loss callback
+            orig_init(self, *args, **kw)
+            cb = self.loss_callback
+
+            def loss_callback(loss):
+                times.append(time.perf_counter())
+                if cb is not None:
+                    cb(loss)
+            self.loss_callback = loss_callback
+
+        nt.TrainSampler.__init__ = timed_init
+        node = nt.TrainLoraNode()
+        algorithm = next(iter(nt.adapter_maps))  # the node's default ("LoRA")
+        with torch.inference_mode():
+            out = node.train(model, {"samples": lat}, [[cond, {}]] * b, batch_size=b, steps=a["steps"] + 1,
+                             grad_accumulation_steps=1, learning_rate=1e-4, rank=a["rank"], optimizer="AdamW",
+                             loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32",
+                             algorithm=algorithm, gradient_checkpointing=a["node_gradient_checkpointing"],
+                             existing_lora="[None]")
+        nparams = sum(t.numel() for t in out[1].values())
+        losses = out[2]["loss"]
+    else:
+        from conceptlab.nodes.comfy_host import ComfyHost
+        from conceptlab.training.lora import LoRANetwork
+        from conceptlab.training.trainer import TrainConfig
+
+        with torch.inference_mode():
+            host = ComfyHost(model)
+            with torch.inference_mode(False):
+                cfg = TrainConfig(network_dim=a["rank"], network_alpha=a["rank"], learning_rate=1e-4).validate()
+                net = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha)
+                net.install(host)
+                step, nparams = _conceptlab_step(host, net, cfg, lat.clone(), cond.clone().expand(b, -1, -1), gen)
+                losses = []
+                for _ in range(a["steps"] + 1):
+                    step()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter())
+            host.close()
+    dt = times[-1] - times[0]
+    q.put({"method": method, "steps_per_s": (len(times) - 1) / dt, "lora_params": nparams, "model": model_name,
+           "unet_params": n_unet, "n_losses": len(losses), **mem.result()})
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+def _run(target, method: str, a: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(method, a, q))
+    p.start()
+    try:
+        while True:
+            try:
+                return q.get(timeout=5)
+            except Exception:  # noqa: BLE001 - queue.Empty: check the worker is still alive
+                if not p.is_alive():
+                    raise RuntimeError(f"the {method} worker died (exit code {p.exitcode})") from None
+    finally:
+        p.join()
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}; "
+            f"load average {load}")
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--res", type=int, default=256)
+    ap.add_argument("--reference", choices=("auto", "comfyui", "diffusers"), default="auto",
+                    help="auto: ComfyUI's TrainLoraNode when COMFYUI_PATH is importable, else diffusers+peft")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    ap.add_argument("--res", type=int, default=None, help="pixels (latent = res/8); default 64 ComfyUI, 256 diffusers")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--width-div", type=int, default=4)
+    ap.add_argument("--width-div", type=int, default=None,
+                    help="divide SD1.5's channel widths (1 = real SD1.5); default 2 ComfyUI (1, 2, 5, 10 allowed), "
+                         "4 diffusers")
+    ap.add_argument("--checkpoint", default="", help="ComfyUI mode: an SD1.5-family checkpoint file instead of "
+                                                     "the in-process model")
+    ap.add_argument("--node-gradient-checkpointing", action="store_true",
+                    help="TrainLoraNode with gradient checkpointing (its default; Concept Lab's ComfyUI host has "
+                         "none, so the default here is off for both)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     a = vars(ap.parse_args(argv))
-    ctx = mp.get_context("spawn")
-    res = {}
-    for method in ("conceptlab", "diffusers+peft"):
-        q = ctx.Queue()
-        p = ctx.Process(target=_worker, args=(method, a, q))
-        p.start()
-        res[method] = q.get()
-        p.join()
-    ours, ref = res["conceptlab"], res["diffusers+peft"]
-    print(f"SD1.5-shaped UNet (channels /{a['width_div']}), {a['res']} px, rank {a['rank']}, batch {a['batch']}, "
-          f"{a['device']}, {a['threads']} threads, {a['steps']} timed steps")
-    print(f"{'method':<16}{'steps/s':>10}{'peak MiB':>12}{'LoRA params':>14}")
+    comfy = a["reference"] == "comfyui" or (a["reference"] == "auto" and _comfy_available())
+    if a["reference"] == "comfyui" and not _comfy_available():
+        ap.error("--reference comfyui needs COMFYUI_PATH pointing at a ComfyUI checkout importable by this python")
+    if a["res"] is None:
+        a["res"] = 64 if comfy else 256
+    if a["width_div"] is None:
+        a["width_div"] = 2 if comfy else 4
+    if a["checkpoint"] and not Path(a["checkpoint"]).is_file():
+        ap.error(f"--checkpoint {a['checkpoint']!r} is not a file")
+
+    if comfy:
+        names = ("conceptlab", "TrainLoraNode")
+        res = {m: _run(_comfy_worker, m, a) for m in names}
+        model = res["conceptlab"]["model"] + f", {res['conceptlab']['unet_params'] / 1e6:.0f} M UNet params"
+    else:
+        names = ("conceptlab", "diffusers+peft")
+        res = {m: _run(_diffusers_worker, m, a) for m in names}
+        model = f"SD1.5-shaped diffusers UNet (channels /{a['width_div']})"
+    ours, ref = res[names[0]], res[names[1]]
+    gc_note = ", TrainLoraNode gradient checkpointing on" if comfy and a["node_gradient_checkpointing"] else ""
+    print(f"{model}; {a['res']} px, rank {a['rank']}, batch {a['batch']}, AdamW, fp32, {a['device']}, "
+          f"{a['threads']} threads, 1 warm-up + {a['steps']} timed steps{gc_note}")
+    print(f"machine: {_machine()}")
+    print(f"{'method':<16}{'steps/s':>10}{'peak MiB':>11}{'train MiB':>11}{'LoRA params':>14}")
     for r in (ours, ref):
-        print(f"{r['method']:<16}{r['steps_per_s']:>10.3f}{r['peak_mib']:>12.0f}{r['lora_params']:>14,}")
-    print(f"ratio conceptlab / diffusers+peft: speed {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
-          f"peak memory {ours['peak_mib'] / ref['peak_mib']:.2f}x")
-    print("(ComfyUI's TrainLoraNode is not measured here; see the README)", file=sys.stderr)
-    print(json.dumps(res))
+        print(f"{r['method']:<16}{r['steps_per_s']:>10.3f}{r['peak_mib']:>11.0f}{_fmt(r['train_mib'], '.0f'):>11}"
+              f"{r['lora_params']:>14,}")
+    mem_ratio = ("" if ours["train_mib"] is None or not ref["train_mib"] else
+                 f", training memory {ours['train_mib'] / ref['train_mib']:.2f}x")
+    print(f"ratio conceptlab / {names[1]}: speed {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
+          f"peak memory {ours['peak_mib'] / ref['peak_mib']:.2f}x{mem_ratio}")
+    print(json.dumps({"args": a, "results": res}))
     return 0
 
 

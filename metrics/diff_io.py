@@ -112,7 +112,7 @@ class StreamingWeights:
             numel *= s
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
-        esize = torch.empty((), dtype=dtype).element_size()
+        esize = dtype.itemsize
         if numel * esize != end - start:
             raise WeightFileError(f"{self.path.name}: tensor {key!r} has {end - start} bytes, "
                                   f"expected {numel * esize}")
