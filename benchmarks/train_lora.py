@@ -25,7 +25,8 @@ peak RSS reached during training above the RSS right after the model was built (
 resets the high-water mark; ``-`` where that is unavailable).
 
     COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python benchmarks/train_lora.py [--steps 5] [--res 64]
-        [--rank 16] [--batch 1] [--width-div 2] [--checkpoint FILE] [--node-gradient-checkpointing]
+        [--rank 16] [--batch 1] [--width-div 2] [--checkpoint FILE] [--repeats 3]
+        [--node-gradient-checkpointing both|off|on]
     python benchmarks/train_lora.py --reference diffusers [--res 256] [--width-div 4]
 
 Prints a table with both figures, the ratios, the machine and its load average. Speed is never asserted in tests.
@@ -185,7 +186,11 @@ def _diffusers_worker(method: str, a: dict, q) -> None:
 
 def _conceptlab_step(host, net, cfg, lat, cond, gen):
     """The inner optimizer step of ``LoraTrainer.run`` (no accumulation, no scaler): returns (step, n params)."""
-    from conceptlab.training.trainer import build_optimizer, build_scheduler, diffusion_loss
+    from conceptlab.training.trainer import (
+        build_optimizer,
+        build_scheduler,
+        diffusion_loss,
+    )
 
     groups = net.parameter_groups()
     params = [p for g in groups.values() for p in g]
@@ -321,7 +326,6 @@ def _comfy_worker(method: str, a: dict, q) -> None:
                              algorithm=algorithm, gradient_checkpointing=a["node_gradient_checkpointing"],
                              existing_lora="[None]")
         nparams = sum(t.numel() for t in out[1].values())
-        losses = out[2]["loss"]
     else:
         from conceptlab.nodes.comfy_host import ComfyHost
         from conceptlab.training.lora import LoRANetwork
@@ -334,7 +338,6 @@ def _comfy_worker(method: str, a: dict, q) -> None:
                 net = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha)
                 net.install(host)
                 step, nparams = _conceptlab_step(host, net, cfg, lat.clone(), cond.clone().expand(b, -1, -1), gen)
-                losses = []
                 for _ in range(a["steps"] + 1):
                     step()
                     if dev.type == "cuda":
@@ -343,7 +346,7 @@ def _comfy_worker(method: str, a: dict, q) -> None:
             host.close()
     dt = times[-1] - times[0]
     q.put({"method": method, "steps_per_s": (len(times) - 1) / dt, "lora_params": nparams, "model": model_name,
-           "unet_params": n_unet, "n_losses": len(losses), **mem.result()})
+           "unet_params": n_unet, **mem.result()})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -382,11 +385,20 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", choices=("auto", "comfyui", "diffusers"), default="auto",
                     help="auto: ComfyUI's TrainLoraNode when COMFYUI_PATH is importable, else diffusers+peft")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per method, interleaved; the median steps/s and the largest memory are reported "
+                         "(a loaded machine makes single runs noisy)")
     ap.add_argument("--res", type=int, default=None, help="pixels (latent = res/8); default 64 ComfyUI, 256 diffusers")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
@@ -395,9 +407,9 @@ def main(argv=None) -> int:
                          "4 diffusers")
     ap.add_argument("--checkpoint", default="", help="ComfyUI mode: an SD1.5-family checkpoint file instead of "
                                                      "the in-process model")
-    ap.add_argument("--node-gradient-checkpointing", action="store_true",
-                    help="TrainLoraNode with gradient checkpointing (its default; Concept Lab's ComfyUI host has "
-                         "none, so the default here is off for both)")
+    ap.add_argument("--node-gradient-checkpointing", choices=("off", "on", "both"), default="both",
+                    help="TrainLoraNode's gradient_checkpointing (its default is on; Concept Lab's ComfyUI host "
+                         "has none): both = one row each")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     a = vars(ap.parse_args(argv))
@@ -408,30 +420,53 @@ def main(argv=None) -> int:
         a["res"] = 64 if comfy else 256
     if a["width_div"] is None:
         a["width_div"] = 2 if comfy else 4
+    if a["res"] % 8 or a["res"] < 8 or a["steps"] < 1 or a["repeats"] < 1:
+        ap.error("--res must be a positive multiple of 8; --steps and --repeats at least 1")
     if a["checkpoint"] and not Path(a["checkpoint"]).is_file():
         ap.error(f"--checkpoint {a['checkpoint']!r} is not a file")
 
     if comfy:
-        names = ("conceptlab", "TrainLoraNode")
-        res = {m: _run(_comfy_worker, m, a) for m in names}
-        model = res["conceptlab"]["model"] + f", {res['conceptlab']['unet_params'] / 1e6:.0f} M UNet params"
+        gc = a["node_gradient_checkpointing"]
+        runs = [("conceptlab", _comfy_worker, {})]
+        if gc in ("off", "both"):
+            runs.append(("TrainLoraNode", _comfy_worker, {"node_gradient_checkpointing": False}))
+        if gc in ("on", "both"):
+            runs.append(("TrainLoraNode", _comfy_worker, {"node_gradient_checkpointing": True}))
     else:
-        names = ("conceptlab", "diffusers+peft")
-        res = {m: _run(_diffusers_worker, m, a) for m in names}
+        runs = [("conceptlab", _diffusers_worker, {}), ("diffusers+peft", _diffusers_worker, {})]
+    rows: dict[str, list[dict]] = {}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for _ in range(a["repeats"]):
+        for method, worker, extra in runs:
+            label = method + ({True: " (grad ckpt)", False: ""}[extra["node_gradient_checkpointing"]]
+                              if "node_gradient_checkpointing" in extra else "")
+            rows.setdefault(label, []).append(_run(worker, method, {**a, **extra}))
+    res = {}
+    for label, rs in rows.items():
+        tm = [r["train_mib"] for r in rs if r["train_mib"] is not None]
+        res[label] = dict(rs[0], method=label, steps_per_s=_median([r["steps_per_s"] for r in rs]),
+                          steps_per_s_all=[r["steps_per_s"] for r in rs], peak_mib=max(r["peak_mib"] for r in rs),
+                          train_mib=max(tm) if tm else None)
+    labels = list(res)
+    ours = res[labels[0]]
+    if comfy:
+        model = ours["model"] + f", {ours['unet_params'] / 1e6:.0f} M UNet params"
+    else:
         model = f"SD1.5-shaped diffusers UNet (channels /{a['width_div']})"
-    ours, ref = res[names[0]], res[names[1]]
-    gc_note = ", TrainLoraNode gradient checkpointing on" if comfy and a["node_gradient_checkpointing"] else ""
-    print(f"{model}; {a['res']} px, rank {a['rank']}, batch {a['batch']}, AdamW, fp32, {a['device']}, "
-          f"{a['threads']} threads, 1 warm-up + {a['steps']} timed steps{gc_note}")
-    print(f"machine: {_machine()}")
-    print(f"{'method':<16}{'steps/s':>10}{'peak MiB':>11}{'train MiB':>11}{'LoRA params':>14}")
-    for r in (ours, ref):
-        print(f"{r['method']:<16}{r['steps_per_s']:>10.3f}{r['peak_mib']:>11.0f}{_fmt(r['train_mib'], '.0f'):>11}"
-              f"{r['lora_params']:>14,}")
-    mem_ratio = ("" if ours["train_mib"] is None or not ref["train_mib"] else
-                 f", training memory {ours['train_mib'] / ref['train_mib']:.2f}x")
-    print(f"ratio conceptlab / {names[1]}: speed {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
-          f"peak memory {ours['peak_mib'] / ref['peak_mib']:.2f}x{mem_ratio}")
+    print(f"{model}; {a['res']} px, rank {a['rank']}, batch {a['batch']}, AdamW lr 1e-4, fp32, {a['device']}, "
+          f"{a['threads']} threads, 1 warm-up + {a['steps']} timed steps, median of {a['repeats']} interleaved runs")
+    lb = f"{load_before:.2f} at start; " if load_before is not None else ""
+    print(f"machine: {_machine()} ({lb}1/5/15 min at the end)")
+    print(f"{'method':<28}{'steps/s':>9}{'peak MiB':>10}{'train MiB':>11}{'LoRA params':>13}")
+    for r in res.values():
+        print(f"{r['method']:<28}{r['steps_per_s']:>9.3f}{r['peak_mib']:>10.0f}{_fmt(r['train_mib'], '.0f'):>11}"
+              f"{r['lora_params']:>13,}")
+    for label in labels[1:]:
+        ref = res[label]
+        mem_ratio = ("" if ours["train_mib"] is None or not ref["train_mib"] else
+                     f", training memory {ours['train_mib'] / ref['train_mib']:.2f}x")
+        print(f"ratio conceptlab / {label}: speed {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
+              f"peak memory {ours['peak_mib'] / ref['peak_mib']:.2f}x{mem_ratio}")
     print(json.dumps({"args": a, "results": res}))
     return 0
 

@@ -61,7 +61,10 @@ await page.evaluate(async () => {
   try { await window.app.extensionManager.setting.set('Comfy.Minimap.Visible', false) } catch (e) {}
   // draw text and widgets even when zoomed out (thumbnails of big graphs)
   try { await window.app.extensionManager.setting.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.1) } catch (e) {}
-  if ('low_quality_zoom_threshold' in window.app.canvas) window.app.canvas.low_quality_zoom_threshold = 0.1
+  // frontend 1.27 derives the threshold from the minimum font size for level of detail: 0 = always full quality
+  try { await window.app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 0) } catch (e) {}
+  if ('_min_font_size_for_lod' in window.app.canvas) window.app.canvas._min_font_size_for_lod = 0
+  if ('_lowQualityZoomThreshold' in window.app.canvas) window.app.canvas._lowQualityZoomThreshold = 0
 })
 results.startup_ms = Date.now() - t0
 results.startup_errors = events

@@ -46,15 +46,24 @@ from e2e.fixtures import comfy_server  # noqa: F401  (pytest fixture)
 
 
 def to_thumbnail(png: Path, jpg: Path) -> None:
-    """Crop the screenshot to the graph canvas (without the side bar and top menu) and save a JPEG."""
+    """Crop the screenshot to the graph itself (no side bar, top menu, canvas stats or zoom toolbar, no empty
+    canvas around the graph) and save a JPEG of at most 960×600."""
+    import numpy as np
     from PIL import Image
 
     with Image.open(png) as im:
         w, h = im.size
-        im = im.convert("RGB").crop((64, 80, w, h))
-        im.thumbnail((960, 600))
+        canvas = im.convert("RGB").crop((64, 80, w, h - 80))
+        arr = np.asarray(canvas).astype(np.int16)
+        bg = np.median(arr[:8].reshape(-1, 3), axis=0)
+        ys, xs = np.nonzero(np.abs(arr - bg).max(axis=2) > 16)
+        if len(xs):
+            pad = 16
+            canvas = canvas.crop((max(int(xs.min()) - pad, 0), max(int(ys.min()) - pad, 0),
+                                  min(int(xs.max()) + pad, canvas.width), min(int(ys.max()) + pad, canvas.height)))
+        canvas.thumbnail((960, 600))
         tmp = jpg.with_suffix(".tmp.jpg")
-        im.save(tmp, "JPEG", quality=85)
+        canvas.save(tmp, "JPEG", quality=88)
         tmp.replace(jpg)
 
 

@@ -231,39 +231,40 @@ def pixel_art_lora(g: Graph):
           filename_prefix="conceptlab/pixel_art_loss")
     g.add("SaveImage", (x3, 840), title="Samples per epoch", images=g.out(tr, "samples"),
           filename_prefix="conceptlab/pixel_art_samples")
-    y = 1200
-    pos = g.add("CLIPTextEncode", (0, y), title="Prompt", w_px=360, clip=g.out(tr, "clip"),
+    # draw / reuse groups to the right of the training groups (a wide graph fits a 16:10 thumbnail)
+    X0, y = 4 * COL + 140, 0
+    pos = g.add("CLIPTextEncode", (X0, y), title="Prompt", w_px=360, clip=g.out(tr, "clip"),
                 text=PIXEL_PROMPTS.split("\n")[0])
-    neg = g.add("CLIPTextEncode", (0, y + 240), title="Negative prompt", w_px=360, clip=g.out(tr, "clip"),
+    neg = g.add("CLIPTextEncode", (X0, y + 240), title="Negative prompt", w_px=360, clip=g.out(tr, "clip"),
                 text=PIXEL_NEG)
-    lat = g.add("EmptyLatentImage", (0, y + 480), width=512, height=512, batch_size=4)
-    ks = g.add("KSampler", (COL, y), model=g.out(tr, "model"), positive=g.out(pos, "CONDITIONING"),
+    lat = g.add("EmptyLatentImage", (X0, y + 480), width=512, height=512, batch_size=4)
+    ks = g.add("KSampler", (X0 + COL, y), model=g.out(tr, "model"), positive=g.out(pos, "CONDITIONING"),
                negative=g.out(neg, "CONDITIONING"), latent_image=g.out(lat, "LATENT"), seed=42, steps=25, cfg=7.0,
                sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
-    dec = g.add("VAEDecode", (2 * COL, y), samples=g.out(ks, "LATENT"), vae=g.out(ck, "VAE"))
-    g.add("SaveImage", (x3, y + 200), title="Pixel-art samples", images=g.out(dec, "IMAGE"),
+    dec = g.add("VAEDecode", (X0 + 2 * COL, y), samples=g.out(ks, "LATENT"), vae=g.out(ck, "VAE"))
+    g.add("SaveImage", (X0 + x3, y + 200), title="Pixel-art samples", images=g.out(dec, "IMAGE"),
           filename_prefix="conceptlab/pixel_art")
     # reuse later: LoraLoader on the best-epoch file (muted: the file exists only after training)
-    y2 = y + 800
-    lo = g.add("LoraLoader", (0, y2), mode=2, title="Load LoRA (best epoch)", model=g.out(ck, "MODEL"),
+    y2 = y + 820
+    lo = g.add("LoraLoader", (X0, y2), mode=2, title="Load LoRA (best epoch)", model=g.out(ck, "MODEL"),
                clip=g.out(ck, "CLIP"), lora_name="pixel_art-best.safetensors", strength_model=1.0,
                strength_clip=1.0)
-    pos2 = g.add("CLIPTextEncode", (COL, y2), mode=2, title="Prompt (reuse)", w_px=360, clip=g.out(lo, "CLIP"),
+    pos2 = g.add("CLIPTextEncode", (X0 + COL, y2), mode=2, title="Prompt (reuse)", w_px=360, clip=g.out(lo, "CLIP"),
                  text=PIXEL_PROMPTS.split("\n")[1])
-    neg2 = g.add("CLIPTextEncode", (COL, y2 + 240), mode=2, title="Negative (reuse)", w_px=360,
+    neg2 = g.add("CLIPTextEncode", (X0 + COL, y2 + 240), mode=2, title="Negative (reuse)", w_px=360,
                  clip=g.out(lo, "CLIP"), text=PIXEL_NEG)
-    ks2 = g.add("KSampler", (2 * COL, y2), mode=2, title="KSampler (reuse)", model=g.out(lo, "MODEL"),
+    ks2 = g.add("KSampler", (X0 + 2 * COL, y2), mode=2, title="KSampler (reuse)", model=g.out(lo, "MODEL"),
                 positive=g.out(pos2, "CONDITIONING"), negative=g.out(neg2, "CONDITIONING"),
                 latent_image=g.out(lat, "LATENT"), seed=7, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
                 scheduler="karras", denoise=1.0)
-    dec2 = g.add("VAEDecode", (x3, y2), mode=2, title="VAE Decode (reuse)", samples=g.out(ks2, "LATENT"),
+    dec2 = g.add("VAEDecode", (X0 + x3, y2), mode=2, title="VAE Decode (reuse)", samples=g.out(ks2, "LATENT"),
                  vae=g.out(ck, "VAE"))
-    g.add("SaveImage", (x3, y2 + 120), mode=2, title="Samples with Load LoRA", images=g.out(dec2, "IMAGE"),
+    g.add("SaveImage", (X0 + x3, y2 + 120), mode=2, title="Samples with Load LoRA", images=g.out(dec2, "IMAGE"),
           filename_prefix="conceptlab/pixel_art_lora_loader")
     g.group("1. Data and caption audit", (-20, -40, 2 * COL - 20, 980))
     g.group("2. Train with per-epoch samples and palette metrics", (2 * COL - 20, -40, 2 * COL + 80, 1000), "#8A8")
-    g.group("3. Draw with the best epoch", (-20, y - 40, 4 * COL + 80, 760), "#b58b2a")
-    g.group("4. Reuse the best epoch later (unmute: Ctrl+M)", (-20, y2 - 40, 4 * COL + 80, 560), "#444")
+    g.group("3. Draw with the best epoch", (X0 - 20, y - 40, 4 * COL + 80, 760), "#b58b2a")
+    g.group("4. Reuse the best epoch later (unmute: Ctrl+M)", (X0 - 20, y2 - 40, 4 * COL + 80, 560), "#444")
 
 
 def esd_grid_erasure(g: Graph):
@@ -291,9 +292,9 @@ def esd_grid_erasure(g: Graph):
     x3 = 3 * COL + 80
     g.add("SaveImage", (x3, 520), title="Original vs erased", images=g.out(cmp, "grid"),
           filename_prefix="conceptlab/esd_compare")
-    diff = g.add("ConceptLabDiffModels", (x2, 1000), w_px=380, model_a=g.out(ck, "MODEL"), model_b=g.out(esd, "model"))
-    g.add("PreviewAny", (x3, 1000), title="Weight-diff report", source=g.out(diff, "report"))
-    g.add("SaveImage", (x3, 1200), title="Weight-diff plots", images=g.out(diff, "plots"),
+    diff = g.add("ConceptLabDiffModels", (x2, 1140), w_px=380, model_a=g.out(ck, "MODEL"), model_b=g.out(esd, "model"))
+    g.add("PreviewAny", (x3, 1140), title="Weight-diff report", source=g.out(diff, "report"))
+    g.add("SaveImage", (x3, 1340), title="Weight-diff plots", images=g.out(diff, "plots"),
           filename_prefix="conceptlab/esd_diff")
 
 
