@@ -127,9 +127,9 @@ def test_cli_erase_writes_the_same_files(tmp_path, monkeypatch):
     monkeypatch.setattr(diffusers_host.DiffusersHost, "from_pretrained",
                         classmethod(lambda cls, f, device="cpu", dtype=None: tiny_host()))
     cfg = tmp_path / "erase.toml"
-    cfg.write_text(f'model = "model"\noutput_dir = "out"\nname = "vg"\nlora_rank = 2\n\n[esd]\n'
-                   f'concepts = "Van Gogh"\nvariations = 3\nwidth = 32\nheight = 32\nddim_steps = 2\n'
-                   f'iterations = 2\nxt_source = "self_sample"\nmasks = "grid"\n')
+    cfg.write_text('model = "model"\noutput_dir = "out"\nname = "vg"\nlora_rank = 2\n\n[esd]\n'
+                   'concepts = "Van Gogh"\nvariations = 3\nwidth = 32\nheight = 32\nddim_steps = 2\n'
+                   'iterations = 2\nxt_source = "self_sample"\nmasks = "grid"\n')
     assert cli.main(["erase", "--config", str(cfg), "--quiet"]) == 0
     out = tmp_path / "out"
     for name in ("vg.safetensors", "vg_lora_r2.safetensors", "training_stats.json", "metadata.json", "loss.png"):

@@ -133,7 +133,6 @@ def test_model_node_reads_patched_weights_without_mutating(comfy_env):
     k2 = next(x for x in sd if x.endswith("ff.net.2.weight"))
     g = torch.Generator().manual_seed(3)
     delta = torch.randn(sd[k].shape, generator=g) * 1e-2
-    delta2 = torch.randn(sd[k2].shape, generator=g) * 1e-3
     b = base.clone()
     b.add_patches({k: ("diff", (delta,))}, 0.5)                              # a .diff file at strength 0.5
     r = 2

@@ -3,8 +3,8 @@
 Needs COMFYUI_PATH, Chromium (``apt-get install chromium``; path in ``CHROMIUM`` or /usr/bin/chromium), Node.js
 and ``npm install`` run once in tests/browser/ (playwright-core). Run:
 
-    cd /work/main && (cd tests/browser && npm install) && \\
-    COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python -m pytest tests/browser -v
+    (cd tests/browser && npm install) && \\
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/browser -v
 
 Asserts for every workflow: no unknown node type, no dialog left open (the missing-nodes warning), no console or
 page error while loading and converting, no node flagged with errors, and that the prompt the real frontend

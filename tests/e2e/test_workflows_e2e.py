@@ -2,7 +2,7 @@
 
 Run (about 10-20 min on a loaded 2-core CPU; the first run also builds the random 2.1 GB SD1.5 checkpoint, ~3 min):
 
-    cd /work/main && COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python -m pytest tests/e2e -v -s
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/e2e -v -s
 
 Each API twin is queued as shipped, with only sizes / steps / iterations / batch shrunk (:data:`TINY`,
 :func:`shrink`): the model is a full-size random SD1.5 on CPU, so every loop is cut to a handful of UNet calls

@@ -12,7 +12,6 @@ fails until then). Workflows whose node types are not all available are skipped 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import uuid
 from pathlib import Path
