@@ -19,7 +19,12 @@ Reference, chosen automatically:
   (``training.diffusers_host.DiffusersHost``), on an SD1.5-shaped ``UNet2DConditionModel``.
 
 Same rank, batch, resolution, latents, conditioning, optimizer (AdamW, lr 1e-4) and thread count for both; one
-warm-up step, then ``--steps`` timed steps. Each trainer runs in its own spawned process, so the memory figures
+warm-up step, then ``--steps`` timed steps, ``--repeats`` runs per row interleaved across rows; steps/s is one over
+the median step time of all timed steps (robust to a machine loaded by other work). In ComfyUI mode two extra rows
+by default: TrainLoraNode with its default gradient checkpointing, and Concept Lab with LoCon (``conv_dim`` = rank
+on kohya's ResNet/sampler targets), a parameter set closer to TrainLoraNode's (which puts LoRA on every Linear and
+Conv2d and trains a full diff of every bias and norm weight). Each trainer runs in its own spawned process, so the
+memory figures
 are separate: ``peak MiB`` is the process's peak RSS (ru_maxrss; on CUDA, peak allocated), ``train MiB`` the
 peak RSS reached during training above the RSS right after the model was built (Linux ``/proc/self/clear_refs``
 resets the high-water mark; ``-`` where that is unavailable).
@@ -35,6 +40,7 @@ Prints a table with both figures, the ratios, the machine and its load average. 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -335,7 +341,9 @@ def _comfy_worker(method: str, a: dict, q) -> None:
             host = ComfyHost(model)
             with torch.inference_mode(False):
                 cfg = TrainConfig(network_dim=a["rank"], network_alpha=a["rank"], learning_rate=1e-4).validate()
-                net = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha)
+                conv = a.get("conv_dim") or None  # LoCon: kohya's 3x3 conv targets too (closer to the node's set)
+                net = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+                                         conv_dim=conv, conv_alpha=conv)
                 net.install(host)
                 step, nparams = _conceptlab_step(host, net, cfg, lat.clone(), cond.clone().expand(b, -1, -1), gen)
                 for _ in range(a["steps"] + 1):
@@ -345,7 +353,8 @@ def _comfy_worker(method: str, a: dict, q) -> None:
                     times.append(time.perf_counter())
             host.close()
     dt = times[-1] - times[0]
-    q.put({"method": method, "steps_per_s": (len(times) - 1) / dt, "lora_params": nparams, "model": model_name,
+    q.put({"method": method, "steps_per_s": (len(times) - 1) / dt,
+           "step_s": [y - x for x, y in itertools.pairwise(times)], "lora_params": nparams, "model": model_name,
            "unet_params": n_unet, **mem.result()})
 
 
@@ -410,6 +419,9 @@ def main(argv=None) -> int:
     ap.add_argument("--node-gradient-checkpointing", choices=("off", "on", "both"), default="both",
                     help="TrainLoraNode's gradient_checkpointing (its default is on; Concept Lab's ComfyUI host "
                          "has none): both = one row each")
+    ap.add_argument("--no-locon", action="store_true",
+                    help="ComfyUI mode: leave out the extra Concept Lab row with LoCon (conv_dim = rank on kohya's "
+                         "3x3 conv targets), which trains a parameter set closer to TrainLoraNode's every-layer one")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     a = vars(ap.parse_args(argv))
@@ -428,6 +440,8 @@ def main(argv=None) -> int:
     if comfy:
         gc = a["node_gradient_checkpointing"]
         runs = [("conceptlab", _comfy_worker, {})]
+        if not a["no_locon"]:
+            runs.append(("conceptlab", _comfy_worker, {"conv_dim": a["rank"]}))
         if gc in ("off", "both"):
             runs.append(("TrainLoraNode", _comfy_worker, {"node_gradient_checkpointing": False}))
         if gc in ("on", "both"):
@@ -438,35 +452,41 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for _ in range(a["repeats"]):
         for method, worker, extra in runs:
-            label = method + ({True: " (grad ckpt)", False: ""}[extra["node_gradient_checkpointing"]]
-                              if "node_gradient_checkpointing" in extra else "")
+            label = method + (" (LoCon)" if extra.get("conv_dim") else "") + (
+                " (grad ckpt)" if extra.get("node_gradient_checkpointing") else "")
             rows.setdefault(label, []).append(_run(worker, method, {**a, **extra}))
     res = {}
     for label, rs in rows.items():
         tm = [r["train_mib"] for r in rs if r["train_mib"] is not None]
-        res[label] = dict(rs[0], method=label, steps_per_s=_median([r["steps_per_s"] for r in rs]),
-                          steps_per_s_all=[r["steps_per_s"] for r in rs], peak_mib=max(r["peak_mib"] for r in rs),
-                          train_mib=max(tm) if tm else None)
+        per_step = [t for r in rs for t in r.get("step_s", ())]
+        res[label] = dict(rs[0], method=label, steps_per_s=1.0 / _median(per_step) if per_step else
+                          _median([r["steps_per_s"] for r in rs]), steps_per_s_runs=[r["steps_per_s"] for r in rs],
+                          step_s=per_step, peak_mib=max(r["peak_mib"] for r in rs), train_mib=max(tm) if tm else None)
     labels = list(res)
     ours = res[labels[0]]
+    our_labels = [k for k in labels if k.startswith("conceptlab")]
+    ref_labels = [k for k in labels if not k.startswith("conceptlab")]
     if comfy:
         model = ours["model"] + f", {ours['unet_params'] / 1e6:.0f} M UNet params"
     else:
         model = f"SD1.5-shaped diffusers UNet (channels /{a['width_div']})"
     print(f"{model}; {a['res']} px, rank {a['rank']}, batch {a['batch']}, AdamW lr 1e-4, fp32, {a['device']}, "
-          f"{a['threads']} threads, 1 warm-up + {a['steps']} timed steps, median of {a['repeats']} interleaved runs")
+          f"{a['threads']} threads, 1 warm-up + {a['steps']} timed steps per run, {a['repeats']} interleaved runs per row; "
+          + ("steps/s = 1 / median step time" if comfy else "steps/s = median of runs"))
     lb = f"{load_before:.2f} at start; " if load_before is not None else ""
     print(f"machine: {_machine()} ({lb}1/5/15 min at the end)")
     print(f"{'method':<28}{'steps/s':>9}{'peak MiB':>10}{'train MiB':>11}{'LoRA params':>13}")
     for r in res.values():
         print(f"{r['method']:<28}{r['steps_per_s']:>9.3f}{r['peak_mib']:>10.0f}{_fmt(r['train_mib'], '.0f'):>11}"
               f"{r['lora_params']:>13,}")
-    for label in labels[1:]:
-        ref = res[label]
-        mem_ratio = ("" if ours["train_mib"] is None or not ref["train_mib"] else
-                     f", training memory {ours['train_mib'] / ref['train_mib']:.2f}x")
-        print(f"ratio conceptlab / {label}: speed {ours['steps_per_s'] / ref['steps_per_s']:.2f}x, "
-              f"peak memory {ours['peak_mib'] / ref['peak_mib']:.2f}x{mem_ratio}")
+    for our_label in our_labels:
+        mine = res[our_label]
+        for label in ref_labels:
+            ref = res[label]
+            mem_ratio = ("" if mine["train_mib"] is None or not ref["train_mib"] else
+                         f", training memory {mine['train_mib'] / ref['train_mib']:.2f}x")
+            print(f"ratio {our_label} / {label}: speed {mine['steps_per_s'] / ref['steps_per_s']:.2f}x, "
+                  f"peak memory {mine['peak_mib'] / ref['peak_mib']:.2f}x{mem_ratio}")
     print(json.dumps({"args": a, "results": res}))
     return 0
 

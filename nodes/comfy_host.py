@@ -300,10 +300,14 @@ def _materialise_params(module: torch.nn.Module, prefix: str, root: torch.nn.Mod
 
     n = 0
     with torch.inference_mode(False):
-        for name, p in list(module.named_parameters()):
+        # names first, then one parameter at a time: holding the list of old parameters would keep a second
+        # full copy of the model alive until the loop ends (a peak of 2x the UNet's size)
+        for name in [k for k, _ in module.named_parameters()]:
+            p = comfy.utils.get_attr(module, name)
             if p.is_inference():
                 comfy.utils.set_attr_param(root, prefix + name, p.detach().clone())
                 n += 1
+            del p
         for mname, m in list(module.named_modules()):
             for bname, b in list(m.named_buffers(recurse=False)):
                 if b is not None and b.is_inference():
