@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import comfyui_path, requires_comfyui
+from conftest import requires_comfyui
 
 from conceptlab.nodes import merge as N
 
@@ -49,20 +49,13 @@ def test_parse_ratios():
 # ------------------------------------------------------------------------------------------------ real ComfyUI
 @pytest.fixture(scope="module")
 def comfy():
-    root = comfyui_path()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.options
+    from e2e.comfy_env import comfy_inprocess
 
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
+    comfy_inprocess()
+    import comfy.model_patcher  # noqa: F401
+    import comfy.supported_models  # noqa: F401
 
-    args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    return comfy
+    return sys.modules["comfy"]
 
 
 TINY_UNET = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
