@@ -3,7 +3,7 @@
 Reference, chosen automatically:
 
 * **ComfyUI's TrainLoraNode** (``comfy_extras/nodes_train.py``) when ComfyUI can be imported (``COMFYUI_PATH``
-  points at a checkout; run with ComfyUI's python, e.g. ``/work/comfyenv/bin/python``). Both trainers work on
+  points at a checkout; run with the Python environment ComfyUI runs in). Both trainers work on
   the same ComfyUI SD1.5-family MODEL: ComfyUI's own SD15 ``BaseModel`` built in-process with SD1.5's block
   layout and 768-d cross-attention (channel widths divided by ``--width-div``; 1 = the real SD1.5 UNet, seeded
   random weights), or a checkpoint file given with ``--checkpoint`` (``comfy.sd.load_checkpoint_guess_config``).
@@ -29,7 +29,7 @@ are separate: ``peak MiB`` is the process's peak RSS (ru_maxrss; on CUDA, peak a
 peak RSS reached during training above the RSS right after the model was built (Linux ``/proc/self/clear_refs``
 resets the high-water mark; ``-`` where that is unavailable).
 
-    COMFYUI_PATH=/work/ComfyUI /work/comfyenv/bin/python benchmarks/train_lora.py [--steps 5] [--res 64]
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python benchmarks/train_lora.py [--steps 5] [--res 64]
         [--rank 16] [--batch 1] [--width-div 2] [--checkpoint FILE] [--repeats 3]
         [--node-gradient-checkpointing both|off|on]
     python benchmarks/train_lora.py --reference diffusers [--res 256] [--width-div 4]
