@@ -855,6 +855,30 @@ def _arch_or_sd1(arch: str | None) -> str:
     return {"sd15": "sd1", "sd1.5": "sd1", "sd21": "sd2", "unknown": "sd1"}.get(a, a)
 
 
+def unet_checkpoint_target(path: str, arch: str) -> CheckpointTarget:
+    """Single-file checkpoint keys of a UNet module given by its LDM *or* diffusers module path.
+
+    ``path``: module path without ``.weight`` (``"input_blocks.1.1.transformer_blocks.0.attn2.to_q"`` or
+    ``"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"``); ``arch``: ``"sd1" | "sd2" | "sdxl" |
+    "flux"`` (``None``/``"unknown"`` = sd1). Flux paths are taken as BFL names as they are. Returns the
+    :class:`CheckpointTarget` (``model.diffusion_model.<ldm path>.weight`` / ``.bias``).
+    Raises ``ValueError`` when the module does not exist in that architecture's UNet.
+    """
+    arch = _arch_or_sd1(arch)
+    if arch == "flux":
+        return CheckpointTarget(f"model.diffusion_model.{path}.weight", f"model.diffusion_model.{path}.bias")
+    carch = _canon_arch(arch)
+    w = path + ".weight"
+    if w in _l2d_cached(carch):
+        ldm = path
+    elif w in _d2l_cached(carch):
+        ldm = _d2l_cached(carch)[w][: -len(".weight")]
+    else:
+        raise ValueError(f"UNet module {path!r} does not exist in an {arch} UNet")
+    pre = CHECKPOINT_PREFIXES[(carch, "unet")]
+    return CheckpointTarget(f"{pre}{ldm}.weight", f"{pre}{ldm}.bias")
+
+
 def kohya_target(name: str, arch: str, known_paths: Iterable[str] | None = None) -> CheckpointTarget:
     """Resolve a kohya LoRA module name to the single-file (LDM) checkpoint tensor(s) it patches.
 
@@ -876,20 +900,10 @@ def kohya_target(name: str, arch: str, known_paths: Iterable[str] | None = None)
     if comp == "te" and arch == "sdxl":
         comp = "te1"
     if comp == "unet":
-        if arch == "flux":
-            return CheckpointTarget(f"model.diffusion_model.{path}.weight", f"model.diffusion_model.{path}.bias")
-        carch = _canon_arch(arch)
-        l2d = _l2d_cached(carch)
-        d2l = _d2l_cached(carch)
-        w = path + ".weight"
-        if w in l2d:
-            ldm = path
-        elif w in d2l:
-            ldm = d2l[w][: -len(".weight")]
-        else:
-            raise ValueError(f"kohya name {name!r}: UNet module {path!r} does not exist in an {arch} UNet")
-        pre = CHECKPOINT_PREFIXES[(carch, "unet")]
-        return CheckpointTarget(f"{pre}{ldm}.weight", f"{pre}{ldm}.bias")
+        try:
+            return unet_checkpoint_target(path, arch)
+        except ValueError as exc:
+            raise ValueError(f"kohya name {name!r}: {exc}") from None
     if comp in ("te1", "te2") and arch != "sdxl":
         raise ValueError(f"kohya name {name!r} is for an SDXL text encoder but the architecture is {arch}")
     if comp == "te" and arch not in ("sd1", "sd2"):

@@ -40,9 +40,9 @@ from typing import Mapping
 import torch
 
 from .keys import (
-    CheckpointTarget, _arch_or_sd1, _canon_arch, _d2l_cached, _l2d_cached, _layer_type_of, _OPENCLIP_WIDTH,
+    CheckpointTarget, _arch_or_sd1, _layer_type_of, _OPENCLIP_WIDTH,
     CHECKPOINT_PREFIXES, detect_architecture, kohya_target, normalize_te_path, openclip_ldm_to_hf,
-    split_component,
+    split_component, unet_checkpoint_target,
 )
 from .safetensors_io import WeightFile, _stringify_metadata, save_safetensors
 
@@ -155,20 +155,7 @@ def resolve_lora_module(module: str, arch: str) -> CheckpointTarget:
     if comp == "te" and arch == "sdxl":
         comp = "te1"
     if comp == "unet":
-        if arch == "flux":
-            return CheckpointTarget(f"model.diffusion_model.{rel}.weight", f"model.diffusion_model.{rel}.bias")
-        carch = _canon_arch(arch)
-        rel = _clean_diffusers_path(rel)
-        w = rel + ".weight"
-        l2d, d2l = _l2d_cached(carch), _d2l_cached(carch)
-        if w in l2d:
-            ldm = rel
-        elif w in d2l:
-            ldm = d2l[w][: -len(".weight")]
-        else:
-            raise ValueError(f"UNet module {rel!r} does not exist in an {arch} UNet")
-        pre = CHECKPOINT_PREFIXES[(carch, "unet")]
-        return CheckpointTarget(f"{pre}{ldm}.weight", f"{pre}{ldm}.bias")
+        return unet_checkpoint_target(rel if arch == "flux" else _clean_diffusers_path(rel), arch)
     if comp in ("te", "te1", "te2"):
         if (arch, comp) not in CHECKPOINT_PREFIXES:
             raise ValueError(f"text encoder {comp!r} does not exist in architecture {arch}")
