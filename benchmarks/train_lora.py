@@ -55,16 +55,10 @@ import torch
 
 KOHYA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
-#: SD1.5's UNet in ComfyUI's ``UNetModel`` arguments (``comfy/model_detection.py`` ``unet_config_from_diffusers_unet``
-#: SD15 entry); ``model_channels`` is divided by ``--width-div``
-SD15_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+# SD1.5's UNet in ComfyUI's ``UNetModel`` arguments (comfy/model_detection.py SD15 entry), shared with the e2e
+# tests' checkpoint maker; ``model_channels`` is divided by ``--width-div``
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from e2e.checkpoint import SD15_UNET as SD15_UNET_CONFIG  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------
