@@ -72,7 +72,6 @@ def register(subparsers) -> None:
 
 
 def _run_diff(args: argparse.Namespace) -> int:
-    from ..formats.safetensors_io import atomic_write_text
     from .diff_report import report_markdown
     from .weight_diff import DiffOptions, diff_files
 
@@ -84,35 +83,33 @@ def _run_diff(args: argparse.Namespace) -> int:
                        rank_time_budget_s=args.rank_budget, include_tensors=not args.no_tensors)
     report = diff_files(args.a, args.b, lora_strength=args.lora_strength, options=opts,
                         allow_shape_mismatch=args.skip_mismatched)
-    md = report_markdown(report, top_n=min(args.top, 20))
+    from .diff_plots import render_plots
+
+    return _write_outputs(args, report, report_markdown(report, top_n=min(args.top, 20)), render_plots)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .diff_report import compare_markdown
+    from .weight_diff import compare_reports
+
+    cmp = compare_reports(args.r1, args.r2, label1=args.label1, label2=args.label2)
+    from .diff_plots import plot_compare
+
+    return _write_outputs(args, cmp, compare_markdown(cmp), plot_compare)
+
+
+def _write_outputs(args: argparse.Namespace, report: dict, md: str, plot) -> int:
+    """Write ``--json`` / ``--markdown`` / ``--plot`` (``plot(report)`` → image) atomically; print the Markdown
+    unless ``--quiet``. Returns exit code 0."""
+    from ..formats.safetensors_io import atomic_write_text
+    from .diff_plots import save_png
+
     if args.json:
         atomic_write_text(args.json, dumps_report(report))
     if args.markdown:
         atomic_write_text(args.markdown, md + "\n")
     if args.plot:
-        from .diff_plots import render_plots, save_png
-
-        save_png(render_plots(report), args.plot)
-    if not args.quiet:
-        print(md)
-    return 0
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    from ..formats.safetensors_io import atomic_write_text
-    from .diff_report import compare_markdown
-    from .weight_diff import compare_reports
-
-    cmp = compare_reports(args.r1, args.r2, label1=args.label1, label2=args.label2)
-    md = compare_markdown(cmp)
-    if args.json:
-        atomic_write_text(args.json, dumps_report(cmp))
-    if args.markdown:
-        atomic_write_text(args.markdown, md + "\n")
-    if args.plot:
-        from .diff_plots import plot_compare, save_png
-
-        save_png(plot_compare(cmp), args.plot)
+        save_png(plot(report), args.plot)
     if not args.quiet:
         print(md)
     sys.stdout.flush()
