@@ -40,7 +40,8 @@ _RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lo
 
 def register(subparsers) -> None:
     """Add the ``erase`` subcommand."""
-    p = subparsers.add_parser("erase", help="erase a concept from an SD model with ESD (diffusers folder)",
+    p = subparsers.add_parser("erase", help="erase a concept from an SD model with ESD (diffusers folder or "
+                                            "single-file checkpoint)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="erase.toml (see the description)")
     p.add_argument("--iterations", type=int, default=None, help="override [esd] iterations")
@@ -68,9 +69,9 @@ def _load_images(folder: Path, width: int, height: int):
 def run(args) -> int:
     """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
     from ..formats.safetensors_io import parse_dtype
-    from .diffusers_host import DiffusersHost
     from .esd import ESDCancelled, config_from_mapping, erase
     from .esd_outputs import loss_plot, save_outputs
+    from .model_loading import load_host
 
     cfg_path = Path(args.config)
     if not cfg_path.is_file():
@@ -84,7 +85,8 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"{cfg_path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [esd]")
     if "model" not in data:
-        raise ValueError(f"{cfg_path}: 'model' (a local diffusers folder) is required")
+        raise ValueError(f"{cfg_path}: 'model' (a local diffusers folder or a single-file SD1.x/SD2.x checkpoint) "
+                         "is required")
     if args.iterations is not None:
         esd_table["iterations"] = args.iterations
     if args.seed is not None:
@@ -103,11 +105,8 @@ def run(args) -> int:
     if data.get("images"):
         images = _load_images((base / data["images"]).resolve(), config.width, config.height)
     device, dtype = str(data.get("device", "cpu")), parse_dtype(str(data.get("dtype", "float32")))
-    if model_dir.is_file():
-        tok = (base / data["tokenizer"]).resolve() if data.get("tokenizer") else None
-        host = DiffusersHost.from_single_file(model_dir, tokenizer=tok, device=device, dtype=dtype)
-    else:
-        host = DiffusersHost.from_pretrained(model_dir, device=device, dtype=dtype)
+    tok = (base / data["tokenizer"]).resolve() if data.get("tokenizer") else None
+    host = load_host(model_dir, device=device, dtype=dtype, tokenizer=tok)
 
     stop = {"flag": False}
 
