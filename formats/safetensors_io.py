@@ -168,6 +168,7 @@ class WeightFile:
             yield k, self.get(k)
 
     def close(self) -> None:
+        """Release the memory map / loaded tensors; the object cannot be read afterwards."""
         self._st = None
         self._sd = None
 

@@ -62,6 +62,13 @@ class ConceptLabCaptionAudit:
         }
 
     def audit(self, folder, check_images=True, tolerance=cap.DEFAULT_TOLERANCE, fix_to=""):
+        """Audit the captions of ``folder`` (a folder inside ComfyUI's input directory; kohya subfolders too).
+
+        ``tolerance``: ΔE00 for "colour present in the image". ``fix_to``: optional new folder under ComfyUI's output
+        directory for corrected captions (never in place). Returns ``(report JSON STRING, table IMAGE [1, H, W, 3])``;
+        see :func:`conceptlab.metrics.captions.audit_folder`. Raises ``PathOutsideError`` for a path leaving the input
+        folder, ``FileNotFoundError`` / ``NotAFolderError`` for a missing folder or a file.
+        """
         from . import comfy_host
 
         root = comfy_host.resolve_input(folder)

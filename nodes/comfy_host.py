@@ -121,6 +121,7 @@ class Progress:
             self._bar = None
 
     def update(self, n: int = 1, preview=None) -> None:
+        """Advance by ``n`` steps (optionally with a PIL preview); raises ComfyUI's interrupt if Cancel was pressed."""
         self.done = min(self.done + int(n), self.total)
         if self._bar is not None:
             if preview is not None:
@@ -130,6 +131,7 @@ class Progress:
         check_interrupt()
 
     def set(self, value: int, preview=None) -> None:
+        """Set the absolute step count (see :meth:`update`)."""
         self.update(int(value) - self.done, preview)
 
 

@@ -114,6 +114,12 @@ class ConceptLabLoraDataset:
         return {"required": {**_dataset_inputs(), **_caption_inputs()}}
 
     def load(self, folder, **kw):
+        """Scan a kohya dataset folder inside ComfyUI's input directory.
+
+        ``kw``: dataset and caption options (see INPUT_TYPES; kohya names). Returns ``(DATASET, summary STRING,
+        caption-audit JSON STRING)``. Raises ``PathOutsideError`` for a path leaving the input folder and
+        ``DatasetError`` (a ``ValueError``) for an empty folder, corrupt images or folders without the ``N_`` prefix.
+        """
         from . import comfy_host
 
         root = comfy_host.resolve_input(folder)
@@ -243,6 +249,15 @@ class ConceptLabTrainLora:
               sample_prompts, best_metric, early_stopping_patience, resume, apply, kohya_toml="", palette="",
               sample_steps=20, sample_cfg=7.0, min_snr_gamma=0.0, noise_offset=0.0, conv_dim=0, conv_alpha=1.0,
               gradient_checkpointing=False):
+        """Train a kohya LoRA on ``model``/``clip`` (cloned, never mutated) and save it to ``output/loras``.
+
+        Runs under ``torch.inference_mode(False)`` with ComfyUI's progress bar (a cancel point every step); a cancel keeps
+        the last finished epoch file. Widgets are kohya settings; ``kohya_toml`` overrides them (flattened keys).
+        Returns ``(MODEL, CLIP with the best/last epoch applied, lora file name, loss curve IMAGE, epoch table IMAGE,
+        sample grid IMAGE)``, IMAGEs ``[1, H, W, 3]`` float 0..1. Raises ``ValueError`` for a non-DATASET input,
+        ``ValueError`` for invalid settings (e.g. AdamW8bit without CUDA/bitsandbytes) and a clear error naming the last
+        good checkpoint on a NaN/Inf loss.
+        """
         from . import comfy_host
 
         if not isinstance(dataset, KohyaDataset):
@@ -358,6 +373,12 @@ class ConceptLabEpochCompare:
 
     def compare(self, model, clip, vae, lora_files, prompts, negative, seed, steps, cfg, width, height, strength,
                 palette):
+        """Render the same prompts and seeds with each LoRA file (names or wildcards from ComfyUI's loras list).
+
+        ``strength``: LoRA strength; ``palette``: optional target hexes for the palette metrics. Returns ``(labelled grid
+        IMAGE [1, H, W, 3], metrics table IMAGE, metrics JSON STRING)``. Raises ``ValueError`` for no prompts or no
+        matching files and ``FileNotFoundError`` for a name ComfyUI does not list.
+        """
         from ..formats.safetensors_io import load_state_dict, read_metadata
         from ..training.lora import LoRANetwork
         from . import comfy_host

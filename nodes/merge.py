@@ -173,6 +173,12 @@ class MergeModels:
 
     def merge(self, model_a, model_b, method, alpha, block_weights, density, seed, model_c=None, clip_a=None,
               clip_b=None, clip_c=None, text_encoder="merge (BASE weight)", te_alpha=0.5):
+        """Merge MODEL (and CLIP) inputs lazily: α is the weight of B, ``(1 − α)·A + α·B`` (ModelMergeSimple's
+        ratio = 1 − α). Weighted sum / add difference become key patches; TIES, DARE, SLERP and train difference become
+        ``diff`` patches computed from the patched weights. Inputs are never mutated. Returns ``(MODEL, CLIP, report
+        STRING)``. Raises ``ValueError`` for a missing ``model_c`` where the method needs one, different
+        architectures or shapes; warns (in the report) for α outside [0, 1].
+        """
         lines = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -259,6 +265,13 @@ class MergeCheckpointFiles:
 
     def merge(self, ckpt_a, ckpt_b, method, alpha, block_weights, density, seed, dtype, text_encoder, vae, filename,
               overwrite, ckpt_c="none", lora_name="none", lora_strength=1.0):
+        """Stream-merge checkpoint files from ComfyUI's checkpoints list into ``output/checkpoints/<filename>``.
+
+        Same α convention as Merge Models; ``dtype`` fp16/bf16/fp32 of the output; the recipe (method, parameters, input
+        names and SHA-256) goes into the file's metadata. Returns ``(checkpoint name as listed by Load Checkpoint, report
+        STRING)``. Raises ``ValueError`` for an empty name or bad settings, ``FileExistsError`` when the file exists and
+        ``overwrite`` is off; on any error or cancel no partial file is left.
+        """
         from ..training.merge_files import merge_checkpoints
 
         name = (filename or "").strip()
@@ -364,6 +377,11 @@ class MergeSweep:
 
     def sweep(self, model_a, model_b, ratios, positive, negative, vae, seed, rows, steps, cfg, sampler_name,
               scheduler, width, height):
+        """Sample with ComfyUI's own sampler at each α of ``ratios`` (comma list, α = weight of B) and ``rows`` seeds.
+
+        Returns ``(labelled grid IMAGE [1, H, W, 3] with columns = α and rows = seeds, all images [N, h, w, 3])``.
+        Progress per cell, cancellable. Raises ``ValueError`` for an unparseable or empty ratio list.
+        """
         import comfy.sample
 
         alphas = _parse_ratios(ratios)

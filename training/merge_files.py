@@ -101,6 +101,7 @@ class MergeReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
+        """The report as a JSON-serialisable dict (what the CLI writes to ``--report``)."""
         return asdict(self)
 
 
