@@ -58,6 +58,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .conditioning import Conditioning
 from .host import DiffusionHost, FullDelta, add_noise, ddim_sample, ddim_timesteps
 from .masks import grid_masks, masked_mse, normalize_weights, prepare_masks
 from .prompts import PromptSchedule, build_prompts, parse_concepts
@@ -336,15 +337,6 @@ def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None
                       keep_installed, cancel_check)
 
 
-def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat token sequences ``[1, L, D]`` to a common length (prompts longer than 77 tokens come in 77-token
-    chunks; ComfyUI batches such conditionings the same way)."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    n = math.lcm(a.shape[1], b.shape[1])
-    return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
-
-
 class _CancelRequested(Exception):
     pass
 
@@ -392,12 +384,12 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     T = int(host.alphas_cumprod.shape[0])
     ddim_ts = ddim_timesteps(T, int(cfg.ddim_steps))
 
-    cond_cache: dict[str, torch.Tensor] = {}
+    cond_cache: dict[str, Conditioning] = {}
 
-    def encode(p: str) -> torch.Tensor:
+    def encode(p: str) -> Conditioning:
         if p not in cond_cache:
             with torch.no_grad():
-                cond_cache[p] = host.encode_prompts([p]).detach()
+                cond_cache[p] = Conditioning.wrap(host.encode_prompts([p])).detach()
         return cond_cache[p]
 
     uncond = encode("")
@@ -511,7 +503,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                     tt = torch.tensor([t_int], device=dev, dtype=torch.long)
                     # frozen ε*(x_t, c, t) and ε*(x_t, ∅, t) in one batched call
                     frozen = model.predict(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                           torch.cat(_same_length(cond, uncond))).float()
+                                           Conditioning.cat([cond, uncond])).float()
                     target = paper_target(frozen[:1], frozen[1:], cfg.negative_guidance)
                 # --- mask choice -------------------------------------------------------------------------
                 if masks is None:
