@@ -215,6 +215,18 @@ class DiffusersHost(DiffusionHost):
             out[name if component == "unet" else _canonical_te_path(name)] = mod
         return out
 
+    def unet_ldm_paths(self) -> dict[str, str]:
+        """Diffusers → LDM UNet module paths for this UNet's own config, from
+        :func:`conceptlab.formats.keys.diffusers_to_ldm_unet` (checked there against diffusers' converter).
+        Raises ``ValueError`` for a UNet layout diffusers' converter does not describe."""
+        if getattr(self, "_ldm_paths", None) is None:
+            from ..formats.keys import diffusers_to_ldm_unet
+
+            pmap = diffusers_to_ldm_unet("sdxl" if self.arch == "sdxl" else "sd1", dict(self.unet.config))
+            self._ldm_paths = {d.rpartition(".")[0]: l.rpartition(".")[0] for d, l in pmap.items()
+                               if d.endswith((".weight", ".bias"))}
+        return self._ldm_paths
+
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
         """Register ``delta`` as a ``torch.nn.utils.parametrize`` parametrization of ``<component>.<path>.<attr>``.
 

@@ -255,7 +255,9 @@ class ESDResult:
 
     ``deltas``: ``{(component, path, attr): ΔW}`` float32 CPU tensors (erased weight = base + ΔW);
     ``targets``: the :class:`Target` list; ``losses``: loss per finished iteration; ``stats`` /
-    ``metadata``: the contents of ``training_stats.json`` / ``metadata.json``; ``cancelled``: stopped early.
+    ``metadata``: the contents of ``training_stats.json`` / ``metadata.json``; ``cancelled``: stopped early;
+    ``kohya_names``: ``{(component, path): kohya module name}`` in the family's own naming (SDXL: LDM UNet names,
+    as kohya's SDXL LoRAs), used by the file writers; empty means "derive from the diffusers path".
     """
 
     deltas: dict[tuple[str, str, str], torch.Tensor]
@@ -267,6 +269,7 @@ class ESDResult:
     mask_weights: torch.Tensor | None = None
     mask_names: list[str] = field(default_factory=list)
     cancelled: bool = False
+    kohya_names: dict = field(default_factory=dict)
 
 
 def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
@@ -375,6 +378,9 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     targets = select_targets(host.modules("unet"), cfg.method)
     n_tensors, n_params = count_parameters(targets)
     base_hash = base_weights_hash(host, targets)
+    from .lora import _kohya_name
+
+    kohya_names = {(t.component, t.path): _kohya_name(t.component, t.path, host) for t in targets}
 
     # `model` is what the loop evaluates: the host itself, or a forwarder that checks for cancel first
     model = _CheckedHost(host, cancel_check) if cancel_check is not None else host
@@ -453,7 +459,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "trained_tensors": n_tensors,
             "trained_parameters": n_params,
         }
-        return ESDResult(d, targets, list(losses), stats, meta, masks, mask_w, list(mask_names), cancelled)
+        return ESDResult(d, targets, list(losses), stats, meta, masks, mask_w, list(mask_names), cancelled,
+                         kohya_names)
 
     # noised-source cache of clean latents
     clean_cache: torch.Tensor | None = None

@@ -32,6 +32,10 @@ class Family:
         pooled: the family's conditioning has a pooled embedding.
         size_conditioning: the family reads ``extras["size_ids"]`` (SDXL micro-conditioning).
         latent_channels: VAE latent channels.
+        kohya_unet_names: which module names kohya's LoRA keys use for the UNet: ``"diffusers"`` (kohya's SD1/SD2
+            trainer builds a diffusers-layout UNet: ``lora_unet_down_blocks_0_attentions_0_…``) or ``"ldm"``
+            (``sdxl_train_network.py`` builds ``sdxl_original_unet.SdxlUNet2DConditionModel``, LDM layout:
+            ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``).
     """
 
     arch: str
@@ -45,6 +49,7 @@ class Family:
     pooled: bool = False
     size_conditioning: bool = False
     latent_channels: int = 4
+    kohya_unet_names: str = "diffusers"
 
 
 FAMILIES: dict[str, Family] = {
@@ -54,7 +59,7 @@ FAMILIES: dict[str, Family] = {
                   "https://github.com/Stability-AI/stablediffusion", 512),
     "sdxl": Family("sdxl", ("te1", "te2"), {"te1": "lora_te1", "te2": "lora_te2"}, "sdxl_base_v1-0",
                    "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", 1024,
-                   pooled=True, size_conditioning=True),
+                   pooled=True, size_conditioning=True, kohya_unet_names="ldm"),
     "flux": Family("flux", ("te1", "te2"), {"te1": "lora_te1", "te2": "lora_te2"}, "flux1", "flux-1-dev",
                    "https://github.com/black-forest-labs/flux", 1024, objective="flow", pooled=True,
                    latent_channels=16),

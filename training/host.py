@@ -125,6 +125,13 @@ class DiffusionHost(abc.ABC):
         Raises ``ValueError`` for a component the model does not have.
         """
 
+    def unet_ldm_paths(self) -> dict[str, str]:
+        """``{canonical diffusers UNet module path: LDM (``openaimodel.UNetModel``) module path}`` for this model's
+        own layout (e.g. ``down_blocks.1.attentions.0.proj_in`` → ``input_blocks.4.1.proj_in`` on SDXL). Used
+        where a family's files name UNet modules the LDM way (kohya SDXL LoRA keys). Hosts override it; the
+        default raises ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot map UNet paths to LDM names")
+
     def components(self) -> list[str]:
         """The components this host can adapt, e.g. ``["unet", "te"]``."""
         return ["unet", "te"]
