@@ -184,10 +184,12 @@ def test_sd1_lora_does_not_load_into_sdxl():
     from conceptlab.training.lora import LoRANetwork
 
     sd1 = LoRANetwork.create(tiny_host(), network_dim=2, train_text_encoder=True)
-    state = {f"{n}.{k}": v for n, (down, up, alpha) in ((n, m) for n, m in
-             ((t, sd1.loras[t].kohya_tensors()) for t in sd1.targets)) for k, v in
-             (("lora_down.weight", down), ("lora_up.weight", up), ("alpha", torch.tensor(alpha)))}
-    with pytest.raises(ValueError):
+    state = {}
+    for name in sd1.targets:
+        down, up, alpha = sd1.loras[name].kohya_tensors()
+        state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": torch.tensor(alpha)})
+    with pytest.raises(ValueError, match="this LoRA is for SD1, the model is SDXL"):
         LoRANetwork.from_kohya_state_dict(tiny_sdxl_host(), state)
 
 
