@@ -476,11 +476,27 @@ class ComfyHost(DiffusionHost):
         """Remove every installed delta, unload this host's patched models and free cached memory."""
         import comfy.model_management as mm
 
+        self.set_gradient_checkpointing(False)
         self.clear_deltas()
         _unload(self.patcher)
         if self.clip is not None:
             _unload(self.clip.patcher)
         mm.soft_empty_cache()
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Turn activation (gradient) checkpointing of the diffusion model on or off, with ComfyUI's own helpers
+        from ``comfy_extras/nodes_train.py`` (``find_all_highest_child_module_with_forward`` + ``patch`` /
+        ``unpatch``: each top-level block's forward runs under ``torch.utils.checkpoint``), as ComfyUI's
+        TrainLoraNode does. The blocks belong to the shared model, so :meth:`close` always turns it off again."""
+        from comfy_extras import nodes_train
+
+        blocks = nodes_train.find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model)
+        for m in blocks:
+            if on and not hasattr(m, "org_forward"):
+                nodes_train.patch(m)
+            elif not on:
+                nodes_train.unpatch(m)
+        self._checkpointing = bool(on)
 
     # -- names ----------------------------------------------------------------------------------------------
     def components(self) -> list[str]:

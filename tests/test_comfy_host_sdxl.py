@@ -111,3 +111,31 @@ def test_comfyhost_refuses_a_clip_of_another_family(sdxl_models):
     model, _, vae = sdxl_models
     with torch.inference_mode(), pytest.raises(ValueError, match="same checkpoint"):
         ComfyHost(model, tiny_sd1_clip(), vae)
+
+
+def test_comfyhost_gradient_checkpointing_same_gradients(sdxl_models):
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.training.host import FullDelta
+
+    model, clip, vae = sdxl_models
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    with torch.inference_mode():
+        host = ComfyHost(model, clip, vae)
+        try:
+            with torch.inference_mode(False):
+                cond = host.encode_prompts(["a knight"]).detach()
+                path = next(p for p in host.modules("unet") if p.endswith("attn2.to_v"))
+                d = FullDelta(host.modules("unet")[path].weight.shape)
+                host.install_delta("unet", path, "weight", d)
+                grads = []
+                for on in (False, True):
+                    host.set_gradient_checkpointing(on)
+                    d.weight.grad = None
+                    host.predict(x, t, cond).float().pow(2).mean().backward()
+                    grads.append(d.weight.grad.clone())
+                torch.testing.assert_close(grads[0], grads[1])
+                assert grads[0].abs().sum() > 0
+        finally:
+            host.close()
+    blocks = [m for m in model.model.diffusion_model.modules() if hasattr(m, "org_forward")]
+    assert blocks == []  # close() restored the shared model's forwards
