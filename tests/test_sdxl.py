@@ -310,3 +310,12 @@ def test_shipped_sdxl_configs_match_the_released_layout():
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base UNet
     assert vae.config.scaling_factor == pytest.approx(0.13025)
     assert sum(p.numel() for p in te2.parameters()) == 694_659_840  # OpenCLIP ViT-bigG/14 text tower
+    # ESD parameter sets on SDXL base (esd_sdxl.py get_esd_trainable_parameters)
+    from conceptlab.training.esd import count_parameters, select_targets
+
+    mods = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    counts = {m: count_parameters(select_targets(mods, m, arch="sdxl"))
+              for m in ("esd-x", "esd-x-strict", "esd-u", "esd-all")}
+    assert counts["esd-x"] == (350, 545_670_400) and counts["esd-x-strict"] == (140, 340_787_200)
+    assert counts["esd-u"][0] + counts["esd-x"][0] == counts["esd-all"][0]
+    assert not any("emb" in t.path or "block" not in t.path for t in select_targets(mods, "esd-u", arch="sdxl"))
