@@ -319,3 +319,55 @@ def test_shipped_sdxl_configs_match_the_released_layout():
     assert counts["esd-x"] == (350, 545_670_400) and counts["esd-x-strict"] == (140, 340_787_200)
     assert counts["esd-u"][0] + counts["esd-x"][0] == counts["esd-all"][0]
     assert not any("emb" in t.path or "block" not in t.path for t in select_targets(mods, "esd-u", arch="sdxl"))
+
+
+def test_cli_trains_an_sdxl_diffusers_folder(tmp_path, dawnlike_dir, capsys):
+    """`conceptlab train` on an SDXL diffusers folder (unet/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/
+    vae/ scheduler/), end to end through the real loader."""
+    import shutil
+
+    from test_model_loading import _write_clip_tokenizer
+
+    from conceptlab import cli
+
+    host = tiny_sdxl_host(seed=2)
+    model = tmp_path / "model"
+    host.unet.save_pretrained(model / "unet")
+    host.vae.save_pretrained(model / "vae")
+    host.text_encoder.save_pretrained(model / "text_encoder")
+    host.text_encoder_2.save_pretrained(model / "text_encoder_2")
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):  # SDXL's tokenizer_2 pads with "!"
+        _write_clip_tokenizer(model / name)
+        (model / name / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": pad}))
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+         "prediction_type": "v_prediction"}))
+    sub = tmp_path / "data" / "1_knight"
+    sub.mkdir(parents=True)
+    for p in sorted(dawnlike_dir.glob("*.png"))[:2]:
+        shutil.copy(p, sub / p.name)
+    cfg = tmp_path / "kohya.toml"
+    cfg.write_text(f"""
+pretrained_model_name_or_path = "{model}"
+train_data_dir = "{tmp_path / 'data'}"
+resolution = "64,64"
+min_bucket_reso = 64
+max_bucket_reso = 128
+output_dir = "{tmp_path / 'out'}"
+output_name = "xl"
+max_train_epochs = 1
+train_batch_size = 2
+network_dim = 4
+network_alpha = 1
+zero_terminal_snr = true
+""")
+    rc = cli.main(["train", "--config", str(cfg), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    md = read_metadata(tmp_path / "out" / "xl.safetensors")
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["modelspec.prediction_type"] == "v"
+    assert md["ss_zero_terminal_snr"] == "True"
+    keys = load_state_dict(tmp_path / "out" / "xl.safetensors")
+    assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_output_blocks_")
+                                                                for k in keys)
