@@ -267,9 +267,7 @@ def pixel_art_lora(g: Graph):
 
 
 SDXL = "sd_xl_base_1.0.safetensors"
-SDXL_TOML = ('# SDXL memory: checkpointing + bf16 fit a 12-16 GB card at batch 1 (README "SDXL")\n'
-             'gradient_checkpointing = true\n'
-             '# NoobAI-XL v-pred files carry v_pred/ztsnr keys that ComfyUI reads; for a v-pred file\n'
+SDXL_TOML = ('# NoobAI-XL v-pred files carry v_pred/ztsnr keys that ComfyUI reads; for a v-pred file\n'
              '# without them, uncomment both:\n'
              '# v_parameterization = true\n# zero_terminal_snr = true\n'
              'sample_every_n_epochs = 1\nsample_steps = 20\nsample_cfg = 6.0\n')
@@ -293,7 +291,8 @@ def sdxl_pixel_art_lora(g: Graph):
     tr = g.add("ConceptLabTrainLora", (COL, 0), w_px=380, model=g.out(ck, "MODEL"), clip=g.out(ck, "CLIP"),
                vae=g.out(ck, "VAE"), dataset=g.out(ds, "dataset"), output_name="pixel_art_xl", max_train_epochs=8,
                train_batch_size=1, learning_rate=1e-4, network_dim=16, network_alpha=8.0, mixed_precision="bf16",
-               seed=42, sample_prompts=PIXEL_PROMPTS, best_metric="auto", apply="best", kohya_toml=SDXL_TOML)
+               seed=42, sample_prompts=PIXEL_PROMPTS, best_metric="auto", apply="best", kohya_toml=SDXL_TOML,
+               gradient_checkpointing=True)
     x2 = 2 * COL + 40
     g.add("PreviewAny", (x2, 0), title="Applied LoRA file", source=g.out(tr, "lora_name"))
     g.add("SaveImage", (x2, 200), title="Epoch table", images=g.out(tr, "epoch_table"),
