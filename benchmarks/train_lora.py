@@ -59,17 +59,8 @@ KOHYA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.
 # tests' checkpoint maker; ``model_channels`` is divided by ``--width-div``
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from e2e.checkpoint import SD15_UNET as SD15_UNET_CONFIG  # noqa: E402
-
-# SDXL base UNet in ComfyUI's ``UNetModel`` arguments (comfy/model_detection.py SDXL entry); ``model_channels``
-# divided by ``--width-div`` like SD1.5's
-SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+# SDXL base UNet in ComfyUI's ``UNetModel`` arguments; ``model_channels`` divided by ``--width-div`` too
+from e2e.checkpoint import SDXL_UNET as SDXL_UNET_CONFIG  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------
