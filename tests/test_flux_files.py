@@ -494,3 +494,71 @@ def test_unknown_flux_lora_module_is_reported_not_dropped():
                        "lora_unet_double_blocks_0_img_attn_banana.lora_up.weight": torch.ones(64, 2)})
     assert "lora_unet_double_blocks_0_img_attn_banana" in res.skipped
     assert list(res.deltas) == [P + "double_blocks.0.img_attn.qkv.weight"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# real-ComfyUI tier: ComfyUI's own Flux key maps and LoRA loader
+# ----------------------------------------------------------------------------------------------------------------
+def _comfy_python():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import comfyui_path
+
+    for c in (os.environ.get("COMFYUI_PYTHON"), str(comfyui_path() / ".venv" / "bin" / "python"), sys.executable):
+        if c and Path(c).exists():
+            code = (f"import sys; sys.path.insert(0, {str(comfyui_path())!r}); sys.argv=['x','--cpu']; "
+                    "import comfy.options; comfy.options.enable_args_parsing(); import comfy.lora, comfy.model_base")
+            if subprocess.run([c, "-c", code], capture_output=True, timeout=300).returncode == 0:
+                return c
+    pytest.skip("no Python interpreter here can import ComfyUI (set COMFYUI_PYTHON)")
+
+
+@pytest.mark.skipif(__import__("tests.conftest", fromlist=["x"]).comfyui_path() is None,
+                    reason="real-ComfyUI tier: set COMFYUI_PATH to a ComfyUI checkout to run")
+def test_comfyui_flux_key_maps_and_lora_loading(tiny, lora_kohya, tmp_path):
+    """ComfyUI's flux_to_diffusers equals our table; its Flux model has exactly our canonical keys and kohya's
+    module set; every LoRA format loads with zero "lora key not loaded" and ComfyUI's ΔW equals ours."""
+    import json
+    import subprocess
+
+    from tests.conftest import comfyui_path
+
+    py = _comfy_python()
+    _, canon = tiny
+    dims = F.FluxDims(64, 256)
+    loras = {"kohya": lora_kohya, "peft": to_split_names(lora_kohya, dims, "peft"),
+             "onetrainer": to_split_names(lora_kohya, dims, "onetrainer"),
+             "lycoris": to_split_names(lora_kohya, dims, "lycoris")}
+    files = {n: str(write(tmp_path / f"{n}.safetensors", sd)) for n, sd in loras.items()}
+    req = {"comfyui": str(comfyui_path()), "unet_config": {"depth": 2, "depth_single_blocks": 2, "hidden_size": 64},
+           "loras": files, "deltas_out": str(tmp_path / "comfy_")}
+    (tmp_path / "req.json").write_text(json.dumps(req))
+    probe = Path(__file__).with_name("flux_comfy_probe.py")
+    proc = subprocess.run([py, str(probe), str(tmp_path / "req.json"), str(tmp_path / "res.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    # 1. the diffusers -> BFL map
+    ours = {}
+    for ck in canon:
+        for dk, piece in F._diffusers_pieces(ck[len(P):], dims):
+            ours[dk] = [ck[len(P):], piece.rows[0] if piece.rows else None,
+                        piece.rows[1] - piece.rows[0] if piece.rows else None, piece.swap]
+    comfy = {k: v for k, v in res["flux_to_diffusers"].items() if "controlnet" not in k}
+    assert comfy == ours
+    # 2. the model's keys and shapes are our canonical ones; kohya's module names cover its block Linears
+    assert {"model." + k: tuple(v) for k, v in res["model_keys"].items()} == {k: tuple(v.shape) for k, v in canon.items()}
+    block_linears = {"lora_unet_" + n.replace(".", "_") for n in res["linears"]
+                     if re.match(r"(double|single)_blocks\.\d+\.", n)}
+    assert set(F.kohya_lora_modules(canon)) == block_linears
+    # 3. every LoRA spelling loads fully in ComfyUI and gives our ΔW
+    for name in files:
+        r = res["loras"][name]
+        assert r["not_loaded"] == [], (name, r["not_loaded"][:3])
+        comfy_d = load_file(str(tmp_path / f"comfy_{name}.safetensors"))
+        mine = lora_deltas(files[name]).deltas
+        assert {"model." + k for k in comfy_d} == set(mine), name
+        for k, v in comfy_d.items():
+            torch.testing.assert_close(v, mine["model." + k], rtol=1e-4, atol=1e-5)
