@@ -48,7 +48,7 @@ __all__ = [
     "DOUBLE_BLOCK_NORMS", "SINGLE_BLOCK_NORMS", "BFL_ROOTS", "is_flux_key", "flux_layout", "infer_dims",
     "piece_of", "canonical_key", "canonical_state_dict", "to_diffusers_state_dict", "FluxKeyView",
     "deltas_for_keys", "flux_lora_target", "MERGE_BLOCKS", "merge_block", "block_id", "block_ids",
-    "merge_name_to_block_id", "kohya_lora_modules", "parse_block_selection",
+    "merge_name_to_block_id", "kohya_lora_modules", "parse_block_selection", "T5_PREFIX", "t5_lora_target",
 ]
 
 CANONICAL_PREFIX = "model.diffusion_model."
@@ -641,6 +641,34 @@ def flux_lora_target(module: str, dims: FluxDims):
         raise ValueError(f"{module!r} is not a Flux transformer module")
     pb = piece_of(path + ".bias", dims)
     return CheckpointTarget(pw.canonical, pb.canonical if pb else None, pw.rows, False, pw.total, pw.swap)
+
+
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+"""Where ComfyUI's CheckpointSave puts Flux's T5-XXL (``text_encoder_key_prefix`` + ``t5xxl.transformer.``)."""
+
+_T5_US = re.compile(r"^encoder_block_(\d+)_layer_(\d+)_(SelfAttention_[qkvo]|DenseReluDense_(?:wi_0|wi_1|wi|wo))$")
+
+
+def t5_lora_target(module: str):
+    """Checkpoint tensor of a Flux T5-XXL LoRA module: kohya ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``
+    (kohya ``lora_flux.py`` ``LORA_PREFIX_TEXT_ENCODER_T5``; ComfyUI ``model_lora_keys_clip`` ``lora_te3_``) or
+    diffusers/peft ``text_encoder_2.encoder.block.0.layer.0.SelfAttention.q`` -> ``CheckpointTarget`` under
+    :data:`T5_PREFIX`. Raises ``ValueError`` for anything else."""
+    from .keys import CheckpointTarget
+
+    if module.startswith("lora_te3_"):
+        m = _T5_US.match(module[len("lora_te3_"):])
+        if not m:
+            raise ValueError(f"{module!r} is not a T5-XXL attention / feed-forward module")
+        path = f"encoder.block.{m[1]}.layer.{m[2]}.{m[3].replace('_', '.', 1)}"
+    elif module.startswith("text_encoder_2."):
+        path = module[len("text_encoder_2."):]
+        if not re.fullmatch(r"encoder\.block\.\d+\.layer\.\d+\.(?:SelfAttention\.[qkvo]|DenseReluDense\.(?:wi_0|wi_1|wi|wo))",
+                            path):
+            raise ValueError(f"{module!r} is not a T5-XXL attention / feed-forward module")
+    else:
+        raise ValueError(f"{module!r} is not a T5-XXL LoRA module (lora_te3_ / text_encoder_2.)")
+    return CheckpointTarget(f"{T5_PREFIX}{path}.weight", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

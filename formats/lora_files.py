@@ -44,7 +44,7 @@ from .keys import (
     CHECKPOINT_PREFIXES, detect_architecture, kohya_target, normalize_te_path, openclip_ldm_to_hf,
     split_component, unet_checkpoint_target,
 )
-from .flux_keys import FluxDims, flux_lora_target, infer_dims
+from .flux_keys import FluxDims, flux_lora_target, infer_dims, t5_lora_target
 from .safetensors_io import WeightFile, _stringify_metadata, save_safetensors
 
 __all__ = ["LoraDeltas", "LoraFormatError", "lora_deltas", "save_kohya_lora", "save_diff_file", "model_hashes",
@@ -145,6 +145,8 @@ def resolve_lora_module(module: str, arch: str, flux_dims: FluxDims | None = Non
     Raises ``ValueError`` (with the reason) when the module does not exist in ``arch``.
     """
     arch = _arch_or_sd1(arch)
+    if arch == "flux" and module.startswith(("lora_te3_", "text_encoder_2.")):
+        return t5_lora_target(module)
     if arch == "flux" and not module.startswith(("lora_te", "text_encoder", "text_encoders.", "clip_l.")):
         return flux_lora_target(module, flux_dims or FluxDims())
     if module.startswith("lycoris_"):

@@ -562,3 +562,38 @@ def test_comfyui_flux_key_maps_and_lora_loading(tiny, lora_kohya, tmp_path):
         assert {"model." + k for k in comfy_d} == set(mine), name
         for k, v in comfy_d.items():
             torch.testing.assert_close(v, mine["model." + k], rtol=1e-4, atol=1e-5)
+
+
+def test_flux_text_encoder_lora_modules_target_comfyui_checkpoint_keys():
+    """kohya lora_flux names CLIP-L lora_te1_ and T5-XXL lora_te3_ (diffusers: text_encoder. / text_encoder_2.);
+    in a ComfyUI Flux checkpoint they live under text_encoders.clip_l / text_encoders.t5xxl."""
+    one = (torch.ones(2, 8), torch.ones(8, 2))
+    sd = {}
+    for name in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                 "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0", "lora_unet_single_blocks_0_linear2"):
+        sd[name + ".lora_down.weight"], sd[name + ".lora_up.weight"] = one
+    sd["text_encoder_2.encoder.block.3.layer.0.SelfAttention.o.lora_A.weight"] = one[0]
+    sd["text_encoder_2.encoder.block.3.layer.0.SelfAttention.o.lora_B.weight"] = one[1]
+    sd["lora_te3_encoder_block_0_layer_0_SelfAttention_relative_attention_bias.lora_down.weight"] = one[0]
+    sd["lora_te3_encoder_block_0_layer_0_SelfAttention_relative_attention_bias.lora_up.weight"] = one[1]
+    res = lora_deltas(sd)
+    assert set(res.deltas) == {
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+        "text_encoders.t5xxl.transformer.encoder.block.3.layer.0.SelfAttention.o.weight",
+        P + "single_blocks.0.linear2.weight"}
+    assert list(res.skipped) == ["lora_te3_encoder_block_0_layer_0_SelfAttention_relative_attention_bias"]
+
+
+def test_cli_diff_bfl_checkpoint_with_kohya_lora(files, lora_kohya, tmp_path):
+    """The issue's report: `conceptlab diff` on a BFL checkpoint and a kohya Flux LoRA."""
+    import json
+
+    from conceptlab.cli import main as cli_main
+
+    lp = write(tmp_path / "k.safetensors", lora_kohya)
+    out = tmp_path / "r.json"
+    assert cli_main(["diff", str(files[("A", "bfl")]), str(lp), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["arch"] == "flux" and rep["changed_tensors"] == len(expected_deltas(lora_kohya))
+    assert rep["only_in_b"] == [] and rep["skipped_lora_keys"] == {}
