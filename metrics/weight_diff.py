@@ -786,10 +786,10 @@ def _arch_of_reader(r) -> str:
 
 def _flux_canonical(reader, arch: str):
     """A Flux checkpoint in any layout (BFL, ComfyUI, diffusers) seen under canonical ``model.diffusion_model.``
-    BFL keys, split q/k/v fused (``formats.flux_keys.FluxKeyView``); other readers unchanged."""
+    BFL keys, split q/k/v fused (``formats.flux_views.FluxKeyView``); other readers unchanged."""
     if arch != "flux":
         return reader
-    from ..formats.flux_keys import FluxKeyView
+    from ..formats.flux_views import FluxKeyView
 
     return FluxKeyView(reader)
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conceptlab.formats import flux_keys as F
+from conceptlab.formats import flux_views as V
 from conceptlab.formats.keys import detect_architecture
 from conceptlab.formats.lora_files import lora_deltas
 from conceptlab.metrics.weight_diff import diff_files
@@ -37,7 +38,7 @@ def tiny_flux_diffusers(seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny():
     d = tiny_flux_diffusers()
-    canon = F.canonical_state_dict(d)
+    canon = V.canonical_state_dict(d)
     return d, canon
 
 
@@ -55,9 +56,9 @@ def in_layout(canon: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Te
     if layout == "comfyui_state":
         return {"diffusion_model." + k: v for k, v in bare.items()}
     if layout == "diffusers":
-        return F.to_diffusers_state_dict(canon)
+        return V.to_diffusers_state_dict(canon)
     if layout == "diffusers_prefixed":
-        return F.to_diffusers_state_dict(canon, prefix="transformer.")
+        return V.to_diffusers_state_dict(canon, prefix="transformer.")
     raise AssertionError(layout)
 
 
@@ -118,11 +119,11 @@ def test_bfl_to_diffusers_equals_diffusers_converter(prefix):
 
     bfl = {prefix + k: v for k, v in full_width_bfl().items()}
     ref = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
-    ours = F.to_diffusers_state_dict(bfl)
+    ours = V.to_diffusers_state_dict(bfl)
     assert set(ours) == set(ref)
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
-    back = F.canonical_state_dict(ref)  # diffusers -> canonical: the exact inverse
+    back = V.canonical_state_dict(ref)  # diffusers -> canonical: the exact inverse
     assert set(back) == {P + k[len(prefix):] for k in bfl}
     for k, v in bfl.items():
         assert torch.equal(back[P + k[len(prefix):]], v), k
@@ -137,13 +138,13 @@ def test_tiny_model_roundtrip_and_every_layout(tiny):
     assert torch.equal(canon[P + "single_blocks.0.linear1.weight"][192:], d["single_transformer_blocks.0.proj_mlp.weight"])
     assert torch.equal(canon[P + "double_blocks.0.txt_attn.qkv.bias"][64:128],
                        d["transformer_blocks.0.attn.add_k_proj.bias"])
-    back = F.to_diffusers_state_dict(canon)
+    back = V.to_diffusers_state_dict(canon)
     assert set(back) == set(d) and all(torch.equal(back[k], d[k]) for k in d)
     for layout in LAYOUTS:
         sd = in_layout(canon, layout)
         assert F.flux_layout(sd) == layout
         assert detect_architecture(sd) == "flux"
-        c2 = F.canonical_state_dict(sd)
+        c2 = V.canonical_state_dict(sd)
         assert set(c2) == set(canon) and all(torch.equal(c2[k], canon[k]) for k in canon), layout
 
 
@@ -151,19 +152,19 @@ def test_view_serves_other_layout_and_refuses_damaged_files(tiny):
     _, canon = tiny
     bfl = in_layout(canon, "bfl")
     diff = in_layout(canon, "diffusers")
-    src = F._DictSource(bfl)
-    view = F.FluxKeyView(src, keys=list(diff))
+    src = V.DictSource(bfl)
+    view = V.FluxKeyView(src, keys=list(diff))
     assert view.keys() == list(diff)
     for k in diff:
         assert view.shape(k) == tuple(diff[k].shape) and torch.equal(view.get(k), diff[k]), k
     broken = dict(diff)
     del broken["transformer_blocks.1.attn.to_v.weight"]
     with pytest.raises(ValueError, match=r"transformer_blocks.1.attn.to_v.weight"):
-        F.FluxKeyView(F._DictSource(broken))
+        V.FluxKeyView(V.DictSource(broken))
     dup = dict(bfl)
     dup["diffusion_model.img_in.weight"] = bfl["img_in.weight"]
     with pytest.raises(ValueError, match="same Flux tensor"):
-        F.FluxKeyView(F._DictSource(dup))
+        V.FluxKeyView(V.DictSource(dup))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def to_split_names(kohya: dict, dims: F.FluxDims, style: str) -> dict[str, torch
         down, up, alpha = kohya[k], kohya[n + ".lora_up.weight"], float(kohya[n + ".alpha"])
         t = F.flux_lora_target(n, dims)
         bfl = t.weight_key[len(P):-len(".weight")]
-        pieces = F._diffusers_pieces(bfl + ".weight", dims)
+        pieces = F.diffusers_pieces(bfl + ".weight", dims)
         for dk, piece in pieces:
             mod = dk[: -len(".weight")]
             u = piece.cut(up)
@@ -389,7 +390,7 @@ def test_merge_across_layouts_keeps_a_layout(files, tiny, la, lb):
     assert rep.arch == "flux" and rep.merged == len(in_layout(canon, la)) and not rep.only_a
     merged = load_file(str(out))
     assert set(merged) == set(in_layout(canon, la))
-    got = F.canonical_state_dict(merged)
+    got = V.canonical_state_dict(merged)
     b = files["canon_b"]
     for k in canon:
         assert torch.allclose(got[k], torch.lerp(canon[k], b[k], 0.25), atol=1e-6), k
@@ -400,7 +401,7 @@ def test_merge_block_weights_modelmergeflux1_names(files, tiny):
     out = files["tmp"] / "blocks.safetensors"
     MF.merge_checkpoints(files[("A", "diffusers")], files[("B", "bfl")], out, alpha=0.3, dtype="fp32",
                          block_weights="double_blocks.1.=1, single_blocks.0=0.5, img_in.=0, D00=0.9", overwrite=True)
-    got = F.canonical_state_dict(load_file(str(out)))
+    got = V.canonical_state_dict(load_file(str(out)))
     b = files["canon_b"]
     named = {"double_blocks.1.": 1.0, "single_blocks.0.": 0.5, "img_in.": 0.0, "double_blocks.0.": 0.9}
     for k in canon:
@@ -422,7 +423,7 @@ def test_bake_lora_into_any_layout(files, tiny, lora_kohya, lay, lora_fmt):
     assert not rep.lora_unmatched and not rep.lora_skipped
     baked = load_file(str(out))
     assert set(baked) == set(in_layout(canon, lay))
-    got = F.canonical_state_dict(baked)
+    got = V.canonical_state_dict(baked)
     want = expected_deltas(lora_kohya, strength=0.5)
     for k in canon:
         exp = canon[k] + want[k] if k in want else canon[k]
@@ -543,7 +544,7 @@ def test_comfyui_flux_key_maps_and_lora_loading(tiny, lora_kohya, tmp_path):
     # 1. the diffusers -> BFL map
     ours = {}
     for ck in canon:
-        for dk, piece in F._diffusers_pieces(ck[len(P):], dims):
+        for dk, piece in F.diffusers_pieces(ck[len(P):], dims):
             ours[dk] = [ck[len(P):], piece.rows[0] if piece.rows else None,
                         piece.rows[1] - piece.rows[0] if piece.rows else None, piece.swap]
     comfy = {k: v for k, v in res["flux_to_diffusers"].items() if "controlnet" not in k}

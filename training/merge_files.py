@@ -458,7 +458,7 @@ def _lora(lora, strength, arch, report, a: _Source | None = None) -> tuple[dict 
         info["name"] = Path(lora).name
     deltas = dict(res.deltas)
     if dims is not None:  # canonical Flux ΔW -> A's layout (a split diffusers to_q gets its rows of the qkv ΔW)
-        from ..formats.flux_keys import deltas_for_keys
+        from ..formats.flux_views import deltas_for_keys
 
         deltas = deltas_for_keys(deltas, a.keys(), dims)
     return deltas, info
@@ -472,10 +472,11 @@ def _flux_dims(src: _Source):
 
 def _align_flux(arch: str, a: _Source, *others: _Source | None) -> list[_Source | None]:
     """Flux inputs in another key layout than A (BFL / ComfyUI / diffusers) are read under A's key names
-    (``formats.flux_keys.FluxKeyView``: split q/k/v fused or fused sliced), so the output keeps A's layout."""
+    (``formats.flux_views.FluxKeyView``: split q/k/v fused or fused sliced), so the output keeps A's layout."""
     if arch != "flux":
         return list(others)
-    from ..formats.flux_keys import FluxKeyView, flux_layout
+    from ..formats.flux_keys import flux_layout
+    from ..formats.flux_views import FluxKeyView
 
     la = flux_layout(a.keys())
     dims = _flux_dims(a)
