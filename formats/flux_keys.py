@@ -233,23 +233,25 @@ def canonical_key(key: str) -> str | None:
 
 
 def flux_layout(keys: Iterable[str]) -> str:
-    """Name the layout of a Flux checkpoint: ``"bfl"`` (bare), ``"bfl_model"`` (``model.``), ``"comfyui"``
-    (``model.diffusion_model.``), ``"comfyui_state"`` (``diffusion_model.``), ``"diffusers"`` (bare diffusers),
-    ``"diffusers_prefixed"`` (``transformer.``), ``"mixed"`` or ``"none"`` (no Flux key). Never raises."""
+    """Name the layout of a Flux checkpoint: ``"bfl"`` (bare BFL names), ``"bfl_model"`` (``model.``),
+    ``"comfyui"`` (``model.diffusion_model.``), ``"comfyui_state"`` (``diffusion_model.``), ``"diffusers"`` (bare
+    diffusers names), ``"diffusers_prefixed"`` (``transformer.``), another ``"<prefix>+<bfl|diffusers>"`` label for
+    unusual prefixes, ``"mixed"`` when the Flux keys disagree, ``"none"`` without Flux keys. Non-Flux keys (text
+    encoders, VAE) are ignored. Never raises."""
+    names = {("", "bfl"): "bfl", ("model.", "bfl"): "bfl_model", ("model.diffusion_model.", "bfl"): "comfyui",
+             ("diffusion_model.", "bfl"): "comfyui_state", ("", "diffusers"): "diffusers",
+             ("transformer.", "diffusers"): "diffusers_prefixed"}
     seen = set()
     for k in keys:
-        for pre, name in (("model.diffusion_model.", "comfyui"), ("diffusion_model.", "comfyui_state"),
-                          ("transformer.", "diffusers_prefixed"), ("model.", "bfl_model"), ("", None)):
-            if k.startswith(pre):
-                rel = k[len(pre):]
-                if _BFL_RE.match(rel):
-                    seen.add(name or "bfl")
-                elif _diffusers_to_bfl_param(rel) is not None:
-                    seen.add("diffusers_prefixed" if pre == "transformer." else
-                              ("diffusers" if not pre else "mixed"))
-                else:
-                    continue
-                break
+        rel = _strip_prefix(k)
+        if _BFL_RE.match(rel):
+            spelling = "bfl"
+        elif _diffusers_to_bfl_param(rel) is not None:
+            spelling = "diffusers"
+        else:
+            continue
+        prefix = k[: len(k) - len(rel)]
+        seen.add(names.get((prefix, spelling), f"{prefix}+{spelling}"))
     if not seen:
         return "none"
     return seen.pop() if len(seen) == 1 else "mixed"

@@ -19,6 +19,9 @@ What lives here:
   targets, matching the key map ComfyUI builds in ``comfy/lora.py`` (``model_lora_keys_unet`` /
   ``model_lora_keys_clip``) and diffusers' ``_convert_non_diffusers_lora_to_diffusers``.
 
+Flux (BFL / ComfyUI / diffusers checkpoint layouts, every LoRA naming, fused q/k/v, ModelMergeFlux1 groups, kohya
+``lora_flux`` modules) lives in :mod:`formats.flux_keys`; this module routes Flux keys there.
+
 Nothing here reads tensors from disk or imports ComfyUI.
 """
 
