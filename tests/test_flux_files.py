@@ -18,6 +18,7 @@ from conceptlab.formats.keys import detect_architecture
 from conceptlab.formats.lora_files import lora_deltas
 from conceptlab.metrics.weight_diff import diff_files
 from conceptlab.training import merge_files as MF
+from tests.conftest import comfyui_path, requires_comfyui
 
 P = F.CANONICAL_PREFIX
 
@@ -452,6 +453,15 @@ def test_diffusers_folder_sharded_reads_like_a_file(files, tiny, tmp_path):
     assert all(torch.allclose(merged[k[len(P):]], canon[k]) for k in canon)
 
 
+def test_fp8_bfl_file_against_fp8_diffusers_file(tiny, tmp_path):
+    """flux1-dev-fp8 style files (float8_e4m3fn): the split/fused layouts still line up bit for bit."""
+    d, canon = tiny
+    a = write(tmp_path / "a8.safetensors", {k[len(P):]: v.to(torch.float8_e4m3fn) for k, v in canon.items()})
+    b = write(tmp_path / "b8.safetensors", {k: v.to(torch.float8_e4m3fn) for k, v in d.items()})
+    rep = diff_files(a, b)
+    assert rep["changed_tensors"] == 0 and rep["identical_tensors"] == len(canon)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # blocks and kohya module names
 # ----------------------------------------------------------------------------------------------------------------
@@ -505,8 +515,6 @@ def _comfy_python():
     import subprocess
     import sys
 
-    from tests.conftest import comfyui_path
-
     for c in (os.environ.get("COMFYUI_PYTHON"), str(comfyui_path() / ".venv" / "bin" / "python"), sys.executable):
         if c and Path(c).exists():
             code = (f"import sys; sys.path.insert(0, {str(comfyui_path())!r}); sys.argv=['x','--cpu']; "
@@ -516,15 +524,12 @@ def _comfy_python():
     pytest.skip("no Python interpreter here can import ComfyUI (set COMFYUI_PYTHON)")
 
 
-@pytest.mark.skipif(__import__("tests.conftest", fromlist=["x"]).comfyui_path() is None,
-                    reason="real-ComfyUI tier: set COMFYUI_PATH to a ComfyUI checkout to run")
+@requires_comfyui
 def test_comfyui_flux_key_maps_and_lora_loading(tiny, lora_kohya, tmp_path):
     """ComfyUI's flux_to_diffusers equals our table; its Flux model has exactly our canonical keys and kohya's
     module set; every LoRA format loads with zero "lora key not loaded" and ComfyUI's ΔW equals ours."""
     import json
     import subprocess
-
-    from tests.conftest import comfyui_path
 
     py = _comfy_python()
     _, canon = tiny
