@@ -571,7 +571,9 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
     """Merge checkpoint files tensor by tensor into ``output`` (safetensors), in constant memory.
 
     Args:
-        a, b, c: input checkpoints (safetensors, or ``.ckpt``/``.pt`` read with ``weights_only=True``);
+        a, b, c: input checkpoints (safetensors, or ``.ckpt``/``.pt`` read with ``weights_only=True``, or diffusers
+            model folders, sharded or not). Flux inputs may mix BFL, ComfyUI and diffusers layouts: B, C and the
+            LoRA are read under A's key names (``formats.flux_views``), so the output has A's layout;
             ``b=None`` with ``lora`` bakes the LoRA into A alone. ``c`` is the base for add/train difference
             (required) and TIES/DARE (optional; A is the base otherwise).
         method: one of :data:`training.merge.METHODS`; α (``alpha``) is B's weight.
