@@ -603,3 +603,54 @@ def test_cli_diff_bfl_checkpoint_with_kohya_lora(files, lora_kohya, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["arch"] == "flux" and rep["changed_tensors"] == len(expected_deltas(lora_kohya))
     assert rep["only_in_b"] == [] and rep["skipped_lora_keys"] == {}
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("KOHYA_SD_SCRIPTS"),
+                    reason="kohya tier: set KOHYA_SD_SCRIPTS to a kohya-ss/sd-scripts checkout to run")
+def test_kohya_lora_modules_equal_kohya_create_network():
+    """kohya's own networks/lora_flux.py create_network on its own Flux class (library/flux_models.py) at a tiny
+    width names exactly the modules F.kohya_lora_modules gives, with train_blocks / block indices / type dims."""
+    import os
+    import sys
+    import types
+
+    # imported before any stub, so diffusers' / transformers' package probes see the real environment
+    from diffusers import AutoencoderKL  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+    class _Stub(types.ModuleType):  # kohya's library.utils imports torchvision / cv2 for image code unused here
+        def __getattr__(self, n):
+            if n.startswith("__"):
+                raise AttributeError(n)
+            return _Stub(f"{self.__name__}.{n}")
+
+        def __call__(self, *a, **k):
+            return None
+
+    stubbed = []
+    try:
+        for m in ("torchvision", "torchvision.transforms", "cv2", "imagesize"):
+            if m in sys.modules:
+                continue
+            try:
+                __import__(m)
+            except ImportError:
+                sys.modules[m] = _Stub(m)
+                stubbed.append(m)
+        sys.path.insert(0, os.environ["KOHYA_SD_SCRIPTS"])
+        from library import flux_models
+        from networks import lora_flux
+    finally:
+        for m in stubbed:
+            sys.modules.pop(m, None)
+    params = flux_models.FluxParams(in_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64, mlp_ratio=4.0,
+                                    num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000,
+                                    qkv_bias=True, guidance_embed=True)
+    flux = flux_models.Flux(params)
+    keys = [P + k for k in flux.state_dict()]
+    for kw, ours in (({}, {}), ({"train_blocks": "single", "train_single_block_indices": "1"},
+                               {"train_blocks": "single", "train_single_block_indices": "1"}),
+                     ({"img_mod_dim": "0", "txt_mod_dim": "0", "single_mod_dim": "0"},
+                      {"type_dims": {"img_mod": 0, "txt_mod": 0, "single_mod": 0}})):
+        net = lora_flux.create_network(1.0, 4, 1.0, None, [None, None], flux, **kw)
+        assert sorted(lo.lora_name for lo in net.unet_loras) == sorted(F.kohya_lora_modules(keys, **ours)), kw
