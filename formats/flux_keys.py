@@ -16,7 +16,7 @@ Layouts read (checkpoints):
 The diffusers <-> BFL map is a data table (:data:`DOUBLE_BLOCK_MODULES`, :data:`SINGLE_BLOCK_MODULES`,
 :data:`GLOBAL_MODULES`, norms): it is the map of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``
 (``diffusers/loaders/single_file_utils.py``) and of ComfyUI's ``flux_to_diffusers`` (``comfy/utils.py``, lines
-568-667 in 0.3.64), and the tests run both beside it. Fused tensors: ``img_attn.qkv`` / ``txt_attn.qkv`` are
+568-672 in 0.3.64), and the tests run both beside it. Fused tensors: ``img_attn.qkv`` / ``txt_attn.qkv`` are
 ``[q; k; v]`` along dim 0 (``hidden`` rows each); ``single_blocks.N.linear1`` is ``[q; k; v; mlp]`` (``hidden`` x 3 +
 ``mlp_hidden`` rows); ``final_layer.adaLN_modulation.1`` is diffusers' ``norm_out.linear`` with its two halves
 swapped (BFL ``[shift; scale]``, diffusers ``[scale; shift]``).
@@ -47,9 +47,9 @@ import torch
 __all__ = [
     "CANONICAL_PREFIX", "FluxDims", "Piece", "DOUBLE_BLOCK_MODULES", "SINGLE_BLOCK_MODULES", "GLOBAL_MODULES",
     "DOUBLE_BLOCK_NORMS", "SINGLE_BLOCK_NORMS", "BFL_ROOTS", "is_flux_key", "flux_layout", "infer_dims",
-    "piece_of", "canonical_key", "diffusers_pieces", "flux_lora_target", "MERGE_BLOCKS", "merge_block", "block_id",
-    "block_ids",
-    "merge_name_to_block_id", "kohya_lora_modules", "parse_block_selection", "T5_PREFIX", "t5_lora_target",
+    "piece_of", "canonical_key", "diffusers_pieces", "flux_lora_target", "T5_PREFIX", "t5_lora_target",
+    "MERGE_BLOCKS", "merge_block", "block_id", "block_ids", "merge_name_to_block_id", "kohya_lora_modules",
+    "parse_block_selection",
 ]
 
 CANONICAL_PREFIX = "model.diffusion_model."
@@ -579,7 +579,8 @@ def kohya_lora_modules(keys: Iterable[str], train_blocks: str = "all",
         ``attn.proj``, ``mlp.0``, ``mlp.2``) and SingleStreamBlock (``linear1``, ``linear2``,
         ``modulation.lin``) -- kohya-ss/sd-scripts ``networks/lora_flux.py`` ``LoRANetwork.create_modules``
         (``lora_name = "lora_unet" + "." + name + "." + child_name`` with ``.`` -> ``_``), which ComfyUI loads as
-        ``lora_unet_<BFL path>`` (``comfy/lora.py`` 180-183).
+        ``lora_unet_<BFL path>`` (``comfy/lora.py`` 180-183). Checked against kohya's own ``create_network`` in
+        ``tests/test_flux_files.py`` (kohya tier) and against ComfyUI's Flux module tree (real-ComfyUI tier).
 
     Raises:
         ValueError: bad ``train_blocks`` / selection, unknown ``type_dims`` key, or no Flux blocks in ``keys``.
