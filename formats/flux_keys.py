@@ -446,12 +446,13 @@ _T5_US = re.compile(r"^encoder_block_(\d+)_layer_(\d+)_(SelfAttention_[qkvo]|Den
 
 def t5_lora_target(module: str):
     """Checkpoint tensor of a Flux T5-XXL LoRA module: kohya ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``
-    (kohya ``lora_flux.py`` ``LORA_PREFIX_TEXT_ENCODER_T5``; ComfyUI ``model_lora_keys_clip`` ``lora_te3_``) or
+    (kohya ``lora_flux.py`` ``LORA_PREFIX_TEXT_ENCODER_T5``; ComfyUI ``model_lora_keys_clip`` maps ``lora_te3_`` and
+    OneTrainer's ``lora_te2_`` to Flux's T5) or
     diffusers/peft ``text_encoder_2.encoder.block.0.layer.0.SelfAttention.q`` -> ``CheckpointTarget`` under
     :data:`T5_PREFIX`. Raises ``ValueError`` for anything else."""
     from .keys import CheckpointTarget
 
-    if module.startswith("lora_te3_"):
+    if module.startswith(("lora_te3_", "lora_te2_")):  # te2: OneTrainer's Flux T5 prefix (comfy/lora.py 150-153)
         m = _T5_US.match(module[len("lora_te3_"):])
         if not m:
             raise ValueError(f"{module!r} is not a T5-XXL attention / feed-forward module")
@@ -462,7 +463,7 @@ def t5_lora_target(module: str):
                             path):
             raise ValueError(f"{module!r} is not a T5-XXL attention / feed-forward module")
     else:
-        raise ValueError(f"{module!r} is not a T5-XXL LoRA module (lora_te3_ / text_encoder_2.)")
+        raise ValueError(f"{module!r} is not a T5-XXL LoRA module (lora_te3_ / lora_te2_ / text_encoder_2.)")
     return CheckpointTarget(f"{T5_PREFIX}{path}.weight", None)
 
 

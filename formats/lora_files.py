@@ -145,7 +145,7 @@ def resolve_lora_module(module: str, arch: str, flux_dims: FluxDims | None = Non
     Raises ``ValueError`` (with the reason) when the module does not exist in ``arch``.
     """
     arch = _arch_or_sd1(arch)
-    if arch == "flux" and module.startswith(("lora_te3_", "text_encoder_2.")):
+    if arch == "flux" and module.startswith(("lora_te3_", "lora_te2_", "text_encoder_2.")):
         return t5_lora_target(module)
     if arch == "flux" and not module.startswith(("lora_te", "text_encoder", "text_encoders.", "clip_l.")):
         return flux_lora_target(module, flux_dims or FluxDims())

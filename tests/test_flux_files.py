@@ -576,7 +576,8 @@ def test_flux_text_encoder_lora_modules_target_comfyui_checkpoint_keys():
     one = (torch.ones(2, 8), torch.ones(8, 2))
     sd = {}
     for name in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-                 "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0", "lora_unet_single_blocks_0_linear2"):
+                 "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0", "lora_unet_single_blocks_0_linear2",
+                 "lora_te2_encoder_block_1_layer_0_SelfAttention_k"):  # lora_te2_: OneTrainer's T5 prefix
         sd[name + ".lora_down.weight"], sd[name + ".lora_up.weight"] = one
     sd["text_encoder_2.encoder.block.3.layer.0.SelfAttention.o.lora_A.weight"] = one[0]
     sd["text_encoder_2.encoder.block.3.layer.0.SelfAttention.o.lora_B.weight"] = one[1]
@@ -587,6 +588,7 @@ def test_flux_text_encoder_lora_modules_target_comfyui_checkpoint_keys():
         "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
         "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
         "text_encoders.t5xxl.transformer.encoder.block.3.layer.0.SelfAttention.o.weight",
+        "text_encoders.t5xxl.transformer.encoder.block.1.layer.0.SelfAttention.k.weight",
         P + "single_blocks.0.linear2.weight"}
     assert list(res.skipped) == ["lora_te3_encoder_block_0_layer_0_SelfAttention_relative_attention_bias"]
 
