@@ -54,6 +54,7 @@ from .captions import CaptionConfig, process_caption
 from .dataset import DatasetOptions, KohyaDataset
 from .host import DiffusionHost, add_noise, prediction_target
 from .lora import LoRANetwork
+from .noise import NoiseOptions, max_norm_regularization, post_process_loss, sample_training_noise
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,24 @@ class TrainConfig:
     huber_scale: float = 1.0
     min_timestep: int = 0
     max_timestep: int | None = None
+    # kohya noise / loss options (training/noise.py; issue 14)
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    scale_weight_norms: float | None = None
+    prior_loss_weight: float = 1.0
+    # continue a LoRA (kohya network_weights / dim_from_weights)
+    network_weights: str | None = None
+    dim_from_weights: bool = False
+    # kohya sampling options (training/sample_prompts.py)
+    sample_sampler: str = "ddim"
+    sample_at_first: bool = False
     save_every_n_epochs: int | None = None
     save_precision: str = "fp16"
     save_state: bool = True
@@ -172,6 +191,10 @@ class TrainConfig:
         :class:`OptimizerUnavailableError` for an unknown ``optimizer_type`` (see :meth:`validate`); an unknown
         keyword is returned in ``unknown_keys``, not raised.
         """
+        from .kohya_args import normalize_settings
+        from .network_args import parse_network_args
+
+        values = normalize_settings(values)
         names = {f.name for f in fields(cls)}
         kw, unknown = {}, []
         for k, v in values.items():
@@ -181,18 +204,17 @@ class TrainConfig:
             else:
                 unknown.append(k)
         cfg = cls(**kw)
-        for item in cfg.network_args or []:
-            key, _, val = str(item).partition("=")
-            key = key.strip()
-            val = _literal(val.strip())
-            if key == "conv_dim" or key == "conv_lora_dim":
-                cfg.conv_dim = int(val)
-            elif key == "conv_alpha":
-                cfg.conv_alpha = float(val)
-            elif key == "module_dropout":
-                cfg.module_dropout = float(val)
-            elif key in ("dropout", "rank_dropout"):
-                cfg.network_dropout = float(val)
+        # kohya network_args (training/network_args.py); unknown entries raise ValueError naming them
+        na = parse_network_args(cfg.network_args)
+        if "conv_dim" in na or "conv_lora_dim" in na:
+            cfg.conv_dim = int(na.get("conv_dim", na.get("conv_lora_dim")))
+        if "conv_alpha" in na:
+            cfg.conv_alpha = float(na["conv_alpha"])
+        if "module_dropout" in na:
+            cfg.module_dropout = float(na["module_dropout"])
+        for key in ("dropout", "rank_dropout"):
+            if key in na:
+                cfg.network_dropout = float(na[key])
         return cfg.validate(), unknown
 
     def validate(self) -> "TrainConfig":
@@ -256,6 +278,9 @@ class TrainConfig:
             raise ValueError("best_direction must be auto, min or max")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             self.min_snr_gamma = None
+        from .kohya_args import validate_extra_options
+
+        validate_extra_options(self)
         if self.noise_offset is not None and self.noise_offset == 0:
             self.noise_offset = None
         if not self.output_name or any(c in self.output_name for c in "/\\") or self.output_name in (".", ".."):
@@ -293,6 +318,16 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """All fields as a plain dict (``dataclasses.asdict``)."""
         return asdict(self)
+
+
+def noise_options(cfg: "TrainConfig") -> NoiseOptions:
+    """The :class:`.noise.NoiseOptions` of a config (kohya's noise option names)."""
+    return NoiseOptions(noise_offset=cfg.noise_offset, noise_offset_random_strength=cfg.noise_offset_random_strength,
+                        adaptive_noise_scale=cfg.adaptive_noise_scale,
+                        multires_noise_iterations=cfg.multires_noise_iterations,
+                        multires_noise_discount=cfg.multires_noise_discount, ip_noise_gamma=cfg.ip_noise_gamma,
+                        ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength,
+                        min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep)
 
 
 def _literal(text: str):
@@ -415,7 +450,8 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
 
 def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: torch.Tensor, cfg: TrainConfig,
                    generator: torch.Generator, timesteps: torch.Tensor | None = None,
-                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   loss_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One batch's scalar training loss in the host's own parameterization (see module docstring).
 
     Args:
@@ -424,28 +460,23 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: torch.Tenso
         generator: CPU generator for noise, noise offset and timesteps (consumed in that order).
         timesteps: fixed integer timesteps ``[B]`` (validation); otherwise uniform in [min_t, max_t).
         autocast: factory of the mixed-precision context the prediction runs in (``None``: none).
+        loss_weights: per-sample weights ``[B]`` (kohya's ``prior_loss_weight`` for regularization images).
 
     Returns a 0-d fp32 tensor on the host's device: mean over the batch of :func:`per_sample_loss`, times
-    :func:`min_snr_weight` when ``cfg.min_snr_gamma`` is set. Noise offset as kohya (``noise_offset`` ·
-    N(0,1) per channel, Guttenberg 2023 "Diffusion with offset noise").
+    kohya's loss post-processing (min-SNR-γ, v-pred scaling, debiased estimation: :func:`.noise.post_process_loss`).
+    Noise, its options (offset, adaptive, random strength, multires, input perturbation) and the timesteps come
+    from :func:`.noise.sample_training_noise`; ``min_timestep >= max_timestep`` trains at ``max_timestep``.
 
     Raises:
-        ValueError: the timestep window ``[max(0, min_timestep), min(T, max_timestep))`` is empty.
+        ValueError: a timestep bound outside ``[0, T]`` (see :func:`.noise.sample_timesteps`).
     """
     ac = host.alphas_cumprod
     T = len(ac)
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
-    if timesteps is None:
-        lo = max(0, cfg.min_timestep)
-        hi = min(T, cfg.max_timestep if cfg.max_timestep is not None else T)
-        if hi <= lo:
-            raise ValueError(f"min_timestep ({lo}) must be below max_timestep ({hi})")
-        timesteps = torch.randint(lo, hi, (b,), generator=generator)
+    # kohya's noise options and timesteps (training/noise.py, train_util.get_noise_noisy_latents_and_timesteps)
+    noise, input_noise, timesteps = sample_training_noise(latents.float().cpu(), noise_options(cfg), generator, T,
+                                                          timesteps)
     x0 = latents.float().cpu()
-    x_t = add_noise(x0, noise, timesteps, ac)
+    x_t = add_noise(x0, input_noise, timesteps, ac)
     target = prediction_target(x0, noise, timesteps, ac, host.prediction_type)
     dev = host.device
     ctx = autocast() if autocast is not None else contextlib.nullcontext()
@@ -453,8 +484,13 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: torch.Tenso
         pred = host.predict(x_t.to(dev, host.dtype), timesteps.to(dev), cond)
     hc = huber_c_for(cfg, timesteps, ac) if cfg.loss_type in ("huber", "smooth_l1") else None
     loss = per_sample_loss(pred, target.to(pred.device), cfg.loss_type, hc)
-    if cfg.min_snr_gamma:
-        loss = loss * min_snr_weight(ac, timesteps, cfg.min_snr_gamma, host.prediction_type).to(loss.device)
+    if loss_weights is not None:  # kohya batch["loss_weights"]: prior_loss_weight for regularization images
+        loss = loss * loss_weights.to(loss.device, loss.dtype)
+    loss = post_process_loss(loss, timesteps, ac, v_prediction=host.prediction_type == "v_prediction",
+                             min_snr_gamma=cfg.min_snr_gamma,
+                             scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
+                             v_pred_like_loss=cfg.v_pred_like_loss,
+                             debiased_estimation_loss=cfg.debiased_estimation_loss)
     return loss.mean()
 
 
@@ -1034,7 +1070,11 @@ EpochFn = Callable[[Mapping[str, Any], np.ndarray | None], None]
 
 def _autocast_factory(precision: str, device: torch.device) -> tuple[Callable | None, str, bool]:
     """``(autocast factory or None, effective precision, needs GradScaler)``; CPU always fp32."""
-    if device.type == "cpu" or precision in ("no", "fp32"):
+    if precision in ("no", "fp32"):
+        return None, "no", False
+    if device.type == "cpu":
+        logger.warning("mixed_precision %s is not used on the CPU: training runs in fp32 (ss_mixed_precision "
+                       "records what was asked)", precision)
         return None, "no", False
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -1068,6 +1108,81 @@ def find_latest_state(output_dir: str | os.PathLike, output_name: str) -> Path |
         if js.get("schema") == STATE_SCHEMA and js.get("output_name") == output_name and js["global_step"] > best_step:
             best, best_step = p, js["global_step"]
     return best
+
+
+def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: bool = True,
+                             train_te: bool = True) -> tuple[LoRANetwork, list[dict]]:
+    """The LoRA network and its optimizer param groups, as kohya's ``create_network`` /
+    ``create_network_from_weights`` + ``prepare_optimizer_params`` (see :mod:`.network_args`).
+
+    * ``network_args``: LoCon, block-wise lr / dims / alphas, LoRA+ (:mod:`.network_args`);
+    * ``dim_from_weights``: ranks and alphas of every module from the ``network_weights`` file (its modules, no
+      others); ``network_weights``: start from that file's tensors (kohya ``load_weights``; modules the file
+      lacks keep the fresh init, file modules the network lacks are reported);
+    * an lr of 0 (``unet_lr``, ``text_encoder_lr``, a block weight) leaves those parameters out of the optimizer.
+
+    Returns ``(network, groups)`` with groups ``[{"params", "lr", "name"}]``. Raises ``ValueError`` for bad
+    ``network_args``, a ``network_weights`` file that does not fit the model, or when no parameter would train.
+    """
+    from .network_args import LoraPlus, block_spec, optimizer_groups, parse_network_args
+
+    na = parse_network_args(cfg.network_args)
+    is_sdxl = getattr(host, "arch", "sd1") == "sdxl"
+    blocks = block_spec(na, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim,
+                        conv_alpha=cfg.conv_alpha, is_sdxl=is_sdxl)
+    file_sd = None
+    if cfg.network_weights:
+        path = Path(cfg.network_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"network_weights not found: {path}")
+        file_sd = load_state_dict(path)
+    if cfg.dim_from_weights:
+        network, unmatched = LoRANetwork.from_kohya_state_dict(host, file_sd)
+        if not train_te or not train_unet:
+            keep = [n for n, t in network.targets.items() if (t.component == "unet") == train_unet or
+                    (t.component != "unet" and train_te)]
+            network = LoRANetwork([network.targets[n] for n in keep], {n: network.loras[n] for n in keep},
+                                  dropout=cfg.network_dropout, module_dropout=cfg.module_dropout, seed=cfg.seed)
+        else:
+            network.dropout, network.module_dropout = cfg.network_dropout, cfg.module_dropout
+            network.generator.manual_seed(int(cfg.seed) + 7)
+        if unmatched:
+            logger.warning("network_weights: %d keys of %s match no module of this model", len(unmatched),
+                           Path(cfg.network_weights).name)
+    else:
+        network = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+                                     conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=train_unet,
+                                     train_text_encoder=train_te, dropout=cfg.network_dropout,
+                                     module_dropout=cfg.module_dropout, seed=cfg.seed, blocks=blocks)
+        if file_sd is not None:
+            names = set(network.loras)
+            missing = [n for n in names if f"{n}.lora_down.weight" not in file_sd]
+            extra = sorted({k.split(".", 1)[0] for k in file_sd if k.endswith(".lora_down.weight")} - names)
+            with torch.no_grad():
+                for n, d in network.loras.items():
+                    if n in missing:
+                        continue
+                    down, up = file_sd[f"{n}.lora_down.weight"], file_sd[f"{n}.lora_up.weight"]
+                    if down.numel() != d.lora_down.numel() or up.numel() != d.lora_up.numel():
+                        raise ValueError(f"network_weights: module {n} has rank {down.shape[0]} in the file but "
+                                         f"{d.dim} here; set network_dim to the file's rank or use dim_from_weights")
+                    d.lora_down.copy_(down.float().view_as(d.lora_down))
+                    d.lora_up.copy_(up.float().view_as(d.lora_up))
+            if missing or extra:
+                logger.warning("network_weights: %d modules not in the file keep their fresh init; %d file modules "
+                               "are not part of this network", len(missing), len(extra))
+    spec = optimizer_groups(list(network.loras), learning_rate=cfg.learning_rate, unet_lr=cfg.unet_lr,
+                            text_encoder_lr=cfg.text_encoder_lr, lr_weights=blocks.lr_weights,
+                            loraplus=LoraPlus.from_args(na), is_sdxl=is_sdxl)
+    groups = [{"params": [getattr(network.loras[n], part) for n, part in g.params], "lr": g.lr, "name": g.name}
+              for g in spec]
+    trainable = {id(p) for g in groups for p in g["params"]}
+    for p_ in network.parameters():
+        p_.requires_grad_(id(p_) in trainable)
+    if not groups:
+        raise ValueError("no LoRA parameter would train: every learning rate (learning_rate, unet_lr, "
+                         "text_encoder_lr, block lr weights) is 0 for the parts being trained")
+    return network, groups
 
 
 class LoraTrainer:
@@ -1118,7 +1233,7 @@ class LoraTrainer:
 
     # -- conditioning -----------------------------------------------------------------------------------------
     def _encode(self, captions: list[str]) -> torch.Tensor:
-        if self.train_te:
+        if self.train_te and not getattr(self, "_te_frozen", False):
             return self.host.encode_prompts(captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self._te_cache]
         if missing:
@@ -1263,16 +1378,10 @@ class LoraTrainer:
         if metric == "none":
             direction = "min"
 
-        network = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
-                                     conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=self.train_unet,
-                                     train_text_encoder=self.train_te, dropout=cfg.network_dropout,
-                                     module_dropout=cfg.module_dropout, seed=cfg.seed)
-        groups_p = network.parameter_groups()
-        groups = []
-        if groups_p["unet"]:
-            groups.append({"params": groups_p["unet"], "lr": cfg.unet_lr or cfg.learning_rate})
-        if groups_p["te"]:
-            groups.append({"params": groups_p["te"], "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        network, groups = build_network_and_groups(host, cfg, self.train_unet, self.train_te)
+        # a text encoder whose every LoRA parameter is frozen (text_encoder_lr = 0) is encoded once and cached
+        trainable = {id(p) for g in groups for p in g["params"]}
+        self._te_frozen = not any(id(p) in trainable for p in network.parameter_groups()["te"])
         network.to(device)
         optimizer = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args, device)
         scheduler = build_scheduler(cfg, optimizer, max_steps)
@@ -1361,7 +1470,11 @@ class LoraTrainer:
                     network.resample_dropout(True)
                     with torch.set_grad_enabled(True):
                         cond = self._encode(caps)
-                        loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast)
+                        lw = None
+                        if any(getattr(e, "is_reg", False) for e in entries):  # kohya batch["loss_weights"]
+                            lw = torch.tensor([cfg.prior_loss_weight if getattr(e, "is_reg", False) else 1.0
+                                               for e in entries])
+                        loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast, loss_weights=lw)
                     lv = float(loss.detach())
                     if not math.isfinite(lv):
                         raise TrainingDivergedError(
@@ -1392,6 +1505,8 @@ class LoraTrainer:
                         optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if cfg.scale_weight_norms:  # kohya apply_max_norm_regularization after the step
+                        max_norm_regularization(network.loras.values(), cfg.scale_weight_norms)
                     global_step += 1
                     step_loss = float(np.mean(micro_losses))
                     micro_losses = []
