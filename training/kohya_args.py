@@ -305,3 +305,14 @@ def validate_extra_options(cfg) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 0:
             raise ValueError(f"{name} must be >= 0 (0 freezes that part), got {v}")
+
+
+def own_setting_names() -> set[str]:
+    """Names Concept Lab itself reads besides kohya's (trainer, dataset and caption option fields)."""
+    from dataclasses import fields
+
+    from .captions import CaptionConfig
+    from .dataset import DatasetOptions
+    from .trainer import TrainConfig
+
+    return {f.name for cls in (TrainConfig, DatasetOptions, CaptionConfig) for f in fields(cls)}

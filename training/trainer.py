@@ -161,6 +161,7 @@ class TrainConfig:
     # kohya sampling options (training/sample_prompts.py)
     sample_sampler: str = "ddim"
     sample_at_first: bool = False
+    no_metadata: bool = False
     save_every_n_epochs: int | None = None
     save_precision: str = "fp16"
     save_state: bool = True
@@ -215,6 +216,7 @@ class TrainConfig:
         for key in ("dropout", "rank_dropout"):
             if key in na:
                 cfg.network_dropout = float(na[key])
+        cfg._raw = {k: v for k, v in values.items() if v is not None or k in values}  # for kohya's metadata
         return cfg.validate(), unknown
 
     def validate(self) -> "TrainConfig":
@@ -341,7 +343,8 @@ def parse_kohya_toml(text: str) -> dict[str, Any]:
     """Flatten a kohya TOML config (sections are ignored, as sd-scripts' ``read_config_from_file`` does).
 
     ``[model_arguments] network_dim = 32`` and a top-level ``network_dim = 32`` mean the same. Nested tables
-    are flattened one level down (``[[datasets]]`` arrays are not supported: use one training folder).
+    are flattened; an inline ``[[datasets]]`` array (a kohya dataset config) is kept as the list ``"datasets"``
+    (see :mod:`.dataset_config`); other arrays of tables raise.
     Raises ``ValueError`` with the parser's message for invalid TOML.
     """
     import tomllib
@@ -357,8 +360,10 @@ def parse_kohya_toml(text: str) -> dict[str, Any]:
             if isinstance(v, dict):
                 walk(v)
             elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-                raise ValueError(f"kohya TOML: [[{k}]] arrays of tables (dataset configs) are not supported; "
-                                 f"give train_data_dir and flat keys instead")
+                if k != "datasets":
+                    raise ValueError(f"kohya TOML: [[{k}]] arrays of tables are not kohya settings (only "
+                                     f"[[datasets]] / [[datasets.subsets]] are)")
+                flat[k] = v  # an inline kohya dataset config (training/dataset_config.py)
             else:
                 flat[k] = v
 
@@ -948,7 +953,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_unet_lr": cfg.unet_lr,
         "ss_num_train_images": dataset.num_train_images,
         "ss_num_validation_images": len(dataset.val_entries),
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": getattr(dataset, "num_reg_images", 0),
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": num_epochs,
         "ss_gradient_checkpointing": bool(cfg.gradient_checkpointing),
@@ -1005,8 +1010,10 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_min_bucket_reso": o.min_bucket_reso if o.enable_bucket else None,
         "ss_max_bucket_reso": o.max_bucket_reso if o.enable_bucket else None,
         "ss_keep_tokens": c.keep_tokens,
-        "ss_dataset_dirs": {s.name: {"n_repeats": s.repeats, "img_count": s.img_count} for s in dataset.subsets},
-        "ss_reg_dataset_dirs": {},
+        "ss_dataset_dirs": {s.name: {"n_repeats": s.repeats, "img_count": s.img_count} for s in dataset.subsets
+                            if not getattr(s, "is_reg", False)},
+        "ss_reg_dataset_dirs": {s.name: {"n_repeats": s.repeats, "img_count": s.img_count}
+                                for s in dataset.subsets if getattr(s, "is_reg", False)},
         "ss_tag_frequency": dataset.tag_frequency,
         "ss_bucket_info": dataset.bucket_info(),
         "modelspec.sai_model_spec": "1.0.1",
@@ -1020,13 +1027,12 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
     }
     args = []
     if cfg.conv_dim:
-        args += [f"conv_dim={cfg.conv_dim}", f"conv_alpha={cfg.conv_alpha if cfg.conv_alpha else cfg.conv_dim}"]
+        # kohya create_network: conv_alpha defaults to 1.0 (networks/lora.py l. 444)
+        args += [f"conv_dim={cfg.conv_dim}", f"conv_alpha={cfg.conv_alpha if cfg.conv_alpha is not None else 1.0}"]
     if cfg.module_dropout:
         args.append(f"module_dropout={cfg.module_dropout}")
     if args:
         md["ss_network_args"] = {a.split("=")[0]: a.split("=")[1] for a in args}
-    if not train_te:
-        md["ss_text_encoder_lr"] = None
     if model_name:
         md["ss_sd_model_name"] = model_name
     if model_hash:
@@ -1431,7 +1437,9 @@ class LoraTrainer:
         metadata = build_metadata(cfg, ds, host, num_epochs=num_epochs, max_steps=max_steps, batches_per_epoch=nb,
                                   session_id=session_id, started_at=started_at, model_name=self.model_name,
                                   model_hash=self.model_hash, new_model_hash=self.new_model_hash,
-                                  mixed_precision=precision, train_unet=self.train_unet, train_te=self.train_te)
+                                  mixed_precision=cfg.mixed_precision, train_unet=self.train_unet,
+                                  train_te=self.train_te)
+        metadata = self._kohya_metadata(metadata, optimizer)
         gc_on = False
         last_good: Path | None = max(epoch_files.items())[1] if epoch_files else None
         stopped_early = False
@@ -1460,11 +1468,12 @@ class LoraTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 for bi, idx in enumerate(batches):
                     entries = [ds.entries[i] for i in idx]
-                    caps = [process_caption(e.caption, ds.captions, py_rng, epoch=ep1, step=global_step,
-                                            max_train_steps=max_steps) for e in entries]
+                    caps = [process_caption(e.caption, getattr(e, "captions", None) or ds.captions, py_rng,
+                                            epoch=ep1, step=global_step, max_train_steps=max_steps) for e in entries]
                     lat = []
                     for e in entries:
-                        flip = ds.options.flip_aug and py_rng.random() < 0.5
+                        flip_on = ds.options.flip_aug if getattr(e, "flip_aug", None) is None else e.flip_aug
+                        flip = flip_on and py_rng.random() < 0.5
                         lat.append(e.latents_flipped if flip and e.latents_flipped is not None else e.latents)
                     latents = torch.stack(lat)
                     network.resample_dropout(True)
@@ -1632,6 +1641,17 @@ class LoraTrainer:
                            table_image=table_img, sample_grid=grid, network=network)
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def _kohya_metadata(self, metadata: dict, optimizer) -> dict:
+        """kohya's key set and value formats (training/kohya_metadata.py); ``no_metadata`` keeps kohya's minimum."""
+        from .kohya_metadata import apply_kohya_formats, minimum_metadata
+
+        cfg = self.cfg
+        kw = _optimizer_kwargs(cfg.optimizer_args)
+        if cfg.optimizer_type.lower() == "sgdnesterov":
+            kw.setdefault("momentum", 0.9)
+        md = apply_kohya_formats(metadata, getattr(cfg, "_raw", {}) or {}, optimizer=optimizer, optimizer_kwargs=kw)
+        return minimum_metadata(md) if cfg.no_metadata else md
+
     def _vae_key(self) -> str:
         """A fingerprint of the host's VAE: the latents of a fixed 64×64 gradient (for disk latent caches)."""
         if not self.dataset.options.cache_latents_to_disk:

@@ -111,6 +111,20 @@ def network_args_keys(read) -> list[str]:
     return sorted(keys)
 
 
+def metadata_keys(read) -> dict[str, list[str]]:
+    """``ss_*`` keys train_network.py writes (string constants in ``NetworkTrainer.train``) and the modelspec
+    fields of ``library/sai_model_spec.py`` ``ModelSpecMetadata``."""
+    tree = ast.parse(read("train_network.py"))
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "train")
+    ss = sorted({n.value for n in ast.walk(fn) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and n.value.startswith("ss_") and " " not in n.value})
+    tree = ast.parse(read("library/sai_model_spec.py"))
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ModelSpecMetadata")
+    ms = [f"modelspec.{n.target.id}" for n in cls.body if isinstance(n, ast.AnnAssign)
+          and n.target.id != "additional_fields"]
+    return {"ss": ss, "modelspec": ms}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", nargs="?", help="sd-scripts checkout")
@@ -127,7 +141,8 @@ def main(argv=None) -> int:
     doc = {"source": "kohya-ss/sd-scripts", "commit": commit, "generator": "tests/tools/gen_kohya_arguments.py",
            "train_network_arguments": parser_arguments(read),
            "dataset_config_schemas": dataset_config_keys(read),
-           "lora_network_args": network_args_keys(read)}
+           "lora_network_args": network_args_keys(read),
+           "metadata_keys": metadata_keys(read)}
     Path(a.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {a.out}: {len(doc['train_network_arguments'])} arguments, "
           f"{sum(len(v) for v in doc['dataset_config_schemas'].values())} dataset keys, "
