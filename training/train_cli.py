@@ -62,11 +62,11 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> dict:
     flat = parse_kohya_toml(path.read_text(encoding="utf-8"))
     flat.update(parse_set_values(overrides or []))
     sp = flat.get("sample_prompts")
-    if isinstance(sp, str) and "\n" not in sp and sp.endswith((".txt", ".toml")):
+    if isinstance(sp, str) and "\n" not in sp and sp.lower().endswith((".txt", ".toml", ".json")):
+        from .sample_prompts import load_prompt_file
+
         f = Path(sp) if Path(sp).is_absolute() else path.parent / sp
-        if not f.is_file():
-            raise FileNotFoundError(f"sample_prompts file not found: {f}")
-        flat["sample_prompts"] = f.read_text(encoding="utf-8")
+        flat["sample_prompts"] = load_prompt_file(f)  # kohya load_prompts: .txt lines, .toml / .json prompt files
     return flat
 
 

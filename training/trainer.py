@@ -291,21 +291,16 @@ class TrainConfig:
 
     @property
     def prompts(self) -> list[str]:
-        """Sample prompts as a list (a string is split on lines; blank lines and ``#`` comments dropped).
+        """Sample prompt texts (kohya prompt lines/files parsed by :mod:`.sample_prompts`; options removed)."""
+        return [sp.prompt for sp in self.prompt_specs]
 
-        Kohya-style ``--n`` / ``--s`` options after a prompt are stripped (only the prompt text is used).
-        """
-        p = self.sample_prompts
-        if not p:
-            return []
-        items = p.splitlines() if isinstance(p, str) else list(p)
-        out = []
-        for line in items:
-            line = str(line).strip()
-            if not line or line.startswith("#"):
-                continue
-            out.append(line.split(" --")[0].strip())
-        return out
+    @property
+    def prompt_specs(self):
+        """Sample prompts with kohya's per-prompt options (``--n --w --h --s --d --l --ss``), see
+        :func:`.sample_prompts.parse_sample_prompts`."""
+        from .sample_prompts import parse_sample_prompts
+
+        return parse_sample_prompts(self.sample_prompts)
 
     @property
     def palette_list(self) -> list[str]:
@@ -1284,15 +1279,34 @@ class LoraTrainer:
 
     @torch.no_grad()
     def render_samples(self, prompts: Sequence[str]) -> list[np.ndarray]:
-        """One image per prompt (uint8 ``[H, W, 3]``) with fixed seeds ``sample_seed + i``."""
+        """One image per prompt (uint8 ``[H, W, 3]``); kohya per-prompt options (:mod:`.sample_prompts`) override
+        the trainer's sample settings; seeds ``sample_seed + i`` unless a prompt gives ``--d``."""
+        import inspect
+
+        from .sample_prompts import SamplePrompt, comfy_sampler, round_size
+
         cfg = self.cfg
-        w = cfg.sample_width or self.dataset.options.size[0]
-        h = cfg.sample_height or self.dataset.options.size[1]
+        specs = {sp.prompt: sp for sp in cfg.prompt_specs}
+        w0 = cfg.sample_width or self.dataset.options.size[0]
+        h0 = cfg.sample_height or self.dataset.options.size[1]
         seed = cfg.sample_seed if cfg.sample_seed is not None else cfg.seed
+        takes_sampler = "sampler_name" in inspect.signature(self.host.sample).parameters
         out = []
         for i, p in enumerate(prompts):
-            img = self.host.sample([p], cfg.sample_negative, width=w, height=h, steps=cfg.sample_steps,
-                                   cfg=cfg.sample_cfg, seed=seed + i)
+            sp = specs.get(p) or SamplePrompt(p)
+            kw = {}
+            name = sp.sample_sampler or cfg.sample_sampler
+            if takes_sampler:
+                kw["sampler_name"], kw["scheduler"] = comfy_sampler(name)
+            elif (name or "ddim").lower() != "ddim" and not getattr(self, "_sampler_warned", False):
+                logger.warning("sample_sampler %s: this model host samples with DDIM only", name)
+                self._sampler_warned = True
+            img = self.host.sample([p], sp.negative_prompt if sp.negative_prompt is not None else cfg.sample_negative,
+                                   width=round_size(sp.width or w0) if sp.width else w0,
+                                   height=round_size(sp.height or h0) if sp.height else h0,
+                                   steps=sp.sample_steps or cfg.sample_steps,
+                                   cfg=sp.scale if sp.scale is not None else cfg.sample_cfg,
+                                   seed=sp.seed if sp.seed is not None else seed + i, **kw)
             out.append(_to_uint8(img[0]))
         return out
 
@@ -1459,6 +1473,13 @@ class LoraTrainer:
             target_value = None
             if metric == "effective_colors_vs_dataset":
                 target_value = self._dataset_effective_colors()
+            if cfg.sample_at_first and has_samples and start_epoch == 0:  # kohya sample_at_first
+                network.eval()
+                first = self.render_samples(prompts)
+                for i, im in enumerate(first):
+                    save_png(im, self.state_dir / "sample" / f"{cfg.output_name}_e{0:06d}_{i:02d}.png")
+                sample_rows.append(first)
+                sample_labels.append("before training")
             for epoch in range(start_epoch, num_epochs):
                 ep1 = epoch + 1
                 batches = ds.epoch_batches(ep1, cfg.train_batch_size, cfg.seed)
