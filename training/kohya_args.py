@@ -42,7 +42,8 @@ HONOURED: dict[str, str] = {
     "save_model_as": "safetensors only (ckpt/pt are refused)", "no_metadata": "write no ss_* metadata",
     "metadata_title": "modelspec.title", "metadata_author": "modelspec.author",
     "metadata_description": "modelspec.description", "metadata_license": "modelspec.license",
-    "metadata_tags": "modelspec.tags",
+    "metadata_tags": "modelspec.tags", **{f"metadata_{k}": f"modelspec.{k}" for k in (
+        "merged_from", "trigger_phrase", "usage_hint", "preprocessor", "thumbnail", "is_negative_embedding")},
     # dataset
     "train_data_dir": "<repeats>_<name> folders", "reg_data_dir": "regularization folders (kohya interleaving)",
     "dataset_config": "[[datasets]] / [[datasets.subsets]] file (training/dataset_config.py)",
@@ -122,12 +123,6 @@ NO_EFFECT: dict[str, str] = {
     "max_validation_steps": "validation uses every validation image",
     "async_upload": "nothing is uploaded",
     "custom_attributes": "custom attributes are for other network modules",
-    "metadata_merged_from": "modelspec field for merges, not training",
-    "metadata_trigger_phrase": "modelspec field not written here",
-    "metadata_usage_hint": "modelspec field not written here",
-    "metadata_preprocessor": "modelspec field not written here",
-    "metadata_thumbnail": "modelspec field not written here",
-    "metadata_is_negative_embedding": "modelspec field for embeddings",
 }
 
 # -- refused (a non-default value raises, naming the key and what to do) ----------------------------------------
@@ -168,7 +163,6 @@ REFUSED: dict[str, str] = {
     "resume_from_huggingface": "nothing is downloaded; resume from a local training state",
     "network_multiplier": "a dataset network_multiplier other than 1 is not supported",
     "metadata_file": "fine-tuning metadata datasets are not supported",
-    "image_dir": "only inside [[datasets.subsets]]",
 }
 
 # dataset-config-only keys (``[[datasets]]`` / ``[[datasets.subsets]]``) that are honoured
