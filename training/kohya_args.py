@@ -52,8 +52,7 @@ HONOURED: dict[str, str] = {
     "bucket_reso_steps": "dataset", "bucket_no_upscale": "dataset", "resize_interpolation": "dataset",
     "flip_aug": "dataset", "caption_extension": "dataset", "caption_extention": "kohya's old spelling of "
     "caption_extension", "validation_split": "dataset", "validation_seed": "dataset",
-    "validate_every_n_epochs": "trainer", "cache_latents": "latents are always cached (one posterior sample each)",
-    "cache_latents_to_disk": "dataset", "vae_batch_size": "images per VAE call while caching",
+    "validate_every_n_epochs": "trainer", "cache_latents_to_disk": "dataset",
     # captions
     "shuffle_caption": "captions", "keep_tokens": "captions", "keep_tokens_separator": "captions",
     "caption_separator": "captions", "secondary_separator": "captions", "caption_prefix": "captions",
@@ -108,6 +107,9 @@ NO_EFFECT: dict[str, str] = {
         "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
         "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients")},
     "no_half_vae": "the VAE always runs in fp32 here",
+    "cache_latents": "latents are always cached here, from the VAE posterior mean (kohya caches one posterior "
+                     "sample; the difference is the VAE's tiny posterior std)",
+    "vae_batch_size": "VAE batching does not change the latents",
     "full_fp16": "LoRA weights stay fp32 (autocast only); use mixed_precision",
     "full_bf16": "LoRA weights stay fp32 (autocast only); use mixed_precision",
     "fused_backward_pass": "an Adafactor memory optimisation; the update is the same",
