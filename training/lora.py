@@ -44,9 +44,16 @@ _UNET_CONV = re.compile(r"(^|\.)(resnets|downsamplers|upsamplers)\.\d+\.")
 _TE_TARGET = re.compile(r"(^|\.)(self_attn|mlp)\.")
 
 
-def _kohya_name(component: str, path: str) -> str:
+def _kohya_name(component: str, path: str, host: DiffusionHost | None = None) -> str:
+    """kohya's LoRA module name for a host module: the family's naming (:class:`.families.Family`
+    ``kohya_unet_names``) decides whether UNet modules are named by their diffusers or their LDM path."""
     from ..formats.keys import kohya_lora_name
+    from .families import FAMILIES
 
+    if component == "unet" and host is not None:
+        fam = FAMILIES.get(getattr(host, "arch", "sd1"))
+        if fam is not None and fam.kohya_unet_names == "ldm":
+            path = host.unet_ldm_paths().get(path, path)
     return kohya_lora_name(component, path)
 
 
@@ -163,7 +170,7 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
                 continue
             for path, mod in host.modules(comp).items():
                 if isinstance(mod, nn.Linear) and _TE_TARGET.search(path):
-                    out.append(LoRATarget(comp, path, _kohya_name(comp, path), int(network_dim),
+                    out.append(LoRATarget(comp, path, _kohya_name(comp, path, host), int(network_dim),
                                           float(network_alpha), False))
     if train_unet:
         for path, mod in host.modules("unet").items():
@@ -171,7 +178,7 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
             in_conv_block = conv_on and bool(_UNET_CONV.search(path))
             if not (in_attn or in_conv_block):
                 continue
-            name = _kohya_name("unet", path)
+            name = _kohya_name("unet", path, host)
             if per_block:  # kohya block_dims / conv_block_dims (training/network_args.py)
                 from .network_args import block_index
 
@@ -256,7 +263,7 @@ class LoRANetwork(nn.Module):
         by_name: dict[str, tuple[str, str, nn.Module]] = {}
         for comp in host.components():
             for path, mod in host.modules(comp).items():
-                by_name[_kohya_name(comp, path)] = (comp, path, mod)
+                by_name[_kohya_name(comp, path, host)] = (comp, path, mod)
         names = sorted({k.split(".", 1)[0] for k in state if k.endswith(".lora_down.weight")})
         targets, deltas, unmatched = [], {}, []
         for name in names:
