@@ -64,7 +64,7 @@ HONOURED: dict[str, str] = {
     "max_token_length": "implemented by the host (issue 10)",
     "zero_terminal_snr": "implemented by the host (issue 10)",
     # network
-    "network_module": "networks.lora (lycoris.kohya is refused)", "network_dim": "rank",
+    "network_module": "networks.lora, or lycoris.kohya (LoHa/LoKr via lycoris-lora)", "network_dim": "rank",
     "network_alpha": "alpha", "network_args": "training/network_args.py (unknown entries are refused)",
     "network_dropout": "rank dropout in weight space (see training/lora.py)",
     "network_weights": "start from a LoRA file", "dim_from_weights": "ranks/alphas from network_weights",
@@ -246,9 +246,8 @@ def check_settings(values: Mapping[str, Any], *, own_keys: set[str] | frozenset[
     if fmt not in (None, "safetensors"):
         errors.append(f"save_model_as = {fmt!r}: only safetensors files are written")
     mod = values.get("network_module")
-    if mod not in (None, "networks.lora", "lora"):
-        errors.append(f"network_module = {mod!r}: only networks.lora is supported (LyCORIS LoHa/LoKr are not "
-                      "implemented yet)")
+    if mod not in (None, "networks.lora", "lora", "lycoris.kohya"):
+        errors.append(f"network_module = {mod!r}: use networks.lora, or lycoris.kohya with algo=loha / algo=lokr")
     if errors:
         raise KohyaSettingError("kohya settings this trainer cannot honour: " + "; ".join(errors))
     return warnings

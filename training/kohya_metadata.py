@@ -111,7 +111,12 @@ def apply_kohya_formats(md: dict[str, Any], raw: Mapping[str, Any], *, optimizer
     if raw.get("network_args"):
         from .network_args import parse_network_args
 
-        na = dict(parse_network_args(raw["network_args"]))
+        if str(raw.get("network_module", "")).startswith("lycoris"):
+            from .lycoris_net import parse_lycoris_args
+
+            na = dict(parse_lycoris_args(raw["network_args"]))
+        else:
+            na = dict(parse_network_args(raw["network_args"]))
         if "dropout" not in na and not raw.get("dim_from_weights"):
             na["dropout"] = raw.get("network_dropout")  # train_network.py l. 676 adds it before the metadata
         md["ss_network_args"] = na

@@ -213,7 +213,12 @@ class TrainConfig:
                 unknown.append(k)
         cfg = cls(**kw)
         # kohya network_args (training/network_args.py); unknown entries raise ValueError naming them
-        na = parse_network_args(cfg.network_args)
+        if str(cfg.network_module).startswith("lycoris"):
+            from .lycoris_net import parse_lycoris_args
+
+            na = parse_lycoris_args(cfg.network_args)
+        else:
+            na = parse_network_args(cfg.network_args)
         if "conv_dim" in na or "conv_lora_dim" in na:
             cfg.conv_dim = int(na.get("conv_dim", na.get("conv_lora_dim")))
         if "conv_alpha" in na:
@@ -264,8 +269,9 @@ class TrainConfig:
             raise ValueError("max_train_epochs must be >= 1")
         if self.max_train_epochs is None and self.max_train_steps < 1:
             raise ValueError("max_train_steps must be >= 1")
-        if self.network_module not in ("networks.lora", "lora"):
-            raise ValueError(f"network_module {self.network_module!r} is not supported (networks.lora only)")
+        if self.network_module not in ("networks.lora", "lora", "lycoris.kohya"):
+            raise ValueError(f"network_module {self.network_module!r} is not supported (networks.lora, or "
+                             "lycoris.kohya with algo=loha / algo=lokr)")
         if self.optimizer_type.lower() not in {o.lower() for o in OPTIMIZERS}:
             raise OptimizerUnavailableError(f"optimizer_type {self.optimizer_type!r} is not supported; use one "
                                             f"of {', '.join(OPTIMIZERS)}")
@@ -962,6 +968,11 @@ def save_lora_file(path: str | os.PathLike, network: LoRANetwork, metadata: Mapp
     # kohya writes every value with str() (None -> "None"); dicts / lists as JSON (ss_tag_frequency, ...)
     md = {k: (v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
           for k, v in metadata.items()}
+    if hasattr(network, "algo"):  # a LyCORIS network (training/lycoris_net.py): its own key names
+        from ..formats.safetensors_io import parse_dtype
+        from .lycoris_net import save_lycoris_file
+
+        return Path(save_lycoris_file(path, network, md, parse_dtype({"float": "fp32"}.get(precision, precision))))
     return Path(save_kohya_lora(path, network.kohya_modules(), md, dtype=parse_dtype(
         {"float": "fp32"}.get(precision, precision))))
 
@@ -1172,6 +1183,8 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
     """
     from .network_args import LoraPlus, block_spec, optimizer_groups, parse_network_args
 
+    if str(cfg.network_module).startswith("lycoris"):
+        return _build_lycoris(host, cfg, train_unet, train_te)
     na = parse_network_args(cfg.network_args)
     is_sdxl = getattr(host, "arch", "sd1") == "sdxl"
     blocks = block_spec(na, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim,
@@ -1229,6 +1242,34 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
         raise ValueError("no LoRA parameter would train: every learning rate (learning_rate, unet_lr, "
                          "text_encoder_lr, block lr weights) is 0 for the parts being trained")
     return network, groups
+
+
+def _build_lycoris(host: DiffusionHost, cfg: TrainConfig, train_unet: bool, train_te: bool):
+    """LoHa / LoKr through ``lycoris-lora`` (:mod:`.lycoris_net`): groups per part at unet_lr / text_encoder_lr
+    (0 = frozen). network_weights, scale_weight_norms and rank dropout are refused for LyCORIS here."""
+    from .lycoris_net import LycorisNetwork, parse_lycoris_args
+
+    for name in ("network_weights", "scale_weight_norms"):
+        if getattr(cfg, name):
+            raise ValueError(f"{name} is not supported with network_module lycoris.kohya here")
+    if cfg.network_dropout:
+        raise ValueError("network_dropout / rank_dropout are not supported with lycoris.kohya here")
+    net = LycorisNetwork.create_lycoris(host, parse_lycoris_args(cfg.network_args), network_dim=cfg.network_dim,
+                                        network_alpha=cfg.network_alpha, train_unet=train_unet,
+                                        train_text_encoder=train_te, seed=cfg.seed,
+                                        module_dropout=cfg.module_dropout)
+    parts = net.parameter_groups()
+    groups = []
+    for part, lr, label in (("te", cfg.text_encoder_lr, "textencoder"), ("unet", cfg.unet_lr, "unet")):
+        lr = cfg.learning_rate if lr is None else lr
+        if parts[part] and lr:
+            groups.append({"params": parts[part], "lr": lr, "name": label})
+    trainable = {id(p) for g in groups for p in g["params"]}
+    for p_ in net.parameters():
+        p_.requires_grad_(id(p_) in trainable)
+    if not groups:
+        raise ValueError("no LyCORIS parameter would train: every learning rate is 0 for the parts being trained")
+    return net, groups
 
 
 class LoraTrainer:
