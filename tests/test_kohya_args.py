@@ -50,8 +50,9 @@ def test_refused_and_no_effect_settings_are_named():
     with pytest.raises(KA.KohyaSettingError, match="masked_loss.*color_aug|color_aug.*masked_loss"):
         KA.check_settings({"masked_loss": True, "color_aug": True, "random_crop": False})
     KA.check_settings({"masked_loss": False, "fp8_base": False})  # kohya's defaults ask for nothing
-    with pytest.raises(KA.KohyaSettingError, match="lycoris"):
-        KA.check_settings({"network_module": "lycoris.kohya"})
+    with pytest.raises(KA.KohyaSettingError, match="networks.oft"):
+        KA.check_settings({"network_module": "networks.oft"})
+    KA.check_settings({"network_module": "lycoris.kohya"})  # LoHa / LoKr through lycoris-lora
     with pytest.raises(KA.KohyaSettingError, match="safetensors"):
         KA.check_settings({"save_model_as": "ckpt"})
 
