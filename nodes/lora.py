@@ -341,6 +341,7 @@ _NODE_OWNED = {"output_dir": "LoRA files go to ComfyUI's output/loras folder",
                "state_dir": "training states go to output/conceptlab_training/<name>",
                "pretrained_model_name_or_path": "the model comes from the MODEL/CLIP/VAE inputs",
                "v_parameterization": "the parameterization comes from the MODEL input",
+               "v2": "the architecture comes from the MODEL input",
                "train_data_dir": "the training folder comes from the DATASET input"}
 
 

@@ -87,7 +87,7 @@ HONOURED: dict[str, str] = {
     "max_timestep": "timesteps (min == max trains at that fixed t)",
     # sampling
     "sample_prompts": "prompt file lines with --n --w --h --s --d --l (training/sample_prompts.py)",
-    "sample_every_n_epochs": "trainer", "sample_sampler": "ddim here; other samplers are warned",
+    "sample_every_n_epochs": "trainer", "sample_sampler": "mapped to ComfyUI's samplers; the diffusers host samples with DDIM (warned)",
     "sample_at_first": "samples before training",
 }
 

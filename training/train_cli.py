@@ -2,7 +2,10 @@
 
 The TOML is a kohya sd-scripts config (sections are flattened; only keys matter). Keys the trainer needs
 besides training settings: ``pretrained_model_name_or_path``, ``train_data_dir`` (the kohya folder of
-``<repeats>_<name>`` subfolders), ``output_dir``, ``output_name``.
+``<repeats>_<name>`` subfolders; ``reg_data_dir`` adds regularization folders) or a kohya dataset config
+(``dataset_config = "file.toml"`` or inline ``[[datasets]]`` / ``[[datasets.subsets]]``; relative paths are taken
+from the config's folder), ``output_dir``, ``output_name``. Every key is honoured, warned as having no effect or
+refused by name (``training/kohya_args.py``).
 
 ``pretrained_model_name_or_path`` is a local path, never a Hub id (nothing is downloaded):
 
