@@ -34,6 +34,22 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+def check_tokenizer_length(tokenizer, text_encoder, where) -> None:
+    """Raise a clear ``ValueError`` when the tokenizer's ``model_max_length`` is not the text encoder's window.
+
+    CLIP text encoders have ``max_position_embeddings`` (77) positions; a ``tokenizer_config.json`` with another
+    ``model_max_length`` (or none: transformers then uses 1e30) makes every caption fail deep inside the text
+    encoder. kohya's ``max_token_length`` (150/225) is a separate setting that chunks captions into 77-token
+    windows; it is not read from the tokenizer.
+    """
+    n = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    m = getattr(tokenizer, "model_max_length", None)
+    if n is not None and m is not None and int(m) != int(n):
+        raise ValueError(f"{where}: the tokenizer says model_max_length = {m}, but the text encoder takes {n} "
+                         f"tokens; set \"model_max_length\": {n} in tokenizer_config.json (for longer captions use "
+                         "kohya's max_token_length = 150 or 225)")
+
+
 def _canonical_te_path(name: str) -> str:
     # transformers 5.x CLIPTextModel has no "text_model." level (CLIPTextModelWithProjection keeps it); kohya and
     # ComfyUI names need it. The projection head sits beside text_model, never under it.
@@ -127,6 +143,7 @@ class DiffusersHost(DiffusionHost):
         unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
         te = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
         tok = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        check_tokenizer_length(tok, te, root / "tokenizer")
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
         te2 = tok2 = None
         if is_sdxl_unet(unet):
