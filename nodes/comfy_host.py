@@ -440,6 +440,26 @@ class ComfyHost(DiffusionHost):
         on the model's own ``unet_config``."""
         return dict(self._d2l)
 
+    def configure_text(self, clip_skip: int | None = None, max_token_length: int | None = None) -> list[str]:
+        """kohya ``clip_skip`` through ComfyUI's own **CLIP Set Last Layer** (``clip.clip_layer(-clip_skip)``: the
+        layer's output with the final layer norm, kohya's semantics) on this host's CLIP clone; SDXL ignores it, as
+        kohya's SDXL trainer does. ``max_token_length``: ComfyUI encodes any caption in 75-token chunks (no 75/150/225
+        truncation), which is how the LoRA will be used in ComfyUI; a non-default value is reported back as having
+        no effect here (the CLI's diffusers host applies kohya's chunking exactly)."""
+        msgs = super().configure_text(clip_skip, max_token_length)
+        if self.max_token_length is not None:
+            msgs.append(f"max_token_length = {self.max_token_length}: inside ComfyUI captions are encoded the way "
+                        "ComfyUI encodes prompts (75-token chunks, never truncated); use the CLI for kohya's "
+                        "150/225-token truncation")
+        if self.clip_skip not in (None, 1):
+            if self.arch == "sdxl":
+                msgs.append("clip_skip has no effect on SDXL (kohya's SDXL trainer always uses the penultimate "
+                            "layers of both text encoders)")
+                self.clip_skip = None
+            elif self.clip is not None:
+                self.clip.clip_layer(-self.clip_skip)
+        return msgs
+
     def configure_schedule(self, prediction_type: str | None = None, zero_terminal_snr: bool = False) -> None:
         """Patch the clone's ``model_sampling`` as ComfyUI's own **ModelSamplingDiscrete** node does
         (``comfy_extras/nodes_model_advanced.py``: ``ModelSamplingDiscrete`` × ``EPS``/``V_PREDICTION`` with

@@ -96,7 +96,8 @@ class TrainConfig:
     ``lr_scheduler_power``, ``max_grad_norm`` (0 = off), ``mixed_precision`` (``no``/``fp16``/``bf16``; CPU
     always runs fp32), ``gradient_checkpointing``.
     Objective: ``noise_offset``, ``min_snr_gamma``, ``loss_type`` (:data:`LOSS_TYPES`), ``huber_schedule``,
-    ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T), ``v_parameterization`` (the
+    ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T), ``clip_skip`` / ``max_token_length`` (kohya's text
+    encoding, applied by the host: :meth:`.host.DiffusionHost.configure_text`), ``v_parameterization`` (the
     model predicts v: kohya's flag for SD2-v / NoobAI-vpred-style models; a ComfyUI MODEL already says so through
     its ``model_sampling``), ``zero_terminal_snr`` (rescale the schedule to zero terminal SNR as kohya does; the
     samples rendered each epoch use the same schedule; see :meth:`.host.DiffusionHost.configure_schedule`).
@@ -148,6 +149,8 @@ class TrainConfig:
     huber_scale: float = 1.0
     min_timestep: int = 0
     max_timestep: int | None = None
+    clip_skip: int | None = None
+    max_token_length: int | None = None
     # kohya noise / loss options (training/noise.py; issue 14)
     noise_offset_random_strength: bool = False
     adaptive_noise_scale: float | None = None
@@ -253,7 +256,8 @@ class TrainConfig:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}") from None
-        for name in ("max_train_epochs", "conv_dim", "max_timestep", "save_every_n_epochs", "sample_seed"):
+        for name in ("max_train_epochs", "conv_dim", "max_timestep", "save_every_n_epochs", "sample_seed",
+                     "clip_skip", "max_token_length"):
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, int(v))
@@ -1013,8 +1017,8 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_full_fp16": False,
         "ss_v2": arch == "sd2",
         "ss_base_model_version": family(arch).base_model_version,
-        "ss_clip_skip": None,
-        "ss_max_token_length": None,
+        "ss_clip_skip": cfg.clip_skip,
+        "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": True,
         "ss_seed": cfg.seed,
         "ss_lowram": False,
@@ -1308,6 +1312,9 @@ class LoraTrainer:
         self._te_cache: dict[str, Conditioning] = {}
         self.dataset_effective_colors: float | None = None
         self.family = family(getattr(host, "arch", "sd1"))
+        if cfg.clip_skip is not None or cfg.max_token_length is not None:
+            for msg in host.configure_text(clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length):
+                logger.warning(msg)
         if cfg.v_parameterization or cfg.zero_terminal_snr:
             host.configure_schedule(prediction_type="v_prediction" if cfg.v_parameterization else None,
                                     zero_terminal_snr=cfg.zero_terminal_snr)
