@@ -254,8 +254,7 @@ def candidates(keys: Iterable[str], shapes: Mapping[str, tuple], arch: str, conv
         name = K.kohya_lora_name("unet", ldm_w[: -len(".weight")] if arch == "sdxl" else dpath)
         out.append(Candidate(name, full, None, group))
     for comp in _TES[arch]:
-        for i in range(64):
-            found = False
+        for i in range(64):  # every layer index CLIP text towers have (files may hold only some)
             for m in _TE_MODULES:
                 name = K.kohya_lora_name(comp, f"text_model.encoder.layers.{i}.{m}")
                 try:
@@ -263,10 +262,7 @@ def candidates(keys: Iterable[str], shapes: Mapping[str, tuple], arch: str, conv
                 except ValueError:
                     continue
                 if t.weight_key in keyset:
-                    found = True
                     out.append(Candidate(name, t.weight_key, t.rows, "te"))
-            if not found:
-                break
     return out
 
 
