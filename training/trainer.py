@@ -1103,6 +1103,9 @@ class LoraTrainer:
             raise ValueError("network_train_text_encoder_only is set but the model has no text encoder")
         self._te_cache: dict[str, torch.Tensor] = {}
         self.dataset_effective_colors: float | None = None
+        # optional hook(network) run once after the network is built, before the optimizer: starts the run from
+        # given LoRA weights (nodes/interop.py continues a ComfyUI LORA_MODEL this way); a resume state wins over it
+        self.init_network: Callable[[LoRANetwork], None] | None = None
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def schedule(self) -> tuple[int, int, int]:
@@ -1267,6 +1270,8 @@ class LoraTrainer:
                                      conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=self.train_unet,
                                      train_text_encoder=self.train_te, dropout=cfg.network_dropout,
                                      module_dropout=cfg.module_dropout, seed=cfg.seed)
+        if self.init_network is not None:
+            self.init_network(network)
         groups_p = network.parameter_groups()
         groups = []
         if groups_p["unet"]:
