@@ -147,3 +147,12 @@ def test_real_comfyui_node_output_loads_with_zero_unloaded_keys(arch, shapes, tm
     if arch == "sdxl":  # OpenCLIP-G: q/k/v rows of the fused in_proj became three HF-named modules
         assert {f"clip_g.transformer.text_model.encoder.layers.0.self_attn.{p}_proj.weight" for p in "qkv"} \
             <= set(res["patched"])
+    # the Resize node on that file (ComfyUI's loras list): the resized file loads with zero unloaded keys too
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "out" / "loras"), is_default=True)
+    with torch.inference_mode():
+        rname, _, rjs, _ = N.ResizeLora().resize(name, 2, 0, "fixed", 0.9, "fp32", f"rs_{arch}")
+    assert all(v["rank"] <= 2 for v in json.loads(rjs)["per_layer"].values())
+    (tmp_path / "r").mkdir()
+    res2, _ = F._run_probe(py, tmp_path / "r", tmp_path / "out" / "loras" / rname, unet_shapes, clip_keys,
+                           clip_shapes, [])
+    assert res2["not_loaded"] == [] and res2["n_patched"] == n_modules
