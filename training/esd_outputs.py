@@ -42,7 +42,8 @@ def diff_state_dict(result: ESDResult) -> dict[str, torch.Tensor]:
     out = {}
     for (component, path, attr), d in result.deltas.items():
         suffix = ".diff" if attr == "weight" else ".diff_b"
-        out[kohya_lora_name(component, path) + suffix] = d.detach().float().cpu()
+        name = result.kohya_names.get((component, path)) or kohya_lora_name(component, path)
+        out[name + suffix] = d.detach().float().cpu()
     return out
 
 
@@ -74,7 +75,7 @@ def svd_lora(result: ESDResult, rank: int) -> tuple[dict[str, tuple[torch.Tensor
             dropped += 1
             bias_energy += float((d ** 2).sum())
             continue
-        name = kohya_lora_name(component, path)
+        name = result.kohya_names.get((component, path)) or kohya_lora_name(component, path)
         f = factorize(d, rank)  # the truncated SVD shared with LoRA extraction / resizing (training/extract.py)
         e_all = float((d.double() ** 2).sum())
         kept_total += f.energy_kept * e_all
