@@ -92,6 +92,16 @@ def test_graph_dataset_equals_folder_dataset(tmp_path):
     assert write_kohya_folder(tmp_path / "tmp", arrays, CAPTIONS[::-1], repeats=3, name="things") != root
 
 
+def test_rgba_image_keeps_its_alpha_and_a_mask_wins():
+    a = np.zeros((2, 2, 4), np.float32)
+    a[..., 3] = [[1.0, 0.0], [0.5, 1.0]]
+    out = to_uint8_rgb(a)
+    assert out.shape == (2, 2, 4) and out[0, 1, 3] == 0 and out[1, 0, 3] == 128
+    assert (to_uint8_rgb(a, np.zeros((2, 2)))[..., 3] == 255).all()
+    with pytest.raises(ValueError, match="does not match"):
+        to_uint8_rgb(a, np.zeros((3, 2)))
+
+
 def test_match_captions():
     assert match_captions("a\nb\n\n", 2) == ["a", "b"]
     assert match_captions("one for all", 3) == ["one for all"] * 3

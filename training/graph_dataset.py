@@ -35,14 +35,17 @@ _NAME_RE = re.compile(r"[\w\- ]+")
 
 
 def to_uint8_rgb(image, mask=None) -> np.ndarray:
-    """``[H, W, 3]`` float 0..1 (torch or numpy) and an optional ``[H, W]`` mask (1 = transparent) → uint8
-    ``[H, W, 3]`` or ``[H, W, 4]`` (RGBA, alpha = 1 − mask). Raises ``ValueError`` for a bad shape or a mask of
-    another size."""
+    """``[H, W, 3]`` (or RGBA ``[H, W, 4]``) float 0..1 (torch or numpy) and an optional ``[H, W]`` mask
+    (1 = transparent) → uint8 ``[H, W, 3]`` or ``[H, W, 4]`` (RGBA, alpha = 1 − mask; an RGBA image without a mask
+    keeps its own alpha, a mask wins over it). Raises ``ValueError`` for a bad shape or a mask of another size."""
     a = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, dtype=np.float32)
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
         raise ValueError(f"an image must be [H, W, 3] (ComfyUI IMAGE row), got shape {tuple(a.shape)}")
     rgb = np.clip(np.rint(np.nan_to_num(a[..., :3]) * 255.0), 0, 255).astype(np.uint8)
     if mask is None:
+        if a.shape[-1] == 4:  # an RGBA IMAGE carries its own alpha
+            alpha = np.clip(np.rint(np.nan_to_num(a[..., 3]) * 255.0), 0, 255).astype(np.uint8)
+            return np.concatenate([rgb, alpha[..., None]], axis=-1)
         return rgb
     m = mask.detach().cpu().float().numpy() if hasattr(mask, "detach") else np.asarray(mask, dtype=np.float32)
     if m.shape != rgb.shape[:2]:
