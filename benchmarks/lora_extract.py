@@ -16,6 +16,7 @@ transformer blocks are used, for a quick run).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tempfile
 import time
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         low = (torch.randn(o, 24, generator=g) @ torch.randn(24, i, generator=g)).reshape(s) * 2e-3
         base[k], tuned[k] = w, w + low + 1e-4 * torch.randn(*s, generator=g)
     n_params = sum(v.numel() for v in base.values())
-    print(f"{len(shapes)} layers, {n_params / 1e6:.1f} M parameters, device {dev}")
+    print(f"{len(shapes)} layers, {n_params / 1e6:.1f} M parameters, device {dev}, torch threads "
+          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as td:
         pa, pb = Path(td) / "a.safetensors", Path(td) / "b.safetensors"
         save_file(base, str(pa))
