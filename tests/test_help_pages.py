@@ -27,7 +27,7 @@ def _toml():
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+        tomllib = pytest.importorskip("tomli")
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 
