@@ -116,6 +116,12 @@ def test_lora_model_round_trip_through_core_loader_and_continue(tmp_path, caplog
     c = _unet_weights(via_cont)
     for k in changed:
         torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-6)
+    # what core's TrainLoraNode also trains (bias / norm diffs) cannot be continued: refused by name, not dropped
+    extra = dict(lora_model)
+    extra["diffusion_model.out.2.diff_b"] = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"cannot continue 1 LORA_MODEL entries .*out\.2\.diff_b"):
+        with torch.inference_mode():
+            lora_nodes.ConceptLabTrainLora().train(model, clip, vae, ds, **_kw(output_name="bad0"), lora_model=extra)
     # a rank that does not match is refused by name before training
     with pytest.raises(ValueError, match="rank 4 but this run trains rank 8"):
         with torch.inference_mode():
