@@ -261,7 +261,8 @@ class ConceptLabTrainLora:
         the last finished epoch file. Widgets are kohya settings; ``kohya_toml`` overrides them (flattened keys).
         Returns ``(MODEL, CLIP with the best/last epoch applied, lora file name, loss curve IMAGE, epoch table IMAGE,
         sample grid IMAGE, LORA_MODEL, LOSS_MAP)`` (the last two as ComfyUI's core training nodes define them, see
-        :mod:`.interop`), IMAGEs ``[1, H, W, 3]`` float 0..1. ``lora_model`` continues from a LORA_MODEL. Raises ``ValueError`` for a non-DATASET input,
+        :mod:`.interop`), IMAGEs ``[1, H, W, 3]`` float 0..1. ``lora_model`` continues from a LORA_MODEL.
+        Raises ``ValueError`` for a non-DATASET input,
         ``ValueError`` for invalid settings (e.g. AdamW8bit without CUDA/bitsandbytes) and a clear error naming the last
         good checkpoint on a NaN/Inf loss.
         """
