@@ -160,15 +160,18 @@ class ConceptLabTrainLora:
                    "finished checkpoint. The inputs are never modified.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "epoch_table", "samples")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE", "IMAGE", "LORA_MODEL", "LOSS_MAP")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "epoch_table", "samples", "lora", "loss")
     OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied (the file chosen by 'apply').",
                        "The CLIP with the LoRA's text-encoder part applied (unchanged when the text encoder was "
                        "not trained).",
                        "File name of the applied LoRA inside output/loras/ (LoraLoader lists it after a refresh).",
                        "Loss per step, moving average and per-epoch train/validation loss; best epoch marked.",
                        "Per-epoch table: losses and palette metrics; the best epoch highlighted.",
-                       "Sample images per epoch (rows) and prompt (columns).")
+                       "Sample images per epoch (rows) and prompt (columns).",
+                       "The applied LoRA as ComfyUI's LORA_MODEL (UNet part) for core's LoraModelLoader / SaveLoRA, "
+                       "or this node's lora_model input to continue training.",
+                       "Loss per step as ComfyUI's LOSS_MAP, for core's Plot Loss Graph node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -240,6 +243,9 @@ class ConceptLabTrainLora:
                                          "tooltip": "LoCon alpha."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Trade speed for memory "
                                            "where the model supports it."}),
+                "lora_model": ("LORA_MODEL", {"tooltip": "Continue from a LORA_MODEL (ComfyUI's Train LoRA node "
+                               "or this node's lora output): its modules start where it left off (same ΔW); its "
+                               "rank must equal network_dim (conv_dim for conv layers)."}),
             },
         }
 
@@ -248,13 +254,15 @@ class ConceptLabTrainLora:
               lr_warmup_steps, mixed_precision, save_every_n_epochs, save_precision, seed, train_text_encoder,
               sample_prompts, best_metric, early_stopping_patience, resume, apply, kohya_toml="", palette="",
               sample_steps=20, sample_cfg=7.0, min_snr_gamma=0.0, noise_offset=0.0, conv_dim=0, conv_alpha=1.0,
-              gradient_checkpointing=False):
+              gradient_checkpointing=False, lora_model=None):
         """Train a kohya LoRA on ``model``/``clip`` (cloned, never mutated) and save it to ``output/loras``.
 
         Runs under ``torch.inference_mode(False)`` with ComfyUI's progress bar (a cancel point every step); a cancel keeps
         the last finished epoch file. Widgets are kohya settings; ``kohya_toml`` overrides them (flattened keys).
         Returns ``(MODEL, CLIP with the best/last epoch applied, lora file name, loss curve IMAGE, epoch table IMAGE,
-        sample grid IMAGE)``, IMAGEs ``[1, H, W, 3]`` float 0..1. Raises ``ValueError`` for a non-DATASET input,
+        sample grid IMAGE, LORA_MODEL, LOSS_MAP)`` (the last two as ComfyUI's core training nodes define them, see
+        :mod:`.interop`), IMAGEs ``[1, H, W, 3]`` float 0..1. ``lora_model`` continues from a LORA_MODEL.
+        Raises ``ValueError`` for a non-DATASET input,
         ``ValueError`` for invalid settings (e.g. AdamW8bit without CUDA/bitsandbytes) and a clear error naming the last
         good checkpoint on a NaN/Inf loss.
         """
@@ -319,6 +327,10 @@ class ConceptLabTrainLora:
                         bar.update(0, preview=Image.fromarray(preview))
 
                 trainer.progress, trainer.on_epoch = on_step, on_epoch
+                if lora_model is not None:
+                    from .interop import continue_from_lora_model
+
+                    trainer.init_network = continue_from_lora_model(model, lora_model)
                 res = trainer.run()
             finally:
                 if host is not None:
@@ -331,8 +343,10 @@ class ConceptLabTrainLora:
             raise RuntimeError("training finished without writing a LoRA file")
         out_model, out_clip = _apply_lora(model, clip, chosen)
         rel = chosen.name
+        from .interop import kohya_file_to_lora_model, loss_map
+
         return (out_model, out_clip, rel, _np_to_image(res.loss_curve), _np_to_image(res.table_image),
-                _np_to_image(res.sample_grid))
+                _np_to_image(res.sample_grid), kohya_file_to_lora_model(model, chosen), loss_map(res.step_losses))
 
 
 #: kohya keys the node takes from its own inputs instead of the TOML (each one is reported when present)

@@ -82,12 +82,13 @@ def test_train_node_in_comfyui(tmp_path, dawnlike_dir, caplog):
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     ds = _dataset()
     with torch.inference_mode():
-        m2, c2, name, loss_img, table_img, grid = lora_nodes.ConceptLabTrainLora().train(
+        m2, c2, name, loss_img, table_img, grid, lora_model, loss = lora_nodes.ConceptLabTrainLora().train(
             model, clip, vae, ds, **_train_kwargs())
     assert name == "tiny.safetensors" and (out / "loras" / "tiny-000001.safetensors").is_file()
     assert not list((out / "loras").glob("*state*"))  # training states live outside loras/
     assert (out / "conceptlab_training" / "tiny" / "tiny-state.json").is_file()
     assert loss_img.dim() == 4 and table_img.shape[-1] == 3 and grid.shape[0] == 1
+    assert len(loss["loss"]) == 8 and all(k.startswith("diffusion_model.") for k in lora_model)  # core types
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.weight_wrapper_patches
     assert m2 is not model and len(m2.patches) > 0

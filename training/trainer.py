@@ -1323,6 +1323,9 @@ class LoraTrainer:
             logger.warning("zero_terminal_snr is on but the model predicts epsilon: at the last timestep x_t is "
                            "pure noise and epsilon-prediction cannot recover x0; use a v-prediction model "
                            "(v_parameterization = true)")
+        # optional hook(network) run once after the network is built, before the optimizer: starts the run from
+        # given LoRA weights (nodes/interop.py continues a ComfyUI LORA_MODEL this way); a resume state wins over it
+        self.init_network: Callable[[LoRANetwork], None] | None = None
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def schedule(self) -> tuple[int, int, int]:
@@ -1514,6 +1517,8 @@ class LoraTrainer:
         # a text encoder whose every LoRA parameter is frozen (text_encoder_lr = 0) is encoded once and cached
         trainable = {id(p) for g in groups for p in g["params"]}
         self._te_frozen = not any(id(p) in trainable for p in network.parameter_groups()["te"])
+        if self.init_network is not None:  # e.g. continue from a ComfyUI LORA_MODEL (values copied in place)
+            self.init_network(network)
         network.to(device)
         optimizer = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args, device)
         scheduler = build_scheduler(cfg, optimizer, max_steps)
