@@ -18,10 +18,12 @@ import re
 import numpy as np
 import torch
 
+from ..formats import limits
 from ..training.captions import CaptionConfig
 from ..training.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
 from ..training.trainer import (BEST_METRICS, OPTIMIZERS, SCHEDULERS, LoraTrainer, configs_from_mapping,
                                 labelled_grid, palette_metrics, parse_kohya_toml, render_epoch_table)
+from . import policy
 
 CATEGORY = "Concept Lab/LoRA"
 DATASET_TYPE = "CONCEPTLAB_DATASET"
@@ -94,8 +96,11 @@ def _caption_inputs() -> dict:
     }
 
 
+@policy.guarded
 class ConceptLabLoraDataset:
     """Scan a kohya training folder from ComfyUI's input directory."""
+
+    PATH_INPUTS = {"folder": "subfolders"}
 
     DESCRIPTION = ("Reads a kohya-style training folder (<repeats>_<name> subfolders of images with .txt captions) "
                    "from ComfyUI's input directory, assigns aspect-ratio buckets and reports images, repeats, "
@@ -125,17 +130,22 @@ class ConceptLabLoraDataset:
         root = comfy_host.resolve_input(folder)
         opts = DatasetOptions.from_mapping(kw)
         caps = CaptionConfig.from_mapping(kw)
-        ds = KohyaDataset.scan(root, opts, caps)
+        policy.check_folder(root, comfy_host.input_dir(), "dataset file")  # no symlink out, before any read
+        ds = KohyaDataset.scan(root, opts, caps, progress=lambda d, t: comfy_host.check_interrupt())
         return (ds, ds.summary_text(1), _caption_audit(root))
 
 
 def _caption_audit(root) -> str:
+    from . import comfy_host
+
     try:
         from ..metrics.captions import audit_folder
     except ImportError:
         return "caption audit unavailable (metrics.captions not installed)"
     try:
-        rep = audit_folder(root)
+        rep = audit_folder(root, progress=lambda d, t: comfy_host.check_interrupt())
+    except limits.LimitError as exc:
+        return f"caption audit refused: {exc}"
     except Exception as exc:  # noqa: BLE001 - the audit is advisory; training does not depend on it
         return f"caption audit failed: {exc}"
     summary = rep.get("summary", rep) if isinstance(rep, dict) else rep
@@ -150,8 +160,11 @@ def _np_to_image(arr: np.ndarray | None) -> torch.Tensor:
     return comfy_host.numpy_to_image([arr])
 
 
+@policy.guarded
 class ConceptLabTrainLora:
     """Train a kohya LoRA on the connected model inside ComfyUI."""
+
+    PATH_INPUTS = {"output_name": "plain"}
 
     DESCRIPTION = ("Trains a LoRA with kohya sd-scripts semantics (captions, buckets, schedule, metadata) on the "
                    "connected MODEL/CLIP/VAE. Saves name-000001.safetensors ... and name.safetensors to "
@@ -273,11 +286,14 @@ class ConceptLabTrainLora:
                       sample_cfg=sample_cfg, min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset or None,
                       conv_dim=conv_dim or None, conv_alpha=conv_alpha if conv_dim else None,
                       gradient_checkpointing=gradient_checkpointing)
-        toml = parse_kohya_toml(kohya_toml) if kohya_toml and kohya_toml.strip() else {}
+        toml = {}
+        if kohya_toml and kohya_toml.strip():  # bounded parse, then no file names, then kohya's flattening
+            policy.refuse_toml_path_keys(limits.load_toml(kohya_toml, "kohya_toml"), "kohya_toml")
+            toml = parse_kohya_toml(kohya_toml)
+        limits.check_settings({**values, **toml}, "kohya_toml" if toml else "settings")
         ds = dataset
         if toml:
-            values.update({k: v for k, v in toml.items() if k not in ("output_dir", "logging_dir", "state_dir",
-                                                                       "train_data_dir")})
+            values.update(toml)
             merged = {**dataset.options.to_dict(), **dataset.captions.to_dict(), **toml}
             _, dopts, caps, _ = configs_from_mapping({**values, **merged})
             if dopts.to_dict() != dataset.options.to_dict() or caps.to_dict() != dataset.captions.to_dict():
@@ -286,9 +302,11 @@ class ConceptLabTrainLora:
         if not re.fullmatch(r"[\w.\- ]+", name):
             raise ValueError(f"output_name {name!r} may only contain letters, digits, space, '.', '-' and '_'")
         lora_dir = comfy_host.output_file("loras", f"{name}.safetensors").parent
-        state_dir = comfy_host.output_file("conceptlab_training", f"{name}/x").parent
-        values["output_dir"], values["state_dir"] = str(lora_dir), str(state_dir)
+        name, state_dir = policy.reserve_run_name(lora_dir, comfy_host.output_dir() / "conceptlab_training", name,
+                                                  resume=bool(values.get("resume")))
+        values["output_name"], values["output_dir"], values["state_dir"] = name, str(lora_dir), str(state_dir)
         cfg, _, _, _ = configs_from_mapping(values)
+        _check_memory(ds, cfg)
 
         host = None
         trainer = None
@@ -309,6 +327,7 @@ class ConceptLabTrainLora:
                         bar.update(0, preview=Image.fromarray(preview))
 
                 trainer.progress, trainer.on_epoch = on_step, on_epoch
+                trainer.encode_latents_progress = lambda d, t: comfy_host.check_interrupt()
                 res = trainer.run()
             finally:
                 if host is not None:
@@ -325,6 +344,14 @@ class ConceptLabTrainLora:
                 _np_to_image(res.sample_grid))
 
 
+def _check_memory(ds: KohyaDataset, cfg) -> None:
+    """Refuse a step larger than :data:`~conceptlab.formats.limits.MAX_BATCH_PIXELS` before anything is allocated."""
+    areas = [e.bucket_reso for e in ds.entries + ds.val_entries if getattr(e, "bucket_reso", None)]
+    if areas:
+        w, h = max(areas, key=lambda r: r[0] * r[1])
+        limits.check_batch_pixels(int(cfg.train_batch_size), int(w), int(h))
+
+
 def _apply_lora(model, clip, path):
     """ComfyUI's own LoRA loader (the LoraLoader path) on clones of ``model``/``clip``."""
     import comfy.sd
@@ -334,6 +361,7 @@ def _apply_lora(model, clip, path):
     return comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
 
 
+@policy.guarded
 class ConceptLabEpochCompare:
     """Render the same prompts and seeds with each saved epoch file; grid + metrics table."""
 
