@@ -308,11 +308,11 @@ def _spec_items(cls) -> Iterable[tuple[str, Any, dict]]:
             yield name, typ, opts
 
 
-def input_problems(cls, values: Mapping[str, Any]) -> list[str]:
+def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[str]:
     """Problems with ``values`` against ``cls.INPUT_TYPES()`` and ``cls.PATH_INPUTS``; ``[]`` when all is well.
 
     ``None`` (a linked input not known yet) is skipped. INT/FLOAT: a number (not bool), finite, within
-    ``min``/``max``; combos: in the list; STRING: at most :data:`MAX_WIDGET_CHARS` (by kind); names in
+    ``min``/``max``; combos (when ``combos``): in the list; STRING: at most :data:`MAX_WIDGET_CHARS` (by kind); names in
     ``PATH_INPUTS`` (``{input: "subfolders" | "plain" | "optional"}``) pass :func:`check_name`.
     """
     problems: list[str] = []
@@ -334,7 +334,7 @@ def input_problems(cls, values: Mapping[str, Any]) -> list[str]:
             elif hi is not None and v > hi:
                 problems.append(f"{name} = {v!r} is bigger than the maximum {hi}")
         elif isinstance(typ, (list, tuple)):
-            if typ and v not in typ:
+            if combos and typ and v not in typ:
                 shown = list(typ) if len(typ) <= 20 else f"a list of {len(typ)} names"
                 problems.append(f"{name}: {v!r} is not one of {shown}")
         elif typ == "STRING":
@@ -384,7 +384,7 @@ def guarded(cls):
             names = list(inspect.signature(original).parameters)[1:]
             kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
-        problems = input_problems(type(self), kwargs)
+        problems = input_problems(type(self), kwargs, combos=False)  # names are resolved by the node itself
         if problems:
             raise ValueError(f"{cls.__name__}: " + "; ".join(problems))
         return original(self, **kwargs)
