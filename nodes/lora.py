@@ -365,6 +365,8 @@ def _apply_lora(model, clip, path):
 class ConceptLabEpochCompare:
     """Render the same prompts and seeds with each saved epoch file; grid + metrics table."""
 
+    PATH_INPUTS = {"lora_files": "lines"}
+
     DESCRIPTION = ("Given LoRA files from the loras folder (one per line, wildcards allowed, e.g. my_lora-*), "
                    "renders the same prompts with the same seeds per file and builds a labelled grid (rows = "
                    "files, columns = prompts) and a table of palette metrics per file. Works for LoRAs trained "

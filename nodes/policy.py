@@ -313,7 +313,8 @@ def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[
 
     ``None`` (a linked input not known yet) is skipped. INT/FLOAT: a number (not bool), finite, within
     ``min``/``max``; combos (when ``combos``): in the list; STRING: at most :data:`MAX_WIDGET_CHARS` (by kind); names in
-    ``PATH_INPUTS`` (``{input: "subfolders" | "plain" | "optional"}``) pass :func:`check_name`.
+    ``PATH_INPUTS`` (``{input: "subfolders" | "plain" | "optional" | "lines"}``; ``lines``: one name per line)
+    pass :func:`check_name`.
     """
     problems: list[str] = []
     path_inputs: Mapping[str, str] = getattr(cls, "PATH_INPUTS", {}) or {}
@@ -349,7 +350,8 @@ def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[
         if name in path_inputs:
             mode = path_inputs[name]
             try:
-                check_name(v, name, subfolders=mode != "plain", allow_empty=mode == "optional")
+                for item in ([ln for ln in v.splitlines() if ln.strip()] if mode == "lines" else [v]):
+                    check_name(item, name, subfolders=mode != "plain", allow_empty=mode == "optional")
             except PathOutsideError as exc:
                 problems.append(str(exc))
     return problems
