@@ -101,6 +101,13 @@ class ConceptLabESDErase:
 
     PATH_INPUTS = {"save_name": "optional"}
 
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: the prompt count (concepts × variations) before anything is expanded."""
+        if isinstance(values.get("concepts"), str) and values["concepts"].strip():
+            _check_prompt_count(values["concepts"], values.get("prompt_variations") or "",
+                                int(values.get("variations", 0) or 0))
+
     DESCRIPTION = ("Erases a concept (an artist's style, an object) from the model with ESD (Gandikota et al., "
                    "ICCV 2023): the model is fine-tuned so that prompting the concept gives the original model's "
                    "negatively guided prediction. Trains only small deltas on one model copy; the input MODEL is "

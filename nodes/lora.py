@@ -102,6 +102,14 @@ class ConceptLabLoraDataset:
 
     PATH_INPUTS = {"folder": "subfolders"}
 
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max (see :func:`.policy.input_problems`): the caption extension."""
+        from ..training.dataset import check_caption_extension
+
+        if "caption_extension" in values:
+            check_caption_extension(values["caption_extension"])
+
     DESCRIPTION = ("Reads a kohya-style training folder (<repeats>_<name> subfolders of images with .txt captions) "
                    "from ComfyUI's input directory, assigns aspect-ratio buckets and reports images, repeats, "
                    "steps per epoch, tag frequency, caption previews, buckets and a caption audit.")
@@ -165,6 +173,14 @@ class ConceptLabTrainLora:
     """Train a kohya LoRA on the connected model inside ComfyUI."""
 
     PATH_INPUTS = {"output_name": "plain"}
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: no file names and no out-of-bounds settings inside ``kohya_toml``."""
+        text = values.get("kohya_toml")
+        if isinstance(text, str) and text.strip():
+            policy.refuse_toml_path_keys(limits.load_toml(text, "kohya_toml"), "kohya_toml")
+            limits.check_settings(parse_kohya_toml(text), "kohya_toml")
 
     DESCRIPTION = ("Trains a LoRA with kohya sd-scripts semantics (captions, buckets, schedule, metadata) on the "
                    "connected MODEL/CLIP/VAE. Saves name-000001.safetensors ... and name.safetensors to "

@@ -308,15 +308,16 @@ def _spec_items(cls) -> Iterable[tuple[str, Any, dict]]:
             yield name, typ, opts
 
 
-def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[str]:
-    """Problems with ``values`` against ``cls.INPUT_TYPES()`` and ``cls.PATH_INPUTS``; ``[]`` when all is well.
+def input_errors(cls, values: Mapping[str, Any], combos: bool = True) -> list[ValueError]:
+    """Problems with ``values`` (as ``ValueError`` instances: ``PathOutsideError``, ``LimitError``, ...) against ``cls.INPUT_TYPES()`` and ``cls.PATH_INPUTS``; ``[]`` when all is well.
 
     ``None`` (a linked input not known yet) is skipped. INT/FLOAT: a number (not bool), finite, within
     ``min``/``max``; combos (when ``combos``): in the list; STRING: at most :data:`MAX_WIDGET_CHARS` (by kind); names in
     ``PATH_INPUTS`` (``{input: "subfolders" | "plain" | "optional" | "lines"}``; ``lines``: one name per line)
-    pass :func:`check_name`.
+    pass :func:`check_name`; then the node's own ``check_inputs(values)`` staticmethod, if any (a ``ValueError``
+    it raises becomes a problem) — e.g. the path keys and bounds inside a ``kohya_toml`` widget.
     """
-    problems: list[str] = []
+    problems: list[ValueError] = []
     path_inputs: Mapping[str, str] = getattr(cls, "PATH_INPUTS", {}) or {}
     for name, typ, opts in _spec_items(cls):
         if name not in values or values[name] is None:
@@ -324,28 +325,28 @@ def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[
         v = values[name]
         if typ in ("INT", "FLOAT"):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                problems.append(f"{name} must be a number, got {v!r}")
+                problems.append(ValueError(f"{name} must be a number, got {v!r}"))
                 continue
             if isinstance(v, float) and not math.isfinite(v):
-                problems.append(f"{name} must be a finite number, got {v!r}")
+                problems.append(ValueError(f"{name} must be a finite number, got {v!r}"))
                 continue
             lo, hi = opts.get("min"), opts.get("max")
             if lo is not None and v < lo:
-                problems.append(f"{name} = {v!r} is smaller than the minimum {lo}")
+                problems.append(ValueError(f"{name} = {v!r} is smaller than the minimum {lo}"))
             elif hi is not None and v > hi:
-                problems.append(f"{name} = {v!r} is bigger than the maximum {hi}")
+                problems.append(ValueError(f"{name} = {v!r} is bigger than the maximum {hi}"))
         elif isinstance(typ, (list, tuple)):
             if combos and typ and v not in typ:
                 shown = list(typ) if len(typ) <= 20 else f"a list of {len(typ)} names"
-                problems.append(f"{name}: {v!r} is not one of {shown}")
+                problems.append(ValueError(f"{name}: {v!r} is not one of {shown}"))
         elif typ == "STRING":
             if not isinstance(v, str):
-                problems.append(f"{name} must be text")
+                problems.append(ValueError(f"{name} must be text"))
                 continue
             kind = "linked" if opts.get("forceInput") else "multiline" if opts.get("multiline") else "line"
             limit = MAX_WIDGET_CHARS[kind]
             if len(v) > limit:
-                problems.append(f"{name} is {len(v)} characters; at most {limit} are accepted")
+                problems.append(ValueError(f"{name} is {len(v)} characters; at most {limit} are accepted"))
                 continue
         if name in path_inputs:
             mode = path_inputs[name]
@@ -353,8 +354,21 @@ def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[
                 for item in ([ln for ln in v.splitlines() if ln.strip()] if mode == "lines" else [v]):
                     check_name(item, name, subfolders=mode != "plain", allow_empty=mode == "optional")
             except PathOutsideError as exc:
-                problems.append(str(exc))
+                problems.append(exc)
+    extra = getattr(cls, "check_inputs", None)  # node-specific checks of widget text (TOML, prompt counts, ...)
+    if extra is not None and not problems:
+        try:
+            extra({k: v for k, v in values.items() if v is not None})
+        except ValueError as exc:
+            problems.append(exc)
+        except RecursionError:
+            problems.append(ValueError("an input is nested too deeply"))
     return problems
+
+
+def input_problems(cls, values: Mapping[str, Any], combos: bool = True) -> list[str]:
+    """:func:`input_errors` as messages; ``[]`` when all is well."""
+    return [str(e) for e in input_errors(cls, values, combos)]
 
 
 def validate_inputs(cls, values: Mapping[str, Any]) -> bool | str:
@@ -386,9 +400,9 @@ def guarded(cls):
             names = list(inspect.signature(original).parameters)[1:]
             kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
-        problems = input_problems(type(self), kwargs, combos=False)  # names are resolved by the node itself
-        if problems:
-            raise ValueError(f"{cls.__name__}: " + "; ".join(problems))
+        errors = input_errors(type(self), kwargs, combos=False)  # names are resolved by the node itself
+        if errors:  # the first error's type (PathOutsideError, LimitError, ...), every message
+            raise type(errors[0])(f"{cls.__name__}: " + "; ".join(str(e) for e in errors))
         return original(self, **kwargs)
 
     setattr(cls, fname, checked)

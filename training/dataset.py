@@ -113,9 +113,7 @@ class DatasetOptions:
         if not 0.0 <= float(self.validation_split) < 1.0:
             raise ValueError("validation_split must be in [0, 1)")
         parse_color(self.background)
-        if not re.fullmatch(r"\.?[A-Za-z0-9_-]{1,16}(\.[A-Za-z0-9_-]{1,16}){0,2}", str(self.caption_extension)):
-            raise ValueError(f"caption_extension must be a file extension such as .txt or .caption, got "
-                             f"{str(self.caption_extension)[:40]!r}")
+        check_caption_extension(self.caption_extension)
         if self.enable_bucket:
             step = int(self.bucket_reso_steps)
             if step < 8 or step % 8:
@@ -148,6 +146,16 @@ class DatasetOptions:
         d = asdict(self)
         d["resolution"] = list(self.size)
         return d
+
+
+def check_caption_extension(ext: object) -> str:
+    """``ext`` if it is a file extension only (``.txt``, ``caption``, ``.tags.txt``: letters, digits, ``_``, ``-``,
+    at most three dot-parts of 16); ``ValueError`` otherwise — a caption path is ``<image stem><ext>``, so a ``/``
+    or ``..`` here would read any file (issue 18)."""
+    if not isinstance(ext, str) or not re.fullmatch(r"\.?[A-Za-z0-9_-]{1,16}(\.[A-Za-z0-9_-]{1,16}){0,2}", ext):
+        raise ValueError(f"caption_extension must be a file extension such as .txt or .caption, got "
+                         f"{str(ext)[:40]!r}")
+    return ext
 
 
 def parse_color(text: str) -> tuple[int, int, int]:

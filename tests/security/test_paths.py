@@ -209,3 +209,20 @@ def test_path_key_rule_is_about_names_and_text():
     assert policy.find_path_keys({"x": {"vae": "a"}, "d": [{"s": [{"image_dir": "b"}]}]}) == ["d[0].s[0].image_dir",
                                                                                              "x.vae"]
     assert policy.find_path_keys({"resume": False, "output_dir": ""}) == []
+
+
+@pytest.mark.parametrize("toml", TOML_CASES)
+def test_toml_path_keys_get_http_400(toml):
+    res = lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml=toml)
+    assert isinstance(res, str) and "CLI" in res
+    assert lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml="network_dim = 8\nlog_config = true") is True
+
+
+def test_caption_extension_and_prompt_count_get_http_400():
+    from conceptlab.nodes.esd import ConceptLabESDErase
+
+    assert isinstance(lora_nodes.ConceptLabLoraDataset.VALIDATE_INPUTS(caption_extension="/../../etc/passwd"), str)
+    assert lora_nodes.ConceptLabLoraDataset.VALIDATE_INPUTS(caption_extension=".caption") is True
+    many = "\n".join(f"concept {i}" for i in range(1000))
+    assert isinstance(ConceptLabESDErase.VALIDATE_INPUTS(concepts=many, variations=2000, prompt_variations=""), str)
+    assert ConceptLabESDErase.VALIDATE_INPUTS(concepts="Van Gogh", variations=100, prompt_variations="") is True
