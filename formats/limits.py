@@ -40,6 +40,9 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_DATASET_IMAGES = 50_000
 #: largest ``train_batch_size × bucket area`` (pixels): e.g. 64 images of 1024², 16 of 2048²
 MAX_BATCH_PIXELS = 64 * 1024 * 1024
+#: most trainable LoRA parameters (×16 bytes of fp32 weights, gradients and two Adam states: 16 GB); SD1.5 at
+#: dim 1024 is ~0.6 B, SDXL at dim 128 ~0.45 B
+MAX_NETWORK_PARAMS = 1_000_000_000
 #: most prompts one ESD run may expand to (concepts × variations + plain lines)
 MAX_PROMPTS = 10_000
 #: most concepts in one ESD run
@@ -284,6 +287,14 @@ def check_batch_pixels(batch_size: int, width: int, height: int) -> None:
         raise LimitError(f"train_batch_size {batch_size} × bucket {width}×{height} is {px / 1e6:.0f} Mpx per step; "
                          f"at most {MAX_BATCH_PIXELS / 1e6:.0f} Mpx are accepted (lower the batch size or the "
                          f"resolution, or use gradient_accumulation_steps)")
+
+
+def check_network_params(n_params: int) -> None:
+    """Refuse a network above :data:`MAX_NETWORK_PARAMS` trainable parameters before it is allocated."""
+    if int(n_params) > MAX_NETWORK_PARAMS:
+        raise LimitError(f"the LoRA network would have {n_params / 1e6:.0f} M parameters (about "
+                         f"{n_params * 16 / 2 ** 30:.0f} GiB to train); at most {MAX_NETWORK_PARAMS / 1e6:.0f} M are "
+                         f"accepted: lower network_dim / conv_dim{_cli_hint()}")
 
 
 def check_count(name: str, n: int, limit: int) -> None:

@@ -330,6 +330,7 @@ class ConceptLabTrainLora:
             try:
                 host = comfy_host.ComfyHost(model, clip, vae)
                 trainer = LoraTrainer(host, ds, cfg)
+                _check_network_size(host, cfg, trainer)
                 _, max_steps, _ = trainer.schedule()
                 bar = comfy_host.Progress(max_steps)
 
@@ -366,6 +367,23 @@ def _check_memory(ds: KohyaDataset, cfg) -> None:
     if areas:
         w, h = max(areas, key=lambda r: r[0] * r[1])
         limits.check_batch_pixels(int(cfg.train_batch_size), int(w), int(h))
+
+
+def _check_network_size(host, cfg, trainer) -> int:
+    """Count the LoRA parameters kohya's module selection gives (nothing allocated) and refuse above
+    :data:`~conceptlab.formats.limits.MAX_NETWORK_PARAMS`; returns the count."""
+    from ..training.lora import kohya_targets
+
+    targets = kohya_targets(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+                            conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=trainer.train_unet,
+                            train_text_encoder=trainer.train_te)
+    mods = {c: host.modules(c) for c in {t.component for t in targets}}
+    n = 0
+    for t in targets:
+        w = mods[t.component][t.path].weight
+        n += int(t.dim) * (int(w.shape[0]) + int(w[0].numel()) if w.dim() > 1 else int(w.shape[0]) * 2)
+    limits.check_network_params(n)
+    return n
 
 
 def _apply_lora(model, clip, path):

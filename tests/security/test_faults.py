@@ -162,3 +162,20 @@ def test_merge_cancel_and_full_disk_leave_no_partial_file(tmp_path, monkeypatch)
             for i in range(4):
                 w.write(f"w{i}", torch.zeros(64, 64))
     assert out.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_network_size_is_counted_before_allocation(tmp_path, monkeypatch):
+    from conceptlab.formats import limits
+    from conceptlab.nodes.lora import _check_network_size
+    from conceptlab.training.lora import LoRANetwork
+
+    host, ds = tiny_host(), _dataset(tmp_path)
+    cfg = _cfg(tmp_path / "o", network_dim=8, conv_dim=4, conv_alpha=1)
+    tr = LoraTrainer(host, ds, cfg)
+    n = _check_network_size(host, cfg, tr)
+    net = LoRANetwork.create(host, network_dim=8, network_alpha=2, conv_dim=4, conv_alpha=1, train_unet=True,
+                             train_text_encoder=False)
+    assert n == sum(p.numel() for g in net.parameter_groups().values() for p in g)  # the estimate is exact
+    monkeypatch.setattr(limits, "MAX_NETWORK_PARAMS", n - 1)
+    with pytest.raises(limits.LimitError, match="network_dim"):
+        _check_network_size(host, cfg, tr)
