@@ -47,6 +47,8 @@ MAX_NETWORK_PARAMS = 1_000_000_000
 MAX_PROMPTS = 10_000
 #: most concepts in one ESD run
 MAX_CONCEPTS = 1_000
+#: most prompts rendered per sample grid (training samples, epoch / erasure comparisons)
+MAX_SAMPLE_PROMPTS = 256
 
 #: ``key: (min, max)`` for kohya / Concept Lab numeric settings (inclusive). ``None`` values mean "off" and
 #: are not checked. Keys not listed here still must be finite and within ±2**53 (see :func:`check_settings`).

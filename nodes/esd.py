@@ -291,6 +291,16 @@ def _check_prompt_count(concepts: str, prompt_variations: str, variations: int) 
 class ConceptLabErasureCompare:
     """Original vs erased model on the same prompts and seeds, as one labelled grid."""
 
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: the number of prompts (each is sampled on both models)."""
+        from ..formats import limits
+        from ..training.prompts import parse_prompt_lines
+
+        n = sum(len(parse_prompt_lines(values[k])) for k in ("concept_prompts", "unrelated_prompts")
+                if isinstance(values.get(k), str))
+        limits.check_count("prompts (concept + unrelated)", n, limits.MAX_SAMPLE_PROMPTS)
+
     DESCRIPTION = ("Generates the same prompts with the same seeds on the original and the erased model and "
                    "lays them side by side: concept prompts (should change) and unrelated prompts (should "
                    "survive).")

@@ -177,10 +177,16 @@ class ConceptLabTrainLora:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max: no file names and no out-of-bounds settings inside ``kohya_toml``."""
+        from ..training.dataset import check_caption_extension
+
+        _check_prompt_lines("sample_prompts", values.get("sample_prompts"))
         text = values.get("kohya_toml")
         if isinstance(text, str) and text.strip():
             policy.refuse_toml_path_keys(limits.load_toml(text, "kohya_toml"), "kohya_toml")
-            limits.check_settings(parse_kohya_toml(text), "kohya_toml")
+            flat = parse_kohya_toml(text)
+            limits.check_settings(flat, "kohya_toml")
+            if "caption_extension" in flat:
+                check_caption_extension(flat["caption_extension"])
 
     DESCRIPTION = ("Trains a LoRA with kohya sd-scripts semantics (captions, buckets, schedule, metadata) on the "
                    "connected MODEL/CLIP/VAE. Saves name-000001.safetensors ... and name.safetensors to "
@@ -361,6 +367,12 @@ class ConceptLabTrainLora:
                 _np_to_image(res.sample_grid))
 
 
+def _check_prompt_lines(name: str, text) -> None:
+    """Refuse more than :data:`~conceptlab.formats.limits.MAX_SAMPLE_PROMPTS` prompt lines (each is sampled)."""
+    if isinstance(text, str):
+        limits.check_count(name, sum(1 for ln in text.splitlines() if ln.strip()), limits.MAX_SAMPLE_PROMPTS)
+
+
 def _check_memory(ds: KohyaDataset, cfg) -> None:
     """Refuse a step larger than :data:`~conceptlab.formats.limits.MAX_BATCH_PIXELS` before anything is allocated."""
     areas = [e.bucket_reso for e in ds.entries + ds.val_entries if getattr(e, "bucket_reso", None)]
@@ -400,6 +412,11 @@ class ConceptLabEpochCompare:
     """Render the same prompts and seeds with each saved epoch file; grid + metrics table."""
 
     PATH_INPUTS = {"lora_files": "lines"}
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: the number of prompts per file."""
+        _check_prompt_lines("prompts", values.get("prompts"))
 
     DESCRIPTION = ("Given LoRA files from the loras folder (one per line, wildcards allowed, e.g. my_lora-*), "
                    "renders the same prompts with the same seeds per file and builds a labelled grid (rows = "

@@ -412,7 +412,8 @@ class MergeSweep:
                 latent = comfy.sample.fix_empty_latent_channels(m, latent)
                 noise = comfy.sample.prepare_noise(latent, s)
                 samples = comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                              denoise=1.0, disable_pbar=True, seed=s)
+                                              denoise=1.0, disable_pbar=True, seed=s,
+                                              callback=lambda *_: comfy_host.check_interrupt())  # cancel per step
                 img = vae.decode(samples)
                 if img.dim() == 5:
                     img = img.reshape(-1, *img.shape[-3:])

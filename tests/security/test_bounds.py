@@ -185,3 +185,14 @@ def test_dataset_scan_is_cancellable(tmp_path):
     with pytest.raises(Cancel):
         KohyaDataset.scan(tmp_path / "ds", progress=progress)
     assert seen == [(1, 3), (2, 3)]
+
+
+def test_prompt_counts_are_bounded():
+    from conceptlab.nodes.esd import ConceptLabErasureCompare
+
+    many = "\n".join(f"p{i}" for i in range(limits.MAX_SAMPLE_PROMPTS + 1))
+    assert isinstance(lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(sample_prompts=many), str)
+    assert isinstance(lora_nodes.ConceptLabEpochCompare.VALIDATE_INPUTS(prompts=many), str)
+    assert isinstance(ConceptLabErasureCompare.VALIDATE_INPUTS(concept_prompts=many, unrelated_prompts=""), str)
+    assert lora_nodes.ConceptLabEpochCompare.VALIDATE_INPUTS(prompts="a\nb") is True
+    assert isinstance(lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml='caption_extension = "/../x"'), str)
