@@ -100,6 +100,7 @@ class ConceptLabESDErase:
     """Erase a concept from a model with ESD (cross-attention by default), returning the erased MODEL and a file."""
 
     PATH_INPUTS = {"save_name": "optional"}
+    VALIDATE_ALSO = ("variations",)  # the prompt count needs it at validation time
 
     @staticmethod
     def check_inputs(values: dict) -> None:

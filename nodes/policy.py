@@ -12,10 +12,11 @@ client may name and send:
   (:data:`TOML_PATH_KEYS`, at any section depth, e.g. ``[[datasets.subsets]] image_dir``) and unknown keys whose
   names look like paths (:data:`PATH_KEY_SUFFIXES`) are refused by name in the node; the CLI, which a local user
   runs, keeps them.
-* **Widget values** (:func:`validate_inputs`, :func:`guarded`): numbers finite and within ``INPUT_TYPES``
-  ``min``/``max``, combo values in their list, strings bounded (:data:`MAX_WIDGET_CHARS`), path-naming inputs
-  (a node's ``PATH_INPUTS``) syntactically safe — as ComfyUI's ``VALIDATE_INPUTS`` (``/prompt`` answers HTTP 400)
-  and again when the node runs (a linked value is not known at validation time).
+* **Widget values** (:func:`validate_inputs`, :func:`guarded`): FLOAT widgets finite (ComfyUI's own check lets NaN
+  through) and within ``min``/``max``, strings bounded (:data:`MAX_WIDGET_CHARS`), path-naming inputs (a node's
+  ``PATH_INPUTS``) safe, plus the node's ``check_inputs`` (TOML, prompt counts) — as ComfyUI's ``VALIDATE_INPUTS``
+  (``/prompt`` answers HTTP 400; INT bounds and combos keep ComfyUI's own typed errors) and again, for every
+  input, when the node runs (a linked value is not known at validation time).
 
 Numeric bounds inside TOML/JSON strings are the host-neutral :mod:`conceptlab.formats.limits`.
 No library fits: ComfyUI itself only checks ``min``/``max`` (NaN passes) and ``folder_paths`` has no policy for
@@ -377,18 +378,39 @@ def validate_inputs(cls, values: Mapping[str, Any]) -> bool | str:
     return True if not problems else "; ".join(problems)
 
 
+class _Validator:
+    """``VALIDATE_INPUTS`` of a guarded node: callable with the node's inputs, and with a signature naming only the
+    inputs it checks itself (FLOAT and STRING widgets, ``PATH_INPUTS``, ``VALIDATE_ALSO``), computed when ComfyUI
+    asks. ComfyUI skips its own ``min``/``max``/combo checks for exactly those names (execution.py
+    ``validate_inputs``), so INT and combo inputs keep ComfyUI's typed errors (``value_bigger_than_max``,
+    ``value_not_in_list``)."""
+
+    def __init__(self, cls):
+        self._cls = cls
+
+    def names(self) -> list[str]:
+        cls = self._cls
+        extra = set(getattr(cls, "PATH_INPUTS", {}) or {}) | set(getattr(cls, "VALIDATE_ALSO", ()) or ())
+        return [n for n, typ, _ in _spec_items(cls) if typ in ("FLOAT", "STRING") or n in extra]
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        P = inspect.Parameter
+        return inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in self.names()])
+
+    def __call__(self, **kwargs):
+        return validate_inputs(self._cls, kwargs)
+
+
 def guarded(cls):
-    """Class decorator: give a V1 node ``VALIDATE_INPUTS`` (see :func:`validate_inputs`) and re-check the same
-    inputs when ``FUNCTION`` runs (``ValueError``), so values that arrive through links are bounded too.
-
-    ComfyUI skips its own ``min``/``max`` and combo checks for nodes whose ``VALIDATE_INPUTS`` takes ``**kwargs``
-    (execution.py ``validate_inputs``); :func:`input_problems` performs them instead, plus NaN / size / path checks.
+    """Class decorator: give a V1 node ``VALIDATE_INPUTS`` (see :func:`validate_inputs`, :class:`_Validator`) and
+    re-check the same inputs when ``FUNCTION`` runs (raising the first problem's type: ``PathOutsideError``,
+    ``LimitError`` or ``ValueError``), so values that arrive through links are bounded too. INT inputs named in
+    ``VALIDATE_ALSO`` (used by the node's ``check_inputs``) are validated here as well.
     """
-
-    def VALIDATE_INPUTS(klass, **kwargs):  # noqa: N802 - ComfyUI's name
-        return validate_inputs(klass, kwargs)
-
-    cls.VALIDATE_INPUTS = classmethod(VALIDATE_INPUTS)
+    cls.VALIDATE_INPUTS = _Validator(cls)
     fname = cls.FUNCTION
     original = getattr(cls, fname)
 
