@@ -226,3 +226,24 @@ def test_caption_extension_and_prompt_count_get_http_400():
     many = "\n".join(f"concept {i}" for i in range(1000))
     assert isinstance(ConceptLabESDErase.VALIDATE_INPUTS(concepts=many, variations=2000, prompt_variations=""), str)
     assert ConceptLabESDErase.VALIDATE_INPUTS(concepts="Van Gogh", variations=100, prompt_variations="") is True
+
+
+def test_shipped_workflows_pass_the_policy():
+    """Every literal input of every shipped API workflow passes VALIDATE_INPUTS and the node's own checks."""
+    import json
+    from pathlib import Path
+
+    api = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
+    checked = 0
+    for wf in sorted(api.glob("*.json")):
+        for node_id, node in json.loads(wf.read_text()).items():
+            cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
+            if cls is None:
+                continue
+            literals = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+            sent = {k: v for k, v in literals.items() if k in cls.VALIDATE_INPUTS.names()}  # what ComfyUI passes
+            assert cls.VALIDATE_INPUTS(**sent) is True, (wf.name, node_id, cls.VALIDATE_INPUTS(**sent))
+            # combos name model files that exist only in a real install
+            assert policy.input_problems(cls, literals, combos=False) == [], (wf.name, node_id)
+            checked += 1
+    assert checked >= 10
