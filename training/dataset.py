@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping
@@ -40,6 +41,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ..formats.limits import MAX_DATASET_IMAGES, LimitError, check_count, check_image_pixels
 from .captions import CaptionConfig, CaptionFileError, read_caption, tag_frequency
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class DatasetOptions:
         if not 0.0 <= float(self.validation_split) < 1.0:
             raise ValueError("validation_split must be in [0, 1)")
         parse_color(self.background)
+        check_caption_extension(self.caption_extension)
         if self.enable_bucket:
             step = int(self.bucket_reso_steps)
             if step < 8 or step % 8:
@@ -143,6 +146,16 @@ class DatasetOptions:
         d = asdict(self)
         d["resolution"] = list(self.size)
         return d
+
+
+def check_caption_extension(ext: object) -> str:
+    """``ext`` if it is a file extension only (``.txt``, ``caption``, ``.tags.txt``: letters, digits, ``_``, ``-``,
+    at most three dot-parts of 16); ``ValueError`` otherwise — a caption path is ``<image stem><ext>``, so a ``/``
+    or ``..`` here would read any file (issue 18)."""
+    if not isinstance(ext, str) or not re.fullmatch(r"\.?[A-Za-z0-9_-]{1,16}(\.[A-Za-z0-9_-]{1,16}){0,2}", ext):
+        raise ValueError(f"caption_extension must be a file extension such as .txt or .caption, got "
+                         f"{str(ext)[:40]!r}")
+    return ext
 
 
 def parse_color(text: str) -> tuple[int, int, int]:
@@ -312,6 +325,7 @@ def open_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
 
     try:
         with Image.open(path) as im:
+            check_image_pixels(*im.size, Path(path).name)  # from the header, before decoding
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info) or (
                     "transparency" in im.info):
@@ -319,7 +333,7 @@ def open_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
                 bg = Image.new("RGBA", rgba.size, (*background, 255))
                 return Image.alpha_composite(bg, rgba).convert("RGB")
             return im.convert("RGB")
-    except DatasetError:
+    except (DatasetError, LimitError):
         raise
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         raise DatasetError(f"cannot read image {Path(path).name}: {exc}") from None
@@ -403,10 +417,13 @@ class KohyaDataset:
     # -- scanning ---------------------------------------------------------------------------------------------
     @classmethod
     def scan(cls, root: str | os.PathLike, options: DatasetOptions | None = None,
-             captions: CaptionConfig | None = None, seed: int = 0) -> "KohyaDataset":
+             captions: CaptionConfig | None = None, seed: int = 0,
+             progress: Callable[[int, int], None] | None = None) -> "KohyaDataset":
         """Scan a kohya training folder; see the module docstring for the rules.
 
-        Every image is decoded once here so a corrupt file fails now, not mid-training.
+        Every image is decoded once here so a corrupt file fails now, not mid-training. ``progress(done, total)``
+        is called after each image (it may raise to cancel). At most :data:`~conceptlab.formats.limits.
+        MAX_DATASET_IMAGES` images (``LimitError``); images above the pixel budget are refused before decoding.
 
         Raises:
             FileNotFoundError: ``root`` does not exist.
@@ -447,6 +464,9 @@ class KohyaDataset:
                                + (" " + " ".join(warnings) if warnings else ""))
         bg = parse_color(opts.background)
         val_seed = opts.validation_seed if opts.validation_seed is not None else seed
+        n_total = sum(len(_list_images(f)) for f, _, _ in folders)
+        check_count(f"images in {root.name}", n_total, MAX_DATASET_IMAGES)
+        n_done = 0
         subsets, entries, val_entries, tag_freq = [], [], [], {}
         for folder, repeats, token in folders:
             images = _list_images(folder)
@@ -471,6 +491,9 @@ class KohyaDataset:
                     pil = open_rgb(img, bg)  # decode now: corrupt files fail at scan time
                     target.append(ImageEntry(img, folder.name, repeats, cap, from_file, pil.size))
                     caps_all.append(cap)
+                    n_done += 1
+                    if progress is not None:
+                        progress(n_done, n_total)
             info.img_count, info.val_count = len(train_imgs), len(val_imgs)
             tag_freq[folder.name] = tag_frequency([e.caption for e in entries if e.subset == folder.name])
             if info.missing_captions:
