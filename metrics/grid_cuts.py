@@ -54,6 +54,8 @@ N_CANDIDATES = 6
 #: Harmonic rule: candidate residual ≤ best + max(HARMONIC_MARGIN·best, floor(noise)).
 HARMONIC_MARGIN = 0.35
 RESIDUAL_LINES = 24
+#: Weight of :func:`mixture_fraction` added to the residual (a too-fine grid on a soft render).
+MIX_WEIGHT = 0.2
 #: Cell sizes closer than this ratio are one grid (harmonics are ≥ 1.5× apart).
 SAME_PERIOD = 1.4
 #: Normalised edge energy at which a DP cut counts as evidenced (others are interpolated).
@@ -291,15 +293,38 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
 def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode: str) -> np.ndarray:
     """Cuts (px, float64) for period ``w`` under ``mode``: ``"sharp"`` / ``"soft_edges"`` (DP on boundary energy
     ``p1``) or ``"soft"`` (DP on curvature ``p2`` = cell centres, cuts at the midpoints). See :func:`dp_cuts`."""
-    if mode != "soft":
+    if mode == "sharp":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)
         return _anchor(e, idx, _refine(e, idx), length, w)[0]
+    if mode == "soft_edges":
+        e = _norm(p1, length, w)
+        idx = dp_cuts(e, length, w)
+        return _regular(_anchor(e, idx, _refine(e, idx), length, w)[0], length, w)
     e = _norm(p2, length, w)
     idx = dp_cuts(e, length, w)
     centres, slope = _anchor(e, idx, _refine(e, idx) - 0.5, length, w, w / 2)
     # p2 index c = centre of pixel c-1 = position c-0.5
-    return _midpoints(centres, length, slope)
+    return _regular(_midpoints(centres, length, slope), length, w)
+
+
+def _regular(cuts: np.ndarray, length: int, w: float) -> np.ndarray:
+    """Least-squares uniform grid ``a + k·slope`` through ``cuts`` (soft renders come from one resize: a single
+    scale; single soft-edge peaks are biased by their neighbours, the fit averages that out). Cut indices come
+    from the median gap, so a skipped or doubled cut does not bend the fit; ``w`` is the candidate period."""
+    if cuts.size < 3:
+        return cuts
+    g = float(np.median(np.diff(cuts)))
+    if g <= 1.0:
+        return cuts
+    k = np.round((cuts - cuts[0]) / g)
+    slope, a = np.polyfit(k, cuts, 1)
+    if not 0.85 * w <= slope <= 1.15 * w:
+        return cuts
+    k0 = int(np.floor((1.0 - a) / slope))
+    kk = np.arange(k0, int(np.ceil((length - 1.0 - a) / slope)) + 1)
+    c = a + kk * slope
+    return c[(c >= 1.0) & (c <= length - 1.0)]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -358,6 +383,26 @@ def residual(lines: np.ndarray, cuts: np.ndarray, mode: str, thr: float) -> floa
     return float((_chanmax_abs(lines - rec) > thr).mean())
 
 
+def mixture_fraction(lines: np.ndarray, cuts: np.ndarray) -> float:
+    """Share of cells (whose two neighbours differ by > 48 units, max channel) whose centre colour is the
+    midpoint of its neighbours' (within 15 % of their difference) — ``[3, r, L]`` int16 lines, ``cuts`` px.
+    A grid twice too fine puts every other centre on a soft edge, where an interpolating upscale draws
+    exactly that mixture; the true grid samples the drawn colours (pixel-art ramps are rarely that exact)."""
+    L = lines.shape[2]
+    b = np.concatenate([[0.0], cuts, [float(L)]])
+    c = np.clip(np.floor(0.5 * (b[1:] + b[:-1])).astype(np.int64), 0, L - 1)
+    if c.size < 3:
+        return 0.0
+    v = lines[:, :, c].astype(np.float32)  # [3, r, n]
+    a, m, z = v[:, :, :-2], v[:, :, 1:-1], v[:, :, 2:]
+    diff = np.abs(z - a).max(0)
+    dev = np.abs(m - 0.5 * (a + z)).max(0)
+    big = diff > 48
+    if not big.any():
+        return 0.0
+    return float((dev[big] < 0.15 * diff[big]).mean())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # one axis
 # ------------------------------------------------------------------------------------------------------------
@@ -400,7 +445,10 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     def run(w, mode):
         if (w, mode) not in tried:
             cuts = cuts_for_period(p1, p2, L, w, mode)
-            tried[(w, mode)] = (residual(lines, cuts, mode, thr) if cuts.size else 1.0, cuts)
+            r = residual(lines, cuts, mode, thr) if cuts.size else 1.0
+            if cuts.size and mode != "sharp":
+                r += MIX_WEIGHT * mixture_fraction(lines, cuts)
+            tried[(w, mode)] = (r, cuts)
         return tried[(w, mode)][0]
 
     strong = [c for c, v in cands if v >= FUNDAMENTAL_FRAC * cands[0][1]]
