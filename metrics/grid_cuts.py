@@ -425,10 +425,11 @@ def edge_score(p: np.ndarray, cuts: np.ndarray, length: int, win: float) -> floa
     return float((f - f0) / (1.0 - f0)) if f0 < 1 else 0.0
 
 
-def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple = ()) -> AxisFit:
+def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple = (),
+                prefer: float = 0.0) -> AxisFit:
     """Cuts of one axis (see the module docstring). ``lines`` ``[3, r, L]`` int16 sampled along the axis;
     ``p1``/``p2`` from :func:`axis_profiles` (may use more lines); ``extra``: more candidate periods (px) to
-    check (e.g. the other axis' cell size). Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
+    check (e.g. the other axis' cell size); ``prefer``: a period (px) that wins residual ties. Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
     L = lines.shape[2]
     noise = noise_level(lines)
     thr = threshold(noise)
@@ -467,7 +468,13 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     top = max(o[0] for o in ok)
     # the coarsest explaining cell size wins over its refinements (w/2, w/3 tie); periods within the DP's
     # slack of it (ratio < SAME_PERIOD) are the same grid drawn with other gaps: the best residual among them
-    _, _, w, mode = min((o for o in ok if o[0] * SAME_PERIOD >= top), key=lambda o: (o[1], -acf.get(o[2], 0.0)))
+    group = [o for o in ok if o[0] * SAME_PERIOD >= top]
+    rmin = min(o[1] for o in group)
+    tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
+    # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
+    # strongest autocorrelation peak
+    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), -acf.get(o[2], 0.0),
+                                            o[1]))
     r, cuts = tried[(w, mode)]
     cell = float(np.median(np.diff(cuts))) if cuts.size > 1 else float(w)
     coarser = [rr for (ww, mm), (rr, cc) in tried.items() if ww > 1.3 * w]

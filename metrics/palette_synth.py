@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Render", "make_render", "load_sprite", "degraded_suite", "DB16_DAWNLIKE", "GridRender", "CONDITIONS",
-           "condition_render", "cuts_match", "random_sprite", "random_tiles"]
+           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles"]
 
 #: The DawnBringer 16 palette as stored in the DawnLike sprite files (CC-BY 4.0, DawnBringer).
 DB16_DAWNLIKE = (
@@ -97,6 +97,16 @@ def make_render(sprite_rgba: np.ndarray, background=(60, 120, 200), canvas=(24, 
     colors = sorted({"#%02x%02x%02x" % tuple(int(v) for v in c) for c in nat.reshape(-1, 3)})
     return Render(img, nat, cw, ch, float(phase[0]), float(phase[1]), tuple(int(v) for v in background), colors,
                   {"blur": blur, "noise": noise, "jpeg": jpeg, "seed": seed})
+
+
+def render_cuts(r: Render) -> tuple[np.ndarray, np.ndarray]:
+    """Truth cuts ``(cuts_x, cuts_y)`` (px, interior) of a uniform :class:`Render`: ``phase + k·cell`` in (0, L)."""
+    out = []
+    for cell, ph, L in ((r.cell_w, r.phase_x, r.image.shape[1]), (r.cell_h, r.phase_y, r.image.shape[0])):
+        k = np.arange(-2, int(L / cell) + 3)
+        c = ph + k * cell
+        out.append(c[(c > 0) & (c < L)])
+    return out[0], out[1]
 
 
 def degraded_suite(files, n: int = 200, seed: int = 0, cells=(16, 20, 24, 32), sizes=(384, 512)):

@@ -158,8 +158,9 @@ def test_alpha_composited_on_matte():
 
 
 def test_tiny_non_square_and_errors():
-    rep = palette_report(np.full((1, 1, 3), 9, np.uint8))
-    assert rep["grid"]["cells_x"] == 1 and rep["effective_colors"] == 1
+    rep = palette_report(np.full((1, 1, 3), 9, np.uint8))  # no grid: cell metrics null with a reason
+    assert rep["grid"]["status"] == "none" and rep["effective_colors"] is None and rep["null_reason"]
+    assert rep["unique_colors"] == 1 and any("no pixel grid" in w for w in rep["warnings"])
     img = _checker(96, 12)[:, :60]
     rep = palette_report(np.stack([img] * 3, -1))
     assert rep["grid"]["cells_x"] == 8 and rep["grid"]["cells_y"] == 12
