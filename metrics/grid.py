@@ -92,6 +92,8 @@ UNIFORM_TIE = (1.5, 0.01, 0.002)
 #: the pixels (pure noise: 0.8–0.95).
 MIN_AXIS_SCORE = 0.08
 MAX_AXIS_RESIDUAL = 0.5
+#: Uniform-hypothesis confidence at which an axis is taken as sharp (soft edge models are not tried).
+SHARP_CONFIDENCE = 0.7
 #: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
 #: Rows (columns) used for the x (y) profile at most; evenly spaced.
@@ -627,7 +629,10 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         lines = _lines(img)
         p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
         ucell = (u.cell_w if axis == 0 else u.cell_h) if u.method == "uniform" else 0.0
-        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell)
+        # edges already concentrated on sharp grid lines (uniform confidence ≥ SHARP_CONFIDENCE): no soft models
+        uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
+        modes = ("sharp",) if uconf >= SHARP_CONFIDENCE else gc.MODES
+        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes)
         if ucell > 1:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
             thr = gc.threshold(fit.noise)

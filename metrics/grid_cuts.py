@@ -50,7 +50,7 @@ MODES = ("sharp", "soft_edges", "soft")
 #: The fundamental: the smallest candidate whose autocorrelation is ≥ this share of the strongest peak's.
 FUNDAMENTAL_FRAC = 0.6
 #: Period candidates taken from the autocorrelation.
-N_CANDIDATES = 6
+N_CANDIDATES = 4
 #: Harmonic rule: candidate residual ≤ best + max(HARMONIC_MARGIN·best, floor(noise)).
 HARMONIC_MARGIN = 0.35
 RESIDUAL_LINES = 24
@@ -426,15 +426,16 @@ def edge_score(p: np.ndarray, cuts: np.ndarray, length: int, win: float) -> floa
 
 
 def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple = (),
-                prefer: float = 0.0) -> AxisFit:
+                prefer: float = 0.0, modes: tuple = MODES) -> AxisFit:
     """Cuts of one axis (see the module docstring). ``lines`` ``[3, r, L]`` int16 sampled along the axis;
     ``p1``/``p2`` from :func:`axis_profiles` (may use more lines); ``extra``: more candidate periods (px) to
-    check (e.g. the other axis' cell size); ``prefer``: a period (px) that wins residual ties. Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
+    check (e.g. the other axis' cell size); ``prefer``: a period (px) that wins residual ties; ``modes``: the
+    edge models to try (the caller drops the soft ones when the edges are known to be sharp). Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
     L = lines.shape[2]
     noise = noise_level(lines)
     thr = threshold(noise)
     cands = period_candidates(p1, L)
-    for c, v in period_candidates(p2, L, 3) + [(float(c), 0.0) for c in extra]:
+    for c, v in period_candidates(p2, L, 2) + [(float(c), 0.0) for c in extra]:
         if all(abs(c - o) > 0.04 * c for o, _ in cands):
             cands.append((c, v * 0.9))
     cands.sort(key=lambda t: -t[1])
@@ -454,9 +455,9 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
 
     strong = [c for c, v in cands if v >= FUNDAMENTAL_FRAC * cands[0][1]]
     w0 = min(strong)
-    mode = min(MODES, key=lambda m: (run(w0, m), MODES.index(m)))
-    for w in [c for c, _ in cands] + [w0 / 2, w0 / 3]:
-        if MIN_CELL_PX <= w <= L / MIN_CELLS * 1.001:
+    mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
+    for w in [c for c, _ in cands] + [w0 / 2]:
+        if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0):
             run(w, mode)
     tried = {k: v for k, v in tried.items() if k[1] == mode}
     best = min(r for r, _ in tried.values())
