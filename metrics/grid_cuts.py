@@ -52,7 +52,7 @@ FUNDAMENTAL_FRAC = 0.6
 #: Period candidates taken from the autocorrelation.
 N_CANDIDATES = 4
 #: Harmonic rule: candidate residual ≤ best + max(HARMONIC_MARGIN·best, floor(noise)).
-HARMONIC_MARGIN = 0.35
+HARMONIC_MARGIN = 0.5
 RESIDUAL_LINES = 24
 #: Weight of :func:`mixture_fraction` added to the residual (a too-fine grid on a soft render).
 MIX_WEIGHT = 0.2
@@ -461,7 +461,7 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
             run(w, mode)
     tried = {k: v for k, v in tried.items() if k[1] == mode}
     best = min(r for r, _ in tried.values())
-    floor = 0.004 + 0.5 * min(noise, 20.0) / 255.0
+    floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
     lim = best + max(HARMONIC_MARGIN * best, floor)
     acf = dict(cands)
     ok = [(float(np.median(np.diff(c))) if c.size > 1 else w, r, w, mode) for (w, mode), (r, c) in tried.items()

@@ -224,7 +224,7 @@ def random_tiles(rng: np.random.Generator, cells: tuple[int, int], colors: int =
     return pal[lv]
 
 
-def _native_canvas(rng, art, cells, sprite_files, background, fill=False):
+def _native_canvas(rng, art, cells, sprite_files, background, fill=False, touch=False):
     """``(native RGB [cy, cx, 3], opaque mask [cy, cx], background rgb)`` for ``art`` in dawnlike/blob/tiles."""
     cy, cx = cells
     bg = np.asarray(background, np.uint8)
@@ -234,7 +234,7 @@ def _native_canvas(rng, art, cells, sprite_files, background, fill=False):
     if art == "dawnlike":
         sp = load_sprite(sprite_files[int(rng.integers(len(sprite_files)))])
     else:
-        lo = min(cy, cx) - 8 if fill else 8
+        lo = min(cy, cx) - 8 if (fill or touch) else 8
         sp = random_sprite(rng, int(rng.integers(lo, min(cy, cx) - 5)), int(rng.integers(3, 9)))
     sh, sw = sp.shape[:2]
     nat = np.empty((cy, cx, 3), np.uint8)
@@ -243,6 +243,12 @@ def _native_canvas(rng, art, cells, sprite_files, background, fill=False):
     m = 2 if fill else 0  # keep a filling sprite inside the visible frame (the canvas has 2 padding cells)
     oy = int(rng.integers(m, cy - sh + 1 - m))
     ox = int(rng.integers(m, cx - sw + 1 - m))
+    if touch:  # the subject runs over the bottom-left corner of the visible frame (2 padding cells)
+        ox = 2 - int(rng.integers(1, 3))
+        oy = cy - 2 - sh + int(rng.integers(1, 3))
+        sp = sp[: sh - max(0, oy + sh - cy), max(0, -ox):]
+        ox, oy = max(0, ox), oy
+        sh, sw = sp.shape[:2]
     op = sp[..., 3] >= 128
     nat[oy : oy + sh, ox : ox + sw][op] = sp[..., :3][op]
     mask[oy : oy + sh, ox : ox + sw] = op
@@ -290,7 +296,8 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
       cells with art filling most of the frame (over a plain stretch drift leaves no trace to follow);
     - ``bilinear`` / ``bicubic`` / ``lanczos``: the native canvas resized by Pillow with that filter (soft
       edges; the filters interpolate, so cell centres keep the native colour), then cropped by a random phase;
-    - ``touching``: full-frame ``tiles`` art, NN, light noise — the subject touches every border;
+    - ``touching``: a large sprite (DawnLike on 17–24 cells, or a blob) running over the bottom-left corner
+      of the frame, NN, light noise — the subject covers much of the border ring;
     - ``transparent``: an RGBA render (sprite on alpha 0), NN; ``background`` is ``None``.
 
     Raises ValueError for an unknown condition or art, or when ``art="dawnlike"`` gets no sprite files.
@@ -300,9 +307,7 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
     arts = ("dawnlike", "blob") if sprite_files else ("blob",)
     if art is None:
-        if condition == "touching":
-            art = "tiles"
-        elif condition == "drift":  # drift only shows where cells differ: art that fills most of the frame
+        if condition == "drift":  # drift only shows where cells differ: art that fills most of the frame
             art = (arts + ("tiles",))[int(rng.integers(len(arts) + 1))]
         else:
             art = arts[int(rng.integers(len(arts)))]
@@ -312,13 +317,15 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
         raise ValueError("art='dawnlike' needs sprite_files")
     files = sorted(sprite_files) if sprite_files else []
     H, W = size if size is not None else (int(rng.integers(320, 513)),) * 2
-    n = int(rng.integers(18 if art == "dawnlike" else 16, 41)) if condition != "drift" else int(rng.integers(17, 25))
+    n = int(rng.integers(18 if art == "dawnlike" else 16, 41)) if condition not in ("drift", "touching") \
+        else int(rng.integers(17, 25))
     w = W / n  # mean cell size (px), fractional
     ny = max(4, int(round(H / w)))
     pad = 2  # extra cells so phase / crop / drift never run out of canvas
     cells = (ny + 2 * pad, n + 2 * pad)
     bgc = tuple(int(v) for v in rng.integers(0, 256, 3))
-    nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition == "drift")
+    nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition == "drift",
+                                   touch=condition == "touching")
     params: dict = {"cells": n}
     soft = condition in ("bilinear", "bicubic", "lanczos")
     if condition == "drift":
