@@ -45,68 +45,56 @@ def _rate(rows) -> float:
     return sum(e for _, _, e in rows) / len(rows)
 
 
-@pytest.mark.parametrize("condition", ["clean", "noise", "jpeg", "crop", "degraded", "touching"])
-def test_nearest_neighbour_conditions_95pct_exact(condition, files):
-    """≥ 95 % exact on each nearest-neighbour condition: clean, noise only (no finer-grid harmonics), JPEG only,
-    frames cropped 2–10 px on every side (partial border cells), blur+noise+JPEG, subject over the frame edge."""
+#: exact-grid share each condition must reach over its N renders: the issue-13 targets (95 % on every
+#: nearest-neighbour condition) where they are met; where they are not (drift, soft upscales) the measured floor
+#: is asserted here and the target itself is an xfail(strict) test below.
+FLOOR = {"clean": 0.95, "noise": 0.95, "jpeg": 0.95, "crop": 0.95, "degraded": 0.95, "touching": 0.95,
+         "drift": 0.75, "bilinear": 0.70, "lanczos": 0.0}
+CONDITIONS = tuple(FLOOR)
+
+
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_condition(condition, files):
+    """Per condition, over 100 renders: the exact share reaches FLOOR (clean, noise only — no finer-grid
+    harmonics —, JPEG only, frames cropped 2–10 px on every side, blur+noise+JPEG, a subject over the frame edge:
+    ≥ 95 %), and no render ever gets cells under MIN_CELL_PX: a grid is found, or its status says ``none`` (no
+    silent 1-px fallback). Cropped frames report their partial border cells; drifting grids are followed cut by
+    cut (cells of different widths); soft upscales choose a soft edge model."""
     rows = _run(condition, files)
-    assert _rate(rows) >= 0.95, f"{condition}: {_rate(rows):.0%} exact"
-
-
-@pytest.mark.xfail(strict=True, reason="issue 13 target (95 %) not reached: 83–88 % measured on ±15 % drift — "
-                                       "cut counts over long flat stretches and weak single edges (see README)")
-def test_drift_95pct_exact(files):
-    rows = _run("drift", files)
-    assert _rate(rows) >= 0.95, f"drift: {_rate(rows):.0%} exact"
-
-
-def test_drift_follows_cuts(files):
-    """Drifting cells (±15 % per cell) are followed cut by cut, far better than one period can (the uniform
-    detector scores ≈ 0 % here): ≥ 75 %, and the cut sequence is reported (cells of different widths)."""
-    rows = _run("drift", files)
-    assert _rate(rows) >= 0.75, f"drift: {_rate(rows):.0%} exact"
-    widths = [np.diff(g.cuts_x) for _, g, e in rows if e]
-    assert np.mean([w.std() / w.mean() for w in widths]) > 0.04  # not a uniform grid
-
-
-@pytest.mark.parametrize("condition", ["bilinear", "lanczos"])
-@pytest.mark.xfail(strict=True, reason="issue 13 target (90 %) not reached on soft upscales: bilinear ≈ 80 %, "
-                                       "Lanczos ≈ 15 % measured (see README)")
-def test_soft_upscales_90pct_exact(condition, files):
-    rows = _run(condition, files)
-    assert _rate(rows) >= 0.90, f"{condition}: {_rate(rows):.0%} exact"
-
-
-def test_bilinear_soft_edges_detected(files):
-    """Bilinear upscales (kinks at cell centres, no sharp edge): most grids found exactly (the uniform detector
-    found 0 %), and the soft edge model is the one chosen."""
-    rows = _run("bilinear", files)
-    assert _rate(rows) >= 0.7, f"bilinear: {_rate(rows):.0%} exact"
-    assert np.mean([g.mode != "sharp" for _, g, e in rows if e]) > 0.5
-
-
-@pytest.mark.parametrize("condition", ["clean", "noise", "jpeg", "crop", "drift", "degraded", "bilinear",
-                                       "lanczos", "touching"])
-def test_never_a_silent_one_pixel_grid(condition, files):
-    """No render is ever given 1-px (or < MIN_CELL_PX) cells: a grid is found, or status says none."""
-    for _, g, _ in _run(condition, files):
+    for _, g, _ in rows:
         assert (g.status == "none" and g.cells_x == 0) or min(g.cell_w, g.cell_h) >= MIN_CELL_PX - 1e-9
+    assert _rate(rows) >= FLOOR[condition], f"{condition}: {_rate(rows):.0%} exact"
+    right = [g for _, g, e in rows if e]
+    if condition == "crop":
+        assert np.mean([bool(g.partial) for g in right]) >= 0.9
+    if condition == "drift":
+        widths = [np.diff(g.cuts_x) for g in right]
+        assert np.mean([w.std() / w.mean() for w in widths]) > 0.04  # not one uniform period
+    if condition == "bilinear":
+        assert np.mean([g.mode != "sharp" for g in right]) > 0.5
+
+
+@pytest.mark.parametrize("condition,target", [("drift", 0.95), ("bilinear", 0.90), ("lanczos", 0.90)])
+@pytest.mark.xfail(strict=True, reason="issue 13 targets not reached yet (measured on seeds 1000–1099: drift 81 %, "
+                                       "bilinear 83 %, Lanczos 17 %; see README 'Grid detection')")
+def test_issue_targets_not_yet_met(condition, target, files):
+    rows = _run(condition, files)
+    assert _rate(rows) >= target, f"{condition}: {_rate(rows):.0%} exact"
 
 
 def test_confidence_is_calibrated(files):
-    """Pooled over the conditions: a ``detected`` grid is right ≥ 90 % of the time, and a ``low_confidence`` /
-    ``none`` status predicts a wrong grid (wrong ≥ 50 % of the time) — low confidence means something."""
-    rows = [x for c in ("clean", "noise", "jpeg", "crop", "drift", "degraded", "bilinear", "lanczos", "touching")
-            for x in _run(c, files)]
-    det = [e for _, g, e in rows if g.status == "detected"]
-    low = [e for _, g, e in rows if g.status in ("low_confidence", "none")]
-    assert all(g.confidence >= LOW_CONFIDENCE for _, g, _ in rows if g.status == "detected")
+    """Pooled over every condition (25 renders each, seeds 2000+): a ``detected`` grid is right ≥ 90 % of the
+    time, and a ``low_confidence`` / ``none`` status predicts a wrong grid (wrong ≥ 50 % of the time)."""
+    rows = []
+    for c in CONDITIONS:
+        for s in range(2000, 2025):
+            r = condition_render(c, s, files)
+            g = detect_grid(r.image)
+            h, w = r.image.shape[:2]
+            rows.append((g, g.ok and cuts_match(g.cuts_x, r.cuts_x, w, r.cell, r.evidence_x)
+                         and cuts_match(g.cuts_y, r.cuts_y, h, r.cell, r.evidence_y)))
+    det = [e for g, e in rows if g.status == "detected"]
+    low = [e for g, e in rows if g.status in ("low_confidence", "none")]
+    assert all(g.confidence >= LOW_CONFIDENCE for g, _ in rows if g.status == "detected")
     assert np.mean(det) >= 0.9, f"detected grids right {np.mean(det):.0%}"
     assert len(low) >= 10 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
-
-
-def test_crop_reports_partial_cells(files):
-    """A frame cropped inside cells reports partial border cells instead of a finer grid."""
-    rows = _run("crop", files)
-    part = [bool(g.partial) for _, g, e in rows if e]
-    assert np.mean(part) >= 0.9
