@@ -236,6 +236,7 @@ def _native_canvas(rng, art, cells, sprite_files, background, fill=False, touch=
     else:
         lo = min(cy, cx) - 8 if (fill or touch) else 8
         sp = random_sprite(rng, int(rng.integers(lo, min(cy, cx) - 5)), int(rng.integers(3, 9)))
+    sp = sp[: cy - 1, : cx - 1]  # a few DawnLike sprites are larger than a small canvas: keep its top-left part
     sh, sw = sp.shape[:2]
     nat = np.empty((cy, cx, 3), np.uint8)
     nat[:] = bg

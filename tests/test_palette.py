@@ -332,8 +332,8 @@ def test_palette_from_caption_agrees_with_caption_audit():
     cols, bad = palette_from_caption(text)
     parsed = parse_caption(text)
     assert cols == [parse_hex(h) for h in parsed.all_hexes()]
-    assert cols == [(3, 220, 115), (44, 22, 0), (247, 215, 192)]
-    assert bad == parsed.malformed and {"#12345", "#GGGGGG", "#abc"} <= set(bad)
+    assert cols == [(3, 220, 115), (170, 187, 204), (44, 22, 0), (247, 215, 192)]  # #abc = #aabbcc (CSS)
+    assert bad == parsed.malformed and {"#12345", "#GGGGGG", "03dc73"} <= set(bad)
     assert palette_from_caption("") == ([], [])
 
 
