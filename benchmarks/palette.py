@@ -83,7 +83,7 @@ def suite_accuracy(data: Path, n: int) -> None:
     print(f"{'grid exact, wide set (' + str(n) + ')':28s}{ok_o / n:22.1%}{ok_b / n:18.1%}")
 
 
-def conditions_accuracy(data: Path, n: int) -> None:
+def conditions_accuracy(data: Path, n: int, only: str = "") -> None:
     """Exact-grid share and CPU ms / 512 px image per condition: per-line cuts (ours) vs one period (baseline)."""
     from conceptlab.metrics.grid import detect_grid, detect_grid_uniform
     from conceptlab.metrics.palette_synth import CONDITIONS, condition_render, cuts_match
@@ -94,7 +94,7 @@ def conditions_accuracy(data: Path, n: int) -> None:
     print(f"{'condition':14s}{'ours':>8s}{'baseline':>10s}{'ours ms':>10s}{'base ms':>10s}{'ours low/none':>15s}")
     tot_o = tot_b = 0.0
     for cond in CONDITIONS:
-        if cond == "transparent":
+        if cond == "transparent" or (only and cond not in only.split(",")):
             continue
         ok_o = ok_b = flagged = 0
         t_o = t_b = 0.0
@@ -121,7 +121,7 @@ def conditions_accuracy(data: Path, n: int) -> None:
         tot_b += t_b
         print(f"{cond:14s}{ok_o / n:8.0%}{ok_b / n:10.0%}{1000 * t_o / n:10.1f}{1000 * t_b / n:10.1f}"
               f"{flagged / n:15.0%}")
-    k = len([c for c in CONDITIONS if c != "transparent"]) * n
+    k = len([c for c in CONDITIONS if c != "transparent" and (not only or c in only.split(","))]) * n
     print(f"{'mean ms/image':14s}{'':18s}{1000 * tot_o / k:10.1f}{1000 * tot_b / k:10.1f}")
 
 
@@ -153,6 +153,7 @@ def main() -> int:
     ap.add_argument("--suite", type=int, default=0, help="also grid accuracy on N renders of the wide set")
     ap.add_argument("--conditions", type=int, default=0,
                     help="also exact-grid share and ms/image per issue-13 render condition, N renders each")
+    ap.add_argument("--only", default="", help="comma-separated conditions for --conditions (default all)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/dawnlike/sprites"))
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -190,7 +191,7 @@ def main() -> int:
     if a.suite:
         suite_accuracy(Path(a.data), a.suite)
     if a.conditions:
-        conditions_accuracy(Path(a.data), a.conditions)
+        conditions_accuracy(Path(a.data), a.conditions, a.only)
     return 0
 
 

@@ -236,12 +236,12 @@ def _native_canvas(rng, art, cells, sprite_files, background, fill=False, touch=
     else:
         lo = min(cy, cx) - 8 if (fill or touch) else 8
         sp = random_sprite(rng, int(rng.integers(lo, min(cy, cx) - 5)), int(rng.integers(3, 9)))
-    sp = sp[: cy - 1, : cx - 1]  # a few DawnLike sprites are larger than a small canvas: keep its top-left part
+    m = 2 if fill else 0  # keep a filling sprite inside the visible frame (the canvas has 2 padding cells)
+    sp = sp[: cy - 1 - 2 * m, : cx - 1 - 2 * m]  # a few DawnLike sprites outgrow a small canvas: keep the top-left
     sh, sw = sp.shape[:2]
     nat = np.empty((cy, cx, 3), np.uint8)
     nat[:] = bg
     mask = np.zeros((cy, cx), bool)
-    m = 2 if fill else 0  # keep a filling sprite inside the visible frame (the canvas has 2 padding cells)
     oy = int(rng.integers(m, cy - sh + 1 - m))
     ox = int(rng.integers(m, cx - sw + 1 - m))
     if touch:  # the subject runs over the bottom-left corner of the visible frame (2 padding cells)
