@@ -276,12 +276,22 @@ class ConceptLabTrainLora:
         toml = parse_kohya_toml(kohya_toml) if kohya_toml and kohya_toml.strip() else {}
         ds = dataset
         if toml:
-            values.update({k: v for k, v in toml.items() if k not in ("output_dir", "logging_dir", "state_dir",
-                                                                       "train_data_dir")})
-            merged = {**dataset.options.to_dict(), **dataset.captions.to_dict(), **toml}
-            _, dopts, caps, _ = configs_from_mapping({**values, **merged})
-            if dopts.to_dict() != dataset.options.to_dict() or caps.to_dict() != dataset.captions.to_dict():
-                ds = KohyaDataset.scan(dataset.root, dopts, caps, seed=int(values["seed"]))
+            toml = _check_toml_keys(toml)
+            values.update(toml)
+            if _uses_dataset_config(toml):
+                # [[datasets]] / dataset_config / reg_data_dir: every folder must lie inside ComfyUI's input folder
+                import os
+
+                rel_root = os.path.relpath(dataset.root, comfy_host.input_dir())
+                ds, batch = _dataset_from_settings({**values, "train_data_dir": rel_root}, seed=int(values["seed"]),
+                                                   resolve=comfy_host.resolve_input)
+                if batch is not None:
+                    values["train_batch_size"] = batch
+            else:
+                merged = {**dataset.options.to_dict(), **dataset.captions.to_dict(), **toml}
+                _, dopts, caps, _ = configs_from_mapping({**values, **merged})
+                if dopts.to_dict() != dataset.options.to_dict() or caps.to_dict() != dataset.captions.to_dict():
+                    ds = KohyaDataset.scan(dataset.root, dopts, caps, seed=int(values["seed"]))
         name = str(values["output_name"])
         if not re.fullmatch(r"[\w.\- ]+", name):
             raise ValueError(f"output_name {name!r} may only contain letters, digits, space, '.', '-' and '_'")
@@ -323,6 +333,48 @@ class ConceptLabTrainLora:
         rel = chosen.name
         return (out_model, out_clip, rel, _np_to_image(res.loss_curve), _np_to_image(res.table_image),
                 _np_to_image(res.sample_grid))
+
+
+#: kohya keys the node takes from its own inputs instead of the TOML (each one is reported when present)
+_NODE_OWNED = {"output_dir": "LoRA files go to ComfyUI's output/loras folder",
+               "logging_dir": "training states go to output/conceptlab_training/<name>",
+               "state_dir": "training states go to output/conceptlab_training/<name>",
+               "pretrained_model_name_or_path": "the model comes from the MODEL/CLIP/VAE inputs",
+               "v_parameterization": "the parameterization comes from the MODEL input",
+               "v2": "the architecture comes from the MODEL input",
+               "train_data_dir": "the training folder comes from the DATASET input"}
+
+
+def _check_toml_keys(toml: dict) -> dict:
+    """Report every TOML key by name that is not honoured as written (kohya_args tables; node-owned keys);
+    returns the keys to apply. Raises ``KohyaSettingError`` (a ``ValueError``) for refused settings."""
+    import logging
+
+    from ..training.kohya_args import check_settings, own_setting_names
+
+    log = logging.getLogger(__name__)
+    own = own_setting_names() | set(_NODE_OWNED) | {"datasets", "dataset_config", "reg_data_dir"}
+    for w in check_settings(toml, own_keys=own):
+        log.warning("Train LoRA (kohya_toml): %s", w)
+    out = {}
+    for k, v in toml.items():
+        if k in _NODE_OWNED:
+            log.warning("Train LoRA (kohya_toml): %s is not used here: %s", k, _NODE_OWNED[k])
+        else:
+            out[k] = v
+    return out
+
+
+def _uses_dataset_config(values) -> bool:
+    from ..training.dataset_config import uses_dataset_config
+
+    return uses_dataset_config(values)
+
+
+def _dataset_from_settings(values, **kw):
+    from ..training.dataset_config import dataset_from_settings
+
+    return dataset_from_settings(values, **kw)
 
 
 def _apply_lora(model, clip, path):

@@ -131,3 +131,51 @@ def test_cancel_keeps_the_last_finished_checkpoint(tmp_path, dawnlike_dir, monke
     assert (out / "loras" / "tiny-000001.safetensors").is_file()
     assert not (out / "loras" / "tiny-000002.safetensors").exists()
     assert not model.weight_wrapper_patches
+
+
+@requires_comfyui
+def test_train_node_kohya_toml_dataset_config_with_reg_images(tmp_path, dawnlike_dir, caplog):
+    """An inline [[datasets]] with a regularization subset trains in ComfyUI; folders must lie inside input/, and
+    every TOML key the node does not honour as written is reported by name."""
+    inp, out = _setup_comfy(tmp_path, dawnlike_dir)
+    reg = inp / "reg"
+    reg.mkdir()
+    for p in sorted(dawnlike_dir.glob("*.png"))[4:6]:
+        shutil.copy(p, reg / p.name)
+    from e2e.comfy_env import tiny_sd1_clip, tiny_sd15_patcher, tiny_vae
+
+    from conceptlab.formats.safetensors_io import read_metadata
+
+    toml = """
+prior_loss_weight = 0.5
+output_dir = "/somewhere"
+netwrok_dim = 8
+[[datasets]]
+resolution = 64
+min_bucket_reso = 64
+max_bucket_reso = 128
+  [[datasets.subsets]]
+  image_dir = "sprites/2_dawnlike"
+  num_repeats = 2
+  caption_extension = ".txt"
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "pixel art"
+"""
+    with caplog.at_level(logging.WARNING):
+        with torch.inference_mode():
+            lora_nodes.ConceptLabTrainLora().train(tiny_sd15_patcher(), tiny_sd1_clip(), tiny_vae(), _dataset(),
+                                                  kohya_toml=toml, **_train_kwargs(max_train_epochs=1,
+                                                                                  sample_prompts="",
+                                                                                  train_text_encoder=False))
+    assert "'netwrok_dim'" in caplog.text and "output_dir is not used here" in caplog.text
+    md = read_metadata(out / "loras" / "tiny.safetensors")
+    assert md["ss_num_reg_images"] == "2" and md["ss_prior_loss_weight"] == "0.5"
+    assert md["ss_num_batches_per_epoch"] == str((8 + 8) // 2)  # reg images balanced to the 8 training uses
+    bad = toml.replace('image_dir = "reg"', 'image_dir = "../outside"')
+    with pytest.raises(Exception, match="outside"):
+        with torch.inference_mode():
+            lora_nodes.ConceptLabTrainLora().train(tiny_sd15_patcher(), tiny_sd1_clip(), tiny_vae(), _dataset(),
+                                                  kohya_toml=bad, **_train_kwargs(max_train_epochs=1,
+                                                                                  sample_prompts=""))

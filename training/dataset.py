@@ -272,6 +272,11 @@ class ImageEntry:
     resized_size: tuple[int, int] = (0, 0)
     latents: torch.Tensor | None = field(default=None, repr=False)
     latents_flipped: torch.Tensor | None = field(default=None, repr=False)
+    # per-subset settings of a kohya [[datasets.subsets]] config (training/dataset_config.py); None = dataset's
+    is_reg: bool = False
+    captions: CaptionConfig | None = field(default=None, repr=False)
+    flip_aug: bool | None = None
+    resize_interpolation: str | None = None
 
 
 @dataclass
@@ -285,6 +290,7 @@ class SubsetInfo:
     img_count: int = 0
     val_count: int = 0
     missing_captions: list[str] = field(default_factory=list)
+    is_reg: bool = False
 
 
 def _resample(name: str, shrinking: bool):
@@ -392,6 +398,7 @@ class KohyaDataset:
         self.tag_frequency = tag_freq
         self.warnings = warnings
         self._latents_key: str | None = None
+        self.num_reg_images = 0  # kohya num_reg_images (reg images x repeats before balancing)
 
     # -- scanning ---------------------------------------------------------------------------------------------
     @classmethod
@@ -489,8 +496,8 @@ class KohyaDataset:
     # -- counts -------------------------------------------------------------------------------------------------
     @property
     def num_train_images(self) -> int:
-        """Images × repeats (kohya's ``num_train_images``)."""
-        return sum(e.repeats for e in self.entries)
+        """Training images × repeats, regularization images excluded (kohya's ``num_train_images``)."""
+        return sum(e.repeats for e in self.entries if not e.is_reg)
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         """``{(w, h): images × repeats}`` over training entries, sorted by resolution."""
@@ -532,7 +539,8 @@ class KohyaDataset:
     # -- pixels and latents -----------------------------------------------------------------------------------
     def load_image(self, entry: ImageEntry, flip: bool = False) -> torch.Tensor:
         """``[3, H, W]`` float32 in ``[-1, 1]`` at the entry's bucket size (optionally mirrored)."""
-        t = prepare_image(entry.path, entry.bucket_reso, entry.resized_size, self.options.resize_interpolation,
+        t = prepare_image(entry.path, entry.bucket_reso, entry.resized_size,
+                          entry.resize_interpolation or self.options.resize_interpolation,
                           parse_color(self.options.background))
         return t.flip(-1) if flip else t
 
@@ -544,9 +552,13 @@ class KohyaDataset:
         st = entry.path.stat()
         o = self.options
         blob = json.dumps([entry.path.name, st.st_size, int(st.st_mtime_ns), list(entry.bucket_reso),
-                           list(entry.resized_size), o.resize_interpolation, o.background, bool(o.flip_aug),
-                           vae_key])
+                           list(entry.resized_size), entry.resize_interpolation or o.resize_interpolation,
+                           o.background, bool(self._flips(entry)), vae_key])
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def _flips(self, entry: ImageEntry) -> bool:
+        """Whether ``entry`` is flip-augmented (its subset's ``flip_aug``, else the dataset's)."""
+        return bool(self.options.flip_aug if entry.flip_aug is None else entry.flip_aug)
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_key: str = "",
                       batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> None:
@@ -576,11 +588,11 @@ class KohyaDataset:
                     with WeightFile(p) as wf:
                         if wf.metadata.get("fingerprint") == self._entry_fingerprint(e, vae_key):
                             e.latents = wf.get("latents").float()
-                            if self.options.flip_aug and "latents_flipped" in wf:
+                            if self._flips(e) and "latents_flipped" in wf:
                                 e.latents_flipped = wf.get("latents_flipped").float()
                 except Exception:  # noqa: BLE001 - a broken cache file is simply re-made
                     e.latents = None
-            todo = [e for e in todo if e.latents is None or (self.options.flip_aug and e.latents_flipped is None)]
+            todo = [e for e in todo if e.latents is None or (self._flips(e) and e.latents_flipped is None)]
         todo.sort(key=lambda e: e.bucket_reso)
         groups: list[list[ImageEntry]] = []
         for e in todo:
@@ -592,10 +604,10 @@ class KohyaDataset:
         for group in groups:
             pix = torch.stack([self.load_image(e) for e in group])
             lat = encode(pix).float().cpu()
-            flipped = encode(pix.flip(-1)).float().cpu() if self.options.flip_aug else None
+            flipped = encode(pix.flip(-1)).float().cpu() if any(self._flips(e) for e in group) else None
             for i, e in enumerate(group):
                 e.latents = lat[i].clone()
-                e.latents_flipped = flipped[i].clone() if flipped is not None else None
+                e.latents_flipped = flipped[i].clone() if flipped is not None and self._flips(e) else None
                 if self.options.cache_latents_to_disk:
                     tensors = {"latents": e.latents}
                     if e.latents_flipped is not None:
