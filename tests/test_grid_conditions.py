@@ -76,7 +76,7 @@ def test_condition(condition, files):
 
 @pytest.mark.parametrize("condition,target", [("drift", 0.95), ("bilinear", 0.90), ("lanczos", 0.90)])
 @pytest.mark.xfail(strict=True, reason="issue 13 targets not reached yet (measured on seeds 1000–1099: drift 81 %, "
-                                       "bilinear 83 %, Lanczos 17 %; see README 'Grid detection')")
+                                       "bilinear 83 %, Lanczos 17 %; see README 'Pixel-art palette metrics')")
 def test_issue_targets_not_yet_met(condition, target, files):
     rows = _run(condition, files)
     assert _rate(rows) >= target, f"{condition}: {_rate(rows):.0%} exact"
