@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..formats.limits import LimitError
+
 SCHEMA = "conceptlab.caption_audit/1"
 
 #: severity levels, most severe first
@@ -623,6 +625,8 @@ def load_rgb(path: str | os.PathLike, matte=None) -> tuple[np.ndarray, np.ndarra
         return load_image(path, matte)
     except FileNotFoundError as exc:
         raise ValueError(f"cannot read image {Path(path).name}: {exc}") from exc
+    except LimitError:  # the pixel budget keeps its own type (a ValueError) and message
+        raise
     except (ValueError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {Path(path).name}: {exc}") from exc
 

@@ -346,7 +346,9 @@ class ConceptLabPaletteQuantize:
         return (numpy_to_image(outs),)
 
 
+@policy.guarded
 class ConceptLabPaletteSummary:
+    PATH_INPUTS = {'folder': 'subfolders'}
     """Dataset palette summary of an image batch and/or a folder of the input directory, as one table."""
 
     DESCRIPTION = ("Summarises a set of images — the dataset palette (cell colours clustered in ΔE00), the spread "
