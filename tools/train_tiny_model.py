@@ -100,28 +100,31 @@ def sprite_groups(data_dir: Path) -> dict[str, str]:
         if not cells:
             expect_header = True
             continue
-        if expect_header:
+        # a header is the first row after a blank one *and* capitalised ("Aquatic0"); sprite names are lower
+        # case, and some groups (walls, floors) split their names into blocks with blank rows in between
+        if expect_header and len(cells) == 1 and cells[0][:1].isupper():
             group = re.sub(r"\d+$", "", cells[0]).replace("_", " ").strip().lower()
             expect_header = False
             continue
+        expect_header = False
         for c in cells:
             out.setdefault(c, group)
     return out
 
 
 def list_sprites(data_dir: Path = DEFAULT_DATA) -> list[tuple[Path, str, str]]:
-    """``[(png path, name, group)]`` for every sprite, sorted by file name (group ``"misc"`` if unlisted)."""
+    """``[(png path, name, group)]`` for every sprite, sorted by file name (group ``""`` if unlisted)."""
     groups = sprite_groups(data_dir)
     out = []
     for p in sorted((data_dir / "sprites").glob("*.png")):
         name = re.sub(r"_\d+$", "", p.stem)
-        out.append((p, name, groups.get(name, "misc")))
+        out.append((p, name, groups.get(name, "")))
     return out
 
 
 def caption(name: str, group: str) -> str:
-    """The training caption of a sprite: ``"pixel art, <group>, <name>"``."""
-    return f"pixel art, {group}, {name}"
+    """The training caption of a sprite: ``"pixel art, <group>, <name>"`` (``"pixel art, <name>"`` without group)."""
+    return f"pixel art, {group}, {name}" if group else f"pixel art, {name}"
 
 
 def load_sprite(path: Path, background=BACKGROUND, scale: int = IMAGE_SIZE // 16) -> np.ndarray:
