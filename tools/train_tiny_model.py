@@ -290,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export-partial", action="store_true", help="export the model even when stopped early")
+    ap.add_argument("--export-raw", action="store_true", help="export the raw weights instead of the EMA")
     ap.add_argument("--decoder-steps", type=int, default=600, help="VAE decoder fine-tuning steps (after the UNet)")
     ap.add_argument("--decoder-only", action="store_true",
                     help="only fine-tune the decoder of the VAE in <out>/train_state.pt (can run beside the UNet "
@@ -433,7 +434,8 @@ def main(argv=None) -> int:
 
 def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses, log) -> None:
     """Write the diffusers folder (EMA weights, fp32 safetensors) and a samples grid."""
-    unet.load_state_dict(ema["unet"]); te.load_state_dict(ema["te"])
+    if not args.export_raw:
+        unet.load_state_dict(ema["unet"]); te.load_state_dict(ema["te"])
     unet.eval(); te.eval()
     model_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(model_dir / "unet", safe_serialization=True)
@@ -450,6 +452,7 @@ def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses
     (model_dir / "training.json").write_text(json.dumps({
         "seed": args.seed, "threads": args.threads, "vae_steps": args.vae_steps, "steps": step,
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "caption_dropout": args.caption_dropout,
+        "weights": "raw" if args.export_raw else "ema",
         "vae_mean_abs_error_255": round(rec_err, 3), "final_loss_mean_last_100": float(np.mean(losses[-100:]))
         if losses else None, "image_size": IMAGE_SIZE, "background": "#%02x%02x%02x" % BACKGROUND}, indent=2))
     log(f"model written to {model_dir}")
