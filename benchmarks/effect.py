@@ -168,17 +168,6 @@ def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept:
             "concept": concept, "iterations": iterations, "base": base, "variants": results, "seconds": t()}
 
 
-def _unet_te_state(host) -> dict:
-    out = {}
-    for comp in host.components():
-        for path, mod in host.modules(comp).items():
-            for attr in ("weight", "bias"):
-                p = getattr(mod, attr, None)
-                if p is not None:
-                    out[f"{comp}.{path}.{attr}"] = p.detach().float().clone()
-    return out
-
-
 def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dict:
     from conceptlab.training.merge import add_difference, weighted_sum
     from conceptlab.training.trainer import labelled_grid
@@ -188,9 +177,9 @@ def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dic
     if not lora:
         data = E.write_style_dataset(out / "data", n=16, repeats=3)
         lora = E.train_style_lora(host, data, out / "lora_merge", save_every_n_epochs=None).final_path
-    base = _unet_te_state(host)
+    base = E.model_state(host)
     with E.lora_installed(host, lora):
-        baked = _unet_te_state(host)
+        baked = E.model_state(host)
     changed = [k for k in base if not torch.equal(base[k], baked[k])]
     rows, strip = [], []
     for a in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -207,7 +196,7 @@ def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dic
     fig = {"weighted_sum": rows, "monotonic": mono, "add_difference": []}
     for label, path in second_bases:
         other = E.load_host(Path(path))
-        ob = _unet_te_state(other)
+        ob = E.model_state(other)
         before = E.style_scores(other, seeds=seeds)
         transfer = {k: add_difference(ob[k], baked[k], base[k], 1.0) for k in changed}
         with E.weights_patched(other, transfer):
@@ -229,7 +218,7 @@ def section_diff(host, out: Path, seeds, res_all: dict, concept: str = "tree") -
         r = E.erase_concept(host, concept, iterations=it, lr=2e-4)
         reps[it] = E.diff_report(host, erased_weights(host, r), name=f"esd {it} it")
     lt = reps[100]["by_layer_type"]
-    changed_types = sorted(k for k, v in lt.items() if (v.get("changed_frac") or v.get("frac_changed") or 0) > 0)
+    changed_types = sorted(k for k, v in lt.items() if (v.get("frac_changed") or 0) > 0)
     cmp = compare_reports(reps[100], reps[500], label1="100 it", label2="500 it")
     print(f"[diff] layer types changed by ESD-x: {changed_types}")
     print("[diff] 500 vs 100 iterations, ratios per layer type:")

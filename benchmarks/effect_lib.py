@@ -364,3 +364,16 @@ def diff_report(host, changed: dict, name: str = "edited") -> dict:
 
     return diff_pairs(pairs(), arch="sd1", a_info={"name": "tiny_dawnlike"}, b_info={"name": name},
                       mode="models")
+
+
+def model_state(host) -> dict:
+    """``{"<component>.<path>.<attr>": fp32 copy}`` of every UNet / text-encoder weight and bias the host sees
+    (with installed deltas applied: a LoRA installed at strength 1 gives the LoRA-baked model)."""
+    out = {}
+    for comp in host.components():
+        for path, mod in host.modules(comp).items():
+            for attr in ("weight", "bias"):
+                p = getattr(mod, attr, None)
+                if p is not None:
+                    out[f"{comp}.{path}.{attr}"] = p.detach().float().clone()
+    return out
