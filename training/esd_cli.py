@@ -4,7 +4,7 @@ The TOML file has the run settings at the top level and the erasure settings in 
 of :class:`conceptlab.training.esd.ESDConfig`)::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
-                                             # or a single-file SD1.x/SD2.x .safetensors checkpoint
+                                             # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint
     tokenizer = ""                           # single-file only: folder with vocab.json + merges.txt (optional)
     output_dir = "erasures/vangogh"          # relative paths are relative to the TOML file
     name = "esd_vangogh"                     # file stem of <name>.safetensors
@@ -88,7 +88,7 @@ def run(args) -> int:
         from .quickstart_cli import TINY_MODEL
 
         print(f"conceptlab erase: no 'model' given: using the bundled tiny DawnLike model {TINY_MODEL} "
-              "(set model = \"...\" to a diffusers folder or SD1.x/SD2.x checkpoint)", file=sys.stderr)
+              "(set model = \"...\" to a diffusers folder or SD1.x/SD2.x/SDXL checkpoint)", file=sys.stderr)
         data["model"] = str(TINY_MODEL)
     if args.iterations is not None:
         esd_table["iterations"] = args.iterations
