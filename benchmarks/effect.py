@@ -10,7 +10,7 @@ Sections (``--only lora,rank,esd,merge,diff``; default all):
   ramp, ΔE00 ≤ 5) of samples with / without the trigger, before and after; per-epoch samples and the trainer's
   best-epoch choice against an independent per-epoch measurement on other seeds; a grid of samples per epoch.
 * **rank** — the same LoRA at ``network_dim`` 4 / 8 / 16 / 32 / 64 (``network_alpha = network_dim``).
-* **esd** — a CNN trained on real sprites of six DawnLike groups (held-out accuracy); ESD-x erases ``tree``;
+* **esd** — a CNN trained on real sprites of six DawnLike groups (held-out accuracy); ESD-x erases ``wall``;
   the classifier's hit rate on samples of each group's prompts before / after, for ``self_sample`` vs
   ``noised`` x_t, whole-latent vs grid masks, 1 vs 100 prompt variations; a before/after grid.
 * **merge** — base ⊕ (base with the LoRA baked in) by weighted sum at α = 0 … 1 (style moves monotonically?),
@@ -112,7 +112,7 @@ def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
     return {"rows": rows, "seconds": t()}
 
 
-def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept: str = "tree") -> dict:
+def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept: str = "wall") -> dict:
     from conceptlab.training.esd import erased_weights
     from conceptlab.training.trainer import labelled_grid
 
@@ -208,7 +208,7 @@ def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dic
     return fig
 
 
-def section_diff(host, out: Path, seeds, res_all: dict, concept: str = "tree") -> dict:
+def section_diff(host, out: Path, seeds, res_all: dict, concept: str = "wall") -> dict:
     from conceptlab.metrics.weight_diff import compare_reports
     from conceptlab.training.esd import erased_weights
 

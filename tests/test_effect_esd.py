@@ -25,13 +25,13 @@ def erased():
     from conceptlab.training.esd import erased_weights
 
     host = E.load_host()
-    res = E.erase_concept(host, "tree", iterations=40)
+    res = E.erase_concept(host, "wall", iterations=40)
     return host, erased_weights(host, res)
 
 
 def test_esd_x_changes_only_attn2(erased):
     host, w = erased
-    rep = E.diff_report(host, w, name="esd tree")
+    rep = E.diff_report(host, w, name="esd wall")
     changed = {k for k, v in rep["by_layer_type"].items() if (v.get("frac_changed") or 0) > 0}
     assert changed and all(k.startswith("attn2") for k in changed), changed
     assert {k.split(".")[-2] for k in w} >= {"to_k", "to_v"}, sorted(w)[:4]
@@ -42,13 +42,16 @@ def test_sprite_classifier_is_a_competent_judge():
     assert rep.heldout_accuracy > 0.7, rep  # six groups: chance is ~0.17
 
 
-def test_esd_erases_tree_more_than_the_other_groups(erased):
+def test_esd_erases_wall_more_than_the_other_groups(erased):
     host, w = erased
     clf = E.train_classifier(epochs=8).classifier
     base = E.concept_hit_rates(host, clf, k=8, steps=12)
     with E.weights_patched(host, w):
         after = E.concept_hit_rates(host, clf, k=8, steps=12)
-    drop = base["tree"] - after["tree"]
-    others = [abs(after[c] - base[c]) for c in E.CONCEPTS if c != "tree"]
-    assert drop >= 0.25, (base, after)
-    assert drop > max(others), (base, after)
+    drop = base["wall"] - after["wall"]
+    others = [abs(after[c] - base[c]) for c in E.CONCEPTS if c != "wall"]
+    # measured on the shipped model (seed 0, 8 prompts per group, 12 DDIM steps, 40 iterations):
+    # wall 0.875 -> 0.625, every other group unchanged. Margins: at least 2 of 8 samples, others at most 1.
+    assert base["wall"] >= 0.75, base
+    assert drop >= 0.2, (base, after)
+    assert max(others) <= 0.125 and drop > max(others), (base, after)
