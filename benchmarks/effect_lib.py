@@ -242,8 +242,8 @@ STYLE_EVAL_PROMPTS = ("pixel art, humanoid, knight", "pixel art, avian, crow", "
 
 def lora_settings(out_dir: Path, **over) -> dict:
     """The flat kohya settings of the style LoRA (the values of ``sample_data/quickstart.toml``)."""
-    d = dict(output_dir=str(out_dir), output_name="gbstyle", max_train_epochs=6, train_batch_size=8, seed=42,
-             learning_rate=2e-3, lr_scheduler="constant", network_dim=8, network_alpha=8, save_every_n_epochs=1,
+    d = dict(output_dir=str(out_dir), output_name="gbstyle", max_train_epochs=8, train_batch_size=8, seed=42,
+             learning_rate=1e-2, lr_scheduler="constant", network_dim=8, network_alpha=8, save_every_n_epochs=1,
              save_state=False, resolution=16, enable_bucket=False, resize_interpolation="nearest",
              caption_extension=".txt", background="#30346d", sample_every_n_epochs=0)
     d.update(over)
@@ -377,3 +377,13 @@ def model_state(host) -> dict:
                 if p is not None:
                     out[f"{comp}.{path}.{attr}"] = p.detach().float().clone()
     return out
+
+
+def mean_delta_e(images: np.ndarray, palette: Sequence[str] = GAMEBOY) -> float:
+    """Mean over pixels of the CIEDE2000 distance to the nearest ``palette`` colour (uint8 ``[..., 3]``)."""
+    from conceptlab.metrics.color import delta_e00, srgb_to_lab
+
+    px = images.reshape(-1, 3)
+    cols, inv = np.unique(px, axis=0, return_inverse=True)
+    d = delta_e00(srgb_to_lab(cols)[:, None, :], srgb_to_lab(_rgb(palette))[None, :, :]).min(1)
+    return float(d[inv.reshape(-1)].mean())
