@@ -39,6 +39,7 @@ _COMMAND_OWNERS = {
     "merge": ".training.merge_cli",
     "train": ".training.train_cli",
     "erase": ".training.esd_cli",
+    "quickstart": ".training.quickstart_cli",
 }
 
 
