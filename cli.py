@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     ".training.train_cli",      # train
     ".training.esd_cli",        # erase
     ".training.extract_cli",    # extract-lora, resize-lora
+    ".training.quickstart_cli", # quickstart
 )
 
 
@@ -38,6 +39,7 @@ _COMMAND_OWNERS = {
     "merge": ".training.merge_cli",
     "train": ".training.train_cli",
     "erase": ".training.esd_cli",
+    "quickstart": ".training.quickstart_cli",
 }
 
 
