@@ -59,6 +59,8 @@ def expected_block(key: str) -> str | None:
     m = re.match(r"output_blocks\.(\d+)\.", rest)
     if m:
         return f"OUT{int(m[1]):02d}"
+    if rest.startswith("out."):  # final norm + conv_out: the last OUT block (supermerger, sd-mecha)
+        return "OUT11"
     return None
 
 
