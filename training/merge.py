@@ -395,7 +395,8 @@ def parse_block_weights(spec: str, arch: str, alpha: float = 0.5) -> BlockWeight
 
     * a preset name (:data:`PRESETS`), scaled by ``alpha`` (see :data:`PRESET_HELP`);
     * a supermerger-style comma list of absolute B-weights: ``N + 1`` values ``BASE, IN00, …, OUTxx``
-      (26 for SD1, 20 for SDXL), or ``N`` values (blocks only; BASE = ``alpha``);
+      (26 for SD1, 20 for SDXL), or ``N`` values (blocks only; BASE = ``alpha``); a 26-value SD1 list given for
+      SDXL is converted as supermerger does (:func:`sd1_list_to_sdxl`, with a warning);
     * named entries ``IN00=0.3, M00=1, OUT05=0.8`` (``:`` also accepted); blocks not named get ``alpha``,
       ``BASE=`` sets BASE.
 
@@ -422,6 +423,10 @@ def parse_block_weights(spec: str, arch: str, alpha: float = 0.5) -> BlockWeight
             vals[name] = _to_float(num, name)
     else:
         nums = [_to_float(p, f"value {i + 1}") for i, p in enumerate(parts)]
+        if arch == "sdxl" and len(nums) == len(SD1_BLOCK_IDS) + 1:
+            nums = sd1_list_to_sdxl(nums)
+            warnings.warn("26-value SD1 block list converted for SDXL as supermerger does: IN09-IN11 and "
+                          "OUT09-OUT11 dropped (BASE, IN00-IN08, M00, OUT00-OUT08 kept)", UserWarning, stacklevel=2)
         if len(nums) == len(ids) + 1:
             vals = {BASE: nums[0], **dict(zip(ids, nums[1:]))}
         elif len(nums) == len(ids):
@@ -434,6 +439,21 @@ def parse_block_weights(spec: str, arch: str, alpha: float = 0.5) -> BlockWeight
         if not (0.0 <= v <= 1.0):
             warnings.warn(f"block weight {name}={v:g} is outside [0, 1] (extrapolation)", UserWarning, stacklevel=2)
     return BlockWeights(arch, vals, source=text)
+
+
+SD1_BLOCK_IDS = ["IN%02d" % i for i in range(12)] + ["M00"] + ["OUT%02d" % i for i in range(12)]
+
+
+def sd1_list_to_sdxl(values: Sequence[float]) -> list[float]:
+    """Convert a 26-value SD1 block list ``[BASE, IN00..IN11, M00, OUT00..OUT11]`` to SDXL's 20
+    ``[BASE, IN00..IN08, M00, OUT00..OUT08]``: the same ids are kept, IN09-IN11 and OUT09-OUT11 dropped.
+    Source: supermerger ``scripts/mergers/mergers.py`` ``weighttoxl`` (``w[:9] + w[12:22]`` of the 25 block
+    values; its trailing VAE entry is not a UNet block). Raises ``ValueError`` for another length."""
+    vals = [float(v) for v in values]
+    if len(vals) != 26:
+        raise ValueError(f"an SD1 block list has 26 values (BASE + 25 blocks), got {len(vals)}")
+    blocks = vals[1:]
+    return [vals[0]] + blocks[:9] + blocks[12:22]
 
 
 def _to_float(text: str, what: str) -> float:

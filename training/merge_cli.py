@@ -77,16 +77,7 @@ def run(args) -> int:
     if b is None and args.lora is None:
         raise ValueError("give model B to merge with, or --lora FILE to bake a LoRA into A")
 
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:
-        if args.quiet:
-            return
-        pct = done * 100 // total
-        if pct != last[0] and (pct % 5 == 0 or done == total):
-            last[0] = pct
-            print(f"\rmerging: {pct:3d}% ({done}/{total} tensors)", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
+    progress = ProgressLine(quiet=args.quiet)
 
     from ..cli import CLIError
 
@@ -95,11 +86,41 @@ def run(args) -> int:
         try:
             report = _merge(merge_checkpoints, a, b, c, args, progress)
         except FileExistsError as exc:  # a user error: exit 2 with the message, no traceback
+            progress.end_line()
             raise CLIError(str(exc)) from None
+        except BaseException:
+            progress.end_line()  # the error message starts on its own line, not after "(n/total tensors)"
+            raise
     print(report.summary())
     if args.report:
         atomic_write_text(args.report, json.dumps(report.to_json(), indent=2))
     return 0
+
+
+class ProgressLine:
+    """``merging: 45% (510/1130 tensors)`` on one stderr line, rewritten in place (every 5 %);
+    :meth:`end_line` ends an unfinished line so that what is printed next starts on a line of its own."""
+
+    def __init__(self, quiet: bool = False, label: str = "merging", stream=None):
+        self.quiet, self.label, self.stream = quiet, label, stream
+        self._last = -1
+        self._open = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        pct = done * 100 // max(total, 1)
+        if pct != self._last and (pct % 5 == 0 or done == total):
+            self._last = pct
+            end = "" if done < total else "\n"
+            print(f"\r{self.label}: {pct:3d}% ({done}/{total} tensors)", end=end,
+                  file=self.stream or sys.stderr, flush=True)
+            self._open = done < total
+
+    def end_line(self) -> None:
+        if self._open:
+            print(file=self.stream or sys.stderr, flush=True)
+            self._open = False
 
 
 def _merge(merge_checkpoints, a, b, c, args, progress):

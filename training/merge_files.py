@@ -73,6 +73,7 @@ class MergeReport:
     only_b: list[str] = field(default_factory=list)
     missing_c: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
+    input_channels_merged: list[str] = field(default_factory=list)
     lora_applied: int = 0
     lora_unmatched: list[str] = field(default_factory=list)
     lora_skipped: dict[str, str] = field(default_factory=dict)
@@ -90,6 +91,10 @@ class MergeReport:
         if self.missing_c:
             lines.append(f"{len(self.missing_c)} keys missing from C (add/train difference: copied from A; "
                          f"TIES/DARE: A used as their base), e.g. {self.missing_c[0]}")
+        if self.input_channels_merged:
+            lines.append(f"{len(self.input_channels_merged)} keys where A has extra input channels (inpainting / "
+                         f"instruct-pix2pix): the first 4 merged, the rest kept from A, e.g. "
+                         f"{self.input_channels_merged[0]}")
         if self.shape_mismatch:
             lines.append(f"{len(self.shape_mismatch)} keys with mismatched shapes (copied from A)")
         if self.lora_applied or self.lora_unmatched or self.lora_skipped:
@@ -324,6 +329,7 @@ class _KeyJob:
     weight: float | None
     out_dtype: torch.dtype
     shape: tuple
+    channels: int | None = None  # inpainting / instruct-pix2pix A with a normal B: merge A[:, :channels] only
 
 
 def _plan_keys(a: _Source, b: _Source | None, c: _Source | None, method: str, plan: MergePlan,
@@ -358,6 +364,14 @@ def _plan_keys(a: _Source, b: _Source | None, c: _Source | None, method: str, pl
                     shapes = f"A {list(shape)}, B {list(b.shape(k))}"
                     if c is not None and k in c_set:
                         shapes += f", C {list(c.shape(k))}"
+                    ch = _extra_channels(shape, b.shape(k), c.shape(k) if c is not None and k in c_set else None)
+                    if ch is not None:
+                        action = "merge"
+                        report.input_channels_merged.append(k)
+                        jobs.append(_KeyJob(k, action, weight, odt, shape, channels=ch))
+                        continue
+                    if _extra_channels(b.shape(k), shape, None) is not None:
+                        shapes += " -- an inpainting / instruct-pix2pix model must be A, the normal model B"
                     mismatches.append(f"{k} ({shapes})")
                 else:
                     action = "merge"
@@ -377,6 +391,20 @@ def _plan_keys(a: _Source, b: _Source | None, c: _Source | None, method: str, pl
     return jobs
 
 
+def _extra_channels(a_shape: tuple, b_shape: tuple, c_shape: tuple | None) -> int | None:
+    """B's input-channel count when A is an inpainting (9 input channels) or instruct-pix2pix (8) UNet whose
+    other dimensions equal B's (4 channels) -- A1111 ``modules/extras.py`` ``run_modelmerger`` then merges the
+    first 4 channels and keeps A's extra ones (so does supermerger, ``assert_inpaint``); else ``None``."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if len(a_shape) != 4 or len(b_shape) != 4 or a_shape[:1] + a_shape[2:] != b_shape[:1] + b_shape[2:]:
+        return None
+    if b_shape[1] != 4 or a_shape[1] not in (8, 9):
+        return None
+    if c_shape is not None and tuple(c_shape) != b_shape:
+        return None
+    return 4
+
+
 def _read(job: _KeyJob, a: _Source, b: _Source | None, c: _Source | None):
     ta = a.get(job.key)
     if job.action != "merge":
@@ -392,6 +420,12 @@ def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
     :func:`training.merge.weighted_sum` takes for these dtypes, so the bits are identical (tested), without
     allocating an output tensor per key."""
     ta, tb, tc = tensors
+    if job.channels is not None and job.action == "merge":  # inpainting A: merge its first channels only
+        full = ta.to(torch.float32, copy=True)
+        part = ta[:, :job.channels]
+        full[:, :job.channels] = merge_tensor(method, job.key, part, tb, tc, job.weight, density=density, seed=seed)
+        ta, tb, tc = full, None, None
+        job = _KeyJob(job.key, "a", job.weight, job.out_dtype, job.shape)
     if (inplace and job.action == "merge" and method == "weighted_sum" and ta.dtype == tb.dtype == job.out_dtype
             and job.out_dtype in (torch.float16, torch.bfloat16, torch.float32)):
         out = torch.lerp(ta, tb, float(job.weight), out=ta)  # == weighted_sum(ta, tb, w, out_dtype), in place
@@ -469,11 +503,54 @@ def _check_lora_targets(lora: dict | None, jobs: list[_KeyJob], report: MergeRep
         report.warnings.append(f"{len(report.lora_unmatched)} LoRA weights have no target in model A")
 
 
-def _modelspec(arch: str, title: str) -> dict[str, str]:
+SD2_V_NORM_STD = 0.09  # ComfyUI comfy/supported_models.py SD20.model_type: std of this bias > 0.09 -> v-prediction
+_SD2_V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def modelspec_architecture(arch: str, source: "_Source | None" = None) -> tuple[str | None, str | None]:
+    """``(modelspec.architecture, modelspec.prediction_type)`` for a merge whose model A is ``source``.
+
+    A's own ``modelspec.architecture`` (and prediction type) is kept when its file has one of the same family.
+    Otherwise: SD1
+    ``stable-diffusion-v1``; SDXL ``stable-diffusion-xl-v1-base``; SD2 ``stable-diffusion-v2-768-v`` (v) when A
+    has a ``v_pred`` key or ComfyUI's test says v-prediction (``comfy/supported_models.py`` ``SD20.model_type``:
+    4 input channels and std of ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` > 0.09), else
+    ``stable-diffusion-v2-512`` (ε); Flux ``flux-1-dev`` when A has the guidance embedder (``guidance_in.*``),
+    else ``flux-1-schnell``. Names from the SAI model spec 1.0 as kohya writes them
+    (sd-scripts ``library/sai_model_spec.py``). Unknown architectures: ``(None, None)``.
+    """
+    md = {}
+    if source is not None and source.is_file:
+        md = source.obj.metadata or {}
+    family = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl",
+              "flux": "flux"}.get(arch)
+    if family and str(md.get("modelspec.architecture", "")).startswith(family):
+        return md["modelspec.architecture"], md.get("modelspec.prediction_type")
+    if arch == "sd2" and source is not None:
+        keys = set(source.keys())
+        v = "v_pred" in keys
+        if not v and _SD2_V_PROBE in keys:
+            conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+            in_ch = source.shape(conv_in)[1] if conv_in in keys else 4
+            if in_ch == 4:
+                t = source.obj.get(_SD2_V_PROBE) if source.is_file else source.obj[_SD2_V_PROBE]
+                v = float(torch.std(t.to(torch.float32), unbiased=False)) > SD2_V_NORM_STD
+        return ("stable-diffusion-v2-768-v", "v") if v else ("stable-diffusion-v2-512", "epsilon")
+    if arch == "flux" and source is not None:
+        dev = any(k.startswith(("guidance_in.", "model.diffusion_model.guidance_in.")) or ".guidance_in." in k
+                  for k in source.keys())
+        return ("flux-1-dev" if dev else "flux-1-schnell"), None
+    return MODELSPEC_ARCH.get(arch) if arch != "flux" else None, None
+
+
+def _modelspec(arch: str, title: str, source: "_Source | None" = None) -> dict[str, str]:
     spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": title,
             "modelspec.date": _dt.date.today().isoformat()}
-    if arch in MODELSPEC_ARCH:
-        spec["modelspec.architecture"] = MODELSPEC_ARCH[arch]
+    name, pred = modelspec_architecture(arch, source)
+    if name:
+        spec["modelspec.architecture"] = name
+    if pred:
+        spec["modelspec.prediction_type"] = pred
     return spec
 
 
@@ -598,7 +675,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         if lora_info:
             lora_info["sha256"] = _placeholder("LoRA") if hash_inputs else None
         recipe = _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report)
-        metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem)}
+        metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem, sa)}
         for src in (sa, sb, sc):
             if src is not None:
                 src.reader = _fast_reader(src, hash_file=hash_inputs)
@@ -630,7 +707,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                 t = tuple(t) + (None,) * (3 - len(t))
                 return _compute(j, t, method, density, seed, lora_map, report, inplace=owned)
 
-            with _torch_threads(1 if method in _MEMORY_BOUND or sb is None else None):
+            with _torch_threads(thread_budget(len(readers) + 1, memory_bound=method in _MEMORY_BOUND or sb is None)):
                 _pipeline(jobs, readers, compute, write, progress)
             hashes = {}
             if hash_inputs:
@@ -651,6 +728,11 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         report.recipe = recipe
         report.output = str(out_path)
         return report
+    except OSError as exc:
+        renamed = _name_output(exc, out_path)
+        if renamed is exc:
+            raise
+        raise renamed from exc
     finally:
         if hasher is not None:
             hasher.stop()
@@ -661,12 +743,46 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             f.close()
 
 
+def _name_output(exc: OSError, out_path: Path) -> OSError:
+    """An error about the temporary file the output is written to, re-worded to name the output file and its
+    folder (a read-only folder, a full disk); any other error is returned unchanged."""
+    fname = getattr(exc, "filename", None)
+    if not fname or not Path(str(fname)).name.startswith(f".{out_path.name}."):
+        return exc
+    what = exc.strerror or str(exc)
+    new = type(exc)(exc.errno, f"cannot write the output {out_path}: {what} (in folder {out_path.parent}; "
+                               "nothing was written)")
+    return new
+
+
 _DONE = object()
 
 # methods whose per-tensor arithmetic is one or two passes over memory: torch's OpenMP threads gain nothing
 # there, and between the thousands of short parallel regions they spin-wait on the cores the reader, hash and
 # writer threads need (benchmarks/merge.py on 2 cores: 7.4 s → 3.3 s user CPU for the same merge).
 _MEMORY_BOUND = ("weighted_sum", "add_difference")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (``sched_getaffinity`` where available, else ``os.cpu_count()``)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(pipeline_threads: int, memory_bound: bool = False) -> int:
+    """torch intra-op threads for the merge arithmetic while ``pipeline_threads`` reader / writer threads run.
+
+    Memory-bound methods (one or two passes over each tensor) get 1. The others (TIES, DARE, DELLA, SLERP,
+    train difference, model stock) get the cores the pipeline leaves: ``max(1, cores − pipeline_threads)``,
+    never more than torch's current setting. Leaving torch's default (one OpenMP thread per core) on while the
+    reader / hash / writer threads run oversubscribes the cores: the OpenMP workers spin-wait between the many
+    short parallel regions on the cores the pipeline needs (issue 19: TIES 262 s → 116 s with one thread on 2
+    cores). Results do not depend on it (same kernels, same bits).
+    """
+    if memory_bound:
+        return 1
+    return max(1, min(torch.get_num_threads(), available_cores() - int(pipeline_threads)))
 
 
 @contextlib.contextmanager
