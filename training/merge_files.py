@@ -46,7 +46,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, WeightFileError, parse_dtype, sha256_file
-from .merge import METHODS, METHODS_NEED_C, MergePlan, check_alpha, merge_tensor, parse_block_weights
+from .merge import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
 
 RECIPE_KEY = "conceptlab.recipe"
 RECIPE_FORMAT = "conceptlab.merge/1"
@@ -414,7 +414,8 @@ def _read(job: _KeyJob, a: _Source, b: _Source | None, c: _Source | None):
 
 
 def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
-             lora: Mapping[str, torch.Tensor] | None, report: MergeReport, inplace: bool = False) -> torch.Tensor:
+             lora: Mapping[str, torch.Tensor] | None, report: MergeReport, inplace: bool = False,
+             options: MethodOptions | None = None) -> torch.Tensor:
     """Merge one key. ``inplace=True`` (the streaming merge, whose A tensor is a fresh buffer of its own)
     lets the weighted sum write its result over A's buffer: the same ``torch.lerp`` kernel and arguments as
     :func:`training.merge.weighted_sum` takes for these dtypes, so the bits are identical (tested), without
@@ -423,7 +424,8 @@ def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
     if job.channels is not None and job.action == "merge":  # inpainting A: merge its first channels only
         full = ta.to(torch.float32, copy=True)
         part = ta[:, :job.channels]
-        full[:, :job.channels] = merge_tensor(method, job.key, part, tb, tc, job.weight, density=density, seed=seed)
+        full[:, :job.channels] = merge_tensor(method, job.key, part, tb, tc, job.weight, density=density, seed=seed,
+                                              options=options)
         ta, tb, tc = full, None, None
         job = _KeyJob(job.key, "a", job.weight, job.out_dtype, job.shape)
     if (inplace and job.action == "merge" and method == "weighted_sum" and ta.dtype == tb.dtype == job.out_dtype
@@ -431,7 +433,7 @@ def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
         out = torch.lerp(ta, tb, float(job.weight), out=ta)  # == weighted_sum(ta, tb, w, out_dtype), in place
     elif job.action == "merge":
         out = merge_tensor(method, job.key, ta, tb, tc, job.weight, density=density, seed=seed,
-                           out_dtype=job.out_dtype)
+                           out_dtype=job.out_dtype, options=options)
     else:
         out = ta
     if lora is not None and job.key in lora:
@@ -451,6 +453,8 @@ def _setup(a, b, c, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, 
     if b is None and method != "weighted_sum":
         raise ValueError(f"{method} needs model B (give B, or only --lora to bake a LoRA into A)")
     if method in METHODS_NEED_C and c is None:
+        if method == "model_stock":
+            raise ValueError("model_stock needs a third model C: the pre-trained base A and B were fine-tuned from")
         raise ValueError(f"{method} needs a third model C: A + α·(B − C) where C is the base B was trained from")
     arch = _detect_arch(a)
     for name, src in (("B", b), ("C", c)):
@@ -471,6 +475,10 @@ def _setup(a, b, c, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, 
         bw = None
         if block_weights:
             bw = block_weights if not isinstance(block_weights, str) else parse_block_weights(block_weights, arch, alpha)
+    if method == "model_stock":
+        caught.append(warnings.WarningMessage(
+            "model_stock does not use alpha" + (" or block weights" if bw is not None else "") +
+            ": its ratio t comes from the angle between A − C and B − C", UserWarning, __file__, 0))
     for w in caught:
         report.warnings.append(str(w.message))
         warnings.warn(str(w.message), UserWarning, stacklevel=3)
@@ -554,16 +562,17 @@ def _modelspec(arch: str, title: str, source: "_Source | None" = None) -> dict[s
     return spec
 
 
-def _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report) -> dict:
+def _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options=None) -> dict:
     from .. import __version__
 
     r = {"format": RECIPE_FORMAT, "tool": f"conceptlab {__version__}", "method": report.method,
          "convention": "alpha is the weight of B: (1-alpha)*A + alpha*B",
          "arch": plan.arch, **plan.describe(), "dtype": dtype_name, "inputs": inputs}
-    if method in ("ties", "dare"):
+    if method in ("ties", "dare", "della"):
         r["density"] = float(density)
-    if method == "dare":
+    if method in ("dare", "della"):
         r["seed"] = int(seed)
+    r.update((options or MethodOptions()).describe(method))
     if lora_info:
         r["lora"] = lora_info
     return r
@@ -616,7 +625,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                       te: str = "merge", vae: str = "a", te_alpha: float | None = None,
                       vae_alpha: float | None = None, lora: str | os.PathLike | None = None,
                       lora_strength: float = 1.0, overwrite: bool = False, on_shape_mismatch: str = "error",
-                      hash_inputs: bool = True,
+                      hash_inputs: bool = True, options: MethodOptions | None = None,
                       progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge checkpoint files tensor by tensor into ``output`` (safetensors), in constant memory.
 
@@ -635,6 +644,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         overwrite: replace an existing ``output`` (default: ``FileExistsError``).
         on_shape_mismatch: ``"error"`` (default) or ``"a"``.
         hash_inputs: store inputs' SHA-256 in the recipe (computed from the buffers as they are read).
+        options: :class:`training.merge.MethodOptions` (TIES sign election, SLERP norm, DELLA ε / rescale).
         progress: ``progress(done, total)`` after each tensor; may raise to cancel (no file is left).
     Returns:
         :class:`MergeReport`.
@@ -674,7 +684,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                   for tag, p in paths.items()}
         if lora_info:
             lora_info["sha256"] = _placeholder("LoRA") if hash_inputs else None
-        recipe = _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report)
+        recipe = _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options)
         metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem, sa)}
         for src in (sa, sb, sc):
             if src is not None:
@@ -705,7 +715,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
 
             def compute(j, t):
                 t = tuple(t) + (None,) * (3 - len(t))
-                return _compute(j, t, method, density, seed, lora_map, report, inplace=owned)
+                return _compute(j, t, method, density, seed, lora_map, report, inplace=owned, options=options)
 
             with _torch_threads(thread_budget(len(readers) + 1, memory_bound=method in _MEMORY_BOUND or sb is None)):
                 _pipeline(jobs, readers, compute, write, progress)
@@ -898,8 +908,8 @@ def merge_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
                       alpha: float = 0.5, block_weights=None, density: float = 0.2, seed: int = 0,
                       dtype: str = "fp16", te: str = "merge", vae: str = "a", te_alpha: float | None = None,
                       vae_alpha: float | None = None, lora: Mapping[str, torch.Tensor] | None = None,
-                      lora_strength: float = 1.0,
-                      on_shape_mismatch: str = "error") -> tuple[dict[str, torch.Tensor], MergeReport]:
+                      lora_strength: float = 1.0, on_shape_mismatch: str = "error",
+                      options: MethodOptions | None = None) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """In-memory twin of :func:`merge_checkpoints` (same arguments and key rules; ``lora`` is a LoRA state
     dict). Returns ``(merged state dict, report)``; every floating tensor is cast to ``dtype``."""
     out_dtype = parse_dtype(dtype)
@@ -910,5 +920,6 @@ def merge_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     jobs = _plan_keys(sa, sb, sc, method, plan, out_dtype, on_shape_mismatch, report)
     lora_map, _ = _lora(lora, lora_strength, plan.arch, report)
     _check_lora_targets(lora_map, jobs, report)
-    out = {j.key: _compute(j, _read(j, sa, sb, sc), method, density, seed, lora_map, report) for j in jobs}
+    out = {j.key: _compute(j, _read(j, sa, sb, sc), method, density, seed, lora_map, report, options=options)
+           for j in jobs}
     return out, report
