@@ -77,9 +77,10 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
     if float(epsilon) == 0.0 or t.numel() == 0:
         return keep.clamp(min=0, max=1)
     n = t.numel()
-    order = torch.argsort(t.abs().reshape(-1), stable=True)
-    rank = torch.empty(n, dtype=torch.int64)
-    rank[order] = torch.arange(1, n + 1, dtype=torch.int64)
+    # |τ| ≥ 0, so its float32 bit patterns read as int32 sort in the same order; torch sorts int32 with a radix
+    # sort, ~5× faster than a float argsort (same stable order, so the ranks equal scipy's "ordinal" ranks)
+    order = torch.sort(t.abs().reshape(-1).contiguous().view(torch.int32), stable=True).indices
+    rank = torch.empty(n, dtype=torch.int64).index_copy_(0, order, torch.arange(1, n + 1, dtype=torch.int64))
     shift = (rank.reshape(t.shape).to(t.device) / n - (n + 1) / (n * 2)) * float(epsilon)
     return (keep + torch.nan_to_num(shift, nan=0, posinf=0, neginf=0)).clamp(min=0, max=1)
 
