@@ -172,7 +172,8 @@ def run_ours(method, a, b, out):
 
 def run_mecha(method, a, b, out):
     """sd-mecha (PyPI) with its defaults (threads, buffers), merging in fp32 and saving fp16: the closest recipe
-    to each of our methods (ties / della / model stock on base C with A and B; dare as sd-mecha's
+    to each of our methods (ties / della / model stock on base C with A and B, ties through
+    ``add_ties_with_dare`` with probability 0; dare as sd-mecha's
     ``dropout`` of B − A; train difference = add_difference with ``train_difference_mask``)."""
     import torch
     import sd_mecha
@@ -187,7 +188,8 @@ def run_mecha(method, a, b, out):
     elif method == "train_difference":
         r = sd_mecha.add_difference(ma, mb, mc, alpha=sd_mecha.train_difference_mask(ma, mb, mc, alpha=ALPHA))
     elif method == "ties":
-        r = sd_mecha.add_difference_ties(mc, ma, mb, alpha=1.0, k=DENSITY)
+        # add_difference_ties fails in sd-mecha 1.1.8 (merge space None); this is its TIES with nothing dropped
+        r = sd_mecha.add_ties_with_dare(mc, ma, mb, probability=0.0, k=DENSITY, apply_stock=True, seed=SEED)
     elif method == "dare":
         r = sd_mecha.dropout(ma, mb, probability=1 - DENSITY, alpha=ALPHA, seed=SEED)
     elif method == "della":
