@@ -7,7 +7,9 @@ then measures, each path in a fresh subprocess (so peak RSS is its own):
 * ``io_floor``: the reference — read both files and write one with the ``safetensors`` library
   (``load_file`` ×2 + ``save_file`` + fsync), no arithmetic;
 * ``conceptlab``: :func:`conceptlab.training.merge_files.merge_checkpoints` (weighted sum α = 0.5, fp16, input
-  SHA-256 in the recipe), and ``conceptlab_nohash`` the same with ``hash_inputs=False``;
+  SHA-256 in the recipe) on inputs it has not seen (hash cache off: both inputs hashed);
+  ``conceptlab_cached`` the same default merge of inputs merged before (their digests in the hash cache,
+  :mod:`conceptlab.training.merge_hashes`); ``conceptlab_nohash`` with ``hash_inputs=False``;
 * ``stream_floor``: read both tensor by tensor (``WeightFile``, memory-mapped) and stream A's tensors out with
   ``SafetensorsStreamWriter`` (a plain streaming copy, no arithmetic, no hash);
 * ``naive``: load both state dicts fully, merge, ``save_file`` + fsync;
@@ -234,7 +236,8 @@ def _fsync(path):
 
 
 PATHS = {"io_floor": run_io_floor, "stream_floor": run_stream_floor, "naive": run_naive,
-         "conceptlab": run_conceptlab, "conceptlab_nohash": run_conceptlab_nohash}
+         "conceptlab": run_conceptlab, "conceptlab_nohash": run_conceptlab_nohash,
+         "conceptlab_cached": run_conceptlab}
 
 
 def child(name, a, b, out):
@@ -390,7 +393,7 @@ def main():
         print(f"inputs: 2 x {size / 1e9:.2f} GB ({n / 1e6:.1f} M params, {len(shapes)} tensors, fp16) "
               f"in {time.perf_counter() - t0:.0f} s")
         print(f"machine: {machine()}; page cache before each run: {cache}; {args.repeat} rounds, fixed order")
-        order = ["io_floor", "conceptlab", "conceptlab_nohash", "stream_floor", "naive"]
+        order = ["io_floor", "conceptlab", "conceptlab_cached", "conceptlab_nohash", "stream_floor", "naive"]
         if methods:
             try:
                 import sd_mecha  # noqa: F401
@@ -403,13 +406,24 @@ def main():
                 order.append(f"ours:{m}")
                 if have_mecha:
                     order.append(f"sd-mecha:{m}")
-        env_for = {name: None for name in order}
+        # hash cache: every path hashes its inputs (a first merge of these files: CONCEPTLAB_HASH_CACHE=off) except
+        # conceptlab_cached, the same default merge when the inputs were merged (hashed) before
+        cache_file = tmp / "sha256-cache.json"
+        env_for = {name: {**os.environ, "CONCEPTLAB_HASH_CACHE": "off"} for name in order}
+        env_for["conceptlab_cached"] = {**os.environ, "CONCEPTLAB_HASH_CACHE": str(cache_file)}
+        if "conceptlab_cached" in order:
+            from conceptlab.formats.safetensors_io import sha256_file
+            from conceptlab.training import merge_hashes
+
+            os.environ["CONCEPTLAB_HASH_CACHE"] = str(cache_file)
+            merge_hashes.store({p: sha256_file(p) for p in (a, b)})
+            del os.environ["CONCEPTLAB_HASH_CACHE"]
         if args.compare_rev:
             rev_dir = extract_rev(args.compare_rev, tmp / "rev")
             for name in ("conceptlab", "conceptlab_nohash"):
                 tagged = f"{name}@{args.compare_rev}"
                 order.append(tagged)
-                env_for[tagged] = {**os.environ, "PYTHONPATH": str(rev_dir)}
+                env_for[tagged] = {**os.environ, "PYTHONPATH": str(rev_dir), "CONCEPTLAB_HASH_CACHE": "off"}
         if args.only:
             keep = set(args.only.split(","))
             order = [nm for nm in order if nm in keep]
@@ -455,6 +469,11 @@ def main():
             peak = max(r["peak_above_baseline_gib"] for r in ours)
             print(f"\nconceptlab vs I/O floor: {med / floor:.2f}x time (target <= 1.5x), {peak:.2f} GiB peak RSS "
                   f"above baseline (target <= 1.5 GB = 1.40 GiB)")
+            for other, what in (("conceptlab_cached", "inputs merged before (hash cache)"),
+                                ("conceptlab_nohash", "--no-hash")):
+                if runs.get(other):
+                    print(f"conceptlab, {what}, vs I/O floor: "
+                          f"{_median([r['seconds'] for r in runs[other]]) / floor:.2f}x time")
             if runs.get("naive"):
                 nv = _median([r["seconds"] for r in runs["naive"]])
                 npk = max(r["peak_above_baseline_gib"] for r in runs["naive"])

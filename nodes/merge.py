@@ -268,7 +268,8 @@ class MergeCheckpointFiles:
                                                         "tooltip": "Merge the text encoder with the BASE weight, or "
                                                                    "take it from A."}),
                 "vae": (["from A", "merge"], {"default": "from A",
-                                               "tooltip": "Take the VAE from A, or merge it with the BASE weight."}),
+                                               "tooltip": "Take the VAE from A (default), or merge it with the "
+                                                          "BASE weight (what A1111, supermerger and sd-mecha do)."}),
                 "filename": ("STRING", {"default": "merged",
                                         "tooltip": "Output name in output/checkpoints/ (.safetensors is added)."}),
                 "overwrite": ("BOOLEAN", {"default": False,

@@ -171,3 +171,36 @@ def test_inpainting_a_with_normal_b_merges_the_first_four_channels(tmp_path):
     # the other way round (normal A, inpainting B) is refused with the reason, as A1111 does
     with pytest.raises(ValueError, match="must be A"):
         MF.merge_checkpoints(b, a, tmp_path / "o2.safetensors", hash_inputs=False)
+
+
+def test_hash_cache_reuses_digests_of_unchanged_inputs_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTLAB_HASH_CACHE", str(tmp_path / "cache" / "sha256.json"))
+    a = write(tmp_path, "a.safetensors", make_sd(0))
+    b = write(tmp_path, "b.safetensors", make_sd(1))
+    hashed = []
+    real = MF._PreadSafetensors.__init__
+
+    def spy(self, wf, hash_file=False):
+        hashed.append((wf.path.name, hash_file))
+        real(self, wf, hash_file=hash_file)
+
+    monkeypatch.setattr(MF._PreadSafetensors, "__init__", spy)
+    MF.merge_checkpoints(a, b, tmp_path / "o1.safetensors")
+    assert hashed == [("a.safetensors", True), ("b.safetensors", True)]
+    hashed.clear()
+    MF.merge_checkpoints(a, b, tmp_path / "o2.safetensors")       # same inputs: no hashing at all
+    assert hashed == [("a.safetensors", False), ("b.safetensors", False)]
+    r1, r2 = MF.read_recipe(tmp_path / "o1.safetensors"), MF.read_recipe(tmp_path / "o2.safetensors")
+    assert r1["inputs"] == r2["inputs"]
+    assert r2["inputs"]["A"]["sha256"] == sio.sha256_file(a)
+    # B replaced by another file: hashed again, and the recipe has the new digest
+    (tmp_path / "b.safetensors").unlink()
+    b = write(tmp_path, "b.safetensors", make_sd(5))
+    hashed.clear()
+    MF.merge_checkpoints(a, b, tmp_path / "o3.safetensors")
+    assert hashed == [("a.safetensors", False), ("b.safetensors", True)]
+    assert MF.read_recipe(tmp_path / "o3.safetensors")["inputs"]["B"]["sha256"] == sio.sha256_file(b)
+    # the cache can be switched off per merge
+    hashed.clear()
+    MF.merge_checkpoints(a, b, tmp_path / "o4.safetensors", hash_cache=False)
+    assert hashed == [("a.safetensors", True), ("b.safetensors", True)]

@@ -63,6 +63,7 @@ def register(subparsers) -> None:
     p.add_argument("--shape-mismatch", choices=("error", "a"), default="error",
                    help="keys whose shapes differ: stop with an error (default) or copy them from A")
     p.add_argument("--no-hash", action="store_true", help="do not store the inputs' SHA-256 in the recipe")
+    _add_hash_cache_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--report", default=None, metavar="JSON", help="also write the merge report as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -82,6 +83,13 @@ def _add_convention_args(p) -> None:
     p.add_argument("--della-rescale", choices=("element", "global"), default="element",
                    help="DELLA: divide kept entries by their own keep probability (element, paper; default) or the "
                         "merged vector by density (global, sd-mecha)")
+
+
+def _add_hash_cache_arg(p) -> None:
+    p.add_argument("--no-hash-cache", action="store_true",
+                   help="hash every input again instead of reusing the SHA-256 remembered for an unchanged file "
+                        "(same path, size, mtime, inode; cache: $CONCEPTLAB_HASH_CACHE or "
+                        "~/.cache/conceptlab/sha256.json)")
 
 
 def _options(args) -> MethodOptions:
@@ -116,6 +124,7 @@ def _register_n(subparsers) -> None:
                    help="merge the text encoders (default) or take the first model's")
     p.add_argument("--vae", choices=("a", "merge"), default="a", help="first model's VAE (default) or merge it")
     p.add_argument("--no-hash", action="store_true", help="do not store the inputs' SHA-256 in the recipe")
+    _add_hash_cache_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--report", default=None, metavar="JSON", help="also write the merge report as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -135,7 +144,8 @@ def run_n(args) -> int:
             report = merge_checkpoints_n(
                 args.models, args.output, weights=args.weights, method=args.method, base=args.base,
                 density=args.density, seed=args.seed, dtype=args.dtype, te=args.text_encoder, vae=args.vae,
-                overwrite=args.overwrite, hash_inputs=not args.no_hash, options=_options(args), progress=progress)
+                overwrite=args.overwrite, hash_inputs=not args.no_hash, options=_options(args), progress=progress,
+                hash_cache=not args.no_hash_cache)
         except FileExistsError as exc:
             progress.end_line()
             raise CLIError(str(exc)) from None
@@ -215,4 +225,4 @@ def _merge(merge_checkpoints, a, b, c, args, progress):
         density=args.density, seed=args.seed, dtype=args.dtype, te=args.text_encoder, vae=args.vae,
         te_alpha=args.te_alpha, vae_alpha=args.vae_alpha, lora=args.lora, lora_strength=args.strength,
         overwrite=args.overwrite, on_shape_mismatch=args.shape_mismatch, hash_inputs=not args.no_hash,
-        options=_options(args), progress=progress)
+        options=_options(args), progress=progress, hash_cache=not args.no_hash_cache)

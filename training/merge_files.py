@@ -626,7 +626,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                       vae_alpha: float | None = None, lora: str | os.PathLike | None = None,
                       lora_strength: float = 1.0, overwrite: bool = False, on_shape_mismatch: str = "error",
                       hash_inputs: bool = True, options: MethodOptions | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> MergeReport:
+                      progress: Callable[[int, int], None] | None = None, hash_cache: bool = True) -> MergeReport:
     """Merge checkpoint files tensor by tensor into ``output`` (safetensors), in constant memory.
 
     Args:
@@ -644,6 +644,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         overwrite: replace an existing ``output`` (default: ``FileExistsError``).
         on_shape_mismatch: ``"error"`` (default) or ``"a"``.
         hash_inputs: store inputs' SHA-256 in the recipe (computed from the buffers as they are read).
+        hash_cache: reuse / remember those digests in :mod:`training.merge_hashes` (keyed by path, size, mtime,
+            inode), so merging the same unchanged inputs again costs no hashing.
         options: :class:`training.merge.MethodOptions` (TIES sign election, SLERP norm, DELLA ε / rescale).
         progress: ``progress(done, total)`` after each tensor; may raise to cancel (no file is left).
     Returns:
@@ -686,15 +688,17 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             lora_info["sha256"] = _placeholder("LoRA") if hash_inputs else None
         recipe = _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options)
         metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem, sa)}
-        for src in (sa, sb, sc):
+        cached = _cached_hashes(all_paths) if hash_inputs and hash_cache else {}
+        for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
             if src is not None:
-                src.reader = _fast_reader(src, hash_file=hash_inputs)
+                src.reader = _fast_reader(src, hash_file=hash_inputs and tag not in cached)
         if sa.reader is not None:  # A's storage order: sequential reads of A (and of B/C when laid out alike)
             jobs.sort(key=lambda j: sa.reader.data_offset(j.key))
         specs = {j.key: (j.out_dtype, j.shape) for j in jobs}
         if hash_inputs:  # safetensors inputs hash while they are read; torch pickles and the LoRA on a thread
             srcs = {"A": sa, "B": sb, "C": sc}
-            rest = {tag: p for tag, p in all_paths.items() if srcs.get(tag) is None or srcs[tag].reader is None}
+            rest = {tag: p for tag, p in all_paths.items()
+                    if tag not in cached and (srcs.get(tag) is None or srcs[tag].reader is None)}
             if rest:
                 hasher = _Hasher(rest)
                 hasher.start()
@@ -722,13 +726,16 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             hashes = {}
             if hash_inputs:
                 for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
-                    if src is not None and src.reader is not None:
+                    if src is not None and src.reader is not None and tag not in cached:
                         hashes[tag] = src.reader.hexdigest()
             if hasher is not None:
                 hasher.join()
                 if hasher.error is not None:
                     raise hasher.error
                 hashes.update(hasher.result)
+            if hash_inputs and hash_cache:
+                _remember_hashes(all_paths, hashes)
+            hashes.update(cached)
             _patch_hashes(writer, hashes)
             for tag, h in hashes.items():
                 if tag == "LoRA":
@@ -751,6 +758,19 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                 src.reader.close()
         for f in files.values():
             f.close()
+
+
+def _cached_hashes(paths: Mapping[str, Path]) -> dict[str, str]:
+    from .merge_hashes import lookup
+
+    found = {tag: lookup(p) for tag, p in paths.items()}
+    return {tag: h for tag, h in found.items() if h}
+
+
+def _remember_hashes(paths: Mapping[str, Path], hashes: Mapping[str, str]) -> None:
+    from .merge_hashes import store
+
+    store({paths[tag]: h for tag, h in hashes.items() if tag in paths})
 
 
 def _name_output(exc: OSError, out_path: Path) -> OSError:

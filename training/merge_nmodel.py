@@ -186,7 +186,7 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
                         base: str | os.PathLike | None = None, density: float = 0.2, seed: int = 0,
                         dtype: str = "fp16", te: str = "merge", vae: str = "a", overwrite: bool = False,
                         hash_inputs: bool = True, options: MethodOptions | None = None,
-                        progress: Callable[[int, int], None] | None = None):
+                        progress: Callable[[int, int], None] | None = None, hash_cache: bool = True):
     """Merge N ≥ 2 checkpoint files (+ a base for TIES / DARE / DELLA / Model Stock) into ``output``.
 
     Args:
@@ -194,7 +194,7 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
             the first model's keys, in its order.
         weights: one per model (comma string or sequence); default ``1/N`` each (see :func:`parse_weights`).
         method: one of :data:`METHODS_N`; ``base`` required for all but weighted_sum.
-        density, seed, options: as in :func:`training.merge_files.merge_checkpoints`.
+        density, seed, options, hash_inputs, hash_cache: as in :func:`training.merge_files.merge_checkpoints`.
         te: ``"merge"`` (text encoders merged like the UNet) or ``"a"`` (from the first model); vae: ``"a"``
             (default, the first model's) or ``"merge"``.
     Key rules: a key missing from any model (or the base) and non-floating / other keys come from the first
@@ -282,13 +282,14 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
         if method in ("dare", "della"):
             recipe["seed"] = int(seed)
         metadata = {MF.RECIPE_KEY: json.dumps(recipe, sort_keys=True), **MF._modelspec(arch, out_path.stem, first)}
-        for src in srcs.values():
-            src.reader = MF._fast_reader(src, hash_file=hash_inputs)
+        cached = MF._cached_hashes(paths) if hash_inputs and hash_cache else {}
+        for tag, src in srcs.items():
+            src.reader = MF._fast_reader(src, hash_file=hash_inputs and tag not in cached)
         if first.reader is not None:
             jobs.sort(key=lambda j: first.reader.data_offset(j.key))
         hasher = None
         if hash_inputs:
-            rest = {t: paths[t] for t, s in srcs.items() if s.reader is None}
+            rest = {t: paths[t] for t, s in srcs.items() if s.reader is None and t not in cached}
             if rest:
                 hasher = MF._Hasher(rest)
                 hasher.start()
@@ -325,13 +326,16 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
                 hashes = {}
                 if hash_inputs:
                     for t, s in srcs.items():
-                        if s.reader is not None:
+                        if s.reader is not None and t not in cached:
                             hashes[t] = s.reader.hexdigest()
                 if hasher is not None:
                     hasher.join()
                     if hasher.error is not None:
                         raise hasher.error
                     hashes.update(hasher.result)
+                if hash_inputs and hash_cache:
+                    MF._remember_hashes(paths, hashes)
+                hashes.update(cached)
                 MF._patch_hashes(writer, hashes)
                 for t, h in hashes.items():
                     recipe["inputs"][t]["sha256"] = h
