@@ -148,7 +148,8 @@ class MergeModels:
     """In-graph merge of MODEL (and optionally CLIP) inputs; α is B's weight."""
 
     DESCRIPTION = ("Merge two (or three) models in the graph without saving: weighted sum, add difference, train "
-                   "difference, TIES, DARE or SLERP, optionally per UNet block. " + CONVENTION + " The outputs "
+                   "difference, TIES, DARE, DELLA, SLERP or Model Stock, optionally per UNet block (blocks as in "
+                   "supermerger / sd-mecha). " + CONVENTION + " The outputs "
                    "are patched clones; the inputs are never changed and LoRAs applied upstream are included.")
     CATEGORY = CATEGORY
     FUNCTION = "merge"
