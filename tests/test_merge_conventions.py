@@ -204,3 +204,14 @@ def test_hash_cache_reuses_digests_of_unchanged_inputs_only(tmp_path, monkeypatc
     hashed.clear()
     MF.merge_checkpoints(a, b, tmp_path / "o4.safetensors", hash_cache=False)
     assert hashed == [("a.safetensors", True), ("b.safetensors", True)]
+
+
+def test_ties_trim_keeps_exactly_k_with_ties_in_memory_order():
+    tau = torch.tensor([1.0, -1.0, 1.0, 0.5, 1.0])
+    assert torch.equal(M.trim_top_k(tau, 0.4), torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(M.trim_top_k(tau, 0.8), torch.tensor([1.0, -1.0, 1.0, 0.0, 1.0]))
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(1000, generator=g) * 8).round()       # many equal magnitudes
+    kept = M.trim_top_k(big, 0.3)
+    assert int((kept != 0).sum()) == 300                       # exactly round(density * n), ties included
+    assert big.abs()[kept == 0].max() <= kept.abs()[kept != 0].min()
