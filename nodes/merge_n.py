@@ -19,7 +19,7 @@ import torch
 
 from ..training.merge import TIES_SIGNS, MergePlan, MethodOptions, canonical_key, check_alpha
 from ..training.merge_nmodel import METHODS_N, METHODS_N_NEED_BASE, merge_tensor_n, parse_weights
-from . import comfy_host
+from . import comfy_host, policy
 from .merge import CONVENTION, _arch_of, _check_same, _key_patches, _label_grid, _patched_weight, merge_patchers
 
 CATEGORY = "Concept Lab/Merge"
@@ -30,6 +30,7 @@ _TIES_SIGN = (list(TIES_SIGNS), {"default": "sum",
                                             "paper, mergekit). count: one vote per model (sd-mecha's default)."})
 
 
+@policy.guarded
 class MergeModelsN:
     """In-graph merge of up to six models (weighted sum, TIES, DARE, DELLA, Model Stock)."""
 
@@ -179,8 +180,11 @@ def steps_sweep(model_a, loaders, alpha: float, sample, rows: int, seed: int, pr
     return cells, [lab for lab, _ in loaders]
 
 
+@policy.guarded
 class MergeStepsSweep:
     """Merge-with-trained-steps grid: model A merged at one α with each epoch/step checkpoint."""
+
+    PATH_INPUTS = {"checkpoints": "lines"}
 
     DESCRIPTION = ("The 'merge with trained steps' grid: model A merged at one α with each of several checkpoints "
                    "of one training run (epoch / step saves), sampled with ComfyUI's own sampler. Columns = the "
@@ -204,8 +208,8 @@ class MergeStepsSweep:
             "required": {
                 "model_a": ("MODEL", {"tooltip": "Model A (weight 1 − α), e.g. the base the run started from."}),
                 "checkpoints": ("STRING", {"default": "", "multiline": True,
-                                           "tooltip": "Checkpoint names from the checkpoints folder, one per line "
-                                                      "or comma-separated (e.g. the epoch saves of one run); "
+                                           "tooltip": "Checkpoint names from the checkpoints folder, one per "
+                                                      "line (e.g. the epoch saves of one run); "
                                                       "sorted by the last number in each name."}),
                 "alpha": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 2.0, "step": 0.01,
                                     "tooltip": "Weight of each checkpoint. " + CONVENTION}),
