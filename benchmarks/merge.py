@@ -7,7 +7,9 @@ then measures, each path in a fresh subprocess (so peak RSS is its own):
 * ``io_floor``: the reference — read both files and write one with the ``safetensors`` library
   (``load_file`` ×2 + ``save_file`` + fsync), no arithmetic;
 * ``conceptlab``: :func:`conceptlab.training.merge_files.merge_checkpoints` (weighted sum α = 0.5, fp16, input
-  SHA-256 in the recipe), and ``conceptlab_nohash`` the same with ``hash_inputs=False``;
+  SHA-256 in the recipe) on inputs it has not seen (hash cache off: both inputs hashed);
+  ``conceptlab_cached`` the same default merge of inputs merged before (their digests in the hash cache,
+  :mod:`conceptlab.training.merge_hashes`); ``conceptlab_nohash`` with ``hash_inputs=False``;
 * ``stream_floor``: read both tensor by tensor (``WeightFile``, memory-mapped) and stream A's tensors out with
   ``SafetensorsStreamWriter`` (a plain streaming copy, no arithmetic, no hash);
 * ``naive``: load both state dicts fully, merge, ``save_file`` + fsync;
@@ -24,8 +26,15 @@ machine the load average says how much the other jobs took. Times include the fi
 Prints wall time and peak RSS above the interpreter's baseline (VmHWM − VmRSS after imports) for each, and
 the ratios against the I/O floor (ratio of medians, and the median of the per-round ratios, which cancels
 slow drifts of the machine's load). Targets: ≤ 1.5× the floor's time, ≤ 1.5 GB peak RSS above baseline.
-Everything is deleted afterwards (except ``--inputs-dir``, which keeps the two inputs for later runs). Usage: ``python benchmarks/merge.py [--repeat 3] [--cache cold|warm]
-[--compare-rev HEAD] [--dir DIR] [--only io_floor,conceptlab]``.
+With ``--methods all`` (or a comma list) every merge method is also timed twice in the same rounds: ours
+(``ours:<method>``, :func:`merge_checkpoints` with its defaults, input hashing on) and sd-mecha's
+(``sd-mecha:<method>``, the PyPI package with its defaults, the closest recipe: see :func:`run_mecha`), on A, B
+and a third checkpoint C where the method uses a base. ``--size-mb N`` uses modest inputs: the first SD1.5 UNet
+tensors (real names and shapes) up to N MB per file, so a 2-core machine measures every method in minutes.
+
+Everything is deleted afterwards (except ``--inputs-dir``, which keeps the inputs for later runs). Usage:
+``python benchmarks/merge.py [--repeat 3] [--cache cold|warm] [--compare-rev HEAD] [--dir DIR]
+[--only io_floor,conceptlab] [--size-mb 300] [--methods all]``.
 """
 
 from __future__ import annotations
@@ -144,13 +153,91 @@ def run_conceptlab_nohash(a, b, out):
     run_conceptlab(a, b, out, hash_inputs=False)
 
 
+# --------------------------------------------------------------------------- each method: ours vs sd-mecha
+METHODS = ("weighted_sum", "add_difference", "train_difference", "ties", "dare", "della", "slerp", "model_stock")
+NEEDS_C = ("add_difference", "train_difference", "ties", "della", "model_stock")  # C = the common base
+DENSITY, SEED, DELLA_EPS = 0.2, 1, 0.1
+
+
+def _c_path(a):
+    return str(Path(a).with_name(Path(a).name.replace("_a.safetensors", "_c.safetensors")))
+
+
+def run_ours(method, a, b, out):
+    """Our streaming file merge with its defaults (input SHA-256 on), fp16 output."""
+    from conceptlab.training.merge_files import merge_checkpoints
+
+    c = _c_path(a) if method in NEEDS_C else None
+    merge_checkpoints(a, b, out, c=c, method=method, alpha=ALPHA, density=DENSITY, seed=SEED, dtype="fp16",
+                      overwrite=True)
+
+
+def run_mecha(method, a, b, out):
+    """sd-mecha (PyPI) with its defaults (threads, buffers), merging in fp32 and saving fp16: the closest recipe
+    to each of our methods (ties / della / model stock on base C with A and B, ties through
+    ``add_ties_with_dare`` with probability 0; dare as sd-mecha's
+    ``dropout`` of B − A; train difference = add_difference with ``train_difference_mask``)."""
+    import torch
+    import sd_mecha
+
+    cfg = "sd1-ldm"
+    ma, mb = sd_mecha.model(a, config=cfg), sd_mecha.model(b, config=cfg)
+    mc = sd_mecha.model(_c_path(a), config=cfg) if method in NEEDS_C else None
+    if method == "weighted_sum":
+        r = sd_mecha.weighted_sum(ma, mb, alpha=ALPHA)
+    elif method == "add_difference":
+        r = sd_mecha.add_difference(ma, mb, mc, alpha=ALPHA)
+    elif method == "train_difference":
+        r = sd_mecha.add_difference(ma, mb, mc, alpha=sd_mecha.train_difference_mask(ma, mb, mc, alpha=ALPHA))
+    elif method == "ties":
+        # add_difference_ties fails in sd-mecha 1.1.8 (merge space None); this is its TIES with nothing dropped
+        r = sd_mecha.add_ties_with_dare(mc, ma, mb, probability=0.0, k=DENSITY, apply_stock=True, seed=SEED)
+    elif method == "dare":
+        r = sd_mecha.dropout(ma, mb, probability=1 - DENSITY, alpha=ALPHA, seed=SEED)
+    elif method == "della":
+        r = sd_mecha.add_ties_with_dare(mc, ma, mb, della_eps=DELLA_EPS, probability=1 - DENSITY, k=1.0,
+                                        apply_stock=True, seed=SEED)
+    elif method == "slerp":
+        r = sd_mecha.slerp(ma, mb, alpha=ALPHA)
+    elif method == "model_stock":
+        r = sd_mecha.n_model_stock(mc, ma, mb)
+    else:
+        raise ValueError(method)
+    sd_mecha.merge(r, output=out, merge_dtype=torch.float32, output_dtype=torch.float16,
+                   strict_mandatory_keys=False, tqdm=_NoBar)
+    _fsync(out)
+
+
+class _NoBar:
+    """tqdm stand-in (sd-mecha's progress bar would flood the captured output)."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *a, **k):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
 def _fsync(path):
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
 
 
 PATHS = {"io_floor": run_io_floor, "stream_floor": run_stream_floor, "naive": run_naive,
-         "conceptlab": run_conceptlab, "conceptlab_nohash": run_conceptlab_nohash}
+         "conceptlab": run_conceptlab, "conceptlab_nohash": run_conceptlab_nohash,
+         "conceptlab_cached": run_conceptlab}
 
 
 def child(name, a, b, out):
@@ -161,7 +248,13 @@ def child(name, a, b, out):
 
     base = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    PATHS[name.split("@")[0]](a, b, out)
+    kind = name.split("@")[0]
+    if kind.startswith("ours:"):
+        run_ours(kind[5:], a, b, out)
+    elif kind.startswith("sd-mecha:"):
+        run_mecha(kind[9:], a, b, out)
+    else:
+        PATHS[kind](a, b, out)
     dt = time.perf_counter() - t0
     peak = _rss_kib("VmHWM")
     print(json.dumps({"name": name, "seconds": dt, "peak_above_baseline_gib": (peak - base) / 2 ** 20,
@@ -249,7 +342,13 @@ def main():
     ap.add_argument("--compare-rev", default=None, help="also time the merge of this git revision (e.g. HEAD)")
     ap.add_argument("--only", default=None, help="comma-separated subset of paths to run")
     ap.add_argument("--inputs-dir", default=None,
-                    help="keep the two generated checkpoints in this folder and reuse them on later runs")
+                    help="keep the generated checkpoints in this folder and reuse them on later runs")
+    ap.add_argument("--size-mb", type=float, default=0,
+                    help="modest inputs: only the first SD1.5 UNet tensors (real names and shapes, key order) up to "
+                         "this many MB of fp16 per file; 0 = the full 2.13 GB SD1.5 checkpoint (default)")
+    ap.add_argument("--methods", default=None,
+                    help="also time each of these methods (comma list, or 'all') for our merge and for sd-mecha "
+                         "(PyPI sd-mecha; skipped with a message when not installed), in the same rounds")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -263,10 +362,30 @@ def main():
     try:
         t0 = time.perf_counter()
         shapes = sd15_shapes()
+        if args.size_mb:
+            sub, total = {}, 0
+            for k, shp in shapes.items():
+                if not k.startswith("model.diffusion_model."):
+                    continue
+                nb = 2 * math.prod(shp)
+                if total + nb > args.size_mb * 1e6 and sub:
+                    break
+                sub[k], total = shp, total + nb
+            shapes = sub
+        methods = []
+        if args.methods:
+            methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+            bad = [m for m in methods if m not in METHODS]
+            if bad:
+                ap.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+        tag = f"_{int(args.size_mb)}mb" if args.size_mb else ""
         where = Path(args.inputs_dir) if args.inputs_dir else tmp
         where.mkdir(parents=True, exist_ok=True)
-        a, b = where / "bench_sd15_a.safetensors", where / "bench_sd15_b.safetensors"
-        for p, seed in ((a, 1), (b, 2)):
+        a, b = where / f"bench_sd15{tag}_a.safetensors", where / f"bench_sd15{tag}_b.safetensors"
+        inputs = [(a, 1), (b, 2)]
+        if any(m in NEEDS_C for m in methods):
+            inputs.append((Path(_c_path(a)), 3))
+        for p, seed in inputs:
             if not p.exists():
                 make_checkpoint(p, shapes, seed)
         size = a.stat().st_size
@@ -274,14 +393,37 @@ def main():
         print(f"inputs: 2 x {size / 1e9:.2f} GB ({n / 1e6:.1f} M params, {len(shapes)} tensors, fp16) "
               f"in {time.perf_counter() - t0:.0f} s")
         print(f"machine: {machine()}; page cache before each run: {cache}; {args.repeat} rounds, fixed order")
-        order = ["io_floor", "conceptlab", "conceptlab_nohash", "stream_floor", "naive"]
-        env_for = {name: None for name in order}
+        order = ["io_floor", "conceptlab", "conceptlab_cached", "conceptlab_nohash", "stream_floor", "naive"]
+        if methods:
+            try:
+                import sd_mecha  # noqa: F401
+
+                have_mecha = True
+            except ImportError:
+                have_mecha = False
+                print("sd-mecha is not installed (pip install sd-mecha): its columns are skipped")
+            for m in methods:
+                order.append(f"ours:{m}")
+                if have_mecha:
+                    order.append(f"sd-mecha:{m}")
+        # hash cache: every path hashes its inputs (a first merge of these files: CONCEPTLAB_HASH_CACHE=off) except
+        # conceptlab_cached, the same default merge when the inputs were merged (hashed) before
+        cache_file = tmp / "sha256-cache.json"
+        env_for = {name: {**os.environ, "CONCEPTLAB_HASH_CACHE": "off"} for name in order}
+        env_for["conceptlab_cached"] = {**os.environ, "CONCEPTLAB_HASH_CACHE": str(cache_file)}
+        if "conceptlab_cached" in order:
+            from conceptlab.formats.safetensors_io import sha256_file
+            from conceptlab.training import merge_hashes
+
+            os.environ["CONCEPTLAB_HASH_CACHE"] = str(cache_file)
+            merge_hashes.store({p: sha256_file(p) for p in (a, b)})
+            del os.environ["CONCEPTLAB_HASH_CACHE"]
         if args.compare_rev:
             rev_dir = extract_rev(args.compare_rev, tmp / "rev")
             for name in ("conceptlab", "conceptlab_nohash"):
                 tagged = f"{name}@{args.compare_rev}"
                 order.append(tagged)
-                env_for[tagged] = {**os.environ, "PYTHONPATH": str(rev_dir)}
+                env_for[tagged] = {**os.environ, "PYTHONPATH": str(rev_dir), "CONCEPTLAB_HASH_CACHE": "off"}
         if args.only:
             keep = set(args.only.split(","))
             order = [nm for nm in order if nm in keep]
@@ -327,10 +469,23 @@ def main():
             peak = max(r["peak_above_baseline_gib"] for r in ours)
             print(f"\nconceptlab vs I/O floor: {med / floor:.2f}x time (target <= 1.5x), {peak:.2f} GiB peak RSS "
                   f"above baseline (target <= 1.5 GB = 1.40 GiB)")
+            for other, what in (("conceptlab_cached", "inputs merged before (hash cache)"),
+                                ("conceptlab_nohash", "--no-hash")):
+                if runs.get(other):
+                    print(f"conceptlab, {what}, vs I/O floor: "
+                          f"{_median([r['seconds'] for r in runs[other]]) / floor:.2f}x time")
             if runs.get("naive"):
                 nv = _median([r["seconds"] for r in runs["naive"]])
                 npk = max(r["peak_above_baseline_gib"] for r in runs["naive"])
                 print(f"conceptlab vs naive: {med / nv:.2f}x time, {peak:.2f} vs {npk:.2f} GiB peak RSS")
+        if methods:
+            print(f"\neach method, ours (defaults: input SHA-256 on) vs sd-mecha (defaults), medians, same rounds; "
+                  f"I/O floor {floor:.2f} s")
+            print(f"{'method':<18}{'ours s':>9}{'sd-mecha s':>12}{'ours/sd-mecha':>15}{'ours/floor':>12}")
+            for m in methods:
+                o = _median([r["seconds"] for r in runs.get(f"ours:{m}", [])])
+                e = _median([r["seconds"] for r in runs.get(f"sd-mecha:{m}", [])])
+                print(f"{m:<18}{o:>9.2f}{e:>12.2f}{o / e:>15.2f}{o / floor:>12.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -20,7 +20,8 @@ import warnings
 
 import torch
 
-from ..training.merge import METHODS, PRESETS, MergePlan, canonical_key, check_alpha, merge_tensor, parse_block_weights
+from ..training.merge import (METHODS, METHODS_NEED_C, PRESETS, TIES_SIGNS, MergePlan, MethodOptions, canonical_key,
+                              check_alpha, merge_tensor, parse_block_weights)
 from . import comfy_host, policy
 
 CATEGORY = "Concept Lab/Merge"
@@ -35,8 +36,21 @@ _BLOCKS = ("STRING", {"default": "", "multiline": False,
                                  + ", ".join(PRESETS) + ". Empty = α everywhere."})
 _METHOD = (list(METHODS), {"default": "weighted_sum",
                            "tooltip": "weighted_sum (1−α)A+αB; add_difference A+α(B−C); train_difference "
-                                      "(supermerger); ties / dare over task vectors (base C, or A without C); "
-                                      "slerp per tensor."})
+                                      "(supermerger); ties / dare / della over task vectors (base C, or A without "
+                                      "C); slerp per tensor; model_stock (C = pre-trained base; α unused). "
+                                      "Conventions vs sd-mecha / supermerger / mergekit: README 'Merge conventions'."})
+_TIES_SIGN = (list(TIES_SIGNS), {"default": "sum",
+                                 "tooltip": "TIES / DELLA sign election. sum: sign of the summed task vectors (the "
+                                            "paper, mergekit; default). count: one vote per model (sd-mecha's "
+                                            "default)."})
+_SLERP_NORM = (["mergekit (raw tensors)", "sd-mecha (rescale norm)"],
+               {"default": "mergekit (raw tensors)",
+                "tooltip": "SLERP norm: Shoemake's formula on the raw tensors (mergekit; default), or slerp of the "
+                           "directions given the linearly interpolated norm (sd-mecha)."})
+
+
+def _options(ties_sign: str, slerp_norm: str) -> MethodOptions:
+    return MethodOptions(ties_sign=ties_sign, slerp_rescale_norm=slerp_norm.startswith("sd-mecha"))
 _DENSITY = ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
                       "tooltip": "TIES: fraction of each task vector kept (top-k by magnitude). DARE: keep "
                                  "probability (drop rate = 1 − density). Ignored by other methods."})
@@ -79,7 +93,7 @@ def _check_same(name_a: str, kpa: dict, name_b: str, kpb: dict) -> None:
 
 
 def merge_patchers(a, b, c, method: str, plan: MergePlan, density: float, seed: int, prefix: str | None,
-                   component: str | None, skip=lambda k: False, progress=None):
+                   component: str | None, skip=lambda k: False, progress=None, options: MethodOptions | None = None):
     """Merge ComfyUI patchers (ModelPatcher or CLIP) lazily; returns ``(clone of a, report lines)``.
 
     ``prefix`` filters keys (``"diffusion_model."`` for MODEL, ``None`` for CLIP); ``component`` forces the
@@ -113,12 +127,13 @@ def merge_patchers(a, b, c, method: str, plan: MergePlan, density: float, seed: 
             m.add_patches({k: kpb[k]}, w, 1.0)               # A + w·B
             m.add_patches({k: kpc[k]}, -w, 1.0)              # − w·C
         else:
-            if method == "train_difference" and k not in kpc:
+            if method in METHODS_NEED_C and k not in kpc:
                 continue
             wa = _patched_weight(kpa[k], k)
             wb = _patched_weight(kpb[k], k)
             wc = _patched_weight(kpc[k], k) if (kpc is not None and k in kpc) else None
-            merged = merge_tensor(method, canonical_key(k), wa, wb, wc, w, density=density, seed=seed)
+            merged = merge_tensor(method, canonical_key(k), wa, wb, wc, w, density=density, seed=seed,
+                                  options=options)
             delta = (merged - wa).to(device="cpu", dtype=kpa[k][0][0].dtype)
             m.add_patches({k: ("diff", (delta,))}, 1.0, 1.0)
         if progress is not None:
@@ -135,7 +150,8 @@ class MergeModels:
     """In-graph merge of MODEL (and optionally CLIP) inputs; α is B's weight."""
 
     DESCRIPTION = ("Merge two (or three) models in the graph without saving: weighted sum, add difference, train "
-                   "difference, TIES, DARE or SLERP, optionally per UNet block. " + CONVENTION + " The outputs "
+                   "difference, TIES, DARE, DELLA, SLERP or Model Stock, optionally per UNet block (blocks as in "
+                   "supermerger / sd-mecha). " + CONVENTION + " The outputs "
                    "are patched clones; the inputs are never changed and LoRAs applied upstream are included.")
     CATEGORY = CATEGORY
     FUNCTION = "merge"
@@ -170,11 +186,14 @@ class MergeModels:
                 "te_alpha": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 2.0, "step": 0.01,
                                        "tooltip": "Weight of B for the text encoder when text_encoder = "
                                                   "'merge (te_alpha)'. " + CONVENTION}),
+                "ties_sign": _TIES_SIGN,
+                "slerp_norm": _SLERP_NORM,
             },
         }
 
     def merge(self, model_a, model_b, method, alpha, block_weights, density, seed, model_c=None, clip_a=None,
-              clip_b=None, clip_c=None, text_encoder="merge (BASE weight)", te_alpha=0.5):
+              clip_b=None, clip_c=None, text_encoder="merge (BASE weight)", te_alpha=0.5, ties_sign="sum",
+              slerp_norm="mergekit (raw tensors)"):
         """Merge MODEL (and CLIP) inputs lazily: α is the weight of B, ``(1 − α)·A + α·B`` (ModelMergeSimple's
         ratio = 1 − α). Weighted sum / add difference become key patches; TIES, DARE, SLERP and train difference become
         ``diff`` patches computed from the patched weights. Inputs are never mutated. Returns ``(MODEL, CLIP, report
@@ -185,8 +204,9 @@ class MergeModels:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             check_alpha(alpha)
-            if method in ("add_difference", "train_difference") and model_c is None:
+            if method in METHODS_NEED_C and model_c is None:
                 raise ValueError(f"{method} needs model_c (the base model B was trained from)")
+            opts = _options(ties_sign, slerp_norm)
             arch = _arch_of(_key_patches(model_a, "diffusion_model."))
             bw = parse_block_weights(block_weights, arch, alpha) if block_weights.strip() else None
             te_mode = "a" if text_encoder == "from A" else "merge"
@@ -199,15 +219,16 @@ class MergeModels:
         n_model = len(_key_patches(model_a, "diffusion_model."))
         bar = comfy_host.Progress(n_model + n_clip)
         m, extra = merge_patchers(model_a, model_b, model_c, method, plan, density, seed, "diffusion_model.",
-                                  "unet", progress=lambda d, t: bar.set(d))
+                                  "unet", progress=lambda d, t: bar.set(d), options=opts)
         lines += extra
         clip_out = clip_a
         if clip_a is not None and clip_b is not None and te_mode == "merge":
-            if method in ("add_difference", "train_difference") and clip_c is None:
+            if method in METHODS_NEED_C and clip_c is None:
                 lines.append("text encoder taken from A: connect clip_c for " + method)
             else:
                 clip_out, extra = merge_patchers(clip_a, clip_b, clip_c, method, plan, density, seed, None, "te",
-                                                 skip=_clip_skip, progress=lambda d, t: bar.set(n_model + d))
+                                                 skip=_clip_skip, progress=lambda d, t: bar.set(n_model + d),
+                                                 options=opts)
                 lines += extra
         elif clip_a is not None and clip_b is None and te_mode == "merge":
             lines.append("text encoder taken from A (clip_b not connected)")
@@ -253,7 +274,8 @@ class MergeCheckpointFiles:
                                                         "tooltip": "Merge the text encoder with the BASE weight, or "
                                                                    "take it from A."}),
                 "vae": (["from A", "merge"], {"default": "from A",
-                                               "tooltip": "Take the VAE from A, or merge it with the BASE weight."}),
+                                               "tooltip": "Take the VAE from A (default), or merge it with the "
+                                                          "BASE weight (what A1111, supermerger and sd-mecha do)."}),
                 "filename": ("STRING", {"default": "merged",
                                         "tooltip": "Output name in output/checkpoints/ (.safetensors is added)."}),
                 "overwrite": ("BOOLEAN", {"default": False,
@@ -265,11 +287,14 @@ class MergeCheckpointFiles:
                 "lora_name": (["none"] + loras, {"tooltip": "A LoRA to bake into the result."}),
                 "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.01,
                                             "tooltip": "Strength of the baked LoRA."}),
+                "ties_sign": _TIES_SIGN,
+                "slerp_norm": _SLERP_NORM,
             },
         }
 
     def merge(self, ckpt_a, ckpt_b, method, alpha, block_weights, density, seed, dtype, text_encoder, vae, filename,
-              overwrite, ckpt_c="none", lora_name="none", lora_strength=1.0):
+              overwrite, ckpt_c="none", lora_name="none", lora_strength=1.0, ties_sign="sum",
+              slerp_norm="mergekit (raw tensors)"):
         """Stream-merge checkpoint files from ComfyUI's checkpoints list into ``output/checkpoints/<filename>``.
 
         Same α convention as Merge Models; ``dtype`` fp16/bf16/fp32 of the output; the recipe (method, parameters, input
@@ -304,7 +329,7 @@ class MergeCheckpointFiles:
                 a, b, out, c=c, method=method, alpha=alpha, block_weights=block_weights.strip() or None,
                 density=density, seed=seed, dtype=dtype, te="a" if text_encoder == "from A" else "merge",
                 vae="merge" if vae == "merge" else "a", lora=lora, lora_strength=lora_strength,
-                overwrite=overwrite, progress=progress)
+                overwrite=overwrite, options=_options(ties_sign, slerp_norm), progress=progress)
         _register_output_checkpoints()
         rel = out.relative_to(comfy_host.output_dir() / "checkpoints").as_posix()
         return {"ui": {"text": [report.summary()]}, "result": (rel, report.summary())}

@@ -20,6 +20,19 @@ def _one_torch_thread_per_worker():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_hash_cache():
+    """Merges in tests hash their inputs every time and never touch the user's ~/.cache (the cache's own tests
+    point CONCEPTLAB_HASH_CACHE at a temporary file)."""
+    old = os.environ.get("CONCEPTLAB_HASH_CACHE")
+    os.environ["CONCEPTLAB_HASH_CACHE"] = "off"
+    yield
+    if old is None:
+        os.environ.pop("CONCEPTLAB_HASH_CACHE", None)
+    else:
+        os.environ["CONCEPTLAB_HASH_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def dawnlike_dir() -> Path:
     """The DawnLike sprite folder beside the repo (../shared/data/dawnlike/sprites); skip if absent."""

@@ -99,7 +99,7 @@ def test_classification_ldm_equals_diffusers_and_covers_all_blocks(arch, n_block
     ("model.diffusion_model.output_blocks.11.1.proj_out.weight", "sd1", ("unet", "OUT11", "proj_out")),
     ("model.diffusion_model.output_blocks.3.0.skip_connection.bias", "sd1", ("unet", "OUT03", "skip")),
     ("model.diffusion_model.time_embed.0.weight", "sd1", ("unet", None, "time_embed")),
-    ("model.diffusion_model.out.0.weight", "sd1", ("unet", None, "norm")),
+    ("model.diffusion_model.out.0.weight", "sd1", ("unet", "OUT11", "norm")),
     ("model.diffusion_model.input_blocks.4.0.emb_layers.1.weight", "sd1", ("unet", "IN04", "time_emb_proj")),
     ("up_blocks.2.attentions.1.transformer_blocks.0.attn1.to_out.0.weight", "sd1", ("unet", "OUT07", "attn1.to_out")),
     ("down_blocks.1.downsamplers.0.conv.weight", "sd1", ("unet", "IN06", "downsample")),

@@ -59,6 +59,8 @@ def expected_block(key: str) -> str | None:
     m = re.match(r"output_blocks\.(\d+)\.", rest)
     if m:
         return f"OUT{int(m[1]):02d}"
+    if rest.startswith("out."):  # final norm + conv_out: the last OUT block (supermerger, sd-mecha)
+        return "OUT11"
     return None
 
 
@@ -79,7 +81,7 @@ def test_parse_block_weights_forms():
     with pytest.raises(ValueError, match="26 values"):
         M.parse_block_weights("0.1,0.2", "sd1")
     with pytest.raises(ValueError, match="20 values"):
-        M.parse_block_weights(",".join(["0.5"] * 26), "sdxl")
+        M.parse_block_weights(",".join(["0.5"] * 24), "sdxl")  # 26 (an SD1 list) is converted: test_merge_conventions
     with pytest.raises(ValueError, match="unknown block"):
         M.parse_block_weights("IN12=1", "sdxl")
     with pytest.raises(ValueError, match="not a number"):

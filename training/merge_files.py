@@ -47,7 +47,7 @@ import torch
 
 from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, WeightFileError, parse_dtype
 from ..formats.weight_folders import open_weight_source, sha256_source
-from .merge import METHODS, METHODS_NEED_C, MergePlan, check_alpha, merge_tensor, parse_block_weights
+from .merge import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
 
 RECIPE_KEY = "conceptlab.recipe"
 RECIPE_FORMAT = "conceptlab.merge/1"
@@ -74,6 +74,7 @@ class MergeReport:
     only_b: list[str] = field(default_factory=list)
     missing_c: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
+    input_channels_merged: list[str] = field(default_factory=list)
     lora_applied: int = 0
     lora_unmatched: list[str] = field(default_factory=list)
     lora_skipped: dict[str, str] = field(default_factory=dict)
@@ -91,6 +92,10 @@ class MergeReport:
         if self.missing_c:
             lines.append(f"{len(self.missing_c)} keys missing from C (add/train difference: copied from A; "
                          f"TIES/DARE: A used as their base), e.g. {self.missing_c[0]}")
+        if self.input_channels_merged:
+            lines.append(f"{len(self.input_channels_merged)} keys where A has extra input channels (inpainting / "
+                         f"instruct-pix2pix): the first 4 merged, the rest kept from A, e.g. "
+                         f"{self.input_channels_merged[0]}")
         if self.shape_mismatch:
             lines.append(f"{len(self.shape_mismatch)} keys with mismatched shapes (copied from A)")
         if self.lora_applied or self.lora_unmatched or self.lora_skipped:
@@ -325,6 +330,7 @@ class _KeyJob:
     weight: float | None
     out_dtype: torch.dtype
     shape: tuple
+    channels: int | None = None  # inpainting / instruct-pix2pix A with a normal B: merge A[:, :channels] only
 
 
 def _plan_keys(a: _Source, b: _Source | None, c: _Source | None, method: str, plan: MergePlan,
@@ -359,6 +365,14 @@ def _plan_keys(a: _Source, b: _Source | None, c: _Source | None, method: str, pl
                     shapes = f"A {list(shape)}, B {list(b.shape(k))}"
                     if c is not None and k in c_set:
                         shapes += f", C {list(c.shape(k))}"
+                    ch = _extra_channels(shape, b.shape(k), c.shape(k) if c is not None and k in c_set else None)
+                    if ch is not None:
+                        action = "merge"
+                        report.input_channels_merged.append(k)
+                        jobs.append(_KeyJob(k, action, weight, odt, shape, channels=ch))
+                        continue
+                    if _extra_channels(b.shape(k), shape, None) is not None:
+                        shapes += " -- an inpainting / instruct-pix2pix model must be A, the normal model B"
                     mismatches.append(f"{k} ({shapes})")
                 else:
                     action = "merge"
@@ -378,6 +392,20 @@ def _plan_keys(a: _Source, b: _Source | None, c: _Source | None, method: str, pl
     return jobs
 
 
+def _extra_channels(a_shape: tuple, b_shape: tuple, c_shape: tuple | None) -> int | None:
+    """B's input-channel count when A is an inpainting (9 input channels) or instruct-pix2pix (8) UNet whose
+    other dimensions equal B's (4 channels) -- A1111 ``modules/extras.py`` ``run_modelmerger`` then merges the
+    first 4 channels and keeps A's extra ones (so does supermerger, ``assert_inpaint``); else ``None``."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if len(a_shape) != 4 or len(b_shape) != 4 or a_shape[:1] + a_shape[2:] != b_shape[:1] + b_shape[2:]:
+        return None
+    if b_shape[1] != 4 or a_shape[1] not in (8, 9):
+        return None
+    if c_shape is not None and tuple(c_shape) != b_shape:
+        return None
+    return 4
+
+
 def _read(job: _KeyJob, a: _Source, b: _Source | None, c: _Source | None):
     ta = a.get(job.key)
     if job.action != "merge":
@@ -387,18 +415,26 @@ def _read(job: _KeyJob, a: _Source, b: _Source | None, c: _Source | None):
 
 
 def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
-             lora: Mapping[str, torch.Tensor] | None, report: MergeReport, inplace: bool = False) -> torch.Tensor:
+             lora: Mapping[str, torch.Tensor] | None, report: MergeReport, inplace: bool = False,
+             options: MethodOptions | None = None) -> torch.Tensor:
     """Merge one key. ``inplace=True`` (the streaming merge, whose A tensor is a fresh buffer of its own)
     lets the weighted sum write its result over A's buffer: the same ``torch.lerp`` kernel and arguments as
     :func:`training.merge.weighted_sum` takes for these dtypes, so the bits are identical (tested), without
     allocating an output tensor per key."""
     ta, tb, tc = tensors
+    if job.channels is not None and job.action == "merge":  # inpainting A: merge its first channels only
+        full = ta.to(torch.float32, copy=True)
+        part = ta[:, :job.channels]
+        full[:, :job.channels] = merge_tensor(method, job.key, part, tb, tc, job.weight, density=density, seed=seed,
+                                              options=options)
+        ta, tb, tc = full, None, None
+        job = _KeyJob(job.key, "a", job.weight, job.out_dtype, job.shape)
     if (inplace and job.action == "merge" and method == "weighted_sum" and ta.dtype == tb.dtype == job.out_dtype
             and job.out_dtype in (torch.float16, torch.bfloat16, torch.float32)):
         out = torch.lerp(ta, tb, float(job.weight), out=ta)  # == weighted_sum(ta, tb, w, out_dtype), in place
     elif job.action == "merge":
         out = merge_tensor(method, job.key, ta, tb, tc, job.weight, density=density, seed=seed,
-                           out_dtype=job.out_dtype)
+                           out_dtype=job.out_dtype, options=options)
     else:
         out = ta
     if lora is not None and job.key in lora:
@@ -418,6 +454,8 @@ def _setup(a, b, c, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, 
     if b is None and method != "weighted_sum":
         raise ValueError(f"{method} needs model B (give B, or only --lora to bake a LoRA into A)")
     if method in METHODS_NEED_C and c is None:
+        if method == "model_stock":
+            raise ValueError("model_stock needs a third model C: the pre-trained base A and B were fine-tuned from")
         raise ValueError(f"{method} needs a third model C: A + α·(B − C) where C is the base B was trained from")
     arch = _detect_arch(a)
     for name, src in (("B", b), ("C", c)):
@@ -438,6 +476,10 @@ def _setup(a, b, c, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, 
         bw = None
         if block_weights:
             bw = block_weights if not isinstance(block_weights, str) else parse_block_weights(block_weights, arch, alpha)
+    if method == "model_stock":
+        caught.append(warnings.WarningMessage(
+            "model_stock does not use alpha" + (" or block weights" if bw is not None else "") +
+            ": its ratio t comes from the angle between A − C and B − C", UserWarning, __file__, 0))
     for w in caught:
         report.warnings.append(str(w.message))
         warnings.warn(str(w.message), UserWarning, stacklevel=3)
@@ -496,24 +538,68 @@ def _check_lora_targets(lora: dict | None, jobs: list[_KeyJob], report: MergeRep
         report.warnings.append(f"{len(report.lora_unmatched)} LoRA weights have no target in model A")
 
 
-def _modelspec(arch: str, title: str) -> dict[str, str]:
+SD2_V_NORM_STD = 0.09  # ComfyUI comfy/supported_models.py SD20.model_type: std of this bias > 0.09 -> v-prediction
+_SD2_V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def modelspec_architecture(arch: str, source: "_Source | None" = None) -> tuple[str | None, str | None]:
+    """``(modelspec.architecture, modelspec.prediction_type)`` for a merge whose model A is ``source``.
+
+    A's own ``modelspec.architecture`` (and prediction type) is kept when its file has one of the same family.
+    Otherwise: SD1
+    ``stable-diffusion-v1``; SDXL ``stable-diffusion-xl-v1-base``; SD2 ``stable-diffusion-v2-768-v`` (v) when A
+    has a ``v_pred`` key or ComfyUI's test says v-prediction (``comfy/supported_models.py`` ``SD20.model_type``:
+    4 input channels and std of ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` > 0.09), else
+    ``stable-diffusion-v2-512`` (ε); Flux ``flux-1-dev`` when A has the guidance embedder (``guidance_in.*``),
+    else ``flux-1-schnell``. Names from the SAI model spec 1.0 as kohya writes them
+    (sd-scripts ``library/sai_model_spec.py``). Unknown architectures: ``(None, None)``.
+    """
+    md = {}
+    if source is not None and source.is_file:
+        md = getattr(source.obj, "metadata", None) or {}
+    family = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl",
+              "flux": "flux"}.get(arch)
+    if family and str(md.get("modelspec.architecture", "")).startswith(family):
+        return md["modelspec.architecture"], md.get("modelspec.prediction_type")
+    if arch == "sd2" and source is not None:
+        keys = set(source.keys())
+        v = "v_pred" in keys
+        if not v and _SD2_V_PROBE in keys:
+            conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+            in_ch = source.shape(conv_in)[1] if conv_in in keys else 4
+            if in_ch == 4:
+                t = source.obj.get(_SD2_V_PROBE) if source.is_file else source.obj[_SD2_V_PROBE]
+                v = float(torch.std(t.to(torch.float32), unbiased=False)) > SD2_V_NORM_STD
+        return ("stable-diffusion-v2-768-v", "v") if v else ("stable-diffusion-v2-512", "epsilon")
+    if arch == "flux" and source is not None:
+        dev = any(k.startswith("guidance_in.") or ".guidance_in." in k or "guidance_embedder." in k
+                  for k in source.keys())
+        return ("flux-1-dev" if dev else "flux-1-schnell"), None
+    return MODELSPEC_ARCH.get(arch) if arch != "flux" else None, None
+
+
+def _modelspec(arch: str, title: str, source: "_Source | None" = None) -> dict[str, str]:
     spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": title,
             "modelspec.date": _dt.date.today().isoformat()}
-    if arch in MODELSPEC_ARCH:
-        spec["modelspec.architecture"] = MODELSPEC_ARCH[arch]
+    name, pred = modelspec_architecture(arch, source)
+    if name:
+        spec["modelspec.architecture"] = name
+    if pred:
+        spec["modelspec.prediction_type"] = pred
     return spec
 
 
-def _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report) -> dict:
+def _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options=None) -> dict:
     from .. import __version__
 
     r = {"format": RECIPE_FORMAT, "tool": f"conceptlab {__version__}", "method": report.method,
          "convention": "alpha is the weight of B: (1-alpha)*A + alpha*B",
          "arch": plan.arch, **plan.describe(), "dtype": dtype_name, "inputs": inputs}
-    if method in ("ties", "dare"):
+    if method in ("ties", "dare", "della"):
         r["density"] = float(density)
-    if method == "dare":
+    if method in ("dare", "della"):
         r["seed"] = int(seed)
+    r.update((options or MethodOptions()).describe(method))
     if lora_info:
         r["lora"] = lora_info
     return r
@@ -566,8 +652,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                       te: str = "merge", vae: str = "a", te_alpha: float | None = None,
                       vae_alpha: float | None = None, lora: str | os.PathLike | None = None,
                       lora_strength: float = 1.0, overwrite: bool = False, on_shape_mismatch: str = "error",
-                      hash_inputs: bool = True,
-                      progress: Callable[[int, int], None] | None = None) -> MergeReport:
+                      hash_inputs: bool = True, options: MethodOptions | None = None,
+                      progress: Callable[[int, int], None] | None = None, hash_cache: bool = True) -> MergeReport:
     """Merge checkpoint files tensor by tensor into ``output`` (safetensors), in constant memory.
 
     Args:
@@ -587,6 +673,9 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         overwrite: replace an existing ``output`` (default: ``FileExistsError``).
         on_shape_mismatch: ``"error"`` (default) or ``"a"``.
         hash_inputs: store inputs' SHA-256 in the recipe (computed from the buffers as they are read).
+        hash_cache: reuse / remember those digests in :mod:`training.merge_hashes` (keyed by path, size, mtime,
+            inode), so merging the same unchanged inputs again costs no hashing.
+        options: :class:`training.merge.MethodOptions` (TIES sign election, SLERP norm, DELLA ε / rescale).
         progress: ``progress(done, total)`` after each tensor; may raise to cancel (no file is left).
     Returns:
         :class:`MergeReport`.
@@ -629,17 +718,19 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                   for tag, p in paths.items()}
         if lora_info:
             lora_info["sha256"] = _placeholder("LoRA") if hash_inputs else None
-        recipe = _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report)
-        metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem)}
-        for src in (sa, sb, sc):
+        recipe = _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options)
+        metadata = {RECIPE_KEY: json.dumps(recipe, sort_keys=True), **_modelspec(plan.arch, out_path.stem, sa)}
+        cached = _cached_hashes(all_paths) if hash_inputs and hash_cache else {}
+        for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
             if src is not None:
-                src.reader = _fast_reader(src, hash_file=hash_inputs)
+                src.reader = _fast_reader(src, hash_file=hash_inputs and tag not in cached)
         if sa.reader is not None:  # A's storage order: sequential reads of A (and of B/C when laid out alike)
             jobs.sort(key=lambda j: sa.reader.data_offset(j.key))
         specs = {j.key: (j.out_dtype, j.shape) for j in jobs}
         if hash_inputs:  # safetensors inputs hash while they are read; torch pickles and the LoRA on a thread
             srcs = {"A": sa, "B": sb, "C": sc}
-            rest = {tag: p for tag, p in all_paths.items() if srcs.get(tag) is None or srcs[tag].reader is None}
+            rest = {tag: p for tag, p in all_paths.items()
+                    if tag not in cached and (srcs.get(tag) is None or srcs[tag].reader is None)}
             if rest:
                 hasher = _Hasher(rest)
                 hasher.start()
@@ -660,20 +751,23 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
 
             def compute(j, t):
                 t = tuple(t) + (None,) * (3 - len(t))
-                return _compute(j, t, method, density, seed, lora_map, report, inplace=owned)
+                return _compute(j, t, method, density, seed, lora_map, report, inplace=owned, options=options)
 
-            with _torch_threads(1 if method in _MEMORY_BOUND or sb is None else None):
+            with _torch_threads(thread_budget(len(readers) + 1, memory_bound=method in _MEMORY_BOUND or sb is None)):
                 _pipeline(jobs, readers, compute, write, progress)
             hashes = {}
             if hash_inputs:
                 for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
-                    if src is not None and src.reader is not None:
+                    if src is not None and src.reader is not None and tag not in cached:
                         hashes[tag] = src.reader.hexdigest()
             if hasher is not None:
                 hasher.join()
                 if hasher.error is not None:
                     raise hasher.error
                 hashes.update(hasher.result)
+            if hash_inputs and hash_cache:
+                _remember_hashes(all_paths, hashes)
+            hashes.update(cached)
             _patch_hashes(writer, hashes)
             for tag, h in hashes.items():
                 if tag == "LoRA":
@@ -683,6 +777,11 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         report.recipe = recipe
         report.output = str(out_path)
         return report
+    except OSError as exc:
+        renamed = _name_output(exc, out_path)
+        if renamed is exc:
+            raise
+        raise renamed from exc
     finally:
         if hasher is not None:
             hasher.stop()
@@ -693,12 +792,59 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             f.close()
 
 
+def _cached_hashes(paths: Mapping[str, Path]) -> dict[str, str]:
+    from .merge_hashes import lookup
+
+    found = {tag: lookup(p) for tag, p in paths.items()}
+    return {tag: h for tag, h in found.items() if h}
+
+
+def _remember_hashes(paths: Mapping[str, Path], hashes: Mapping[str, str]) -> None:
+    from .merge_hashes import store
+
+    store({paths[tag]: h for tag, h in hashes.items() if tag in paths})
+
+
+def _name_output(exc: OSError, out_path: Path) -> OSError:
+    """An error about the temporary file the output is written to, re-worded to name the output file and its
+    folder (a read-only folder, a full disk); any other error is returned unchanged."""
+    fname = getattr(exc, "filename", None)
+    if not fname or not Path(str(fname)).name.startswith(f".{out_path.name}."):
+        return exc
+    what = exc.strerror or str(exc)
+    new = type(exc)(exc.errno, f"cannot write the output {out_path}: {what} (in folder {out_path.parent}; "
+                               "nothing was written)")
+    return new
+
+
 _DONE = object()
 
 # methods whose per-tensor arithmetic is one or two passes over memory: torch's OpenMP threads gain nothing
 # there, and between the thousands of short parallel regions they spin-wait on the cores the reader, hash and
 # writer threads need (benchmarks/merge.py on 2 cores: 7.4 s → 3.3 s user CPU for the same merge).
 _MEMORY_BOUND = ("weighted_sum", "add_difference")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (``sched_getaffinity`` where available, else ``os.cpu_count()``)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def thread_budget(pipeline_threads: int, memory_bound: bool = False) -> int:
+    """torch intra-op threads for the merge arithmetic while ``pipeline_threads`` reader / writer threads run.
+
+    Memory-bound methods (one or two passes over each tensor) get 1. The others (TIES, DARE, DELLA, SLERP,
+    train difference, model stock) get the cores the pipeline leaves: ``max(1, cores − pipeline_threads)``,
+    never more than torch's current setting. Leaving torch's default (one OpenMP thread per core) on while the
+    reader / hash / writer threads run oversubscribes the cores: the OpenMP workers spin-wait between the many
+    short parallel regions on the cores the pipeline needs (issue 19: TIES 262 s → 116 s with one thread on 2
+    cores). Results do not depend on it (same kernels, same bits).
+    """
+    if memory_bound:
+        return 1
+    return max(1, min(torch.get_num_threads(), available_cores() - int(pipeline_threads)))
 
 
 @contextlib.contextmanager
@@ -814,8 +960,8 @@ def merge_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
                       alpha: float = 0.5, block_weights=None, density: float = 0.2, seed: int = 0,
                       dtype: str = "fp16", te: str = "merge", vae: str = "a", te_alpha: float | None = None,
                       vae_alpha: float | None = None, lora: Mapping[str, torch.Tensor] | None = None,
-                      lora_strength: float = 1.0,
-                      on_shape_mismatch: str = "error") -> tuple[dict[str, torch.Tensor], MergeReport]:
+                      lora_strength: float = 1.0, on_shape_mismatch: str = "error",
+                      options: MethodOptions | None = None) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """In-memory twin of :func:`merge_checkpoints` (same arguments and key rules; ``lora`` is a LoRA state
     dict). Returns ``(merged state dict, report)``; every floating tensor is cast to ``dtype``."""
     out_dtype = parse_dtype(dtype)
@@ -827,5 +973,6 @@ def merge_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     jobs = _plan_keys(sa, sb, sc, method, plan, out_dtype, on_shape_mismatch, report)
     lora_map, _ = _lora(lora, lora_strength, plan.arch, report, sa)
     _check_lora_targets(lora_map, jobs, report)
-    out = {j.key: _compute(j, _read(j, sa, sb, sc), method, density, seed, lora_map, report) for j in jobs}
+    out = {j.key: _compute(j, _read(j, sa, sb, sc), method, density, seed, lora_map, report, options=options)
+           for j in jobs}
     return out, report
