@@ -79,7 +79,8 @@ def run(args) -> int:
     from ..formats.safetensors_io import WeightFile  # noqa: F401  (import check: safetensors present)
     from .dataset import KohyaDataset
     from .lora import LoRANetwork
-    from .train_cli import CLI_KEYS, IGNORED_KEYS, _host_for, load_config
+    from .kohya_args import check_settings, own_setting_names
+    from .train_cli import CLI_KEYS, _host_for, load_config
     from .trainer import LoraTrainer, configs_from_mapping, labelled_grid, save_png
 
     t0 = time.time()
@@ -90,11 +91,9 @@ def run(args) -> int:
     flat["pretrained_model_name_or_path"] = str(model)
     flat["train_data_dir"] = str(data)
     flat["output_dir"] = str(out)
-    cfg, dopts, caps, unknown = configs_from_mapping(flat)
-    unknown = [k for k in unknown if k not in CLI_KEYS and k not in IGNORED_KEYS]
-    if unknown:
-        print(f"conceptlab quickstart: warning: ignoring unknown keys: {', '.join(sorted(unknown))}",
-              file=sys.stderr)
+    for w in check_settings(flat, own_keys=own_setting_names() | set(CLI_KEYS)):  # every key: honoured or named
+        print(f"conceptlab quickstart: warning: {w}", file=sys.stderr)
+    cfg, dopts, caps, _ = configs_from_mapping(flat)
 
     print(f"[1/4] {_audit_summary(data)}")
     print(f"[2/4] training a LoRA on {model} (dim {cfg.network_dim}, {cfg.max_train_epochs} epochs) ...")
