@@ -157,5 +157,79 @@ class ConceptLabUCEErase:
         return erased, file_name, json.dumps(stats, indent=1)
 
 
-NODE_CLASS_MAPPINGS = {"ConceptLabUCEErase": ConceptLabUCEErase}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabUCEErase": "UCE Erase Concept (closed form)"}
+class ConceptLabApplyReferenceErasure:
+    """Apply a reference-format erasure file (esd_sd.py's ``esd-*.safetensors``, UCE's output) to a MODEL."""
+
+    DESCRIPTION = ("Applies an erasure saved by the reference scripts (rohitgandikota/erasing esd_sd.py: "
+                   "esd-<concept>-from-<from>-<method>.safetensors; unified-concept-editing: UCE files). Those "
+                   "hold the erased weights themselves under diffusers names, which LoRA loaders cannot read. "
+                   "The file's weights replace the model's (as a diff patch on a clone), and it can be saved as a "
+                   ".diff file any LoRA loader applies. Use the base model the erasure was trained from.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "file_name")
+    OUTPUT_TOOLTIPS = ("The model with the file's weights in place of its own.",
+                       "The converted .diff file, relative to the loras folder (empty if saving is off).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        """ComfyUI V1 input spec with a tooltip on every input; ``file`` lists the loras folder."""
+        from . import comfy_host as ch
+
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The base model the erasure was trained from (SD1.x / SD2.x)."}),
+            "file": (ch.model_list("loras"), {"tooltip": "The reference erasure file (put it in models/loras)."}),
+            "save_name": ("STRING", {"default": "",
+                                     "tooltip": "Also save it as a .diff file under this prefix in output/loras/ "
+                                                "(a counter is added). Empty = do not save."}),
+            "save_dtype": (["float16", "bfloat16", "float32"], {"default": "float16",
+                                                                "tooltip": "Precision of the saved file."}),
+        }}
+
+    def apply(self, model, file, save_name, save_dtype):
+        """``(MODEL clone with diff patches W_file − W_model, saved file name)``; the deltas are taken against
+        the weights the MODEL currently computes (:func:`conceptlab.nodes.comfy_host.iter_patched_weights`).
+        Raises ``FileNotFoundError`` for a file outside ComfyUI's loras list and ``ValueError`` for a file whose
+        names or shapes do not fit the model (e.g. a kohya LoRA or a ``.diff`` file)."""
+        from safetensors.torch import load_file
+
+        from ..formats.lora_files import save_diff_file
+        from ..formats.safetensors_io import parse_dtype
+        from ..training.esd_reference import diff_keys, from_reference
+        from . import comfy_host as ch
+        from .esd import _next_free
+
+        tensors = load_file(str(ch.model_file("loras", file)))
+        host = ch.ComfyHost(model)
+        try:
+            mods = host.modules("unet")
+            names = {f"{p}.{a}": (p, a) for p, m in mods.items() for a in ("weight", "bias")
+                     if getattr(m, a, None) is not None}
+            unknown = sorted(k for k in tensors if k not in names)
+            if unknown:
+                raise ValueError(f"{file}: {len(unknown)} tensor name(s) are not diffusers UNet names of this model, "
+                                 f"e.g. {unknown[:3]} (is it a LoRA or a .diff file? load those with LoraLoader)")
+            keys = {k: host.model_key("unet", *names[k]) for k in tensors}
+        finally:
+            host.close()
+        with torch.inference_mode(False), torch.no_grad():
+            current = dict(zip(tensors, (w for _, w in ch.iter_patched_weights(model, list(keys.values())))))
+            deltas = from_reference(tensors, current)
+        file_name = ""
+        if (save_name or "").strip():
+            stem_rel = save_name.strip().removesuffix(".safetensors")
+            first = ch.output_file("loras", stem_rel + ".safetensors")
+            target = _next_free(first.parent, first.stem)
+            save_diff_file(target, diff_keys(deltas), {"conceptlab_converted_from": file,
+                                                        "ss_network_module": "conceptlab.esd"},
+                           dtype=parse_dtype(save_dtype), overwrite=False)
+            file_name = target.relative_to(ch.output_dir() / "loras").as_posix()
+        erased = ch.add_diff_patches(model, {keys[f"{p}.{a}"]: d for (_, p, a), d in deltas.items()})
+        return erased, file_name
+
+
+NODE_CLASS_MAPPINGS = {"ConceptLabUCEErase": ConceptLabUCEErase,
+                       "ConceptLabApplyReferenceErasure": ConceptLabApplyReferenceErasure}
+NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabUCEErase": "UCE Erase Concept (closed form)",
+                              "ConceptLabApplyReferenceErasure": "Apply Reference Erasure File (esd-*/UCE)"}

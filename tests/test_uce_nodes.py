@@ -11,12 +11,18 @@ from conceptlab.nodes import esd as esd_nodes
 from conceptlab.nodes import uce as uce_nodes
 
 
-def test_uce_node_contract_and_esd_node_options():
-    cls = uce_nodes.ConceptLabUCEErase
+@pytest.mark.parametrize("node_id", sorted(uce_nodes.NODE_CLASS_MAPPINGS))
+def test_uce_node_contracts(node_id):
+    cls = uce_nodes.NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("ConceptLab") and node_id in uce_nodes.NODE_DISPLAY_NAME_MAPPINGS
     assert cls.CATEGORY == "Concept Lab/ESD" and cls.DESCRIPTION
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
     for name, (typ, *opts) in cls.INPUT_TYPES()["required"].items():
         assert opts and opts[0].get("tooltip"), name
+    assert callable(getattr(cls(), cls.FUNCTION))
+
+
+def test_esd_node_new_options():
     req = esd_nodes.ConceptLabESDErase.INPUT_TYPES()["required"]
     assert "esd-all" in req["method"][0]
     assert req["mask_mode"][0] == ["sum", "sample", "grid-sum", "grid-sample"] and req["mask_mode"][1]["default"] == "sum"
@@ -119,3 +125,37 @@ def test_esd_node_esd_all_trains_outside_cross_attention(cenv):
     orig, new = dict(iter_patched_weights(model)), dict(iter_patched_weights(erased))
     changed = {k for k in orig if not torch.equal(orig[k], new[k])}
     assert any(".attn2." in k for k in changed) and any(".attn2." not in k for k in changed)
+
+
+@requires_comfyui
+def test_apply_reference_erasure_file_node(cenv):
+    """A file saved as esd_sd.py saves (absolute attn2 weights, diffusers names) applies as its weights."""
+    from safetensors.torch import save_file
+
+    from conceptlab.nodes.comfy_host import ComfyHost, iter_patched_weights
+
+    model = cenv["model"]
+    host = ComfyHost(model)
+    try:
+        mods = {p: m for p, m in host.modules("unet").items() if p.endswith("attn2.to_k")}
+        keys = {p: host.model_key("unet", p, "weight") for p in mods}
+    finally:
+        host.close()
+    orig = dict(iter_patched_weights(model, list(keys.values())))
+    g = torch.Generator().manual_seed(0)
+    ref = {f"{p}.weight": orig[keys[p]] + 0.01 * torch.randn(orig[keys[p]].shape, generator=g) for p in mods}
+    (cenv["out"] / "refs").mkdir(exist_ok=True)
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", str(cenv["out"] / "refs"))
+    save_file(ref, str(cenv["out"] / "refs" / "esd-Van_Gogh-from-Van_Gogh-esdx.safetensors"))
+    node = uce_nodes.ConceptLabApplyReferenceErasure()
+    with torch.inference_mode():
+        erased, name = node.apply(model, "esd-Van_Gogh-from-Van_Gogh-esdx.safetensors", "esd/converted", "float32")
+    new = dict(iter_patched_weights(erased, list(keys.values())))
+    for p in mods:
+        assert torch.allclose(new[keys[p]], ref[f"{p}.weight"], atol=1e-6)
+    assert name.startswith("esd/converted_") and (cenv["out"] / "loras" / name).is_file()
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(1)}, str(cenv["out"] / "refs" / "bad.safetensors"))
+    with torch.inference_mode(), pytest.raises(ValueError, match="not diffusers UNet names"):
+        node.apply(model, "bad.safetensors", "", "float32")

@@ -416,9 +416,9 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     if host.installed_deltas():
         raise ValueError("the host already has trainable deltas installed; clear them first")
     concepts = parse_concepts(cfg.concepts)
-    kinds = concept_kinds(concepts, cfg.concept_kind, cfg.erase_from)
-    prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed, kind=kinds)
     froms = parse_prompt_lines(cfg.erase_from)  # attribute erasure: the scene prompt(s)
+    kinds = concept_kinds(concepts, cfg.concept_kind, froms or None)
+    prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed, kind=kinds)
     mask_mode = MASK_PRESETS.get(cfg.mask_mode, cfg.mask_mode)
     schedule = PromptSchedule(prompts, cfg.prompt_order, cfg.seed)
     scale = int(getattr(host, "vae_scale", 8))
