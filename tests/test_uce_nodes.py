@@ -25,7 +25,8 @@ def test_uce_node_contracts(node_id):
 def test_esd_node_new_options():
     req = esd_nodes.ConceptLabESDErase.INPUT_TYPES()["required"]
     assert "esd-all" in req["method"][0]
-    assert req["mask_mode"][0] == ["sum", "sample", "grid-sum", "grid-sample"] and req["mask_mode"][1]["default"] == "sum"
+    assert req["mask_mode"][0] == ["sum", "sample", "grid-sum", "grid-sample"]
+    assert req["mask_mode"][1]["default"] == "sum"
     assert req["concept_kind"][1]["default"] == "auto" and req["erase_from"][1]["default"] == ""
     # new widgets come last, so workflows saved before them keep their widget order
     names = list(req)
