@@ -19,9 +19,16 @@ prompt), ``W_old`` is the original weight for every term, and only the weights o
 ``attn2.to_v`` change (SD has no bias there). The cross-attention input (the context) is the same for every
 layer, so one embedding per prompt serves all 32 projections of SD1.x.
 
-Differences from the script, none of which changes the edited weights beyond float rounding: the linear system
-is solved with ``torch.linalg.solve`` in float64 (the script multiplies by ``torch.inverse`` of ``mat2`` in
-float32); the prompt expansion (``expand_prompts``) uses this project's kind templates (:mod:`.prompts`), each
+**Low-rank form** (what :func:`uce_delta` computes; exact algebra, not an approximation): the left factor is
+``W_old·A`` with ``A = λI + s_e·Gᵀ E + s_p·Pᵀ P`` and the right one is ``M = λI + s_e·Eᵀ E + s_p·Pᵀ P``
+(rows of ``E``, ``G``, ``P`` are the embeddings), so ``W = W_old·A·M⁻¹ = W_old + s_e·(W_old (G − E)ᵀ)·(E M⁻¹)``
+since ``A − M = s_e (G − E)ᵀ E``. ``E M⁻¹`` (``[N, D]``) is the same for every projection, so the edit of each
+projection is one ``[out, N] × [N, D]`` product instead of a ``D × D`` solve — the preserve terms enter only
+through ``M``.
+
+Differences from the script, none of which changes the edited weights beyond float rounding: the low-rank form
+above, computed in float64 with one ``torch.linalg.solve`` for all projections (the script multiplies by
+``torch.inverse`` of ``mat2`` in float32 for every projection); the prompt expansion (``expand_prompts``) uses this project's kind templates (:mod:`.prompts`), each
 guide prompt the same template filled with the guide concept, instead of the script's five fixed phrasings.
 
 Outputs are the ESD eraser's (:class:`~.esd.ESDResult`): ``deltas`` ΔW = W_new − W_old (so the same ``.diff``
@@ -140,6 +147,39 @@ def uce_prompts(cfg: UCEConfig) -> tuple[list[str], list[str], list[str], dict[s
     return edit, guide, list(dict.fromkeys(preserve)), kinds
 
 
+def uce_right_factor(erase: torch.Tensor, preserve: torch.Tensor | None, erase_scale: float = 1.0,
+                     preserve_scale: float = 1.0, lamb: float = 0.5) -> torch.Tensor:
+    """``E·M⁻¹`` ``[N, D]`` float64 with ``M = λI + s_e·EᵀE + s_p·PᵀP`` (module docstring), shared by every
+    projection. ``erase`` ``[N, D]``, ``preserve`` ``[M, D]`` or ``None``. Raises ``ValueError`` for bad shapes."""
+    E = erase.detach().to(torch.float64)
+    if E.dim() != 2:
+        raise ValueError(f"erase embeddings must be [N, D], got {tuple(E.shape)}")
+    D = E.shape[1]
+    M = float(lamb) * torch.eye(D, dtype=torch.float64, device=E.device) + float(erase_scale) * E.T @ E
+    if preserve is not None and preserve.numel():
+        P = preserve.detach().to(E.device, torch.float64)
+        if P.dim() != 2 or P.shape[1] != D:
+            raise ValueError(f"preserve embeddings must be [M, {D}], got {tuple(P.shape)}")
+        M = M + float(preserve_scale) * P.T @ P
+    return torch.linalg.solve(M, E.T).T  # M symmetric: (E M⁻¹)ᵀ = M⁻¹ Eᵀ
+
+
+def uce_delta(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tensor, right: torch.Tensor,
+              erase_scale: float = 1.0) -> torch.Tensor:
+    """ΔW = ``s_e·(W_old (G − E)ᵀ)·right`` for one projection, ``right`` from :func:`uce_right_factor`.
+
+    Shapes: ``weight`` ``[out, D]``, ``erase``/``guide`` ``[N, D]``, ``right`` ``[N, D]``. Returns float32.
+    Raises ``ValueError`` for mismatched shapes.
+    """
+    W = weight.detach().to(torch.float64)
+    E = erase.detach().to(W.device, torch.float64)
+    G = guide.detach().to(W.device, torch.float64)
+    if E.shape != G.shape or E.shape != right.shape or (E.numel() and E.shape[1] != W.shape[1]):
+        raise ValueError(f"embeddings must be [N, {W.shape[1]}] (erase, guide and right factor alike), got "
+                         f"{tuple(E.shape)}, {tuple(G.shape)} and {tuple(right.shape)}")
+    return (float(erase_scale) * (W @ (G - E).T) @ right.to(W.device, torch.float64)).to(torch.float32)
+
+
 def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor | None,
                     erase_scale: float = 1.0, preserve_scale: float = 1.0, lamb: float = 0.5) -> torch.Tensor:
     """The edited weight of one projection (module docstring; paper Eq. 7; uce_sd_erase.py lines 56–82).
@@ -152,27 +192,16 @@ def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tens
         erase_scale, preserve_scale, lamb: ``s_e``, ``s_p``, ``λ``.
 
     Returns:
-        float32 ``[out, D]`` — the solution, computed in float64 with ``torch.linalg.solve``.
+        float32 ``[out, D]``: ``W_old + ΔW`` with ΔW from the low-rank form (:func:`uce_delta`), in float64.
 
     Raises ``ValueError`` for mismatched shapes.
     """
-    W = weight.detach().to(torch.float64)
-    E = erase.detach().to(W.device, torch.float64)
-    G = guide.detach().to(W.device, torch.float64)
-    if E.dim() != 2 or E.shape != G.shape or E.shape[1] != W.shape[1]:
-        raise ValueError(f"embeddings must be [N, {W.shape[1]}] (erase and guide alike), got {tuple(E.shape)} "
-                         f"and {tuple(G.shape)}")
-    D = W.shape[1]
-    mat1 = float(lamb) * W + float(erase_scale) * (W @ G.T) @ E
-    mat2 = float(lamb) * torch.eye(D, dtype=torch.float64, device=W.device) + float(erase_scale) * E.T @ E
-    if preserve is not None and preserve.numel():
-        P = preserve.detach().to(W.device, torch.float64)
-        if P.dim() != 2 or P.shape[1] != D:
-            raise ValueError(f"preserve embeddings must be [M, {D}], got {tuple(P.shape)}")
-        mat1 = mat1 + float(preserve_scale) * (W @ P.T) @ P
-        mat2 = mat2 + float(preserve_scale) * P.T @ P
-    # W_new · mat2 = mat1 with mat2 symmetric  ⇔  mat2 · W_newᵀ = mat1ᵀ
-    return torch.linalg.solve(mat2, mat1.T).T.to(torch.float32)
+    if erase.dim() != 2 or erase.shape != guide.shape or erase.shape[1] != weight.shape[1]:
+        raise ValueError(f"embeddings must be [N, {weight.shape[1]}] (erase and guide alike), got "
+                         f"{tuple(erase.shape)} and {tuple(guide.shape)}")
+    right = uce_right_factor(erase, preserve, erase_scale, preserve_scale, lamb)
+    d = uce_delta(weight, erase, guide, right, erase_scale)
+    return (weight.detach().to(torch.float64) + d.to(torch.float64)).to(torch.float32)
 
 
 def last_token_embeddings(encode: TokenEncoder, prompts: Sequence[str]) -> torch.Tensor:
@@ -253,18 +282,25 @@ def erase_uce(weights: Mapping[str, torch.Tensor], encode: TokenEncoder, config:
     Raises ``ValueError`` for bad settings or embeddings whose width differs from the weights'.
     """
     started = time.perf_counter()
+    if not weights:
+        raise ValueError("no weights to edit")
     edit, guide, preserve, kinds = uce_prompts(config)
     E = last_token_embeddings(encode, edit)
     G = last_token_embeddings(encode, guide)
     P = last_token_embeddings(encode, preserve) if preserve else None
+    if E.shape[1] != next(iter(weights.values())).shape[1]:
+        raise ValueError(f"text embeddings are {E.shape[1]}-wide but the projections take "
+                         f"{next(iter(weights.values())).shape[1]} inputs: the text encoder does not fit this UNet")
+    right = uce_right_factor(E, P, config.erase_scale, config.preserve_scale, config.lamb)
     targets = []
     deltas: dict[tuple[str, str, str], torch.Tensor] = {}
     erase_res, preserve_drift = [], []
     for path in sorted(weights):
         W = weights[path].detach().float().cpu()
-        new = uce_closed_form(W, E, G, P, config.erase_scale, config.preserve_scale, config.lamb)
+        d = uce_delta(W, E, G, right, config.erase_scale)
+        new = W + d
         targets.append(Target(component, path, "weight", tuple(W.shape)))
-        deltas[(component, path, "weight")] = new - W
+        deltas[(component, path, "weight")] = d
         v_star = G @ W.T
         erase_res.append(float(((E @ new.T - v_star).norm(dim=1) / v_star.norm(dim=1).clamp_min(1e-12)).mean()))
         if P is not None:
