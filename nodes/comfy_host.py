@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..training.conditioning import Conditioning
+from ..training.families import family
 from ..training.host import DeltaModule, DiffusionHost
 
 
@@ -256,9 +258,15 @@ def model_key(component: str, path: str, attr: str = "weight", *, arch: str = "s
 
 
 def _arch_of(base_model) -> str:
-    """"sd1" | "sd2" | "sdxl" from ComfyUI's model config class (then context_dim), else "unknown"."""
+    """"sd1" | "sd2" | "sdxl" from ComfyUI's model config class (then context_dim), else "unknown".
+
+    Raises ``ValueError`` for the SDXL refiner (aesthetic-score conditioning; no kohya LoRA or ESD targets it).
+    """
     names = {c.__name__ for c in type(base_model.model_config).__mro__}
-    if "SDXL" in names or "SDXLRefiner" in names:
+    if "SDXLRefiner" in names:
+        raise ValueError("this MODEL is the SDXL refiner: Concept Lab trains and erases SDXL base models (SDXL 1.0, "
+                         "Illustrious, NoobAI, Pony), not the refiner (its conditioning is an aesthetic score)")
+    if "SDXL" in names:
         return "sdxl"
     if "SD20" in names:
         return "sd2"
@@ -395,6 +403,11 @@ class ComfyHost(DiffusionHost):
         self.arch = _arch_of(base)
         self._d2l, self._l2d = unet_module_maps(base.model_config.unet_config)
         self._te = _te_prefixes(self.clip) if self.clip is not None else {}
+        if self.clip is not None and self.arch in ("sd1", "sd2", "sdxl"):
+            want = family(self.arch).text_encoders
+            if tuple(sorted(self._te)) != tuple(sorted(want)):
+                raise ValueError(f"the CLIP has text encoder(s) {sorted(self._te)} but this {self.arch.upper()} "
+                                 f"MODEL needs {list(want)}: load the CLIP from the same checkpoint as the model")
 
         ms = self.patcher.get_model_object("model_sampling")
         if not isinstance(ms, cms.ModelSamplingDiscrete) or isinstance(ms, cms.ModelSamplingDiscreteEDM):
@@ -406,9 +419,7 @@ class ComfyHost(DiffusionHost):
             self.prediction_type = "epsilon"
         else:
             raise ValueError(f"unsupported prediction type {type(ms).__mro__[1].__name__}")  # noqa: TRY004
-        with torch.inference_mode(False):  # usable by training code outside inference mode
-            sigmas = ms.sigmas.detach().to("cpu", torch.float64).clone()
-            self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()
+        self._set_alphas_from(ms)
 
         self.device = torch.device(self.patcher.load_device)
         self.dtype = base.manual_cast_dtype or base.get_dtype()
@@ -416,6 +427,43 @@ class ComfyHost(DiffusionHost):
         self.vae_scale = int(getattr(vae, "downscale_ratio", 8)) if vae is not None else 8
         self._deltas: dict[tuple[str, str, str], DeltaModule] = {}
         self._hooks: list = []
+
+    def _set_alphas_from(self, ms) -> None:
+        with torch.inference_mode(False):  # usable by training code outside inference mode
+            sigmas = ms.sigmas.detach().to("cpu", torch.float64).clone()
+            self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()
+
+    def unet_ldm_paths(self) -> dict[str, str]:
+        """Diffusers → LDM UNet module paths of the loaded model, from ComfyUI's ``comfy.utils.unet_to_diffusers``
+        on the model's own ``unet_config``."""
+        return dict(self._d2l)
+
+    def configure_schedule(self, prediction_type: str | None = None, zero_terminal_snr: bool = False) -> None:
+        """Patch the clone's ``model_sampling`` as ComfyUI's own **ModelSamplingDiscrete** node does
+        (``comfy_extras/nodes_model_advanced.py``: ``ModelSamplingDiscrete`` × ``EPS``/``V_PREDICTION`` with
+        ``zsnr``), so training, erasure and ComfyUI's sampler all use it; :attr:`alphas_cumprod` follows.
+
+        ComfyUI's zero-terminal-SNR table (``rescale_zero_terminal_snr_sigmas``) keeps the last ᾱ at 4.897e-8
+        instead of kohya's exact 0 (σ must stay finite); the schedules agree elsewhere. Raises ``ValueError`` for
+        an unknown prediction type.
+        """
+        import comfy.model_sampling as cms
+
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+        pred = prediction_type or self.prediction_type
+        current = self.patcher.get_model_object("model_sampling")
+        if pred == self.prediction_type and bool(zero_terminal_snr) == bool(getattr(current, "zsnr", False)):
+            return
+        kind = cms.V_PREDICTION if pred == "v_prediction" else cms.EPS
+
+        class ModelSamplingAdvanced(cms.ModelSamplingDiscrete, kind):
+            pass
+
+        ms = ModelSamplingAdvanced(self.patcher.model.model_config, zsnr=bool(zero_terminal_snr))
+        self.patcher.add_object_patch("model_sampling", ms)
+        self.prediction_type = pred
+        self._set_alphas_from(ms)
 
     # -- context manager / cleanup ------------------------------------------------------------------------
     def __enter__(self) -> ComfyHost:  # noqa: PYI034
@@ -550,44 +598,104 @@ class ComfyHost(DiffusionHost):
         _load(self.clip.patcher, self.clip.cond_stage_model, "")
 
     # -- conditioning, prediction, VAE ------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP hidden states ``[B, 77·k, D]`` (k = 1 unless a prompt needs more 77-token chunks; shorter
-        ones are repeated to the common length as ComfyUI's conditioning batching does), compute dtype, on
-        :attr:`device`. Uses ComfyUI's tokenizer and ``encode_from_tokens`` (prompt weighting syntax works);
-        differentiable when text-encoder deltas are installed and grad is enabled. ``ValueError`` without CLIP.
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """The :class:`~conceptlab.training.conditioning.Conditioning` of ``prompts`` from the CLIP object's own
+        tokenizer and ``encode_from_tokens(..., return_pooled=True)`` (prompt weighting syntax works):
+        ``context`` ``[B, 77·k, D]`` (k = 1 unless a prompt needs more 77-token chunks; shorter ones are repeated
+        to the common length as ComfyUI's conditioning batching does) in the compute dtype on :attr:`device`, and
+        ``pooled`` ``[B, P]`` for families that use it (SDXL: OpenCLIP-G's projected pooled output). Differentiable
+        when text-encoder deltas are installed and grad is enabled. ``ValueError`` without CLIP.
         """
-        import math
-
         self._load_clip()
-        outs = []
+        rows = []
+        use_pooled = family(self.arch).pooled if self.arch in ("sd1", "sd2", "sdxl") else True
         with torch.inference_mode(False):
             for p in prompts:
                 tokens = self.clip.tokenize(str(p))
-                outs.append(self.clip.encode_from_tokens(tokens))
-            n = math.lcm(*[o.shape[1] for o in outs]) if outs else 0
-            outs = [o.repeat(1, n // o.shape[1], 1) if o.shape[1] != n else o for o in outs]
-            return torch.cat(outs, 0).to(self.device, self.dtype)
+                cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+                rows.append(Conditioning(cond, pooled if use_pooled else None))
+            return Conditioning.cat(rows).to(self.device, self.dtype)
 
-    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Raw UNet output ``[B, C, h, w]`` (ε or v, compute dtype) = ``model.model.diffusion_model(x_t, t,
-        context=cond)``; ``x_t`` DDPM-scaled, ``timesteps`` integer indices ``[B]`` in ``[0, T)``.
+    #: how the host-neutral Conditioning feeds ComfyUI's ``BaseModel.extra_conds`` keyword arguments (the names
+    #: ``comfy/samplers.py`` ``encode_model_conds`` passes from a CONDITIONING entry)
+    _SIZE_KWARGS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
 
-        Runs outside inference mode (inputs cloned if they are inference tensors), so gradients reach the
-        installed deltas when grad is enabled. ``ValueError`` for SDXL-style models that need pooled/size
-        conditioning (``y``), which this protocol does not carry.
-        """
+    def _model_conds(self, cond: Conditioning, x: torch.Tensor) -> dict:
+        """ComfyUI model inputs (``c_crossattn``, ``y``, ``guidance``, ...) for ``cond``, built row by row with the
+        model's own ``extra_conds`` (SDXL: ``encode_adm`` from ``pooled_output`` and the six size ids) and
+        concatenated along the batch, as ComfyUI's sampler does for a batch of conditionings."""
         base = self.patcher.model
-        if getattr(base, "adm_channels", 0):
-            raise ValueError("predict() needs pooled text embeddings for this model (SDXL); only SD1.x/SD2.x "
-                             "are supported by ComfyHost.predict")
+        per_key: dict[str, list] = {}
+        for i in range(len(cond)):
+            params = {"cross_attn": cond.context[i:i + 1], "device": x.device, "noise": x[i:i + 1],
+                      "prompt_type": "positive", "width": x.shape[-1] * 8, "height": x.shape[-2] * 8}
+            if cond.pooled is not None:
+                params["pooled_output"] = cond.pooled[i:i + 1]
+            ids = cond.extras.get("size_ids")
+            if ids is not None:
+                params.update({k: int(round(float(v))) for k, v in zip(self._SIZE_KWARGS, ids[i].tolist())})
+            if "guidance" in cond.extras:
+                params["guidance"] = float(cond.extras["guidance"][i])
+            for k, v in base.extra_conds(**params).items():
+                per_key.setdefault(k, []).append(v.process_cond(batch_size=1, device=x.device).cond)
+        return {k: torch.cat([_to_normal(t) for t in v]) for k, v in per_key.items()}
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
+        """Raw network output ``[B, C, h, w]`` (ε or v, compute dtype) through ComfyUI's own model call.
+
+        ``x_t`` is DDPM-scaled (``√ᾱ·x0 + √(1−ᾱ)·ε``) and ``timesteps`` are integer indices ``[B]`` in ``[0, T)``.
+        The call is the one ComfyUI's sampler makes: σ = ``model_sampling.sigmas[t]``, the latent in ComfyUI's
+        frame ``x = x0 + σ·ε = x_t·√(1+σ²)`` (Karras et al. 2022, Table 1), model inputs from the model's own
+        ``extra_conds`` (:meth:`_model_conds`), then ``model.apply_model(x, σ, ...)``, which applies
+        ``calculate_input`` (x/√(1+σ²) = x_t), the σ → t map, the patcher's transformer options and weight
+        wrappers. The network's raw output is taken from inside that call by a ComfyUI ``DIFFUSION_MODEL``
+        wrapper (``comfy/patcher_extension.py``), so it is exactly the ε / v the UNet produced; kohya's objective
+        is expressed on it unchanged. Runs outside inference mode (inputs cloned if needed), so gradients reach
+        the installed deltas when grad is enabled. ``ValueError`` for an SDXL model given no pooled embedding.
+        """
+        import comfy.patcher_extension as pe
+
+        cond = Conditioning.wrap(cond)
+        base = self.patcher.model
+        if getattr(base, "adm_channels", 0) and cond.pooled is None:
+            raise ValueError("this model (SDXL) needs a pooled text embedding: encode the prompts with this host")
         self.load()
         with torch.inference_mode(False):
-            x = _to_normal(x_t).to(self.device, self.dtype)
-            t = _to_normal(timesteps).to(self.device).float()
-            c = _to_normal(cond).to(self.device, self.dtype)
+            x = _to_normal(x_t).to(self.device, torch.float32)
+            t = _to_normal(timesteps).to(self.device).long()
             if t.dim() == 0:
                 t = t.expand(x.shape[0])
-            return base.diffusion_model(x, t, context=c, transformer_options={})
+            ms = self.patcher.get_model_object("model_sampling")
+            sigma = ms.sigmas.to(self.device, torch.float32)[t]
+            x_in = x * (sigma ** 2 + 1.0).sqrt().view(-1, *([1] * (x.dim() - 1)))
+            c = cond.map_tensors(_to_normal).to(self.device, self.dtype)
+            kwargs = self._model_conds(c, x)
+            captured: dict[str, torch.Tensor] = {}
+
+            def capture(executor, *args, **kw):
+                out = executor(*args, **kw)
+                captured["out"] = out
+                return out
+
+            topts = dict(self.patcher.model_options.get("transformer_options", {}))
+            wrappers = {k: dict(v) for k, v in topts.get("wrappers", {}).items()}
+            wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {}).setdefault("conceptlab_capture", []).append(capture)
+            topts["wrappers"] = wrappers
+            topts["sigmas"] = sigma
+            c_crossattn = kwargs.pop("c_crossattn", None)
+            denoised = base.apply_model(x_in, sigma, c_crossattn=c_crossattn, transformer_options=topts, **kwargs)
+            if "out" not in captured:  # a diffusion model without the wrapper hook: invert calculate_denoised
+                return self._output_from_denoised(denoised, x_in, sigma).to(self.dtype)
+            return captured["out"]
+
+    def _output_from_denoised(self, denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Invert ComfyUI's ``calculate_denoised`` (``comfy/model_sampling.py`` EPS / V_PREDICTION) to the raw
+        output: ε = (x − x̂0)/σ; v = (x·σd²/(σ²+σd²) − x̂0)·√(σ²+σd²)/(σ·σd)."""
+        s = sigma.view(-1, *([1] * (x.dim() - 1)))
+        if self.prediction_type == "epsilon":
+            return (x - denoised) / s
+        sd = float(self.patcher.get_model_object("model_sampling").sigma_data)
+        return (x * sd ** 2 / (s ** 2 + sd ** 2) - denoised) * (s ** 2 + sd ** 2).sqrt() / (s * sd)
 
     def _latent_format(self):
         return self.patcher.get_model_object("latent_format")

@@ -17,17 +17,22 @@ _KINDS = ["auto", "style", "object", "person", "attribute", "explicit"]
 
 
 def comfy_token_encoder(clip):
-    """A :data:`conceptlab.training.uce.TokenEncoder` over a ComfyUI CLIP (SD1.x ``clip_l`` / SD2.x ``clip_h``):
-    ``clip.tokenize`` + ``clip.encode_from_tokens`` (the context the UNet sees, with ComfyUI's layer choice),
-    the last content token found before the tokenizer's ``end_token`` in the first 77-token chunk (the reference
-    truncates to 77 tokens). Raises ``ValueError`` for a CLIP with several text encoders (SDXL, Flux)."""
+    """A :data:`conceptlab.training.uce.TokenEncoder` over a ComfyUI CLIP: ``clip.tokenize`` +
+    ``clip.encode_from_tokens`` (the context the UNet sees, with ComfyUI's layer choice: SD1.x ``clip_l``, SD2.x
+    ``clip_h``, SDXL ``clip_l`` ‖ ``clip_g`` ``[1, 77, 2048]``); the last content token is found before the
+    ``end_token`` of the CLIP-L tokenizer (the only one for SD1.x/SD2.x) in the first 77-token chunk (the
+    reference truncates to 77 tokens). Raises ``ValueError`` for other text encoders (Flux's T5, …)."""
     from ..training.uce import last_token_index
 
     tok = clip.tokenizer
-    name, attr = getattr(tok, "clip_name", None), getattr(tok, "clip", None)
-    inner = getattr(tok, attr, None) if attr else None
+    if hasattr(tok, "clip_l") and hasattr(tok, "clip_g"):  # SDXL: both tokenizers see the same words
+        name, inner = "l", tok.clip_l
+    else:
+        name, attr = getattr(tok, "clip_name", None), getattr(tok, "clip", None)
+        inner = getattr(tok, attr, None) if attr else None
     if inner is None or getattr(inner, "end_token", None) is None:
-        raise ValueError("UCE supports single-text-encoder CLIPs (SD1.x / SD2.x) for now")
+        raise ValueError("UCE supports CLIP text encoders (SD1.x, SD2.x, SDXL); this CLIP is "
+                         f"{type(tok).__name__}")
 
     def encode(prompts):
         hidden, idx = [], []
@@ -50,7 +55,7 @@ class ConceptLabUCEErase:
                    "cross-attention key/value projection so the concept's text now produces what the guide "
                    "concept produces, while the preserved concepts keep theirs. No training: seconds instead of "
                    "ESD's hours. Outputs the erased MODEL and saves a file to output/loras/ that any LoRA loader "
-                   "applies (strength 1 = the edit). SD1.x / SD2.x.")
+                   "applies (strength 1 = the edit). SD1.x, SD2.x, SDXL.")
     CATEGORY = CATEGORY
     FUNCTION = "erase"
     RETURN_TYPES = ("MODEL", "STRING", "STRING")
@@ -64,7 +69,7 @@ class ConceptLabUCEErase:
     def INPUT_TYPES(cls):
         """ComfyUI V1 input spec: ``{"required": {...}}`` with a tooltip on every input."""
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to erase the concepts from (SD1.x / SD2.x)."}),
+            "model": ("MODEL", {"tooltip": "The model to erase the concepts from (SD1.x / SD2.x / SDXL)."}),
             "clip": ("CLIP", {"tooltip": "The model's text encoder, used to embed the concepts."}),
             "concepts": ("STRING", {"default": "Van Gogh", "multiline": True,
                                     "tooltip": "Concept(s) to erase: one per line or separated by ';'."}),

@@ -129,10 +129,10 @@ def test_predict_delta_disable_and_input_untouched(comfy_models):
         host = ComfyHost(model, clip, vae)
         try:
             cond = host.encode_prompts(["a red apple", "a blue car"])
-            assert cond.shape == (2, 77, 64)
+            assert cond.context.shape == (2, 77, 64) and cond.pooled is None
             frozen = host.predict(x, t, cond)
             # predict is exactly ComfyUI's raw UNet output (not apply_model's denoised x0)
-            ref = model.model.diffusion_model(x, t.float(), context=cond, transformer_options={})
+            ref = model.model.diffusion_model(x, t.float(), context=cond.context, transformer_options={})
             torch.testing.assert_close(frozen, ref)
             path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
             with torch.inference_mode(False):
@@ -179,7 +179,7 @@ def test_predict_delta_disable_and_input_untouched(comfy_models):
         import comfy.model_management as mm
 
         mm.load_models_gpu([model])
-        torch.testing.assert_close(model.model.diffusion_model(x, t.float(), context=cond, transformer_options={}),
+        torch.testing.assert_close(model.model.diffusion_model(x, t.float(), context=cond.context, transformer_options={}),
                                    frozen)
 
 
@@ -205,7 +205,7 @@ def test_gradients_reach_deltas_from_inference_mode(comfy_models):
                 td = FullDelta(host.modules("te")[tpath].weight.shape)
                 host.install_delta("te", tpath, "weight", td)
                 cond = host.encode_prompts(["a cat", "a dog"])
-                assert cond.requires_grad
+                assert cond.context.requires_grad
                 out = host.predict(x_inf, t, cond)
                 loss = out.float().pow(2).mean()
                 loss.backward()

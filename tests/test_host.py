@@ -54,7 +54,7 @@ def test_text_encoder_delta_is_differentiable():
     path = "text_model.encoder.layers.1.mlp.fc2"
     d = FullDelta(host.modules("te")[path].weight.shape)
     host.install_delta("te", path, "weight", d)
-    host.encode_prompts(["pixel art"]).sum().backward()
+    host.encode_prompts(["pixel art"]).context.sum().backward()
     assert d.weight.grad is not None and d.weight.grad.abs().sum() > 0
 
 

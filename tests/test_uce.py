@@ -150,8 +150,10 @@ def test_edited_weights_equal_the_reference_script(host, tmp_path):
 
         @staticmethod
         def encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance):
-            with torch.no_grad():
-                return host.encode_prompts([prompt]), None
+            from conceptlab.training.conditioning import Conditioning
+
+            with torch.no_grad():  # diffusers' encode_prompt returns (prompt_embeds [1, 77, D], negative)
+                return Conditioning.wrap(host.encode_prompts([prompt])).context, None
 
     edit, guide, preserve = ["Van Gogh", "Claude Monet"], ["art", ""], ["Rembrandt", "a photo of a cat"]
     with torch.no_grad():
@@ -165,3 +167,19 @@ def test_edited_weights_equal_the_reference_script(host, tmp_path):
         ours = mods[p].weight.detach().float() + d
         assert torch.allclose(ours, ref[f"{p}.weight"], atol=2e-5, rtol=1e-4), p
         assert float(d.abs().max()) > 1e-3  # the edit is not trivially zero
+
+
+def test_uce_on_a_tiny_sdxl_model():
+    """SDXL: the context is CLIP-L ‖ OpenCLIP-G; the same closed form maps the concept onto its guide."""
+    from tiny_models import tiny_sdxl_host
+
+    host = tiny_sdxl_host()
+    res = erase_uce_host(host, UCEConfig(concepts="Van Gogh", preserve_concepts="a photo of a cat"))
+    mods = host.modules("unet")
+    emb = last_token_embeddings(diffusers_token_encoder(host), ["Van Gogh", "art", "a photo of a cat"])
+    assert emb.shape[1] == host.unet.config.cross_attention_dim and res.metadata["arch"] == "sdxl"
+    assert len(res.deltas) == len(uce_targets(mods))
+    for (_, p, _), d in res.deltas.items():
+        W = mods[p].weight.detach().float()
+        assert (W @ emb[1] - (W + d) @ emb[0]).norm() < 0.05 * (W @ emb[1]).norm()
+        assert ((W + d) @ emb[2] - W @ emb[2]).norm() < 0.05 * (W @ emb[2]).norm()

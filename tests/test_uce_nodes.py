@@ -160,3 +160,23 @@ def test_apply_reference_erasure_file_node(cenv):
     save_file({"lora_unet_x.lora_up.weight": torch.zeros(1)}, str(cenv["out"] / "refs" / "bad.safetensors"))
     with torch.inference_mode(), pytest.raises(ValueError, match="not diffusers UNet names"):
         node.apply(model, "bad.safetensors", "", "float32")
+
+
+@requires_comfyui
+def test_uce_node_on_comfyui_sdxl():
+    from e2e.comfy_env import tiny_sdxl_clip, tiny_sdxl_patcher
+
+    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.training.uce import last_token_embeddings
+
+    model, clip = tiny_sdxl_patcher(), tiny_sdxl_clip()
+    with torch.inference_mode():
+        erased, _, stats = uce_nodes.ConceptLabUCEErase().erase(
+            model, clip, "Van Gogh", "", "a photo of a cat", "auto", 0, 1.0, 1.0, 0.5, 0, "", 0, "float32")
+        emb = last_token_embeddings(uce_nodes.comfy_token_encoder(clip), ["Van Gogh", "art"])
+    orig, new = dict(iter_patched_weights(model)), dict(iter_patched_weights(erased))
+    changed = {k for k in orig if not torch.equal(orig[k], new[k])}
+    assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
+    assert len(changed) == json.loads(stats)["trained_tensors"]
+    for k in changed:
+        assert (new[k] @ emb[0] - orig[k] @ emb[1]).norm() < 0.1 * (orig[k] @ emb[1]).norm()

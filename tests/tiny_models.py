@@ -90,3 +90,44 @@ def tiny_host(seed: int = 0, prediction_type: str = "epsilon"):
 
     return DiffusersHost(tiny_unet(seed), tiny_text_encoder(seed), word_hash_tokenizer, tiny_vae(seed),
                          prediction_type=prediction_type, arch="sd1")
+
+
+#: tiny SDXL-shaped UNet: the text_time additional embedding (pooled text + 6 size ids), linear proj_in/out,
+#: a CrossAttn down block with 2 transformer layers, like SDXL's (the real one: 320/640/1280, depths 0/2/10)
+TINY_SDXL_POOLED = 24
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), cross_attention_dim=32 + 48, attention_head_dim=8, norm_num_groups=8,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + TINY_SDXL_POOLED,
+)
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+
+
+def tiny_text_encoder_2(seed: int = 0):
+    """A tiny OpenCLIP-G stand-in: ``CLIPTextModelWithProjection`` (hidden 48, projection = pooled size)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed + 100)
+    cfg = CLIPTextConfig(vocab_size=TINY_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=EOS, projection_dim=TINY_SDXL_POOLED, hidden_act="gelu")
+    return CLIPTextModelWithProjection(cfg)
+
+
+def tiny_sdxl_host(seed: int = 0, prediction_type: str = "epsilon"):
+    """A tiny SDXL-shaped :class:`DiffusersHost` (two text encoders, pooled + size conditioning), CPU fp32."""
+    from conceptlab.training.diffusers_host import DiffusersHost
+
+    return DiffusersHost(tiny_sdxl_unet(seed), tiny_text_encoder(seed), word_hash_tokenizer, tiny_vae(seed),
+                         prediction_type=prediction_type, text_encoder_2=tiny_text_encoder_2(seed),
+                         tokenizer_2=word_hash_tokenizer)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .conditioning import Conditioning, default_size_ids
 from .host import DeltaModule, DiffusionHost
 
 
@@ -34,8 +35,17 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
 
 
 def _canonical_te_path(name: str) -> str:
-    # transformers 5.x CLIPTextModel has no "text_model." level; kohya and ComfyUI names need it.
-    return name if name.startswith("text_model.") else f"text_model.{name}"
+    # transformers 5.x CLIPTextModel has no "text_model." level (CLIPTextModelWithProjection keeps it); kohya and
+    # ComfyUI names need it. The projection head sits beside text_model, never under it.
+    if name.startswith("text_model.") or name == "text_projection":
+        return name
+    return f"text_model.{name}"
+
+
+def is_sdxl_unet(unet: nn.Module) -> bool:
+    """True for an SDXL-style ``UNet2DConditionModel`` (``addition_embed_type == "text_time"``: it needs the pooled
+    text embedding and the six size ids)."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 class DiffusersHost(DiffusionHost):
@@ -48,19 +58,40 @@ class DiffusersHost(DiffusionHost):
         vae: ``AutoencoderKL`` (``config.scaling_factor`` is applied), or ``None`` when latents are given.
         alphas_cumprod: ``[T]`` float32; default SD's scaled_linear schedule.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
-        arch: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (naming / metadata only).
+        arch: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (naming / metadata); an SDXL UNet (:func:`is_sdxl_unet`) makes it
+            ``"sdxl"`` whatever is passed.
         device, dtype: where and in which dtype the frozen weights run (the VAE always runs in fp32).
+        text_encoder_2, tokenizer_2: SDXL's OpenCLIP-G ``CLIPTextModelWithProjection`` and its tokenizer. With them
+            the components are ``"te1"`` (``text_encoder``, CLIP-L) and ``"te2"``; the context is both encoders'
+            penultimate hidden states concatenated (``[B, 77, 768 + 1280]``) and ``pooled`` is te2's projected
+            pooled output, as diffusers ``StableDiffusionXLPipeline.encode_prompt`` (``clip_skip=None``) and kohya
+            ``sdxl_train_util`` compute them.
 
     Raises:
-        ValueError: ``prediction_type`` other than ``"epsilon"`` / ``"v_prediction"``.
+        ValueError: ``prediction_type`` other than ``"epsilon"`` / ``"v_prediction"``; an SDXL UNet given one text
+            encoder; two text encoders for a non-SDXL UNet; an SDXL refiner UNet (not supported: its conditioning
+            is an aesthetic score, and kohya trains no LoRA for it).
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, tokenizer: Callable | None,
                  vae: nn.Module | None, *, alphas_cumprod: torch.Tensor | None = None,
                  prediction_type: str = "epsilon", arch: str = "sd1", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, text_encoder_2: nn.Module | None = None,
+                 tokenizer_2: Callable | None = None):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        sdxl = is_sdxl_unet(unet)
+        if sdxl and int(getattr(unet.config, "projection_class_embeddings_input_dim", 0) or 0) == 2560:
+            raise ValueError("this is an SDXL refiner UNet (aesthetic-score conditioning); Concept Lab trains and "
+                             "erases SDXL base models (SDXL 1.0, Illustrious, NoobAI, Pony), not the refiner")
+        if sdxl and text_encoder is not None and text_encoder_2 is None:
+            raise ValueError("an SDXL UNet needs both text encoders (text_encoder = CLIP-L, text_encoder_2 = "
+                             "OpenCLIP-G with projection)")
+        if text_encoder_2 is not None and not sdxl:
+            raise ValueError("two text encoders were given but the UNet is not SDXL (no text_time embedding)")
+        self.text_encoder_2 = (text_encoder_2.to(torch.device(device), dtype).eval().requires_grad_(False)
+                               if text_encoder_2 is not None else None)
+        self.tokenizer_2 = tokenizer_2 if tokenizer_2 is not None else tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
         self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
@@ -70,7 +101,7 @@ class DiffusersHost(DiffusionHost):
         self.vae = vae.to(self.device, torch.float32).eval().requires_grad_(False) if vae is not None else None
         self.alphas_cumprod = (alphas_cumprod if alphas_cumprod is not None else sd_alphas_cumprod()).float().cpu()
         self.prediction_type = prediction_type
-        self.arch = arch
+        self.arch = "sdxl" if sdxl else arch
         self.latent_channels = int(getattr(self.unet.config, "in_channels", 4))
         if self.vae is not None:
             self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -80,9 +111,11 @@ class DiffusersHost(DiffusionHost):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "DiffusersHost":
-        """Load a local diffusers folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``).
+        """Load a local diffusers folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``;
+        SDXL folders also ``text_encoder_2/`` + ``tokenizer_2/``).
 
-        Nothing is downloaded (``local_files_only``). Raises ``FileNotFoundError`` for a missing part.
+        Nothing is downloaded (``local_files_only``). Raises ``FileNotFoundError`` for a missing part and
+        ``ValueError`` for an SDXL refiner (see the class docstring).
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -95,6 +128,15 @@ class DiffusersHost(DiffusionHost):
         te = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
         tok = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+        te2 = tok2 = None
+        if is_sdxl_unet(unet):
+            from transformers import CLIPTextModelWithProjection
+
+            for part in ("text_encoder_2", "tokenizer_2"):
+                if not (root / part).is_dir():
+                    raise FileNotFoundError(f"{root}: an SDXL diffusers folder needs {part}/")
+            te2 = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", local_files_only=True)
+            tok2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
         ac, pred = None, "epsilon"
         sched_cfg = root / "scheduler" / "scheduler_config.json"
         if sched_cfg.is_file():
@@ -107,7 +149,7 @@ class DiffusersHost(DiffusionHost):
                                        cfg.get("beta_end", 0.012))
         arch = "sd2" if getattr(unet.config, "cross_attention_dim", 768) == 1024 else "sd1"
         return cls(unet, te, tok, vae, alphas_cumprod=ac, prediction_type=pred, arch=arch, device=device,
-                   dtype=dtype)
+                   dtype=dtype, text_encoder_2=te2, tokenizer_2=tok2)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, tokenizer=None, device: str = "cpu",
@@ -140,18 +182,25 @@ class DiffusersHost(DiffusionHost):
 
     # -- modules and deltas -------------------------------------------------------------------------------------
     def components(self) -> list[str]:
-        """``["unet", "te"]``, or ``["unet"]`` when the host has no text encoder."""
-        return ["unet"] + (["te"] if self.text_encoder is not None else [])
+        """``["unet", "te"]`` (SD1/SD2), ``["unet", "te1", "te2"]`` (SDXL), or ``["unet"]`` without text encoders."""
+        if self.text_encoder is None:
+            return ["unet"]
+        return ["unet", "te1", "te2"] if self.text_encoder_2 is not None else ["unet", "te"]
 
     def _root(self, component: str) -> nn.Module:
-        if component == "unet":
-            return self.unet
-        if component == "te" and self.text_encoder is not None:
-            return self.text_encoder
-        raise ValueError(f"this model has no component {component!r} (has {self.components()})")
+        roots = {"unet": self.unet}
+        if self.text_encoder is not None:
+            if self.text_encoder_2 is not None:
+                roots.update(te1=self.text_encoder, te2=self.text_encoder_2)
+            else:
+                roots["te"] = self.text_encoder
+        if component not in roots:
+            raise ValueError(f"this model has no component {component!r} (has {self.components()})")
+        return roots[component]
 
     def modules(self, component: str) -> dict[str, nn.Module]:
-        """Leaf ``nn.Linear`` / ``nn.Conv2d`` modules of ``"unet"`` or ``"te"`` keyed by their diffusers path.
+        """Leaf ``nn.Linear`` / ``nn.Conv2d`` modules of ``"unet"`` or a text encoder (``"te"``, ``"te1"``,
+        ``"te2"``) keyed by their diffusers path.
 
         Text-encoder paths always start with ``text_model.`` (transformers 5.x drops that level; kohya and
         ComfyUI names need it). Modules inside installed parametrizations are skipped.
@@ -163,8 +212,20 @@ class DiffusersHost(DiffusionHost):
             # skip modules inside installed deltas (registered under <module>.parametrizations.<attr>)
             if ".parametrizations." in f".{name}." or not isinstance(mod, (nn.Linear, nn.Conv2d)):
                 continue
-            out[_canonical_te_path(name) if component == "te" else name] = mod
+            out[name if component == "unet" else _canonical_te_path(name)] = mod
         return out
+
+    def unet_ldm_paths(self) -> dict[str, str]:
+        """Diffusers → LDM UNet module paths for this UNet's own config, from
+        :func:`conceptlab.formats.keys.diffusers_to_ldm_unet` (checked there against diffusers' converter).
+        Raises ``ValueError`` for a UNet layout diffusers' converter does not describe."""
+        if getattr(self, "_ldm_paths", None) is None:
+            from ..formats.keys import diffusers_to_ldm_unet
+
+            pmap = diffusers_to_ldm_unet("sdxl" if self.arch == "sdxl" else "sd1", dict(self.unet.config))
+            self._ldm_paths = {d.rpartition(".")[0]: l.rpartition(".")[0] for d, l in pmap.items()
+                               if d.endswith((".weight", ".bias"))}
+        return self._ldm_paths
 
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
         """Register ``delta`` as a ``torch.nn.utils.parametrize`` parametrization of ``<component>.<path>.<attr>``.
@@ -204,33 +265,54 @@ class DiffusersHost(DiffusionHost):
         return dict(self._installed)
 
     # -- conditioning, prediction, VAE --------------------------------------------------------------------------
-    def _tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        if self.tokenizer is None:
+    def _tokenize(self, prompts: Sequence[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if tokenizer is None:
             raise ValueError("this host has no tokenizer")
-        if hasattr(self.tokenizer, "model_max_length"):
-            ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        if hasattr(tokenizer, "model_max_length"):
+            ids = tokenizer(list(prompts), padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         else:
-            ids = self.tokenizer(list(prompts))
+            ids = tokenizer(list(prompts))
         return ids.to(self.device)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Last-layer CLIP hidden states ``[B, 77, D]`` (compute dtype, on :attr:`device`).
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """The :class:`~.conditioning.Conditioning` of ``prompts`` (compute dtype, on :attr:`device`).
 
-        Tokenized to ``tokenizer.model_max_length`` with padding/truncation when the tokenizer is a
-        transformers tokenizer, else by calling it. Raises ``ValueError`` when the host has no text encoder
-        or no tokenizer.
+        SD1/SD2: ``context`` = last-layer CLIP hidden states ``[B, 77, D]``. SDXL: ``context`` = CLIP-L and
+        OpenCLIP-G penultimate hidden states concatenated ``[B, 77, 2048]`` and ``pooled`` = OpenCLIP-G's projected
+        pooled output ``[B, 1280]`` (diffusers ``StableDiffusionXLPipeline.encode_prompt``; kohya
+        ``library/sdxl_train_util.py`` / ``strategy_sdxl.py``). Tokenized to ``tokenizer.model_max_length`` with
+        padding/truncation for transformers tokenizers, else by calling the tokenizer. Raises ``ValueError`` when
+        the host has no text encoder or no tokenizer.
         """
         if self.text_encoder is None:
             raise ValueError("this host has no text encoder")
-        ids = self._tokenize(prompts)
-        return self.text_encoder(ids)[0]
+        if self.text_encoder_2 is None:
+            return Conditioning(self.text_encoder(self._tokenize(prompts))[0])
+        out1 = self.text_encoder(self._tokenize(prompts), output_hidden_states=True)
+        out2 = self.text_encoder_2(self._tokenize(prompts, self.tokenizer_2), output_hidden_states=True)
+        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        return Conditioning(context, out2.text_embeds)
 
-    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """UNet output ``[B, C, h, w]`` (compute dtype) for ``x_t`` ``[B, C, h, w]``, int ``timesteps`` ``[B]``,
-        context ``cond`` ``[B, 77, D]``; inputs are moved/cast to :attr:`device` / :attr:`dtype`."""
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
+        """UNet output ``[B, C, h, w]`` (compute dtype) for ``x_t`` ``[B, C, h, w]``, int ``timesteps`` ``[B]`` and
+        ``cond`` (a :class:`~.conditioning.Conditioning` or a bare context ``[B, L, D]``); inputs are moved/cast
+        to :attr:`device` / :attr:`dtype`. SDXL: ``added_cond_kwargs = {"text_embeds": cond.pooled, "time_ids":
+        size_ids}`` with ``cond.extras["size_ids"]`` or, when absent, the latent's pixel size and no crop.
+        Raises ``ValueError`` for an SDXL UNet given a conditioning without ``pooled``."""
+        cond = Conditioning.wrap(cond)
+        kwargs = {}
+        if is_sdxl_unet(self.unet):
+            if cond.pooled is None:
+                raise ValueError("an SDXL UNet needs a pooled text embedding (encode prompts with this host)")
+            ids = cond.extras.get("size_ids")
+            if ids is None:
+                ids = default_size_ids(x_t.shape[0], x_t.shape[-2] * self.vae_scale, x_t.shape[-1] * self.vae_scale)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(self.device, self.dtype),
+                                           "time_ids": ids.to(self.device, self.dtype)}
         return self.unet(x_t.to(self.device, self.dtype), timesteps.to(self.device),
-                         encoder_hidden_states=cond.to(self.device, self.dtype)).sample
+                         encoder_hidden_states=cond.context.to(self.device, self.dtype), **kwargs).sample
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

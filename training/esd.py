@@ -73,6 +73,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .conditioning import Conditioning
 from .host import DiffusionHost, FullDelta, add_noise, ddim_sample, ddim_timesteps
 from .masks import grid_masks, masked_mse, normalize_weights, prepare_masks
 from .prompts import (PromptSchedule, build_prompts, concept_kinds, normalize_kind, parse_concepts,
@@ -295,7 +296,9 @@ class ESDResult:
 
     ``deltas``: ``{(component, path, attr): ΔW}`` float32 CPU tensors (erased weight = base + ΔW);
     ``targets``: the :class:`Target` list; ``losses``: loss per finished iteration; ``stats`` /
-    ``metadata``: the contents of ``training_stats.json`` / ``metadata.json``; ``cancelled``: stopped early.
+    ``metadata``: the contents of ``training_stats.json`` / ``metadata.json``; ``cancelled``: stopped early;
+    ``kohya_names``: ``{(component, path): kohya module name}`` in the family's own naming (SDXL: LDM UNet names,
+    as kohya's SDXL LoRAs), used by the file writers; empty means "derive from the diffusers path".
     """
 
     deltas: dict[tuple[str, str, str], torch.Tensor]
@@ -307,6 +310,7 @@ class ESDResult:
     mask_weights: torch.Tensor | None = None
     mask_names: list[str] = field(default_factory=list)
     cancelled: bool = False
+    kohya_names: dict = field(default_factory=dict)
 
 
 def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
@@ -380,15 +384,6 @@ def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None
                       keep_installed, cancel_check)
 
 
-def _same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat token sequences ``[1, L, D]`` to a common length (prompts longer than 77 tokens come in 77-token
-    chunks; ComfyUI batches such conditionings the same way)."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    n = math.lcm(a.shape[1], b.shape[1])
-    return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
-
-
 class _CancelRequested(Exception):
     pass
 
@@ -430,6 +425,9 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     targets = select_targets(host.modules("unet"), cfg.method)
     n_tensors, n_params = count_parameters(targets)
     base_hash = base_weights_hash(host, targets)
+    from .lora import _kohya_name
+
+    kohya_names = {(t.component, t.path): _kohya_name(t.component, t.path, host) for t in targets}
 
     # `model` is what the loop evaluates: the host itself, or a forwarder that checks for cancel first
     model = _CheckedHost(host, cancel_check) if cancel_check is not None else host
@@ -439,12 +437,12 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     T = int(host.alphas_cumprod.shape[0])
     ddim_ts = ddim_timesteps(T, int(cfg.ddim_steps))
 
-    cond_cache: dict[str, torch.Tensor] = {}
+    cond_cache: dict[str, Conditioning] = {}
 
-    def encode(p: str) -> torch.Tensor:
+    def encode(p: str) -> Conditioning:
         if p not in cond_cache:
             with torch.no_grad():
-                cond_cache[p] = host.encode_prompts([p]).detach()
+                cond_cache[p] = Conditioning.wrap(host.encode_prompts([p])).detach()
         return cond_cache[p]
 
     uncond = encode("")
@@ -515,7 +513,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "trained_tensors": n_tensors,
             "trained_parameters": n_params,
         }
-        return ESDResult(d, targets, list(losses), stats, meta, masks, mask_w, list(mask_names), cancelled)
+        return ESDResult(d, targets, list(losses), stats, meta, masks, mask_w, list(mask_names), cancelled,
+                         kohya_names)
 
     # noised-source cache of clean latents
     clean_cache: torch.Tensor | None = None
@@ -567,7 +566,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                     tt = torch.tensor([t_int], device=dev, dtype=torch.long)
                     # frozen ε*(x_t, c, t) and ε*(x_t, ∅, t) in one batched call
                     frozen = model.predict(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                           torch.cat(_same_length(cond, uncond))).float()
+                                           Conditioning.cat([cond, uncond])).float()
                     if from_cond is None:
                         target = paper_target(frozen[:1], frozen[1:], cfg.negative_guidance)
                     else:  # attribute erasure: esd_sd.py's target with the from-prompt's prediction

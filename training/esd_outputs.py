@@ -41,7 +41,8 @@ def diff_state_dict(result: ESDResult) -> dict[str, torch.Tensor]:
     out = {}
     for (component, path, attr), d in result.deltas.items():
         suffix = ".diff" if attr == "weight" else ".diff_b"
-        out[kohya_lora_name(component, path) + suffix] = d.detach().float().cpu()
+        name = result.kohya_names.get((component, path)) or kohya_lora_name(component, path)
+        out[name + suffix] = d.detach().float().cpu()
     return out
 
 
@@ -73,7 +74,7 @@ def svd_lora(result: ESDResult, rank: int) -> tuple[dict[str, tuple[torch.Tensor
             dropped += 1
             bias_energy += float((d ** 2).sum())
             continue
-        name = kohya_lora_name(component, path)
+        name = result.kohya_names.get((component, path)) or kohya_lora_name(component, path)
         mat = d.reshape(d.shape[0], -1)
         U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
         r = min(rank, S.numel())

@@ -15,6 +15,11 @@ Conventions every host follows:
   ``f(weight) -> weight + delta`` (the same contract as ComfyUI's ``ModelPatcher.add_weight_wrapper``, which
   ComfyUI's own TrainLoraNode uses). The shared base weights are never modified; switching deltas off
   (:meth:`DiffusionHost.deltas_disabled`) gives the frozen model, so ESD needs one model copy, not two.
+* **Conditioning** is one :class:`~.conditioning.Conditioning` object per batch, made by
+  :meth:`DiffusionHost.encode_prompts` and consumed by :meth:`DiffusionHost.predict`: SD1/SD2 read its
+  ``context``; SDXL also its ``pooled`` embedding and ``extras["size_ids"]``; the loops only select rows,
+  concatenate and attach per-image sizes, so a new family (:mod:`.families`) needs no new loop. ``predict`` still
+  accepts a bare ``[B, L, D]`` context tensor (SD1/SD2).
 * **Noise schedule**: discrete DDPM ``alphas_cumprod`` (float32, shape ``[T]``, usually T = 1000). ``x_t`` is
   the DDPM-scaled noisy latent ``sqrt(a_t)·x0 + sqrt(1−a_t)·ε`` and ``timesteps`` are integer indices in
   ``[0, T)``. :meth:`DiffusionHost.predict` returns the raw network output in the model's own parameterization
@@ -29,6 +34,8 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from .conditioning import Conditioning
 
 
 class DeltaModule(nn.Module):
@@ -94,7 +101,8 @@ class DiffusionHost(abc.ABC):
     """What the training and erasure loops need from a diffusion model; see the module docstring.
 
     Attributes:
-        arch: ``"sd1" | "sd2" | "sdxl"`` (the naming used by :mod:`conceptlab.formats.keys`).
+        arch: ``"sd1" | "sd2" | "sdxl"`` (the naming used by :mod:`conceptlab.formats.keys`; the family's data is
+            :func:`conceptlab.training.families.family` of it).
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         alphas_cumprod: float32 CPU tensor ``[T]``.
         device: compute device; ``dtype``: compute dtype of the frozen weights.
@@ -116,6 +124,13 @@ class DiffusionHost(abc.ABC):
 
         Raises ``ValueError`` for a component the model does not have.
         """
+
+    def unet_ldm_paths(self) -> dict[str, str]:
+        """``{canonical diffusers UNet module path: LDM (``openaimodel.UNetModel``) module path}`` for this model's
+        own layout (e.g. ``down_blocks.1.attentions.0.proj_in`` → ``input_blocks.4.1.proj_in`` on SDXL). Used
+        where a family's files name UNet modules the LDM way (kohya SDXL LoRA keys). Hosts override it; the
+        default raises ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot map UNet paths to LDM names")
 
     def components(self) -> list[str]:
         """The components this host can adapt, e.g. ``["unet", "te"]``."""
@@ -146,18 +161,38 @@ class DiffusionHost(abc.ABC):
             for d, p in zip(deltas, prev):
                 d.enabled = p
 
+    # -- schedule -----------------------------------------------------------------------------------------------
+    def configure_schedule(self, prediction_type: str | None = None, zero_terminal_snr: bool = False) -> None:
+        """Declare the model's parameterization and/or rescale its schedule to zero terminal SNR, for training,
+        erasure and sampling alike (kohya ``--v_parameterization`` / ``--zero_terminal_snr``).
+
+        ``prediction_type``: ``"epsilon"`` / ``"v_prediction"`` / ``None`` (keep). ``zero_terminal_snr``: apply
+        :func:`zero_terminal_snr_alphas_cumprod` to :attr:`alphas_cumprod` (idempotent). Hosts whose native
+        sampler owns the schedule (ComfyUI) override this to patch it there too. Raises ``ValueError`` for an
+        unknown prediction type.
+        """
+        if prediction_type is not None:
+            if prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+            self.prediction_type = prediction_type
+        if zero_terminal_snr:
+            self.alphas_cumprod = zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
+
     # -- conditioning, prediction, VAE ----------------------------------------------------------------------
     @abc.abstractmethod
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states ``[B, 77, D]`` (compute dtype, on :attr:`device`).
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """The :class:`~.conditioning.Conditioning` of ``prompts`` (``context`` ``[B, 77·k, D]`` in the compute
+        dtype on :attr:`device`; ``pooled`` ``[B, P]`` for families that have one).
 
         Differentiable when text-encoder deltas are installed and grad is enabled.
         """
 
     @abc.abstractmethod
-    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
         """Raw network output ``[B, C, h, w]`` for DDPM-scaled ``x_t`` ``[B, C, h, w]`` at integer ``timesteps``
-        ``[B]`` with context ``cond`` ``[B, 77, D]``; parameterization :attr:`prediction_type`."""
+        ``[B]`` with conditioning ``cond`` (a :class:`~.conditioning.Conditioning` of ``B`` rows, or a bare
+        context ``[B, L, D]`` for SD1/SD2); parameterization :attr:`prediction_type`. SDXL hosts use
+        ``cond.extras["size_ids"]`` when present, else the latent's size with no crop."""
 
     @abc.abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -230,6 +265,29 @@ def eps_from_prediction(output: torch.Tensor, x_t: torch.Tensor, timesteps: torc
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Rescale a DDPM schedule to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Algorithm 1), exactly as kohya-ss/sd-scripts ``library/custom_train_functions.py``
+    ``fix_noise_scheduler_betas_for_zero_terminal_snr`` (``--zero_terminal_snr``) does.
+
+    √ᾱ is shifted so its last value is 0 and scaled so its first value is unchanged; the betas are recovered from
+    the new ᾱ and ᾱ is re-accumulated in float32 as kohya does. Input/output: ``[T]`` float32 CPU; the result
+    ends in exactly 0 (SNR 0: pure noise at t = T−1, which only v-prediction can learn). ComfyUI's
+    ``rescale_zero_terminal_snr_sigmas`` is the same map but clamps the last ᾱ to 4.897e-8 (σ finite): a
+    ComfyUI-hosted model uses ComfyUI's own table. Raises ``ValueError`` for a non-decreasing-noise schedule.
+    """
+    ac = alphas_cumprod.detach().float().cpu()
+    if ac.dim() != 1 or len(ac) < 2 or not bool((ac[1:] <= ac[:-1]).all()):
+        raise ValueError("alphas_cumprod must be a decreasing [T] schedule")
+    betas = 1 - ac / torch.cat([torch.ones(1), ac[:-1]])
+    alphas_bar_sqrt = torch.cumprod(1 - betas, 0).sqrt()
+    a0, aT = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return torch.cumprod(alphas, dim=0)
+
+
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     """Descending DDIM timesteps with diffusers' "leading" spacing (``DDIMScheduler.set_timesteps``).
 
@@ -246,13 +304,15 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_sample(host: DiffusionHost, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *,
+def ddim_sample(host: DiffusionHost, x_T: torch.Tensor, cond: Conditioning | torch.Tensor,
+                uncond: Conditioning | torch.Tensor, *,
                 steps: int = 50, cfg: float = 7.5, stop_at: int | None = None, eta: float = 0.0) -> torch.Tensor:
     """Deterministic DDIM sampling (Song et al. 2021, Eq. 12 with η=0) with classifier-free guidance.
 
     Uses diffusers' ``DDIMScheduler`` built on the host's ``alphas_cumprod`` (so any schedule works).
     ``stop_at``: return after that many steps (ESD's "sample up to a random step k"). Returns latents
-    ``[B, C, h, w]`` fp32. ``x_T``: ``[B, C, h, w]`` standard normal.
+    ``[B, C, h, w]`` fp32. ``x_T``: ``[B, C, h, w]`` standard normal; ``cond`` / ``uncond``: conditionings of
+    ``B`` rows (see :meth:`DiffusionHost.predict`).
     """
     from diffusers import DDIMScheduler
 

@@ -44,9 +44,16 @@ _UNET_CONV = re.compile(r"(^|\.)(resnets|downsamplers|upsamplers)\.\d+\.")
 _TE_TARGET = re.compile(r"(^|\.)(self_attn|mlp)\.")
 
 
-def _kohya_name(component: str, path: str) -> str:
+def _kohya_name(component: str, path: str, host: DiffusionHost | None = None) -> str:
+    """kohya's LoRA module name for a host module: the family's naming (:class:`.families.Family`
+    ``kohya_unet_names``) decides whether UNet modules are named by their diffusers or their LDM path."""
     from ..formats.keys import kohya_lora_name
+    from .families import FAMILIES
 
+    if component == "unet" and host is not None:
+        fam = FAMILIES.get(getattr(host, "arch", "sd1"))
+        if fam is not None and fam.kohya_unet_names == "ldm":
+            path = host.unet_ldm_paths().get(path, path)
     return kohya_lora_name(component, path)
 
 
@@ -155,7 +162,7 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
                 continue
             for path, mod in host.modules(comp).items():
                 if isinstance(mod, nn.Linear) and _TE_TARGET.search(path):
-                    out.append(LoRATarget(comp, path, _kohya_name(comp, path), int(network_dim),
+                    out.append(LoRATarget(comp, path, _kohya_name(comp, path, host), int(network_dim),
                                           float(network_alpha), False))
     if train_unet:
         for path, mod in host.modules("unet").items():
@@ -164,10 +171,10 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
             if not (in_attn or in_conv_block):
                 continue
             if _is_1x1_or_linear(mod):
-                out.append(LoRATarget("unet", path, _kohya_name("unet", path), int(network_dim),
+                out.append(LoRATarget("unet", path, _kohya_name("unet", path, host), int(network_dim),
                                       float(network_alpha), False))
             elif isinstance(mod, nn.Conv2d) and conv_on:
-                out.append(LoRATarget("unet", path, _kohya_name("unet", path), int(conv_dim), float(conv_alpha),
+                out.append(LoRATarget("unet", path, _kohya_name("unet", path, host), int(conv_dim), float(conv_alpha),
                                       True))
     if not out:
         raise ValueError("the LoRA network selects no modules: train the UNet, the text encoder, or both "
@@ -234,7 +241,7 @@ class LoRANetwork(nn.Module):
         by_name: dict[str, tuple[str, str, nn.Module]] = {}
         for comp in host.components():
             for path, mod in host.modules(comp).items():
-                by_name[_kohya_name(comp, path)] = (comp, path, mod)
+                by_name[_kohya_name(comp, path, host)] = (comp, path, mod)
         names = sorted({k.split(".", 1)[0] for k in state if k.endswith(".lora_down.weight")})
         targets, deltas, unmatched = [], {}, []
         for name in names:

@@ -52,6 +52,8 @@ import torch
 from ..formats.safetensors_io import atomic_write_text, load_state_dict, save_safetensors
 from .captions import CaptionConfig, process_caption
 from .dataset import DatasetOptions, KohyaDataset
+from .conditioning import Conditioning, size_ids
+from .families import family, modelspec_arch
 from .host import DiffusionHost, add_noise, prediction_target
 from .lora import LoRANetwork
 
@@ -93,7 +95,10 @@ class TrainConfig:
     ``lr_scheduler_power``, ``max_grad_norm`` (0 = off), ``mixed_precision`` (``no``/``fp16``/``bf16``; CPU
     always runs fp32), ``gradient_checkpointing``.
     Objective: ``noise_offset``, ``min_snr_gamma``, ``loss_type`` (:data:`LOSS_TYPES`), ``huber_schedule``,
-    ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T).
+    ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T), ``v_parameterization`` (the
+    model predicts v: kohya's flag for SD2-v / NoobAI-vpred-style models; a ComfyUI MODEL already says so through
+    its ``model_sampling``), ``zero_terminal_snr`` (rescale the schedule to zero terminal SNR as kohya does; the
+    samples rendered each epoch use the same schedule; see :meth:`.host.DiffusionHost.configure_schedule`).
     Files: ``output_dir`` (LoRA files), ``output_name``, ``save_every_n_epochs``, ``save_precision``,
     ``save_state`` (Concept Lab default True), ``state_dir`` (training states, epoch table, plots and samples;
     default ``output_dir`` — the node keeps them out of ``loras/`` so LoraLoader lists only LoRAs), ``resume``
@@ -142,6 +147,8 @@ class TrainConfig:
     huber_scale: float = 1.0
     min_timestep: int = 0
     max_timestep: int | None = None
+    v_parameterization: bool = False
+    zero_terminal_snr: bool = False
     save_every_n_epochs: int | None = None
     save_precision: str = "fp16"
     save_state: bool = True
@@ -254,6 +261,9 @@ class TrainConfig:
             raise ValueError("network_train_unet_only and network_train_text_encoder_only exclude each other")
         if self.best_direction not in ("auto", "min", "max"):
             raise ValueError("best_direction must be auto, min or max")
+        for name in ("v_parameterization", "zero_terminal_snr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             self.min_snr_gamma = None
         if self.noise_offset is not None and self.noise_offset == 0:
@@ -413,14 +423,44 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
     return el.mean(dim=tuple(range(1, el.dim())))
 
 
-def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: torch.Tensor, cfg: TrainConfig,
+def sdxl_size_ids(entries: Sequence, flipped: Sequence[bool] | None = None) -> torch.Tensor:
+    """SDXL size conditioning ``[B, 6]`` float32 for dataset entries, as kohya-ss/sd-scripts
+    ``library/train_util.py`` builds ``original_sizes_hw`` / ``crop_top_lefts`` / ``target_sizes_hw`` (the
+    ``BaseDataset.__getitem__`` block around line 1683 at commit 48d368f):
+
+    * original size = the image file's ``(h, w)``; target size = the bucket's ``(h, w)``;
+    * crop (top, left) = kohya ``BucketManager.get_crop_ltrb(bucket_reso, original_size)`` (line 349): the
+      offsets of the image fitted *inside* the bucket, Stability AI's convention; for a flipped image the left
+      offset is ``bucket_w − crop_right``.
+
+    ``entries``: objects with ``size`` (w, h) and ``bucket_reso`` (w, h) in pixels (:class:`.dataset.ImageEntry`);
+    ``flipped``: per entry, whether the flipped latents were used (default none).
+    """
+    rows_o, rows_c, rows_t = [], [], []
+    for i, e in enumerate(entries):
+        (iw, ih), (bw, bh) = e.size, e.bucket_reso
+        bucket_ar, image_ar = bw / bh, iw / ih
+        if bucket_ar > image_ar:
+            rw, rh = bh * image_ar, bh
+        else:
+            rw, rh = bw, bw / image_ar
+        left, top = (bw - rw) // 2, (bh - rh) // 2
+        if flipped is not None and flipped[i]:
+            left = bw - (left + rw)
+        rows_o.append((ih, iw))
+        rows_c.append((int(top), int(left)))
+        rows_t.append((bh, bw))
+    return size_ids(rows_o, rows_c, rows_t)
+
+
+def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditioning | torch.Tensor, cfg: TrainConfig,
                    generator: torch.Generator, timesteps: torch.Tensor | None = None,
                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
     """One batch's scalar training loss in the host's own parameterization (see module docstring).
 
     Args:
         latents: scaled VAE latents ``[B, C, h, w]`` fp32 (any device).
-        cond: text-encoder context ``[B, 77, D]``.
+        cond: the batch's :class:`~.conditioning.Conditioning` (or a bare SD1/SD2 context ``[B, 77, D]``).
         generator: CPU generator for noise, noise offset and timesteps (consumed in that order).
         timesteps: fixed integer timesteps ``[B]`` (validation); otherwise uniform in [min_t, max_t).
         autocast: factory of the mixed-precision context the prediction runs in (``None``: none).
@@ -867,8 +907,6 @@ def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
 # metadata and files
 # ------------------------------------------------------------------------------------------------------------
 
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def epoch_file_name(output_name: str, epoch: int | None) -> str:
@@ -927,7 +965,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": arch == "sd2",
-        "ss_base_model_version": _BASE_VERSION.get(arch, arch),
+        "ss_base_model_version": family(arch).base_model_version,
         "ss_clip_skip": None,
         "ss_max_token_length": None,
         "ss_cache_latents": True,
@@ -935,7 +973,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_lowram": False,
         "ss_noise_offset": cfg.noise_offset,
         "ss_adaptive_noise_scale": None,
-        "ss_zero_terminal_snr": False,
+        "ss_zero_terminal_snr": bool(cfg.zero_terminal_snr),
         "ss_training_comment": cfg.training_comment or None,
         "ss_sd_scripts_commit_hash": "conceptlab",
         "ss_optimizer": cfg.optimizer_type + (f"({','.join(map(str, cfg.optimizer_args))})"
@@ -974,7 +1012,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_tag_frequency": dataset.tag_frequency,
         "ss_bucket_info": dataset.bucket_info(),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{_MODELSPEC_ARCH.get(arch, arch)}/lora",
+        "modelspec.architecture": f"{modelspec_arch(arch, host.prediction_type)}/lora",
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
                                      else "diffusers"),
         "modelspec.title": cfg.output_name,
@@ -1084,7 +1122,9 @@ class LoraTrainer:
         encode_latents_progress: ``(done, total)`` while caching latents.
 
     Construction validates ``cfg`` (``ValueError`` / :class:`OptimizerUnavailableError`) and raises ``ValueError``
-    when ``network_train_text_encoder_only`` is set for a host without a text encoder.
+    when ``network_train_text_encoder_only`` is set for a host without a text encoder. ``v_parameterization`` /
+    ``zero_terminal_snr`` reconfigure the host's schedule here (:meth:`.host.DiffusionHost.configure_schedule`),
+    so training, validation and the per-epoch samples share it.
     """
 
     def __init__(self, host: DiffusionHost, dataset: KohyaDataset, cfg: TrainConfig, *,
@@ -1097,12 +1137,21 @@ class LoraTrainer:
         self.encode_latents_progress = encode_latents_progress
         self.out_dir = Path(cfg.output_dir)
         self.state_dir = Path(cfg.state_dir) if cfg.state_dir else self.out_dir
-        self.train_te = not cfg.network_train_unet_only and "te" in host.components()
+        self.train_te = not cfg.network_train_unet_only and any(c.startswith("te") for c in host.components())
         self.train_unet = not cfg.network_train_text_encoder_only
         if cfg.network_train_text_encoder_only and not self.train_te:
             raise ValueError("network_train_text_encoder_only is set but the model has no text encoder")
-        self._te_cache: dict[str, torch.Tensor] = {}
+        self._te_cache: dict[str, Conditioning] = {}
         self.dataset_effective_colors: float | None = None
+        self.family = family(getattr(host, "arch", "sd1"))
+        if cfg.v_parameterization or cfg.zero_terminal_snr:
+            host.configure_schedule(prediction_type="v_prediction" if cfg.v_parameterization else None,
+                                    zero_terminal_snr=cfg.zero_terminal_snr)
+        if cfg.zero_terminal_snr and host.prediction_type != "v_prediction":
+            # kohya train_util.verify_training_args gives the same warning
+            logger.warning("zero_terminal_snr is on but the model predicts epsilon: at the last timestep x_t is "
+                           "pure noise and epsilon-prediction cannot recover x0; use a v-prediction model "
+                           "(v_parameterization = true)")
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def schedule(self) -> tuple[int, int, int]:
@@ -1117,18 +1166,26 @@ class LoraTrainer:
         return nb, max_steps, num_epochs
 
     # -- conditioning -----------------------------------------------------------------------------------------
-    def _encode(self, captions: list[str]) -> torch.Tensor:
+    def _encode(self, captions: list[str], entries: Sequence | None = None,
+                flipped: Sequence[bool] | None = None) -> Conditioning:
+        """The batch's :class:`~.conditioning.Conditioning`: text-encoder outputs (cached per caption while the
+        text encoders are frozen, as kohya's ``cache_text_encoder_outputs``), plus, for families with size
+        conditioning (SDXL), each image's size ids from ``entries`` (see :func:`sdxl_size_ids`)."""
         if self.train_te:
-            return self.host.encode_prompts(captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self._te_cache]
-        if missing:
-            with torch.no_grad():
-                enc = self.host.encode_prompts(missing)
-            if len(self._te_cache) > 4096:
-                self._te_cache.clear()
-            for c, e in zip(missing, enc):
-                self._te_cache[c] = e.detach()
-        return torch.stack([self._te_cache[c] for c in captions])
+            cond = Conditioning.wrap(self.host.encode_prompts(captions))
+        else:
+            missing = [c for c in dict.fromkeys(captions) if c not in self._te_cache]
+            if missing:
+                with torch.no_grad():
+                    enc = Conditioning.wrap(self.host.encode_prompts(missing)).detach()
+                if len(self._te_cache) > 4096:
+                    self._te_cache.clear()
+                for c, row in zip(missing, enc.rows()):
+                    self._te_cache[c] = row
+            cond = Conditioning.cat([self._te_cache[c] for c in captions])
+        if entries is not None and self.family.size_conditioning:
+            cond = cond.with_extras(size_ids=sdxl_size_ids(entries, flipped))
+        return cond
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -1153,7 +1210,7 @@ class LoraTrainer:
             for i in range(0, len(items), bs):
                 batch = items[i:i + bs]
                 lat = torch.stack([e.latents for e in batch])
-                cond = self._encode([e.caption for e in batch])
+                cond = self._encode([e.caption for e in batch], batch)
                 for t in ts:
                     tt = torch.full((len(batch),), int(t), dtype=torch.long)
                     loss = diffusion_loss(self.host, lat, cond, cfg, gen, timesteps=tt, autocast=autocast)
@@ -1353,14 +1410,15 @@ class LoraTrainer:
                     entries = [ds.entries[i] for i in idx]
                     caps = [process_caption(e.caption, ds.captions, py_rng, epoch=ep1, step=global_step,
                                             max_train_steps=max_steps) for e in entries]
-                    lat = []
+                    lat, flips = [], []
                     for e in entries:
                         flip = ds.options.flip_aug and py_rng.random() < 0.5
-                        lat.append(e.latents_flipped if flip and e.latents_flipped is not None else e.latents)
+                        flips.append(bool(flip and e.latents_flipped is not None))
+                        lat.append(e.latents_flipped if flips[-1] else e.latents)
                     latents = torch.stack(lat)
                     network.resample_dropout(True)
                     with torch.set_grad_enabled(True):
-                        cond = self._encode(caps)
+                        cond = self._encode(caps, entries, flips)
                         loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast)
                     lv = float(loss.detach())
                     if not math.isfinite(lv):

@@ -17,7 +17,8 @@ concept's embedding ``c`` is the text encoder's output at the prompt's **last co
 ``attention_mask.sum() − 2``, lines 34–42: the token before the end token; the start token for the empty
 prompt), ``W_old`` is the original weight for every term, and only the weights of ``attn2.to_k`` /
 ``attn2.to_v`` change (SD has no bias there). The cross-attention input (the context) is the same for every
-layer, so one embedding per prompt serves all 32 projections of SD1.x.
+layer, so one embedding per prompt serves all 32 projections of SD1.x (SDXL: 140 projections, the embedding
+being the concatenated CLIP-L ‖ OpenCLIP-G context at that token, as the script gets from an SDXL pipeline).
 
 **Low-rank form** (what :func:`uce_delta` computes; exact algebra, not an approximation): the left factor is
 ``W_old·A`` with ``A = λI + s_e·Gᵀ E + s_p·Pᵀ P`` and the right one is ``M = λI + s_e·Eᵀ E + s_p·Pᵀ P``
@@ -232,21 +233,25 @@ def last_token_index(ids: torch.Tensor, end_token: int) -> torch.Tensor:
 
 
 def diffusers_token_encoder(host) -> TokenEncoder:
-    """A :data:`TokenEncoder` for :class:`~.diffusers_host.DiffusersHost` (SD1/SD2): the host's own tokenizer
-    and text encoder (last hidden state, as ``encode_prompts`` and diffusers' ``encode_prompt``). The end token
-    is ``tokenizer.eos_token_id``, or — for a plain tokenizer callable — the id every row is padded with."""
+    """A :data:`TokenEncoder` for :class:`~.diffusers_host.DiffusersHost` (SD1/SD2/SDXL): the ``context`` of the
+    host's own :meth:`encode_prompts` (SD1/SD2: last CLIP layer; SDXL: CLIP-L ‖ OpenCLIP-G penultimate layers,
+    ``[B, 77, 2048]`` — what ``pipe.encode_prompt(...)[0]`` gives the reference script for an SDXL pipeline) and
+    the last content token from the host's (first) tokenizer. The end token is ``tokenizer.eos_token_id``, or —
+    for a plain tokenizer callable — the id every row is padded with."""
+    from .conditioning import Conditioning
+
     tok = host.tokenizer
     if host.text_encoder is None or tok is None:
         raise ValueError("UCE needs the model's text encoder and tokenizer")
 
     def encode(prompts):
-        ids = host._tokenize(prompts)  # the host's exact tokenization (padding / truncation to 77)
+        ids = host._tokenize(list(prompts))  # the host's exact tokenization (padding / truncation to 77)
         end = getattr(tok, "eos_token_id", None)
         if end is None:
             end = int(ids[0, -1])
         with torch.no_grad():
-            hidden = host.text_encoder(ids.to(host.device))[0]
-        return hidden, last_token_index(ids, int(end))
+            context = Conditioning.wrap(host.encode_prompts(list(prompts))).context
+        return context, last_token_index(ids, int(end))
 
     return encode
 

@@ -121,3 +121,49 @@ def tiny_vae(seed: int = 2):
     init_weights(vae.first_stage_model, seed, scale=0.5)
     vae.first_stage_model.to(vae.vae_dtype)
     return vae
+
+
+#: tiny SDXL-family UNet (ComfyUI ``UNetModel`` arguments): linear transformers, 2 layers at the second level and
+#: in the middle, ``label_emb`` fed by SDXL's ``encode_adm`` (pooled OpenCLIP-G + 6 × 256 size embeddings)
+TINY_SDXL_POOLED = 48  # ComfyUI projects clip_g pooled with a hidden × hidden matrix (bigG: 1280)
+TINY_SDXL_UNET_CONFIG = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2,
+    "channel_mult": [1, 2], "context_dim": 32 + 48, "num_heads": 8, "num_head_channels": -1,
+    "use_linear_in_transformer": True, "adm_in_channels": TINY_SDXL_POOLED + 6 * 256, "num_classes": "sequential",
+    "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False,
+    "dtype": torch.float32,
+}
+TINY_SDXL_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+                    "projection_dim": 32}
+TINY_SDXL_CLIP_G = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
+                    "projection_dim": TINY_SDXL_POOLED, "hidden_act": "gelu"}
+
+
+def tiny_sdxl_patcher(seed: int = 0, v_prediction: bool = False):
+    """A ``ModelPatcher`` around ComfyUI's SDXL ``BaseModel`` with :data:`TINY_SDXL_UNET_CONFIG` (CPU, fp32)."""
+    comfy_inprocess()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET_CONFIG))
+    mt = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    base = comfy.model_base.SDXL(cfg, model_type=mt)
+    init_weights(base.diffusion_model, seed)
+    base.eval()
+    dev = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=dev)
+
+
+def tiny_sdxl_clip(seed: int = 1):
+    """A ComfyUI SDXL ``CLIP`` (clip_l + clip_g, real tokenizers, tiny transformers)."""
+    comfy_inprocess()
+    import comfy.sd
+    import comfy.supported_models
+
+    target = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET_CONFIG)).clip_target()
+    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": dict(TINY_SDXL_CLIP_L),
+                                                       "clip_g_model_config": dict(TINY_SDXL_CLIP_G)})
+    init_weights(clip.cond_stage_model, seed)
+    return clip

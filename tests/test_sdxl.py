@@ -1,0 +1,214 @@
+"""SDXL-family training and erasure on a tiny SDXL-shaped diffusers model (two text encoders, pooled text, six
+size ids): conditioning and prediction against independent diffusers calls, kohya's size ids and zero-terminal-SNR
+schedule, kohya SDXL key names, files diffusers loads, a training run with SDXL metadata, ESD-x on SDXL."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train_lora import cfg_for, make_dataset
+from tiny_models import tiny_host, tiny_sdxl_host, word_hash_tokenizer
+
+from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
+from conceptlab.training.conditioning import Conditioning, default_size_ids
+from conceptlab.training.host import zero_terminal_snr_alphas_cumprod
+from conceptlab.training.trainer import LoraTrainer, diffusion_loss, sdxl_size_ids
+
+
+def test_sdxl_conditioning_and_prediction_equal_direct_diffusers_calls():
+    host = tiny_sdxl_host()
+    prompts = ["pixel art, skeleton king", "a red apple"]
+    with torch.no_grad():
+        cond = host.encode_prompts(prompts)
+        ids = word_hash_tokenizer(prompts)
+        h1 = host.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        o2 = host.text_encoder_2(ids, output_hidden_states=True)
+        torch.testing.assert_close(cond.context, torch.cat([h1, o2.hidden_states[-2]], -1), rtol=0, atol=0)
+        torch.testing.assert_close(cond.pooled, o2.text_embeds, rtol=0, atol=0)
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 700])
+        sizes = torch.tensor([[96.0, 128, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]])
+        ours = host.predict(x, t, cond.with_extras(size_ids=sizes))
+        ref = host.unet(x, t, encoder_hidden_states=cond.context,
+                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": sizes}).sample
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+        # no size ids: the latent's pixel size and no crop, as diffusers' pipeline does for text-to-image
+        dflt = host.unet(x, t, encoder_hidden_states=cond.context,
+                         added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": default_size_ids(2, 64, 64)})
+        torch.testing.assert_close(host.predict(x, t, cond), dflt.sample, rtol=0, atol=0)
+        # size ids matter (the micro-conditioning is wired, not ignored)
+        assert (ours - dflt.sample).abs().max() > 1e-5
+        with pytest.raises(ValueError, match="pooled"):
+            host.predict(x, t, Conditioning(cond.context))
+
+
+def test_conditioning_rows_cat_and_lengths():
+    a = Conditioning(torch.randn(2, 77, 8), torch.randn(2, 4))
+    b = Conditioning(torch.randn(1, 154, 8), torch.randn(1, 4))
+    c = Conditioning.cat([a, b])
+    assert c.context.shape == (3, 154, 8) and c.pooled.shape == (3, 4)
+    torch.testing.assert_close(c.context[0, 77:], a.context[0])  # 77-token chunks repeated like ComfyUI
+    assert [r.context.shape[0] for r in c.rows()] == [1, 1, 1]
+    with pytest.raises(ValueError):
+        Conditioning.cat([a, Conditioning(torch.randn(1, 77, 8))])  # pooled on one side only
+    with pytest.raises(ValueError):
+        a.with_extras(nonsense=torch.zeros(2))
+
+
+def test_size_ids_follow_kohya_get_crop_ltrb():
+    # kohya train_util.BucketManager.get_crop_ltrb: the image fitted inside the bucket, Stability AI's convention
+    wide = SimpleNamespace(size=(200, 100), bucket_reso=(128, 96))   # image w/h 2.0 > bucket 1.33: width fits
+    tall = SimpleNamespace(size=(100, 200), bucket_reso=(96, 128))   # image 0.5 < bucket 0.75: height fits
+    ids = sdxl_size_ids([wide, tall])
+    # wide: resized 128 × 64 inside 128 × 96 → top = (96 − 64)//2 = 16, left 0
+    assert ids[0].tolist() == [100, 200, 16, 0, 96, 128]
+    # tall: resized 64 × 128 inside 96 × 128 → left = (96 − 64)//2 = 16
+    assert ids[1].tolist() == [200, 100, 0, 16, 128, 96]
+    # flipped: left becomes bucket_w − crop_right = 96 − (16 + 64) = 16 (symmetric here) …
+    assert sdxl_size_ids([tall], [True])[0].tolist() == [200, 100, 0, 16, 128, 96]
+    # … and differs for an odd margin: image 100 × 300 in 64 × 128 → width 42.67, left 10, right 52.67
+    odd = SimpleNamespace(size=(100, 300), bucket_reso=(64, 128))
+    assert sdxl_size_ids([odd])[0, 3] == 10 and sdxl_size_ids([odd], [True])[0, 3] == 11
+
+
+def test_zero_terminal_snr_matches_diffusers_rescale():
+    from diffusers import DDPMScheduler
+
+    from conceptlab.training.diffusers_host import sd_alphas_cumprod
+
+    ac = sd_alphas_cumprod()
+    ours = zero_terminal_snr_alphas_cumprod(ac)
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        rescale_betas_zero_snr=True).alphas_cumprod
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-7)
+    assert ours[-1] == 0 and abs(float(ours[0] - ac[0])) < 1e-7
+    torch.testing.assert_close(zero_terminal_snr_alphas_cumprod(ours), ours)  # idempotent
+    host = tiny_sdxl_host()
+    host.configure_schedule(prediction_type="v_prediction", zero_terminal_snr=True)
+    assert host.prediction_type == "v_prediction" and host.alphas_cumprod[-1] == 0
+    with pytest.raises(ValueError):
+        host.configure_schedule(prediction_type="x0")
+
+
+def test_sdxl_v_prediction_objective_is_kohya_v_target():
+    host = tiny_sdxl_host(prediction_type="v_prediction")
+    host.configure_schedule(zero_terminal_snr=True)
+    cond = host.encode_prompts(["a", "b"]).detach()
+    lat = torch.randn(2, 4, 8, 8)
+    cfg = cfg_for(Path("."), zero_terminal_snr=True, v_parameterization=True)
+    ts = torch.tensor([0, 999])
+    with torch.no_grad():
+        ours = diffusion_loss(host, lat, cond, cfg, torch.Generator().manual_seed(0), timesteps=ts)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(lat.shape, generator=g)
+        a = host.alphas_cumprod[ts].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * lat + (1 - a).sqrt() * noise   # at t = 999, a = 0: pure noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * lat     # and the v target is −x0 there
+        ref = ((host.predict(x_t, ts, cond) - v) ** 2).mean()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(x_t[1], noise[1])
+
+
+def test_sdxl_lora_training_files_keys_and_metadata(dawnlike_dir, tmp_path):
+    ds = make_dataset(dawnlike_dir, tmp_path / "ds", n=3, repeats=1)
+    host = tiny_sdxl_host()
+    cfg = cfg_for(tmp_path / "out", max_train_epochs=2, network_train_unet_only=False, text_encoder_lr=1e-4,
+                  conv_dim=2, conv_alpha=1, sample_prompts="pixel art, knight", sample_steps=2, sample_width=64,
+                  sample_height=64, zero_terminal_snr=True, v_parameterization=True)
+    seen = []
+    orig = host.predict
+
+    def spy(x, t, cond):
+        seen.append(Conditioning.wrap(cond).extras.get("size_ids"))
+        return orig(x, t, cond)
+    host.predict = spy
+    res = LoraTrainer(host, ds, cfg).run()
+    assert host.installed_deltas() == {}
+    sd = load_state_dict(res.final_path)
+    names = {k.split(".")[0] for k in sd}
+    assert any(n.startswith("lora_te1_text_model_encoder_layers_") for n in names)
+    assert any(n.startswith("lora_te2_text_model_encoder_layers_") for n in names)
+    unet = sorted(n for n in names if n.startswith("lora_unet_"))
+    # kohya's SDXL trainer names UNet modules the LDM way (sdxl_original_unet), never diffusers' down_blocks
+    assert unet and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                      "lora_unet_output_blocks_")) for n in unet)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k" in names  # 2nd transformer layer
+    assert "lora_unet_input_blocks_2_0_op" in names  # Downsample2D conv (conv_dim on)
+    md = read_metadata(res.final_path)
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert md["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert md["ss_zero_terminal_snr"] == "True" and md["modelspec.prediction_type"] == "v"
+    # training batches carried kohya's size ids (original size of the 16 px sprites, bucket 64 px)
+    train_ids = [s for s in seen if s is not None]
+    assert train_ids and all(s.shape[1] == 6 for s in train_ids)
+    assert {tuple(r[4:].tolist()) for s in train_ids for r in s} == {(64.0, 64.0)}
+    assert {tuple(r[:2].tolist()) for s in train_ids for r in s} == {(16.0, 16.0)}
+    # the file round-trips into a network for the same host with nothing unmatched
+    from conceptlab.training.lora import LoRANetwork
+
+    net, unmatched = LoRANetwork.from_kohya_state_dict(host, sd)
+    assert unmatched == [] and len(net.targets) == len(names)
+
+
+def test_sdxl_lora_file_loads_in_diffusers_without_unexpected_keys(dawnlike_dir, tmp_path, caplog):
+    from diffusers import StableDiffusionXLPipeline
+
+    ds = make_dataset(dawnlike_dir, tmp_path / "ds", n=2, repeats=1)
+    host = tiny_sdxl_host()
+    res = LoraTrainer(host, ds, cfg_for(tmp_path / "out", max_train_epochs=1, network_train_unet_only=False,
+                                        save_state=False)).run()
+    state = load_state_dict(res.final_path)
+    # diffusers' own kohya→peft conversion for SDXL (StableDiffusionXLLoraLoaderMixin.lora_state_dict)
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict({k: v.float() for k, v in state.items()},
+                                                               unet_config=host.unet.config)
+    unet = host.unet
+    te1, te2 = host.text_encoder, host.text_encoder_2
+    with caplog.at_level(logging.WARNING):
+        StableDiffusionXLPipeline.load_lora_into_unet(converted, network_alphas=alphas, unet=unet,
+                                                      adapter_name="cl")
+        StableDiffusionXLPipeline.load_lora_into_text_encoder(converted, network_alphas=alphas, text_encoder=te1,
+                                                              prefix="text_encoder", adapter_name="cl")
+        StableDiffusionXLPipeline.load_lora_into_text_encoder(converted, network_alphas=alphas, text_encoder=te2,
+                                                              prefix="text_encoder_2", adapter_name="cl")
+    bad = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    assert not bad, bad[:3]
+    n_unet = sum(1 for k in converted if k.startswith("unet."))
+    assert n_unet > 0 and sum(1 for k in converted if k.startswith("text_encoder_2.")) > 0
+
+
+def test_sd1_lora_does_not_load_into_sdxl():
+    from conceptlab.training.lora import LoRANetwork
+
+    sd1 = LoRANetwork.create(tiny_host(), network_dim=2, train_text_encoder=True)
+    state = {f"{n}.{k}": v for n, (down, up, alpha) in ((n, m) for n, m in
+             ((t, sd1.loras[t].kohya_tensors()) for t in sd1.targets)) for k, v in
+             (("lora_down.weight", down), ("lora_up.weight", up), ("alpha", torch.tensor(alpha)))}
+    with pytest.raises(ValueError):
+        LoRANetwork.from_kohya_state_dict(tiny_sdxl_host(), state)
+
+
+def test_esd_x_on_sdxl_trains_cross_attention_only(tmp_path):
+    from conceptlab.training.esd import ESDConfig, erase, select_targets
+
+    host = tiny_sdxl_host()
+    targets = select_targets(host.modules("unet"), "esd-x")
+    # SDXL esd-x: every attn2 to_q/to_k/to_v/to_out.0 weight and the to_out.0 bias, per transformer layer
+    n_layers = sum(1 for p in host.modules("unet") if p.endswith("attn2.to_q"))
+    assert len(targets) == 5 * n_layers and all(".attn2." in t.path for t in targets)
+    cfg = ESDConfig(concepts="skeleton", iterations=3, width=64, height=64, xt_source="noised", noised_cache=1,
+                    ddim_steps=2, lr=1e-3, seed=0, masks="grid", grid_n=2, mask_mode="sum")
+    res = erase(host, cfg)
+    assert res.stats["iterations_done"] == 3 and host.installed_deltas() == {}
+    assert set(res.deltas) == {(t.component, t.path, t.attr) for t in targets}
+    assert any(float(d.abs().max()) > 0 for d in res.deltas.values())
+    assert res.metadata["arch"] == "sdxl"
+    from conceptlab.training.esd_outputs import diff_state_dict
+
+    keys = diff_state_dict(res)
+    assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                      "lora_unet_output_blocks_")) and k.endswith((".diff", ".diff_b"))
+                        for k in keys)
