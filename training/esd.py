@@ -358,8 +358,9 @@ def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None
         host: any :class:`~.host.DiffusionHost`; it must have no deltas installed. Its base weights are never
             modified; the deltas are removed at the end unless ``keep_installed``.
         config: :class:`ESDConfig`.
-        progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "mask",
-            "timestep", "losses", "x_t"}`` (``x_t``: the iteration's noisy latent ``[1, C, h, w]``).
+        progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "erase_from",
+            "mask", "timestep", "losses", "x_t"}`` (``x_t``: the iteration's noisy latent ``[1, C, h, w]``;
+            ``erase_from``: the iteration's from-prompt or ``None``).
             Returning ``False`` stops training (result ``cancelled=True``); raising stops
             it and re-raises as :class:`ESDCancelled` carrying the partial result (``__cause__`` = the exception).
         images: optional clean images ``[N, 3, H, W]`` in ``[-1, 1]`` for ``xt_source="noised"`` (VAE-encoded
@@ -618,7 +619,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                 done = it + 1
                 if progress is not None:
                     info = {"iteration": done, "total": int(cfg.iterations), "loss": loss_value,
-                            "prompt": prompt, "erase_from": from_prompt, "timestep": int(t_int), "losses": losses, "x_t": x_t.detach(),
+                            "prompt": prompt, "erase_from": from_prompt, "timestep": int(t_int), "losses": losses,
+                            "x_t": x_t.detach(),
                             "mask": "full" if mask_idx == -1 else ("all" if mask_idx == -2 else
                                                                    mask_names[mask_idx])}
                     try:
