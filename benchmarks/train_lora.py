@@ -59,6 +59,8 @@ KOHYA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.
 # tests' checkpoint maker; ``model_channels`` is divided by ``--width-div``
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from e2e.checkpoint import SD15_UNET as SD15_UNET_CONFIG  # noqa: E402
+# SDXL base UNet in ComfyUI's ``UNetModel`` arguments; ``model_channels`` divided by ``--width-div`` too
+from e2e.checkpoint import SDXL_UNET as SDXL_UNET_CONFIG  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -271,13 +273,18 @@ def _comfy_model(a: dict):
         div = a["width_div"]
         if (320 // div) % 32 or 320 % div:
             raise ValueError("--width-div must keep 320/div a multiple of 32 (ComfyUI's GroupNorm(32)): 1, 2, 5, 10")
-        cfg = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, model_channels=320 // div, dtype=torch.float32))
+        if a.get("family") == "sdxl":
+            cfg = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG, model_channels=320 // div, dtype=torch.float32))
+            label = "SDXL"
+        else:
+            cfg = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG, model_channels=320 // div, dtype=torch.float32))
+            label = "SD1.5"
         base = cfg.get_model({})
         _init_weights(base.diffusion_model)
         base.eval()
         dev = mm.get_torch_device()
         model = comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=torch.device("cpu"))
-        name = "SD1.5 UNet" if div == 1 else f"SD1.5-shaped UNet (channels /{div})"
+        name = f"{label} UNet" if div == 1 else f"{label}-shaped UNet (channels /{div})"
         return model, name
 
 
@@ -294,9 +301,12 @@ def _comfy_worker(method: str, a: dict, q) -> None:
     dev = torch.device(mm.get_torch_device())
     b, h = a["batch"], a["res"] // 8
     gen = torch.Generator().manual_seed(0)
+    sdxl = a.get("family") == "sdxl"
     with torch.inference_mode():  # ComfyUI's executor runs nodes in inference mode; upstream tensors are inference
         lat = torch.randn(b, 4, h, h, generator=gen)
-        cond = torch.randn(1, 77, 768, generator=gen)
+        cond = torch.randn(1, 77, 2048 if sdxl else 768, generator=gen)
+        pooled = torch.randn(1, 1280, generator=gen) if sdxl else None
+    extra = {"pooled_output": pooled} if sdxl else {}
     n_unet = sum(p.numel() for p in model.model.diffusion_model.parameters())
     mem = _Mem(dev)
     mem.start()
@@ -320,7 +330,7 @@ def _comfy_worker(method: str, a: dict, q) -> None:
         node = nt.TrainLoraNode()
         algorithm = next(iter(nt.adapter_maps))  # the node's default ("LoRA")
         with torch.inference_mode():
-            out = node.train(model, {"samples": lat}, [[cond, {}]] * b, batch_size=b, steps=a["steps"] + 1,
+            out = node.train(model, {"samples": lat}, [[cond, extra]] * b, batch_size=b, steps=a["steps"] + 1,
                              grad_accumulation_steps=1, learning_rate=1e-4, rank=a["rank"], optimizer="AdamW",
                              loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32",
                              algorithm=algorithm, gradient_checkpointing=a["node_gradient_checkpointing"],
@@ -328,6 +338,7 @@ def _comfy_worker(method: str, a: dict, q) -> None:
         nparams = sum(t.numel() for t in out[1].values())
     else:
         from conceptlab.nodes.comfy_host import ComfyHost
+        from conceptlab.training.conditioning import Conditioning
         from conceptlab.training.lora import LoRANetwork
         from conceptlab.training.trainer import TrainConfig
 
@@ -339,7 +350,11 @@ def _comfy_worker(method: str, a: dict, q) -> None:
                 net = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
                                          conv_dim=conv, conv_alpha=conv)
                 net.install(host)
-                step, nparams = _conceptlab_step(host, net, cfg, lat.clone(), cond.clone().expand(b, -1, -1), gen)
+                if a.get("gradient_checkpointing"):
+                    host.set_gradient_checkpointing(True)
+                c = Conditioning(cond.clone().expand(b, -1, -1),
+                                 pooled.clone().expand(b, -1) if pooled is not None else None)
+                step, nparams = _conceptlab_step(host, net, cfg, lat.clone(), c, gen)
                 for _ in range(a["steps"] + 1):
                     step()
                     if dev.type == "cuda":
@@ -411,11 +426,14 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="", help="ComfyUI mode: an SD1.5-family checkpoint file instead of "
                                                      "the in-process model")
     ap.add_argument("--node-gradient-checkpointing", choices=("off", "on", "both"), default="both",
-                    help="TrainLoraNode's gradient_checkpointing (its default is on; Concept Lab's ComfyUI host "
-                         "has none): both = one row each")
+                    help="TrainLoraNode's gradient_checkpointing (its default is on); 'on'/'both' also add a "
+                         "Concept Lab row with checkpointing (ComfyHost uses ComfyUI's own block patching)")
     ap.add_argument("--no-locon", action="store_true",
                     help="ComfyUI mode: leave out the extra Concept Lab row with LoCon (conv_dim = rank on kohya's "
                          "3x3 conv targets), which trains a parameter set closer to TrainLoraNode's every-layer one")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
+                    help="ComfyUI mode: the model family of the in-process model (sdxl: ComfyUI's SDXL class with "
+                         "pooled + size conditioning; TrainLoraNode gets the same CONDITIONING with pooled_output)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
     a = vars(ap.parse_args(argv))
@@ -440,6 +458,7 @@ def main(argv=None) -> int:
             runs.append(("TrainLoraNode", _comfy_worker, {"node_gradient_checkpointing": False}))
         if gc in ("on", "both"):
             runs.append(("TrainLoraNode", _comfy_worker, {"node_gradient_checkpointing": True}))
+            runs.append(("conceptlab", _comfy_worker, {"gradient_checkpointing": True}))
     else:
         runs = [("conceptlab", _diffusers_worker, {}), ("diffusers+peft", _diffusers_worker, {})]
     rows: dict[str, list[dict]] = {}
@@ -447,7 +466,8 @@ def main(argv=None) -> int:
     for _ in range(a["repeats"]):
         for method, worker, extra in runs:
             label = method + (" (LoCon)" if extra.get("conv_dim") else "") + (
-                " (grad ckpt)" if extra.get("node_gradient_checkpointing") else "")
+                " (grad ckpt)" if extra.get("node_gradient_checkpointing") or extra.get("gradient_checkpointing")
+                else "")
             rows.setdefault(label, []).append(_run(worker, method, {**a, **extra}))
     res = {}
     for label, rs in rows.items():

@@ -19,6 +19,9 @@ What lives here:
   targets, matching the key map ComfyUI builds in ``comfy/lora.py`` (``model_lora_keys_unet`` /
   ``model_lora_keys_clip``) and diffusers' ``_convert_non_diffusers_lora_to_diffusers``.
 
+Flux (BFL / ComfyUI / diffusers checkpoint layouts, every LoRA naming, fused q/k/v, ModelMergeFlux1 groups, kohya
+``lora_flux`` modules) lives in :mod:`formats.flux_keys`; this module routes Flux keys there.
+
 Nothing here reads tensors from disk or imports ComfyUI.
 """
 
@@ -55,10 +58,12 @@ BLOCK_IDS: dict[str, list[str]] = {
     "sd1": _ids("IN", 12) + ["M00"] + _ids("OUT", 12),
     "sd2": _ids("IN", 12) + ["M00"] + _ids("OUT", 12),
     "sdxl": _ids("IN", 9) + ["M00"] + _ids("OUT", 9),
-    # Flux.1 dev/schnell: 19 double-stream blocks, 38 single-stream blocks.
-    "flux": _ids("D", 19) + _ids("S", 38),
+    # Flux.1 dev/schnell: one id per ComfyUI ModelMergeFlux1 input (formats.flux_keys.block_ids): img_in, time_in,
+    # guidance_in, vector_in, txt_in, 19 double-stream blocks D00.., 38 single-stream blocks S00.., final_layer.
+    "flux": ["img_in", "time_in", "guidance_in", "vector_in", "txt_in"] + _ids("D", 19) + _ids("S", 38)
+    + ["final_layer"],
 }
-"""Block ids per architecture, in model order (sd1/sd2: 25 ids, sdxl: 19, flux: 57)."""
+"""Block ids per architecture, in model order (sd1/sd2: 25 ids, sdxl: 19, flux: 63)."""
 
 # ResNet/attention sub-blocks per diffusers down/up block (layers_per_block); identical for SD1, SD2 and SDXL.
 _LAYERS_PER_BLOCK = {"sd1": 2, "sd2": 2, "sdxl": 2}
@@ -71,6 +76,10 @@ def _in_id(arch: str, block: int, j: int) -> str:
 def _out_id(arch: str, block: int, j: int) -> str:
     return f"OUT{block * (_LAYERS_PER_BLOCK.get(arch, 2) + 1) + j:02d}"
 
+
+_FLUX_DIFFUSERS_GROUPS = {"x_embedder": "img_in", "context_embedder": "txt_in", "timestep_embedder": "time_in",
+                          "text_embedder": "vector_in", "guidance_embedder": "guidance_in",
+                          "norm_out": "final_layer", "proj_out": "final_layer"}
 
 _LPB = 2  # layers_per_block used in the block rules below (all supported UNets); see _in_id/_out_id
 
@@ -97,6 +106,12 @@ BLOCK_RULES: list[tuple[re.Pattern, Callable[[re.Match, str], str | None]]] = [
     (re.compile(r"^single_blocks[._](\d+)[._]"), lambda m, a: f"S{int(m[1]):02d}"),
     (re.compile(r"^single_transformer_blocks[._](\d+)[._]"), lambda m, a: f"S{int(m[1]):02d}"),
     (re.compile(r"^transformer_blocks[._](\d+)[._]"), lambda m, a: f"D{int(m[1]):02d}" if a == "flux" else None),
+    # Flux groups outside the blocks, as ComfyUI's ModelMergeFlux1 names them (BFL, then diffusers names)
+    (re.compile(r"^(img_in|time_in|guidance_in|vector_in|txt_in|final_layer)[._]"),
+     lambda m, a: m[1] if a == "flux" else None),
+    (re.compile(r"^(x_embedder|context_embedder|time_text_embed[._]timestep_embedder|time_text_embed[._]text_embedder|"
+                r"time_text_embed[._]guidance_embedder|norm_out|proj_out)[._]"),
+     lambda m, a: _FLUX_DIFFUSERS_GROUPS[re.sub(r"^time_text_embed[._]", "", m[1])] if a == "flux" else None),
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,6 +354,10 @@ def detect_architecture(keys: Iterable[str], shapes: Mapping[str, tuple] | None 
     max_in = -1
     for k in keys:
         if re.search(r"(?:^|[._])(?:double_blocks|single_blocks|single_transformer_blocks)[._]\d", k):
+            flux = True
+        elif re.search(r"(?:^|[._])(?:img_attn|txt_attn|img_mlp|txt_mlp|img_mod|txt_mod)[._]", k) or re.search(
+                r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn[._](?:add_[qkv]_proj|to_add_out)|ff_context|"
+                r"norm1_context)[._]", k):  # a LoRA on Flux's double blocks only (diffusers / OneTrainer names)
             flux = True
         if (k.startswith(("conditioner.embedders.1.", "lora_te2_", "text_encoder_2.", "clip_g."))
                 or re.search(r"(?:^|[._])(?:label_emb[._]0[._]0|add_embedding)[._]", k)
@@ -617,12 +636,17 @@ class CheckpointTarget:
     bias). ``rows``: ``(start, stop)`` row slice of ``weight_key`` (and ``bias_key``) when the module is one part of
     a fused tensor (OpenCLIP ``attn.in_proj_weight`` holds q, k and v); ``None`` for whole tensors.
     ``transpose``: the checkpoint stores the weight transposed (OpenCLIP ``text_projection``).
+    ``total_rows``: rows of the fused tensor when ``rows`` is set (``None``: three equal parts, OpenCLIP q/k/v;
+    Flux ``linear1`` is ``[q; k; v; mlp]``). ``swap_halves``: the module's tensor is the checkpoint's with its two
+    halves (dim 0) swapped (diffusers ``norm_out.linear`` of Flux, see ``formats.flux_keys``).
     """
 
     weight_key: str
     bias_key: str | None
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    total_rows: int | None = None
+    swap_halves: bool = False
 
 
 _OPENCLIP_WIDTH = {"sd2": (1024, 24), "sdxl": (1280, 32)}
@@ -688,6 +712,8 @@ CHECKPOINT_PREFIXES = {
     ("sd1", "te"): "cond_stage_model.transformer.", ("sd2", "te"): "cond_stage_model.model.",
     ("sdxl", "te1"): "conditioner.embedders.0.transformer.", ("sdxl", "te2"): "conditioner.embedders.1.model.",
     ("sd1", "vae"): "first_stage_model.", ("sd2", "vae"): "first_stage_model.", ("sdxl", "vae"): "first_stage_model.",
+    # Flux (ComfyUI CheckpointSave: text_encoder_key_prefix "text_encoders.", kohya lora_flux names CLIP-L lora_te1_)
+    ("flux", "te1"): "text_encoders.clip_l.transformer.", ("flux", "vae"): "vae.",
 }
 
 _TE_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
@@ -904,7 +930,7 @@ def kohya_target(name: str, arch: str, known_paths: Iterable[str] | None = None)
             return unet_checkpoint_target(path, arch)
         except ValueError as exc:
             raise ValueError(f"kohya name {name!r}: {exc}") from None
-    if comp in ("te1", "te2") and arch != "sdxl":
+    if comp in ("te1", "te2") and arch != "sdxl" and (arch, comp) != ("flux", "te1"):
         raise ValueError(f"kohya name {name!r} is for an SDXL text encoder but the architecture is {arch}")
     if comp == "te" and arch not in ("sd1", "sd2"):
         raise ValueError(f"kohya name {name!r} (lora_te_) does not fit architecture {arch}")

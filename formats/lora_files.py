@@ -44,6 +44,7 @@ from .keys import (
     CHECKPOINT_PREFIXES, detect_architecture, kohya_target, normalize_te_path, openclip_ldm_to_hf,
     split_component, unet_checkpoint_target,
 )
+from .flux_keys import FluxDims, flux_lora_target, infer_dims, t5_lora_target
 from .safetensors_io import WeightFile, _stringify_metadata, save_safetensors
 
 __all__ = ["LoraDeltas", "LoraFormatError", "lora_deltas", "save_kohya_lora", "save_diff_file", "model_hashes",
@@ -133,15 +134,21 @@ def _clean_diffusers_path(path: str) -> str:
     return p
 
 
-def resolve_lora_module(module: str, arch: str) -> CheckpointTarget:
+def resolve_lora_module(module: str, arch: str, flux_dims: FluxDims | None = None) -> CheckpointTarget:
     """Map a LoRA module name in any supported spelling to the checkpoint tensor(s) it patches.
 
     Accepts kohya names (``lora_unet_...``), peft/diffusers paths (``unet.down_blocks...``,
     ``text_encoder.text_model...``, bare diffusers UNet paths, old ``.processor.`` names), ComfyUI names
     (``diffusion_model.input_blocks...``, ``text_encoders.clip_l.transformer...``) and LDM checkpoint module
-    paths. Raises ``ValueError`` (with the reason) when the module does not exist in ``arch``.
+    paths. Flux transformer modules in every spelling go through ``formats.flux_keys.flux_lora_target``
+    (``flux_dims``: widths that place split q/k/v in fused tensors; default Flux.1's).
+    Raises ``ValueError`` (with the reason) when the module does not exist in ``arch``.
     """
     arch = _arch_or_sd1(arch)
+    if arch == "flux" and module.startswith(("lora_te3_", "lora_te2_", "text_encoder_2.")):
+        return t5_lora_target(module)
+    if arch == "flux" and not module.startswith(("lora_te", "text_encoder", "text_encoders.", "clip_l.")):
+        return flux_lora_target(module, flux_dims or FluxDims())
     if module.startswith("lycoris_"):
         module = "lora_unet_" + module[len("lycoris_"):]
     if module.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
@@ -152,7 +159,7 @@ def resolve_lora_module(module: str, arch: str) -> CheckpointTarget:
         module = module[len("text_encoders."):]
     comp, rel = split_component(module + ".weight")
     rel = rel[: -len(".weight")]
-    if comp == "te" and arch == "sdxl":
+    if comp == "te" and arch in ("sdxl", "flux"):
         comp = "te1"
     if comp == "unet":
         return unet_checkpoint_target(rel if arch == "flux" else _clean_diffusers_path(rel), arch)
@@ -255,7 +262,7 @@ def _peft_scale(module: str, rank: int, adapter_md: dict | None) -> float | None
 
 
 def lora_deltas(source: str | os.PathLike | Mapping[str, torch.Tensor], strength: float = 1.0,
-                arch: str | None = None) -> LoraDeltas:
+                arch: str | None = None, flux_dims: FluxDims | None = None) -> LoraDeltas:
     """Decode a LoRA (file or dict) into full-rank weight deltas keyed by single-file checkpoint keys.
 
     Args:
@@ -263,6 +270,9 @@ def lora_deltas(source: str | os.PathLike | Mapping[str, torch.Tensor], strength
         strength: multiplier applied to every ΔW (ComfyUI's LoraLoader strength; 1.0 = as trained).
         arch: "sd1" | "sd2" | "sdxl" | "flux"; ``None`` detects it from the keys and shapes (cross-attention
             context dim 768/1024/2048 read from an ``attn2.to_k`` down weight); "unknown" falls back to sd1 names.
+        flux_dims: Flux widths (``formats.flux_keys.FluxDims``) placing split q/k/v/mlp modules in the fused
+            ``qkv`` / ``linear1`` weights; default read from the LoRA's own shapes (``infer_dims``). Flux ΔW are
+            keyed by canonical ``model.diffusion_model.<BFL name>`` keys whatever the LoRA's naming.
 
     Returns:
         :class:`LoraDeltas`; ``deltas[k]`` is float32, shaped like checkpoint tensor ``k``, equal to
@@ -282,6 +292,8 @@ def lora_deltas(source: str | os.PathLike | Mapping[str, torch.Tensor], strength
     if arch is None:
         arch = detect_architecture(tensors.keys(), {k: tuple(v.shape) for k, v in tensors.items()})
     arch = _arch_or_sd1(arch)
+    if arch == "flux" and flux_dims is None:
+        flux_dims = infer_dims({k: tuple(v.shape) for k, v in tensors.items()})
     adapter_md = None
     if metadata.get("lora_adapter_metadata"):
         try:
@@ -319,7 +331,7 @@ def lora_deltas(source: str | os.PathLike | Mapping[str, torch.Tensor], strength
             skipped[module] = "alpha without LoRA weights"
             continue
         try:
-            target = resolve_lora_module(module, arch)
+            target = resolve_lora_module(module, arch, flux_dims)
         except ValueError as exc:
             skipped[module] = f"unknown target: {exc}"
             continue
@@ -390,12 +402,17 @@ class _LazyDeltas(Mapping):
 def _place(delta: torch.Tensor, target: CheckpointTarget, key: str) -> torch.Tensor:
     if target.transpose:
         delta = delta.t()
+    if target.swap_halves:  # diffusers Flux norm_out.linear = BFL final_layer.adaLN_modulation.1 with halves swapped
+        if delta.shape[0] % 2:
+            raise ValueError(f"ΔW rows {delta.shape[0]} cannot be the two halves of {key}")
+        delta = torch.cat(delta.chunk(2, dim=0)[::-1], dim=0)
     if target.rows is not None:
         start, stop = target.rows
         width = stop - start
         if delta.shape[0] != width:
             raise ValueError(f"ΔW rows {delta.shape[0]} do not fit the {width}-row slice of {key}")
-        full = torch.zeros((3 * width, *delta.shape[1:]), dtype=torch.float32, device=delta.device)
+        total = target.total_rows if target.total_rows is not None else 3 * width
+        full = torch.zeros((total, *delta.shape[1:]), dtype=torch.float32, device=delta.device)
         full[start:stop] = delta
         delta = full
     return delta
@@ -413,7 +430,7 @@ def _decode_module(module: str, parts: Mapping[str, torch.Tensor], target: Check
     want_b = only is None or only == target.bias_key
     if "up" in roles and "down" in roles:
         fmt = "kohya" if "kohya" in fmts else "peft"
-        if fmt == "kohya" and not module.startswith(("lora_unet_", "lora_te")):
+        if fmt == "kohya" and not module.startswith(("lora_unet_", "lora_te", "lora_transformer_")):
             fmt = "comfy"
         used.append(fmt)
         if want_w:

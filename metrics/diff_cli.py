@@ -37,7 +37,7 @@ def register(subparsers) -> None:
         "diff", help="what changed between two checkpoints / a checkpoint and a LoRA / two LoRAs",
         description="Stream two weight files tensor by tensor and report mean/max |Δ|, std, relative change, "
                     "cosine, per layer type, block and component.")
-    p.add_argument("a", help="first file (checkpoint or LoRA, .safetensors preferred)")
+    p.add_argument("a", help="first file (checkpoint or LoRA, .safetensors preferred) or diffusers model folder")
     p.add_argument("b", help="second file (checkpoint or LoRA)")
     p.add_argument("--lora-strength", type=float, default=1.0, metavar="S",
                    help="strength applied to LoRA ΔW (default 1.0)")

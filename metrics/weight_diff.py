@@ -784,11 +784,21 @@ def _arch_of_reader(r) -> str:
     return detect_architecture(keys, shapes)
 
 
-def _load_lora(path: Path, strength: float, arch: str | None):
+def _flux_canonical(reader, arch: str):
+    """A Flux checkpoint in any layout (BFL, ComfyUI, diffusers) seen under canonical ``model.diffusion_model.``
+    BFL keys, split q/k/v fused (``formats.flux_views.FluxKeyView``); other readers unchanged."""
+    if arch != "flux":
+        return reader
+    from ..formats.flux_views import FluxKeyView
+
+    return FluxKeyView(reader)
+
+
+def _load_lora(path: Path, strength: float, arch: str | None, flux_dims=None):
     from ..formats.lora_files import LoraFormatError, lora_deltas
 
     try:
-        ld = lora_deltas(path, strength=strength, arch=arch)
+        ld = lora_deltas(path, strength=strength, arch=arch, flux_dims=flux_dims)
     except LoraFormatError as exc:
         msg = str(exc)
         raise ValueError(msg if path.name in msg else f"{path.name}: {msg}") from None
@@ -807,7 +817,9 @@ def diff_files(path_a: str | os.PathLike, path_b: str | os.PathLike, *, lora_str
     """Diff two weight files (checkpoint vs checkpoint, checkpoint vs LoRA, LoRA vs LoRA) in one streamed pass.
 
     Args:
-        path_a, path_b: ``.safetensors`` (or weights-only ``.ckpt/.pt/.bin``) checkpoints or LoRA files. Kinds are
+        path_a, path_b: ``.safetensors`` (or weights-only ``.ckpt/.pt/.bin``) checkpoints or LoRA files, or diffusers
+            model folders (``transformer/``, sharded or not; a pipeline folder means its ``transformer/``). Flux
+            checkpoints in BFL, ComfyUI and diffusers layouts line up (``formats.flux_keys``). Kinds are
             detected from tensor names. With one checkpoint and one LoRA the checkpoint is the base (A) and
             B = A + ``lora_strength``·ΔW, whichever order they were given in.
         lora_strength: multiplier of every LoRA ΔW (kohya/ComfyUI semantics: ΔW = strength·alpha/rank·up·down).
@@ -826,10 +838,12 @@ def diff_files(path_a: str | os.PathLike, path_b: str | os.PathLike, *, lora_str
     """
     from .diff_io import StreamingWeights
 
+    from ..formats.weight_folders import open_weight_source
+
     pa, pb = Path(path_a), Path(path_b)
-    ra = StreamingWeights(pa)
+    ra = open_weight_source(pa, StreamingWeights)  # a diffusers model folder (shards) reads as one file
     try:
-        rb = StreamingWeights(pb)
+        rb = open_weight_source(pb, StreamingWeights)
     except BaseException:
         ra.close()
         raise
@@ -883,6 +897,8 @@ def diff_sources(ra, rb, *, options: DiffOptions | None = None, allow_shape_mism
         ValueError: no key in common.
     """
     arch_a, arch_b = _arch_of_reader(ra), _arch_of_reader(rb)
+    file_a, file_b = ra, rb
+    ra, rb = _flux_canonical(ra, arch_a), _flux_canonical(rb, arch_b)
     ca = canonical_keys(ra.keys(), arch_a)
     cb = canonical_keys(rb.keys(), arch_b)
     only_a = [k for k in ca if k not in cb]
@@ -965,9 +981,9 @@ def diff_sources(ra, rb, *, options: DiffOptions | None = None, allow_shape_mism
     total = len(ca) + len(only_b)
     extra = {"shape_mismatch": _shape_lines(shape_diff, lambda k: ra.shape(ca[k]), lambda k: rb.shape(cb[k])),
              "partial": "b" if partial_b else ("a" if partial_a else None)}
-    info_a = _file_info(ra, kind, arch_a)
+    info_a = _file_info(file_a, kind, arch_a)
     info_a.update(a_info or {})
-    info_b = _file_info(rb, kind, arch_b)
+    info_b = _file_info(file_b, kind, arch_b)
     info_b.update(b_info or {})
     return diff_pairs(gen(), arch=arch, options=options, mode=mode, a_info=info_a, b_info=info_b, notes=notes,
                       progress=progress, total=total, extra=extra)
@@ -975,7 +991,8 @@ def diff_sources(ra, rb, *, options: DiffOptions | None = None, allow_shape_mism
 
 def _diff_checkpoint_lora(ck, lo, strength, options, progress, swapped: bool) -> dict:
     arch = _arch_of_reader(ck)
-    ld = _load_lora(lo.path, strength, arch if arch != "unknown" else None)
+    ck_file, ck = ck, _flux_canonical(ck, arch)
+    ld = _load_lora(lo.path, strength, arch if arch != "unknown" else None, getattr(ck, "dims", None))
     cmap = canonical_keys(ck.keys(), arch)
     deltas = dict(ld.deltas)
     missing = [k for k in deltas if k not in cmap]
@@ -1014,7 +1031,7 @@ def _diff_checkpoint_lora(ck, lo, strength, options, progress, swapped: bool) ->
     info_b = {"name": f"{ck.name} + {strength:g}×{lo.name}", "kind": "checkpoint+lora",
               "lora": _file_info(lo, "lora", arch, fmt=ld.format), "lora_strength": strength}
     return diff_pairs(gen(), arch=arch, options=options, mode="checkpoint+lora",
-                      a_info=_file_info(ck, "checkpoint", arch), b_info=info_b, notes=notes,
+                      a_info=_file_info(ck_file, "checkpoint", arch), b_info=info_b, notes=notes,
                       progress=progress, total=len(cmap) + len(missing),
                       extra={"lora_strength": strength, "skipped_lora_keys": dict(ld.skipped), "partial": None,
                              "shape_mismatch": []})

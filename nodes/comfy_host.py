@@ -372,7 +372,7 @@ class ComfyHost(DiffusionHost):
     """:class:`~conceptlab.training.host.DiffusionHost` over ComfyUI's MODEL / CLIP / VAE objects.
 
     Args:
-        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x; SDXL except :meth:`predict`).
+        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x, SDXL base; not the refiner).
             The host works on ``model.clone()``: the input patcher and its patches are never changed.
         clip: optional ComfyUI ``CLIP`` (cloned too); needed by :meth:`encode_prompts`, :meth:`sample`, and
             text-encoder deltas.
@@ -382,12 +382,14 @@ class ComfyHost(DiffusionHost):
     ``ModelPatcher.add_weight_wrapper`` functions, applied on the fly by ComfyUI's cast ops; the model is loaded
     with ``comfy.model_management.load_models_gpu`` so they are active; training runs under
     ``torch.inference_mode(False)`` (every method that may build a graph enters it) with inputs cloned out of
-    inference mode. :meth:`predict` calls ``model.model.diffusion_model`` directly and returns the raw ε / v
-    output (ComfyUI's ``apply_model`` returns denoised x0). The schedule: ``alphas_cumprod = 1 / (1 + σ²)``
+    inference mode. :meth:`predict` goes through the model's own ``apply_model`` with ``extra_conds`` inputs (as
+    ComfyUI's sampler does) and returns the raw ε / v output captured inside that call (``apply_model`` itself
+    returns denoised x0). The schedule: ``alphas_cumprod = 1 / (1 + σ²)``
     from ComfyUI's discrete ``model_sampling.sigmas`` (σ_t = sqrt((1−ᾱ_t)/ᾱ_t), Karras et al. 2022 §C.1).
     Call :meth:`close` when done (or use the host as a context manager).
 
-    Raises ``ValueError`` for non-UNet models or non-discrete (EDM / flow) sampling.
+    Raises ``ValueError`` for non-UNet models, non-discrete (EDM / flow) sampling, the SDXL refiner, or a CLIP
+    whose text encoders are not the model family's.
     """
 
     def __init__(self, model, clip=None, vae=None):
@@ -476,11 +478,26 @@ class ComfyHost(DiffusionHost):
         """Remove every installed delta, unload this host's patched models and free cached memory."""
         import comfy.model_management as mm
 
+        self.set_gradient_checkpointing(False)
         self.clear_deltas()
         _unload(self.patcher)
         if self.clip is not None:
             _unload(self.clip.patcher)
         mm.soft_empty_cache()
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Turn activation (gradient) checkpointing of the diffusion model on or off, with ComfyUI's own helpers
+        from ``comfy_extras/nodes_train.py`` (``find_all_highest_child_module_with_forward`` + ``patch`` /
+        ``unpatch``: each top-level block's forward runs under ``torch.utils.checkpoint``), as ComfyUI's
+        TrainLoraNode does. The blocks belong to the shared model, so :meth:`close` always turns it off again."""
+        from comfy_extras import nodes_train
+
+        blocks = nodes_train.find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model)
+        for m in blocks:
+            if on and not hasattr(m, "org_forward"):
+                nodes_train.patch(m)
+            elif not on:
+                nodes_train.unpatch(m)
 
     # -- names ----------------------------------------------------------------------------------------------
     def components(self) -> list[str]:

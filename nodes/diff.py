@@ -182,15 +182,18 @@ class DiffModels:
         return _outputs(report)
 
 
+# diffusion_models/: where UNETLoader's files live (a BFL flux1-dev.safetensors, a ComfyUI-saved Flux transformer)
+_FILE_FOLDERS = ("checkpoints", "diffusion_models", "loras")
+
+
 def _file_choices() -> list[str]:
-    return ([f"checkpoints/{n}" for n in comfy_host.model_list("checkpoints")]
-            + [f"loras/{n}" for n in comfy_host.model_list("loras")])
+    return [f"{folder}/{n}" for folder in _FILE_FOLDERS for n in comfy_host.model_list(folder)]
 
 
 def _resolve_choice(choice: str):
     folder, _, name = str(choice).partition("/")
-    if folder not in ("checkpoints", "loras") or not name:
-        raise ValueError(f"{choice!r}: pick a file from the checkpoints/ or loras/ list")
+    if folder not in _FILE_FOLDERS or not name:
+        raise ValueError(f"{choice!r}: pick a file from the checkpoints/, diffusion_models/ or loras/ list")
     return comfy_host.model_file(folder, name)
 
 
@@ -212,8 +215,9 @@ class DiffFiles:
         choices = _file_choices() or ["checkpoints/"]
         return {
             "required": {
-                "file_a": (choices, {"tooltip": "File A (checkpoints/… or loras/…). With a checkpoint and a LoRA, "
-                                                "the checkpoint is the base."}),
+                "file_a": (choices, {"tooltip": "File A (checkpoints/…, diffusion_models/… or loras/…). With a "
+                                                "checkpoint and a LoRA, the checkpoint is the base. Flux files in BFL, "
+                                                "ComfyUI and diffusers layouts line up."}),
                 "file_b": (choices, {"tooltip": "File B. Δ = B − A."}),
                 "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                             "tooltip": "Strength applied to a LoRA's ΔW (as in LoraLoader)."}),

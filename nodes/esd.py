@@ -106,7 +106,7 @@ class ConceptLabESDErase:
         """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x / SD2.x)."}),
+                "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x / SD2.x / SDXL base: SDXL 1.0, Illustrious, NoobAI eps or v-pred, Pony)."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder, used to encode the prompts."}),
                 "concepts": ("STRING", {"default": "Van Gogh", "multiline": True,
                                         "tooltip": "Concept(s) to erase: one per line or separated by ';'."}),

@@ -111,3 +111,58 @@ def test_comfyhost_refuses_a_clip_of_another_family(sdxl_models):
     model, _, vae = sdxl_models
     with torch.inference_mode(), pytest.raises(ValueError, match="same checkpoint"):
         ComfyHost(model, tiny_sd1_clip(), vae)
+
+
+def test_comfyhost_gradient_checkpointing_same_gradients(sdxl_models):
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.training.host import FullDelta
+
+    model, clip, vae = sdxl_models
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    with torch.inference_mode():
+        host = ComfyHost(model, clip, vae)
+        try:
+            with torch.inference_mode(False):
+                cond = host.encode_prompts(["a knight"]).detach()
+                path = next(p for p in host.modules("unet") if p.endswith("attn2.to_v"))
+                d = FullDelta(host.modules("unet")[path].weight.shape)
+                host.install_delta("unet", path, "weight", d)
+                grads = []
+                for on in (False, True):
+                    host.set_gradient_checkpointing(on)
+                    d.weight.grad = None
+                    host.predict(x, t, cond).float().pow(2).mean().backward()
+                    grads.append(d.weight.grad.clone())
+                torch.testing.assert_close(grads[0], grads[1])
+                assert grads[0].abs().sum() > 0
+        finally:
+            host.close()
+    blocks = [m for m in model.model.diffusion_model.modules() if hasattr(m, "org_forward")]
+    assert blocks == []  # close() restored the shared model's forwards
+
+
+def test_esd_x_through_comfyhost_on_sdxl_and_diff_keys_load(sdxl_models):
+    import comfy.lora
+
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.training.esd import ESDConfig, erase
+    from conceptlab.training.esd_outputs import diff_state_dict
+
+    model, clip, vae = sdxl_models
+    with torch.inference_mode():
+        host = ComfyHost(model, clip, vae)
+        try:
+            with torch.inference_mode(False):
+                cfg = ESDConfig(concepts="skeleton", iterations=2, width=64, height=64, xt_source="noised",
+                                noised_cache=1, ddim_steps=2, lr=1e-3, seed=0)
+                res = erase(host, cfg)
+        finally:
+            host.close()
+    diffs = diff_state_dict(res)
+    assert res.stats["iterations_done"] == 2 and diffs
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    names = {k.rsplit(".", 1)[0] for k in diffs}
+    assert all(n.startswith("lora_unet_input_blocks_") or n.startswith(("lora_unet_middle_block_",
+                                                                        "lora_unet_output_blocks_")) for n in names)
+    missing = [n for n in names if n not in key_map]
+    assert missing == []  # every .diff key resolves to a weight in ComfyUI's own LoRA key map

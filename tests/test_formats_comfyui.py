@@ -93,19 +93,25 @@ def _comfy_key(ldm_key: str) -> str:
 
 
 @requires_comfyui
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "sdxl-ldm"])
 def test_comfyui_loads_every_key_of_our_kohya_lora(arch, tmp_path, comfy_python):
+    """sdxl-ldm: UNet modules named the way kohya's SDXL trainer (and ours, training/families.py) names them,
+    by their LDM path (``lora_unet_input_blocks_4_1_...``), with the down/upsampler convs of conv_dim LoRAs."""
+    ldm_names = arch == "sdxl-ldm"
+    arch = "sdxl" if ldm_names else arch
+    d2l = K.diffusers_to_ldm_unet(arch)
     unet, shapes = _unet_shapes(arch)
     g = torch.Generator().manual_seed(0)
     modules = {}
     for name, mod in unet.named_modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and re.search(
                 r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|conv[12]|conv_shortcut|"
-                r"time_emb_proj)$", name):
+                r"time_emb_proj|downsamplers\.0\.conv|upsamplers\.0\.conv)$", name):
             w = mod.weight
             down = torch.randn(1, *w.shape[1:], generator=g) * 0.01
             up = torch.randn(w.shape[0], 1, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.01
-            modules[K.kohya_lora_name("unet", name)] = (down, up, 0.5)
+            path = d2l[name + ".weight"][: -len(".weight")] if ldm_names else name
+            modules[K.kohya_lora_name("unet", path)] = (down, up, 0.5)
     te = "te" if arch == "sd1" else "te1"
     layers = 12
     clip_keys, clip_shapes = _clip_keys("clip_l", layers, 768)

@@ -184,10 +184,12 @@ def test_sd1_lora_does_not_load_into_sdxl():
     from conceptlab.training.lora import LoRANetwork
 
     sd1 = LoRANetwork.create(tiny_host(), network_dim=2, train_text_encoder=True)
-    state = {f"{n}.{k}": v for n, (down, up, alpha) in ((n, m) for n, m in
-             ((t, sd1.loras[t].kohya_tensors()) for t in sd1.targets)) for k, v in
-             (("lora_down.weight", down), ("lora_up.weight", up), ("alpha", torch.tensor(alpha)))}
-    with pytest.raises(ValueError):
+    state = {}
+    for name in sd1.targets:
+        down, up, alpha = sd1.loras[name].kohya_tensors()
+        state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": torch.tensor(alpha)})
+    with pytest.raises(ValueError, match="this LoRA is for SD1, the model is SDXL"):
         LoRANetwork.from_kohya_state_dict(tiny_sdxl_host(), state)
 
 
@@ -212,3 +214,160 @@ def test_esd_x_on_sdxl_trains_cross_attention_only(tmp_path):
     assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
                                       "lora_unet_output_blocks_")) and k.endswith((".diff", ".diff_b"))
                         for k in keys)
+
+
+# -- single-file SDXL checkpoints (CLI) ------------------------------------------------------------------------
+def _tiny_sdxl_single_file(tmp_path: Path, markers=()):
+    from test_model_loading import _te_to_ldm_sd2, _vae_to_ldm
+    from tiny_models import TINY_SDXL_UNET_CONFIG
+
+    from conceptlab.formats.keys import diffusers_to_ldm_unet
+    from conceptlab.formats.safetensors_io import save_safetensors
+
+    host = tiny_sdxl_host(seed=5)
+    unet_map = diffusers_to_ldm_unet("sdxl", unet_config=TINY_SDXL_UNET_CONFIG)
+    sd = {"model.diffusion_model." + unet_map[k]: v for k, v in host.unet.state_dict().items()}
+    sd.update(_vae_to_ldm(host.vae.state_dict(), len(host.vae.config.block_out_channels)))
+    for k, v in host.text_encoder.state_dict().items():
+        sd["conditioner.embedders.0.transformer." + (k if k.startswith("text_model.") else f"text_model.{k}")] = v
+    c2 = host.text_encoder_2.config
+    te2 = {k: v for k, v in host.text_encoder_2.state_dict().items() if not k.startswith("text_projection")}
+    g = _te_to_ldm_sd2(te2, c2.hidden_size, c2.num_hidden_layers)
+    g["cond_stage_model.model.text_projection"] = host.text_encoder_2.text_projection.weight.T  # OpenCLIP: x @ P
+    sd.update({k.replace("cond_stage_model.model.", "conditioner.embedders.1.model."): v for k, v in g.items()})
+    for m in markers:
+        sd[m] = torch.tensor([])
+    path = save_safetensors({k: v.detach().clone().contiguous() for k, v in sd.items()},
+                            tmp_path / "tiny_sdxl.safetensors")
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+
+    def dump(name, cfg):
+        clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cfg).items() if not k.startswith("_")}
+        (cfg_dir / f"sdxl_{name}.json").write_text(json.dumps(clean, default=list))
+    dump("unet", host.unet.config)
+    dump("vae", host.vae.config)
+    dump("text_encoder", host.text_encoder.config.to_dict())
+    dump("text_encoder_2", host.text_encoder_2.config.to_dict())
+    dump("scheduler", {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                       "num_train_timesteps": 1000, "prediction_type": "epsilon"})
+    return host, path, cfg_dir
+
+
+def test_sdxl_single_file_round_trip_and_vpred_markers(tmp_path):
+    from conceptlab.training.diffusers_host import DiffusersHost
+
+    ref, path, cfg_dir = _tiny_sdxl_single_file(tmp_path)
+    host = DiffusersHost.from_single_file(path, tokenizer=word_hash_tokenizer, configs_dir=cfg_dir)
+    assert host.arch == "sdxl" and host.components() == ["unet", "te1", "te2"]
+    assert host.prediction_type == "epsilon" and not host.load_report["zero_terminal_snr"]
+    prompts = ["pixel art, knight", "a cat"]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        a, b = ref.encode_prompts(prompts), host.encode_prompts(prompts)
+        torch.testing.assert_close(a.context, b.context, rtol=0, atol=0)
+        torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
+        torch.testing.assert_close(ref.predict(x, t, a), host.predict(x, t, b), rtol=0, atol=0)
+    # NoobAI-style v-pred + zero-terminal-SNR markers (ComfyUI's SDXL.model_type keys)
+    (tmp_path / "v").mkdir()
+    _, vpath, vcfg = _tiny_sdxl_single_file(tmp_path / "v", markers=("v_pred", "ztsnr"))
+    vhost = DiffusersHost.from_single_file(vpath, tokenizer=word_hash_tokenizer, configs_dir=vcfg)
+    assert vhost.prediction_type == "v_prediction" and vhost.load_report["prediction_source"] == "v_pred key"
+    assert float(vhost.alphas_cumprod[-1]) == 0.0
+
+
+def test_sdxl_refiner_is_refused(tmp_path):
+    from conceptlab.formats.safetensors_io import save_safetensors
+    from conceptlab.training.model_loading import CheckpointLoadError, load_single_file
+
+    refiner = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(4),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 2560),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
+    p = save_safetensors(refiner, tmp_path / "refiner.safetensors")
+    with pytest.raises(CheckpointLoadError, match="refiner"):
+        load_single_file(p)
+
+
+def test_shipped_sdxl_configs_match_the_released_layout():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from conceptlab.formats.keys import diffusers_unet_keys, unet_config_for
+    from conceptlab.training.model_loading import load_configs
+
+    cfgs = load_configs("sdxl")
+    ref = unet_config_for("sdxl")
+    for k in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
+              "use_linear_projection", "transformer_layers_per_block", "addition_embed_type",
+              "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        assert cfgs["unet"][k] == (list(ref[k]) if isinstance(ref[k], tuple) else ref[k]), k
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfgs["unet"])
+        vae = AutoencoderKL.from_config(cfgs["vae"])
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(
+            {k: v for k, v in cfgs["text_encoder_2"].items() if k not in ("model_type", "architectures")}))
+    assert set(unet.state_dict()) == set(diffusers_unet_keys("sdxl"))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base UNet
+    assert vae.config.scaling_factor == pytest.approx(0.13025)
+    assert sum(p.numel() for p in te2.parameters()) == 694_659_840  # OpenCLIP ViT-bigG/14 text tower
+    # ESD parameter sets on SDXL base (esd_sdxl.py get_esd_trainable_parameters)
+    from conceptlab.training.esd import count_parameters, select_targets
+
+    mods = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    counts = {m: count_parameters(select_targets(mods, m, arch="sdxl"))
+              for m in ("esd-x", "esd-x-strict", "esd-u", "esd-all")}
+    assert counts["esd-x"] == (350, 545_670_400) and counts["esd-x-strict"] == (140, 340_787_200)
+    assert counts["esd-u"][0] + counts["esd-x"][0] == counts["esd-all"][0]
+    assert not any("emb" in t.path or "block" not in t.path for t in select_targets(mods, "esd-u", arch="sdxl"))
+
+
+def test_cli_trains_an_sdxl_diffusers_folder(tmp_path, dawnlike_dir, capsys):
+    """`conceptlab train` on an SDXL diffusers folder (unet/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/
+    vae/ scheduler/), end to end through the real loader."""
+    import shutil
+
+    from test_model_loading import _write_clip_tokenizer
+
+    from conceptlab import cli
+
+    host = tiny_sdxl_host(seed=2)
+    model = tmp_path / "model"
+    host.unet.save_pretrained(model / "unet")
+    host.vae.save_pretrained(model / "vae")
+    host.text_encoder.save_pretrained(model / "text_encoder")
+    host.text_encoder_2.save_pretrained(model / "text_encoder_2")
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):  # SDXL's tokenizer_2 pads with "!"
+        _write_clip_tokenizer(model / name)
+        (model / name / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": pad}))
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+         "prediction_type": "v_prediction"}))
+    sub = tmp_path / "data" / "1_knight"
+    sub.mkdir(parents=True)
+    for p in sorted(dawnlike_dir.glob("*.png"))[:2]:
+        shutil.copy(p, sub / p.name)
+    cfg = tmp_path / "kohya.toml"
+    cfg.write_text(f"""
+pretrained_model_name_or_path = "{model}"
+train_data_dir = "{tmp_path / 'data'}"
+resolution = "64,64"
+min_bucket_reso = 64
+max_bucket_reso = 128
+output_dir = "{tmp_path / 'out'}"
+output_name = "xl"
+max_train_epochs = 1
+train_batch_size = 2
+network_dim = 4
+network_alpha = 1
+zero_terminal_snr = true
+""")
+    rc = cli.main(["train", "--config", str(cfg), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    md = read_metadata(tmp_path / "out" / "xl.safetensors")
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["modelspec.prediction_type"] == "v"
+    assert md["ss_zero_terminal_snr"] == "True"
+    keys = load_state_dict(tmp_path / "out" / "xl.safetensors")
+    assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_output_blocks_")
+                                                                for k in keys)

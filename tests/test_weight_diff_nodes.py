@@ -83,7 +83,7 @@ def test_file_node_resolves_only_listed_names(tmp_path, monkeypatch):
     assert tuple(img.shape[:1]) == (3,) and img.shape[-1] == 3
     with pytest.raises(FileNotFoundError):
         N.DiffFiles().diff("checkpoints/a.safetensors", "checkpoints/../../etc/passwd")
-    with pytest.raises(ValueError, match="checkpoints/ or loras/"):
+    with pytest.raises(ValueError, match="checkpoints/, diffusion_models/ or loras/"):
         N.DiffFiles().diff("a.safetensors", "checkpoints/b.safetensors")
 
 

@@ -24,7 +24,8 @@ import workflow_api as wa  # noqa: E402
 
 from conceptlab.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-EXPECTED = ("pixel_art_lora", "esd_grid_erasure", "merge_back_sweep", "weight_diff", "palette_audit")
+EXPECTED = ("pixel_art_lora", "esd_grid_erasure", "merge_back_sweep", "weight_diff", "palette_audit",
+            "sdxl_pixel_art_lora")
 WORKFLOWS = wa.example_files()
 CORE = wa.load_core_pinned()
 INFO = wa.offline_object_info()

@@ -174,9 +174,17 @@ class DiffusersHost(DiffusionHost):
         sf = load_single_file(path, dtype=dtype, prediction_type=prediction_type, configs_dir=configs_dir,
                               config_overrides=config_overrides)
         tok = resolve_tokenizer(tokenizer, arch=sf.arch)
+        tok2 = None
+        if sf.text_encoder_2 is not None:  # SDXL: the OpenCLIP-G tokenizer is CLIP's BPE padded with "!" (id 0)
+            explicit_object = tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike))
+            tok2 = tok if explicit_object else resolve_tokenizer(tokenizer, arch="sd2")
         host = cls(sf.unet, sf.text_encoder, tok, sf.vae, alphas_cumprod=sf.alphas_cumprod,
-                   prediction_type=sf.prediction_type, arch=sf.arch, device=device, dtype=dtype)
+                   prediction_type=sf.prediction_type, arch=sf.arch, device=device, dtype=dtype,
+                   text_encoder_2=sf.text_encoder_2, tokenizer_2=tok2)
+        if sf.zero_terminal_snr:
+            host.configure_schedule(zero_terminal_snr=True)
         host.load_report = {"path": str(path), "arch": sf.arch, "prediction_type": sf.prediction_type,
+                            "zero_terminal_snr": sf.zero_terminal_snr,
                             "prediction_source": sf.prediction_source, "unused_keys": sf.unused_keys}
         return host
 

@@ -115,9 +115,14 @@ class Target:
         return int(math.prod(self.shape))
 
 
-def _selected(path: str, method: str) -> bool:
+def _selected(path: str, method: str, arch: str = "sd1") -> bool:
     parts = path.split(".")
     in_attn2 = "attn2" in parts
+    if arch == "sdxl" and method in ("esd-u", "esd-all"):
+        # esd_sdxl.py get_esd_trainable_parameters: only modules inside blocks, never an embedding
+        # ('emb' not in name and 'block' in name: no conv_in/out, time/add embedding, resnet time_emb_proj)
+        if "emb" in path or "block" not in path:
+            return False
     if method == "esd-x":
         return in_attn2
     if method == "esd-x-strict":
@@ -130,8 +135,12 @@ def _selected(path: str, method: str) -> bool:
 
 
 def select_targets(modules: Mapping[str, nn.Module], method: str = "esd-x",
-                   component: str = "unet") -> list[Target]:
+                   component: str = "unet", arch: str = "sd1") -> list[Target]:
     """The tensors a method trains, from ``{canonical diffusers path: nn.Linear | nn.Conv2d}``.
+
+    ``arch="sdxl"`` follows the reference's ``esd_sdxl.py`` (``get_esd_trainable_parameters``): the same esd-x /
+    esd-x-strict sets (SDXL base: 350 tensors / 545,670,400 parameters and 140 / 340,787,200), while esd-u and
+    esd-all keep only modules inside blocks and no embedding (``'emb' not in name and 'block' in name``).
 
     Every selected module contributes its ``weight`` and, when present, its ``bias`` (as
     ``get_esd_trainable_parameters`` in the reference ``esd_sd.py`` does with ``module.named_parameters()``).
@@ -149,7 +158,7 @@ def select_targets(modules: Mapping[str, nn.Module], method: str = "esd-x",
                          "through cross-attention, so it needs a text-conditioned UNet (SD1.x/SD2.x/SDXL)")
     out = []
     for path in sorted(modules):
-        if not _selected(path, method):
+        if not _selected(path, method, arch):
             continue
         mod = modules[path]
         for attr in ("weight", "bias"):
@@ -423,7 +432,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     lh, lw = cfg.height // scale, cfg.width // scale
     masks, mask_w, mask_names = _resolve_masks(cfg, (lh, lw))
 
-    targets = select_targets(host.modules("unet"), cfg.method)
+    targets = select_targets(host.modules("unet"), cfg.method, arch=getattr(host, "arch", "sd1"))
     n_tensors, n_params = count_parameters(targets)
     base_hash = base_weights_hash(host, targets)
     from .lora import _kohya_name

@@ -4,7 +4,7 @@ The TOML file has the run settings at the top level and the erasure settings in 
 of :class:`conceptlab.training.esd.ESDConfig`)::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
-                                             # or a single-file SD1.x/SD2.x .safetensors checkpoint
+                                             # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint
     tokenizer = ""                           # single-file only: folder with vocab.json + merges.txt (optional)
     output_dir = "erasures/vangogh"          # relative paths are relative to the TOML file
     name = "esd_vangogh"                     # file stem of <name>.safetensors
@@ -96,7 +96,7 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"{cfg_path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [esd]")
     if "model" not in data:
-        raise ValueError(f"{cfg_path}: 'model' (a local diffusers folder or a single-file SD1.x/SD2.x checkpoint) "
+        raise ValueError(f"{cfg_path}: 'model' (a local diffusers folder or a single-file SD1.x/SD2.x/SDXL checkpoint) "
                          "is required")
     if args.iterations is not None:
         esd_table["iterations"] = args.iterations

@@ -60,7 +60,8 @@ FAMILIES: dict[str, Family] = {
     "sdxl": Family("sdxl", ("te1", "te2"), {"te1": "lora_te1", "te2": "lora_te2"}, "sdxl_base_v1-0",
                    "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models", 1024,
                    pooled=True, size_conditioning=True, kohya_unet_names="ldm"),
-    "flux": Family("flux", ("te1", "te2"), {"te1": "lora_te1", "te2": "lora_te2"}, "flux1", "flux-1-dev",
+    # kohya networks/lora_flux.py: CLIP-L "lora_te1", T5-XXL "lora_te3" (formats/flux_keys.py reads both)
+    "flux": Family("flux", ("te1", "t5"), {"te1": "lora_te1", "t5": "lora_te3"}, "flux1", "flux-1-dev",
                    "https://github.com/black-forest-labs/flux", 1024, objective="flow", pooled=True,
                    latent_channels=16),
 }

@@ -268,8 +268,14 @@ class LoRANetwork(nn.Module):
         known = {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
         unmatched.extend(k for k in state if k not in known and k not in unmatched)
         if not targets:
-            raise ValueError("no LoRA key of this file matches the model (is it a kohya LoRA for this base "
-                             "model family?)")
+            from ..formats.keys import detect_architecture
+
+            shapes = {k: tuple(v.shape) for k, v in state.items() if "attn2_to_k" in k and k.endswith("lora_down.weight")}
+            file_arch = detect_architecture(list(state), shapes)
+            host_arch = getattr(host, "arch", "unknown")
+            hint = (f"this LoRA is for {file_arch.upper()}, the model is {host_arch.upper()}"
+                    if file_arch not in ("unknown", host_arch) else "is it a kohya LoRA for this base model family?")
+            raise ValueError(f"no LoRA key of this file matches the model ({hint})")
         return cls(targets, deltas), unmatched
 
     # -- host ---------------------------------------------------------------------------------------------------

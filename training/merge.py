@@ -330,8 +330,8 @@ def block_ids(arch: str) -> list[str]:
     from ..formats.keys import BLOCK_IDS
 
     ids = BLOCK_IDS.get(arch)
-    if not ids or arch not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"per-block weights are defined for sd1, sd2 and sdxl, not {arch!r}")
+    if not ids or arch not in ("sd1", "sd2", "sdxl", "flux"):
+        raise ValueError(f"per-block weights are defined for sd1, sd2, sdxl and flux, not {arch!r}")
     return list(ids)
 
 
@@ -408,6 +408,9 @@ def parse_block_weights(spec: str, arch: str, alpha: float = 0.5) -> BlockWeight
         raise ValueError("empty block-weight list")
     key = text.lower().replace("-", "_").replace(" ", "_")
     if key in PRESETS:
+        if arch == "flux" and key in ("in_only", "out_only", "mid_only"):
+            raise ValueError(f"preset {key} names UNet parts; Flux has none (use flat, gradient_in, gradient_out or "
+                             "named blocks such as double_blocks.0=1)")
         mult = _preset_multipliers(key, ids)
         return BlockWeights(arch, {k: float(alpha) * v for k, v in mult.items()}, source=key)
     parts = [p.strip() for p in re.split(r"[,\s]+", text) if p.strip()]
@@ -416,7 +419,7 @@ def parse_block_weights(spec: str, arch: str, alpha: float = 0.5) -> BlockWeight
         vals[BASE] = float(alpha)
         for p in parts:
             name, _, num = p.replace(":", "=").partition("=")
-            name = name.strip().upper()
+            name = _flux_block_name(name) if arch == "flux" else name.strip().upper()
             if name not in vals:
                 raise ValueError(f"unknown block {name!r} for {arch}; use BASE, {ids[0]} … {ids[-1]}")
             vals[name] = _to_float(num, name)
@@ -434,6 +437,19 @@ def parse_block_weights(spec: str, arch: str, alpha: float = 0.5) -> BlockWeight
         if not (0.0 <= v <= 1.0):
             warnings.warn(f"block weight {name}={v:g} is outside [0, 1] (extrapolation)", UserWarning, stacklevel=2)
     return BlockWeights(arch, vals, source=text)
+
+
+def _flux_block_name(name: str) -> str:
+    """Flux block names as ComfyUI's ModelMergeFlux1 writes them (``double_blocks.3.``, ``img_in.``) or as
+    ``D03`` / ``S10`` -> the ids of ``formats.keys.BLOCK_IDS["flux"]``; ``BASE`` stays."""
+    from ..formats.flux_keys import merge_name_to_block_id
+
+    if name.strip().upper() == BASE:
+        return BASE
+    try:
+        return merge_name_to_block_id(name)
+    except ValueError:
+        return name.strip()
 
 
 def _to_float(text: str, what: str) -> float:

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                "block-weight lists: BASE,IN00,...,M00,...,OUT11 (26 values SD1, 20 SDXL), the blocks only, or "
                "named entries IN00=0.2,OUT05=1",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="A [B [C]]: checkpoints (.safetensors; .ckpt read weights-only)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="A [B [C]]: checkpoints (.safetensors; .ckpt read weights-only) or diffusers model folders; "
+                   "Flux files in BFL / ComfyUI / diffusers layouts mix (the output has A's layout)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--method", choices=METHODS, default="weighted_sum", help="merge method (default weighted_sum)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of B (default 0.5); outside [0,1] warns")

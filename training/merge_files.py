@@ -45,7 +45,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, WeightFileError, parse_dtype, sha256_file
+from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, WeightFileError, parse_dtype
+from ..formats.weight_folders import open_weight_source, sha256_source
 from .merge import METHODS, METHODS_NEED_C, MergePlan, check_alpha, merge_tensor, parse_block_weights
 
 RECIPE_KEY = "conceptlab.recipe"
@@ -113,7 +114,7 @@ class _Source:
 
     def __init__(self, obj):
         self.obj = obj
-        self.is_file = isinstance(obj, WeightFile)
+        self.is_file = not isinstance(obj, Mapping)  # WeightFile, a sharded folder or a Flux layout view
         self.reader = None  # a _PreadSafetensors, set by the streaming merge
 
     def keys(self) -> list[str]:
@@ -444,17 +445,43 @@ def _setup(a, b, c, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, 
                      te_alpha=te_alpha, vae_alpha=vae_alpha)
 
 
-def _lora(lora, strength, arch, report) -> tuple[dict | None, dict]:
+def _lora(lora, strength, arch, report, a: _Source | None = None) -> tuple[dict | None, dict]:
     if lora is None:
         return None, {}
     from ..formats.lora_files import lora_deltas
 
-    res = lora_deltas(lora, strength=float(strength), arch=arch)
+    dims = _flux_dims(a) if arch == "flux" and a is not None else None
+    res = lora_deltas(lora, strength=float(strength), arch=arch, flux_dims=dims)
     report.lora_skipped = dict(res.skipped)
     info = {"strength": float(strength), "format": res.format}
     if isinstance(lora, (str, os.PathLike)):
         info["name"] = Path(lora).name
-    return dict(res.deltas), info
+    deltas = dict(res.deltas)
+    if dims is not None:  # canonical Flux ΔW -> A's layout (a split diffusers to_q gets its rows of the qkv ΔW)
+        from ..formats.flux_views import deltas_for_keys
+
+        deltas = deltas_for_keys(deltas, a.keys(), dims)
+    return deltas, info
+
+
+def _flux_dims(src: _Source):
+    from ..formats.flux_keys import infer_dims, is_flux_key
+
+    return infer_dims({k: src.shape(k) for k in src.keys() if is_flux_key(k)})
+
+
+def _align_flux(arch: str, a: _Source, *others: _Source | None) -> list[_Source | None]:
+    """Flux inputs in another key layout than A (BFL / ComfyUI / diffusers) are read under A's key names
+    (``formats.flux_views.FluxKeyView``: split q/k/v fused or fused sliced), so the output keeps A's layout."""
+    if arch != "flux":
+        return list(others)
+    from ..formats.flux_keys import flux_layout
+    from ..formats.flux_views import FluxKeyView
+
+    la = flux_layout(a.keys())
+    dims = _flux_dims(a)
+    return [s if s is None or flux_layout(s.keys()) == la else _Source(FluxKeyView(s, keys=a.keys(), dims=dims))
+            for s in others]
 
 
 def _check_lora_targets(lora: dict | None, jobs: list[_KeyJob], report: MergeReport) -> None:
@@ -525,7 +552,7 @@ class _Hasher(threading.Thread):
             for tag, p in self.paths.items():
                 if self._cancel.is_set():
                     return
-                self.result[tag] = sha256_file(p)
+                self.result[tag] = sha256_source(p)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             self.error = exc
 
@@ -544,7 +571,9 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
     """Merge checkpoint files tensor by tensor into ``output`` (safetensors), in constant memory.
 
     Args:
-        a, b, c: input checkpoints (safetensors, or ``.ckpt``/``.pt`` read with ``weights_only=True``);
+        a, b, c: input checkpoints (safetensors, or ``.ckpt``/``.pt`` read with ``weights_only=True``, or diffusers
+            model folders, sharded or not). Flux inputs may mix BFL, ComfyUI and diffusers layouts: B, C and the
+            LoRA are read under A's key names (``formats.flux_views``), so the output has A's layout;
             ``b=None`` with ``lora`` bakes the LoRA into A alone. ``c`` is the base for add/train difference
             (required) and TIES/DARE (optional; A is the base otherwise).
         method: one of :data:`training.merge.METHODS`; α (``alpha``) is B's weight.
@@ -580,15 +609,18 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         if p.resolve() == out_path.resolve():
             raise ValueError(f"output {out_path} is the same file as input {tag}")
     report = MergeReport(output=None)
-    files = {tag: WeightFile(p) for tag, p in paths.items()}
+    files = {}
     hasher = None
     try:
+        for tag, p in paths.items():
+            files[tag] = open_weight_source(p, WeightFile)  # a diffusers model folder (shards) reads as one file
         sa = _Source(files["A"])
         sb = _Source(files["B"]) if "B" in files else None
         sc = _Source(files["C"]) if "C" in files else None
         plan = _setup(sa, sb, sc, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, report)
+        sb, sc = _align_flux(plan.arch, sa, sb, sc)
         jobs = _plan_keys(sa, sb, sc, method, plan, out_dtype, on_shape_mismatch, report)
-        lora_map, lora_info = _lora(lora, lora_strength, plan.arch, report)
+        lora_map, lora_info = _lora(lora, lora_strength, plan.arch, report, sa)
         _check_lora_targets(lora_map, jobs, report)
         all_paths = dict(paths)
         if lora is not None:
@@ -791,8 +823,9 @@ def merge_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     sa, sb = _Source(dict(a)), (_Source(dict(b)) if b is not None else None)
     sc = _Source(dict(c)) if c is not None else None
     plan = _setup(sa, sb, sc, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, report)
+    sb, sc = _align_flux(plan.arch, sa, sb, sc)
     jobs = _plan_keys(sa, sb, sc, method, plan, out_dtype, on_shape_mismatch, report)
-    lora_map, _ = _lora(lora, lora_strength, plan.arch, report)
+    lora_map, _ = _lora(lora, lora_strength, plan.arch, report, sa)
     _check_lora_targets(lora_map, jobs, report)
     out = {j.key: _compute(j, _read(j, sa, sb, sc), method, density, seed, lora_map, report) for j in jobs}
     return out, report

@@ -46,8 +46,10 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: the pack's root folder (in ComfyUI: ``ComfyUI/custom_nodes/<pack>``; not symlink-resolved, since a pack is
 #: often linked into custom_nodes/)
 PACK_DIR = Path(os.path.abspath(__file__)).parents[1]
-SUPPORTED_ARCHS = ("sd1", "sd2")
+SUPPORTED_ARCHS = ("sd1", "sd2", "sdxl")
 PARTS = ("unet", "vae", "text_encoder", "scheduler")
+#: parts only some families have (SDXL's OpenCLIP-G text encoder)
+EXTRA_PARTS = {"sdxl": ("text_encoder_2",)}
 
 # single-file LDM prefixes per component (original CompVis / Stability layouts; ComfyUI's CheckpointSave writes
 # the same)
@@ -55,6 +57,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."      # SD1: HF CLIPTextModel names under it
 OPEN_CLIP_PREFIX = "cond_stage_model.model."       # SD2: OpenCLIP names under it
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL te1: HF CLIP names under it
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."        # SDXL te2: OpenCLIP names under it
+#: ComfyUI's v-prediction / zero-terminal-SNR marker keys in SDXL single files (comfy/supported_models.py
+#: SDXL.model_type: "v_pred", "ztsnr"; NoobAI-XL v-pred and other "zsnr anime checkpoints" carry them)
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 
 # ComfyUI's SD2 v-prediction heuristic (comfy/supported_models.py, SD20.model_type): the std of this bias is
 # > 0.09 in the 768-v models and smaller in the 512 epsilon ones.
@@ -78,6 +85,8 @@ class SingleFileModel:
     CPU, eval mode, weights in the requested dtype; the VAE in float32). ``alphas_cumprod``: float32 ``[T]`` from
     the scheduler config. ``prediction_type``: ``"epsilon"`` | ``"v_prediction"`` and ``prediction_source``: why
     (``"argument"``, ``"metadata"``, ``"sd2 heuristic"``, ``"config"``). ``arch``: ``"sd1"`` | ``"sd2"``.
+    ``text_encoder_2``: SDXL's ``CLIPTextModelWithProjection`` (``None`` otherwise); ``zero_terminal_snr``: the file
+    says its schedule is zero-terminal-SNR (ComfyUI's ``ztsnr`` marker key).
     ``unused_keys``: component -> checkpoint keys under that component's prefix the conversion did not use
     (e.g. SD2's dropped last OpenCLIP layer, ``logit_scale``); keys of other prefixes (``model_ema.``,
     ``alphas_cumprod``...) are ignored silently.
@@ -91,13 +100,16 @@ class SingleFileModel:
     prediction_source: str
     arch: str
     unused_keys: dict[str, list[str]] = field(default_factory=dict)
+    text_encoder_2: Any = None
+    zero_terminal_snr: bool = False
 
 
 # -------------------------------------------------------------------------------------------------------------
 # configs
 # -------------------------------------------------------------------------------------------------------------
 def load_configs(arch: str, configs_dir: str | os.PathLike | None = None) -> dict[str, dict]:
-    """The four configs of ``arch`` as dicts: ``{"unet", "vae", "text_encoder", "scheduler"}``.
+    """The configs of ``arch`` as dicts: ``{"unet", "vae", "text_encoder", "scheduler"}`` (+ ``"text_encoder_2"``
+    for SDXL).
 
     Read from ``<configs_dir>/<arch>_<part>.json`` (default: the pack's ``configs/``); keys starting with ``_``
     (``_class_name``, ``_comment``) are dropped. Raises ``FileNotFoundError`` naming a missing file and
@@ -105,7 +117,7 @@ def load_configs(arch: str, configs_dir: str | os.PathLike | None = None) -> dic
     """
     root = Path(configs_dir) if configs_dir is not None else CONFIGS_DIR
     out = {}
-    for part in PARTS:
+    for part in PARTS + EXTRA_PARTS.get(arch, ()):
         f = root / f"{arch}_{part}.json"
         if not f.is_file():
             raise FileNotFoundError(f"model config not found: {f} (the pack ships configs/{arch}_{part}.json)")
@@ -267,6 +279,8 @@ def _detect_prediction_type(arch: str, wf: WeightFile, sched_cfg: Mapping,
         return "epsilon", "metadata"
     if str(meta.get("ss_v_parameterization", "")).lower() == "true":
         return "v_prediction", "metadata"
+    if arch == "sdxl" and V_PRED_KEY in wf:
+        return "v_prediction", "v_pred key"
     if arch == "sd2" and _SD2_V_PROBE in wf:
         std = float(wf.get(_SD2_V_PROBE).float().std(unbiased=False))
         return ("v_prediction" if std > _SD2_V_THRESHOLD else "epsilon"), "sd2 heuristic"
@@ -296,7 +310,8 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
 
     Raises:
         FileNotFoundError, formats.safetensors_io.WeightFileError: unreadable file.
-        CheckpointLoadError: not SD1/SD2 (SDXL, Flux, inpainting, a LoRA...), or keys/shapes that do not match the
+        CheckpointLoadError: not SD1/SD2/SDXL (Flux, the SDXL refiner, inpainting, a LoRA...), or keys/shapes that
+            do not match the
             configs (the message lists missing / unexpected keys and shape mismatches).
         ValueError: ``prediction_type`` not ``"epsilon"`` / ``"v_prediction"``, an unknown ``config_overrides``
             part, or an invalid shipped config (see :func:`load_configs`).
@@ -315,11 +330,14 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         probe = [k for k in keys if re.search(r"attn2\.to_k\.weight$", k)][:1]
         arch = detect_architecture(keys, {k: wf.shape(k) for k in probe})
         if arch not in SUPPORTED_ARCHS:
-            hint = {"sdxl": "SDXL single files are not supported by the CLI yet: train inside ComfyUI",
-                    "flux": "Flux is not supported by the diffusers host: train inside ComfyUI",
+            hint = {"flux": "Flux is not supported by the diffusers host: train inside ComfyUI",
                     }.get(arch, "no Stable Diffusion UNet/CLIP/VAE keys found (a LoRA or an unrelated file?)")
             raise CheckpointLoadError(f"{path.name}: architecture {arch!r} is not supported here; {hint}. "
-                                      "Supported single files: SD 1.x and SD 2.x checkpoints.")
+                                      "Supported single files: SD 1.x, SD 2.x and SDXL checkpoints.")
+        if arch == "sdxl" and not any(k.startswith(SDXL_CLIP_L_PREFIX) for k in keys):
+            raise CheckpointLoadError(f"{path.name}: an SDXL checkpoint without the CLIP-L text encoder "
+                                      f"('{SDXL_CLIP_L_PREFIX}'): the SDXL refiner is not supported (Concept Lab "
+                                      "trains and erases SDXL base models: SDXL 1.0, Illustrious, NoobAI, Pony)")
         if not any(k.startswith(UNET_PREFIX) for k in keys):
             raise CheckpointLoadError(f"{path.name}: no '{UNET_PREFIX}' keys: not a full single-file checkpoint")
         conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -332,10 +350,12 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                 raise ValueError(f"config_overrides: unknown part {part!r} (use {', '.join(PARTS)})")
             cfgs[part].update(extra)
         pred, source = _detect_prediction_type(arch, wf, cfgs["scheduler"], prediction_type)
-        te_prefix = CLIP_PREFIX if arch == "sd1" else OPEN_CLIP_PREFIX
+        ztsnr = arch == "sdxl" and ZTSNR_KEY in wf
+        te_prefix = {"sd1": CLIP_PREFIX, "sd2": OPEN_CLIP_PREFIX, "sdxl": SDXL_CLIP_L_PREFIX}[arch]
         unet_src = _read_component(wf, (UNET_PREFIX,))
         vae_src = _read_component(wf, (VAE_PREFIX,))
         te_src = _read_component(wf, (te_prefix,))
+        te2_src = _read_component(wf, (SDXL_CLIP_G_PREFIX,)) if arch == "sdxl" else {}
     for what, src, pre in (("UNet", unet_src, UNET_PREFIX), ("VAE", vae_src, VAE_PREFIX),
                            ("text encoder", te_src, te_prefix)):
         if not src:
@@ -361,7 +381,7 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     # text encoder
     te_cfg = CLIPTextConfig.from_dict({k: v for k, v in cfgs["text_encoder"].items() if k != "model_type"})
     te = _instantiate(lambda: CLIPTextModel(te_cfg))
-    if arch == "sd1":
+    if arch in ("sd1", "sdxl"):
         te_sd = convert_ldm_clip_checkpoint(te_src)
         # very old files store CLIP without the "text_model." level; canonicalise first
         te_sd = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in te_sd.items()}
@@ -379,12 +399,28 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
     _load_strict(te, te_sd, "text encoder", path, dtype)
 
+    te2 = None
+    if arch == "sdxl":
+        from transformers import CLIPTextModelWithProjection
+
+        if not te2_src:
+            raise CheckpointLoadError(f"{path.name}: SDXL checkpoint without the OpenCLIP-G text encoder "
+                                      f"('{SDXL_CLIP_G_PREFIX}' keys)")
+        te2_cfg = CLIPTextConfig.from_dict({k: v for k, v in cfgs["text_encoder_2"].items()
+                                            if k not in ("model_type", "architectures")})
+        te2 = _instantiate(lambda: CLIPTextModelWithProjection(te2_cfg))
+        with _conversion_errors(path, "second text encoder (OpenCLIP-G)"):
+            te2_sd = convert_open_clip_checkpoint(te2, te2_src, prefix=SDXL_CLIP_G_PREFIX)
+        unused["text_encoder_2"] = _unused(te2_src, te2_sd, lambda k: k.endswith(("in_proj_weight", "in_proj_bias")))
+        _load_strict(te2, te2_sd, "second text encoder (OpenCLIP-G)", path, dtype)
+
     sched = DDPMScheduler.from_config(cfgs["scheduler"])
     ac = sched.alphas_cumprod.float().clone()
-    for m in (unet, vae, te):
+    for m in (unet, vae, te) + ((te2,) if te2 is not None else ()):
         m.eval().requires_grad_(False)
     return SingleFileModel(unet=unet, text_encoder=te, vae=vae, alphas_cumprod=ac, prediction_type=pred,
-                           prediction_source=source, arch=arch, unused_keys={k: v for k, v in unused.items() if v})
+                           prediction_source=source, arch=arch, unused_keys={k: v for k, v in unused.items() if v},
+                           text_encoder_2=te2, zero_terminal_snr=ztsnr)
 
 
 def load_host(path_or_folder: str | os.PathLike, **kw):

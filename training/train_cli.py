@@ -7,9 +7,10 @@ besides training settings: ``pretrained_model_name_or_path``, ``train_data_dir``
 ``pretrained_model_name_or_path`` is a local path, never a Hub id (nothing is downloaded):
 
 * a diffusers folder with ``unet/``, ``text_encoder/``, ``tokenizer/``, ``vae/`` (``scheduler/`` optional), or
-* a single-file SD 1.x / SD 2.x checkpoint (``.safetensors``; ``.ckpt`` read weights-only), converted with
-  diffusers' own LDM converters and the configs shipped in the pack's ``configs/`` folder. SDXL and Flux single
-  files are refused (train those inside ComfyUI). A single file has no tokenizer: pass ``--tokenizer DIR`` (or
+* a single-file SD 1.x / SD 2.x / SDXL checkpoint (``.safetensors``; ``.ckpt`` read weights-only), converted
+  with diffusers' own LDM converters and the configs shipped in the pack's ``configs/`` folder (SDXL v-pred +
+  zero-terminal-SNR fine-tunes are recognised by their ``v_pred`` / ``ztsnr`` marker keys, as ComfyUI does). The
+  SDXL refiner and Flux single files are refused. A single file has no tokenizer: pass ``--tokenizer DIR`` (or
   a ``tokenizer = "DIR"`` key), a folder with CLIP's ``vocab.json`` + ``merges.txt`` such as a diffusers model's
   ``tokenizer/`` or ComfyUI's ``comfy/sd1_tokenizer``; without it ``$COMFYUI_PATH/comfy/sd1_tokenizer`` and the
   ComfyUI checkout the pack is installed in are tried.
@@ -41,7 +42,7 @@ IGNORED_KEYS = ("save_model_as", "network_module", "cache_latents", "cache_laten
 
 def register(subparsers) -> None:
     """Add the ``train`` subcommand."""
-    p = subparsers.add_parser("train", help="train a kohya-format LoRA on a local diffusers folder or SD1/SD2 "
+    p = subparsers.add_parser("train", help="train a kohya-format LoRA on a local diffusers folder or SD1/SD2/SDXL "
                               "single-file checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="kohya sd-scripts TOML config")
@@ -134,7 +135,7 @@ def run(args, host=None) -> int:
         model = flat.get("pretrained_model_name_or_path")
         if not model:
             raise ValueError("pretrained_model_name_or_path is required (a local diffusers folder or a single-file "
-                             "SD1/SD2 checkpoint)")
+                             "SD1/SD2/SDXL checkpoint)")
         pred = getattr(args, "prediction_type", None)
         if pred is None and flat.get("v_parameterization") is True:
             pred = "v_prediction"

@@ -20,6 +20,17 @@ import tempfile
 from pathlib import Path
 
 CHECKPOINT_NAME = "conceptlab_random_sd15_fp16.safetensors"
+SDXL_CHECKPOINT_NAME = "conceptlab_random_sdxl_fp16.safetensors"
+
+#: SDXL base UNet as ComfyUI's comfy/model_detection.py defines it (ComfyUI recognises SDXL only at this size)
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
 
 #: SD1.5 UNet config as ComfyUI's comfy/model_detection.py defines it (fp16)
 SD15_UNET = {
@@ -44,8 +55,11 @@ def cache_dir() -> Path:
     return p
 
 
-def _build(out_path: str, seed: int = 0) -> None:
-    """Child-process body: build the random SD1.5 model with ComfyUI's classes and save it (fp16)."""
+def _build(out_path: str, seed: int = 0, family: str = "sd15") -> None:
+    """Child-process body: build the random SD1.5 (or SDXL base) model with ComfyUI's classes and save it (fp16).
+
+    SDXL: ~2.6 B UNet + 0.8 B text-encoder parameters, ~6.9 GB on disk; the model is created directly in fp16
+    and filled tensor by tensor, so the child's peak stays near 1× the model plus one tensor (~8 GB)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from e2e.comfy_env import comfy_inprocess, init_weights
 
@@ -59,7 +73,10 @@ def _build(out_path: str, seed: int = 0) -> None:
     import torch
 
     logging.getLogger().setLevel(logging.ERROR)
-    cfg = comfy.supported_models.SD15({**SD15_UNET, "dtype": torch.float16})
+    if family == "sdxl":
+        cfg = comfy.supported_models.SDXL({**SDXL_UNET, "dtype": torch.float16})
+    else:
+        cfg = comfy.supported_models.SD15({**SD15_UNET, "dtype": torch.float16})
     with torch.no_grad():
         base = cfg.get_model({})
         init_weights(base.diffusion_model, seed)
@@ -73,7 +90,8 @@ def _build(out_path: str, seed: int = 0) -> None:
         init_weights(vae.first_stage_model, seed + 2, scale=0.5)
         vae.first_stage_model.half()
         tmp = out_path + ".tmp"
-        comfy.sd.save_checkpoint(tmp, model, clip, vae, metadata={"conceptlab.test": "random SD1.5 weights"})
+        comfy.sd.save_checkpoint(tmp, model, clip, vae,
+                                 metadata={"conceptlab.test": f"random {family.upper()} weights"})
         mm.unload_all_models()
     os.replace(tmp, out_path)
     os.chmod(out_path, 0o644)
@@ -82,20 +100,30 @@ def _build(out_path: str, seed: int = 0) -> None:
 def random_sd15_checkpoint(python: str | None = None, timeout: float = 1800) -> Path:
     """Path of the cached random SD1.5 checkpoint, building it (child process, ``python`` = this interpreter by
     default, COMFYUI_PATH must be set) if missing. Raises ``RuntimeError`` with the child's output on failure."""
+    return _cached(CHECKPOINT_NAME, "sd15", python, timeout)
+
+
+def random_sdxl_checkpoint(python: str | None = None, timeout: float = 3600) -> Path:
+    """Path of the cached random full-size SDXL base checkpoint (~6.9 GB fp16), built once like
+    :func:`random_sd15_checkpoint` (needs ~10 GB free RAM while building)."""
+    return _cached(SDXL_CHECKPOINT_NAME, "sdxl", python, timeout)
+
+
+def _cached(name: str, family: str, python: str | None, timeout: float) -> Path:
     import fcntl
 
-    out = cache_dir() / CHECKPOINT_NAME
+    out = cache_dir() / name
     if out.is_file():
         return out
-    with open(cache_dir() / (CHECKPOINT_NAME + ".lock"), "w") as lock:
+    with open(cache_dir() / (name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.is_file():
             return out
         code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); " \
-               f"from e2e.checkpoint import _build; _build({str(out)!r})"
+               f"from e2e.checkpoint import _build; _build({str(out)!r}, family={family!r})"
         proc = subprocess.run([python or sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=timeout, env=os.environ.copy(), check=False)
         if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"building the random SD1.5 checkpoint failed:\n{proc.stdout[-4000:]}\n"
+            raise RuntimeError(f"building the random {family} checkpoint failed:\n{proc.stdout[-4000:]}\n"
                                f"{proc.stderr[-4000:]}")
     return out

@@ -266,6 +266,57 @@ def pixel_art_lora(g: Graph):
     g.group("4. Reuse the best epoch later (unmute: Ctrl+M)", (X0 - 20, y2 - 40, 4 * COL + 80, 560), "#444")
 
 
+SDXL = "sd_xl_base_1.0.safetensors"
+SDXL_TOML = ('# NoobAI-XL v-pred files carry v_pred/ztsnr keys that ComfyUI reads; for a v-pred file\n'
+             '# without them, uncomment both:\n'
+             '# v_parameterization = true\n# zero_terminal_snr = true\n'
+             'sample_every_n_epochs = 1\nsample_steps = 20\nsample_cfg = 6.0\n')
+
+
+def sdxl_pixel_art_lora(g: Graph):
+    g.note("## SDXL pixel-art LoRA (Illustrious, NoobAI, Pony, SDXL 1.0)\n\n"
+           "The same job as `pixel_art_lora` on an SDXL-family checkpoint: kohya `sdxl_train_network` semantics "
+           "(keys `lora_unet_input_blocks_…`, `lora_te1_…`, `lora_te2_…`, `ss_base_model_version = "
+           "sdxl_base_v1-0`), each image's original size and crop as SDXL size conditioning, per-epoch samples at "
+           "1024 px with palette metrics, and the best epoch applied.\n\n"
+           "1. `cp -r sample_data/pixel_art ComfyUI/input/`.\n"
+           "2. Put an SDXL-family checkpoint in `models/checkpoints/` and pick it in **Load Checkpoint**.\n"
+           "3. v-prediction models (NoobAI-XL v-pred) are recognised from the file; see the TOML box for files "
+           "that do not say so.\n\n"
+           "Needs a GPU with 12 GB+ (bf16, gradient checkpointing, batch 1).", (0, -400), (900, 380))
+    ck = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SDXL)
+    ds = g.add("ConceptLabLoraDataset", (0, 200), w_px=360, folder="pixel_art", resolution=1024,
+               resize_interpolation="nearest")
+    g.add("PreviewAny", (0, 760), title="Dataset summary", source=g.out(ds, "summary"))
+    tr = g.add("ConceptLabTrainLora", (COL, 0), w_px=380, model=g.out(ck, "MODEL"), clip=g.out(ck, "CLIP"),
+               vae=g.out(ck, "VAE"), dataset=g.out(ds, "dataset"), output_name="pixel_art_xl", max_train_epochs=8,
+               train_batch_size=1, learning_rate=1e-4, network_dim=16, network_alpha=8.0, mixed_precision="bf16",
+               seed=42, sample_prompts=PIXEL_PROMPTS, best_metric="auto", apply="best", kohya_toml=SDXL_TOML,
+               gradient_checkpointing=True)
+    x2 = 2 * COL + 40
+    g.add("PreviewAny", (x2, 0), title="Applied LoRA file", source=g.out(tr, "lora_name"))
+    g.add("SaveImage", (x2, 200), title="Epoch table", images=g.out(tr, "epoch_table"),
+          filename_prefix="conceptlab/pixel_art_xl_epochs")
+    g.add("SaveImage", (x2, 520), title="Samples per epoch", images=g.out(tr, "samples"),
+          filename_prefix="conceptlab/pixel_art_xl_samples")
+    X0 = 3 * COL + 120
+    pos = g.add("CLIPTextEncode", (X0, 0), title="Prompt", w_px=360, clip=g.out(tr, "clip"),
+                text=PIXEL_PROMPTS.split("\n")[0])
+    neg = g.add("CLIPTextEncode", (X0, 240), title="Negative prompt", w_px=360, clip=g.out(tr, "clip"),
+                text=PIXEL_NEG)
+    lat = g.add("EmptyLatentImage", (X0, 480), width=1024, height=1024, batch_size=2)
+    ks = g.add("KSampler", (X0 + COL, 0), model=g.out(tr, "model"), positive=g.out(pos, "CONDITIONING"),
+               negative=g.out(neg, "CONDITIONING"), latent_image=g.out(lat, "LATENT"), seed=42, steps=25, cfg=6.0,
+               sampler_name="euler_ancestral", scheduler="normal", denoise=1.0)
+    dec = g.add("VAEDecode", (X0 + 2 * COL, 0), samples=g.out(ks, "LATENT"), vae=g.out(ck, "VAE"))
+    g.add("SaveImage", (X0 + 2 * COL, 200), title="Pixel-art samples (SDXL)", images=g.out(dec, "IMAGE"),
+          filename_prefix="conceptlab/pixel_art_xl")
+    g.group("1. Data", (-20, -40, COL - 20, 1000))
+    g.group("2. Train on SDXL with per-epoch samples and palette metrics", (COL - 20, -40, 2 * COL + 80, 900),
+            "#8A8")
+    g.group("3. Draw with the best epoch", (X0 - 20, -40, 3 * COL + 80, 760), "#b58b2a")
+
+
 def esd_grid_erasure(g: Graph):
     g.note("## Erase a concept with ESD-X and grid masks\n\n"
            "**Grid Masks** makes an n×n grid of cell masks plus a centre mask; **ESD Erase Concept** fine-tunes "
@@ -301,7 +352,7 @@ def esd_grid_erasure(g: Graph):
 
 
 SPECS = {"pixel_art_lora": pixel_art_lora, "esd_grid_erasure": esd_grid_erasure, "merge_back_sweep": merge_back_sweep,
-         "weight_diff": weight_diff}
+         "weight_diff": weight_diff, "sdxl_pixel_art_lora": sdxl_pixel_art_lora}
 
 
 def build(name: str, info: dict) -> dict:
