@@ -9,7 +9,9 @@ so that ``import conceptlab`` (CLI, tests) stays light.
 
 __version__ = "0.1.0"
 
-WEB_DIRECTORY = None
+# Served by ComfyUI at /extensions/<pack folder>/; holds the node help pages the frontend's node library opens
+# (docs/<NodeId>.md, translations in docs/<NodeId>/<locale>.md) and the registry icon. No JavaScript.
+WEB_DIRECTORY = "./web"
 
 
 def __getattr__(name):

@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     ".training.train_cli",      # train
     ".training.esd_cli",        # erase
     ".training.uce_cli",        # uce, erase-convert
+    ".training.extract_cli",    # extract-lora, resize-lora
 )
 
 

@@ -232,11 +232,28 @@ def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -
         return out
 
 
+def _new_file_mode() -> int:
+    """``0o666 & ~umask``: the mode a plainly created file gets (0644 with the usual umask 022)."""
+    mask = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success fsync and ``os.replace`` it onto ``path``.
 
-    On any exception the temporary file is deleted and ``path`` is left untouched.
+    On any exception the temporary file is deleted and ``path`` is left untouched. The file gets the mode a plain
+    ``open()`` would give it (``0o666 & ~umask``, 0644 usually), not ``mkstemp``'s 0600.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -254,6 +271,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
             os.fsync(fh.fileno())
         if not overwrite and dest.exists():
             raise FileExistsError(f"{dest} appeared while writing; not overwritten")
+        os.chmod(tmp_path, _new_file_mode())  # mkstemp makes 0600; files get the mode open() would give (0644)
         os.replace(tmp_path, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -531,8 +531,11 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
+    from ..formats.limits import check_image_pixels
+
     try:
         with Image.open(path) as im:
+            check_image_pixels(*im.size, Path(path).name)  # from the header, before decoding
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")

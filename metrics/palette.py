@@ -125,8 +125,11 @@ def load_rgb(path, matte=(255, 255, 255)) -> np.ndarray:
         raise FileNotFoundError(f"image not found: {p}")
     if p.is_dir():
         raise ValueError(f"{p} is a folder, not an image")
+    from ..formats.limits import check_image_pixels
+
     try:
         with Image.open(p) as im:
+            check_image_pixels(*im.size, p.name)  # from the header, before decoding
             im.load()
             return to_rgb(im, matte)
     except (UnidentifiedImageError, OSError) as exc:

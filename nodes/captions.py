@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 
 from ..metrics import captions as cap
+from . import policy
 
 
+@policy.guarded
 class ConceptLabCaptionAudit:
     """Audit the hex codes of a captioned pixel-art dataset folder in ComfyUI's input directory."""
+
+    PATH_INPUTS = {"folder": "subfolders", "fix_to": "optional"}
 
     DESCRIPTION = (
         "Audits a captioned pixel-art dataset (a folder inside ComfyUI's input folder; flat or kohya "
@@ -74,6 +78,7 @@ class ConceptLabCaptionAudit:
         root = comfy_host.resolve_input(folder)
         if not root.is_dir():
             raise cap.NotAFolderError(f"{folder!r} is a file; give a folder inside ComfyUI's input folder")
+        policy.check_folder(root, comfy_host.input_dir(), "dataset file")  # no symlink out, before any read
         items = len(cap.scan_folder(root))
         progress = comfy_host.Progress(items * (2 if fix_to and fix_to.strip() else 1))
         report = cap.audit_folder(root, images=bool(check_images), tolerance=float(tolerance),
@@ -81,7 +86,7 @@ class ConceptLabCaptionAudit:
         report["root"] = folder
         report["fix"] = None
         if fix_to and fix_to.strip():
-            out = comfy_host.safe_join(comfy_host.output_dir(), fix_to.strip())
+            out = policy.confine(comfy_host.output_dir(), fix_to.strip(), "fix_to")
             fix = cap.fix_folder(root, out, images=bool(check_images), copy_images=True,
                                  tolerance=float(tolerance),
                                  progress=lambda done, total: progress.set(items + done))

@@ -24,10 +24,7 @@ from torch import nn
 from ..training.conditioning import Conditioning
 from ..training.families import family
 from ..training.host import DeltaModule, DiffusionHost
-
-
-class PathOutsideError(ValueError):
-    """A node input named a path outside the folder it must stay in."""
+from .policy import PathOutsideError, check_name, confine  # noqa: F401 - PathOutsideError is re-exported for callers
 
 
 def _folder_paths():
@@ -47,18 +44,12 @@ def output_dir() -> Path:
 
 
 def safe_join(base: str | os.PathLike, relative: str) -> Path:
-    """Join ``relative`` under ``base`` and refuse anything that escapes it.
+    """Join ``relative`` under ``base`` and refuse anything that escapes it (:func:`.policy.confine`).
 
-    Absolute paths, ``..`` segments and symlinks resolving outside ``base`` raise :class:`PathOutsideError`.
+    Absolute paths, ``..`` segments, backslashes, NUL, over-long names and symlinks resolving outside ``base``
+    raise :class:`PathOutsideError`; an empty ``relative`` names ``base`` itself.
     """
-    base_p = Path(base).resolve()
-    rel = str(relative or "").strip()
-    if os.path.isabs(rel) or (len(rel) > 1 and rel[1] == ":"):
-        raise PathOutsideError(f"{relative!r} is an absolute path; name a path inside {base_p.name}/")
-    candidate = (base_p / rel).resolve()
-    if candidate != base_p and base_p not in candidate.parents:
-        raise PathOutsideError(f"{relative!r} points outside {base_p.name}/")
-    return candidate
+    return confine(base, relative, "path", allow_root=True)
 
 
 def resolve_input(relative: str, must_exist: bool = True) -> Path:
@@ -71,7 +62,7 @@ def resolve_input(relative: str, must_exist: bool = True) -> Path:
 
 def output_file(subfolder: str, filename: str) -> Path:
     """A path ``output/<subfolder>/<filename>`` inside ComfyUI's output directory (folders created)."""
-    p = safe_join(output_dir(), os.path.join(subfolder, filename) if subfolder else filename)
+    p = confine(output_dir(), f"{subfolder}/{filename}" if subfolder else filename, "output name")
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -83,6 +74,7 @@ def model_file(folder_name: str, filename: str) -> Path:
     Raises ``FileNotFoundError``.
     """
     fp = _folder_paths()
+    filename = check_name(filename, f"{folder_name} file")
     path = fp.get_full_path(folder_name, filename)
     if not path:
         raise FileNotFoundError(f"{filename!r} is not in ComfyUI's {folder_name} folder")
@@ -440,6 +432,26 @@ class ComfyHost(DiffusionHost):
         on the model's own ``unet_config``."""
         return dict(self._d2l)
 
+    def configure_text(self, clip_skip: int | None = None, max_token_length: int | None = None) -> list[str]:
+        """kohya ``clip_skip`` through ComfyUI's own **CLIP Set Last Layer** (``clip.clip_layer(-clip_skip)``: the
+        layer's output with the final layer norm, kohya's semantics) on this host's CLIP clone; SDXL ignores it, as
+        kohya's SDXL trainer does. ``max_token_length``: ComfyUI encodes any caption in 75-token chunks (no 75/150/225
+        truncation), which is how the LoRA will be used in ComfyUI; a non-default value is reported back as having
+        no effect here (the CLI's diffusers host applies kohya's chunking exactly)."""
+        msgs = super().configure_text(clip_skip, max_token_length)
+        if self.max_token_length is not None:
+            msgs.append(f"max_token_length = {self.max_token_length}: inside ComfyUI captions are encoded the way "
+                        "ComfyUI encodes prompts (75-token chunks, never truncated); use the CLI for kohya's "
+                        "150/225-token truncation")
+        if self.clip_skip not in (None, 1):
+            if self.arch == "sdxl":
+                msgs.append("clip_skip has no effect on SDXL (kohya's SDXL trainer always uses the penultimate "
+                            "layers of both text encoders)")
+                self.clip_skip = None
+            elif self.clip is not None:
+                self.clip.clip_layer(-self.clip_skip)
+        return msgs
+
     def configure_schedule(self, prediction_type: str | None = None, zero_terminal_snr: bool = False) -> None:
         """Patch the clone's ``model_sampling`` as ComfyUI's own **ModelSamplingDiscrete** node does
         (``comfy_extras/nodes_model_advanced.py``: ``ModelSamplingDiscrete`` × ``EPS``/``V_PREDICTION`` with
@@ -785,9 +797,14 @@ def sample_images(model, positive, negative, vae, seed: int, steps: int, cfg: fl
         latent = torch.zeros([int(batch_size), 4, height // 8, width // 8], device=mm.intermediate_device())
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, int(seed))
+        def step_callback(*args):  # a cancel point every sampler step (ComfyUI's sampler checks none itself)
+            check_interrupt()
+            if callback is not None:
+                callback(*args)
+
         samples = comfy.sample.sample(model, noise, int(steps), float(cfg), sampler_name, scheduler, positive,
                                       negative, latent, denoise=float(denoise), seed=int(seed),
-                                      disable_pbar=True, callback=callback)
+                                      disable_pbar=True, callback=step_callback)
         return vae.decode(samples).float().clamp(0, 1).cpu()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_host
+from . import comfy_host, policy
 
 CATEGORY = "Concept Lab/Weight diff"
 
@@ -131,6 +131,7 @@ def diff_patchers(model_a, model_b, clip_a=None, clip_b=None, options=None, prog
     return report
 
 
+@policy.guarded
 class DiffModels:
     """What changed between two MODELs (and CLIPs), read as patched, key by key."""
 
@@ -197,6 +198,7 @@ def _resolve_choice(choice: str):
     return comfy_host.model_file(folder, name)
 
 
+@policy.guarded
 class DiffFiles:
     """What changed between two files from ComfyUI's checkpoints / loras folders."""
 
@@ -253,6 +255,7 @@ class DiffFiles:
         return _outputs(report)
 
 
+@policy.guarded
 class CompareDiffReports:
     """Ratio table of two weight-diff reports."""
 
@@ -291,9 +294,12 @@ class CompareDiffReports:
         from ..metrics.diff_report import compare_markdown
         from ..metrics.weight_diff import compare_reports
 
+        from ..formats.limits import load_json
+
         for r, n in ((report_1, "report_1"), (report_2, "report_2")):
             if not str(r).lstrip().startswith("{"):
                 raise ValueError(f"{n} must be the JSON text of a diff report (connect report_json)")
+        report_1, report_2 = load_json(report_1, "report_1"), load_json(report_2, "report_2")  # bounded parse
         cmp = compare_reports(report_1, report_2, label1=label_1.strip() or None, label2=label_2.strip() or None)
         img = comfy_host.numpy_to_image([plot_compare(cmp)])
         return compare_markdown(cmp), dumps_report(cmp), img

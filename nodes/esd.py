@@ -11,6 +11,8 @@ import json
 
 import torch
 
+from . import policy
+
 CATEGORY = "Concept Lab/ESD"
 _METHODS = ["esd-x", "esd-x-strict", "esd-u", "esd-all"]
 _MASK_MODES = ["sum", "sample", "grid-sum", "grid-sample"]
@@ -28,13 +30,24 @@ def _samplers() -> tuple[list[str], list[str]]:
         return ["euler", "euler_ancestral", "dpmpp_2m", "ddim"], ["normal", "karras", "simple"]
 
 
-def _next_free(folder, stem: str, suffix: str = ".safetensors"):
+def _next_free(folder, stem: str, suffix: str = ".safetensors", claim_root=None):
+    """The first free ``<stem>_NNNNN<suffix>`` in ``folder``; with ``claim_root`` the number is claimed by an
+    atomic ``mkdir`` of ``claim_root/<stem>_NNNNN`` (the run's stats folder), so concurrent runs never share it."""
     i = 1
-    while (folder / f"{stem}_{i:05d}{suffix}").exists():
+    while True:
+        cand = folder / f"{stem}_{i:05d}{suffix}"
+        if not cand.exists():
+            if claim_root is None:
+                return cand
+            try:
+                (claim_root / cand.stem).mkdir(parents=True)
+                return cand
+            except FileExistsError:
+                pass
         i += 1
-    return folder / f"{stem}_{i:05d}{suffix}"
 
 
+@policy.guarded
 class ConceptLabGridMasks:
     """N×N grid masks plus a centre mask, with weights, for the ESD eraser's masked loss."""
 
@@ -84,8 +97,19 @@ class ConceptLabGridMasks:
         return masks, preview, ", ".join(f"{x:.4f}" for x in w.tolist())
 
 
+@policy.guarded
 class ConceptLabESDErase:
     """Erase a concept from a model with ESD (cross-attention by default), returning the erased MODEL and a file."""
+
+    PATH_INPUTS = {"save_name": "optional"}
+    VALIDATE_ALSO = ("variations",)  # the prompt count needs it at validation time
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: the prompt count (concepts × variations) before anything is expanded."""
+        if isinstance(values.get("concepts"), str) and values["concepts"].strip():
+            _check_prompt_count(values["concepts"], values.get("prompt_variations") or "",
+                                int(values.get("variations", 0) or 0))
 
     DESCRIPTION = ("Erases a concept (an artist's style, an object) from the model with ESD (Gandikota et al., "
                    "ICCV 2023): the model is fine-tuned so that prompting the concept gives the original model's "
@@ -232,12 +256,13 @@ class ConceptLabESDErase:
             else None, mask_mode=mask_mode, seed=int(seed), concept_kind=concept_kind,
             erase_from=erase_from if (erase_from or "").strip() else None)
         cfg.validate()
+        _check_prompt_count(concepts, prompt_variations, int(variations))
         save_name = (save_name or "").strip()
         target = None
         if save_name:  # resolve (and check) the output path before hours of training
             stem_rel = save_name[:-len(".safetensors")] if save_name.endswith(".safetensors") else save_name
             first = ch.output_file("loras", stem_rel + ".safetensors")
-            target = _next_free(first.parent, first.stem)
+            target = _next_free(first.parent, first.stem, claim_root=ch.output_file("esd", "x").parent)
 
         bar = ch.Progress(int(iterations))
 
@@ -282,8 +307,33 @@ class ConceptLabESDErase:
         return erased, file_name, plot, json.dumps(stats, indent=1)
 
 
+def _check_prompt_count(concepts: str, prompt_variations: str, variations: int) -> None:
+    """Refuse prompt sets above :data:`~conceptlab.formats.limits.MAX_PROMPTS` before they are expanded."""
+    from ..formats import limits
+    from ..training.prompts import parse_concepts, parse_prompt_lines
+
+    n_concepts = len(parse_concepts(concepts))
+    limits.check_count("concepts", n_concepts, limits.MAX_CONCEPTS)
+    lines = parse_prompt_lines(prompt_variations) if prompt_variations else []
+    templates = sum(1 for ln in lines if "{" in ln)
+    per_concept = max(int(variations), 1) if templates or not lines else 0
+    limits.check_count("prompts (concepts × variations + prompt lines)", n_concepts * per_concept + len(lines),
+                       limits.MAX_PROMPTS)
+
+
+@policy.guarded
 class ConceptLabErasureCompare:
     """Original vs erased model on the same prompts and seeds, as one labelled grid."""
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: the number of prompts (each is sampled on both models)."""
+        from ..formats import limits
+        from ..training.prompts import parse_prompt_lines
+
+        n = sum(len(parse_prompt_lines(values[k])) for k in ("concept_prompts", "unrelated_prompts")
+                if isinstance(values.get(k), str))
+        limits.check_count("prompts (concept + unrelated)", n, limits.MAX_SAMPLE_PROMPTS)
 
     DESCRIPTION = ("Generates the same prompts with the same seeds on the original and the erased model and "
                    "lays them side by side: concept prompts (should change) and unrelated prompts (should "

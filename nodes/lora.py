@@ -18,10 +18,12 @@ import re
 import numpy as np
 import torch
 
+from ..formats import limits
 from ..training.captions import CaptionConfig
 from ..training.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
 from ..training.trainer import (BEST_METRICS, OPTIMIZERS, SCHEDULERS, LoraTrainer, configs_from_mapping,
                                 labelled_grid, palette_metrics, parse_kohya_toml, render_epoch_table)
+from . import policy
 
 CATEGORY = "Concept Lab/LoRA"
 DATASET_TYPE = "CONCEPTLAB_DATASET"
@@ -94,8 +96,19 @@ def _caption_inputs() -> dict:
     }
 
 
+@policy.guarded
 class ConceptLabLoraDataset:
     """Scan a kohya training folder from ComfyUI's input directory."""
+
+    PATH_INPUTS = {"folder": "subfolders"}
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max (see :func:`.policy.input_problems`): the caption extension."""
+        from ..training.dataset import check_caption_extension
+
+        if "caption_extension" in values:
+            check_caption_extension(values["caption_extension"])
 
     DESCRIPTION = ("Reads a kohya-style training folder (<repeats>_<name> subfolders of images with .txt captions) "
                    "from ComfyUI's input directory, assigns aspect-ratio buckets and reports images, repeats, "
@@ -125,17 +138,22 @@ class ConceptLabLoraDataset:
         root = comfy_host.resolve_input(folder)
         opts = DatasetOptions.from_mapping(kw)
         caps = CaptionConfig.from_mapping(kw)
-        ds = KohyaDataset.scan(root, opts, caps)
+        policy.check_folder(root, comfy_host.input_dir(), "dataset file")  # no symlink out, before any read
+        ds = KohyaDataset.scan(root, opts, caps, progress=lambda d, t: comfy_host.check_interrupt())
         return (ds, ds.summary_text(1), _caption_audit(root))
 
 
 def _caption_audit(root) -> str:
+    from . import comfy_host
+
     try:
         from ..metrics.captions import audit_folder
     except ImportError:
         return "caption audit unavailable (metrics.captions not installed)"
     try:
-        rep = audit_folder(root)
+        rep = audit_folder(root, progress=lambda d, t: comfy_host.check_interrupt())
+    except limits.LimitError as exc:
+        return f"caption audit refused: {exc}"
     except Exception as exc:  # noqa: BLE001 - the audit is advisory; training does not depend on it
         return f"caption audit failed: {exc}"
     summary = rep.get("summary", rep) if isinstance(rep, dict) else rep
@@ -150,8 +168,26 @@ def _np_to_image(arr: np.ndarray | None) -> torch.Tensor:
     return comfy_host.numpy_to_image([arr])
 
 
+@policy.guarded
 class ConceptLabTrainLora:
     """Train a kohya LoRA on the connected model inside ComfyUI."""
+
+    PATH_INPUTS = {"output_name": "plain"}
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: no file names and no out-of-bounds settings inside ``kohya_toml``."""
+        from ..training.dataset import check_caption_extension
+
+        _check_prompt_lines("sample_prompts", values.get("sample_prompts"))
+        text = values.get("kohya_toml")
+        if isinstance(text, str) and text.strip():
+            policy.refuse_toml_path_keys(limits.load_toml(text, "kohya_toml"), "kohya_toml",
+                                         input_keys=policy.INPUT_FOLDER_KEYS)
+            flat = parse_kohya_toml(text)
+            limits.check_settings(flat, "kohya_toml")
+            if "caption_extension" in flat:
+                check_caption_extension(flat["caption_extension"])
 
     DESCRIPTION = ("Trains a LoRA with kohya sd-scripts semantics (captions, buckets, schedule, metadata) on the "
                    "connected MODEL/CLIP/VAE. Saves name-000001.safetensors ... and name.safetensors to "
@@ -160,15 +196,18 @@ class ConceptLabTrainLora:
                    "finished checkpoint. The inputs are never modified.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "epoch_table", "samples")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE", "IMAGE", "LORA_MODEL", "LOSS_MAP")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "epoch_table", "samples", "lora", "loss")
     OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied (the file chosen by 'apply').",
                        "The CLIP with the LoRA's text-encoder part applied (unchanged when the text encoder was "
                        "not trained).",
                        "File name of the applied LoRA inside output/loras/ (LoraLoader lists it after a refresh).",
                        "Loss per step, moving average and per-epoch train/validation loss; best epoch marked.",
                        "Per-epoch table: losses and palette metrics; the best epoch highlighted.",
-                       "Sample images per epoch (rows) and prompt (columns).")
+                       "Sample images per epoch (rows) and prompt (columns).",
+                       "The applied LoRA as ComfyUI's LORA_MODEL (UNet part) for core's LoraModelLoader / SaveLoRA, "
+                       "or this node's lora_model input to continue training.",
+                       "Loss per step as ComfyUI's LOSS_MAP, for core's Plot Loss Graph node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -240,6 +279,9 @@ class ConceptLabTrainLora:
                                          "tooltip": "LoCon alpha."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Trade speed for memory "
                                            "where the model supports it."}),
+                "lora_model": ("LORA_MODEL", {"tooltip": "Continue from a LORA_MODEL (ComfyUI's Train LoRA node "
+                               "or this node's lora output): its modules start where it left off (same ΔW); its "
+                               "rank must equal network_dim (conv_dim for conv layers)."}),
             },
         }
 
@@ -248,13 +290,15 @@ class ConceptLabTrainLora:
               lr_warmup_steps, mixed_precision, save_every_n_epochs, save_precision, seed, train_text_encoder,
               sample_prompts, best_metric, early_stopping_patience, resume, apply, kohya_toml="", palette="",
               sample_steps=20, sample_cfg=7.0, min_snr_gamma=0.0, noise_offset=0.0, conv_dim=0, conv_alpha=1.0,
-              gradient_checkpointing=False):
+              gradient_checkpointing=False, lora_model=None):
         """Train a kohya LoRA on ``model``/``clip`` (cloned, never mutated) and save it to ``output/loras``.
 
         Runs under ``torch.inference_mode(False)`` with ComfyUI's progress bar (a cancel point every step); a cancel keeps
         the last finished epoch file. Widgets are kohya settings; ``kohya_toml`` overrides them (flattened keys).
         Returns ``(MODEL, CLIP with the best/last epoch applied, lora file name, loss curve IMAGE, epoch table IMAGE,
-        sample grid IMAGE)``, IMAGEs ``[1, H, W, 3]`` float 0..1. Raises ``ValueError`` for a non-DATASET input,
+        sample grid IMAGE, LORA_MODEL, LOSS_MAP)`` (the last two as ComfyUI's core training nodes define them, see
+        :mod:`.interop`), IMAGEs ``[1, H, W, 3]`` float 0..1. ``lora_model`` continues from a LORA_MODEL.
+        Raises ``ValueError`` for a non-DATASET input,
         ``ValueError`` for invalid settings (e.g. AdamW8bit without CUDA/bitsandbytes) and a clear error naming the last
         good checkpoint on a NaN/Inf loss.
         """
@@ -273,22 +317,39 @@ class ConceptLabTrainLora:
                       sample_cfg=sample_cfg, min_snr_gamma=min_snr_gamma or None, noise_offset=noise_offset or None,
                       conv_dim=conv_dim or None, conv_alpha=conv_alpha if conv_dim else None,
                       gradient_checkpointing=gradient_checkpointing)
-        toml = parse_kohya_toml(kohya_toml) if kohya_toml and kohya_toml.strip() else {}
+        toml = {}
+        if kohya_toml and kohya_toml.strip():  # bounded parse, then no file names, then kohya's flattening
+            policy.refuse_toml_path_keys(limits.load_toml(kohya_toml, "kohya_toml"), "kohya_toml",
+                                         input_keys=policy.INPUT_FOLDER_KEYS)
+            toml = parse_kohya_toml(kohya_toml)
+        limits.check_settings({**values, **toml}, "kohya_toml" if toml else "settings")
         ds = dataset
         if toml:
-            values.update({k: v for k, v in toml.items() if k not in ("output_dir", "logging_dir", "state_dir",
-                                                                       "train_data_dir")})
-            merged = {**dataset.options.to_dict(), **dataset.captions.to_dict(), **toml}
-            _, dopts, caps, _ = configs_from_mapping({**values, **merged})
-            if dopts.to_dict() != dataset.options.to_dict() or caps.to_dict() != dataset.captions.to_dict():
-                ds = KohyaDataset.scan(dataset.root, dopts, caps, seed=int(values["seed"]))
+            toml = _check_toml_keys(toml)
+            values.update(toml)
+            if _uses_dataset_config(toml):
+                # [[datasets]] / dataset_config / reg_data_dir: every folder must lie inside ComfyUI's input folder
+                import os
+
+                rel_root = os.path.relpath(dataset.root, comfy_host.input_dir())
+                ds, batch = _dataset_from_settings({**values, "train_data_dir": rel_root}, seed=int(values["seed"]),
+                                                   resolve=comfy_host.resolve_input)
+                if batch is not None:
+                    values["train_batch_size"] = batch
+            else:
+                merged = {**dataset.options.to_dict(), **dataset.captions.to_dict(), **toml}
+                _, dopts, caps, _ = configs_from_mapping({**values, **merged})
+                if dopts.to_dict() != dataset.options.to_dict() or caps.to_dict() != dataset.captions.to_dict():
+                    ds = KohyaDataset.scan(dataset.root, dopts, caps, seed=int(values["seed"]))
         name = str(values["output_name"])
         if not re.fullmatch(r"[\w.\- ]+", name):
             raise ValueError(f"output_name {name!r} may only contain letters, digits, space, '.', '-' and '_'")
         lora_dir = comfy_host.output_file("loras", f"{name}.safetensors").parent
-        state_dir = comfy_host.output_file("conceptlab_training", f"{name}/x").parent
-        values["output_dir"], values["state_dir"] = str(lora_dir), str(state_dir)
+        name, state_dir = policy.reserve_run_name(lora_dir, comfy_host.output_dir() / "conceptlab_training", name,
+                                                  resume=bool(values.get("resume")))
+        values["output_name"], values["output_dir"], values["state_dir"] = name, str(lora_dir), str(state_dir)
         cfg, _, _, _ = configs_from_mapping(values)
+        _check_memory(ds, cfg)
 
         host = None
         trainer = None
@@ -296,6 +357,7 @@ class ConceptLabTrainLora:
             try:
                 host = comfy_host.ComfyHost(model, clip, vae)
                 trainer = LoraTrainer(host, ds, cfg)
+                _check_network_size(host, cfg, trainer)
                 _, max_steps, _ = trainer.schedule()
                 bar = comfy_host.Progress(max_steps)
 
@@ -309,6 +371,11 @@ class ConceptLabTrainLora:
                         bar.update(0, preview=Image.fromarray(preview))
 
                 trainer.progress, trainer.on_epoch = on_step, on_epoch
+                if lora_model is not None:
+                    from .interop import continue_from_lora_model
+
+                    trainer.init_network = continue_from_lora_model(model, lora_model)
+                trainer.encode_latents_progress = lambda d, t: comfy_host.check_interrupt()
                 res = trainer.run()
             finally:
                 if host is not None:
@@ -321,8 +388,82 @@ class ConceptLabTrainLora:
             raise RuntimeError("training finished without writing a LoRA file")
         out_model, out_clip = _apply_lora(model, clip, chosen)
         rel = chosen.name
+        from .interop import kohya_file_to_lora_model, loss_map
+
         return (out_model, out_clip, rel, _np_to_image(res.loss_curve), _np_to_image(res.table_image),
-                _np_to_image(res.sample_grid))
+                _np_to_image(res.sample_grid), kohya_file_to_lora_model(model, chosen), loss_map(res.step_losses))
+
+
+#: kohya keys the node takes from its own inputs instead of the TOML (each one is reported when present)
+_NODE_OWNED = {"output_dir": "LoRA files go to ComfyUI's output/loras folder",
+               "logging_dir": "training states go to output/conceptlab_training/<name>",
+               "state_dir": "training states go to output/conceptlab_training/<name>",
+               "pretrained_model_name_or_path": "the model comes from the MODEL/CLIP/VAE inputs",
+               "v2": "the architecture comes from the MODEL input",
+               "train_data_dir": "the training folder comes from the DATASET input"}
+
+
+def _check_toml_keys(toml: dict) -> dict:
+    """Report every TOML key by name that is not honoured as written (kohya_args tables; node-owned keys);
+    returns the keys to apply. Raises ``KohyaSettingError`` (a ``ValueError``) for refused settings."""
+    import logging
+
+    from ..training.kohya_args import check_settings, own_setting_names
+
+    log = logging.getLogger(__name__)
+    own = own_setting_names() | set(_NODE_OWNED) | {"datasets", "dataset_config", "reg_data_dir"}
+    for w in check_settings(toml, own_keys=own):
+        log.warning("Train LoRA (kohya_toml): %s", w)
+    out = {}
+    for k, v in toml.items():
+        if k in _NODE_OWNED:
+            log.warning("Train LoRA (kohya_toml): %s is not used here: %s", k, _NODE_OWNED[k])
+        else:
+            out[k] = v
+    return out
+
+
+def _uses_dataset_config(values) -> bool:
+    from ..training.dataset_config import uses_dataset_config
+
+    return uses_dataset_config(values)
+
+
+def _dataset_from_settings(values, **kw):
+    from ..training.dataset_config import dataset_from_settings
+
+    return dataset_from_settings(values, **kw)
+
+
+def _check_prompt_lines(name: str, text) -> None:
+    """Refuse more than :data:`~conceptlab.formats.limits.MAX_SAMPLE_PROMPTS` prompt lines (each is sampled)."""
+    if isinstance(text, str):
+        limits.check_count(name, sum(1 for ln in text.splitlines() if ln.strip()), limits.MAX_SAMPLE_PROMPTS)
+
+
+def _check_memory(ds: KohyaDataset, cfg) -> None:
+    """Refuse a step larger than :data:`~conceptlab.formats.limits.MAX_BATCH_PIXELS` before anything is allocated."""
+    areas = [e.bucket_reso for e in ds.entries + ds.val_entries if getattr(e, "bucket_reso", None)]
+    if areas:
+        w, h = max(areas, key=lambda r: r[0] * r[1])
+        limits.check_batch_pixels(int(cfg.train_batch_size), int(w), int(h))
+
+
+def _check_network_size(host, cfg, trainer) -> int:
+    """Count the LoRA parameters kohya's module selection gives (nothing allocated) and refuse above
+    :data:`~conceptlab.formats.limits.MAX_NETWORK_PARAMS`; returns the count."""
+    from ..training.lora import kohya_targets
+
+    targets = kohya_targets(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+                            conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=trainer.train_unet,
+                            train_text_encoder=trainer.train_te)
+    mods = {c: host.modules(c) for c in {t.component for t in targets}}
+    n = 0
+    for t in targets:
+        w = mods[t.component][t.path].weight
+        n += int(t.dim) * (int(w.shape[0]) + int(w[0].numel()) if w.dim() > 1 else int(w.shape[0]) * 2)
+    limits.check_network_params(n)
+    return n
 
 
 def _apply_lora(model, clip, path):
@@ -334,8 +475,16 @@ def _apply_lora(model, clip, path):
     return comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
 
 
+@policy.guarded
 class ConceptLabEpochCompare:
     """Render the same prompts and seeds with each saved epoch file; grid + metrics table."""
+
+    PATH_INPUTS = {"lora_files": "lines"}
+
+    @staticmethod
+    def check_inputs(values: dict) -> None:
+        """Widget checks beyond min/max: the number of prompts per file."""
+        _check_prompt_lines("prompts", values.get("prompts"))
 
     DESCRIPTION = ("Given LoRA files from the loras folder (one per line, wildcards allowed, e.g. my_lora-*), "
                    "renders the same prompts with the same seeds per file and builds a labelled grid (rows = "

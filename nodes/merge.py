@@ -15,12 +15,13 @@ ComfyUI is imported only inside functions (via :mod:`.comfy_host` or locally), s
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 from ..training.merge import METHODS, PRESETS, MergePlan, canonical_key, check_alpha, merge_tensor, parse_block_weights
-from . import comfy_host
+from . import comfy_host, policy
 
 CATEGORY = "Concept Lab/Merge"
 CONVENTION = "α is the weight of B: (1 − α)·A + α·B (0 = A, 1 = B). ComfyUI's ModelMergeSimple ratio is the opposite: ratio = 1 − α."
@@ -129,6 +130,7 @@ def _clip_skip(k: str) -> bool:
     return k.endswith(".position_ids") or k.endswith(".logit_scale")
 
 
+@policy.guarded
 class MergeModels:
     """In-graph merge of MODEL (and optionally CLIP) inputs; α is B's weight."""
 
@@ -214,8 +216,11 @@ class MergeModels:
         return (m, clip_out, "\n".join(lines))
 
 
+@policy.guarded
 class MergeCheckpointFiles:
     """Streaming file-to-file merge into output/checkpoints/."""
+
+    PATH_INPUTS = {"filename": "subfolders"}
 
     DESCRIPTION = ("Merge checkpoint files tensor by tensor (constant memory) into ComfyUI's output/checkpoints/ "
                    "folder, with the recipe (method, parameters, input hashes) in the file's metadata; can also "
@@ -325,6 +330,8 @@ def _parse_ratios(text: str) -> list[float]:
             continue
         try:
             vals.append(float(part))
+            if not math.isfinite(vals[-1]):
+                raise ValueError
         except ValueError:
             raise ValueError(f"ratio {part!r} is not a number (use a list like 0, 0.25, 0.5, 0.75, 1)") from None
     if not vals:
@@ -334,6 +341,7 @@ def _parse_ratios(text: str) -> list[float]:
     return vals
 
 
+@policy.guarded
 class MergeSweep:
     """Weighted-sum ratio sweep rendered with ComfyUI's sampler into one labelled grid."""
 
@@ -404,7 +412,8 @@ class MergeSweep:
                 latent = comfy.sample.fix_empty_latent_channels(m, latent)
                 noise = comfy.sample.prepare_noise(latent, s)
                 samples = comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                              denoise=1.0, disable_pbar=True, seed=s)
+                                              denoise=1.0, disable_pbar=True, seed=s,
+                                              callback=lambda *_: comfy_host.check_interrupt())  # cancel per step
                 img = vae.decode(samples)
                 if img.dim() == 5:
                     img = img.reshape(-1, *img.shape[-3:])

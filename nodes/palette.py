@@ -19,6 +19,7 @@ from ..metrics.palette import (
     parse_palette,
     quantize,
 )
+from . import policy
 from .comfy_host import Progress, image_to_numpy, numpy_to_image
 
 CATEGORY = "Concept Lab/Palette"
@@ -76,6 +77,7 @@ def _annotate(rgb: np.ndarray, rep: dict, arrays: dict) -> np.ndarray:
     return np.asarray(im)
 
 
+@policy.guarded
 class ConceptLabPaletteMetrics:
     """Palette report of each image on its native pixel grid."""
 
@@ -130,6 +132,7 @@ class ConceptLabPaletteMetrics:
         return (_dump(reports), numpy_to_image(pics))
 
 
+@policy.guarded
 class ConceptLabGridSnap:
     """Native image and clean upscale from the detected grid."""
 
@@ -171,6 +174,7 @@ class ConceptLabGridSnap:
         return (numpy_to_image(natives), numpy_to_image(cleans), _dump(grids))
 
 
+@policy.guarded
 class ConceptLabPaletteExtract:
     """k dominant colours as a swatch image and hex list."""
 
@@ -223,6 +227,7 @@ class ConceptLabPaletteExtract:
         return (numpy_to_image(rows), "\n".join(hexes))
 
 
+@policy.guarded
 class ConceptLabPaletteQuantize:
     """Map an image onto a palette (given hex codes, or k colours of its own)."""
 

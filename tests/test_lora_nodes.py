@@ -76,18 +76,19 @@ def test_train_node_in_comfyui(tmp_path, dawnlike_dir, caplog):
     import comfy.sd
     import comfy.utils
 
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="outside|'\\.\\.'"):
         lora_nodes.ConceptLabLoraDataset().load("../elsewhere")
     model, clip, vae = tiny_sd15_patcher(), tiny_sd1_clip(), tiny_vae()
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     ds = _dataset()
     with torch.inference_mode():
-        m2, c2, name, loss_img, table_img, grid = lora_nodes.ConceptLabTrainLora().train(
+        m2, c2, name, loss_img, table_img, grid, lora_model, loss = lora_nodes.ConceptLabTrainLora().train(
             model, clip, vae, ds, **_train_kwargs())
     assert name == "tiny.safetensors" and (out / "loras" / "tiny-000001.safetensors").is_file()
     assert not list((out / "loras").glob("*state*"))  # training states live outside loras/
     assert (out / "conceptlab_training" / "tiny" / "tiny-state.json").is_file()
     assert loss_img.dim() == 4 and table_img.shape[-1] == 3 and grid.shape[0] == 1
+    assert len(loss["loss"]) == 8 and all(k.startswith("diffusion_model.") for k in lora_model)  # core types
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.weight_wrapper_patches
     assert m2 is not model and len(m2.patches) > 0
@@ -114,20 +115,74 @@ def test_cancel_keeps_the_last_finished_checkpoint(tmp_path, dawnlike_dir, monke
 
     from conceptlab.nodes import comfy_host
 
-    calls = {"n": 0}
+    ds = _dataset()
+    state = {"step": 0}
+    real_update = comfy_host.Progress.update
 
-    def interrupt():  # the Cancel button, seen at the trainer's per-step progress update
-        calls["n"] += 1
-        if calls["n"] > 5:  # 4 steps per epoch: cancel during epoch 2
+    def update(self, n=1, preview=None):  # remember the training step the progress bar is at
+        state["step"] = self.done + int(n)
+        return real_update(self, n, preview)
+
+    def interrupt():  # the Cancel button, seen at every cancel point (scan, caching, steps)
+        if state["step"] >= 5:  # 4 steps per epoch: cancel during epoch 2
             raise mm.InterruptProcessingException()
 
+    monkeypatch.setattr(comfy_host.Progress, "update", update)
     monkeypatch.setattr(comfy_host, "check_interrupt", interrupt)
     model = tiny_sd15_patcher()
     with pytest.raises(mm.InterruptProcessingException):
         with torch.inference_mode():
-            lora_nodes.ConceptLabTrainLora().train(model, tiny_sd1_clip(), tiny_vae(), _dataset(),
+            lora_nodes.ConceptLabTrainLora().train(model, tiny_sd1_clip(), tiny_vae(), ds,
                                                   **_train_kwargs(max_train_epochs=3, sample_prompts="",
                                                                   train_text_encoder=False))
     assert (out / "loras" / "tiny-000001.safetensors").is_file()
     assert not (out / "loras" / "tiny-000002.safetensors").exists()
     assert not model.weight_wrapper_patches
+
+
+@requires_comfyui
+def test_train_node_kohya_toml_dataset_config_with_reg_images(tmp_path, dawnlike_dir, caplog):
+    """An inline [[datasets]] with a regularization subset trains in ComfyUI; folders must lie inside input/, and
+    every TOML key the node does not honour as written is reported by name."""
+    inp, out = _setup_comfy(tmp_path, dawnlike_dir)
+    reg = inp / "reg"
+    reg.mkdir()
+    for p in sorted(dawnlike_dir.glob("*.png"))[4:6]:
+        shutil.copy(p, reg / p.name)
+    from e2e.comfy_env import tiny_sd1_clip, tiny_sd15_patcher, tiny_vae
+
+    from conceptlab.formats.safetensors_io import read_metadata
+
+    toml = """
+prior_loss_weight = 0.5
+output_dir = "/somewhere"
+netwrok_dim = 8
+[[datasets]]
+resolution = 64
+min_bucket_reso = 64
+max_bucket_reso = 128
+  [[datasets.subsets]]
+  image_dir = "sprites/2_dawnlike"
+  num_repeats = 2
+  caption_extension = ".txt"
+  [[datasets.subsets]]
+  image_dir = "reg"
+  is_reg = true
+  class_tokens = "pixel art"
+"""
+    with caplog.at_level(logging.WARNING):
+        with torch.inference_mode():
+            lora_nodes.ConceptLabTrainLora().train(tiny_sd15_patcher(), tiny_sd1_clip(), tiny_vae(), _dataset(),
+                                                  kohya_toml=toml, **_train_kwargs(max_train_epochs=1,
+                                                                                  sample_prompts="",
+                                                                                  train_text_encoder=False))
+    assert "'netwrok_dim'" in caplog.text and "output_dir is not used here" in caplog.text
+    md = read_metadata(out / "loras" / "tiny.safetensors")
+    assert md["ss_num_reg_images"] == "2" and md["ss_prior_loss_weight"] == "0.5"
+    assert md["ss_num_batches_per_epoch"] == str((8 + 8) // 2)  # reg images balanced to the 8 training uses
+    bad = toml.replace('image_dir = "reg"', 'image_dir = "../outside"')
+    with pytest.raises(Exception, match="outside"):
+        with torch.inference_mode():
+            lora_nodes.ConceptLabTrainLora().train(tiny_sd15_patcher(), tiny_sd1_clip(), tiny_vae(), _dataset(),
+                                                  kohya_toml=bad, **_train_kwargs(max_train_epochs=1,
+                                                                                  sample_prompts=""))

@@ -218,10 +218,10 @@ def test_sweep_grid_uses_comfy_sampler(comfy):
     unc = [[torch.zeros(1, 4, 64), {}]]
     with torch.inference_mode():
         grid, images = N.MergeSweep().sweep(a, b, "0, 1", cond, unc, StubVAE(), 5, 2, 1, 3.0, "euler",
-                                            "normal", 32, 32)
-    assert images.shape == (4, 32, 32, 3)
+                                            "normal", 64, 64)  # the widgets' minimum
+    assert images.shape == (4, 64, 64, 3)
     assert grid.shape[0] == 1 and grid.shape[-1] == 3
-    assert grid.shape[1] >= 2 * 32 and grid.shape[2] >= 2 * 32
+    assert grid.shape[1] >= 2 * 64 and grid.shape[2] >= 2 * 64
     assert 0.0 <= float(grid.min()) and float(grid.max()) <= 1.0
     # column α=0 is model A alone, α=1 model B alone: different images; rows (seeds) differ too
     assert not torch.allclose(images[0], images[1])

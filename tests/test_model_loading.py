@@ -234,7 +234,8 @@ def test_other_families_and_non_checkpoints_are_refused(tmp_path):
             "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}
     flux = {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}
     lora = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 4)}
-    for name, sd, msg in (("xl", sdxl, "sdxl"), ("flux", flux, "flux"), ("lora", lora, "not a full|unknown")):
+    # an SDXL file with only the OpenCLIP-G encoder is the refiner (SDXL base files load: tests/test_sdxl.py)
+    for name, sd, msg in (("xl", sdxl, "refiner"), ("flux", flux, "flux"), ("lora", lora, "not a full|unknown")):
         p = save_safetensors(sd, tmp_path / f"{name}.safetensors")
         with pytest.raises(CheckpointLoadError, match=msg):
             load_single_file(p)

@@ -371,3 +371,57 @@ zero_terminal_snr = true
     keys = load_state_dict(tmp_path / "out" / "xl.safetensors")
     assert any(k.startswith("lora_te2_") for k in keys) and any(k.startswith("lora_unet_output_blocks_")
                                                                 for k in keys)
+
+
+# -- kohya text options: clip_skip and max_token_length (issue 14's host part) --------------------------------
+def _real_tokenizer(tmp_path, pad="<|endoftext|>"):
+    from test_model_loading import _write_clip_tokenizer
+    from transformers import CLIPTokenizer
+
+    folder = _write_clip_tokenizer(tmp_path / f"tok{len(pad)}", words=("a", "cat", "red", "apple", "pixel", "art"))
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token=pad)
+
+
+def test_kohya_chunked_ids_match_kohya_rules(tmp_path):
+    from conceptlab.training.diffusers_host import kohya_chunked_ids
+
+    words = " ".join(["pixel", "art", "red", "cat"] * 40)  # 160 tokens: two full chunks and part of a third
+    for pad in ("<|endoftext|>", "!"):
+        tok = _real_tokenizer(tmp_path, pad)
+        ids = kohya_chunked_ids(tok, words, 225)
+        full = tok(words, padding="max_length", truncation=True, max_length=227, return_tensors="pt").input_ids[0]
+        assert ids.shape == (3, 77)
+        assert bool((ids[:, 0] == tok.bos_token_id).all())
+        # the 75-token windows of the 227-id sequence, in order
+        torch.testing.assert_close(ids[:, 1:76].flatten(), full[1:226])
+        if pad == "!":  # v2/SDXL rule: a chunk that ends in a word gets <EOS>; an empty chunk starts <BOS> <EOS>
+            assert ids[0, -1] == tok.eos_token_id and ids[1, -1] == tok.eos_token_id
+        short = kohya_chunked_ids(tok, "a cat", 150)
+        assert short.shape == (2, 77)
+        if pad == "!":
+            assert short[1, 1] == tok.eos_token_id
+
+
+def test_clip_skip_and_max_token_length_in_the_diffusers_host(tmp_path):
+    host = tiny_host()
+    host.tokenizer = _real_tokenizer(tmp_path)
+    prompts = ["pixel art red cat " * 30, "a cat"]
+    with torch.no_grad():
+        base = host.encode_prompts(prompts).context
+        assert host.configure_text(clip_skip=2, max_token_length=150) == []
+        cs = host.encode_prompts(prompts).context
+        assert cs.shape == (2, 152, base.shape[-1])
+        ids = host._tokenize(prompts)  # [2, 2, 77]
+        te = host.text_encoder
+        h = te(ids.reshape(4, 77), output_hidden_states=True).hidden_states[-2]
+        h = (te.text_model if hasattr(te, "text_model") else te).final_layer_norm(h).reshape(2, 154, -1)
+        ref = torch.cat([h[:, :1], h[:, 1:76], h[:, 78:153], h[:, -1:]], dim=1)  # kohya encode_tokens re-join
+        torch.testing.assert_close(cs, ref)
+        host.configure_text()
+        torch.testing.assert_close(host.encode_prompts(prompts).context, base)
+    with pytest.raises(ValueError):
+        host.configure_text(max_token_length=100)
+    with pytest.raises(ValueError):
+        host.configure_text(clip_skip=0)
+    xl = tiny_sdxl_host()
+    assert xl.configure_text(clip_skip=2) and xl.clip_skip is None  # warned: no clip_skip on SDXL, as kohya

@@ -29,6 +29,7 @@ trainer can save and restore its state for exact resume.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import re
@@ -234,7 +235,9 @@ def read_caption(image_path: str | Path, caption_extension: str = ".txt", enable
     """The caption for ``image_path`` from its same-stem caption file, or ``None`` when there is none.
 
     Follows kohya's ``read_caption``: looks for ``<stem><ext>`` and, for names with at least five ``_`` parts,
-    the face-crop base name without the last four parts; uses the first line (stripped) or, with
+    the face-crop base name without the last four parts; lines end only at ``\n`` / ``\r`` / ``\r\n`` (kohya's
+    text-mode ``readlines``: ``\f``, ``\v``, ``\x85``, ``\u2028`` inside a caption do not cut it); uses the first
+    line (stripped) or, with
     ``enable_wildcard``, all non-empty lines joined with ``"\\n"``. ``caption_extension`` may omit the dot.
 
     Raises:
@@ -253,7 +256,9 @@ def read_caption(image_path: str | Path, caption_extension: str = ".txt", enable
                 text = p.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:
                 raise CaptionFileError(f"caption file {p.name} is not UTF-8 text: {exc}") from None
-            lines = text.splitlines(keepends=True)
+            # kohya reads with open(..., "rt") + readlines(): only \n, \r and \r\n end a line (read_text already
+            # turned \r / \r\n into \n). str.splitlines would also cut at \f, \v, \x1c-\x1e, \x85, \u2028, \u2029.
+            lines = io.StringIO(text, newline="\n").readlines()
             if not lines:
                 raise CaptionFileError(f"caption file {p.name} is empty (kohya refuses empty caption files; "
                                        f"delete it to use the folder's class token instead)")

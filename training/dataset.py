@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping
@@ -40,6 +41,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ..formats.limits import MAX_DATASET_IMAGES, LimitError, check_count, check_image_pixels
 from .captions import CaptionConfig, CaptionFileError, read_caption, tag_frequency
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class DatasetOptions:
         if not 0.0 <= float(self.validation_split) < 1.0:
             raise ValueError("validation_split must be in [0, 1)")
         parse_color(self.background)
+        check_caption_extension(self.caption_extension)
         if self.enable_bucket:
             step = int(self.bucket_reso_steps)
             if step < 8 or step % 8:
@@ -143,6 +146,16 @@ class DatasetOptions:
         d = asdict(self)
         d["resolution"] = list(self.size)
         return d
+
+
+def check_caption_extension(ext: object) -> str:
+    """``ext`` if it is a file extension only (``.txt``, ``caption``, ``.tags.txt``: letters, digits, ``_``, ``-``,
+    at most three dot-parts of 16); ``ValueError`` otherwise — a caption path is ``<image stem><ext>``, so a ``/``
+    or ``..`` here would read any file (issue 18)."""
+    if not isinstance(ext, str) or not re.fullmatch(r"\.?[A-Za-z0-9_-]{1,16}(\.[A-Za-z0-9_-]{1,16}){0,2}", ext):
+        raise ValueError(f"caption_extension must be a file extension such as .txt or .caption, got "
+                         f"{str(ext)[:40]!r}")
+    return ext
 
 
 def parse_color(text: str) -> tuple[int, int, int]:
@@ -272,6 +285,11 @@ class ImageEntry:
     resized_size: tuple[int, int] = (0, 0)
     latents: torch.Tensor | None = field(default=None, repr=False)
     latents_flipped: torch.Tensor | None = field(default=None, repr=False)
+    # per-subset settings of a kohya [[datasets.subsets]] config (training/dataset_config.py); None = dataset's
+    is_reg: bool = False
+    captions: CaptionConfig | None = field(default=None, repr=False)
+    flip_aug: bool | None = None
+    resize_interpolation: str | None = None
 
 
 @dataclass
@@ -285,6 +303,7 @@ class SubsetInfo:
     img_count: int = 0
     val_count: int = 0
     missing_captions: list[str] = field(default_factory=list)
+    is_reg: bool = False
 
 
 def _resample(name: str, shrinking: bool):
@@ -306,6 +325,7 @@ def open_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
 
     try:
         with Image.open(path) as im:
+            check_image_pixels(*im.size, Path(path).name)  # from the header, before decoding
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info) or (
                     "transparency" in im.info):
@@ -313,7 +333,7 @@ def open_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
                 bg = Image.new("RGBA", rgba.size, (*background, 255))
                 return Image.alpha_composite(bg, rgba).convert("RGB")
             return im.convert("RGB")
-    except DatasetError:
+    except (DatasetError, LimitError):
         raise
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         raise DatasetError(f"cannot read image {Path(path).name}: {exc}") from None
@@ -392,14 +412,18 @@ class KohyaDataset:
         self.tag_frequency = tag_freq
         self.warnings = warnings
         self._latents_key: str | None = None
+        self.num_reg_images = 0  # kohya num_reg_images (reg images x repeats before balancing)
 
     # -- scanning ---------------------------------------------------------------------------------------------
     @classmethod
     def scan(cls, root: str | os.PathLike, options: DatasetOptions | None = None,
-             captions: CaptionConfig | None = None, seed: int = 0) -> "KohyaDataset":
+             captions: CaptionConfig | None = None, seed: int = 0,
+             progress: Callable[[int, int], None] | None = None) -> "KohyaDataset":
         """Scan a kohya training folder; see the module docstring for the rules.
 
-        Every image is decoded once here so a corrupt file fails now, not mid-training.
+        Every image is decoded once here so a corrupt file fails now, not mid-training. ``progress(done, total)``
+        is called after each image (it may raise to cancel). At most :data:`~conceptlab.formats.limits.
+        MAX_DATASET_IMAGES` images (``LimitError``); images above the pixel budget are refused before decoding.
 
         Raises:
             FileNotFoundError: ``root`` does not exist.
@@ -440,6 +464,9 @@ class KohyaDataset:
                                + (" " + " ".join(warnings) if warnings else ""))
         bg = parse_color(opts.background)
         val_seed = opts.validation_seed if opts.validation_seed is not None else seed
+        n_total = sum(len(_list_images(f)) for f, _, _ in folders)
+        check_count(f"images in {root.name}", n_total, MAX_DATASET_IMAGES)
+        n_done = 0
         subsets, entries, val_entries, tag_freq = [], [], [], {}
         for folder, repeats, token in folders:
             images = _list_images(folder)
@@ -464,6 +491,9 @@ class KohyaDataset:
                     pil = open_rgb(img, bg)  # decode now: corrupt files fail at scan time
                     target.append(ImageEntry(img, folder.name, repeats, cap, from_file, pil.size))
                     caps_all.append(cap)
+                    n_done += 1
+                    if progress is not None:
+                        progress(n_done, n_total)
             info.img_count, info.val_count = len(train_imgs), len(val_imgs)
             tag_freq[folder.name] = tag_frequency([e.caption for e in entries if e.subset == folder.name])
             if info.missing_captions:
@@ -489,8 +519,8 @@ class KohyaDataset:
     # -- counts -------------------------------------------------------------------------------------------------
     @property
     def num_train_images(self) -> int:
-        """Images × repeats (kohya's ``num_train_images``)."""
-        return sum(e.repeats for e in self.entries)
+        """Training images × repeats, regularization images excluded (kohya's ``num_train_images``)."""
+        return sum(e.repeats for e in self.entries if not e.is_reg)
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         """``{(w, h): images × repeats}`` over training entries, sorted by resolution."""
@@ -532,7 +562,8 @@ class KohyaDataset:
     # -- pixels and latents -----------------------------------------------------------------------------------
     def load_image(self, entry: ImageEntry, flip: bool = False) -> torch.Tensor:
         """``[3, H, W]`` float32 in ``[-1, 1]`` at the entry's bucket size (optionally mirrored)."""
-        t = prepare_image(entry.path, entry.bucket_reso, entry.resized_size, self.options.resize_interpolation,
+        t = prepare_image(entry.path, entry.bucket_reso, entry.resized_size,
+                          entry.resize_interpolation or self.options.resize_interpolation,
                           parse_color(self.options.background))
         return t.flip(-1) if flip else t
 
@@ -544,9 +575,13 @@ class KohyaDataset:
         st = entry.path.stat()
         o = self.options
         blob = json.dumps([entry.path.name, st.st_size, int(st.st_mtime_ns), list(entry.bucket_reso),
-                           list(entry.resized_size), o.resize_interpolation, o.background, bool(o.flip_aug),
-                           vae_key])
+                           list(entry.resized_size), entry.resize_interpolation or o.resize_interpolation,
+                           o.background, bool(self._flips(entry)), vae_key])
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def _flips(self, entry: ImageEntry) -> bool:
+        """Whether ``entry`` is flip-augmented (its subset's ``flip_aug``, else the dataset's)."""
+        return bool(self.options.flip_aug if entry.flip_aug is None else entry.flip_aug)
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_key: str = "",
                       batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> None:
@@ -576,11 +611,11 @@ class KohyaDataset:
                     with WeightFile(p) as wf:
                         if wf.metadata.get("fingerprint") == self._entry_fingerprint(e, vae_key):
                             e.latents = wf.get("latents").float()
-                            if self.options.flip_aug and "latents_flipped" in wf:
+                            if self._flips(e) and "latents_flipped" in wf:
                                 e.latents_flipped = wf.get("latents_flipped").float()
                 except Exception:  # noqa: BLE001 - a broken cache file is simply re-made
                     e.latents = None
-            todo = [e for e in todo if e.latents is None or (self.options.flip_aug and e.latents_flipped is None)]
+            todo = [e for e in todo if e.latents is None or (self._flips(e) and e.latents_flipped is None)]
         todo.sort(key=lambda e: e.bucket_reso)
         groups: list[list[ImageEntry]] = []
         for e in todo:
@@ -592,10 +627,10 @@ class KohyaDataset:
         for group in groups:
             pix = torch.stack([self.load_image(e) for e in group])
             lat = encode(pix).float().cpu()
-            flipped = encode(pix.flip(-1)).float().cpu() if self.options.flip_aug else None
+            flipped = encode(pix.flip(-1)).float().cpu() if any(self._flips(e) for e in group) else None
             for i, e in enumerate(group):
                 e.latents = lat[i].clone()
-                e.latents_flipped = flipped[i].clone() if flipped is not None else None
+                e.latents_flipped = flipped[i].clone() if flipped is not None and self._flips(e) else None
                 if self.options.cache_latents_to_disk:
                     tensors = {"latents": e.latents}
                     if e.latents_flipped is not None:

@@ -34,6 +34,22 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+def check_tokenizer_length(tokenizer, text_encoder, where) -> None:
+    """Raise a clear ``ValueError`` when the tokenizer's ``model_max_length`` is not the text encoder's window.
+
+    CLIP text encoders have ``max_position_embeddings`` (77) positions; a ``tokenizer_config.json`` with another
+    ``model_max_length`` (or none: transformers then uses 1e30) makes every caption fail deep inside the text
+    encoder. kohya's ``max_token_length`` (150/225) is a separate setting that chunks captions into 77-token
+    windows; it is not read from the tokenizer.
+    """
+    n = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    m = getattr(tokenizer, "model_max_length", None)
+    if n is not None and m is not None and int(m) != int(n):
+        raise ValueError(f"{where}: the tokenizer says model_max_length = {m}, but the text encoder takes {n} "
+                         f"tokens; set \"model_max_length\": {n} in tokenizer_config.json (for longer captions use "
+                         "kohya's max_token_length = 150 or 225)")
+
+
 def _canonical_te_path(name: str) -> str:
     # transformers 5.x CLIPTextModel has no "text_model." level (CLIPTextModelWithProjection keeps it); kohya and
     # ComfyUI names need it. The projection head sits beside text_model, never under it.
@@ -46,6 +62,31 @@ def is_sdxl_unet(unet: nn.Module) -> bool:
     """True for an SDXL-style ``UNet2DConditionModel`` (``addition_embed_type == "text_time"``: it needs the pooled
     text embedding and the six size ids)."""
     return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def kohya_chunked_ids(tokenizer, text: str, max_token_length: int) -> torch.Tensor:
+    """kohya's token ids for long captions, ``[n, 77]`` with n = max_token_length / 75 (kohya-ss/sd-scripts
+    ``library/strategy_base.py`` ``_get_input_ids``, lines 221–272 at 48d368f).
+
+    The caption is tokenized to ``max_token_length + 2`` ids (padded, truncated) and cut into 77-id chunks
+    ``<BOS> + 75 ids + last id``. When the pad id equals the eos id (SD1's tokenizer) that is all; otherwise (SD2,
+    SDXL's OpenCLIP tokenizer pads with ``!``) a chunk ending in ``x <PAD/EOS>`` gets ``<EOS>`` as its last id and
+    a chunk starting ``<BOS> <PAD>`` gets ``<EOS>`` second, as kohya does.
+    """
+    m = tokenizer.model_max_length
+    max_length = int(max_token_length) + 2
+    ids = tokenizer(text, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt").input_ids[0]
+    chunks = []
+    for i in range(1, max_length - m + 2, m - 2):
+        c = torch.cat([ids[:1], ids[i:i + m - 2], ids[-1:]])
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            if c[-2] != tokenizer.eos_token_id and c[-2] != tokenizer.pad_token_id:
+                c[-1] = tokenizer.eos_token_id
+            if c[1] == tokenizer.pad_token_id:
+                c[1] = tokenizer.eos_token_id
+        chunks.append(c)
+    return torch.stack(chunks)
 
 
 class DiffusersHost(DiffusionHost):
@@ -127,6 +168,7 @@ class DiffusersHost(DiffusionHost):
         unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
         te = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
         tok = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        check_tokenizer_length(tok, te, root / "tokenizer")
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
         te2 = tok2 = None
         if is_sdxl_unet(unet):
@@ -274,34 +316,70 @@ class DiffusersHost(DiffusionHost):
 
     # -- conditioning, prediction, VAE --------------------------------------------------------------------------
     def _tokenize(self, prompts: Sequence[str], tokenizer=None) -> torch.Tensor:
+        """Token ids ``[B, n, 77]`` (n = 1, or max_token_length / 75 kohya chunks)."""
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
         if tokenizer is None:
             raise ValueError("this host has no tokenizer")
-        if hasattr(tokenizer, "model_max_length"):
-            ids = tokenizer(list(prompts), padding="max_length", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        if not hasattr(tokenizer, "model_max_length"):
+            if self.max_token_length:
+                raise ValueError("max_token_length needs a transformers CLIPTokenizer (pad/eos ids)")
+            return tokenizer(list(prompts)).to(self.device)[:, None]
+        if self.max_token_length:
+            return torch.stack([kohya_chunked_ids(tokenizer, str(p), self.max_token_length)
+                                for p in prompts]).to(self.device)
+        ids = tokenizer(list(prompts), padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        return ids.to(self.device)[:, None]
+
+    def _hidden(self, encoder: nn.Module, ids: torch.Tensor, layer: int | None, final_norm: bool):
+        """Encode ``[B, n, 77]`` ids chunk by chunk; the hidden states of ``layer`` (None = last hidden state),
+        re-joined like kohya (BOS, every chunk's 75 tokens, last EOS/PAD). Returns ``(states [B, L, D], output)``."""
+        b, n, t = ids.shape
+        out = encoder(ids.reshape(b * n, t), output_hidden_states=layer is not None)
+        if layer is None:
+            h = out[0]
         else:
-            ids = tokenizer(list(prompts))
-        return ids.to(self.device)
+            h = out.hidden_states[layer]
+            if final_norm:
+                tm = encoder.text_model if hasattr(encoder, "text_model") else encoder
+                h = tm.final_layer_norm(h)
+        h = h.reshape(b, n * t, h.shape[-1])
+        if n > 1:  # kohya encode_tokens: <BOS> + 75 tokens of each chunk + the last <EOS>/<PAD>
+            parts = [h[:, :1]] + [h[:, i:i + t - 2] for i in range(1, n * t, t)] + [h[:, -1:]]
+            h = torch.cat(parts, dim=1)
+        return h, out
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """The :class:`~.conditioning.Conditioning` of ``prompts`` (compute dtype, on :attr:`device`).
 
-        SD1/SD2: ``context`` = last-layer CLIP hidden states ``[B, 77, D]``. SDXL: ``context`` = CLIP-L and
-        OpenCLIP-G penultimate hidden states concatenated ``[B, 77, 2048]`` and ``pooled`` = OpenCLIP-G's projected
-        pooled output ``[B, 1280]`` (diffusers ``StableDiffusionXLPipeline.encode_prompt``; kohya
-        ``library/sdxl_train_util.py`` / ``strategy_sdxl.py``). Tokenized to ``tokenizer.model_max_length`` with
-        padding/truncation for transformers tokenizers, else by calling the tokenizer. Raises ``ValueError`` when
-        the host has no text encoder or no tokenizer.
+        SD1/SD2: ``context`` = CLIP hidden states ``[B, 77, D]`` (last layer, or layer ``-clip_skip`` followed by
+        the final layer norm, kohya ``strategy_sd.SdTextEncodingStrategy``). SDXL: CLIP-L and OpenCLIP-G
+        penultimate hidden states concatenated ``[B, 77, 2048]`` and ``pooled`` = OpenCLIP-G's projected pooled
+        output of the first chunk ``[B, 1280]`` (diffusers ``StableDiffusionXLPipeline.encode_prompt``; kohya
+        ``strategy_sdxl._get_hidden_states_sdxl``, which has no clip_skip). With ``max_token_length`` 150/225 the
+        context has 152/227 tokens (kohya's chunking, :func:`kohya_chunked_ids`). Raises ``ValueError`` when the
+        host has no text encoder or no tokenizer.
         """
         if self.text_encoder is None:
             raise ValueError("this host has no text encoder")
         if self.text_encoder_2 is None:
-            return Conditioning(self.text_encoder(self._tokenize(prompts))[0])
-        out1 = self.text_encoder(self._tokenize(prompts), output_hidden_states=True)
-        out2 = self.text_encoder_2(self._tokenize(prompts, self.tokenizer_2), output_hidden_states=True)
-        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        return Conditioning(context, out2.text_embeds)
+            layer = None if not self.clip_skip or self.clip_skip == 1 else -self.clip_skip
+            h, _ = self._hidden(self.text_encoder, self._tokenize(prompts), layer, final_norm=True)
+            return Conditioning(h)
+        ids1, ids2 = self._tokenize(prompts), self._tokenize(prompts, self.tokenizer_2)
+        h1, _ = self._hidden(self.text_encoder, ids1, -2, final_norm=False)
+        h2, out2 = self._hidden(self.text_encoder_2, ids2, -2, final_norm=False)
+        pooled = out2.text_embeds.reshape(ids2.shape[0], ids2.shape[1], -1)[:, 0]  # kohya: pool2[::n_size]
+        return Conditioning(torch.cat([h1, h2], dim=-1), pooled)
+
+    def configure_text(self, clip_skip: int | None = None, max_token_length: int | None = None) -> list[str]:
+        """See :meth:`.host.DiffusionHost.configure_text`; SDXL has no clip_skip in kohya (a warning is returned)."""
+        msgs = super().configure_text(clip_skip, max_token_length)
+        if self.text_encoder_2 is not None and self.clip_skip not in (None, 1):
+            msgs.append("clip_skip has no effect on SDXL (kohya's SDXL trainer always uses the penultimate layers "
+                        "of both text encoders and warns the same)")
+            self.clip_skip = None
+        return msgs
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
         """UNet output ``[B, C, h, w]`` (compute dtype) for ``x_t`` ``[B, C, h, w]``, int ``timesteps`` ``[B]`` and

@@ -26,6 +26,7 @@ import torch
 from ..formats.keys import kohya_lora_name
 from ..formats.safetensors_io import atomic_write_text
 from .esd import ESDResult
+from .extract import factorize
 
 _ARCH_SPEC = {"sd1": ("sd_v1", "stable-diffusion-v1/lora"), "sd2": ("sd_v2", "stable-diffusion-v2/lora"),
               "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
@@ -75,21 +76,12 @@ def svd_lora(result: ESDResult, rank: int) -> tuple[dict[str, tuple[torch.Tensor
             bias_energy += float((d ** 2).sum())
             continue
         name = result.kohya_names.get((component, path)) or kohya_lora_name(component, path)
-        mat = d.reshape(d.shape[0], -1)
-        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
-        r = min(rank, S.numel())
-        e_all = float((S ** 2).sum())
-        e_kept = float((S[:r] ** 2).sum())
-        kept_total += e_kept
+        f = factorize(d, rank)  # the truncated SVD shared with LoRA extraction / resizing (training/extract.py)
+        e_all = float((d.double() ** 2).sum())
+        kept_total += f.energy_kept * e_all
         full_total += e_all
-        per[name] = e_kept / e_all if e_all > 0 else 1.0
-        sq = S[:r].sqrt()
-        up = U[:, :r] * sq[None, :]
-        down = sq[:, None] * Vh[:r]
-        if d.dim() == 4:
-            down = down.reshape(r, *d.shape[1:])
-            up = up.reshape(d.shape[0], r, 1, 1)
-        modules[name] = (down.contiguous(), up.contiguous(), float(r))
+        per[name] = f.energy_kept
+        modules[name] = (f.down, f.up, f.alpha)
     if not modules:
         raise ValueError("no weight deltas to factorise")
     report = {

@@ -178,6 +178,28 @@ class DiffusionHost(abc.ABC):
         if zero_terminal_snr:
             self.alphas_cumprod = zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
 
+    #: kohya ``clip_skip`` (None = last layer) and ``max_token_length`` (None = 75 tokens, or 150 / 225)
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+
+    def configure_text(self, clip_skip: int | None = None, max_token_length: int | None = None) -> list[str]:
+        """Set kohya's text-encoding options for every later :meth:`encode_prompts` (training, validation and
+        samples alike). ``clip_skip``: use the output of the n-th layer from the end (1 = last), followed by the
+        final layer norm (kohya ``strategy_sd.SdTextEncodingStrategy``); ``max_token_length``: 75, 150 or 225
+        caption tokens, encoded as 77-token chunks whose interior BOS/EOS are dropped (kohya
+        ``strategy_base._get_input_ids`` / ``encode_tokens``).
+
+        Returns messages for settings this host or family cannot honour exactly (the caller logs them by name).
+        Raises ``ValueError`` for ``clip_skip`` < 1 or a ``max_token_length`` other than 75/150/225.
+        """
+        if clip_skip is not None and int(clip_skip) < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        if max_token_length is not None and int(max_token_length) not in (75, 150, 225):
+            raise ValueError(f"max_token_length must be 75, 150 or 225 (kohya's choices), got {max_token_length}")
+        self.clip_skip = None if clip_skip is None else int(clip_skip)
+        self.max_token_length = None if max_token_length in (None, 75) else int(max_token_length)
+        return []
+
     # -- conditioning, prediction, VAE ----------------------------------------------------------------------
     @abc.abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

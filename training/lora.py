@@ -143,17 +143,25 @@ class LoRATarget:
 
 def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float | None,
                   conv_dim: int | None = None, conv_alpha: float | None = None, train_unet: bool = True,
-                  train_text_encoder: bool = False) -> list[LoRATarget]:
+                  train_text_encoder: bool = False, blocks=None) -> list[LoRATarget]:
     """The modules kohya's ``networks.lora`` would adapt on ``host`` (rules in the module docstring).
 
+    ``conv_alpha`` ``None`` with ``conv_dim`` set means **1.0** (kohya ``create_network``, networks/lora.py l. 444);
+    0 means conv_dim (kohya ``LoRAModule``). ``blocks``: a :class:`.network_args.BlockSpec` with per-block UNet
+    ranks/alphas (``block_dims`` ...; a block of rank 0 gets no module), as kohya's ``create_modules``.
     Returns targets in a stable order (text encoder(s) first, then UNet, each sorted by module order).
     Raises ``ValueError`` when nothing is selected (e.g. neither UNet nor text encoder trained).
     """
     if network_alpha is None or float(network_alpha) == 0:
         network_alpha = float(network_dim)
     conv_on = conv_dim is not None and int(conv_dim) > 0
-    if conv_on and (conv_alpha is None or float(conv_alpha) == 0):
+    if conv_on and conv_alpha is None:
+        conv_alpha = 1.0
+    elif conv_on and float(conv_alpha) == 0:
         conv_alpha = float(conv_dim)
+    per_block = blocks is not None and getattr(blocks, "dims", None) is not None
+    if per_block and blocks.conv_dims is not None:
+        conv_on = True
     out: list[LoRATarget] = []
     comps = host.components()
     if train_text_encoder:
@@ -170,11 +178,25 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
             in_conv_block = conv_on and bool(_UNET_CONV.search(path))
             if not (in_attn or in_conv_block):
                 continue
+            name = _kohya_name("unet", path, host)
+            if per_block:  # kohya block_dims / conv_block_dims (training/network_args.py)
+                from .network_args import block_index
+
+                bi = block_index(name, getattr(host, "arch", "sd1") == "sdxl")
+                if _is_1x1_or_linear(mod):
+                    d, a, conv = blocks.dims[bi], blocks.alphas[bi], False
+                elif isinstance(mod, nn.Conv2d) and blocks.conv_dims is not None:
+                    d, a, conv = blocks.conv_dims[bi], blocks.conv_alphas[bi], True
+                else:
+                    continue
+                if d:
+                    out.append(LoRATarget("unet", path, name, int(d), float(a) if a else float(d), conv))
+                continue
             if _is_1x1_or_linear(mod):
-                out.append(LoRATarget("unet", path, _kohya_name("unet", path, host), int(network_dim),
+                out.append(LoRATarget("unet", path, name, int(network_dim),
                                       float(network_alpha), False))
             elif isinstance(mod, nn.Conv2d) and conv_on:
-                out.append(LoRATarget("unet", path, _kohya_name("unet", path, host), int(conv_dim), float(conv_alpha),
+                out.append(LoRATarget("unet", path, name, int(conv_dim), float(conv_alpha),
                                       True))
     if not out:
         raise ValueError("the LoRA network selects no modules: train the UNet, the text encoder, or both "
@@ -212,7 +234,7 @@ class LoRANetwork(nn.Module):
     def create(cls, host: DiffusionHost, *, network_dim: int = 4, network_alpha: float | None = 1.0,
                conv_dim: int | None = None, conv_alpha: float | None = None, train_unet: bool = True,
                train_text_encoder: bool = False, dropout: float = 0.0, module_dropout: float = 0.0,
-               seed: int = 0) -> "LoRANetwork":
+               seed: int = 0, blocks=None) -> "LoRANetwork":
         """A freshly initialised kohya LoRA/LoCon network for ``host`` (not yet installed).
 
         ``seed`` fixes the kaiming init of every ``lora_down`` (drawn in target order). Shapes come from the
@@ -221,7 +243,7 @@ class LoRANetwork(nn.Module):
         """
         targets = kohya_targets(host, network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim,
                                 conv_alpha=conv_alpha, train_unet=train_unet,
-                                train_text_encoder=train_text_encoder)
+                                train_text_encoder=train_text_encoder, blocks=blocks)
         g = torch.Generator("cpu").manual_seed(int(seed))
         mods = {c: host.modules(c) for c in {t.component for t in targets}}
         deltas = {t.name: LoRADelta(tuple(mods[t.component][t.path].weight.shape), t.dim, t.alpha, generator=g)

@@ -2,7 +2,10 @@
 
 The TOML is a kohya sd-scripts config (sections are flattened; only keys matter). Keys the trainer needs
 besides training settings: ``pretrained_model_name_or_path``, ``train_data_dir`` (the kohya folder of
-``<repeats>_<name>`` subfolders), ``output_dir``, ``output_name``.
+``<repeats>_<name>`` subfolders; ``reg_data_dir`` adds regularization folders) or a kohya dataset config
+(``dataset_config = "file.toml"`` or inline ``[[datasets]]`` / ``[[datasets.subsets]]``; relative paths are taken
+from the config's folder), ``output_dir``, ``output_name``. Every key is honoured, warned as having no effect or
+refused by name (``training/kohya_args.py``).
 
 ``pretrained_model_name_or_path`` is a local path, never a Hub id (nothing is downloaded):
 
@@ -32,12 +35,8 @@ from .trainer import LoraTrainer, configs_from_mapping, parse_kohya_toml, parse_
 
 #: keys the CLI itself consumes (not trainer settings)
 CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file",
-            "tokenizer", "v_parameterization")
-#: kohya keys accepted and ignored without a warning (no effect in this trainer)
-IGNORED_KEYS = ("save_model_as", "network_module", "cache_latents", "cache_latents_to_disk_kohya", "xformers",
-                "sdpa", "persistent_data_loader_workers", "max_data_loader_n_workers", "log_with", "log_prefix",
-                "mem_eff_attn", "full_fp16", "full_bf16", "lowram", "highvram", "v2",
-                "clip_skip", "max_token_length", "prior_loss_weight", "reg_data_dir", "save_model_as")
+            "tokenizer", "v_parameterization", "reg_data_dir", "dataset_config", "datasets")
+# Every other kohya key is honoured, warned as having no effect, or refused by name: see training/kohya_args.py.
 
 
 def register(subparsers) -> None:
@@ -67,11 +66,11 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> dict:
     flat = parse_kohya_toml(path.read_text(encoding="utf-8"))
     flat.update(parse_set_values(overrides or []))
     sp = flat.get("sample_prompts")
-    if isinstance(sp, str) and "\n" not in sp and sp.endswith((".txt", ".toml")):
+    if isinstance(sp, str) and "\n" not in sp and sp.lower().endswith((".txt", ".toml", ".json")):
+        from .sample_prompts import load_prompt_file
+
         f = Path(sp) if Path(sp).is_absolute() else path.parent / sp
-        if not f.is_file():
-            raise FileNotFoundError(f"sample_prompts file not found: {f}")
-        flat["sample_prompts"] = f.read_text(encoding="utf-8")
+        flat["sample_prompts"] = load_prompt_file(f)  # kohya load_prompts: .txt lines, .toml / .json prompt files
     return flat
 
 
@@ -110,26 +109,45 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
     return host
 
 
+def _model_hashes(model_path) -> dict:
+    """kohya's ``ss_sd_model_hash`` / ``ss_new_sd_model_hash`` of a single-file model (train_util ``model_hash``,
+    ``calculate_sha256``); ``{}`` for a folder or a missing path (kohya hashes files only)."""
+    if not model_path or not Path(str(model_path)).is_file():
+        return {}
+    from .kohya_metadata import legacy_model_hash, sha256_file
+
+    p = Path(str(model_path))
+    return {"model_hash": legacy_model_hash(p), "new_model_hash": sha256_file(p)}
+
+
 def run(args, host=None) -> int:
     """Run the ``train`` subcommand (``host`` may be injected by tests). Returns 0 on success."""
     from tqdm.auto import tqdm
 
     from .dataset import KohyaDataset
 
+    from .dataset_config import dataset_from_settings, uses_dataset_config
+    from .kohya_args import check_settings, own_setting_names
+
     flat = load_config(args.config, args.overrides)
-    cfg, dopts, caps, unknown = configs_from_mapping(flat)
-    unknown = [k for k in unknown if k not in CLI_KEYS and k not in IGNORED_KEYS]
-    if unknown:
-        print(f"conceptlab train: warning: ignoring unknown keys: {', '.join(sorted(unknown))}", file=sys.stderr)
-    data_dir = flat.get("train_data_dir")
-    if not data_dir:
-        raise ValueError("train_data_dir is required (the folder holding <repeats>_<name> subfolders)")
+    for w in check_settings(flat, own_keys=own_setting_names() | set(CLI_KEYS)):
+        print(f"conceptlab train: warning: {w}", file=sys.stderr)
+    cfg, dopts, caps, _ = configs_from_mapping(flat)
     if "output_dir" not in flat:
         raise ValueError("output_dir is required")
     if flat.get("logging_dir") and not cfg.state_dir:
         cfg.state_dir = str(flat["logging_dir"])
     device = args.device or flat.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = KohyaDataset.scan(data_dir, dopts, caps, seed=cfg.seed)
+    if uses_dataset_config(flat):
+        dataset, batch = dataset_from_settings(flat, seed=cfg.seed, base_dir=Path(args.config).parent)
+        if batch is not None:
+            cfg.train_batch_size = batch
+    else:
+        data_dir = flat.get("train_data_dir")
+        if not data_dir:
+            raise ValueError("train_data_dir is required (the folder holding <repeats>_<name> subfolders), or a "
+                             "dataset_config / [[datasets]]")
+        dataset = KohyaDataset.scan(data_dir, dopts, caps, seed=cfg.seed)
     print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
     if host is None:
         model = flat.get("pretrained_model_name_or_path")
@@ -142,8 +160,10 @@ def run(args, host=None) -> int:
         tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
         host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
                          prediction_type=pred)
+    if flat.get("v2") and getattr(host, "arch", None) not in (None, "sd2"):
+        raise ValueError(f"v2 = true but the model is {host.arch} (v2 means a Stable Diffusion 2.x model)")
     trainer = LoraTrainer(host, dataset, cfg, model_name=Path(str(flat.get("pretrained_model_name_or_path", "")))
-                          .name)
+                          .name, **_model_hashes(flat.get("pretrained_model_name_or_path")))
     _, max_steps, _ = trainer.schedule()
     bar = tqdm(total=max_steps, desc="steps", file=sys.stderr, disable=not sys.stderr.isatty())
 

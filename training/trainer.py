@@ -56,6 +56,7 @@ from .conditioning import Conditioning, size_ids
 from .families import family, modelspec_arch
 from .host import DiffusionHost, add_noise, prediction_target
 from .lora import LoRANetwork
+from .noise import NoiseOptions, max_norm_regularization, post_process_loss, sample_training_noise
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class TrainConfig:
     ``lr_scheduler_power``, ``max_grad_norm`` (0 = off), ``mixed_precision`` (``no``/``fp16``/``bf16``; CPU
     always runs fp32), ``gradient_checkpointing``.
     Objective: ``noise_offset``, ``min_snr_gamma``, ``loss_type`` (:data:`LOSS_TYPES`), ``huber_schedule``,
-    ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T), ``v_parameterization`` (the
+    ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T), ``clip_skip`` / ``max_token_length`` (kohya's text
+    encoding, applied by the host: :meth:`.host.DiffusionHost.configure_text`), ``v_parameterization`` (the
     model predicts v: kohya's flag for SD2-v / NoobAI-vpred-style models; a ComfyUI MODEL already says so through
     its ``model_sampling``), ``zero_terminal_snr`` (rescale the schedule to zero terminal SNR as kohya does; the
     samples rendered each epoch use the same schedule; see :meth:`.host.DiffusionHost.configure_schedule`).
@@ -147,6 +149,27 @@ class TrainConfig:
     huber_scale: float = 1.0
     min_timestep: int = 0
     max_timestep: int | None = None
+    clip_skip: int | None = None
+    max_token_length: int | None = None
+    # kohya noise / loss options (training/noise.py; issue 14)
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    scale_weight_norms: float | None = None
+    prior_loss_weight: float = 1.0
+    # continue a LoRA (kohya network_weights / dim_from_weights)
+    network_weights: str | None = None
+    dim_from_weights: bool = False
+    # kohya sampling options (training/sample_prompts.py)
+    sample_sampler: str = "ddim"
+    sample_at_first: bool = False
+    no_metadata: bool = False
     v_parameterization: bool = False
     zero_terminal_snr: bool = False
     save_every_n_epochs: int | None = None
@@ -179,6 +202,10 @@ class TrainConfig:
         :class:`OptimizerUnavailableError` for an unknown ``optimizer_type`` (see :meth:`validate`); an unknown
         keyword is returned in ``unknown_keys``, not raised.
         """
+        from .kohya_args import normalize_settings
+        from .network_args import parse_network_args
+
+        values = normalize_settings(values)
         names = {f.name for f in fields(cls)}
         kw, unknown = {}, []
         for k, v in values.items():
@@ -188,18 +215,23 @@ class TrainConfig:
             else:
                 unknown.append(k)
         cfg = cls(**kw)
-        for item in cfg.network_args or []:
-            key, _, val = str(item).partition("=")
-            key = key.strip()
-            val = _literal(val.strip())
-            if key == "conv_dim" or key == "conv_lora_dim":
-                cfg.conv_dim = int(val)
-            elif key == "conv_alpha":
-                cfg.conv_alpha = float(val)
-            elif key == "module_dropout":
-                cfg.module_dropout = float(val)
-            elif key in ("dropout", "rank_dropout"):
-                cfg.network_dropout = float(val)
+        # kohya network_args (training/network_args.py); unknown entries raise ValueError naming them
+        if str(cfg.network_module).startswith("lycoris"):
+            from .lycoris_net import parse_lycoris_args
+
+            na = parse_lycoris_args(cfg.network_args)
+        else:
+            na = parse_network_args(cfg.network_args)
+        if "conv_dim" in na or "conv_lora_dim" in na:
+            cfg.conv_dim = int(na.get("conv_dim", na.get("conv_lora_dim")))
+        if "conv_alpha" in na:
+            cfg.conv_alpha = float(na["conv_alpha"])
+        if "module_dropout" in na:
+            cfg.module_dropout = float(na["module_dropout"])
+        for key in ("dropout", "rank_dropout"):
+            if key in na:
+                cfg.network_dropout = float(na[key])
+        cfg._raw = {k: v for k, v in values.items() if v is not None or k in values}  # for kohya's metadata
         return cfg.validate(), unknown
 
     def validate(self) -> "TrainConfig":
@@ -224,7 +256,8 @@ class TrainConfig:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}") from None
-        for name in ("max_train_epochs", "conv_dim", "max_timestep", "save_every_n_epochs", "sample_seed"):
+        for name in ("max_train_epochs", "conv_dim", "max_timestep", "save_every_n_epochs", "sample_seed",
+                     "clip_skip", "max_token_length"):
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, int(v))
@@ -240,8 +273,9 @@ class TrainConfig:
             raise ValueError("max_train_epochs must be >= 1")
         if self.max_train_epochs is None and self.max_train_steps < 1:
             raise ValueError("max_train_steps must be >= 1")
-        if self.network_module not in ("networks.lora", "lora"):
-            raise ValueError(f"network_module {self.network_module!r} is not supported (networks.lora only)")
+        if self.network_module not in ("networks.lora", "lora", "lycoris.kohya"):
+            raise ValueError(f"network_module {self.network_module!r} is not supported (networks.lora, or "
+                             "lycoris.kohya with algo=loha / algo=lokr)")
         if self.optimizer_type.lower() not in {o.lower() for o in OPTIMIZERS}:
             raise OptimizerUnavailableError(f"optimizer_type {self.optimizer_type!r} is not supported; use one "
                                             f"of {', '.join(OPTIMIZERS)}")
@@ -266,6 +300,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             self.min_snr_gamma = None
+        from .kohya_args import validate_extra_options
+
+        validate_extra_options(self)
         if self.noise_offset is not None and self.noise_offset == 0:
             self.noise_offset = None
         if not self.output_name or any(c in self.output_name for c in "/\\") or self.output_name in (".", ".."):
@@ -274,21 +311,16 @@ class TrainConfig:
 
     @property
     def prompts(self) -> list[str]:
-        """Sample prompts as a list (a string is split on lines; blank lines and ``#`` comments dropped).
+        """Sample prompt texts (kohya prompt lines/files parsed by :mod:`.sample_prompts`; options removed)."""
+        return [sp.prompt for sp in self.prompt_specs]
 
-        Kohya-style ``--n`` / ``--s`` options after a prompt are stripped (only the prompt text is used).
-        """
-        p = self.sample_prompts
-        if not p:
-            return []
-        items = p.splitlines() if isinstance(p, str) else list(p)
-        out = []
-        for line in items:
-            line = str(line).strip()
-            if not line or line.startswith("#"):
-                continue
-            out.append(line.split(" --")[0].strip())
-        return out
+    @property
+    def prompt_specs(self):
+        """Sample prompts with kohya's per-prompt options (``--n --w --h --s --d --l --ss``), see
+        :func:`.sample_prompts.parse_sample_prompts`."""
+        from .sample_prompts import parse_sample_prompts
+
+        return parse_sample_prompts(self.sample_prompts)
 
     @property
     def palette_list(self) -> list[str]:
@@ -305,6 +337,16 @@ class TrainConfig:
         return asdict(self)
 
 
+def noise_options(cfg: "TrainConfig") -> NoiseOptions:
+    """The :class:`.noise.NoiseOptions` of a config (kohya's noise option names)."""
+    return NoiseOptions(noise_offset=cfg.noise_offset, noise_offset_random_strength=cfg.noise_offset_random_strength,
+                        adaptive_noise_scale=cfg.adaptive_noise_scale,
+                        multires_noise_iterations=cfg.multires_noise_iterations,
+                        multires_noise_discount=cfg.multires_noise_discount, ip_noise_gamma=cfg.ip_noise_gamma,
+                        ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength,
+                        min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep)
+
+
 def _literal(text: str):
     try:
         return ast.literal_eval(text)
@@ -316,7 +358,8 @@ def parse_kohya_toml(text: str) -> dict[str, Any]:
     """Flatten a kohya TOML config (sections are ignored, as sd-scripts' ``read_config_from_file`` does).
 
     ``[model_arguments] network_dim = 32`` and a top-level ``network_dim = 32`` mean the same. Nested tables
-    are flattened one level down (``[[datasets]]`` arrays are not supported: use one training folder).
+    are flattened; an inline ``[[datasets]]`` array (a kohya dataset config) is kept as the list ``"datasets"``
+    (see :mod:`.dataset_config`); other arrays of tables raise.
     Raises ``ValueError`` with the parser's message for invalid TOML.
     """
     import tomllib
@@ -332,8 +375,10 @@ def parse_kohya_toml(text: str) -> dict[str, Any]:
             if isinstance(v, dict):
                 walk(v)
             elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-                raise ValueError(f"kohya TOML: [[{k}]] arrays of tables (dataset configs) are not supported; "
-                                 f"give train_data_dir and flat keys instead")
+                if k != "datasets":
+                    raise ValueError(f"kohya TOML: [[{k}]] arrays of tables are not kohya settings (only "
+                                     f"[[datasets]] / [[datasets.subsets]] are)")
+                flat[k] = v  # an inline kohya dataset config (training/dataset_config.py)
             else:
                 flat[k] = v
 
@@ -455,7 +500,8 @@ def sdxl_size_ids(entries: Sequence, flipped: Sequence[bool] | None = None) -> t
 
 def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditioning | torch.Tensor, cfg: TrainConfig,
                    generator: torch.Generator, timesteps: torch.Tensor | None = None,
-                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+                   autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   loss_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One batch's scalar training loss in the host's own parameterization (see module docstring).
 
     Args:
@@ -464,28 +510,23 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditionin
         generator: CPU generator for noise, noise offset and timesteps (consumed in that order).
         timesteps: fixed integer timesteps ``[B]`` (validation); otherwise uniform in [min_t, max_t).
         autocast: factory of the mixed-precision context the prediction runs in (``None``: none).
+        loss_weights: per-sample weights ``[B]`` (kohya's ``prior_loss_weight`` for regularization images).
 
     Returns a 0-d fp32 tensor on the host's device: mean over the batch of :func:`per_sample_loss`, times
-    :func:`min_snr_weight` when ``cfg.min_snr_gamma`` is set. Noise offset as kohya (``noise_offset`` ·
-    N(0,1) per channel, Guttenberg 2023 "Diffusion with offset noise").
+    kohya's loss post-processing (min-SNR-γ, v-pred scaling, debiased estimation: :func:`.noise.post_process_loss`).
+    Noise, its options (offset, adaptive, random strength, multires, input perturbation) and the timesteps come
+    from :func:`.noise.sample_training_noise`; ``min_timestep >= max_timestep`` trains at ``max_timestep``.
 
     Raises:
-        ValueError: the timestep window ``[max(0, min_timestep), min(T, max_timestep))`` is empty.
+        ValueError: a timestep bound outside ``[0, T]`` (see :func:`.noise.sample_timesteps`).
     """
     ac = host.alphas_cumprod
     T = len(ac)
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
-    if timesteps is None:
-        lo = max(0, cfg.min_timestep)
-        hi = min(T, cfg.max_timestep if cfg.max_timestep is not None else T)
-        if hi <= lo:
-            raise ValueError(f"min_timestep ({lo}) must be below max_timestep ({hi})")
-        timesteps = torch.randint(lo, hi, (b,), generator=generator)
+    # kohya's noise options and timesteps (training/noise.py, train_util.get_noise_noisy_latents_and_timesteps)
+    noise, input_noise, timesteps = sample_training_noise(latents.float().cpu(), noise_options(cfg), generator, T,
+                                                          timesteps)
     x0 = latents.float().cpu()
-    x_t = add_noise(x0, noise, timesteps, ac)
+    x_t = add_noise(x0, input_noise, timesteps, ac)
     target = prediction_target(x0, noise, timesteps, ac, host.prediction_type)
     dev = host.device
     ctx = autocast() if autocast is not None else contextlib.nullcontext()
@@ -493,8 +534,13 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditionin
         pred = host.predict(x_t.to(dev, host.dtype), timesteps.to(dev), cond)
     hc = huber_c_for(cfg, timesteps, ac) if cfg.loss_type in ("huber", "smooth_l1") else None
     loss = per_sample_loss(pred, target.to(pred.device), cfg.loss_type, hc)
-    if cfg.min_snr_gamma:
-        loss = loss * min_snr_weight(ac, timesteps, cfg.min_snr_gamma, host.prediction_type).to(loss.device)
+    if loss_weights is not None:  # kohya batch["loss_weights"]: prior_loss_weight for regularization images
+        loss = loss * loss_weights.to(loss.device, loss.dtype)
+    loss = post_process_loss(loss, timesteps, ac, v_prediction=host.prediction_type == "v_prediction",
+                             min_snr_gamma=cfg.min_snr_gamma,
+                             scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
+                             v_pred_like_loss=cfg.v_pred_like_loss,
+                             debiased_estimation_loss=cfg.debiased_estimation_loss)
     return loss.mean()
 
 
@@ -926,6 +972,11 @@ def save_lora_file(path: str | os.PathLike, network: LoRANetwork, metadata: Mapp
     # kohya writes every value with str() (None -> "None"); dicts / lists as JSON (ss_tag_frequency, ...)
     md = {k: (v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
           for k, v in metadata.items()}
+    if hasattr(network, "algo"):  # a LyCORIS network (training/lycoris_net.py): its own key names
+        from ..formats.safetensors_io import parse_dtype
+        from .lycoris_net import save_lycoris_file
+
+        return Path(save_lycoris_file(path, network, md, parse_dtype({"float": "fp32"}.get(precision, precision))))
     return Path(save_kohya_lora(path, network.kohya_modules(), md, dtype=parse_dtype(
         {"float": "fp32"}.get(precision, precision))))
 
@@ -950,7 +1001,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_unet_lr": cfg.unet_lr,
         "ss_num_train_images": dataset.num_train_images,
         "ss_num_validation_images": len(dataset.val_entries),
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": getattr(dataset, "num_reg_images", 0),
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": num_epochs,
         "ss_gradient_checkpointing": bool(cfg.gradient_checkpointing),
@@ -966,13 +1017,20 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_full_fp16": False,
         "ss_v2": arch == "sd2",
         "ss_base_model_version": family(arch).base_model_version,
-        "ss_clip_skip": None,
-        "ss_max_token_length": None,
+        "ss_clip_skip": cfg.clip_skip,
+        "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": True,
         "ss_seed": cfg.seed,
         "ss_lowram": False,
         "ss_noise_offset": cfg.noise_offset,
-        "ss_adaptive_noise_scale": None,
+        "ss_adaptive_noise_scale": cfg.adaptive_noise_scale,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations,
+        "ss_multires_noise_discount": cfg.multires_noise_discount,
+        "ss_noise_offset_random_strength": bool(cfg.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": bool(cfg.ip_noise_gamma_random_strength),
+        "ss_huber_scale": cfg.huber_scale,
+        "ss_fp8_base": False,
+        "ss_fp8_base_unet": False,
         "ss_zero_terminal_snr": bool(cfg.zero_terminal_snr),
         "ss_training_comment": cfg.training_comment or None,
         "ss_sd_scripts_commit_hash": "conceptlab",
@@ -983,11 +1041,11 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_caption_dropout_every_n_epochs": c.caption_dropout_every_n_epochs,
         "ss_caption_tag_dropout_rate": c.caption_tag_dropout_rate,
         "ss_face_crop_aug_range": None,
-        "ss_prior_loss_weight": 1.0,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_min_snr_gamma": cfg.min_snr_gamma,
-        "ss_scale_weight_norms": None,
-        "ss_ip_noise_gamma": None,
-        "ss_debiased_estimation": False,
+        "ss_scale_weight_norms": cfg.scale_weight_norms,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma,
+        "ss_debiased_estimation": bool(cfg.debiased_estimation_loss),
         "ss_loss_type": cfg.loss_type,
         "ss_huber_schedule": cfg.huber_schedule,
         "ss_huber_c": cfg.huber_c,
@@ -1007,8 +1065,10 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
         "ss_min_bucket_reso": o.min_bucket_reso if o.enable_bucket else None,
         "ss_max_bucket_reso": o.max_bucket_reso if o.enable_bucket else None,
         "ss_keep_tokens": c.keep_tokens,
-        "ss_dataset_dirs": {s.name: {"n_repeats": s.repeats, "img_count": s.img_count} for s in dataset.subsets},
-        "ss_reg_dataset_dirs": {},
+        "ss_dataset_dirs": {s.name: {"n_repeats": s.repeats, "img_count": s.img_count} for s in dataset.subsets
+                            if not getattr(s, "is_reg", False)},
+        "ss_reg_dataset_dirs": {s.name: {"n_repeats": s.repeats, "img_count": s.img_count}
+                                for s in dataset.subsets if getattr(s, "is_reg", False)},
         "ss_tag_frequency": dataset.tag_frequency,
         "ss_bucket_info": dataset.bucket_info(),
         "modelspec.sai_model_spec": "1.0.1",
@@ -1022,13 +1082,12 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
     }
     args = []
     if cfg.conv_dim:
-        args += [f"conv_dim={cfg.conv_dim}", f"conv_alpha={cfg.conv_alpha if cfg.conv_alpha else cfg.conv_dim}"]
+        # kohya create_network: conv_alpha defaults to 1.0 (networks/lora.py l. 444)
+        args += [f"conv_dim={cfg.conv_dim}", f"conv_alpha={cfg.conv_alpha if cfg.conv_alpha is not None else 1.0}"]
     if cfg.module_dropout:
         args.append(f"module_dropout={cfg.module_dropout}")
     if args:
         md["ss_network_args"] = {a.split("=")[0]: a.split("=")[1] for a in args}
-    if not train_te:
-        md["ss_text_encoder_lr"] = None
     if model_name:
         md["ss_sd_model_name"] = model_name
     if model_hash:
@@ -1072,7 +1131,11 @@ EpochFn = Callable[[Mapping[str, Any], np.ndarray | None], None]
 
 def _autocast_factory(precision: str, device: torch.device) -> tuple[Callable | None, str, bool]:
     """``(autocast factory or None, effective precision, needs GradScaler)``; CPU always fp32."""
-    if device.type == "cpu" or precision in ("no", "fp32"):
+    if precision in ("no", "fp32"):
+        return None, "no", False
+    if device.type == "cpu":
+        logger.warning("mixed_precision %s is not used on the CPU: training runs in fp32 (ss_mixed_precision "
+                       "records what was asked)", precision)
         return None, "no", False
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -1106,6 +1169,111 @@ def find_latest_state(output_dir: str | os.PathLike, output_name: str) -> Path |
         if js.get("schema") == STATE_SCHEMA and js.get("output_name") == output_name and js["global_step"] > best_step:
             best, best_step = p, js["global_step"]
     return best
+
+
+def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: bool = True,
+                             train_te: bool = True) -> tuple[LoRANetwork, list[dict]]:
+    """The LoRA network and its optimizer param groups, as kohya's ``create_network`` /
+    ``create_network_from_weights`` + ``prepare_optimizer_params`` (see :mod:`.network_args`).
+
+    * ``network_args``: LoCon, block-wise lr / dims / alphas, LoRA+ (:mod:`.network_args`);
+    * ``dim_from_weights``: ranks and alphas of every module from the ``network_weights`` file (its modules, no
+      others); ``network_weights``: start from that file's tensors (kohya ``load_weights``; modules the file
+      lacks keep the fresh init, file modules the network lacks are reported);
+    * an lr of 0 (``unet_lr``, ``text_encoder_lr``, a block weight) leaves those parameters out of the optimizer.
+
+    Returns ``(network, groups)`` with groups ``[{"params", "lr", "name"}]``. Raises ``ValueError`` for bad
+    ``network_args``, a ``network_weights`` file that does not fit the model, or when no parameter would train.
+    """
+    from .network_args import LoraPlus, block_spec, optimizer_groups, parse_network_args
+
+    if str(cfg.network_module).startswith("lycoris"):
+        return _build_lycoris(host, cfg, train_unet, train_te)
+    na = parse_network_args(cfg.network_args)
+    is_sdxl = getattr(host, "arch", "sd1") == "sdxl"
+    blocks = block_spec(na, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim,
+                        conv_alpha=cfg.conv_alpha, is_sdxl=is_sdxl)
+    file_sd = None
+    if cfg.network_weights:
+        path = Path(cfg.network_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"network_weights not found: {path}")
+        file_sd = load_state_dict(path)
+    if cfg.dim_from_weights:
+        network, unmatched = LoRANetwork.from_kohya_state_dict(host, file_sd)
+        if not train_te or not train_unet:
+            keep = [n for n, t in network.targets.items() if (t.component == "unet") == train_unet or
+                    (t.component != "unet" and train_te)]
+            network = LoRANetwork([network.targets[n] for n in keep], {n: network.loras[n] for n in keep},
+                                  dropout=cfg.network_dropout, module_dropout=cfg.module_dropout, seed=cfg.seed)
+        else:
+            network.dropout, network.module_dropout = cfg.network_dropout, cfg.module_dropout
+            network.generator.manual_seed(int(cfg.seed) + 7)
+        if unmatched:
+            logger.warning("network_weights: %d keys of %s match no module of this model", len(unmatched),
+                           Path(cfg.network_weights).name)
+    else:
+        network = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+                                     conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=train_unet,
+                                     train_text_encoder=train_te, dropout=cfg.network_dropout,
+                                     module_dropout=cfg.module_dropout, seed=cfg.seed, blocks=blocks)
+        if file_sd is not None:
+            names = set(network.loras)
+            missing = [n for n in names if f"{n}.lora_down.weight" not in file_sd]
+            extra = sorted({k.split(".", 1)[0] for k in file_sd if k.endswith(".lora_down.weight")} - names)
+            with torch.no_grad():
+                for n, d in network.loras.items():
+                    if n in missing:
+                        continue
+                    down, up = file_sd[f"{n}.lora_down.weight"], file_sd[f"{n}.lora_up.weight"]
+                    if down.numel() != d.lora_down.numel() or up.numel() != d.lora_up.numel():
+                        raise ValueError(f"network_weights: module {n} has rank {down.shape[0]} in the file but "
+                                         f"{d.dim} here; set network_dim to the file's rank or use dim_from_weights")
+                    d.lora_down.copy_(down.float().view_as(d.lora_down))
+                    d.lora_up.copy_(up.float().view_as(d.lora_up))
+            if missing or extra:
+                logger.warning("network_weights: %d modules not in the file keep their fresh init; %d file modules "
+                               "are not part of this network", len(missing), len(extra))
+    spec = optimizer_groups(list(network.loras), learning_rate=cfg.learning_rate, unet_lr=cfg.unet_lr,
+                            text_encoder_lr=cfg.text_encoder_lr, lr_weights=blocks.lr_weights,
+                            loraplus=LoraPlus.from_args(na), is_sdxl=is_sdxl)
+    groups = [{"params": [getattr(network.loras[n], part) for n, part in g.params], "lr": g.lr, "name": g.name}
+              for g in spec]
+    trainable = {id(p) for g in groups for p in g["params"]}
+    for p_ in network.parameters():
+        p_.requires_grad_(id(p_) in trainable)
+    if not groups:
+        raise ValueError("no LoRA parameter would train: every learning rate (learning_rate, unet_lr, "
+                         "text_encoder_lr, block lr weights) is 0 for the parts being trained")
+    return network, groups
+
+
+def _build_lycoris(host: DiffusionHost, cfg: TrainConfig, train_unet: bool, train_te: bool):
+    """LoHa / LoKr through ``lycoris-lora`` (:mod:`.lycoris_net`): groups per part at unet_lr / text_encoder_lr
+    (0 = frozen). network_weights, scale_weight_norms and rank dropout are refused for LyCORIS here."""
+    from .lycoris_net import LycorisNetwork, parse_lycoris_args
+
+    for name in ("network_weights", "scale_weight_norms"):
+        if getattr(cfg, name):
+            raise ValueError(f"{name} is not supported with network_module lycoris.kohya here")
+    if cfg.network_dropout:
+        raise ValueError("network_dropout / rank_dropout are not supported with lycoris.kohya here")
+    net = LycorisNetwork.create_lycoris(host, parse_lycoris_args(cfg.network_args), network_dim=cfg.network_dim,
+                                        network_alpha=cfg.network_alpha, train_unet=train_unet,
+                                        train_text_encoder=train_te, seed=cfg.seed,
+                                        module_dropout=cfg.module_dropout)
+    parts = net.parameter_groups()
+    groups = []
+    for part, lr, label in (("te", cfg.text_encoder_lr, "textencoder"), ("unet", cfg.unet_lr, "unet")):
+        lr = cfg.learning_rate if lr is None else lr
+        if parts[part] and lr:
+            groups.append({"params": parts[part], "lr": lr, "name": label})
+    trainable = {id(p) for g in groups for p in g["params"]}
+    for p_ in net.parameters():
+        p_.requires_grad_(id(p_) in trainable)
+    if not groups:
+        raise ValueError("no LyCORIS parameter would train: every learning rate is 0 for the parts being trained")
+    return net, groups
 
 
 class LoraTrainer:
@@ -1144,6 +1312,9 @@ class LoraTrainer:
         self._te_cache: dict[str, Conditioning] = {}
         self.dataset_effective_colors: float | None = None
         self.family = family(getattr(host, "arch", "sd1"))
+        if cfg.clip_skip is not None or cfg.max_token_length is not None:
+            for msg in host.configure_text(clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length):
+                logger.warning(msg)
         if cfg.v_parameterization or cfg.zero_terminal_snr:
             host.configure_schedule(prediction_type="v_prediction" if cfg.v_parameterization else None,
                                     zero_terminal_snr=cfg.zero_terminal_snr)
@@ -1152,6 +1323,9 @@ class LoraTrainer:
             logger.warning("zero_terminal_snr is on but the model predicts epsilon: at the last timestep x_t is "
                            "pure noise and epsilon-prediction cannot recover x0; use a v-prediction model "
                            "(v_parameterization = true)")
+        # optional hook(network) run once after the network is built, before the optimizer: starts the run from
+        # given LoRA weights (nodes/interop.py continues a ComfyUI LORA_MODEL this way); a resume state wins over it
+        self.init_network: Callable[[LoRANetwork], None] | None = None
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def schedule(self) -> tuple[int, int, int]:
@@ -1171,7 +1345,7 @@ class LoraTrainer:
         """The batch's :class:`~.conditioning.Conditioning`: text-encoder outputs (cached per caption while the
         text encoders are frozen, as kohya's ``cache_text_encoder_outputs``), plus, for families with size
         conditioning (SDXL), each image's size ids from ``entries`` (see :func:`sdxl_size_ids`)."""
-        if self.train_te:
+        if self.train_te and not getattr(self, "_te_frozen", False):
             cond = Conditioning.wrap(self.host.encode_prompts(captions))
         else:
             missing = [c for c in dict.fromkeys(captions) if c not in self._te_cache]
@@ -1220,15 +1394,34 @@ class LoraTrainer:
 
     @torch.no_grad()
     def render_samples(self, prompts: Sequence[str]) -> list[np.ndarray]:
-        """One image per prompt (uint8 ``[H, W, 3]``) with fixed seeds ``sample_seed + i``."""
+        """One image per prompt (uint8 ``[H, W, 3]``); kohya per-prompt options (:mod:`.sample_prompts`) override
+        the trainer's sample settings; seeds ``sample_seed + i`` unless a prompt gives ``--d``."""
+        import inspect
+
+        from .sample_prompts import SamplePrompt, comfy_sampler, round_size
+
         cfg = self.cfg
-        w = cfg.sample_width or self.dataset.options.size[0]
-        h = cfg.sample_height or self.dataset.options.size[1]
+        specs = {sp.prompt: sp for sp in cfg.prompt_specs}
+        w0 = cfg.sample_width or self.dataset.options.size[0]
+        h0 = cfg.sample_height or self.dataset.options.size[1]
         seed = cfg.sample_seed if cfg.sample_seed is not None else cfg.seed
+        takes_sampler = "sampler_name" in inspect.signature(self.host.sample).parameters
         out = []
         for i, p in enumerate(prompts):
-            img = self.host.sample([p], cfg.sample_negative, width=w, height=h, steps=cfg.sample_steps,
-                                   cfg=cfg.sample_cfg, seed=seed + i)
+            sp = specs.get(p) or SamplePrompt(p)
+            kw = {}
+            name = sp.sample_sampler or cfg.sample_sampler
+            if takes_sampler:
+                kw["sampler_name"], kw["scheduler"] = comfy_sampler(name)
+            elif (name or "ddim").lower() != "ddim" and not getattr(self, "_sampler_warned", False):
+                logger.warning("sample_sampler %s: this model host samples with DDIM only", name)
+                self._sampler_warned = True
+            img = self.host.sample([p], sp.negative_prompt if sp.negative_prompt is not None else cfg.sample_negative,
+                                   width=round_size(sp.width or w0) if sp.width else w0,
+                                   height=round_size(sp.height or h0) if sp.height else h0,
+                                   steps=sp.sample_steps or cfg.sample_steps,
+                                   cfg=sp.scale if sp.scale is not None else cfg.sample_cfg,
+                                   seed=sp.seed if sp.seed is not None else seed + i, **kw)
             out.append(_to_uint8(img[0]))
         return out
 
@@ -1320,16 +1513,12 @@ class LoraTrainer:
         if metric == "none":
             direction = "min"
 
-        network = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
-                                     conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=self.train_unet,
-                                     train_text_encoder=self.train_te, dropout=cfg.network_dropout,
-                                     module_dropout=cfg.module_dropout, seed=cfg.seed)
-        groups_p = network.parameter_groups()
-        groups = []
-        if groups_p["unet"]:
-            groups.append({"params": groups_p["unet"], "lr": cfg.unet_lr or cfg.learning_rate})
-        if groups_p["te"]:
-            groups.append({"params": groups_p["te"], "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        network, groups = build_network_and_groups(host, cfg, self.train_unet, self.train_te)
+        # a text encoder whose every LoRA parameter is frozen (text_encoder_lr = 0) is encoded once and cached
+        trainable = {id(p) for g in groups for p in g["params"]}
+        self._te_frozen = not any(id(p) in trainable for p in network.parameter_groups()["te"])
+        if self.init_network is not None:  # e.g. continue from a ComfyUI LORA_MODEL (values copied in place)
+            self.init_network(network)
         network.to(device)
         optimizer = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args, device)
         scheduler = build_scheduler(cfg, optimizer, max_steps)
@@ -1379,7 +1568,9 @@ class LoraTrainer:
         metadata = build_metadata(cfg, ds, host, num_epochs=num_epochs, max_steps=max_steps, batches_per_epoch=nb,
                                   session_id=session_id, started_at=started_at, model_name=self.model_name,
                                   model_hash=self.model_hash, new_model_hash=self.new_model_hash,
-                                  mixed_precision=precision, train_unet=self.train_unet, train_te=self.train_te)
+                                  mixed_precision=cfg.mixed_precision, train_unet=self.train_unet,
+                                  train_te=self.train_te)
+        metadata = self._kohya_metadata(metadata, optimizer)
         gc_on = False
         last_good: Path | None = max(epoch_files.items())[1] if epoch_files else None
         stopped_early = False
@@ -1399,6 +1590,13 @@ class LoraTrainer:
             target_value = None
             if metric == "effective_colors_vs_dataset":
                 target_value = self._dataset_effective_colors()
+            if cfg.sample_at_first and has_samples and start_epoch == 0:  # kohya sample_at_first
+                network.eval()
+                first = self.render_samples(prompts)
+                for i, im in enumerate(first):
+                    save_png(im, self.state_dir / "sample" / f"{cfg.output_name}_e{0:06d}_{i:02d}.png")
+                sample_rows.append(first)
+                sample_labels.append("before training")
             for epoch in range(start_epoch, num_epochs):
                 ep1 = epoch + 1
                 batches = ds.epoch_batches(ep1, cfg.train_batch_size, cfg.seed)
@@ -1408,18 +1606,23 @@ class LoraTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 for bi, idx in enumerate(batches):
                     entries = [ds.entries[i] for i in idx]
-                    caps = [process_caption(e.caption, ds.captions, py_rng, epoch=ep1, step=global_step,
-                                            max_train_steps=max_steps) for e in entries]
+                    caps = [process_caption(e.caption, getattr(e, "captions", None) or ds.captions, py_rng,
+                                            epoch=ep1, step=global_step, max_train_steps=max_steps) for e in entries]
                     lat, flips = [], []
                     for e in entries:
-                        flip = ds.options.flip_aug and py_rng.random() < 0.5
+                        flip_on = ds.options.flip_aug if getattr(e, "flip_aug", None) is None else e.flip_aug
+                        flip = flip_on and py_rng.random() < 0.5
                         flips.append(bool(flip and e.latents_flipped is not None))
                         lat.append(e.latents_flipped if flips[-1] else e.latents)
                     latents = torch.stack(lat)
                     network.resample_dropout(True)
                     with torch.set_grad_enabled(True):
                         cond = self._encode(caps, entries, flips)
-                        loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast)
+                        lw = None
+                        if any(getattr(e, "is_reg", False) for e in entries):  # kohya batch["loss_weights"]
+                            lw = torch.tensor([cfg.prior_loss_weight if getattr(e, "is_reg", False) else 1.0
+                                               for e in entries])
+                        loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast, loss_weights=lw)
                     lv = float(loss.detach())
                     if not math.isfinite(lv):
                         raise TrainingDivergedError(
@@ -1450,6 +1653,8 @@ class LoraTrainer:
                         optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if cfg.scale_weight_norms:  # kohya apply_max_norm_regularization after the step
+                        max_norm_regularization(network.loras.values(), cfg.scale_weight_norms)
                     global_step += 1
                     step_loss = float(np.mean(micro_losses))
                     micro_losses = []
@@ -1575,6 +1780,17 @@ class LoraTrainer:
                            table_image=table_img, sample_grid=grid, network=network)
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def _kohya_metadata(self, metadata: dict, optimizer) -> dict:
+        """kohya's key set and value formats (training/kohya_metadata.py); ``no_metadata`` keeps kohya's minimum."""
+        from .kohya_metadata import apply_kohya_formats, minimum_metadata
+
+        cfg = self.cfg
+        kw = _optimizer_kwargs(cfg.optimizer_args)
+        if cfg.optimizer_type.lower() == "sgdnesterov":
+            kw.setdefault("momentum", 0.9)
+        md = apply_kohya_formats(metadata, getattr(cfg, "_raw", {}) or {}, optimizer=optimizer, optimizer_kwargs=kw)
+        return minimum_metadata(md) if cfg.no_metadata else md
+
     def _vae_key(self) -> str:
         """A fingerprint of the host's VAE: the latents of a fixed 64×64 gradient (for disk latent caches)."""
         if not self.dataset.options.cache_latents_to_disk:
