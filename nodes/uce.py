@@ -12,6 +12,8 @@ import json
 
 import torch
 
+from . import policy
+
 CATEGORY = "Concept Lab/ESD"
 _KINDS = ["auto", "style", "object", "person", "attribute", "explicit"]
 
@@ -48,8 +50,11 @@ def comfy_token_encoder(clip):
     return encode
 
 
+@policy.guarded
 class ConceptLabUCEErase:
     """Erase concepts in closed form (UCE): edits the cross-attention keys/values in seconds."""
+
+    PATH_INPUTS = {"save_name": "optional"}
 
     DESCRIPTION = ("Erases concepts with UCE (Gandikota et al., WACV 2024): a closed-form edit of every "
                    "cross-attention key/value projection so the concept's text now produces what the guide "
@@ -162,8 +167,11 @@ class ConceptLabUCEErase:
         return erased, file_name, json.dumps(stats, indent=1)
 
 
+@policy.guarded
 class ConceptLabApplyReferenceErasure:
     """Apply a reference-format erasure file (esd_sd.py's ``esd-*.safetensors``, UCE's output) to a MODEL."""
+
+    PATH_INPUTS = {"save_name": "optional"}
 
     DESCRIPTION = ("Applies an erasure saved by the reference scripts (rohitgandikota/erasing esd_sd.py: "
                    "esd-<concept>-from-<from>-<method>.safetensors; unified-concept-editing: UCE files). Those "

@@ -246,6 +246,8 @@ def diffusers_token_encoder(host) -> TokenEncoder:
 
     def encode(prompts):
         ids = host._tokenize(list(prompts))  # the host's exact tokenization (padding / truncation to 77)
+        if ids.dim() == 3:  # [B, chunks, 77]: the first chunk (the reference truncates prompts to 77 tokens)
+            ids = ids[:, 0]
         end = getattr(tok, "eos_token_id", None)
         if end is None:
             end = int(ids[0, -1])
