@@ -24,22 +24,50 @@ _COMMAND_MODULES = (
     ".training.esd_cli",        # erase
     ".training.uce_cli",        # uce, erase-convert
     ".training.extract_cli",    # extract-lora, resize-lora
+    ".training.quickstart_cli", # quickstart
 )
+
+
+#: subcommand -> the module that registers it, so ``conceptlab <command> ...`` imports only that capability
+#: (``conceptlab palette --help`` starts without torch); a command missing here makes the parser import every
+#: module of ``_COMMAND_MODULES`` (always correct, only slower).
+_COMMAND_OWNERS = {
+    "palette": ".metrics.palette_cli",
+    "palette-summary": ".metrics.palette_cli",
+    "audit-captions": ".metrics.captions_cli",
+    "diff": ".metrics.diff_cli",
+    "diff-compare": ".metrics.diff_cli",
+    "merge": ".training.merge_cli",
+    "train": ".training.train_cli",
+    "erase": ".training.esd_cli",
+    "quickstart": ".training.quickstart_cli",
+}
 
 
 class CLIError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every capability's subcommands registered."""
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand named in ``argv`` (first argument not starting with '-'), or None."""
+    for a in (sys.argv[1:] if argv is None else argv):
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser. With ``command`` known to :data:`_COMMAND_OWNERS`, only its module is
+    imported and registered (fast start, no torch for the metrics commands); otherwise every capability's
+    subcommands are registered."""
     parser = argparse.ArgumentParser(
         prog="conceptlab",
         description="Concept Lab: LoRA training, ESD erasure, merging, weight diffs and pixel-art palette metrics.",
     )
     parser.add_argument("--version", action="version", version=f"conceptlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod_name in _COMMAND_MODULES:
+    owner = _COMMAND_OWNERS.get(command) if command else None
+    for mod_name in ((owner,) if owner else _COMMAND_MODULES):
         try:
             mod = import_module(mod_name, __package__)
         except ModuleNotFoundError as exc:  # capability not built yet
@@ -52,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 ok, 1 failure, 2 usage / input error)."""
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..formats.limits import LimitError
+
 SCHEMA = "conceptlab.caption_audit/1"
 
 #: severity levels, most severe first
@@ -60,12 +62,37 @@ CAPTION_EXTENSION = ".txt"
 DEFAULT_TOLERANCE = 5.0          # ΔE00: caption hex "present in the image" (same default as palette fidelity)
 DEFAULT_DUPLICATE_DE = 2.0       # ΔE00 below which two hexes are "the same colour"
 DEFAULT_UNCAPTIONED_FRAC = 0.03  # cluster share of cells that must be captioned
+MAX_DUPLICATE_FINDINGS = 200    # duplicate_hex findings listed per caption (the rest are counted)
 DEFAULT_SNAP_FIX_DE = 10.0       # fix: replace an absent labelled hex by the nearest image colour within this
 
 _BACKGROUND_WORDS = ("background", "backdrop", "bg")
 _HEX6 = re.compile(r"#[0-9a-fA-F]{6}")
 # any '#' followed by word characters: a hex code, well-formed or not
 _HASH_TOKEN = re.compile(r"#+[0-9A-Za-z_]+")
+_HEX_DIGITS = re.compile(r"[0-9a-fA-F]+")
+
+
+def is_hex_like(token: str) -> bool:
+    """True when a ``#`` token is meant as a hex colour (well-formed or not), False for hashtags and numbers.
+
+    Hex-like: the body (after the ``#`` signs) is only hex digits and ≥ 3 long (``#03dc73``, ``#abc``,
+    ``#12345``, ``#03dc73ff``), or is 3, 4, 6 or 8 letters and digits mixing both (a mistyped hex:
+    ``#03dc7g``), or is 6 / 8 upper-case letters and digits (``#GGGGGG``). Not hex-like: hashtags
+    (``#pixelart``, ``#gamedev``, ``#retro`` — lower-case words), numbers (``sprite #1``, ``#12``), anything with
+    ``_``."""
+    body = token.lstrip("#")
+    if _HEX_DIGITS.fullmatch(body):
+        return len(body) >= 3
+    if not body.isalnum():
+        return False
+    if len(body) in (6, 8) and body.isupper():  # #GGGGGG: an upper-case colour code gone wrong, not a hashtag
+        return True
+    return len(body) in (3, 4, 6, 8) and any(c.isdigit() for c in body) and any(c.isalpha() for c in body)
+
+
+def _hex_tokens(segment: str) -> list:
+    """Hex-like ``#`` tokens of a segment (regex matches), hashtags left out (:func:`is_hex_like`)."""
+    return [m for m in _HASH_TOKEN.finditer(segment) if is_hex_like(m.group(0))]
 # a bare 6-digit hex inside parentheses, e.g. "hair (03dc73)": a hex with its '#' missing
 _BARE_HEX_IN_PARENS = re.compile(r"\(\s*([0-9a-fA-F]{6})\s*\)")
 _PALETTE_HEAD = re.compile(r"^\s*(?:colou?r\s+)?palette\s*:\s*", re.IGNORECASE)
@@ -184,30 +211,38 @@ def normalize_hex(token: str) -> tuple[str | None, str | None]:
     """Classify one hex-like token.
 
     Returns ``(hex, suggestion)``: ``hex`` is the lowercase ``#rrggbb`` for a well-formed token (exactly one
-    '#' and 6 hex digits, any case), else ``None``; ``suggestion`` is a safe repair for malformed tokens whose
-    intent is unambiguous — missing '#' (``03dc73``), 3-digit shorthand (``#0d7`` -> ``#00dd77``), doubled
-    '#' (``##03dc73``) — else ``None`` (``#12345``, ``#GGGGGG``, ``#1234567``).
+    '#' and, any case: 6 hex digits; 8 digits ``#rrggbbaa`` — the alpha is trimmed; the CSS shorthands
+    ``#rgb`` / ``#rgba`` — each digit doubled, alpha trimmed), else ``None``; ``suggestion`` is a safe repair for
+    malformed tokens whose intent is unambiguous — missing '#' (``03dc73``), doubled '#' (``##03dc73``) —
+    else ``None`` (``#12345``, ``#03dc7g``, ``#1234567``).
     """
     t = token.strip()
     if _HEX6.fullmatch(t):
         return t.lower(), None
+    if re.fullmatch(r"#[0-9a-fA-F]{8}", t):
+        return t[:7].lower(), None
+    if re.fullmatch(r"#[0-9a-fA-F]{3,4}", t):
+        return "#" + "".join(c * 2 for c in t[1:4].lower()), None
     body = t.lstrip("#")
-    if re.fullmatch(r"[0-9a-fA-F]{6}", body):
-        return None, "#" + body.lower()
-    if re.fullmatch(r"[0-9a-fA-F]{3}", body) and t.startswith("#"):
-        return None, "#" + "".join(c * 2 for c in body.lower())
+    if re.fullmatch(r"[0-9a-fA-F]{6}", body) or re.fullmatch(r"[0-9a-fA-F]{8}", body):
+        return None, "#" + body[:6].lower()
     return None, None
 
 
 def _is_hex_only(segment: str) -> bool:
     """True when a segment holds nothing but hex-like tokens (and separators)."""
-    rest = _HASH_TOKEN.sub(" ", segment)
-    return bool(_HASH_TOKEN.search(segment)) and not re.sub(r"[\s;/|]+", "", rest)
+    toks = _hex_tokens(segment)
+    if not toks:
+        return False
+    rest = segment
+    for m in reversed(toks):
+        rest = rest[: m.start()] + " " + rest[m.end():]
+    return not re.sub(r"[\s;/|]+", "", rest)
 
 
 def _feature_text(segment: str) -> str:
     """The feature words of a labelled segment: hex tokens and empty brackets removed, spaces collapsed."""
-    s = _HASH_TOKEN.sub(" ", segment)
+    s = _HASH_TOKEN.sub(lambda m: " " if is_hex_like(m.group(0)) else m.group(0), segment)
     s = _BARE_HEX_IN_PARENS.sub(" ", s)
     s = re.sub(r"[(\[{]\s*[,;\s]*\s*[)\]}]", " ", s)
     s = re.sub(r"\s+", " ", s).strip(" :;-")
@@ -245,11 +280,11 @@ def parse_caption(text: str) -> ParsedCaption:
             has_palette = True
             in_palette = True
             palette_segments.append(i)
-            for m in _HASH_TOKEN.finditer(body):
+            for m in _hex_tokens(body):
                 h, sug = normalize_hex(m.group(0))
                 tokens.append(HexToken(m.group(0), h, "palette", i, suggestion=sug))
             continue
-        raw_tokens = [m.group(0) for m in _HASH_TOKEN.finditer(seg)]
+        raw_tokens = [m.group(0) for m in _hex_tokens(seg)]
         bare = [m.group(1) for m in _BARE_HEX_IN_PARENS.finditer(seg)]
         if not raw_tokens and not bare:
             in_palette = False
@@ -305,6 +340,15 @@ def _de00_matrix(lab_a: np.ndarray, lab_b: np.ndarray) -> np.ndarray:
     return np.asarray(d, dtype=np.float64).reshape(len(lab_a), len(lab_b))
 
 
+def _de00_matrix_pairs(lab_a: np.ndarray, lab_b: np.ndarray) -> np.ndarray:
+    """Row-wise CIEDE2000 of two ``[N,3]`` Lab arrays → ``[N]`` (:func:`.color.delta_e00`)."""
+    from . import color
+
+    if len(lab_a) == 0:
+        return np.zeros(0)
+    return np.asarray(color.delta_e00(lab_a, lab_b), dtype=np.float64).reshape(-1)
+
+
 def delta_e00_hex(a: str, b: str) -> float:
     """CIEDE2000 between two ``#rrggbb`` colours (Sharma, Wu, Dalal 2005, via :mod:`.color`)."""
     return float(_de00_matrix(_hex_to_lab([a]), _hex_to_lab([b]))[0, 0])
@@ -329,6 +373,19 @@ def _word_family(words: str) -> str | None:
     from . import color
 
     return color.hue_family_of_word(words)
+
+
+def _is_own_css_colour(word: str, h: str, max_de: float = 10.0) -> bool:
+    """True when ``word`` is a CSS colour name (azure, beige, lavender, ...) and ``h`` is within ``max_de``
+    ΔE00 of that name's own CSS hex: a colour named by its own name never contradicts itself."""
+    from . import color
+
+    names, rgbs, labs = color._named_table()
+    try:
+        i = names.index(word.lower())
+    except ValueError:
+        return False
+    return float(_de00_matrix(labs[i : i + 1], _hex_to_lab([h]))[0, 0]) <= max_de
 
 
 def _families_agree(word_family: str, hex_family: str) -> bool:
@@ -405,26 +462,57 @@ def check_text(parsed: ParsedCaption, duplicate_de: float = DEFAULT_DUPLICATE_DE
                 hex=None, data={"raw": t.raw, "role": t.role, "suggestion": t.suggestion}))
 
     labelled = parsed.labelled
-    # duplicates between different features
-    if labelled:
-        feats = [f.lower().strip() for f, _ in labelled]
-        hexes = [h for _, h in labelled]
-        de = _de00_matrix(_hex_to_lab(hexes), _hex_to_lab(hexes))
-        for i in range(len(labelled)):
-            for j in range(i + 1, len(labelled)):
-                if feats[i] == feats[j]:
-                    continue
-                d = 0.0 if hexes[i] == hexes[j] else float(de[i, j])
-                if hexes[i] == hexes[j] or d < duplicate_de:
-                    bg = is_background_feature(labelled[i][0]) or is_background_feature(labelled[j][0])
-                    same = "the same hex" if hexes[i] == hexes[j] else f"near-identical hexes (ΔE00 {d:.2f})"
+    # duplicates between different features: distinct (feature, hex) pairs only; candidate colour pairs from a
+    # KD-tree on Lab within 2t + 1 (CIEDE2000 divides the Lab differences by weights ≥ 1; its a' stretch is at
+    # most 1.5×, so ΔE00 < t implies ΔE76 < 1.5t; 2t + 1 has margin), exact ΔE00 on those in chunks: a megabyte
+    # caption costs O(n log n) and bounded memory, not an n×n matrix
+    pairs = list(dict.fromkeys((f.lower().strip(), f, h) for f, h in labelled))
+    if len(pairs) > 1:
+        uh = list(dict.fromkeys(h for _, _, h in pairs))
+        idx_of = {h: i for i, h in enumerate(uh)}
+        lab = _hex_to_lab(uh)
+        by_hex: dict[int, list[int]] = {}
+        for k, (_, _, h) in enumerate(pairs):
+            by_hex.setdefault(idx_of[h], []).append(k)
+        from scipy.spatial import cKDTree
+
+        near = cKDTree(lab).query_pairs(2.0 * duplicate_de + 1.0, output_type="ndarray") if len(uh) > 1 else \
+            np.zeros((0, 2), np.int64)
+        keep = []
+        for c0 in range(0, len(near), 1 << 18):  # exact ΔE00 in chunks, stopping once enough pairs are found
+            blk = near[c0 : c0 + (1 << 18)]
+            keep.append(blk[_de00_matrix_pairs(lab[blk[:, 0]], lab[blk[:, 1]]) < duplicate_de])
+            if sum(len(k) for k in keep) > MAX_DUPLICATE_FINDINGS:
+                break
+        near = np.concatenate(keep) if keep else near[:0]
+        cand = [(a_, a_) for a_ in by_hex] + [(int(x), int(y)) for x, y in near]
+        n_dup = 0
+        for ha, hb in cand:
+            if n_dup > MAX_DUPLICATE_FINDINGS:
+                break
+            for i in by_hex[ha]:
+                if n_dup > MAX_DUPLICATE_FINDINGS:
+                    break
+                for j in by_hex[hb]:
+                    if (ha == hb and j <= i) or pairs[i][0] == pairs[j][0]:
+                        continue
+                    n_dup += 1
+                    if n_dup > MAX_DUPLICATE_FINDINGS:
+                        break
+                    fi, hi_, fj, hj = pairs[i][1], pairs[i][2], pairs[j][1], pairs[j][2]
+                    d = 0.0 if hi_ == hj else float(_de00_matrix_pairs(lab[[ha]], lab[[hb]])[0])
+                    bg = is_background_feature(fi) or is_background_feature(fj)
+                    same = "the same hex" if hi_ == hj else f"near-identical hexes (ΔE00 {d:.2f})"
                     findings.append(_finding(
                         "duplicate_hex",
-                        f"{labelled[i][0]!r} ({hexes[i]}) and {labelled[j][0]!r} ({hexes[j]}) have {same}"
+                        f"{fi!r} ({hi_}) and {fj!r} ({hj}) have {same}"
                         + ("; one is the background, so the feature would vanish into it" if bg else ""),
-                        severity="error" if bg else "warning", feature=labelled[i][0], hex=hexes[i],
-                        data={"other_feature": labelled[j][0], "other_hex": hexes[j],
-                              "delta_e00": round(d, 4), "background": bg}))
+                        severity="error" if bg else "warning", feature=fi, hex=hi_,
+                        data={"other_feature": fj, "other_hex": hj, "delta_e00": round(d, 4), "background": bg}))
+        if n_dup > MAX_DUPLICATE_FINDINGS:
+            findings.append(_finding(
+                "duplicate_hex", f"more than {MAX_DUPLICATE_FINDINGS} duplicate pairs: the rest are not listed",
+                data={"truncated": True}))
 
     labelled_set = {h for _, h in labelled}
     palette_set = set(parsed.palette)
@@ -454,7 +542,7 @@ def check_text(parsed: ParsedCaption, duplicate_de: float = DEFAULT_DUPLICATE_DE
             continue
         word, wfam = cw
         fam = _hex_family(h)
-        if _families_agree(wfam, fam):
+        if _families_agree(wfam, fam) or _is_own_css_colour(word, h):
             continue
         findings.append(_finding(
             "name_hex_mismatch", f"{f!r}: the word {word!r} means {wfam} but {h} is {fam}", feature=f, hex=h,
@@ -524,47 +612,43 @@ def check_image(parsed: ParsedCaption, colours: ImageColours, tolerance: float =
 # image side (snapping and clustering come from .grid / .palette)
 # --------------------------------------------------------------------------------------------------------
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Open an image file as uint8 RGB ``[H,W,3]``; transparency composited on black (pixel-art sprites).
+def load_rgb(path: str | os.PathLike, matte=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Open an image file under the palette's one transparency rule (:func:`.palette.split_alpha`):
+    ``(rgb uint8 [H,W,3], alpha uint8 [H,W] or None)``; transparent cells are left out of the audit's image
+    colours (never reported as "#000000 not captioned"), ``matte`` composites over a colour instead.
 
     Raises ``ValueError`` with a clear message for unreadable / undecodable / over-large files.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from ..formats.limits import check_image_pixels
+    from .palette import load_image
 
     try:
-        with Image.open(path) as im:
-            check_image_pixels(*im.size, Path(path).name)  # from the header, before decoding
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                bg.alpha_composite(rgba)
-                im2 = bg.convert("RGB")
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                a = np.clip(a / max(a.max(initial=0), 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=-1))
-            else:
-                im2 = im.convert("RGB")
-            return np.ascontiguousarray(np.asarray(im2, dtype=np.uint8))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        return load_image(path, matte)
+    except FileNotFoundError as exc:
+        raise ValueError(f"cannot read image {Path(path).name}: {exc}") from exc
+    except LimitError:  # the pixel budget keeps its own type (a ValueError) and message
+        raise
+    except (ValueError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {Path(path).name}: {exc}") from exc
 
 
-def image_colours(rgb: np.ndarray, cells: int | None = None) -> ImageColours:
+def image_colours(rgb, cells: int | None = None, alpha: np.ndarray | None = None) -> ImageColours:
     """Snap an upscaled pixel-art render to its native cells and cluster the cell colours.
 
     Uses the palette module's grid detection + snapping (one robust colour per cell) and its clustering
     at its perceptual threshold, so the audit sees the same colours as ``conceptlab palette``.
 
     Args:
-        rgb: uint8 ``[H,W,3]``.
+        rgb: uint8 ``[H,W,3]``, or the ``(rgb, alpha)`` pair :func:`load_rgb` returns.
         cells: optional native cell count override.
+        alpha: uint8 ``[H,W]``: cells with alpha < 128 are transparent and left out.
+    A render without a pixel grid (status ``none``) has no cell colours (empty; ``grid`` says why).
     """
-    native, grid = _snap(rgb, cells)
-    flat = native.reshape(-1, 3)
+    if isinstance(rgb, tuple):
+        rgb, alpha = rgb
+    native, grid, opaque = _snap(rgb, cells, alpha)
+    if native is None:
+        return ImageColours(cell_lab=np.zeros((0, 3)), cell_counts=np.zeros(0, np.int64), clusters=[], grid=grid)
+    flat = native.reshape(-1, 3) if opaque is None else native[opaque]
     uniq, counts = np.unique(flat, axis=0, return_counts=True)
     lab = _rgb_to_lab(uniq)
     clusters = _clusters(native, uniq, counts, lab)
@@ -573,12 +657,19 @@ def image_colours(rgb: np.ndarray, cells: int | None = None) -> ImageColours:
 
 
 
-def _snap(rgb: np.ndarray, cells: int | None) -> tuple[np.ndarray, dict]:
-    """Native cells of a render via :func:`.grid.detect_grid` + :func:`.grid.snap`: (uint8 ``[h,w,3]``, grid dict)."""
+def _snap(rgb: np.ndarray, cells: int | None, alpha=None):
+    """Native cells of a render via :func:`.grid.detect_grid` + :func:`.grid.snap`: (uint8 ``[h,w,3]`` or None
+    without a grid, grid dict, opaque-cell mask or None)."""
     from . import grid as grid_mod
+    from .palette import ALPHA_CUTOFF
 
     g = grid_mod.detect_grid(rgb, cells=cells)
-    return grid_mod.snap(rgb, g), g.to_dict()
+    if not g.ok:
+        return None, g.to_dict(), None
+    opaque = None
+    if alpha is not None:
+        opaque = grid_mod.snap(np.repeat(alpha[..., None], 3, axis=2), g)[..., 0] >= ALPHA_CUTOFF
+    return grid_mod.snap(rgb, g), g.to_dict(), opaque
 
 
 CLUSTER_DE = 3.0  # ΔE00 leader-clustering radius for snapped cell colours (interim, see _clusters)
@@ -784,8 +875,12 @@ def _audit_item(root: Path, item: DatasetItem, images: bool, tolerance: float, d
         text, read_findings = read_caption(item.caption)
         findings += read_findings
     if text is not None:
-        parsed = parse_caption(text)
-        findings += check_text(parsed, duplicate_de=duplicate_de)
+        try:  # one bad caption is a finding for that file, never the end of the run
+            parsed = parse_caption(text)
+            findings += check_text(parsed, duplicate_de=duplicate_de)
+        except (ValueError, MemoryError, RecursionError) as exc:
+            parsed = None
+            findings.append(_finding("caption_unreadable", f"could not audit the caption: {type(exc).__name__}: {exc}"))
     if images and item.image is not None:
         try:
             colours = image_colours(load_rgb(item.image))
@@ -863,6 +958,8 @@ def fix_caption(text: str, colours: ImageColours | None = None, *, tolerance: fl
             new = replace.get(t.hex, t.hex)
             if new != t.hex:
                 changes.append(f"{t.feature or t.hex}: {t.hex} -> {new} (nearest image colour)")
+            elif t.raw.lower() != t.hex:
+                changes.append(f"normalised {t.raw!r} -> {t.hex}")
             return new
         if t.suggestion:
             changes.append(f"repaired malformed {t.raw!r} -> {t.suggestion}")

@@ -63,11 +63,12 @@ HEX_PATTERN = re.compile(r"#[0-9A-Za-z]+\b")
 def parse_hex(s: str) -> tuple[int, int, int]:
     """Parse a colour code into an ``(r, g, b)`` tuple of ints 0..255.
 
-    Accepted: ``#rrggbb`` and the CSS short form ``#rgb`` (each digit doubled, ``#abc`` → ``#aabbcc``), any
-    case, surrounding whitespace ignored; the leading ``#`` is optional. Everything else — other lengths
-    (``#12345``, ``#1234``, ``#rrggbbaa``: alpha is not a palette colour), non-hex digits (``#GGGGGG``), empty
-    strings, non-strings — raises :class:`MalformedHexError` (a ``ValueError``) naming the input.
-    Source: CSS Color Module Level 4, §5.2 "The RGB hexadecimal notations" (without the alpha forms).
+    Accepted: ``#rrggbb`` and the CSS short form ``#rgb`` (each digit doubled, ``#abc`` → ``#aabbcc``), and
+    the alpha forms ``#rrggbbaa`` / ``#rgba`` with the alpha trimmed (a palette colour has no alpha; trimming,
+    not refusing, is the caption audit's rule too), any case, surrounding whitespace ignored; the leading ``#``
+    is optional. Everything else — other lengths (``#12345``, ``#1234567``), non-hex digits (``#GGGGGG``),
+    empty strings, non-strings — raises :class:`MalformedHexError` (a ``ValueError``) naming the input.
+    Source: CSS Color Module Level 4, §5.2 "The RGB hexadecimal notations".
     """
     if not isinstance(s, str):
         raise MalformedHexError(f"colour code must be a string like '#03dc73', got {type(s).__name__}")
@@ -77,11 +78,14 @@ def parse_hex(s: str) -> tuple[int, int, int]:
         raise MalformedHexError(f"malformed hex colour {s!r}: empty")
     if not _HEX_DIGITS.match(body):
         raise MalformedHexError(f"malformed hex colour {s!r}: only 0-9 and a-f are hex digits")
-    if len(body) == 3:
-        body = "".join(c * 2 for c in body)
+    if len(body) in (3, 4):
+        body = "".join(c * 2 for c in body[:3])
+    elif len(body) == 8:
+        body = body[:6]
     if len(body) != 6:
         raise MalformedHexError(
-            f"malformed hex colour {s!r}: expected 6 hex digits (#rrggbb) or 3 (#rgb), got {len(body)}"
+            f"malformed hex colour {s!r}: expected 6 hex digits (#rrggbb), 3 (#rgb) or 8 / 4 with alpha, "
+            f"got {len(body)}"
         )
     v = int(body, 16)
     return (v >> 16) & 255, (v >> 8) & 255, v & 255

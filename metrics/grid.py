@@ -56,7 +56,11 @@ __all__ = [
     "Grid",
     "GridError",
     "detect_grid",
+    "detect_grid_uniform",
     "grid_from_cells",
+    "no_grid",
+    "STATUSES",
+    "LOW_CONFIDENCE",
     "edge_profiles",
     "axis_scores",
     "snap",
@@ -80,6 +84,18 @@ RESIDUAL_THRESHOLD = 40
 SAMPLES_PER_SIDE = 5
 #: Below this edge-concentration score an axis shows no grid: native 1-px cells.
 MIN_SCORE = 0.15
+#: The uniform hypothesis wins when its residual is ≤ a·r + b (same cell size as the cut sequence's, whose
+#: residual is r; it is more regular where the art is flat), or < r − c whatever its cell size (shares of pixels).
+UNIFORM_TIE = (1.5, 0.01, 0.002)
+#: An axis shows no grid when the edge concentration on its cuts is below MIN_AXIS_SCORE (noise: ≈ 0..0.05,
+#: true grids on the fixtures: ≥ 0.06, 98 % ≥ 0.11) or its reconstruction misses more than MAX_AXIS_RESIDUAL of
+#: the pixels (pure noise: 0.8–0.95).
+MIN_AXIS_SCORE = 0.08
+MAX_AXIS_RESIDUAL = 0.5
+#: Uniform-hypothesis confidence at which an axis is taken as sharp (soft edge models are not tried).
+SHARP_CONFIDENCE = 0.7
+#: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
+SEPARATION_FULL = 0.02
 #: Rows (columns) used for the x (y) profile at most; evenly spaced.
 PROFILE_LINES = 256
 #: Largest cell count searched per axis.
@@ -95,14 +111,29 @@ class GridError(ValueError):
     """Bad grid request (e.g. a cell count larger than the image)."""
 
 
+#: Grid status values (``Grid.status``).
+STATUSES = ("detected", "low_confidence", "none", "override")
+#: Below this confidence a detected grid is reported ``low_confidence`` (calibrated on the issue-13 fixtures:
+#: see tests/test_grid_conditions.py::test_confidence_is_calibrated).
+LOW_CONFIDENCE = 0.5
+
+
 @dataclass
 class Grid:
     """A cell grid over an ``H×W`` image.
 
-    ``cells_x × cells_y`` cells of ``cell_w × cell_h`` px (floats); grid lines at ``phase_x + k·cell_w`` and
-    ``phase_y + k·cell_h`` px (phases in (−cell/2, cell/2]); cell ``(i, j)`` covers
-    ``x ∈ [phase_x + i·cell_w, phase_x + (i+1)·cell_w)``. ``confidence`` in 0..1; ``method`` is ``"detected"``,
-    ``"override"`` or ``"native"``.
+    The grid is given by its **cuts**: ``cuts_x`` / ``cuts_y`` are the interior cell boundaries in px (floats,
+    increasing, in (0, W) / (0, H)); cell ``i`` along x covers the pixels whose centre ``x + 0.5`` lies in
+    ``[cuts_x[i−1], cuts_x[i])`` (with 0 and W as the outer ends), so ``cells_x = len(cuts_x) + 1`` — cells of
+    varying width (drift) and partial cells at cropped borders are described exactly. ``cell_w × cell_h``: the
+    mean cell size (median interior gap, px); ``phase_x/phase_y``: the first cut modulo the mean cell, in
+    (−cell/2, cell/2] (a uniform grid has lines at ``phase + k·cell``). ``partial``: ``{"left", "right", "top",
+    "bottom"}`` → border cell width as a fraction of the mean cell, listed when < 0.85 (a cropped frame).
+    ``confidence`` in 0..1 (calibrated, see :data:`LOW_CONFIDENCE`); ``status`` one of :data:`STATUSES`
+    (``"none"``: no grid found — then ``cells_x = cells_y = 0``, ``reason`` says why, and cell metrics must not
+    be computed); ``method``: ``"detected"``, ``"uniform"`` (a single period fits best), ``"override"`` or
+    ``"none"``; ``mode``: ``"sharp"``, ``"soft_edges"`` or ``"soft"`` (the edge model that fits: nearest-
+    neighbour, or an interpolating upscale with soft edges).
     """
 
     width: int
@@ -118,17 +149,77 @@ class Grid:
     confidence_y: float = 1.0
     method: str = "detected"
     scores: dict = field(default_factory=dict, repr=False)
+    cuts_x: tuple = ()
+    cuts_y: tuple = ()
+    status: str = "detected"
+    reason: str = ""
+    mode: str = "sharp"
+    partial: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status != "none" and not self.cuts_x and self.cells_x > 1:
+            self.cuts_x = _uniform_cuts(self.width, self.cell_w, self.phase_x)
+        if self.status != "none" and not self.cuts_y and self.cells_y > 1:
+            self.cuts_y = _uniform_cuts(self.height, self.cell_h, self.phase_y)
+        if self.status != "none":
+            self.cells_x, self.cells_y = len(self.cuts_x) + 1, len(self.cuts_y) + 1
+            self.partial = _partial(self)
+
+    @property
+    def ok(self) -> bool:
+        """True when the grid has cells (status is not ``"none"``)."""
+        return self.status != "none"
+
+    def bounds(self, axis: int) -> np.ndarray:
+        """Cell boundaries including the frame ends along ``axis`` (0 = x, 1 = y): float64 ``[cells + 1]``."""
+        L, cuts = (self.width, self.cuts_x) if axis == 0 else (self.height, self.cuts_y)
+        return np.concatenate([[0.0], np.asarray(cuts, np.float64), [float(L)]])
+
+    def cell_of(self, axis: int) -> np.ndarray:
+        """Cell index of every pixel along ``axis`` (pixel-centre rule), int64 ``[W]`` or ``[H]``."""
+        L, cuts = (self.width, self.cuts_x) if axis == 0 else (self.height, self.cuts_y)
+        return np.searchsorted(np.asarray(cuts, np.float64), np.arange(L) + 0.5, side="right")
 
     def to_dict(self) -> dict:
-        """JSON-ready dict: cells_x, cells_y, cell_w, cell_h, phase [x, y], confidence, method."""
+        """JSON-ready dict: status, reason, cells_x, cells_y, cell_w, cell_h (mean, px), phase [x, y], cuts_x,
+        cuts_y (px, 2 decimals), partial, confidence (+ per axis), method, mode."""
         d = asdict(self)
         d.pop("scores")
         d["phase"] = [round(self.phase_x, 3), round(self.phase_y, 3)]
-        for k in ("cell_w", "cell_h", "phase_x", "phase_y"):
+        for k in ("cell_w", "cell_h", "phase_x", "phase_y", "confidence", "confidence_x", "confidence_y"):
             d[k] = round(float(d[k]), 4)
-        for k in ("confidence", "confidence_x", "confidence_y"):
-            d[k] = round(float(d[k]), 4)
+        d["cuts_x"] = [round(float(c), 2) for c in self.cuts_x]
+        d["cuts_y"] = [round(float(c), 2) for c in self.cuts_y]
+        if not d["reason"]:
+            d.pop("reason")
         return d
+
+
+def _uniform_cuts(length: int, cell: float, phase: float) -> tuple:
+    if cell <= 0:
+        return ()
+    k = np.arange(-2, int(length / cell) + 3)
+    c = phase + k * cell
+    c = c[(c > 0.5) & (c < length - 0.5)]
+    return tuple(float(v) for v in c)
+
+
+def _partial(g: "Grid") -> dict:
+    out = {}
+    for axis, (lo, hi), cell in ((0, ("left", "right"), g.cell_w), (1, ("top", "bottom"), g.cell_h)):
+        b = g.bounds(axis)
+        if b.size < 3 or cell <= 1:
+            continue
+        for name, width in ((lo, b[1] - b[0]), (hi, b[-1] - b[-2])):
+            if width < 0.85 * cell:
+                out[name] = round(float(width / cell), 3)
+    return out
+
+
+def no_grid(width: int, height: int, reason: str, scores: dict | None = None) -> Grid:
+    """The ``status="none"`` grid: no cells (``cells_x = cells_y = 0``), confidence 0, ``reason`` saying why."""
+    return Grid(width, height, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "none", scores or {}, (), (), "none",
+                reason)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,17 +489,19 @@ def grid_from_cells(width: int, height: int, cells_x: int, cells_y: int | None =
         if ch > 1:
             py = _phase(pry, height, ch)
             cy = _confidence(pry, height, ch, py)
-    return Grid(width, height, cells_x, cells_y, cw, ch, px, py, min(cx, cy), cx, cy, "override")
+    return Grid(width, height, cells_x, cells_y, cw, ch, px, py, min(cx, cy), cx, cy, "override", status="override")
 
 
-def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, margin: float = HARMONIC_MARGIN,
-                max_cells: int = MAX_CELLS) -> Grid:
-    """Detect the native cell grid of an RGB uint8 image ``[H, W, 3]`` (see the module docstring).
+def detect_grid_uniform(rgb: np.ndarray, cells: int | tuple[int, int] | None = None,
+                        margin: float = HARMONIC_MARGIN, max_cells: int = MAX_CELLS) -> Grid:
+    """The single-period detector (the project's detector before issue 13; kept as one hypothesis of
+    :func:`detect_grid` and as the benchmark's baseline): one integer cell count per axis spanning the frame,
+    one phase (see the module docstring, steps 1–5).
 
     ``cells``: user override — an int (cells along x, square cells) or ``(cells_x, cells_y)``; the phase is
     still estimated. ``margin``: harmonic margin (0..1]. Returns a :class:`Grid`; an image without a detectable
-    grid gets native 1-px cells (``method="native"``, confidence 0). Raises ValueError for a non-RGB-uint8 array,
-    :class:`GridError` for an impossible override.
+    grid gets native 1-px cells (``method="native"``, confidence 0) — :func:`detect_grid` turns that into
+    ``status="none"``. Raises ValueError for a non-RGB-uint8 array, :class:`GridError` for an impossible override.
     """
     _check_rgb(rgb)
     h, w, _ = rgb.shape
@@ -460,7 +553,126 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         cy = cx
     scores = {"best_x": float(scx.max(initial=0)), "best_y": float(scy.max(initial=0)),
               "chosen_x": score_at(nsx, scx, nx), "chosen_y": score_at(nsy, scy, ny)}
-    return Grid(w, h, nx, ny, cw, ch, phx, phy, min(cx, cy), cx, cy, "detected", scores)
+    return Grid(w, h, nx, ny, cw, ch, phx, phy, min(cx, cy), cx, cy, "uniform", scores)
+
+
+def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
+    h = rgb.shape[0]
+    step = max(1, h // count)
+    return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
+
+
+def _axis_confidence(score: float, separation: float) -> float:
+    """Confidence of one axis, 0..1: edge concentration on the cuts (``score``, chance-corrected, see
+    :func:`.grid_cuts.edge_score`) times how clearly the next coarser grid explains the image worse
+    (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`)."""
+    return float(np.clip(score, 0.0, 1.0) ** 0.5 * np.clip(separation / SEPARATION_FULL, 0.0, 1.0))
+
+
+def _phase_of(cuts: tuple, cell: float) -> float:
+    if not cuts or cell <= 0:
+        return 0.0
+    ph = (cuts[0] + cell / 2.0) % cell - cell / 2.0
+    return float(ph + cell if ph <= -cell / 2.0 else ph)
+
+
+def _square_cells(rgb: np.ndarray, fx, fy) -> None:
+    """Square-cell consistency: when the axes disagree, an axis adopts the other's cell size if that explains
+    it about as well (residual ≤ 1.2·own + 0.002: e.g. a sprite with few vertical edges, where every period
+    ties); the axis with the clearer evidence (higher edge score) is asked first. Updates the fits in place."""
+    from . import grid_cuts as gc
+
+    order = sorted(((fx, fy, rgb), (fy, fx, np.swapaxes(rgb, 0, 1))), key=lambda t: t[0].score)
+    for a, b, img in order:
+        lines = _lines(img)
+        p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
+        cuts = gc.cuts_for_period(p1, p2, a.length, b.cell, a.mode)
+        if cuts.size == 0:
+            continue
+        r = gc.residual(lines, cuts, a.mode, gc.threshold(a.noise))
+        if r <= 1.2 * a.residual + 0.002:
+            a.cuts, a.cell, a.residual = cuts, float(np.median(np.diff(cuts))) if cuts.size > 1 else b.cell, r
+            a.score = gc.edge_score(p1, cuts, a.length, max(1.0, min(2.0, a.cell / 6))) if a.mode == "sharp" else a.score
+            return
+
+
+def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, margin: float = HARMONIC_MARGIN,
+                max_cells: int = MAX_CELLS) -> Grid:
+    """Detect the native cell grid of an RGB uint8 image ``[H, W, 3]``: per-line cuts (cells of varying width,
+    partial border cells, soft upscales), mean cell size, status and confidence.
+
+    Two hypotheses per axis, the better reconstruction wins (ties: the uniform one, which is more regular where
+    the art is flat): the single-period grid of :func:`detect_grid_uniform`, and the cut sequence of
+    :func:`.grid_cuts.detect_axis` (autocorrelation candidates, beat-tracking DP, reconstruction residual; see
+    :mod:`.grid_cuts`). An axis without edges borrows the other axis' cell size (square cells).
+
+    ``cells``: user override — an int (cells along x, square cells) or ``(cells_x, cells_y)`` (status
+    ``"override"``, uniform cells, phase still estimated). ``margin``: harmonic margin of the uniform hypothesis
+    (0..1]. Returns a :class:`Grid`: ``status`` ``"detected"`` / ``"low_confidence"`` (confidence <
+    :data:`LOW_CONFIDENCE`) / ``"none"`` (no grid: no cells, ``reason`` set; never a silent 1-px grid).
+    Raises ValueError for a non-RGB-uint8 array, :class:`GridError` for an impossible override.
+    """
+    from . import grid_cuts as gc
+
+    _check_rgb(rgb)
+    h, w, _ = rgb.shape
+    if cells is not None:
+        return detect_grid_uniform(rgb, cells, margin, max_cells)
+    if not (0 < margin <= 1):
+        raise ValueError(f"margin must be in (0, 1], got {margin}")
+    if min(h, w) < 2 * gc.MIN_CELL_PX:
+        return no_grid(w, h, f"image {w}x{h} is too small to hold a grid of cells >= {gc.MIN_CELL_PX:g} px")
+    u = detect_grid_uniform(rgb, None, margin, max_cells)
+    fits = []
+    for axis, img in ((0, rgb), (1, np.swapaxes(rgb, 0, 1))):
+        L = img.shape[1]
+        lines = _lines(img)
+        p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
+        ucell = (u.cell_w if axis == 0 else u.cell_h) if u.method == "uniform" else 0.0
+        # edges already concentrated on sharp grid lines (uniform confidence ≥ SHARP_CONFIDENCE): no soft models
+        uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
+        modes = ("sharp",) if uconf >= SHARP_CONFIDENCE else gc.MODES
+        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes)
+        if ucell > 1:
+            ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
+            thr = gc.threshold(fit.noise)
+            ru = gc.residual(lines, ucuts, fit.mode, thr)
+            same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
+            if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
+                    or ru < fit.residual - UNIFORM_TIE[2]):
+                conf_u = _confidence(_prepare(_profile_x(img, PROFILE_LINES)), L, ucell,
+                                     u.phase_x if axis == 0 else u.phase_y)
+                fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
+                                 fit.noise, fit.candidates)
+                fit.uniform = True
+        if fit.cuts.size and (fit.score < MIN_AXIS_SCORE or fit.residual > MAX_AXIS_RESIDUAL
+                              or fit.cell < gc.MIN_CELL_PX):
+            fit.cuts = np.zeros(0)  # no evidence of a grid on this axis (noise, flat, or no pixel art)
+        fits.append(fit)
+    fx, fy = fits
+    if fx.cuts.size and fy.cuts.size and abs(fx.cell / fy.cell - 1.0) > 0.1:
+        _square_cells(rgb, fx, fy)
+    if fx.cuts.size == 0 and fy.cuts.size == 0:
+        return no_grid(w, h, "no periodic cell edges found (flat image, noise only, or no pixel grid)",
+                       {"candidates_x": fx.candidates, "candidates_y": fy.candidates})
+    for a, b, L in ((fx, fy, w), (fy, fx, h)):
+        if a.cuts.size == 0:  # no edges across this axis: square cells from the other one
+            a.cell = b.cell
+            a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
+            a.score, a.separation, a.mode = b.score, b.separation, b.mode
+    cx, cy = _axis_confidence(fx.score, fx.separation), _axis_confidence(fy.score, fy.separation)
+    conf = min(cx, cy)
+    status = "detected" if conf >= LOW_CONFIDENCE else "low_confidence"
+    method = "uniform" if getattr(fx, "uniform", False) and getattr(fy, "uniform", False) else "detected"
+    mode = fx.mode if fx.mode == fy.mode else f"{fx.mode}/{fy.mode}"
+    g = Grid(w, h, fx.cuts.size + 1, fy.cuts.size + 1, float(fx.cell), float(fy.cell),
+             _phase_of(tuple(fx.cuts), fx.cell), _phase_of(tuple(fy.cuts), fy.cell), conf, cx, cy, method,
+             {"residual_x": fx.residual, "residual_y": fy.residual, "separation_x": fx.separation,
+              "separation_y": fy.separation, "score_x": fx.score, "score_y": fy.score,
+              "candidates_x": fx.candidates, "candidates_y": fy.candidates},
+             tuple(float(c) for c in fx.cuts), tuple(float(c) for c in fy.cuts), status,
+             "" if status == "detected" else f"confidence {conf:.2f} < {LOW_CONFIDENCE}", mode)
+    return g
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,10 +680,12 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sample_coords(n: int, cell: float, phase: float, length: int, m: int, inner: float) -> np.ndarray:
-    """``[n, m]`` int pixel coordinates of ``m`` samples in the inner ``inner`` fraction of each of ``n`` cells."""
+def _sample_coords(bounds: np.ndarray, length: int, m: int, inner: float) -> np.ndarray:
+    """``[n, m]`` int pixel coordinates of ``m`` samples in the inner ``inner`` fraction of each of the ``n``
+    cells between consecutive ``bounds`` (px)."""
     t = 0.5 - inner / 2.0 + inner * (np.arange(m) + 0.5) / m
-    x = phase + (np.arange(n)[:, None] + t[None, :]) * cell
+    lo, hi = bounds[:-1, None], bounds[1:, None]
+    x = lo + t[None, :] * (hi - lo)
     return np.clip(np.floor(x), 0, length - 1).astype(np.int64)
 
 
@@ -481,24 +695,31 @@ def _default_m(grid: Grid) -> int:
     return int(np.clip(round(min(grid.cell_w, grid.cell_h) / 4.0), 1, SAMPLES_PER_SIDE))
 
 
+def _require_cells(grid: Grid) -> None:
+    if not grid.ok:
+        raise GridError(f"no pixel grid to snap to: {grid.reason or 'status none'} (give the cell count to override)")
+
+
 def _gather(rgb: np.ndarray, grid: Grid, m: int | None, inner: float) -> tuple[np.ndarray, int]:
     """``[cells_y, m, cells_x, m, 3]`` uint8 samples (one fancy-indexing gather, no per-cell loop) and ``m``."""
     _check_rgb(rgb)
+    _require_cells(grid)
     if m is None:
         m = _default_m(grid)
     m = max(1, int(m))
-    ys = _sample_coords(grid.cells_y, grid.cell_h, grid.phase_y, rgb.shape[0], m, inner)
-    xs = _sample_coords(grid.cells_x, grid.cell_w, grid.phase_x, rgb.shape[1], m, inner)
+    ys = _sample_coords(grid.bounds(1), rgb.shape[0], m, inner)
+    xs = _sample_coords(grid.bounds(0), rgb.shape[1], m, inner)
     return rgb[ys[:, :, None, None], xs[None, None, :, :]], m
 
 
 def sample_cells(rgb: np.ndarray, grid: Grid, m: int | None = None, inner: float = 0.5) -> np.ndarray:
     """Pixels sampled inside each cell: ``[cells_y, cells_x, m*m, 3]`` uint8.
 
-    ``m×m`` samples on a regular lattice in the central ``inner`` fraction of each cell (default the middle
-    50 %, away from blurred / JPEG-rung edges); ``m`` defaults to ``clip(round(min(cell_w, cell_h)/4), 1,``
+    ``m×m`` samples on a regular lattice in the central ``inner`` fraction of each cell (between its cuts, so
+    cells of different widths and partial border cells are sampled inside; default the middle 50 %, away from
+    blurred / JPEG-rung edges); ``m`` defaults to ``clip(round(min(cell_w, cell_h)/4), 1,``
     :data:`SAMPLES_PER_SIDE` ``)`` (≈ one sample per 2 px of the inner part; 25 samples for 21 px cells).
-    Memory: cells × m² × 3 bytes.
+    Memory: cells × m² × 3 bytes. Raises :class:`GridError` for a ``status="none"`` grid.
     """
     s, m = _gather(rgb, grid, m, inner)
     return s.transpose(0, 2, 1, 3, 4).reshape(grid.cells_y, grid.cells_x, m * m, 3)
@@ -534,16 +755,16 @@ def snap(rgb: np.ndarray, grid: Grid, m: int | None = None, inner: float = 0.5) 
 def upscale_native(native: np.ndarray, grid: Grid | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
     """Clean upscaled render: nearest-neighbour upscale of ``native`` ``[cy, cx, 3]`` back onto the grid.
 
-    With ``grid``, every output pixel takes the colour of the cell holding its centre (same size and phase
-    as the analysed render); otherwise ``size=(H, W)`` with cells spanning the image. Returns ``native``'s dtype
+    With ``grid``, every output pixel takes the colour of the cell holding its centre (same size and cuts
+    as the analysed render; :class:`GridError` for a ``status="none"`` grid); otherwise ``size=(H, W)`` with cells spanning the image. Returns ``native``'s dtype
     (uint8 for :func:`snap` output) ``[H, W, 3]``. Raises ``ValueError`` when neither ``grid`` nor ``size`` is
     given.
     """
     cy, cx = native.shape[:2]
     if grid is not None:
-        h, w = grid.height, grid.width
-        xs = np.clip(np.floor((np.arange(w) + 0.5 - grid.phase_x) / grid.cell_w), 0, cx - 1).astype(np.int64)
-        ys = np.clip(np.floor((np.arange(h) + 0.5 - grid.phase_y) / grid.cell_h), 0, cy - 1).astype(np.int64)
+        _require_cells(grid)
+        xs = np.minimum(grid.cell_of(0), cx - 1)
+        ys = np.minimum(grid.cell_of(1), cy - 1)
     else:
         if size is None:
             raise ValueError("upscale_native needs a grid or a size")

@@ -113,9 +113,57 @@ def to_rgb(image, matte=(255, 255, 255)) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+#: The one transparency rule (palette, caption audit, nodes): without ``matte``, pixels with alpha < 128 are
+#: *transparent* — excluded from every colour statistic, and a background that is mostly transparent is
+#: reported as ``"transparent"``; for grid detection only, the image is composited over this key colour
+#: (the chroma-key magenta of sprite sheets). With a matte colour, alpha is composited over it instead and the
+#: matte is a colour like any other.
+DETECTION_KEY = (255, 0, 255)
+#: Alpha (0..255) below which a pixel / snapped cell is transparent.
+ALPHA_CUTOFF = 128
+
+
+def split_alpha(image, matte=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Any image (see :func:`to_rgb`) → ``(rgb uint8 [H, W, 3], alpha uint8 [H, W] or None)`` under the one
+    transparency rule (:data:`DETECTION_KEY`). ``matte`` (hex or RGB): composite over it and return alpha
+    ``None``. Without a matte, an image with an alpha channel below 255 somewhere returns its alpha and an RGB
+    composited over :data:`DETECTION_KEY` (for grid detection; colours of transparent cells are never
+    reported); fully opaque images return ``None``. Raises ValueError like :func:`to_rgb`."""
+    from PIL import Image
+
+    if matte is not None:
+        return to_rgb(image, matte), None
+    arr = image
+    if isinstance(image, Image.Image):
+        im = image
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            arr = np.asarray(im.convert("RGBA"))
+        else:
+            return to_rgb(im), None
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):
+        a = arr[..., -1] if arr.dtype == np.uint8 else to_rgb(arr[..., -1])[..., 0]
+        if a.min(initial=255) >= 255:
+            return to_rgb(arr[..., :-1] if arr.shape[2] == 4 else arr[..., :1]), None
+        return to_rgb(arr, DETECTION_KEY), np.ascontiguousarray(a)
+    return to_rgb(arr), None
+
+
+def load_image(path, matte=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an image file under the one transparency rule → ``(rgb [H, W, 3], alpha [H, W] or None)`` (see
+    :func:`split_alpha`). Raises FileNotFoundError, or ValueError naming the file when Pillow cannot read it."""
+    return _open(path, lambda im: split_alpha(im, matte))
+
+
 def load_rgb(path, matte=(255, 255, 255)) -> np.ndarray:
-    """Read an image file → RGB uint8 ``[H, W, 3]`` (see :func:`to_rgb`). Raises FileNotFoundError, or
-    ValueError naming the file when Pillow cannot read it."""
+    """Read an image file → RGB uint8 ``[H, W, 3]`` composited over ``matte`` (see :func:`to_rgb`). Raises
+    FileNotFoundError, or ValueError naming the file when Pillow cannot read it."""
+    return _open(path, lambda im: to_rgb(im, matte))
+
+
+def _open(path, convert):
     from pathlib import Path
 
     from PIL import Image, UnidentifiedImageError
@@ -131,8 +179,8 @@ def load_rgb(path, matte=(255, 255, 255)) -> np.ndarray:
         with Image.open(p) as im:
             check_image_pixels(*im.size, p.name)  # from the header, before decoding
             im.load()
-            return to_rgb(im, matte)
-    except (UnidentifiedImageError, OSError) as exc:
+            return convert(im)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"cannot read {p} as an image: {exc}") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - huge files
         raise ValueError(f"{p}: {exc}") from None
@@ -338,77 +386,172 @@ def _wquantile(v: np.ndarray, w: np.ndarray, q: float) -> float:
     return float(v[o][np.searchsorted(cw, q * cw[-1])])
 
 
+def _null_cell_metrics(rep: dict, reason: str, targets: bool) -> dict:
+    """Fill the cell metrics with ``None`` (status ``none``: no grid) and say why in ``null_reason``."""
+    for k in ("native_unique_colors", "effective_colors", "effective_colors_95", "clusters", "palette",
+              "background", "cleanliness"):
+        rep[k] = None
+    if targets:
+        for k in ("in_palette_frac", "palette_coverage", "delta_e00_mean", "delta_e00_p90", "missing", "extraneous",
+                  "targets", "at_tolerance"):
+            rep[k] = None
+    rep["null_reason"] = reason
+    return rep
+
+
+def _background(native, cell_labels, opaque, expected_background) -> dict:
+    """Background of the snapped image: the cluster that keeps the outer ring of cells connected.
+
+    Rule (robust to a subject that touches the frame): among the clusters on the ring, each scores its share
+    of ring cells × the share of its ring cells that are 4-connected (through cells of the same cluster, inside
+    the image) to a corner cell; the best wins. A subject touching one side covers part of the ring but rarely
+    the corners and never as one connected run around them. ``confidence`` = winner's score / (sum of scores).
+    A ring mostly transparent (alpha) gives ``{"hex": None, "name": "transparent", ...}``.
+    """
+    from scipy.ndimage import label as cc_label
+
+    h, w = cell_labels.shape
+    ring = np.zeros((h, w), bool)
+    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
+    if opaque is not None:
+        t_share = float((~opaque[ring]).mean())
+        if t_share >= 0.5:
+            return {"hex": None, "name": "transparent", "family": "transparent", "transparent": True,
+                    "frac_of_ring": round(t_share, 4), "confidence": round(t_share, 4)}
+        ring_ok = ring & opaque
+    else:
+        ring_ok = ring
+    rl = cell_labels[ring_ok]
+    cands = np.unique(rl)
+    corners = np.zeros((h, w), bool)
+    corners[0, 0] = corners[0, -1] = corners[-1, 0] = corners[-1, -1] = True
+    scores = []
+    for c in cands:
+        m = cell_labels == c
+        if opaque is not None:
+            m &= opaque
+        comp, _ = cc_label(m)
+        corner_ids = np.unique(comp[corners & m])
+        corner_ids = corner_ids[corner_ids > 0]
+        on_ring = m & ring
+        conn = np.isin(comp[on_ring], corner_ids).mean() if corner_ids.size else 0.0
+        scores.append(float((rl == c).mean()) * (0.25 + 0.75 * conn))
+    scores = np.asarray(scores)
+    bgl = int(cands[int(np.argmax(scores))])
+    members = native[ring_ok & (cell_labels == bgl)]
+    bg = np.median(members.reshape(-1, 3), axis=0).round().astype(np.uint8)
+    bgd = {"hex": rgb_to_hex(bg), "name": color_name(bg), "family": color_family(bg),
+           "frac_of_ring": round(float((rl == bgl).mean()), 4),
+           "confidence": round(float(scores.max() / max(scores.sum(), 1e-12)), 4)}
+    if expected_background is not None:
+        eb = parse_hex(expected_background) if isinstance(expected_background, str) else tuple(expected_background)
+        bgd["expected"] = rgb_to_hex(eb)
+        bgd["delta_e00_to_expected"] = round(float(delta_e00(srgb_to_lab(bg), srgb_to_lab(np.array(eb, np.uint8)))), 3)
+    return bgd
+
+
 def palette_report(image, targets=None, cells=None, expected_background=None, tolerance: float = DEFAULT_TOLERANCE,
                    cluster_threshold: float = CLUSTER_THRESHOLD, k: int = 8, grid: Grid | None = None,
-                   return_arrays: bool = False) -> dict:
+                   return_arrays: bool = False, alpha: np.ndarray | None = None, matte=None) -> dict:
     """Full palette report of one image (see README "palette --json" for every key).
 
-    ``image``: RGB uint8 ``[H, W, 3]`` or anything :func:`to_rgb` takes (PIL image, RGBA/gray arrays).
-    ``targets``: target colours (``"#hex,#hex"``, list of hex / RGB) — adds the fidelity keys.
-    ``cells``: grid override (int or ``(cells_x, cells_y)``). ``expected_background``: hex / RGB.
-    ``tolerance``: ΔE00 for in-palette / present (also reported at 2.3, 5, 10).
-    Keys: ``grid`` {cells_x, cells_y, cell_w, cell_h, phase, confidence, ...}, ``unique_colors`` (raw render),
-    ``native_unique_colors``, ``effective_colors`` (ΔE00 clusters), ``effective_colors_95`` (clusters covering
-    95 % of cells), ``clusters`` [{hex, name, family, frac}], ``palette`` (k-means k), ``background`` {hex, name,
-    family, frac_of_ring, delta_e00_to_expected}, ``cleanliness`` {mixed_cells_frac, isolated_cells,
-    isolated_frac, pixel_perfect_frac}; with targets: ``in_palette_frac``, ``palette_coverage``,
-    ``delta_e00_mean``, ``delta_e00_p90``, ``missing``, ``extraneous``, ``targets`` (per target), ``at_tolerance``
-    {"2.3", "5", "10"}, ``exact_hex_frac`` (the naive exact-hex match, for comparison).
-    With ``return_arrays`` the dict also holds numpy arrays under ``"_arrays"`` (native, clean, labels).
-    Raises ValueError / MalformedHexError / GridError with a clear message for bad input.
+    ``image``: RGB uint8 ``[H, W, 3]`` or anything :func:`to_rgb` takes (PIL image, RGBA/gray arrays); alpha
+    follows the one transparency rule (:func:`split_alpha`; ``matte`` composites over a colour instead;
+    ``alpha`` uint8 ``[H, W]`` may be passed beside an RGB array). ``targets``: target colours
+    (``"#hex,#hex"``, list of hex / RGB) — adds the fidelity keys. ``cells``: grid override (int or
+    ``(cells_x, cells_y)``). ``expected_background``: hex / RGB. ``tolerance``: ΔE00 for in-palette / present
+    (also reported at 2.3, 5, 10). ``cluster_threshold``: ΔE00 under which cell colours are one effective colour.
+
+    Keys: ``grid`` {status, confidence, cells_x, cells_y, cell_w, cell_h, cuts_x, cuts_y, partial, ...},
+    ``warnings`` (list of strings; a ``none`` / ``low_confidence`` grid is always named there),
+    ``unique_colors`` (raw render), ``native_unique_colors``, ``effective_colors`` (ΔE00 clusters),
+    ``effective_colors_95`` (clusters covering 95 % of cells), ``clusters`` [{hex, family, frac}], ``palette``
+    (k-means k), ``background`` {hex, name, family, frac_of_ring, confidence, delta_e00_to_expected; hex None
+    and name "transparent" for a transparent ring}, ``cleanliness`` {mixed_cells_frac, isolated_cells,
+    isolated_frac, pixel_perfect_frac}, ``transparent_cells_frac`` (with alpha); with targets:
+    ``in_palette_frac``, ``palette_coverage``, ``delta_e00_mean``, ``delta_e00_p90``, ``missing``,
+    ``extraneous``, ``targets`` (per target), ``at_tolerance`` {"2.3", "5", "10"}, ``exact_hex_frac`` (the naive
+    exact-hex match, for comparison). With grid status ``none`` every cell metric is ``None`` and
+    ``null_reason`` says why (never computed on 1-px cells). With ``return_arrays`` the dict also holds numpy
+    arrays under ``"_arrays"`` (native, labels, grid, opaque). Raises ValueError / MalformedHexError /
+    GridError with a clear message for bad input.
     """
-    rgb = image if (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3
-                    and image.dtype == np.uint8) else to_rgb(image)
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8:
+        rgb = image
+        if matte is not None:
+            alpha = None
+    else:
+        rgb, alpha = split_alpha(image, matte)
+    if alpha is not None and alpha.shape != rgb.shape[:2]:
+        raise ValueError(f"alpha {alpha.shape} does not match the image {rgb.shape[:2]}")
     tgt = parse_palette(targets) if targets is not None and not isinstance(targets, list) else (
         [parse_hex(t) if isinstance(t, str) else tuple(t) for t in targets] if targets else [])
+    if not (cluster_threshold > 0):
+        raise ValueError(f"cluster_threshold must be > 0 (ΔE00), got {cluster_threshold}")
     g = grid if grid is not None else detect_grid(rgb, cells)
+    rep: dict = {
+        "width": int(rgb.shape[1]),
+        "height": int(rgb.shape[0]),
+        "grid": g.to_dict(),
+        "warnings": [],
+        "unique_colors": raw_unique_colors(rgb),
+        "cluster_threshold": cluster_threshold,
+    }
+    if not g.ok:
+        rep["warnings"].append(f"no pixel grid found ({g.reason}); cell metrics are null — pass cells=N "
+                               "(--cells N) if the render has one")
+        _null_cell_metrics(rep, f"grid status none: {g.reason}", bool(tgt))
+        if tgt:
+            rep["exact_hex_frac"] = round(float(np.isin(_pack(rgb[::4, ::4]), _pack(np.array(tgt, np.uint8))).mean()), 4)
+        if return_arrays:
+            rep["_arrays"] = {"native": None, "labels": None, "grid": g, "opaque": None}
+        return rep
+    if g.status == "low_confidence":
+        rep["warnings"].append(f"pixel grid found with low confidence ({g.confidence:.2f}): cell metrics may be "
+                               "wrong; check the annotated grid or pass cells=N")
     samples = sample_cells(rgb, g)  # [h, w, m*m, 3], gathered once: snapping + cleanliness
     native = median_of_samples(samples)  # == snap(rgb, g)
-    ncell = native.shape[0] * native.shape[1]
-    cols, cnt, inv = _unique_with_counts(native.reshape(-1, 3))
+    opaque = None
+    if alpha is not None:
+        a_s = sample_cells(np.repeat(alpha[..., None], 3, axis=2), g)[..., :1]
+        opaque = median_of_samples(np.repeat(a_s, 3, axis=3))[..., 0] >= ALPHA_CUTOFF
+        rep["transparent_cells_frac"] = round(float((~opaque).mean()), 4)
+        if not opaque.any():
+            rep["warnings"].append("every cell is transparent: colour metrics are null")
+            _null_cell_metrics(rep, "every cell is transparent", bool(tgt))
+            rep["background"] = {"hex": None, "name": "transparent", "family": "transparent", "transparent": True,
+                                 "frac_of_ring": 1.0, "confidence": 1.0}
+            return rep
+    sel = opaque.reshape(-1) if opaque is not None else slice(None)
+    ncell = int(opaque.sum()) if opaque is not None else native.shape[0] * native.shape[1]
+    cols, cnt, inv_sel = _unique_with_counts(native.reshape(-1, 3)[sel])
     if len(cols) > MAX_CLUSTER_COLORS:  # huge native images: cluster 5-bit colours
-        q = (native.reshape(-1, 3) & 0xF8) | 4
-        cols, cnt, inv = _unique_with_counts(q)
+        q = (native.reshape(-1, 3)[sel] & 0xF8) | 4
+        cols, cnt, inv_sel = _unique_with_counts(q)
     labels_u, leaders, sizes = cluster_colors(cols, cnt, cluster_threshold)
-    cell_labels = labels_u[inv].reshape(native.shape[:2])
+    flat_labels = np.full(native.shape[0] * native.shape[1], -1, np.int64)
+    flat_labels[sel] = labels_u[inv_sel]
+    cell_labels = flat_labels.reshape(native.shape[:2])
     frac = sizes / ncell
     cum = np.cumsum(np.sort(frac)[::-1])
     eff95 = int(np.searchsorted(cum, 0.95 - 1e-9) + 1) if len(cum) else 0
     fams = color_family(leaders) if len(leaders) else np.array([])
     clusters = [{"hex": rgb_to_hex(leaders[i]), "family": str(fams[i]), "frac": round(float(frac[i]), 4)}
                 for i in range(len(leaders))]
-    rep: dict = {
-        "width": int(rgb.shape[1]),
-        "height": int(rgb.shape[0]),
-        "grid": g.to_dict(),
-        "unique_colors": raw_unique_colors(rgb),
-        "native_unique_colors": int(len(np.unique(_pack(native)))),
+    rep.update({
+        "native_unique_colors": int(len(np.unique(_pack(native.reshape(-1, 3)[sel])))),
         "effective_colors": int(len(leaders)),
         "effective_colors_95": eff95,
-        "cluster_threshold": cluster_threshold,
         "clusters": clusters[:64],
-    }
-    # background: mode cluster of the outer ring of cells
+    })
+    rep["background"] = _background(native, cell_labels, opaque, expected_background)
     h, w = cell_labels.shape
-    ring = np.zeros((h, w), bool)
-    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
-    rl = cell_labels[ring]
-    bgl = int(np.bincount(rl).argmax())
-    members = native[ring & (cell_labels == bgl)]
-    bg = np.median(members.reshape(-1, 3), axis=0).round().astype(np.uint8)
-    bgd = {"hex": rgb_to_hex(bg), "name": color_name(bg), "family": color_family(bg),
-           "frac_of_ring": round(float((rl == bgl).mean()), 4)}
-    if expected_background is not None:
-        eb = parse_hex(expected_background) if isinstance(expected_background, str) else tuple(expected_background)
-        bgd["expected"] = rgb_to_hex(eb)
-        bgd["delta_e00_to_expected"] = round(float(delta_e00(srgb_to_lab(bg), srgb_to_lab(np.array(eb, np.uint8)))), 3)
-    rep["background"] = bgd
     # cleanliness
     s_ok = srgb_to_oklab(samples, np.float32)  # [h, w, m*m, 3]
     n_ok = srgb_to_oklab(native, np.float32)
     dev = np.sqrt(((s_ok - n_ok[:, :, None, :]) ** 2).sum(-1))  # [h, w, m*m]
     mixed = (dev > MIX_THRESHOLD).mean(-1) > 0.25
-    pad = np.pad(cell_labels, 1, constant_values=-1)
+    pad = np.pad(cell_labels, 1, constant_values=-2)
     same = np.zeros((h, w), bool)
     has = np.zeros((h, w), bool)
     for dy in (-1, 0, 1):
@@ -418,24 +561,29 @@ def palette_report(image, targets=None, cells=None, expected_background=None, to
             nb = pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
             has |= nb >= 0
             same |= nb == cell_labels
-    isolated = has & ~same
+    isolated = has & ~same & (cell_labels >= 0)
+    if opaque is not None:
+        mixed &= opaque
     # pixel-perfectness on a strided pixel lattice (≤ PERFECT_SAMPLES pixels): how well the clean upscale
     # explains the render
     step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / PERFECT_SAMPLES))))
     sub = rgb[step // 2 :: step, step // 2 :: step]
-    ys = np.clip(np.floor((np.arange(step // 2, rgb.shape[0], step) + 0.5 - g.phase_y) / g.cell_h), 0, h - 1)
-    xs = np.clip(np.floor((np.arange(step // 2, rgb.shape[1], step) + 0.5 - g.phase_x) / g.cell_w), 0, w - 1)
-    recon = n_ok[ys.astype(np.intp)[:, None], xs.astype(np.intp)[None, :]]
+    ys = np.minimum(g.cell_of(1)[step // 2 :: step], h - 1)
+    xs = np.minimum(g.cell_of(0)[step // 2 :: step], w - 1)
+    recon = n_ok[ys[:, None], xs[None, :]]
     pdev = np.sqrt(((srgb_to_oklab(sub, np.float32) - recon) ** 2).sum(-1))
+    if opaque is not None:
+        pdev = pdev[opaque[ys[:, None], xs[None, :]]]
     rep["cleanliness"] = {
         "mixed_cells": int(mixed.sum()),
-        "mixed_cells_frac": round(float(mixed.mean()), 4),
+        "mixed_cells_frac": round(float(mixed.sum() / max(ncell, 1)), 4),
         "isolated_cells": int(isolated.sum()),
-        "isolated_frac": round(float(isolated.mean()), 4),
-        "pixel_perfect_frac": round(float((pdev <= MIX_THRESHOLD).mean()), 4),
-        "mean_oklab_error": round(float(pdev.mean()), 4),
+        "isolated_frac": round(float(isolated.sum() / max(ncell, 1)), 4),
+        "pixel_perfect_frac": round(float((pdev <= MIX_THRESHOLD).mean()), 4) if pdev.size else None,
+        "mean_oklab_error": round(float(pdev.mean()), 4) if pdev.size else None,
     }
-    rep["palette"] = extract_palette(native, k, "kmeans")
+    opaque_native = native.reshape(-1, 3)[sel].reshape(-1, 1, 3)
+    rep["palette"] = extract_palette(opaque_native, k, "kmeans")
     # fidelity to targets
     if tgt:
         t_arr = np.array(tgt, dtype=np.uint8)
@@ -470,8 +618,9 @@ def palette_report(image, targets=None, cells=None, expected_background=None, to
         packed = _pack(rgb[:: max(1, step), :: max(1, step)])
         rep["exact_hex_frac"] = round(float(np.isin(packed, _pack(t_arr)).mean()), 4)
     if return_arrays:
-        rep["_arrays"] = {"native": native, "labels": cell_labels, "grid": g}
+        rep["_arrays"] = {"native": native, "labels": cell_labels, "grid": g, "opaque": opaque}
     return rep
 
 
-__all__ += ["palette_from_caption", "MalformedHexError", "upscale_native"]
+__all__ += ["palette_from_caption", "MalformedHexError", "upscale_native", "split_alpha", "load_image",
+            "DETECTION_KEY", "ALPHA_CUTOFF"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from . import comfy_host
+from . import comfy_host, policy
 
 CATEGORY = "Concept Lab/LoRA"
 
@@ -90,7 +90,9 @@ def _progress():
     return cb
 
 
+@policy.guarded
 class ExtractLora:
+    PATH_INPUTS = {'filename_prefix': 'subfolders'}
     """Extract a kohya LoRA from two checkpoints."""
 
     DESCRIPTION = ("Extract a LoRA from the difference of two checkpoints (fine-tune or merge − base), like kohya's "
@@ -150,7 +152,9 @@ class ExtractLora:
         return _outputs(name, res.report)
 
 
+@policy.guarded
 class ResizeLora:
+    PATH_INPUTS = {'filename_prefix': 'subfolders'}
     """Resize a LoRA to a lower rank."""
 
     DESCRIPTION = ("Resize a LoRA to a lower rank by SVD, like kohya's resize_lora.py: fixed rank, by energy kept, "

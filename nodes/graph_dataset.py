@@ -9,7 +9,7 @@ processing (shuffle, keep_tokens, dropout) needs the text, so connect its IMAGE 
 
 from __future__ import annotations
 
-from . import comfy_host
+from . import comfy_host, policy
 
 CATEGORY = "Concept Lab/LoRA"
 _SUBFOLDER = "conceptlab_datasets"
@@ -41,6 +41,7 @@ def _temp_dir():
     return Path(comfy_host._folder_paths().get_temp_directory())
 
 
+@policy.guarded
 class ConceptLabLoraDatasetFromImages:
     """A kohya dataset from IMAGEs + captions in the graph."""
 

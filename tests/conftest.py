@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("CONCEPTLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 DAWNLIKE = SHARED_DATA / "dawnlike" / "sprites"
 
 

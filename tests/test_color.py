@@ -70,12 +70,13 @@ def test_delta_e00_broadcasts_and_is_zero_on_identity():
 @pytest.mark.parametrize("good,rgb", [
     ("#03dc73", (3, 220, 115)), ("#03DC73", (3, 220, 115)), ("  #2c1600 ", (44, 22, 0)),
     ("#abc", (170, 187, 204)), ("ffffff", (255, 255, 255)),
+    ("#03dc73ff", (3, 220, 115)), ("#abcd", (170, 187, 204)),  # alpha forms: alpha trimmed
 ])
 def test_parse_hex_accepts(good, rgb):
     assert C.parse_hex(good) == rgb
 
 
-@pytest.mark.parametrize("bad", ["#12345", "#GGGGGG", "#", "", "#1234", "#03dc73ff", "#12 345", "red"])
+@pytest.mark.parametrize("bad", ["#12345", "#GGGGGG", "#", "", "#12", "#1234567", "#12 345", "red"])
 def test_parse_hex_rejects_with_clear_message(bad):
     with pytest.raises(C.MalformedHexError) as e:
         C.parse_hex(bad)

@@ -14,7 +14,7 @@ from PIL import Image
 from conceptlab.cli import main as cli_main
 from conceptlab.metrics.color import MalformedHexError, delta_e00_rgb, parse_hex
 from conceptlab.metrics.palette import extract_palette, palette_report, quantize, to_rgb
-from conceptlab.metrics.palette_synth import DB16_DAWNLIKE, load_sprite, make_render
+from conceptlab.metrics.palette_synth import DB16_DAWNLIKE, cuts_match, load_sprite, make_render, render_cuts
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +158,9 @@ def test_alpha_composited_on_matte():
 
 
 def test_tiny_non_square_and_errors():
-    rep = palette_report(np.full((1, 1, 3), 9, np.uint8))
-    assert rep["grid"]["cells_x"] == 1 and rep["effective_colors"] == 1
+    rep = palette_report(np.full((1, 1, 3), 9, np.uint8))  # no grid: cell metrics null with a reason
+    assert rep["grid"]["status"] == "none" and rep["effective_colors"] is None and rep["null_reason"]
+    assert rep["unique_colors"] == 1 and any("no pixel grid" in w for w in rep["warnings"])
     img = _checker(96, 12)[:, :60]
     rep = palette_report(np.stack([img] * 3, -1))
     assert rep["grid"]["cells_x"] == 8 and rep["grid"]["cells_y"] == 12
@@ -202,10 +203,13 @@ def test_cli_json_and_caption(tmp_path, fixtures, capsys):
     assert len(lines) == 2
     for ln in lines:
         d = json.loads(ln)
-        assert d["grid"]["cells_x"] == 24 and d["in_palette_frac"] >= 0.95 and d["missing"] == []
+        tx, ty = render_cuts(r)
+        assert cuts_match(d["grid"]["cuts_x"], tx, 512, r.cell_w) and cuts_match(d["grid"]["cuts_y"], ty, 512, r.cell_h)
+        assert d["grid"]["status"] == "detected" and d["in_palette_frac"] >= 0.95 and d["missing"] == []
         assert d["malformed_hex"] == ["#12345"]
     assert cli_main(["palette", str(p1), "--palette", r.colors[0], "--cells", "24"]) == 0
-    assert "grid 24x24" in capsys.readouterr().out
+    out = capsys.readouterr().out  # 24 cells across at the detected phase: partial cells at both borders
+    assert "21.33x21.33 px" in out and "override" in out
 
 
 def test_cli_bad_inputs(tmp_path, capsys):
@@ -219,10 +223,22 @@ def test_cli_bad_inputs(tmp_path, capsys):
     latin.write_bytes("caf\xe9 #03dc73".encode("latin-1"))
     nohex = tmp_path / "h.txt"
     nohex.write_text("a sprite, retro style")
-    cases = [
+    per_file = [  # one bad image is a finding for that file: the batch goes on, the exit status is 1
         (["palette", str(tmp_path / "missing.png")], "not found"),
         (["palette", str(notimg)], "cannot read"),
         (["palette", str(tmp_path)], "folder"),
+        (["palette", str(img), "--cells", "99"], "does not fit"),
+    ]
+    for argv, msg in per_file:
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (argv, err)
+    good = tmp_path / "g.png"
+    Image.fromarray(np.kron(np.indices((8, 8)).sum(0) % 2 * 200, np.ones((16, 16))).astype(np.uint8)).convert("RGB").save(good)
+    assert cli_main(["palette", str(notimg), str(good), "--json"]) == 1
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert "error" in out[0] and out[1]["image"] == str(good) and out[1]["grid"]["cells_x"] == 8
+    cases = [
         (["palette", str(img), "--palette", "#12345"], "malformed hex"),
         (["palette", str(img), "--palette", "#GGGGGG"], "malformed hex"),
         (["palette", str(img), "--caption", str(empty)], "empty"),
@@ -230,7 +246,9 @@ def test_cli_bad_inputs(tmp_path, capsys):
         (["palette", str(img), "--caption", str(tmp_path / "nope.txt")], "not found"),
         (["palette", str(img), "--caption", str(nohex)], "no valid hex"),
         (["palette", str(img), "--cells", "0"], "--cells"),
-        (["palette", str(img), "--cells", "99"], "does not fit"),
+        (["palette", str(img), "--matte", "#12"], "--matte"),
+        (["palette", str(img), "--cluster-threshold", "0"], "--cluster-threshold"),
+        (["palette-summary", str(tmp_path / "nodir")], "not found"),
     ]
     for argv, msg in cases:
         assert cli_main(argv) == 2, argv
@@ -247,7 +265,8 @@ def test_node_contracts():
     from conceptlab.nodes import palette as P
 
     assert set(P.NODE_CLASS_MAPPINGS) == {"ConceptLabPaletteMetrics", "ConceptLabGridSnap",
-                                          "ConceptLabPaletteExtract", "ConceptLabPaletteQuantize"}
+                                          "ConceptLabPaletteExtract", "ConceptLabPaletteQuantize",
+                                          "ConceptLabPaletteSummary"}
     for nid, cls in P.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "Concept Lab/Palette" and cls.DESCRIPTION
         assert hasattr(cls, cls.FUNCTION)
@@ -268,10 +287,11 @@ def test_nodes_run_on_batch(fixtures):
     imgs = torch.from_numpy(np.stack([fixtures[0][0].image, fixtures[1][0].image]).astype(np.float32) / 255.0)
     report, annotated = ConceptLabPaletteMetrics().run(imgs, 5.0, ",".join(DB16_DAWNLIKE))
     reps = json.loads(report)
-    assert len(reps) == 2 and all(r["grid"]["cells_x"] == 24 for r in reps)
+    grids = [fixtures[0][0], fixtures[1][0]]
+    assert len(reps) == 2 and all(r["grid"]["cells_x"] == len(render_cuts(f)[0]) + 1 for r, f in zip(reps, grids))
     assert annotated.shape[0] == 2 and annotated.shape[-1] == 3
     native, clean, grid = ConceptLabGridSnap().run(imgs)
-    assert tuple(native.shape) == (2, 24, 24, 3) and tuple(clean.shape) == (2, 512, 512, 3)
+    assert native.shape[1] in (24, 25) and tuple(clean.shape) == (2, 512, 512, 3)
     sw, hexes = ConceptLabPaletteExtract().run(imgs, 6, "kmeans", 0)
     assert sw.shape[0] == 2 and len(hexes.splitlines()) == 2
     (q,) = ConceptLabPaletteQuantize().run(imgs, 4, "")
@@ -297,7 +317,7 @@ def test_example_workflow_consistent():
             cls = P.NODE_CLASS_MAPPINGS[n["type"]]
             spec = cls.INPUT_TYPES()
             widgets = [k for g in ("required", "optional") for k, v in spec.get(g, {}).items()
-                       if v[0] not in ("IMAGE",)]
+                       if v[0] not in ("IMAGE", "MASK")]
             assert len(n["widgets_values"]) == len(widgets)
             assert set(api[str(n["id"])]["inputs"]) >= set(widgets)
     assert {v["class_type"] for v in api.values()} == {n["type"] for n in ui["nodes"]}
@@ -312,8 +332,8 @@ def test_palette_from_caption_agrees_with_caption_audit():
     cols, bad = palette_from_caption(text)
     parsed = parse_caption(text)
     assert cols == [parse_hex(h) for h in parsed.all_hexes()]
-    assert cols == [(3, 220, 115), (44, 22, 0), (247, 215, 192)]
-    assert bad == parsed.malformed and {"#12345", "#GGGGGG", "#abc"} <= set(bad)
+    assert cols == [(3, 220, 115), (170, 187, 204), (44, 22, 0), (247, 215, 192)]  # #abc = #aabbcc (CSS)
+    assert bad == parsed.malformed and {"#12345", "#GGGGGG", "03dc73"} <= set(bad)
     assert palette_from_caption("") == ([], [])
 
 

@@ -96,8 +96,11 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"{cfg_path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [esd]")
     if "model" not in data:
-        raise ValueError(f"{cfg_path}: 'model' (a local diffusers folder or a single-file SD1.x/SD2.x/SDXL checkpoint) "
-                         "is required")
+        from .quickstart_cli import TINY_MODEL
+
+        print(f"conceptlab erase: no 'model' given: using the bundled tiny DawnLike model {TINY_MODEL} "
+              "(set model = \"...\" to a diffusers folder or SD1.x/SD2.x/SDXL checkpoint)", file=sys.stderr)
+        data["model"] = str(TINY_MODEL)
     if args.iterations is not None:
         esd_table["iterations"] = args.iterations
     if args.seed is not None:

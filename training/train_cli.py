@@ -152,8 +152,12 @@ def run(args, host=None) -> int:
     if host is None:
         model = flat.get("pretrained_model_name_or_path")
         if not model:
-            raise ValueError("pretrained_model_name_or_path is required (a local diffusers folder or a single-file "
-                             "SD1/SD2/SDXL checkpoint)")
+            from .quickstart_cli import TINY_MODEL
+
+            model = flat["pretrained_model_name_or_path"] = str(TINY_MODEL)
+            print(f"conceptlab train: no pretrained_model_name_or_path: using the bundled tiny DawnLike model "
+                  f"{TINY_MODEL} (16 px; give a diffusers folder or an SD1.x/SD2.x/SDXL checkpoint to train on SD)",
+                  file=sys.stderr)
         pred = getattr(args, "prediction_type", None)
         if pred is None and flat.get("v_parameterization") is True:
             pred = "v_prediction"

@@ -1,0 +1,270 @@
+"""Effect benchmark: does each algorithm do what it claims, on a model that has learned something?
+
+Runs on the tiny DawnLike model (``sample_data/tiny_dawnlike``) and the real DawnLike sprites; prints the numbers
+behind README's "Evidence" section and writes its pictures and a JSON of every figure to ``--out``.
+The fast versions of the same measurements are the tests ``tests/test_effect_*.py``.
+
+Sections (``--only lora,rank,esd,merge,diff``; default all):
+
+* **lora** — a LoRA on 16 Game-Boy-recoloured sprites with the trigger ``gbstyle``: in-palette fraction (Game Boy
+  ramp, ΔE00 ≤ 5) of samples with / without the trigger, before and after; per-epoch samples and the trainer's
+  best-epoch choice against an independent per-epoch measurement on other seeds; a grid of samples per epoch.
+* **rank** — the same LoRA at ``network_dim`` 4 / 8 / 16 / 32 / 64 (``network_alpha = network_dim``).
+* **esd** — a CNN trained on real sprites of six DawnLike groups (held-out accuracy); ESD-x erases ``wall``;
+  the classifier's hit rate on samples of each group's prompts before / after, for ``self_sample`` vs
+  ``noised`` x_t, whole-latent vs grid masks, 1 vs 100 prompt variations; a before/after grid.
+* **merge** — base ⊕ (base with the LoRA baked in) by weighted sum at α = 0 … 1 (style moves monotonically?),
+  and add-difference ``B + 1·(baked − base)`` onto a second base B (an earlier checkpoint of the same training,
+  i.e. a related model, as add-difference is used) and onto an unrelated base (another seed), if given.
+* **diff** — weight diff of an ESD result (which layer types changed), and the ratio table of a 100- vs a
+  500-iteration erasure (:func:`conceptlab.metrics.weight_diff.compare_reports`).
+
+Usage: ``python benchmarks/effect.py [--out out/effect] [--only lora,esd] [--seeds 3]``. On 2 shared CPU cores
+the full run takes tens of minutes; every section prints its figures as soon as it has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effect_lib as E  # noqa: E402
+
+
+def _save(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def section_lora(host, out: Path, seeds, res_all: dict) -> dict:
+    from conceptlab.training.trainer import labelled_grid
+
+    t = E.Timer()
+    before = E.style_scores(host, seeds=seeds)
+    data = E.write_style_dataset(out / "data", n=16, repeats=3)
+    prompts = [f"{E.TRIGGER}, {p}" for p in E.STYLE_EVAL_PROMPTS[:4]]
+    res = E.train_style_lora(host, data, out / "lora", max_train_epochs=8, sample_every_n_epochs=1,
+                             sample_prompts=prompts, palette=list(E.GAMEBOY), best_metric="in_palette_frac",
+                             sample_steps=20, sample_cfg=4.0, sample_seed=0)
+    per_epoch = []
+    rows, labels = [], []
+    base_row = [E.sample(host, [p], seed=0)[0] for p in prompts]
+    rows.append(base_row)
+    labels.append("base")
+    for ep, path in sorted(res.epoch_files.items()):
+        with E.lora_installed(host, path):
+            sc = E.style_scores(host, seeds=[s + 100 for s in seeds])
+            rows.append([E.sample(host, [p], seed=0)[0] for p in prompts])
+        labels.append(f"epoch {ep}")
+        rec = next((r for r in res.history if r["epoch"] == ep), {})
+        per_epoch.append({"epoch": ep, "train_loss": rec.get("train_loss"),
+                          "trainer_in_palette_frac": rec.get("in_palette_frac"),
+                          "heldout_with_trigger": sc["with_trigger"], "heldout_without_trigger": sc["without_trigger"]})
+    _save(labelled_grid(rows, labels, [p.split(",")[-1].strip() for p in prompts]), out / "lora_epochs.png")
+    best_measured = max(per_epoch, key=lambda r: r["heldout_with_trigger"])
+    chosen = next(r for r in per_epoch if r["epoch"] == res.best_epoch)
+    final = per_epoch[-1]
+    fig = {"before": before, "after_final": {"with_trigger": final["heldout_with_trigger"],
+                                              "without_trigger": final["heldout_without_trigger"]},
+           "per_epoch": per_epoch, "trainer_best_epoch": res.best_epoch,
+           "measured_best_epoch": best_measured["epoch"],
+           "chosen_vs_best_gap": round(best_measured["heldout_with_trigger"] - chosen["heldout_with_trigger"], 4),
+           "seconds": t()}
+    print(f"[lora] before: with trigger {before['with_trigger']:.3f}, without {before['without_trigger']:.3f}")
+    print("[lora] epoch  loss    trainer_ipf  heldout_with  heldout_without")
+    for r in per_epoch:
+        print(f"[lora] {r['epoch']:5d}  {r['train_loss'] or 0:.4f}  {r['trainer_in_palette_frac'] or 0:11.3f}  "
+              f"{r['heldout_with_trigger']:12.3f}  {r['heldout_without_trigger']:15.3f}")
+    print(f"[lora] trainer's best epoch {res.best_epoch}, measured best {best_measured['epoch']}, gap "
+          f"{fig['chosen_vs_best_gap']:.3f} ({fig['seconds']} s)")
+    res_all["lora_final_path"] = str(res.final_path)
+    res_all["lora_data"] = str(data)
+    return fig
+
+
+def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
+    t = E.Timer()
+    data = Path(res_all.get("lora_data") or E.write_style_dataset(out / "data", n=16, repeats=3))
+    rows = []
+    for dim in (4, 8, 16, 32, 64):
+        res = E.train_style_lora(host, data, out / f"rank{dim}", network_dim=dim, network_alpha=dim,
+                                 max_train_epochs=6, save_every_n_epochs=None)
+        with E.lora_installed(host, res.final_path):
+            sc = E.style_scores(host, seeds=[s + 100 for s in seeds])
+            imgs = np.concatenate([E.sample(host, [f"{E.TRIGGER}, {p}" for p in E.STYLE_EVAL_PROMPTS], seed=s + 100)
+                                   for s in seeds])
+        from conceptlab.metrics.palette import palette_report
+
+        eff = float(np.mean([palette_report(im).get("effective_colors", np.nan) for im in imgs]))
+        rows.append({"network_dim": dim, "with_trigger": sc["with_trigger"], "without_trigger": sc["without_trigger"],
+                     "effective_colors": eff, "final_loss": float(np.mean(res.step_losses[-6:]))})
+        print(f"[rank] dim {dim:3d}: in-palette with trigger {sc['with_trigger']:.3f}, without "
+              f"{sc['without_trigger']:.3f}, effective colours {eff:.2f}, loss {rows[-1]['final_loss']:.4f}")
+    return {"rows": rows, "seconds": t()}
+
+
+def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept: str = "wall") -> dict:
+    from conceptlab.training.esd import erased_weights
+    from conceptlab.training.trainer import labelled_grid
+
+    t = E.Timer()
+    rep = E.train_classifier()
+    clf = rep.classifier
+    print(f"[esd] classifier on real sprites of {', '.join(E.CONCEPTS)}: train {rep.train_accuracy:.3f}, "
+          f"held-out {rep.heldout_accuracy:.3f} ({rep.n_train}/{rep.n_heldout} sprites)")
+    real = {c: E.hit_rate(clf, E.concept_sprites([c])[0], c) for c in E.CONCEPTS}
+
+    def rates():
+        acc = {c: [] for c in E.CONCEPTS}
+        for s in seeds:
+            for c, v in E.concept_hit_rates(host, clf, k=8, seed=s).items():
+                acc[c].append(v)
+        return {c: float(np.mean(v)) for c, v in acc.items()}
+
+    base = rates()
+    print("[esd] base model hit rates: " + ", ".join(f"{c} {v:.2f}" for c, v in base.items()))
+    variants = {"self_sample, whole, 1 prompt": dict(xt_source="self_sample"),
+                "noised, whole, 1 prompt": dict(xt_source="noised"),
+                "self_sample, grid, 1 prompt": dict(xt_source="self_sample", masks="grid"),
+                "self_sample, whole, 100 prompts": dict(xt_source="self_sample", variations=100)}
+    results = {}
+    grid_rows, grid_labels = [], []
+    prompts = E.concept_prompts(concept, 4, seed=0) + [E.concept_prompts(c, 1, seed=0)[0] for c in E.CONCEPTS
+                                                       if c != concept][:4]
+    grid_rows.append(list(E.sample(host, prompts, seed=0)))
+    grid_labels.append("base")
+    first = None
+    for name, kw in variants.items():
+        tv = E.Timer()
+        r = E.erase_concept(host, concept, iterations=iterations, **kw)
+        w = erased_weights(host, r)
+        with E.weights_patched(host, w):
+            after = rates()
+            if name.startswith("self_sample, whole, 1"):
+                grid_rows.append(list(E.sample(host, prompts, seed=0)))
+                grid_labels.append("erased")
+        others = [c for c in E.CONCEPTS if c != concept]
+        drop = base[concept] - after[concept]
+        spill = float(np.mean([abs(after[c] - base[c]) for c in others]))
+        results[name] = {"after": after, "erased_drop": drop, "others_mean_abs_change": spill,
+                         "seconds": tv()}
+        first = first or (r, w)
+        print(f"[esd] {name:34s}: {concept} {base[concept]:.2f} -> {after[concept]:.2f} (drop {drop:+.2f}); "
+              f"others mean |change| {spill:.2f}  ({tv()} s)")
+    _save(labelled_grid(grid_rows, grid_labels, [p.split(",")[-1].strip() for p in prompts]),
+          out / "esd_before_after.png")
+    res_all["esd_first"] = first
+    return {"classifier": {"train_accuracy": rep.train_accuracy, "heldout_accuracy": rep.heldout_accuracy,
+                           "real_sprite_hit_rates": real},
+            "concept": concept, "iterations": iterations, "base": base, "variants": results, "seconds": t()}
+
+
+def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dict:
+    from conceptlab.training.merge import add_difference, weighted_sum
+    from conceptlab.training.trainer import labelled_grid
+
+    t = E.Timer()
+    lora = res_all.get("lora_final_path")
+    if not lora:
+        data = E.write_style_dataset(out / "data", n=16, repeats=3)
+        lora = E.train_style_lora(host, data, out / "lora_merge", save_every_n_epochs=None).final_path
+    base = E.model_state(host)
+    with E.lora_installed(host, lora):
+        baked = E.model_state(host)
+    changed = [k for k in base if not torch.equal(base[k], baked[k])]
+    rows, strip = [], []
+    for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+        merged = {k: weighted_sum(base[k], baked[k], a) for k in changed}
+        with E.weights_patched(host, merged):
+            sc = E.style_scores(host, seeds=seeds)
+            strip.append(E.sample(host, [f"{E.TRIGGER}, {E.STYLE_EVAL_PROMPTS[0]}"], seed=0)[0])
+        rows.append({"alpha": a, **sc})
+        print(f"[merge] weighted sum alpha {a:.2f}: in-palette with trigger {sc['with_trigger']:.3f}, without "
+              f"{sc['without_trigger']:.3f}")
+    _save(labelled_grid([strip], [], [f"a={r['alpha']}" for r in rows]), out / "merge_strip.png")
+    vals = [r["with_trigger"] for r in rows]
+    mono = all(b >= a - 1e-9 for a, b in zip(vals, vals[1:]))
+    fig = {"weighted_sum": rows, "monotonic": mono, "add_difference": []}
+    for label, path in second_bases:
+        other = E.load_host(Path(path))
+        ob = E.model_state(other)
+        before = E.style_scores(other, seeds=seeds)
+        transfer = {k: add_difference(ob[k], baked[k], base[k], 1.0) for k in changed}
+        with E.weights_patched(other, transfer):
+            after = E.style_scores(other, seeds=seeds)
+        fig["add_difference"].append({"second_base": label, "before": before, "after": after})
+        print(f"[merge] add difference onto {label}: with trigger {before['with_trigger']:.3f} -> "
+              f"{after['with_trigger']:.3f}; without {before['without_trigger']:.3f} -> {after['without_trigger']:.3f}")
+    fig["seconds"] = t()
+    return fig
+
+
+def section_diff(host, out: Path, seeds, res_all: dict, concept: str = "wall") -> dict:
+    from conceptlab.metrics.weight_diff import compare_reports
+    from conceptlab.training.esd import erased_weights
+
+    t = E.Timer()
+    reps = {}
+    for it in (100, 500):
+        r = E.erase_concept(host, concept, iterations=it, lr=2e-4)
+        reps[it] = E.diff_report(host, erased_weights(host, r), name=f"esd {it} it")
+    lt = reps[100]["by_layer_type"]
+    changed_types = sorted(k for k, v in lt.items() if (v.get("frac_changed") or 0) > 0)
+    cmp = compare_reports(reps[100], reps[500], label1="100 it", label2="500 it")
+    print(f"[diff] layer types changed by ESD-x: {changed_types}")
+    print("[diff] 500 vs 100 iterations, ratios per layer type:")
+    for g, m in cmp["by_layer_type"].items():
+        r = {k: v["ratio"] for k, v in m.items() if v["ratio"] is not None}
+        if r:
+            print(f"[diff]   {g:14s} " + ", ".join(f"{k} {v:.3g}" for k, v in r.items()))
+    return {"changed_layer_types": changed_types, "by_layer_type_100": lt, "ratios": cmp["by_layer_type"],
+            "overall_ratios": cmp["overall"], "seconds": t()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("out/effect"))
+    ap.add_argument("--only", default="lora,rank,esd,merge,diff")
+    ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per measurement")
+    ap.add_argument("--esd-iterations", type=int, default=100)
+    ap.add_argument("--model", type=Path, default=E.TINY_MODEL)
+    ap.add_argument("--second-base", action="append", default=[], metavar="LABEL=PATH",
+                    help="a second tiny base for add-difference (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    host = E.load_host(args.model)
+    seeds = list(range(args.seeds))
+    figures, state = {"machine_threads": args.threads}, {}
+    t0 = time.time()
+    for sec in args.only.split(","):
+        if sec == "lora":
+            figures["lora"] = section_lora(host, args.out, seeds, state)
+        elif sec == "rank":
+            figures["rank"] = section_rank(host, args.out, seeds, state)
+        elif sec == "esd":
+            figures["esd"] = section_esd(host, args.out, seeds, state, args.esd_iterations)
+        elif sec == "merge":
+            sb = [tuple(s.split("=", 1)) for s in args.second_base]
+            figures["merge"] = section_merge(host, args.out, seeds, state, sb)
+        elif sec == "diff":
+            figures["diff"] = section_diff(host, args.out, seeds, state)
+        else:
+            raise SystemExit(f"unknown section {sec!r}")
+        (args.out / "effect.json").write_text(json.dumps(figures, indent=1, default=str))
+    print(f"figures: {args.out / 'effect.json'} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

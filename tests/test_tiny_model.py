@@ -1,0 +1,64 @@
+"""The tiny DawnLike model shipped in sample_data/tiny_dawnlike: loads with the pack's loaders and the standard
+classes offline, stays small, carries its credits, and is the CLI's default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conceptlab.training import quickstart_cli, train_cli
+
+MODEL = quickstart_cli.TINY_MODEL
+
+
+def test_tiny_model_is_a_small_diffusers_folder_with_credits():
+    assert MODEL.is_dir(), "sample_data/tiny_dawnlike is missing"
+    for part in ("unet", "text_encoder", "tokenizer", "vae", "scheduler"):
+        assert (MODEL / part).is_dir(), part
+    assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt")), "weights must be safetensors"
+    size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert size <= 25 * 2 ** 20, f"{size / 2 ** 20:.1f} MB > 25 MB"
+    card = (MODEL / "README.md").read_text(encoding="utf-8")
+    assert "CC-BY 4.0" in card and "DawnBringer" in card
+    sched = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["beta_schedule"] == "scaled_linear" and sched["prediction_type"] == "epsilon"
+
+
+def test_tiny_model_loads_offline_and_samples():
+    from transformers import CLIPTokenizer
+
+    from conceptlab.training.model_loading import load_host
+
+    tok = CLIPTokenizer.from_pretrained(MODEL / "tokenizer", local_files_only=True)
+    ids = tok("pixel art, undead, skeleton king").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1], "caption words must be in the vocabulary"
+    host = load_host(MODEL)
+    assert host.arch == "sd1" and host.vae_scale == 2 and host.latent_channels == 8
+    imgs = host.sample(["pixel art, undead, skeleton", "pixel art, plant, oak tree"], width=16, height=16,
+                       steps=4, cfg=4.0, seed=0)
+    assert imgs.shape == (2, 3, 16, 16) and torch.isfinite(imgs).all()
+    assert imgs.std() > 0.05, "samples are flat: the model did not load its weights"
+
+
+def test_train_cli_defaults_to_the_tiny_model(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_host(path, *a, **k):
+        seen["path"] = path
+        raise SystemExit(0)
+
+    cfg = tmp_path / "k.toml"
+    data = quickstart_cli.SAMPLE_DATA / "gameboy"
+    cfg.write_text(f'train_data_dir = "{data}"\noutput_dir = "{tmp_path / "out"}"\nresolution = 16\n'
+                   'enable_bucket = false\n')
+    monkeypatch.setattr(train_cli, "_host_for", fake_host)
+    from conceptlab import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(cfg)])
+    assert Path(seen["path"]) == MODEL
+    assert "tiny DawnLike model" in capsys.readouterr().err
