@@ -140,7 +140,7 @@ def test_edited_weights_equal_the_reference_script(host, tmp_path):
         model_max_length = 77
 
         def __call__(self, text, **kw):
-            ids = host._tokenize([text])[0]
+            ids = host._tokenize([text]).reshape(-1, 77)[0]  # first 77-token chunk
             end = int((ids[1:] == EOS).nonzero()[0]) + 1
             return {"attention_mask": (torch.arange(ids.numel()) <= end).long()[None]}
 
