@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     ".training.merge_cli",      # merge
     ".training.train_cli",      # train
     ".training.esd_cli",        # erase
+    ".training.uce_cli",        # uce, erase-convert
     ".training.extract_cli",    # extract-lora, resize-lora
     ".training.quickstart_cli", # quickstart
 )

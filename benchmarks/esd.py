@@ -13,6 +13,12 @@ process so that its peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocat
   attn2 parameters, and — as in that script, which never calls ``requires_grad_(False)`` on ``esd_unet`` —
   gradients for every parameter of the trained copy (``--ref-freeze`` turns that off for a fairer comparison).
 
+* **UCE** (:mod:`conceptlab.training.uce`, closed form, no iterations): the same UNet's 32 attn2 to_k / to_v
+  projections edited for one concept with three preserved concepts; wall time and peak memory of the edit beside
+  ESD's projected time for the paper's 1,000 iterations at the measured rate (``noised`` x_t, the cheaper
+  source; ``self_sample`` adds on average ``ddim_steps`` UNet evaluations per iteration). Text embeddings are
+  the same fixed random stand-ins as ESD's (no text encoder is timed in either).
+
 Usage: ``python benchmarks/esd.py [--resolution 128] [--iterations 4] [--device cpu] [--ref-freeze]``.
 """
 
@@ -83,6 +89,28 @@ def run_ours(args) -> dict:
             "loss_last": res.losses[-1], "trained_tensors": res.stats["trained_tensors"]}
 
 
+def run_uce(args) -> dict:
+    """UCE on the SD1.5-shaped UNet: one erased concept, three preserved ones."""
+    from conceptlab.training.diffusers_host import DiffusersHost
+    from conceptlab.training.uce import UCEConfig, erase_uce_host
+
+    host = DiffusersHost(build_unet(args.device), None, None, None, device=args.device)
+
+    def encode(prompts):  # stand-in CLIP-L output; the "last content token" is position 3
+        return torch.cat([embed(p, args.device) for p in prompts]), torch.full((len(prompts),), 3)
+
+    cfg = UCEConfig(concepts="Van Gogh", preserve_concepts="Claude Monet; Rembrandt; a photo of a cat")
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = erase_uce_host(host, cfg, encode=encode)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "peak_mb": peak_memory_mb(args.device), "trained_tensors": res.stats["trained_tensors"],
+            "trained_parameters": res.stats["trained_parameters"]}
+
+
 def run_reference(args) -> dict:
     """Reference-style ESD (two UNets), after esd_sd.py's training loop; x_t from the same noised source."""
     base_unet = build_unet(args.device)
@@ -133,15 +161,15 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-freeze", action="store_true",
                    help="reference-style: freeze the untrained parameters of the trained copy")
-    p.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "ref", "uce"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         torch.set_grad_enabled(True)
-        out = run_ours(args) if args.child == "ours" else run_reference(args)
+        out = {"ours": run_ours, "ref": run_reference, "uce": run_uce}[args.child](args)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     results = {}
-    for which in ("ref", "ours"):
+    for which in ("ref", "ours", "uce"):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--resolution", str(args.resolution),
                "--iterations", str(args.iterations), "--device", args.device] + (["--ref-freeze"] if args.ref_freeze
                                                                                  else [])
@@ -159,6 +187,14 @@ def main() -> int:
     print(f"{'Concept Lab':18}{ours['it_per_s']:>10.3f}{ours['peak_mb']:>12.0f}{ours['trained_tensors']:>9}")
     sp, mem = ours["it_per_s"] / ref["it_per_s"], ours["peak_mb"] / ref["peak_mb"]
     print(f"ratio: {sp:.2f}x iterations/s (target >= 1.5), {mem:.2f}x peak memory (target <= 0.6)")
+    uce = results["uce"]
+    esd_1000 = 1000 / ours["it_per_s"]
+    print(f"\nUCE (closed form, 1 concept + 3 preserved) vs ESD-x's 1,000 iterations at {args.resolution}px:")
+    print(f"{'':18}{'wall s':>12}{'peak MB':>12}{'tensors':>9}")
+    print(f"{'ESD-x (projected)':18}{esd_1000:>12.1f}{ours['peak_mb']:>12.0f}{ours['trained_tensors']:>9}")
+    print(f"{'UCE':18}{uce['wall_s']:>12.2f}{uce['peak_mb']:>12.0f}{uce['trained_tensors']:>9}")
+    print(f"ratio: UCE takes {uce['wall_s'] / esd_1000:.5f}x ESD-x's time ({esd_1000 / uce['wall_s']:.0f}x faster), "
+          f"{uce['peak_mb'] / ours['peak_mb']:.2f}x its peak memory")
     return 0
 
 

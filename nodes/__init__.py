@@ -9,7 +9,7 @@ classes import without ComfyUI and CI can check their contracts.
 import os
 from importlib import import_module
 
-_MODULES = ("palette", "captions", "diff", "merge", "merge_n", "lora", "graph_dataset", "esd", "extract")
+_MODULES = ("palette", "captions", "diff", "merge", "merge_n", "lora", "graph_dataset", "esd", "extract", "uce")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -14,7 +14,9 @@ import torch
 from . import policy
 
 CATEGORY = "Concept Lab/ESD"
-_METHODS = ["esd-x", "esd-x-strict", "esd-u"]
+_METHODS = ["esd-x", "esd-x-strict", "esd-u", "esd-all"]
+_MASK_MODES = ["sum", "sample", "grid-sum", "grid-sample"]
+_KINDS = ["auto", "style", "object", "person", "attribute", "explicit"]
 _SOURCES = ["self_sample", "noised"]
 _DEFAULT_UNRELATED = "a photo of a cat on a sofa\na mountain lake at sunrise\na portrait of an old fisherman"
 
@@ -134,21 +136,27 @@ class ConceptLabESDErase:
                                         "tooltip": "Concept(s) to erase: one per line or separated by ';'."}),
                 "prompt_variations": ("STRING", {
                     "default": "", "multiline": True,
-                    "tooltip": "Optional prompts, one per line. Lines with {concept} (and {subject}, {medium}, "
-                               "{title}, {adjective}) are templates expanded to 'variations' prompts; plain "
-                               "lines are used as written. Empty = built-in templates ('variations' > 0) or the "
-                               "bare concept (0, as in the paper)."}),
+                    "tooltip": "Optional prompts, one per line; they always win over the built-in ones. Lines "
+                               "with {concept} (and {subject}, {medium}, {title}, {adjective}, {setting}, "
+                               "{shot}, {lighting}, {action}, {carrier}) are templates expanded to "
+                               "'variations' prompts; plain lines are used as written. Empty = the built-in "
+                               "templates of the concept's kind ('variations' > 0) or the bare concept (0, "
+                               "as in the paper)."}),
                 "variations": ("INT", {"default": 100, "min": 0, "max": 2000,
                                        "tooltip": "Prompt variations generated per concept (0 = the bare "
                                                   "concept only, the paper's setting)."}),
                 "method": (_METHODS, {"default": "esd-x",
-                                      "tooltip": "Which weights change: esd-x = all cross-attention (style "
-                                                 "erasure, the paper's choice for artists); esd-x-strict = "
-                                                 "cross-attention keys/values only; esd-u = everything but "
-                                                 "cross-attention (objects/nudity; needs much more memory)."}),
+                                      "tooltip": "Which weights change (the reference esd_sd.py's sets): "
+                                                 "esd-x = all cross-attention (style erasure, the paper's "
+                                                 "choice for artists); esd-x-strict = cross-attention "
+                                                 "keys/values only; esd-u = every Linear/Conv outside "
+                                                 "cross-attention (objects/nudity; esd_sd.py's set, not the "
+                                                 "paper's noxattn; needs much more memory); esd-all = every "
+                                                 "Linear/Conv (most memory)."}),
                 "xt_source": (_SOURCES, {"default": "self_sample",
-                                         "tooltip": "self_sample = the paper: partial DDIM samples of the concept "
-                                                    "from the original model (slower). noised = forward-noised "
+                                         "tooltip": "self_sample = as esd_sd.py: partial samples of the concept "
+                                                    "from the original model (DDIM here, PNDM there; slower). "
+                                                    "noised = forward-noised "
                                                     "cached samples at random timesteps: a different, cheaper "
                                                     "method; compare before relying on it."}),
                 "negative_guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.1,
@@ -170,9 +178,15 @@ class ConceptLabESDErase:
                 "prompt_order": (["cycle", "sample"], {"default": "cycle",
                                                        "tooltip": "Use prompts in turn, or pick one at random "
                                                                   "each iteration."}),
-                "mask_mode": (["sample", "sum"], {"default": "sample",
-                                                  "tooltip": "With masks: one weighted-random mask per iteration, "
-                                                             "or the weighted sum of all masks' losses."}),
+                "mask_mode": (_MASK_MODES, {"default": "sum",
+                                            "tooltip": "Loss masks. sum = every connected mask each iteration "
+                                                       "(weighted sum of masked losses: the same expected "
+                                                       "gradient as sample, without its sampling noise); sample "
+                                                       "= one weighted-random connected mask per iteration; "
+                                                       "with no masks connected both use the whole image (the "
+                                                       "paper). grid-sum / grid-sample = one-click presets that "
+                                                       "build the 3x3 grid + centre masks themselves (leave "
+                                                       "'masks' unconnected)."}),
                 "save_name": ("STRING", {"default": "esd/erased",
                                          "tooltip": "File name prefix inside output/loras/ (a counter is "
                                                     "added). Empty = do not save a file."}),
@@ -184,6 +198,19 @@ class ConceptLabESDErase:
                 "save_on_cancel": ("BOOLEAN", {"default": True,
                                                "tooltip": "If you press Cancel, still save what was trained so "
                                                           "far."}),
+                "concept_kind": (_KINDS, {"default": "auto",
+                                          "tooltip": "What the concept is, to phrase the prompt variations: "
+                                                     "style (artist/art style), object, person (or character), "
+                                                     "attribute, explicit. auto: erase_from set = attribute; "
+                                                     "nudity/nsfw words = explicit; 'style'/'art' words or a "
+                                                     "capitalised name = style; else object. The kind used is "
+                                                     "in the stats and metadata.json."}),
+                "erase_from": ("STRING", {"default": "", "multiline": True,
+                                          "tooltip": "Attribute erasure (esd_sd.py --erase_from): erase the "
+                                                     "concept from this scene, e.g. concept 'cowboy hat', erase "
+                                                     "from 'a cowboy'. Samples are drawn from this prompt and "
+                                                     "the model keeps the scene while losing the attribute. "
+                                                     "Several lines pair with the prompts in turn. Empty = off."}),
             },
             "optional": {
                 "masks": ("MASK", {"tooltip": "Optional loss masks (e.g. from Grid Masks) at the training "
@@ -197,10 +224,13 @@ class ConceptLabESDErase:
 
     def erase(self, model, clip, concepts, prompt_variations, variations, method, xt_source, negative_guidance,
               iterations, lr, seed, resolution, start_guidance, ddim_steps, prompt_order, mask_mode, save_name,
-              lora_rank, save_dtype, save_on_cancel, masks=None, mask_weights=""):
+              lora_rank, save_dtype, save_on_cancel, concept_kind="auto", erase_from="", masks=None,
+              mask_weights=""):
         """Run :func:`conceptlab.training.esd.erase` on a clone of ``model`` (Gandikota et al. 2023, ICCV).
 
-        ``resolution`` in px (square); ``masks`` MASK ``[M, H, W]`` with ``mask_weights`` text. Saves
+        ``resolution`` in px (square); ``masks`` MASK ``[M, H, W]`` with ``mask_weights`` text, or a ``grid-*``
+        ``mask_mode`` preset; ``concept_kind`` picks the prompt templates; ``erase_from`` (non-empty) turns on
+        attribute erasure (esd_sd.py's ``--erase_from``). Saves
         ``output/loras/<save_name>_NNNNN.safetensors`` (+ optional SVD LoRA of ``lora_rank``) and the JSON / plot
         under ``output/esd/`` unless ``save_name`` is empty. Returns ``(MODEL, file name relative to loras/,
         loss-plot IMAGE [1, H, W, 3], stats JSON)``.
@@ -223,7 +253,8 @@ class ConceptLabESDErase:
             negative_guidance=float(negative_guidance), iterations=int(iterations), lr=float(lr),
             width=int(resolution), height=int(resolution), start_guidance=float(start_guidance),
             ddim_steps=int(ddim_steps), masks=masks, mask_weights=parse_weights(mask_weights) if masks is not None
-            else None, mask_mode=mask_mode, seed=int(seed))
+            else None, mask_mode=mask_mode, seed=int(seed), concept_kind=concept_kind,
+            erase_from=erase_from if (erase_from or "").strip() else None)
         cfg.validate()
         _check_prompt_count(concepts, prompt_variations, int(variations))
         save_name = (save_name or "").strip()
@@ -255,6 +286,8 @@ class ConceptLabESDErase:
 
         file_name = ""
         stats = dict(result.stats)
+        for k in ("concept_kinds", "prompt_source", "erase_from", "mask_mode", "mask_preset"):
+            stats[k] = result.metadata.get(k)
         if target is not None and (cancel_exc is None or save_on_cancel) and result.stats["iterations_done"] > 0:
             stats_dir = ch.output_file("esd", target.stem + "/x").parent
             paths = save_outputs(result, target, stats_dir=stats_dir, lora_rank=int(lora_rank),

@@ -15,22 +15,35 @@ One model copy: the trainable parameters are :class:`~.host.FullDelta` modules i
 (``host.install_delta``); the frozen predictions ε_θ* are the same host inside ``host.deltas_disabled()``. The
 reference keeps two UNets (frozen + trained) in memory.
 
-Parameter sets (same names as the reference's ``get_esd_trainable_parameters``), over the canonical diffusers
-UNet module paths (:mod:`.host`):
+Which reference each variant follows (rohitgandikota/erasing; "esd_sd.py" is the current diffusers script,
+"train-esd.py" the 2023 CompVis code in ``oldcode_erasing_compvis/train-scripts/``, removed from the repo in
+commit d654ed4):
 
-* ``esd-x``: every cross-attention (``attn2``) Linear — to_q, to_k, to_v, to_out.0 weights and every bias
-  (SD1.x: 16 blocks × 5 = 80 tensors, 43,962,560 parameters);
-* ``esd-x-strict``: attn2 to_k and to_v only;
-* ``esd-u``: every Linear / Conv2d outside attn2 (the "unconditional" erasure; ~816 M parameters on SD1.x: the
-  fp32 deltas plus Adam's two moments need ≈ 13 GB — prefer a GPU);
-* ``esd-all``: everything.
+* Parameter sets, over the canonical diffusers UNet module paths (:mod:`.host`), are ``esd_sd.py``'s
+  ``get_esd_trainable_parameters`` (lines 24–49):
+
+  * ``esd-x``: every cross-attention (``attn2``) Linear — to_q, to_k, to_v, to_out.0 weights and every bias
+    (SD1.x: 16 blocks × 5 = 80 tensors, 43,962,560 parameters); the same tensors as train-esd.py's ``xattn``;
+  * ``esd-x-strict``: attn2 to_k and to_v only;
+  * ``esd-u``: every Linear / Conv2d outside attn2 (esd_sd.py's ``esd-u``; ~816 M parameters on SD1.x: the
+    fp32 deltas plus Adam's two moments need ≈ 13 GB — prefer a GPU). This is **not** the paper's / train-esd.py's
+    ``noxattn``, which trains every *parameter* outside attn2 except ``time_embed`` and ``out.`` (norms
+    included, via ``named_parameters``);
+  * ``esd-all``: every Linear / Conv2d (esd_sd.py's ``esd-all``; train-esd.py's ``full`` also trains norms).
+
+* The objective is Eq. 3–4 in the paper's η convention; ``erase_from`` is esd_sd.py's attribute erasure
+  (lines 112–191). esd_sd.py's defaults differ from the paper's (lr 5e-5, 200 iterations, η_ref 2, 1024 px in
+  bf16); ours are the paper's.
 
 Where ``x_t`` comes from:
 
-* ``self_sample`` (the paper's method): DDIM-sample from the frozen model with the concept prompt and
-  ``start_guidance`` for a random number ``k ∈ [0, ddim_steps)`` of steps, then query all three predictions at
-  that step's timestep (``esd_sd.py``'s ``run_till_timestep``). Costs on average ``ddim_steps`` extra UNet
-  evaluations per iteration.
+* ``self_sample``: DDIM-sample from the **frozen** model with the concept prompt (the from-prompt with
+  ``erase_from``) and ``start_guidance`` for a random number ``k ∈ [0, ddim_steps)`` of steps, then query all
+  predictions at that step's timestep. This follows esd_sd.py (which samples with ``base_unet``, the frozen
+  copy, at ``pipe.scheduler.timesteps[k]``), except that esd_sd.py samples with the pipeline's own scheduler
+  (PNDM for SD1.4) where we use DDIM. The 2023 train-esd.py sampled from the model **being trained** (DDIM) and
+  queried at a DDPM timestep drawn uniformly inside the DDIM step's bucket — a different procedure we do not
+  reproduce. Costs on average ``ddim_steps`` extra UNet evaluations per iteration.
 * ``noised`` (this project's cheaper variant): forward-noise clean latents — VAE-encoded user images, or the frozen
   model's own samples generated once and cached — at a uniformly random timestep ``t ∈ [0, T)``. This is a
   **different method**: ``x_t`` comes from the forward process, not from the model's own sampling trajectory.
@@ -41,8 +54,10 @@ affine combination with weights summing to one ((1+η)·ε_u − η·ε_c) and �
 in the output for a fixed x_t, the v-space target *is* the ε-space target expressed in v; the losses differ only by
 the per-timestep factor ᾱ_t.
 
-Grid masks (:mod:`.masks`) and prompt variations (:mod:`.prompts`) are this project's extensions: the loss of an
-iteration is a masked mean over one weighted-sampled mask, or the weighted sum of masked means over all masks.
+Grid masks (:mod:`.masks`) and prompt variations by concept kind (:mod:`.prompts`) are this project's
+extensions: with masks, the loss of an iteration is the weighted sum of the masked means over all masks
+(``mask_mode="sum"``, the default; ``"grid-sum"`` is the one-click preset that also builds the 3×3 + centre
+grid) or a masked mean over one weighted-sampled mask (``"sample"`` / ``"grid-sample"``).
 """
 
 from __future__ import annotations
@@ -61,11 +76,14 @@ from torch import nn
 from .conditioning import Conditioning
 from .host import DiffusionHost, FullDelta, add_noise, ddim_sample, ddim_timesteps
 from .masks import grid_masks, masked_mse, normalize_weights, prepare_masks
-from .prompts import PromptSchedule, build_prompts, parse_concepts
+from .prompts import (PromptSchedule, build_prompts, concept_kinds, normalize_kind, parse_concepts,
+                      parse_prompt_lines, prompt_source)
 
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
 XT_SOURCES = ("self_sample", "noised")
-MASK_MODES = ("sample", "sum")
+MASK_MODES = ("sum", "sample", "grid-sum", "grid-sample")
+# one-click presets: the mode builds the default grid (grid_n × grid_n + centre) itself
+MASK_PRESETS = {"grid-sum": "sum", "grid-sample": "sample"}
 
 
 class ESDCancelled(Exception):
@@ -171,9 +189,12 @@ def paper_target(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, negative_gu
 
 def reference_target(pred_from: torch.Tensor, pred_cond: torch.Tensor, pred_uncond: torch.Tensor,
                      negative_guidance_ref: float = 2.0) -> torch.Tensor:
-    """The target as ``esd_sd.py`` (rohitgandikota/erasing) writes it: ``ε*(c_from) − η_ref·(ε*(c) − ε*(∅))``.
+    """The target as ``esd_sd.py`` (rohitgandikota/erasing, line 191) writes it:
+    ``ε*(c_from) − η_ref·(ε*(c) − ε*(∅))``.
 
-    With ``c_from = c`` this equals :func:`paper_target` with ``η = η_ref − 1``.
+    ``pred_from`` is the frozen prediction for the ``--erase_from`` prompt (lines 164–176; the concept's own
+    prediction without it). With ``c_from = c`` this equals :func:`paper_target` with ``η = η_ref − 1``.
+    Shapes: ``[B, C, h, w]`` each; returns fp32 of the same shape.
     """
     return pred_from.float() - float(negative_guidance_ref) * (pred_cond.float() - pred_uncond.float())
 
@@ -200,7 +221,20 @@ class ESDConfig:
         masks: ``None`` (whole latent, the paper's loss), ``"grid"`` (``grid_n``×``grid_n`` + centre of
             ``centre_size``) or a ``[M, H, W]`` tensor (resized to the latent when the aspect ratio matches).
         mask_weights: per-mask weights (normalised) or ``None`` for :func:`.masks.default_mask_weights`.
-        mask_mode: ``"sample"`` (one weighted-sampled mask per iteration) or ``"sum"`` (weighted sum of all).
+        mask_mode: ``"sum"`` (default: every mask each iteration, the loss is the weighted sum of the masked
+            means) or ``"sample"`` (one weighted-sampled mask per iteration); the presets ``"grid-sum"`` /
+            ``"grid-sample"`` build the grid masks themselves (``masks`` must then be ``None`` or ``"grid"``).
+            Why ``"sum"`` is the default: the sampled loss is an unbiased one-sample estimate of the summed loss
+            (E[L_sample] = Σ w_i·L_i), both cost one UNet evaluation per iteration (masks only reweight the
+            squared error), so the sum has the same expected gradient without the mask-sampling variance; it
+            is also the schedule of the grid-mask run this extension comes from (10 masks each iteration).
+        concept_kind: ``"auto"`` (inferred per concept, :func:`.prompts.infer_kind`) or one of
+            :data:`.prompts.KINDS`; picks the built-in prompt templates (user prompts/templates win).
+        erase_from: attribute erasure (``esd_sd.py --erase_from``): prompt(s) of the scene to erase the concept
+            from (``"cowboy"`` for concept ``"cowboy hat"``). Then ``x_t`` is sampled with the from-prompt, the
+            target is ``ε*(x_t, from) − (η+1)·(ε*(x_t, c) − ε*(x_t, ∅))`` and the trained model is conditioned
+            on the from-prompt (:func:`reference_target`). Several lines pair with the concept prompts by index
+            (``from[i mod n_from]`` for prompt ``i``).
         width, height: training resolution in pixels (multiples of the host's ``vae_scale``).
         noised_cache: how many frozen-model samples to cache for ``xt_source="noised"`` without images.
         max_nan_skips: consecutive non-finite iterations tolerated (skipped) before stopping with an error.
@@ -225,12 +259,14 @@ class ESDConfig:
     ddim_steps: int = 50
     masks: Any = None
     mask_weights: Sequence[float] | None = None
-    mask_mode: str = "sample"
+    mask_mode: str = "sum"
     grid_n: int = 3
     centre_size: float = 0.5
     seed: int = 0
     noised_cache: int = 4
     max_nan_skips: int = 5
+    concept_kind: str = "auto"
+    erase_from: str | Sequence[str] | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any out-of-range setting.
@@ -246,6 +282,11 @@ class ESDConfig:
             raise ValueError(f"unknown x_t source {self.xt_source!r}; choose one of {', '.join(XT_SOURCES)}")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask mode {self.mask_mode!r}; choose one of {', '.join(MASK_MODES)}")
+        if self.mask_mode in MASK_PRESETS and not (self.masks is None or (isinstance(self.masks, str) and
+                                                                          self.masks.lower() == "grid")):
+            raise ValueError(f"mask_mode {self.mask_mode!r} builds its own grid masks: remove the masks you passed "
+                             f"or choose mask_mode 'sum' / 'sample' to use them")
+        normalize_kind(self.concept_kind)
         if int(self.iterations) < 1:
             raise ValueError(f"iterations must be ≥ 1, got {self.iterations}")
         if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
@@ -301,6 +342,9 @@ ProgressFn = Callable[[dict], Any]
 
 
 def _resolve_masks(cfg: ESDConfig, latent_hw: tuple[int, int]):
+    if cfg.mask_mode in MASK_PRESETS:
+        m, names = grid_masks(latent_hw[0], latent_hw[1], cfg.grid_n, cfg.centre_size)
+        return m, normalize_weights(cfg.mask_weights, m), names
     if cfg.masks is None or (isinstance(cfg.masks, str) and cfg.masks.lower() in ("", "none", "full")):
         return None, None, []
     if isinstance(cfg.masks, str):
@@ -323,8 +367,9 @@ def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None
         host: any :class:`~.host.DiffusionHost`; it must have no deltas installed. Its base weights are never
             modified; the deltas are removed at the end unless ``keep_installed``.
         config: :class:`ESDConfig`.
-        progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "mask",
-            "timestep", "losses", "x_t"}`` (``x_t``: the iteration's noisy latent ``[1, C, h, w]``).
+        progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "erase_from",
+            "mask", "timestep", "losses", "x_t"}`` (``x_t``: the iteration's noisy latent ``[1, C, h, w]``;
+            ``erase_from``: the iteration's from-prompt or ``None``).
             Returning ``False`` stops training (result ``cancelled=True``); raising stops
             it and re-raises as :class:`ESDCancelled` carrying the partial result (``__cause__`` = the exception).
         images: optional clean images ``[N, 3, H, W]`` in ``[-1, 1]`` for ``xt_source="noised"`` (VAE-encoded
@@ -376,7 +421,10 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     if host.installed_deltas():
         raise ValueError("the host already has trainable deltas installed; clear them first")
     concepts = parse_concepts(cfg.concepts)
-    prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed)
+    froms = parse_prompt_lines(cfg.erase_from)  # attribute erasure: the scene prompt(s)
+    kinds = concept_kinds(concepts, cfg.concept_kind, froms or None)
+    prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed, kind=kinds)
+    mask_mode = MASK_PRESETS.get(cfg.mask_mode, cfg.mask_mode)
     schedule = PromptSchedule(prompts, cfg.prompt_order, cfg.seed)
     scale = int(getattr(host, "vae_scale", 8))
     if cfg.width % scale or cfg.height % scale:
@@ -440,16 +488,23 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
         meta = {
             "method": cfg.method,
             "concepts": concepts,
+            "concept_kinds": kinds,
+            "concept_kind_source": "user" if normalize_kind(cfg.concept_kind) != "auto" else "inferred",
+            "prompt_source": prompt_source(cfg.prompts, cfg.templates, cfg.variations),
             "prompts": prompts,
+            "erase_from": froms or None,
             "prompt_order": cfg.prompt_order,
             "negative_guidance": float(cfg.negative_guidance),
             "negative_guidance_convention": "paper: target = e(uncond) - eta*(e(cond) - e(uncond)); "
                                             "esd_sd.py --negative_guidance = eta + 1",
             "negative_guidance_esd_sd_py": float(cfg.negative_guidance) + 1.0,
             "xt_source": cfg.xt_source,
+            "xt_sampler": ("DDIM from the frozen model (esd_sd.py samples from the frozen model with the "
+                           "pipeline's PNDM)") if cfg.xt_source == "self_sample" else "forward noise (add_noise)",
             "masks": mask_names or ["full"],
             "mask_weights": [float(x) for x in mask_w] if mask_w is not None else [1.0],
-            "mask_mode": cfg.mask_mode if masks is not None else "full",
+            "mask_mode": mask_mode if masks is not None else "full",
+            "mask_preset": cfg.mask_mode if cfg.mask_mode in MASK_PRESETS else None,
             "grid_n": cfg.grid_n if isinstance(cfg.masks, str) else None,
             "centre_size": cfg.centre_size if isinstance(cfg.masks, str) else None,
             "iterations": int(cfg.iterations),
@@ -493,23 +548,25 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                     else:
                         lat = []
                         for i in range(max(1, int(cfg.noised_cache))):
-                            p = prompts[i % len(prompts)]
+                            p = froms[i % len(froms)] if froms else prompts[i % len(prompts)]
                             xT = torch.randn((1, host.latent_channels, lh, lw), generator=gen)
                             lat.append(ddim_sample(model, xT, encode(p), uncond, steps=int(cfg.ddim_steps),
                                                    cfg=float(cfg.start_guidance)).float().cpu())
                         clean_cache = torch.cat(lat)
 
             for it in range(int(cfg.iterations)):
-                _, prompt = schedule.next()
+                p_idx, prompt = schedule.next()
                 cond = encode(prompt)
+                from_prompt = froms[p_idx % len(froms)] if froms else None
+                from_cond = encode(from_prompt) if froms else None
                 # --- x_t -----------------------------------------------------------------------------------
                 with torch.no_grad(), host.deltas_disabled():
                     if cfg.xt_source == "self_sample":
                         k = rng.randrange(int(cfg.ddim_steps))
                         t_int = ddim_ts[k]
                         xT = torch.randn((1, host.latent_channels, lh, lw), generator=gen)
-                        x_t = ddim_sample(model, xT, cond, uncond, steps=int(cfg.ddim_steps),
-                                          cfg=float(cfg.start_guidance), stop_at=k)
+                        x_t = ddim_sample(model, xT, cond if from_cond is None else from_cond, uncond,
+                                          steps=int(cfg.ddim_steps), cfg=float(cfg.start_guidance), stop_at=k)
                     else:
                         t_int = rng.randrange(T)
                         x0 = clean_cache[rng.randrange(clean_cache.shape[0])][None]
@@ -520,16 +577,21 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                     # frozen ε*(x_t, c, t) and ε*(x_t, ∅, t) in one batched call
                     frozen = model.predict(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
                                            Conditioning.cat([cond, uncond])).float()
-                    target = paper_target(frozen[:1], frozen[1:], cfg.negative_guidance)
+                    if from_cond is None:
+                        target = paper_target(frozen[:1], frozen[1:], cfg.negative_guidance)
+                    else:  # attribute erasure: esd_sd.py's target with the from-prompt's prediction
+                        pred_from = model.predict(x_t, tt, from_cond).float()
+                        target = reference_target(pred_from, frozen[:1], frozen[1:],
+                                                  float(cfg.negative_guidance) + 1.0)
                 # --- mask choice -------------------------------------------------------------------------
                 if masks is None:
                     mask_idx = -1
-                elif cfg.mask_mode == "sample":
+                elif mask_mode == "sample":
                     mask_idx = int(torch.multinomial(mask_w, 1, generator=gen).item())
                 else:
                     mask_idx = -2
                 # --- trained prediction and loss ---------------------------------------------------------
-                pred = model.predict(x_t, tt, cond).float()
+                pred = model.predict(x_t, tt, cond if from_cond is None else from_cond).float()
                 if mask_idx == -1:
                     loss = masked_mse(pred, target, None)
                     mask_counts[-1] += 1
@@ -566,7 +628,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                 done = it + 1
                 if progress is not None:
                     info = {"iteration": done, "total": int(cfg.iterations), "loss": loss_value,
-                            "prompt": prompt, "timestep": int(t_int), "losses": losses, "x_t": x_t.detach(),
+                            "prompt": prompt, "erase_from": from_prompt, "timestep": int(t_int), "losses": losses,
+                            "x_t": x_t.detach(),
                             "mask": "full" if mask_idx == -1 else ("all" if mask_idx == -2 else
                                                                    mask_names[mask_idx])}
                     try:

@@ -21,8 +21,15 @@ of :class:`conceptlab.training.esd.ESDConfig`)::
     xt_source = "self_sample"
     negative_guidance = 1.0
     iterations = 500
-    masks = "grid"                           # "none" (whole latent, the paper) or "grid"
-    mask_mode = "sample"
+    concept_kind = "auto"                    # style | object | person | attribute | explicit (prompt templates)
+    erase_from = ""                          # attribute erasure: erase the concept from this scene prompt
+    masks = "none"                           # "none" (whole latent, the paper) or "grid"
+    mask_mode = "sum"                        # with masks: "sum" (all masks each iteration, default) or "sample";
+                                             # "grid-sum" / "grid-sample" are presets that build the grid
+
+``--mask-mode grid-sum`` on the command line is the one-click preset for the grid-mask schedule (3×3 grid +
+centre, every mask each iteration, weighted sum). ``save_reference = true`` also writes the reference
+repository's format (``esd-<concept>-from-<from>-<method>.safetensors``: absolute weights under diffusers names).
 
 Writes ``<output_dir>/<name>.safetensors`` (+ LoRA), ``training_stats.json``, ``metadata.json`` and
 ``loss.png``.
@@ -35,7 +42,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-_RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "images", "tokenizer"}
+_RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "images", "tokenizer",
+             "save_reference"}
 
 
 def register(subparsers) -> None:
@@ -47,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--iterations", type=int, default=None, help="override [esd] iterations")
     p.add_argument("--seed", type=int, default=None, help="override [esd] seed")
     p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--mask-mode", default=None, choices=["sum", "sample", "grid-sum", "grid-sample"],
+                   help="override [esd] mask_mode; grid-sum = the grid-mask preset (3x3 + centre, all masks each "
+                        "iteration)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
@@ -94,6 +105,10 @@ def run(args) -> int:
         esd_table["iterations"] = args.iterations
     if args.seed is not None:
         esd_table["seed"] = args.seed
+    if getattr(args, "mask_mode", None) is not None:
+        esd_table["mask_mode"] = args.mask_mode
+    if esd_table.get("erase_from") == "":
+        esd_table["erase_from"] = None
     if isinstance(esd_table.get("masks"), str) and esd_table["masks"].lower() == "none":
         esd_table["masks"] = None
     config = config_from_mapping(esd_table)
@@ -148,6 +163,15 @@ def run(args) -> int:
     with atomic_output(out_dir / "loss.png") as tmp:
         Image.fromarray(loss_plot(result.losses, f"ESD {config.method}")).save(tmp, format="PNG")
     print(f"wrote {paths['diff']}" + (f" and {paths['lora']}" if paths["lora"] else ""))
+    if data.get("save_reference"):
+        from ..formats.safetensors_io import save_safetensors
+        from .esd_reference import base_tensors, reference_file_name, to_reference
+
+        froms = result.metadata.get("erase_from") or [None]
+        ref_path = out_dir / reference_file_name(result.metadata["concepts"][0], froms[0], config.method)
+        save_safetensors(to_reference(result.deltas, base_tensors(host.modules("unet")),
+                                      parse_dtype(str(data.get("save_dtype", "float16")))), ref_path)
+        print(f"wrote {ref_path} (reference format: absolute weights, diffusers names)")
     if paths["svd"]:
         print(f"low-rank LoRA keeps {paths['svd']['energy_kept'] * 100:.1f}% of the delta energy")
     s = result.stats

@@ -95,24 +95,32 @@ def svd_lora(result: ESDResult, rank: int) -> tuple[dict[str, tuple[torch.Tensor
 
 
 def file_metadata(result: ESDResult, extra: Mapping[str, object] | None = None) -> dict[str, str]:
-    """safetensors metadata: the JSON reports plus ``ss_*`` / ``modelspec.*`` keys LoRA tools display."""
+    """safetensors metadata: the JSON reports plus ``ss_*`` / ``modelspec.*`` keys LoRA tools display.
+
+    Results of :mod:`.uce` (``metadata["method"] == "uce"``) are labelled as UCE edits (``conceptlab.uce``,
+    the unified-concept-editing repository); the JSON keys are the same for both methods.
+    """
     meta = result.metadata
     base_version, spec_arch = _ARCH_SPEC.get(str(meta.get("arch", "sd1")), _ARCH_SPEC["sd1"])
     concepts = ", ".join(meta.get("concepts", []))
+    uce = meta.get("method") == "uce"
     out = {
         "conceptlab_esd_metadata": json.dumps(meta),
         "conceptlab_esd_stats": json.dumps(result.stats),
-        "ss_network_module": "conceptlab.esd",
+        "ss_network_module": "conceptlab.uce" if uce else "conceptlab.esd",
         "ss_base_model_version": base_version,
-        "ss_training_comment": f"ESD ({meta.get('method')}) erasure of: {concepts}",
+        "ss_training_comment": (f"UCE closed-form erasure of: {concepts}" if uce
+                                else f"ESD ({meta.get('method')}) erasure of: {concepts}"),
         "ss_steps": str(result.stats.get("iterations_done", 0)),
         "ss_learning_rate": str(meta.get("lr")),
         "ss_seed": str(meta.get("seed")),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": spec_arch,
-        "modelspec.implementation": "https://github.com/rohitgandikota/erasing",
-        "modelspec.title": f"ESD erase {concepts}",
-        "modelspec.description": "Concept erased with ESD (Gandikota et al., ICCV 2023) by Concept Lab",
+        "modelspec.implementation": ("https://github.com/rohitgandikota/unified-concept-editing" if uce
+                                     else "https://github.com/rohitgandikota/erasing"),
+        "modelspec.title": f"{'UCE' if uce else 'ESD'} erase {concepts}",
+        "modelspec.description": ("Concept erased with UCE (Gandikota et al., WACV 2024) by Concept Lab" if uce
+                                  else "Concept erased with ESD (Gandikota et al., ICCV 2023) by Concept Lab"),
     }
     for k, v in (extra or {}).items():
         out[str(k)] = v if isinstance(v, str) else json.dumps(v)

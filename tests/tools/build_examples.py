@@ -321,18 +321,21 @@ def esd_grid_erasure(g: Graph):
     g.note("## Erase a concept with ESD-X and grid masks\n\n"
            "**Grid Masks** makes an n×n grid of cell masks plus a centre mask; **ESD Erase Concept** fine-tunes "
            "the cross-attention (ESD-X) so the concept's prompts (and their variations) no longer steer the "
-           "model, weighting the loss by the masks. It saves `output/loras/esd/van_gogh_*.safetensors` (any "
+           "model, weighting the loss by the masks (mask_mode `sum`: every mask each iteration; `grid-sum` builds "
+           "the same grid without the Grid Masks node). `concept_kind` phrases the prompt variations for an "
+           "artist, object, person, attribute or explicit content; `erase_from` erases an attribute from a "
+           "scene. It saves `output/loras/esd/van_gogh_*.safetensors` (any "
            "LoRA loader applies it). **Erasure Comparison Grid** draws concept and unrelated prompts with the "
            "original and the erased model; **Diff Models** shows which weights changed.\n\n"
            "Needs `models/checkpoints/" + SD15 + "`; a GPU (1000 iterations ≈ 20–40 min on a 24 GB card).",
-           (0, -360), (820, 320))
+           (0, -420), (820, 380))
     ck = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15)
     gm = g.add("ConceptLabGridMasks", (0, 200), width=512, height=512, grid_n=3, centre_size=0.5)
     g.add("PreviewImage", (0, 460), title="Mask preview", images=g.out(gm, "preview"))
     esd = g.add("ConceptLabESDErase", (COL, 0), w_px=380, model=g.out(ck, "MODEL"), clip=g.out(ck, "CLIP"),
                 concepts="Van Gogh", prompt_variations="", variations=100, method="esd-x", iterations=1000,
                 negative_guidance=1.0, lr=1e-5, seed=0, resolution=512, save_name="esd/van_gogh",
-                masks=g.out(gm, "masks"), mask_weights=g.out(gm, "weights"))
+                mask_mode="sum", concept_kind="style", masks=g.out(gm, "masks"), mask_weights=g.out(gm, "weights"))
     x2 = 2 * COL + 40
     g.add("SaveImage", (x2, 0), title="ESD loss", images=g.out(esd, "loss_plot"), filename_prefix="conceptlab/esd_loss")
     g.add("PreviewAny", (x2, 320), title="ESD stats", source=g.out(esd, "stats"))
