@@ -444,7 +444,15 @@ def guarded(cls):
             names = list(inspect.signature(original).parameters)[1:]
             kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
-        errors = input_errors(type(self), kwargs, combos=False)  # names are resolved by the node itself
+        if getattr(cls, "INPUT_IS_LIST", False):  # ComfyUI passes every input as a list: check each element
+            n = max((len(v) for v in kwargs.values() if isinstance(v, list)), default=1)
+            errors = []
+            for i in range(n):
+                row = {k: (v[min(i, len(v) - 1)] if isinstance(v, list) and v else v) for k, v in kwargs.items()}
+                errors += [e for e in input_errors(type(self), row, combos=False)
+                           if str(e) not in {str(x) for x in errors}]
+        else:
+            errors = input_errors(type(self), kwargs, combos=False)  # names are resolved by the node itself
         if errors:  # the first error's type (PathOutsideError, LimitError, ...), every message
             raise type(errors[0])(f"{cls.__name__}: " + "; ".join(str(e) for e in errors))
         return original(self, **kwargs)

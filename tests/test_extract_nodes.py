@@ -90,7 +90,7 @@ def test_extract_then_resize_nodes_write_loadable_files(tmp_path, fake_comfy):
         rname, rrep, rjs, _ = N.ResizeLora().resize(name, 2, 0, "fixed", 0.9, "fp16", "ex/small")
     per = json.loads(rjs)["per_layer"]
     assert all(v["rank"] == 2 and v["old_rank"] in (4, 8) for v in per.values())
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="outside|'\\.\\.'"):
         N.ResizeLora().resize(name, 2, 0, "fixed", 0.9, "fp16", "../../x")
     with pytest.raises(FileNotFoundError):
         N.ExtractLora().extract("base.safetensors", "../x.safetensors", 8, 0, "fixed", 0.9, 0.01, "fp16", "x")

@@ -134,16 +134,17 @@ def test_node_takes_a_list_of_images_and_masks(tmp_path, monkeypatch):
     with torch.inference_mode():
         ds, summary, audit = G.ConceptLabLoraDatasetFromImages().load(
             images=[im[None] for im, _ in comfy], captions=["\n".join(CAPTIONS)], repeats=[3],
-            class_token=["things"], mask=[m[None] for m in ones], **_node_kwargs())
-    folder = _folder(tmp_path, imgs)
-    ds_f = KohyaDataset.scan(folder, DatasetOptions.from_mapping(OPTS), CaptionConfig.from_mapping(CAPS))
+            class_token=["things"], mask=[m[None] for m in ones], **_node_kwargs(min_bucket_reso=64))
+    folder = _folder(tmp_path, imgs)  # the node's widgets start at 64 px buckets
+    ds_f = KohyaDataset.scan(folder, DatasetOptions.from_mapping({**OPTS, "min_bucket_reso": 64}),
+                             CaptionConfig.from_mapping(CAPS))
     _assert_same(ds_f, ds)
     assert "things" in summary and isinstance(audit, str)
     assert isinstance(ds, KohyaDataset) and L.DATASET_TYPE == G.ConceptLabLoraDatasetFromImages.RETURN_TYPES[0]
     with pytest.raises(ValueError, match="2 masks for 6 images"):
         G.ConceptLabLoraDatasetFromImages().load(images=[im[None] for im, _ in comfy], captions=[""],
                                                  repeats=[1], class_token=["x"], mask=[ones[0][None], ones[1][None]],
-                                                 **_node_kwargs())
+                                                 **_node_kwargs(min_bucket_reso=64))
 
 
 # ------------------------------------------------------------------------------------------------ real ComfyUI

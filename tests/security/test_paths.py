@@ -164,7 +164,10 @@ def test_models_names_come_from_comfy_lists_only(comfy_dirs):
 
 # --- paths inside kohya_toml -------------------------------------------------------------------------------------
 
-TOML_CASES = [f'{k} = "x"' for k in sorted(policy.TOML_PATH_KEYS)] + [
+# kohya's dataset keys (image_dir, reg_data_dir, dataset_config) may name safe relative folders inside input/
+# (policy.INPUT_FOLDER_KEYS); with an unsafe value they are refused like every other path key
+TOML_CASES = [f'{k} = "x"' for k in sorted(policy.TOML_PATH_KEYS - policy.INPUT_FOLDER_KEYS)] + [
+    f'{k} = "../outside"' for k in sorted(policy.INPUT_FOLDER_KEYS)] + [
     '[model_arguments]\npretrained_model_name_or_path = "/models/x.safetensors"',
     '[training_arguments]\noutput_dir = "/tmp/out"\nlogging_dir = "/tmp/log"',
     'resume = "/etc/passwd"',
@@ -196,12 +199,21 @@ def train_kw(**kw):
 @pytest.mark.parametrize("toml", TOML_CASES)
 def test_toml_path_keys_refused_by_name(small_dataset, comfy_dirs, toml):
     before = snapshot(comfy_dirs["output"])
-    with pytest.raises(PathOutsideError, match="CLI") as ei:
+    with pytest.raises(PathOutsideError, match="CLI|'\\.\\.'|absolute") as ei:
         lora_nodes.ConceptLabTrainLora().train(**train_kw(dataset=small_dataset, kohya_toml=toml))
     key = toml.strip().splitlines()[-1].split("=")[0].strip()
     if not key.startswith("num_"):
         assert key in str(ei.value)
     assert snapshot(comfy_dirs["output"]) == before  # refused before anything is written
+
+
+def test_dataset_folder_keys_accept_safe_names_inside_input():
+    """kohya dataset configs work in the node: safe relative folder names pass validation (resolved inside input/
+    by the node, symlinks checked there); hostile ones do not."""
+    ok = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "pixel_art/10_dawnlike"\nnum_repeats = 1\nreg_data_dir = "reg"'
+    assert lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml=ok) is True
+    for bad in ('image_dir = "/etc"', 'reg_data_dir = "../x"', 'dataset_config = "a\\\\b.toml"'):
+        assert isinstance(lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml=bad), str), bad
 
 
 def test_path_key_rule_is_about_names_and_text():
@@ -214,7 +226,7 @@ def test_path_key_rule_is_about_names_and_text():
 @pytest.mark.parametrize("toml", TOML_CASES)
 def test_toml_path_keys_get_http_400(toml):
     res = lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml=toml)
-    assert isinstance(res, str) and "CLI" in res
+    assert isinstance(res, str) and any(w in res for w in ("CLI", "'..'", "absolute"))
     assert lora_nodes.ConceptLabTrainLora.VALIDATE_INPUTS(kohya_toml="network_dim = 8\nlog_config = true") is True
 
 
