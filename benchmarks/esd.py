@@ -47,17 +47,41 @@ def sd15_config() -> dict:
                 cross_attention_dim=768, attention_head_dim=8)
 
 
+def sdxl_config(width_div: int = 1) -> dict:
+    """SDXL base's UNet2DConditionModel config (configs/sdxl_unet.json essentials), channels divided by
+    ``width_div`` (heads keep SDXL's 64-channel head size)."""
+    ch = tuple(c // width_div for c in (320, 640, 1280))
+    return dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=ch,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                attention_head_dim=tuple(max(1, c // 64) for c in ch), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, norm_num_groups=32 if ch[0] % 32 == 0 else 16)
+
+
+FAMILY = {"family": "sd15", "width_div": 1}
+
+
 def build_unet(device: str):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**sd15_config()).to(device).eval()
+    cfg = sdxl_config(FAMILY["width_div"]) if FAMILY["family"] == "sdxl" else sd15_config()
+    return UNet2DConditionModel(**cfg).to(device).eval()
 
 
 def embed(prompt: str, device: str) -> torch.Tensor:
-    """A fixed random stand-in for CLIP-L hidden states ``[1, 77, 768]`` per prompt (no text encoder needed)."""
+    """A fixed random stand-in for the text encoders' hidden states per prompt (no text encoder needed): CLIP-L
+    ``[1, 77, 768]``, or for SDXL CLIP-L ‖ OpenCLIP-G ``[1, 77, 2048]``."""
     g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
-    return torch.randn(1, 77, 768, generator=g).to(device)
+    return torch.randn(1, 77, 2048 if FAMILY["family"] == "sdxl" else 768, generator=g).to(device)
+
+
+def pooled(prompt: str, device: str) -> torch.Tensor:
+    """SDXL's pooled OpenCLIP-G stand-in ``[1, 1280]``."""
+    g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()) + 1)
+    return torch.randn(1, 1280, generator=g).to(device)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -70,9 +94,14 @@ def run_ours(args) -> dict:
     from conceptlab.training.diffusers_host import DiffusersHost
     from conceptlab.training.esd import ESDConfig, erase
 
+    from conceptlab.training.conditioning import Conditioning
+
     class BenchHost(DiffusersHost):
         def encode_prompts(self, prompts):
-            return torch.cat([embed(p, args.device) for p in prompts])
+            ctx = torch.cat([embed(p, args.device) for p in prompts])
+            if FAMILY["family"] == "sdxl":
+                return Conditioning(ctx, torch.cat([pooled(p, args.device) for p in prompts]))
+            return ctx
 
     host = BenchHost(build_unet(args.device), None, None, None, device=args.device)
     stamps = []
@@ -140,10 +169,16 @@ def run_reference(args) -> dict:
         noise = torch.randn(x0.shape, generator=gen)
         a = ac[t]
         xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(args.device)
+        kw_c, kw_u = {}, {}
+        if FAMILY["family"] == "sdxl":  # esd_sdxl.py: pooled prompt embeds + add_time_ids on every call
+            r = args.resolution
+            ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=args.device)
+            kw_c = {"added_cond_kwargs": {"text_embeds": pooled("Van Gogh", args.device), "time_ids": ids}}
+            kw_u = {"added_cond_kwargs": {"text_embeds": pooled("", args.device), "time_ids": ids}}
         with torch.no_grad():
-            e_c = base_unet(xt, t, encoder_hidden_states=erase_embeds).sample
-            e_u = base_unet(xt, t, encoder_hidden_states=null_embeds).sample
-        e_esd = esd_unet(xt, t, encoder_hidden_states=erase_embeds).sample
+            e_c = base_unet(xt, t, encoder_hidden_states=erase_embeds, **kw_c).sample
+            e_u = base_unet(xt, t, encoder_hidden_states=null_embeds, **kw_u).sample
+        e_esd = esd_unet(xt, t, encoder_hidden_states=erase_embeds, **kw_c).sample
         loss = crit(e_esd, e_c - 2.0 * (e_c - e_u))  # esd_sd.py convention, negative_guidance 2
         loss.backward()
         opt.step()
@@ -161,18 +196,22 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-freeze", action="store_true",
                    help="reference-style: freeze the untrained parameters of the trained copy")
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                   help="sdxl: an SDXL-shaped UNet (pooled + size conditioning on every call, as esd_sdxl.py)")
+    p.add_argument("--width-div", type=int, default=1, help="SDXL: divide the channel widths (CPU runs)")
     p.add_argument("--child", choices=["ours", "ref", "uce"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    FAMILY.update(family=args.family, width_div=args.width_div)
     if args.child:
         torch.set_grad_enabled(True)
         out = {"ours": run_ours, "ref": run_reference, "uce": run_uce}[args.child](args)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     results = {}
-    for which in ("ref", "ours", "uce"):
+    for which in (("ref", "ours") if args.family == "sdxl" else ("ref", "ours", "uce")):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--resolution", str(args.resolution),
-               "--iterations", str(args.iterations), "--device", args.device] + (["--ref-freeze"] if args.ref_freeze
-                                                                                 else [])
+               "--iterations", str(args.iterations), "--device", args.device, "--family", args.family,
+               "--width-div", str(args.width_div)] + (["--ref-freeze"] if args.ref_freeze else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -180,13 +219,16 @@ def main() -> int:
             return 1
         results[which] = json.loads(line[-1][7:])
     ours, ref = results["ours"], results["ref"]
-    print(f"ESD-x on an SD1.5-shaped UNet (random weights), {args.resolution}px, x_t source 'noised', "
+    shape = (f"SDXL-shaped UNet (channels /{args.width_div})" if args.family == "sdxl" else "SD1.5-shaped UNet")
+    print(f"ESD-x on an {shape} (random weights), {args.resolution}px, x_t source 'noised', "
           f"device {args.device}, torch threads {torch.get_num_threads()}")
     print(f"{'':18}{'it/s':>10}{'peak MB':>12}{'tensors':>9}")
     print(f"{'reference-style':18}{ref['it_per_s']:>10.3f}{ref['peak_mb']:>12.0f}{ref['trained_tensors']:>9}")
     print(f"{'Concept Lab':18}{ours['it_per_s']:>10.3f}{ours['peak_mb']:>12.0f}{ours['trained_tensors']:>9}")
     sp, mem = ours["it_per_s"] / ref["it_per_s"], ours["peak_mb"] / ref["peak_mb"]
     print(f"ratio: {sp:.2f}x iterations/s (target >= 1.5), {mem:.2f}x peak memory (target <= 0.6)")
+    if "uce" not in results:
+        return 0
     uce = results["uce"]
     esd_1000 = 1000 / ours["it_per_s"]
     print(f"\nUCE (closed form, 1 concept + 3 preserved) vs ESD-x's 1,000 iterations at {args.resolution}px:")

@@ -107,7 +107,9 @@ class TrainConfig:
     (a ``-state.json`` path, or ``"auto"`` for the newest in state_dir), ``training_comment``.
     Evaluation (Concept Lab): ``sample_prompts`` (list or newline-separated), ``sample_negative``,
     ``sample_every_n_epochs`` (0 = off), ``sample_steps``, ``sample_cfg``, ``sample_width``/``sample_height``
-    (0 = training resolution), ``sample_seed``, ``palette`` (hex colours for in-palette metrics, optional),
+    (0 = training resolution), ``sample_seed``, ``palette`` (hex colours for in-palette metrics, optional), ``sample_grid_cells`` (grid override for the
+    samples' palette metrics: ``"native"`` = one cell per pixel for renders at the art's native size, an int or
+    ``[cells_x, cells_y]``; default: detect),
     ``validate_every_n_epochs``, ``best_metric`` (:data:`BEST_METRICS` or any numeric column),
     ``best_direction`` (``auto``/``min``/``max``), ``early_stopping_patience`` (0 = off).
     """
@@ -187,6 +189,7 @@ class TrainConfig:
     sample_height: int = 0
     sample_seed: int | None = None
     palette: Any = None
+    sample_grid_cells: Any = None
     validate_every_n_epochs: int = 1
     best_metric: str = "auto"
     best_direction: str = "auto"
@@ -295,6 +298,12 @@ class TrainConfig:
             raise ValueError("network_train_unet_only and network_train_text_encoder_only exclude each other")
         if self.best_direction not in ("auto", "min", "max"):
             raise ValueError("best_direction must be auto, min or max")
+        g = self.sample_grid_cells
+        if not (g is None or g == "native" or (isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 4096)
+                or (isinstance(g, (list, tuple)) and len(g) == 2 and all(isinstance(v, int) and 1 <= v <= 4096
+                                                                         for v in g))):
+            raise ValueError(f"sample_grid_cells must be \"native\", a cell count 1..4096 or [cells_x, cells_y], "
+                             f"got {g!r}")
         for name in ("v_parameterization", "zero_terminal_snr"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -701,8 +710,11 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def palette_metrics(image: np.ndarray, palette: Sequence[str] = ()) -> dict[str, float]:
+def palette_metrics(image: np.ndarray, palette: Sequence[str] = (), cells=None) -> dict[str, float]:
     """Palette metrics of one uint8 ``[H, W, 3]`` image from :mod:`conceptlab.metrics.palette`.
+
+    ``cells``: grid override passed to ``palette_report`` (``sample_grid_cells``; e.g. ``"native"`` → one cell per
+    pixel for samples rendered at the art's native resolution, where no upscaled grid exists to detect).
 
     Returns numeric entries of ``palette_report`` (e.g. ``effective_colors``, ``in_palette_fraction``);
     ``{}`` when the metrics module is not available (the trainer then selects by loss only).
@@ -712,7 +724,9 @@ def palette_metrics(image: np.ndarray, palette: Sequence[str] = ()) -> dict[str,
     except ImportError:
         return {}
     try:
-        rep = palette_report(image, targets=list(palette) or None)
+        if cells == "native":
+            cells = (image.shape[1], image.shape[0])
+        rep = palette_report(image, targets=list(palette) or None, cells=cells)
     except Exception as exc:  # noqa: BLE001 - a sample the metrics cannot read (e.g. no pixel grid) is skipped
         logger.warning("palette metrics failed on a sample: %s", exc)
         return {}
@@ -1430,7 +1444,8 @@ class LoraTrainer:
             vals = []
             for e in self.dataset.entries[:256]:
                 img = ((self.dataset.load_image(e) + 1) * 127.5).round().clamp(0, 255).byte()
-                m = palette_metrics(img.permute(1, 2, 0).numpy(), self.cfg.palette_list)
+                m = palette_metrics(img.permute(1, 2, 0).numpy(), self.cfg.palette_list,
+                                    self.cfg.sample_grid_cells)
                 if "effective_colors" in m:
                     vals.append(m["effective_colors"])
             self.dataset_effective_colors = float(np.median(vals)) if vals else None
@@ -1684,7 +1699,7 @@ class LoraTrainer:
                         p = save_png(im, sample_dir / f"{cfg.output_name}_e{ep1:06d}_{i:02d}.png")
                         names.append(str(p.relative_to(self.state_dir)))
                     record["samples"] = names
-                    mets = [palette_metrics(im, cfg.palette_list) for im in samples]
+                    mets = [palette_metrics(im, cfg.palette_list, cfg.sample_grid_cells) for im in samples]
                     keys = sorted(set().union(*[m.keys() for m in mets])) if mets else []
                     for k in keys:
                         vals = [m[k] for m in mets if k in m]
