@@ -3,7 +3,8 @@ recognises SDXL only at full size): the ``sdxl_pixel_art_lora`` API twin trains 
 the best epoch, its LoRA files carry kohya SDXL keys and load with zero "lora key not loaded"; ESD-x erases on the
 same model and its ``.diff`` file is applied.
 
-Needs COMFYUI_PATH and ~16 GB of free memory (the UNet runs in fp32 on a CPU); skipped otherwise with the reason.
+Needs COMFYUI_PATH and ~28 GB of free memory: on a CPU ComfyUI runs the SDXL UNet in fp32, and training at 64 px
+reached 23.5 GB RSS on our 24 GB machine (killed by the OOM killer); skipped otherwise with the reason.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _mem_available_gib() -> float:
 
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="real-ComfyUI tier: set COMFYUI_PATH"),
-    pytest.mark.skipif(_mem_available_gib() < 16, reason="full-size SDXL tier needs ~16 GB of free memory"),
+    pytest.mark.skipif(_mem_available_gib() < 28, reason="full-size SDXL tier needs ~28 GB of free memory (fp32 "
+                       "SDXL training on a CPU; 23.5 GB RSS was measured)"),
 ]
 
 
