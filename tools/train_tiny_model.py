@@ -48,9 +48,10 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "dawnlike"
-if not DEFAULT_DATA.is_dir():
-    DEFAULT_DATA = Path("/work/shared/data/dawnlike")
+#: the shared DawnLike data beside the repo (``../shared/data/dawnlike``); ``--data`` or CONCEPTLAB_SHARED_DATA
+#: (the folder holding ``dawnlike/``) point elsewhere
+DEFAULT_DATA = (Path(os.environ["CONCEPTLAB_SHARED_DATA"]) if os.environ.get("CONCEPTLAB_SHARED_DATA")
+                else REPO.parent / "shared" / "data") / "dawnlike"
 
 #: flat background the sprites are composited on (DawnBringer-16 "dark blue", #30346d)
 BACKGROUND = (0x30, 0x34, 0x6D)

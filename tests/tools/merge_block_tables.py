@@ -1,8 +1,8 @@
 """Regenerate ``tests/data/merge_block_tables.json``: the merge block (IN00 … OUT11) that supermerger and sd-mecha give
 every SD1.5 / SDXL UNet key, read from their own code.
 
-    python tests/tools/merge_block_tables.py --sd-mecha /work/.mirror/ljleb+sd-mecha/repo \\
-        --supermerger /work/.mirror/hako-mikan+sd-webui-supermerger/repo [--out tests/data/merge_block_tables.json]
+    python tests/tools/merge_block_tables.py --sd-mecha /path/to/sd-mecha \\
+        --supermerger /path/to/sd-webui-supermerger [--out tests/data/merge_block_tables.json]
 
 Both arguments are git directories of the references (as the ``fetch`` tool leaves them) or work trees.
 Nothing is copied from them into the repo except the resulting table (key -> block id):
