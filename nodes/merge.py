@@ -366,6 +366,16 @@ def _parse_ratios(text: str) -> list[float]:
     return vals
 
 
+def sampler_choices() -> tuple[list[str], list[str]]:
+    """ComfyUI's sampler and scheduler names (``comfy.samplers.KSampler``), or ``["euler"], ["normal"]`` when
+    ComfyUI is not importable (contract checks without ComfyUI)."""
+    try:
+        import comfy.samplers
+    except ImportError:
+        return ["euler"], ["normal"]
+    return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
+
+
 @policy.guarded
 class MergeSweep:
     """Weighted-sum ratio sweep rendered with ComfyUI's sampler into one labelled grid."""
@@ -381,12 +391,7 @@ class MergeSweep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        try:
-            import comfy.samplers
-
-            samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
-        except ImportError:
-            samplers, schedulers = ["euler"], ["normal"]
+        samplers, schedulers = sampler_choices()
         return {
             "required": {
                 "model_a": ("MODEL", {"tooltip": "Model A (α = 0)."}),

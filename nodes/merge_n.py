@@ -20,7 +20,8 @@ import torch
 from ..training.merge import TIES_SIGNS, MergePlan, MethodOptions, canonical_key, check_alpha
 from ..training.merge_nmodel import METHODS_N, METHODS_N_NEED_BASE, merge_tensor_n, parse_weights
 from . import comfy_host, policy
-from .merge import CONVENTION, _arch_of, _check_same, _key_patches, _label_grid, _patched_weight, merge_patchers
+from .merge import (CONVENTION, _arch_of, _check_same, _key_patches, _label_grid, _patched_weight, merge_patchers,
+                    sampler_choices)
 
 CATEGORY = "Concept Lab/Merge"
 MAX_MODELS = 6
@@ -198,12 +199,7 @@ class MergeStepsSweep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        try:
-            import comfy.samplers
-
-            samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
-        except ImportError:
-            samplers, schedulers = ["euler"], ["normal"]
+        samplers, schedulers = sampler_choices()
         return {
             "required": {
                 "model_a": ("MODEL", {"tooltip": "Model A (weight 1 − α), e.g. the base the run started from."}),
