@@ -679,7 +679,7 @@ class ComfyHost(DiffusionHost):
         ``calculate_input`` (x/√(1+σ²) = x_t), the σ → t map, the patcher's transformer options and weight
         wrappers. The network's raw output is taken from inside that call by a ComfyUI ``DIFFUSION_MODEL``
         wrapper (``comfy/patcher_extension.py``), so it is exactly the ε / v the UNet produced; kohya's objective
-        is expressed on it unchanged. Runs outside inference mode (inputs cloned if needed), so gradients reach
+        is expressed on it unchanged (``RuntimeError`` for a model whose forward runs no such wrappers). Runs outside inference mode (inputs cloned if needed), so gradients reach
         the installed deltas when grad is enabled. ``ValueError`` for an SDXL model given no pooled embedding.
         """
         import comfy.patcher_extension as pe
@@ -712,19 +712,11 @@ class ComfyHost(DiffusionHost):
             topts["wrappers"] = wrappers
             topts["sigmas"] = sigma
             c_crossattn = kwargs.pop("c_crossattn", None)
-            denoised = base.apply_model(x_in, sigma, c_crossattn=c_crossattn, transformer_options=topts, **kwargs)
-            if "out" not in captured:  # a diffusion model without the wrapper hook: invert calculate_denoised
-                return self._output_from_denoised(denoised, x_in, sigma).to(self.dtype)
+            base.apply_model(x_in, sigma, c_crossattn=c_crossattn, transformer_options=topts, **kwargs)
+            if "out" not in captured:
+                raise RuntimeError(f"{type(base.diffusion_model).__name__} does not run ComfyUI's DIFFUSION_MODEL "
+                                   "wrappers, so its raw output cannot be read; this model family is not supported")
             return captured["out"]
-
-    def _output_from_denoised(self, denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Invert ComfyUI's ``calculate_denoised`` (``comfy/model_sampling.py`` EPS / V_PREDICTION) to the raw
-        output: ε = (x − x̂0)/σ; v = (x·σd²/(σ²+σd²) − x̂0)·√(σ²+σd²)/(σ·σd)."""
-        s = sigma.view(-1, *([1] * (x.dim() - 1)))
-        if self.prediction_type == "epsilon":
-            return (x - denoised) / s
-        sd = float(self.patcher.get_model_object("model_sampling").sigma_data)
-        return (x * sd ** 2 / (s ** 2 + sd ** 2) - denoised) * (s ** 2 + sd ** 2).sqrt() / (s * sd)
 
     def _latent_format(self):
         return self.patcher.get_model_object("latent_format")

@@ -92,8 +92,9 @@ def _progress():
 
 @policy.guarded
 class ExtractLora:
-    PATH_INPUTS = {'filename_prefix': 'subfolders'}
     """Extract a kohya LoRA from two checkpoints."""
+
+    PATH_INPUTS = {"filename_prefix": "subfolders"}
 
     DESCRIPTION = ("Extract a LoRA from the difference of two checkpoints (fine-tune or merge − base), like kohya's "
                    "extract_lora_from_models.py: each layer's ΔW is factorised by truncated SVD at a chosen rank or "
@@ -154,8 +155,9 @@ class ExtractLora:
 
 @policy.guarded
 class ResizeLora:
-    PATH_INPUTS = {'filename_prefix': 'subfolders'}
     """Resize a LoRA to a lower rank."""
+
+    PATH_INPUTS = {"filename_prefix": "subfolders"}
 
     DESCRIPTION = ("Resize a LoRA to a lower rank by SVD, like kohya's resize_lora.py: fixed rank, by energy kept, "
                    "or kohya's dynamic sv_ratio / sv_fro / sv_cumulative. alpha is rescaled so the weights stay the "

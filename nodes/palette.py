@@ -348,8 +348,9 @@ class ConceptLabPaletteQuantize:
 
 @policy.guarded
 class ConceptLabPaletteSummary:
-    PATH_INPUTS = {'folder': 'subfolders'}
     """Dataset palette summary of an image batch and/or a folder of the input directory, as one table."""
+
+    PATH_INPUTS = {"folder": "subfolders"}
 
     DESCRIPTION = ("Summarises a set of images — the dataset palette (cell colours clustered in ΔE00), the spread "
                    "of effective-colour counts, background families and grid statuses — for a folder inside "

@@ -20,7 +20,7 @@ import torch
 
 from conceptlab.formats import keys as K
 from conceptlab.formats.lora_files import lora_deltas, save_diff_file, save_kohya_lora
-from tests.conftest import comfyui_path, requires_comfyui
+from conftest import comfyui_path, requires_comfyui
 
 PROBE = Path(__file__).with_name("formats_comfy_probe.py")
 

@@ -16,7 +16,7 @@ pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata  # noqa: E402
 from conceptlab.training.dataset import DatasetOptions, KohyaDataset  # noqa: E402
 from conceptlab.training.trainer import LoraTrainer, TrainConfig, build_network_and_groups  # noqa: E402
-from tests.conftest import requires_comfyui  # noqa: E402
+from conftest import requires_comfyui  # noqa: E402
 
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
 
