@@ -172,12 +172,12 @@ def test_core_load_image_dataset_output_feeds_the_node(tmp_path):
     caps = [f"tag{f[2]}, sprite" for f in order]
     with torch.inference_mode():
         ds_g = G.ConceptLabLoraDatasetFromImages().load(images=[batch], captions=["\n".join(caps)], repeats=[2],
-                                                        class_token=["set"], **_node_kwargs(validation_split=0.0))[0]
+                                                        class_token=["set"], **_node_kwargs(validation_split=0.0, min_bucket_reso=64))[0]
     kohya = inp / "kohya" / "2_set"
     kohya.mkdir(parents=True)
     for j, f in enumerate(order):  # the same files as a kohya folder, named in core's order
         os.link(sub / f, kohya / f"{j:02d}.png")
         (kohya / f"{j:02d}.txt").write_text(caps[j])
-    opts = {k: v[0] for k, v in _node_kwargs(validation_split=0.0).items()}
+    opts = {k: v[0] for k, v in _node_kwargs(validation_split=0.0, min_bucket_reso=64).items()}
     ds_f = L.ConceptLabLoraDataset().load("kohya", caption_extension=".txt", **opts)[0]
     _assert_same(ds_f, ds_g)
