@@ -24,6 +24,29 @@ Conventions every host follows:
   the DDPM-scaled noisy latent ``sqrt(a_t)·x0 + sqrt(1−a_t)·ε`` and ``timesteps`` are integer indices in
   ``[0, T)``. :meth:`DiffusionHost.predict` returns the raw network output in the model's own parameterization
   (``prediction_type`` ``"epsilon"`` or ``"v_prediction"``), not ComfyUI's denoised x0.
+
+Flow-matching families (``families.family(host.arch).objective == "flow"``: Flux.1 now; Flux.2, Z-Image, Qwen-Image
+next) keep the same methods with these meanings (one protocol, no new loop methods):
+
+* **Denoiser component** is still ``"unet"`` (kohya names Flux LoRA modules ``lora_unet_…`` too) and its module
+  paths are the **BFL / ComfyUI names** of the DiT (``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``,
+  ``img_in``, ``final_layer.linear``…; :mod:`conceptlab.formats.flux_keys`), i.e. what kohya ``lora_flux.py`` and
+  ComfyUI both name, with fused ``qkv`` / ``linear1``. A host whose model is split (diffusers
+  ``FluxTransformer2DModel``: ``to_q``/``to_k``/``to_v``/``proj_mlp``) exposes the fused BFL paths and installs a
+  fused delta as row slices on the split weights (:func:`conceptlab.formats.flux_keys.diffusers_pieces`), so a
+  rank-r LoRA on ``qkv`` is the same function in both hosts. Text encoders: ``"te1"`` (CLIP-L, transformers paths)
+  and ``"t5"`` (T5-XXL encoder, transformers ``T5EncoderModel`` paths ``encoder.block.0.layer.0.SelfAttention.q``).
+* **Schedule**: rectified flow. ``timesteps`` are float32 sigmas ``σ ∈ [0, 1]`` shaped ``[B]`` (not integer
+  indices; ``alphas_cumprod`` is unused), ``x_t = (1 − σ)·x0 + σ·ε`` (:func:`conceptlab.training.flow.noisy_input`)
+  and ``predict`` returns the raw velocity prediction (target ``ε − x0``) in the **unpacked** latent shape
+  ``[B, 16, h, w]``: 2×2 patch packing, position ids and the model's own ×1000 timestep scale are the host's
+  business. :attr:`prediction_type` is ``"flow"`` and :meth:`configure_schedule` refuses ε/v.
+* **Conditioning**: ``context`` = T5 hidden states ``[B, L, 4096]``, ``pooled`` = CLIP-L pooled ``[B, 768]``,
+  ``extras["guidance"]`` ``[B]`` (Flux-dev guidance embedding; hosts use their default, 3.5 for dev, when absent;
+  ignored by schnell, which has no guidance embedding).
+* **Latents**: ``encode_images`` returns ``(mean − shift_factor)·scaling_factor`` (the Flux VAE's 16-channel latent
+  normalisation, as diffusers ``FluxPipeline`` and ComfyUI ``latent_formats.Flux`` apply it); ``sample`` uses
+  the family's flow sampler (Euler on the shifted schedule) instead of DDIM.
 """
 
 from __future__ import annotations
