@@ -20,7 +20,7 @@ Sections (``--only lora,esd,merge,diff,rank``; default all, in this order):
 * **diff** — weight diff of an ESD result (which layer types changed), and the ratio table of a 100- vs a
   500-iteration erasure (:func:`conceptlab.metrics.weight_diff.compare_reports`).
 
-Usage: ``python benchmarks/effect.py [--out out/effect] [--only lora,esd] [--seeds 3]``. On 2 shared CPU cores
+Usage: ``python benchmarks/effect.py [--out out/effect] [--only lora,esd] [--seeds 3] [--pictures docs/evidence]``. On 2 shared CPU cores
 the full run takes tens of minutes; every section prints its figures as soon as it has them.
 """
 
@@ -39,11 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effect_lib as E  # noqa: E402
 
 
+#: set by ``--pictures DIR``: every picture is also written there (README's "Evidence" pictures: docs/evidence)
+PICTURES: list[Path] = []
+
+
 def _save(img: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
+    for p in [path] + [d / path.name for d in PICTURES]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(p, optimize=True)
 
 
 def section_lora(host, out: Path, seeds, res_all: dict) -> dict:
@@ -273,7 +278,11 @@ def main(argv=None) -> int:
     ap.add_argument("--second-base", action="append", default=[], metavar="LABEL=PATH",
                     help="a second tiny base for add-difference (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pictures", type=Path, default=None,
+                    help="also write the pictures here (README's Evidence pictures: docs/evidence)")
     args = ap.parse_args(argv)
+    if args.pictures:
+        PICTURES.append(args.pictures)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     host = E.load_host(args.model)
