@@ -62,6 +62,8 @@ def section_lora(host, out: Path, seeds, res_all: dict) -> dict:
     ceiling = {"train_in_palette": E.in_palette_fraction(train_imgs), "round_trip_in_palette": E.in_palette_fraction(rt),
                "round_trip_de": E.mean_delta_e(rt),
                "round_trip_mae_255": float(np.abs(rt.astype(int) - train_imgs.astype(int)).mean())}
+    _save(labelled_grid([list(train_imgs[:8]), list(rt[:8])], ["training image", "through the VAE"], []),
+          out / "vae_round_trip.png")
     print(f"[lora] style dataset: in-palette {ceiling['train_in_palette']:.3f}; through the tiny model's VAE: "
           f"in-palette {ceiling['round_trip_in_palette']:.3f}, mean ΔE00 {ceiling['round_trip_de']:.2f}, "
           f"mean abs error {ceiling['round_trip_mae_255']:.1f}/255")
