@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value syntax); repeatable")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on the bundled tiny model, whose 8x8-latent ops gain nothing "
+                        "from more; measured 10x faster than 2 threads on a busy 2-core machine; otherwise torch's "
+                        "default)")
     p.set_defaults(func=run)
 
 
@@ -105,6 +109,11 @@ def run(args) -> int:
     from .trainer import LoraTrainer, configs_from_mapping, labelled_grid, save_png
 
     t0 = time.time()
+    threads = args.threads if args.threads is not None else (1 if not args.model and args.device == "cpu" else None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     phases: dict[str, float] = {}
     out = Path(args.out).resolve()
     data = Path(args.data) if args.data else SAMPLE_DATA / "gameboy"
