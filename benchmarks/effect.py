@@ -173,9 +173,9 @@ def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept:
         w = erased_weights(host, r)
         with E.weights_patched(host, w):
             after = rates()
-            if name.startswith("self_sample, whole, 1"):
+            if name.startswith("self_sample, whole,"):  # the 1-prompt and the 100-prompt erasure
                 grid_rows.append(list(E.sample(host, prompts, seed=0)))
-                grid_labels.append("erased")
+                grid_labels.append("erased, " + name.rsplit(", ", 1)[1])
         others = [c for c in E.CONCEPTS if c != concept]
         drop = base[concept] - after[concept]
         spill = float(np.mean([abs(after[c] - base[c]) for c in others]))
