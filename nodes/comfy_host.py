@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..training.conditioning import Conditioning
@@ -398,6 +399,27 @@ def _inplace_norms(module) -> list:
     return [m for m in (getattr(module, n, None) for n in names) if m is not None]
 
 
+def _checkpoint_block_copying_inputs(m: nn.Module) -> None:
+    """Run ``m.forward`` under ``torch.utils.checkpoint`` (non-reentrant), like ComfyUI's ``nodes_train.patch``
+    (same ``org_forward`` attribute, so ``nodes_train.unpatch`` undoes it), but hand the block a fresh copy of its
+    tensor inputs on every run (forward and the recomputation in backward). Needed for blocks that update their
+    inputs in place: checkpointing keeps references to the inputs, not copies, so the recomputation would
+    otherwise see the in-place-updated values. Copies of the stream inputs (``img``/``txt``/``x``) only."""
+    org_forward = m.forward
+
+    def fwd(args, kwargs):
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: (v.clone() if k in ("img", "txt", "x") and isinstance(v, torch.Tensor) else v)
+                  for k, v in kwargs.items()}
+        return org_forward(*args, **kwargs)
+
+    def checkpointing_fwd(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(fwd, args, kwargs, use_reentrant=False)
+
+    m.org_forward = org_forward
+    m.forward = checkpointing_fwd
+
+
 def _to_normal(t: torch.Tensor) -> torch.Tensor:
     """A tensor usable by autograd: inference tensors are cloned (call inside ``inference_mode(False)``)."""
     return t.clone() if t.is_inference() else t
@@ -581,7 +603,10 @@ class ComfyHost(DiffusionHost):
 
         Flux: the checkpointed units are the transformer blocks (``double_blocks.N`` and ``single_blocks.N``, where
         the activations are; kohya ``library/flux_models.py`` checkpoints the same units), not the small input
-        embedders that ComfyUI's helper would also wrap."""
+        embedders that ComfyUI's helper would also wrap, and each block runs on a private copy of its stream inputs
+        (:func:`_checkpoint_block_copying_inputs`): ComfyUI's Flux blocks add residuals into their *input* tensors
+        in place (``txt += ...``, ``x += ...``), so with ComfyUI's plain ``patch`` the recomputation in backward
+        reads already-updated inputs and the gradients are wrong (measured: tests/test_comfy_host_flux.py)."""
         from comfy_extras import nodes_train
 
         dm = self.patcher.model.diffusion_model
@@ -591,7 +616,10 @@ class ComfyHost(DiffusionHost):
             blocks = nodes_train.find_all_highest_child_module_with_forward(dm)
         for m in blocks:
             if on and not hasattr(m, "org_forward"):
-                nodes_train.patch(m)
+                if self.flow:
+                    _checkpoint_block_copying_inputs(m)
+                else:
+                    nodes_train.patch(m)
             elif not on:
                 nodes_train.unpatch(m)
 
