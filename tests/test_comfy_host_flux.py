@@ -301,3 +301,42 @@ def test_flux_sample_uses_flux_guidance(flux_models):
         torch.testing.assert_close(a, d)
     finally:
         host.close()
+
+
+@pytest.mark.parametrize("schnell", [False, True])
+def test_comfy_host_equals_diffusers_flux_host(schnell):
+    """The same tiny Flux weights in both hosts (training/flux_host.py FluxHost on diffusers, ComfyHost on ComfyUI's
+    model): equal velocity predictions, with and without the same LoRA deltas on fused BFL modules (qkv, linear1),
+    and equal gradients for those deltas."""
+    import copy
+
+    from conceptlab.training.conditioning import Conditioning
+    from e2e.comfy_flux import comfy_flux_from_diffusers
+    from tiny_models import TINY_FLUX_CLIP_DIM, TINY_FLUX_T5_DIM, tiny_flux_host
+
+    dhost = tiny_flux_host(0, guidance_embeds=not schnell)
+    with torch.inference_mode():
+        model = comfy_flux_from_diffusers(copy.deepcopy(dhost.transformer))
+    chost = _host(model)
+    try:
+        assert set(dhost.modules("unet")) == set(chost.modules("unet"))
+        g = torch.Generator().manual_seed(11)
+        cond = Conditioning(torch.randn(2, 16, TINY_FLUX_T5_DIM, generator=g), torch.randn(2, TINY_FLUX_CLIP_DIM, generator=g))
+        if not schnell:
+            cond.extras["guidance"] = torch.tensor([3.5, 5.0])
+        x, sig, x0, eps = _inputs(batch=2)
+        with torch.no_grad():
+            torch.testing.assert_close(chost.predict(x, sig, cond).float(), dhost.predict(x, sig, cond).float(),
+                                       rtol=1e-4, atol=1e-5)
+        paths = ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.1.linear1",
+                 "single_blocks.0.linear2", "double_blocks.0.img_mlp.0"]
+        dc = _lora_on(chost, paths, seed=2)
+        dd = _lora_on(dhost, paths, seed=2)
+        lc, gc = _loss_and_grads(chost, dc, cond, x, sig, x0, eps)
+        ld, gd = _loss_and_grads(dhost, dd, cond, x, sig, x0, eps)
+        torch.testing.assert_close(lc, ld, rtol=1e-4, atol=1e-6)
+        for a, b in zip(gc, gd):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    finally:
+        chost.close()
+        dhost.clear_deltas()

@@ -91,3 +91,39 @@ def tiny_flux_vae(seed: int = 2):
     init_weights(vae.first_stage_model, seed, scale=0.5)
     vae.first_stage_model.to(vae.vae_dtype)
     return vae
+
+
+def comfy_flux_from_diffusers(transformer, schnell: bool | None = None):
+    """ComfyUI's Flux ``ModelPatcher`` holding the weights of a diffusers ``FluxTransformer2DModel`` (converted
+    to BFL names by ``formats.flux_views.canonical_state_dict``), with the transformer's widths as the
+    ``unet_config`` (ComfyUI's file detection would fix Flux.1's full width). CPU fp32."""
+    comfy_inprocess()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from conceptlab.formats.flux_keys import CANONICAL_PREFIX
+    from conceptlab.formats.flux_views import canonical_state_dict
+
+    c = transformer.config
+    if schnell is None:
+        schnell = not c.guidance_embeds
+    hidden = int(c.num_attention_heads) * int(c.attention_head_dim)
+    sd = {k: v.detach().float().clone() for k, v in transformer.state_dict().items()}
+    bfl = {k[len(CANONICAL_PREFIX):]: v for k, v in canonical_state_dict(sd, keep_other=False).items()}
+    mlp = bfl["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden if c.num_single_layers else 4 * hidden
+    cfg = {"image_model": "flux", "in_channels": int(c.in_channels) // 4, "out_channels": int(c.in_channels) // 4,
+           "patch_size": 2, "vec_in_dim": int(c.pooled_projection_dim), "context_in_dim": int(c.joint_attention_dim),
+           "hidden_size": hidden, "mlp_ratio": mlp / hidden, "num_heads": int(c.num_attention_heads),
+           "depth": int(c.num_layers), "depth_single_blocks": int(c.num_single_layers),
+           "axes_dim": list(c.axes_dims_rope), "theta": 10000, "qkv_bias": True,
+           "guidance_embed": bool(c.guidance_embeds)}
+    cls = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
+    mcfg = cls(cfg)
+    mcfg.set_inference_dtype(torch.float32, None)
+    base = mcfg.get_model({})
+    missing, unexpected = base.diffusion_model.load_state_dict(bfl, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"BFL conversion does not fit ComfyUI's Flux: missing {missing}, unexpected {unexpected}")
+    base.eval()
+    dev = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=dev, offload_device=dev)
