@@ -340,3 +340,56 @@ def test_comfy_host_equals_diffusers_flux_host(schnell):
     finally:
         chost.close()
         dhost.clear_deltas()
+
+
+def test_kohya_lora_flux_names_load_in_comfyui_with_zero_unloaded(flux_models, caplog):
+    """kohya ``networks/lora_flux.py`` names for every block Linear, CLIP-L (``lora_te1_``) and T5 (``lora_te3_``)
+    module of the host load through ComfyUI's LoRA loader (``comfy.sd.load_lora_for_models``) with zero "lora key
+    not loaded", and ComfyUI's patched weight equals the host's own delta on that weight."""
+    import logging
+
+    import comfy.sd
+    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.training.families import family
+    from conceptlab.training.lora import LoRADelta, _kohya_name
+
+    model, clip, _ = flux_models
+    host = _host(model, clip)
+    prefixes = family("flux").kohya_te_prefix
+    g = torch.Generator().manual_seed(9)
+    sd, deltas = {}, {}
+    try:
+        targets = [("unet", p) for p in host.modules("unet") if p.startswith(("double_blocks.", "single_blocks."))]
+        targets += [("te1", p) for p in host.modules("te1") if ".self_attn." in p or ".mlp." in p]
+        targets += [("t5", p) for p in host.modules("t5")]
+        for comp, path in targets:
+            w = host.modules(comp)[path].weight
+            name = (_kohya_name(comp, path, host) if comp != "t5" else f"{prefixes['t5']}_{path.replace('.', '_')}")
+            with torch.inference_mode(False):
+                d = LoRADelta(tuple(w.shape), 2, 1.0)
+                with torch.no_grad():
+                    d.lora_up.normal_(0, 0.1, generator=g)
+            down, up, alpha = d.kohya_tensors()
+            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                       f"{name}.alpha": torch.tensor(alpha)})
+            deltas[(comp, path)] = d
+        assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in sd
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in sd
+        assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.alpha" in sd
+        with caplog.at_level(logging.DEBUG), torch.inference_mode():
+            m2, c2 = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+        assert not [r for r in caplog.messages if "lora key not loaded" in r]
+        n_unet = sum(1 for c, _ in targets if c == "unet")
+        assert len(m2.patches) == n_unet and len(c2.patcher.patches) == len(targets) - n_unet
+        # ComfyUI's LoRA maths on the file equals the host's delta on the same key
+        with torch.inference_mode(False):
+            host.install_delta("unet", "single_blocks.0.linear1", "weight", deltas[("unet", "single_blocks.0.linear1")])
+            host.install_delta("t5", "encoder.block.1.layer.1.DenseReluDense.wo", "weight",
+                               deltas[("t5", "encoder.block.1.layer.1.DenseReluDense.wo")])
+        for patched, ours, key in ((m2, host.patcher, "diffusion_model.single_blocks.0.linear1.weight"),
+                                   (c2, host.clip, "t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo.weight")):
+            (_, a), = iter_patched_weights(patched, [key])
+            (_, b), = iter_patched_weights(ours, [key])
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        host.close()
