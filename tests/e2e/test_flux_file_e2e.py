@@ -105,7 +105,7 @@ def test_flux_file_detected_and_lora_trains_and_loads(flux_file_model, tmp_path)
                 assert deltas["double_blocks.0.txt_attn.qkv"].lora_down.grad.abs().sum() > 0
                 opt.step()
                 opt.zero_grad()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             assert all(torch.isfinite(torch.tensor(losses)))
         # kohya file: <name>.lora_down.weight / .lora_up.weight / .alpha under kohya lora_flux names
         sd = {}
