@@ -897,27 +897,19 @@ class ComfyHost(DiffusionHost):
         clone with the current deltas: prompt ``i`` uses noise seed ``seed + i`` (ComfyUI's CPU noise).
         Needs CLIP and VAE (``ValueError`` otherwise).
 
-        Flux (flow families): ComfyUI's sampler on the model's own ``model_sampling`` (``ModelSamplingFlux``; schnell
-        ``ModelSamplingDiscreteFlow``), as a ComfyUI Flux workflow samples. Flux.1-dev is guidance-distilled: unless
-        ``guidance`` is given, ``cfg`` is taken as the **distilled guidance** (set on the conditioning as ComfyUI's
-        FluxGuidance node does; diffusers ``FluxPipeline.guidance_scale`` has the same meaning) and the sampler's
-        true CFG is 1 (no negative pass, as in ComfyUI's Flux templates), so a non-empty ``negative`` is logged as
-        unused. With ``guidance`` given, ``cfg`` is the true CFG scale (negative used when ``cfg`` ≠ 1), kohya's
-        ``--g`` / ``--l`` pair. Schnell has no guidance embedding; the value is then ignored by the model itself.
+        Flux (flow families), with :class:`~conceptlab.training.flux_host.FluxHost`'s meanings (kohya
+        ``sample_image_inference``): ``guidance`` is the distilled guidance, kohya ``--g`` (``None`` = 3.5, ComfyUI's
+        Flux default), put on the conditioning as ComfyUI's **FluxGuidance** node does (schnell's model has no
+        guidance embedding and ignores it); ``cfg`` is the true classifier-free guidance, kohya ``--l`` (1 = off:
+        ComfyUI's sampler then skips the negative pass, as ComfyUI's Flux templates sample). The sampler runs on the
+        model's own ``model_sampling`` (``ModelSamplingFlux``; schnell ``ModelSamplingDiscreteFlow``).
         """
         if self.vae is None or self.clip is None:
             raise ValueError("sample() needs both clip= and vae=")
-        true_cfg = cfg
-        if self.flow:
-            if guidance is None:
-                guidance, true_cfg = float(cfg), 1.0
-                if str(negative).strip():
-                    import logging
-
-                    logging.getLogger(__name__).info("Flux samples use distilled guidance %.2f with CFG 1: the "
-                                                     "negative prompt %r is not used", guidance, negative)
-        elif guidance is not None:
+        if guidance is not None and not self.flow:
             raise ValueError(f"guidance is the Flux guidance embedding; this {self.arch} model has none")
+        if self.flow and guidance is None:
+            guidance = 3.5  # comfy/model_base.py Flux.extra_conds default; FluxHost's DEFAULT_GUIDANCE
         neg = self.conditioning(negative)
         imgs = []
         for i, p in enumerate(prompts):
@@ -930,7 +922,7 @@ class ComfyHost(DiffusionHost):
             else:
                 neg_i = neg
             img = sample_images(self.patcher, pos, neg_i, self.vae, seed=int(seed) + i,
-                                steps=steps, cfg=true_cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                 width=width, height=height)
             imgs.append(img.movedim(-1, 1))
         return torch.cat(imgs, 0)

@@ -286,19 +286,20 @@ def test_flux_fp8_base_trains_through_weight_wrappers():
 
 
 def test_flux_sample_uses_flux_guidance(flux_models):
+    """Flux samples: distilled guidance on the conditioning (FluxGuidance; default 3.5), true CFG 1 by default."""
     model, clip, vae = flux_models
     host = _host(model, clip, vae)
     try:
         kw = dict(width=32, height=32, steps=2, seed=3)
-        a = host.sample(["a castle"], **kw, cfg=3.5)
-        b = host.sample(["a castle"], **kw, cfg=3.5)
-        c = host.sample(["a castle"], **kw, cfg=1.0)  # distilled guidance 1.0 instead of 3.5
+        a = host.sample(["a castle"], **kw, cfg=1.0)
+        b = host.sample(["a castle"], **kw, cfg=1.0, guidance=3.5)  # the default is ComfyUI's 3.5
+        c = host.sample(["a castle"], **kw, cfg=1.0, guidance=1.0)
+        d = host.sample(["a castle"], "blurry", **kw, cfg=1.0)  # CFG 1: the negative is not used
+        e = host.sample(["a castle"], "blurry", **kw, cfg=2.0)  # true CFG with the negative
         assert a.shape == (1, 3, 32, 32) and torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
-        assert (a - c).abs().max() > 1e-4
-        # with guidance given explicitly, cfg is the true CFG scale (as kohya's --g / --l)
-        d = host.sample(["a castle"], **kw, cfg=1.0, guidance=3.5)
         torch.testing.assert_close(a, d)
+        assert (a - c).abs().max() > 1e-4 and (a - e).abs().max() > 1e-4
     finally:
         host.close()
 

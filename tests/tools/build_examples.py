@@ -329,7 +329,7 @@ def flux_pixel_art_lora(g: Graph):
            "The pixel-art job on Flux.1-dev: kohya `flux_train_network` semantics (keys `lora_unet_double_blocks_…`, "
            "`lora_unet_single_blocks_…`, `ss_base_model_version = flux1`), rectified-flow objective through "
            "ComfyUI's own Flux model and its `model_sampling`, per-epoch samples with Flux sampling (distilled "
-           "guidance 3.5 via FluxGuidance, CFG 1), palette metrics and the best epoch applied.\n\n"
+           "guidance 3.5 via FluxGuidance, `sample_cfg` = true CFG 1), palette metrics and the best epoch applied.\n\n"
            "1. `cp -r sample_data/pixel_art ComfyUI/input/`.\n"
            "2. `models/diffusion_models/" + FLUX + "`, `models/text_encoders/" + FLUX_CLIP_L + "` and `"
            + FLUX_T5 + "`, `models/vae/" + FLUX_VAE + "`.\n"
@@ -346,7 +346,7 @@ def flux_pixel_art_lora(g: Graph):
     tr = g.add("ConceptLabTrainLora", (COL, 0), w_px=380, model=g.out(un, "MODEL"), clip=g.out(cl, "CLIP"),
                vae=g.out(va, "VAE"), dataset=g.out(ds, "dataset"), output_name="pixel_art_flux", max_train_epochs=8,
                train_batch_size=1, learning_rate=1e-4, network_dim=16, network_alpha=16.0, mixed_precision="bf16",
-               seed=42, sample_prompts=PIXEL_PROMPTS, sample_steps=20, sample_cfg=3.5, best_metric="auto",
+               seed=42, sample_prompts=PIXEL_PROMPTS, sample_steps=20, sample_cfg=1.0, best_metric="auto",
                apply="best", kohya_toml=FLUX_TOML, gradient_checkpointing=True)
     x2 = 2 * COL + 40
     g.add("PreviewAny", (x2, 0), title="Applied LoRA file", source=g.out(tr, "lora_name"))
