@@ -17,7 +17,7 @@ from test_lora_nodes import _dataset, _setup_comfy, _train_kwargs
 
 @requires_comfyui
 def test_train_lora_node_on_flux(tmp_path, dawnlike_dir, caplog, monkeypatch):
-    inp, out = _setup_comfy(tmp_path, dawnlike_dir, n=2)
+    inp, out = _setup_comfy(tmp_path, dawnlike_dir)
     import comfy.samplers
     import comfy.sd
     import comfy.utils
