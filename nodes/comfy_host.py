@@ -429,7 +429,8 @@ class ComfyHost(DiffusionHost):
     """:class:`~conceptlab.training.host.DiffusionHost` over ComfyUI's MODEL / CLIP / VAE objects.
 
     Args:
-        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x, SDXL base; not the refiner).
+        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x, SDXL base; not the refiner) or
+            Flux.1 (``model_base.Flux``: dev, schnell; any weight dtype, fp8 included).
             The host works on ``model.clone()``: the input patcher and its patches are never changed.
         clip: optional ComfyUI ``CLIP`` (cloned too); needed by :meth:`encode_prompts`, :meth:`sample`, and
             text-encoder deltas.
@@ -445,8 +446,12 @@ class ComfyHost(DiffusionHost):
     from ComfyUI's discrete ``model_sampling.sigmas`` (σ_t = sqrt((1−ᾱ_t)/ᾱ_t), Karras et al. 2022 §C.1).
     Call :meth:`close` when done (or use the host as a context manager).
 
-    Raises ``ValueError`` for non-UNet models, non-discrete (EDM / flow) sampling, the SDXL refiner, or a CLIP
-    whose text encoders are not the model family's.
+    Flux (``prediction_type = "flow"``, :attr:`flow` True) follows the flow conventions of training/host.py:
+    σ timesteps through the model's own CONST ``model_sampling``, BFL module paths (ComfyUI's own tree),
+    components ``unet``, ``te1`` (CLIP-L) and ``t5`` (T5-XXL), ``alphas_cumprod`` empty.
+
+    Raises ``ValueError`` for other models (EDM, SD3, Chroma, video DiTs ...), non-discrete sampling on a UNet,
+    the SDXL refiner, or a CLIP whose text encoders are not the model family's.
     """
 
     def __init__(self, model, clip=None, vae=None):
