@@ -7,8 +7,8 @@
 * the 2-process epoch-1 state resumes in 1 process (gradient_accumulation_steps 2) to the same final LoRA; a
   resume that changes the total batch is refused with the fix;
 * a NaN in one process and a cancel on the main process stop both processes at the same step;
-* through the real launcher (``accelerate launch --cpu --num_processes 2 -m conceptlab train``, in
-  tests/dist_entry.py): a crash in rank 1 during epoch 2 ends the run with rank 1's error and a non-zero exit;
+* through the real launcher (``accelerate launch --multi_gpu --num_processes 2 -m conceptlab train``, in
+  tests/dist_entry.py; ``--multi_gpu`` with ``--device cpu``): a crash in rank 1 during epoch 2 ends the run with rank 1's error and a non-zero exit;
   epoch 1's files are intact, nothing of epoch 2 was written.
 
 The in-process cases fork the test process (torch and the tiny model are already imported: no start-up cost) and
@@ -203,7 +203,7 @@ def test_nan_in_one_process_and_a_cancel_stop_every_process_at_the_same_step(dat
 
 
 def test_a_crash_in_one_process_ends_the_launched_run_and_keeps_finished_epochs(tmp_path):
-    """The real launcher: accelerate launch --cpu --num_processes 2 on the bundled tiny model and sample data."""
+    """The real launcher (torchrun under accelerate launch) on the bundled tiny model and sample data."""
     pytest.importorskip("accelerate")
     out = tmp_path / "out"
     cfg = tmp_path / "gb.toml"
@@ -211,20 +211,54 @@ def test_a_crash_in_one_process_ends_the_launched_run_and_keeps_finished_epochs(
         f'pretrained_model_name_or_path = "{REPO / "sample_data" / "tiny_dawnlike"}"',
         f'train_data_dir = "{REPO / "sample_data" / "gameboy"}"',
         'resolution = 16', 'enable_bucket = false', 'resize_interpolation = "nearest"', 'caption_extension = ".txt"',
-        f'output_dir = "{out}"', 'output_name = "gb"', 'max_train_epochs = 3', 'train_batch_size = 4',
+        f'output_dir = "{out}"', 'output_name = "gb"', 'max_train_epochs = 3', 'train_batch_size = 8',
         'network_dim = 4', 'network_alpha = 4', 'learning_rate = 1e-3', 'save_every_n_epochs = 1',
         'network_train_unet_only = true', 'best_metric = "none"', 'sample_every_n_epochs = 0']) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CONCEPTLAB_TEST_FAIL_RANK="1", CONCEPTLAB_TEST_FAIL_STEP="3")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    env = dict(os.environ, OMP_NUM_THREADS="1", CONCEPTLAB_TEST_FAIL_RANK="1", CONCEPTLAB_TEST_FAIL_STEP="4")
+    # accelerate's --cpu launcher starts one process whatever --num_processes says; --multi_gpu starts torchrun's
+    # N processes, and --device cpu puts them on the CPU (gloo) even on a machine with GPUs
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), str(Path(__file__).with_name("dist_entry.py")), "train", "--config", str(cfg)]
+           str(_free_port()), str(Path(__file__).with_name("dist_entry.py")), "train", "--config", str(cfg),
+           "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     err = proc.stdout + proc.stderr
     assert proc.returncode != 0, err
     assert "injected failure in process 1" in err, err
-    # epoch 1 (2 steps of 2 × 4 images) finished and was written by rank 0; epoch 2 died at its first step
+    # 48 images with repeats = 6 bucket batches of 8: 3 steps of 2 × 8 per epoch; rank 1 dies at its 4th batch
+    # (epoch 2, first step) after rank 0 wrote epoch 1
     first = out / "gb-000001.safetensors"
     assert first.is_file() and (out / "gb-000001-state.json").is_file(), sorted(p.name for p in out.iterdir())
-    assert len(load_state_dict(first)) > 0 and read_metadata(first)["ss_total_batch_size"] == "8"
+    assert len(load_state_dict(first)) > 0 and read_metadata(first)["ss_total_batch_size"] == "16"
     assert not (out / "gb-000002.safetensors").exists() and not (out / "gb.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_launcher_switches_are_honoured_or_refused_by_name(monkeypatch):
+    from conceptlab.training.distributed import apply_launcher_settings
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    flat = {}
+    assert apply_launcher_settings(flat) == [] and flat == {"mixed_precision": "bf16"}  # fills an unset key
+    flat = {"mixed_precision": "fp16"}
+    notes = apply_launcher_settings(flat)  # the config wins, with a warning naming both
+    assert flat == {"mixed_precision": "fp16"} and "--mixed_precision bf16" in notes[0] and "'fp16'" in notes[0]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="fp8"):
+        apply_launcher_settings({})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    assert "--dynamo_backend inductor has no effect" in apply_launcher_settings({})[0]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP"):
+        apply_launcher_settings({})
+
+
+def test_erase_refuses_a_multi_process_launch(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tmp_path / "erase.toml"
+    cfg.write_text('model = "x"\n[esd]\nconcepts = "a"\n')
+    from conceptlab.training import esd_cli
+
+    with pytest.raises(ValueError, match="runs in one process, but the launcher started 2: ESD takes one draw"):
+        esd_cli.run(cli.build_parser("erase").parse_args(["erase", "--config", str(cfg)]))

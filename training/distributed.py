@@ -87,6 +87,13 @@ class PeerProcessError(RuntimeError):
     too. Files of finished epochs are left as written."""
 
 
+def _first_sentence(exc: BaseException, limit: int = 160) -> str:
+    text = (str(exc).splitlines() or [""])[0]
+    cut = text.find(". ")
+    text = text[:cut + 1] if cut > 0 else text
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (``WORLD_SIZE``, set by ``accelerate launch`` / ``torchrun``
     for multi-process runs); 1 without a launcher."""
@@ -241,7 +248,7 @@ class DataParallel:
         return PeerProcessError(
             f"process {self.rank} of {self.world}: another training process stopped (its error is printed above "
             f"by that process), so this one stops too. The files of finished epochs{where} are intact; resume "
-            f"from the last saved state (resume = \"auto\"). ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            f"from the last saved state (resume = \"auto\"). [{type(exc).__name__}: {_first_sentence(exc)}]")
 
     def sync_step(self, params: Sequence[torch.Tensor], losses: Sequence[float]) -> tuple[float | None, bool]:
         """Average the gradients of ``params`` over the processes and agree on the step's loss, in one all-reduce.
