@@ -421,9 +421,10 @@ def _dp_worker(rank: int, world: int, port: int, a: dict, q) -> None:
     """One process of the scaling run: the trainer's inner step (``diffusion_loss``, backward, the gradient
     all-reduce of :meth:`DataParallel.sync_step`, clipping, AdamW) on ``--batch / world`` images; rank 0 reports
     the per-step wall times (every process steps in lockstep: the all-reduce is a barrier)."""
+    threads = max(1, a["threads"] // world)  # the same cores in total for every row
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, a["threads"] // world))  # the same cores in total for every row
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
     from conceptlab.training.diffusers_host import DiffusersHost
     from conceptlab.training.distributed import DataParallel
     from conceptlab.training.lora import LoRANetwork
