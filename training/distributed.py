@@ -194,13 +194,16 @@ class DataParallel:
         self.output_dir: Path | None = None
 
     @classmethod
-    def from_environment(cls, device: str | None = None) -> "DataParallel | None":
+    def from_environment(cls, device: str | None = None, timeout_minutes: float | None = None
+                         ) -> "DataParallel | None":
         """The run's :class:`DataParallel` when a launcher started several processes, else ``None``.
 
         ``device``: the CLI's ``--device``; ``cpu`` (or ``accelerate launch --cpu``, or a machine without CUDA)
         runs on the CPU with the gloo backend; otherwise each process takes ``cuda:<LOCAL_RANK>`` (a device index
-        given with ``--device`` is not used: the launcher assigns the GPUs). Raises ``ValueError`` for a
-        DeepSpeed / FSDP / Megatron-LM launch.
+        given with ``--device`` is not used: the launcher assigns the GPUs). ``timeout_minutes``: kohya's
+        ``ddp_timeout``, how long a process waits at a collective (e.g. while the main process renders the
+        epoch's samples); default 30 (accelerate's ``InitProcessGroupKwargs``). Raises ``ValueError`` for a
+        DeepSpeed / FSDP / Megatron-LM launch or a timeout that is not a positive number.
         """
         if launched_world_size() <= 1:
             return None
@@ -215,7 +218,15 @@ class DataParallel:
             logger.warning("--device %s is not used under a multi-process launch: process %s uses cuda:%s "
                            "(the launcher assigns one GPU per process)", device, os.environ.get("RANK", "?"),
                            os.environ.get("LOCAL_RANK", "?"))
-        return cls(PartialState(cpu=cpu))
+        try:
+            minutes = 30.0 if timeout_minutes in (None, "", 0) else float(timeout_minutes)
+        except (TypeError, ValueError):
+            minutes = -1.0
+        if not minutes > 0:
+            raise ValueError(f"ddp_timeout must be a positive number of minutes, got {timeout_minutes!r}")
+        from datetime import timedelta
+
+        return cls(PartialState(cpu=cpu, timeout=timedelta(minutes=minutes)))
 
     # -- sharding ---------------------------------------------------------------------------------------------
     def batches_per_process(self, num_batches: int) -> int:

@@ -140,7 +140,7 @@ def run(args, host=None) -> int:
 
     flat = load_config(args.config, args.overrides)
     # several processes started by `accelerate launch` / torchrun (None: one process, as always)
-    dp = DataParallel.from_environment(args.device or flat.get("device"))
+    dp = DataParallel.from_environment(args.device or flat.get("device"), flat.get("ddp_timeout"))
     main = dp is None or dp.is_main
     if not main:  # the main process alone prints; the others report only their own errors
         _quiet()
