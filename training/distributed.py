@@ -6,8 +6,11 @@ a launcher (``WORLD_SIZE`` unset or 1) nothing here runs and the trainer is exac
 
 How a run is split (kohya-ss/sd-scripts ``train_network.py`` l. 780-1000 at commit 48d368f, re-implemented):
 
-* **every process loads the model** on its own device (``cuda:<LOCAL_RANK>``, or the CPU with ``--cpu`` /
-  ``--device cpu``: gloo backend); the process group is accelerate's :class:`accelerate.PartialState`;
+* **every process loads the model** on its own device (``cuda:<LOCAL_RANK>``, or the CPU with ``--device cpu``
+  or without CUDA: gloo backend); the process group is accelerate's :class:`accelerate.PartialState`, with kohya's
+  ``ddp_timeout`` (minutes, default 30). Note that ``accelerate launch --cpu`` starts one process whatever
+  ``--num_processes`` says (without an MPI setup); ``--multi_gpu --num_processes N ... --device cpu`` or
+  ``torchrun --nproc_per_node N`` start N CPU processes;
 * **the dataset is sharded by bucket batches**: an epoch's bucket batches (``KohyaDataset.epoch_batches``, the
   same list on every process) go round-robin to the processes, batch ``j`` to process ``j mod N`` — what kohya's
   ``DataLoader(batch_size=1)`` over bucket batches gets from ``accelerator.prepare`` (accelerate
