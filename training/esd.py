@@ -464,6 +464,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "seed": int(cfg.seed),
             "prediction_type": host.prediction_type,
             "arch": host.arch,
+            "model_variant": getattr(host, "variant", None),
             "base_model_hash": base_hash,
             "base_model_hash_kind": "sha256 of the trained tensors' base values",
             "trained_tensors": n_tensors,

@@ -106,7 +106,7 @@ class DDPMObjective:
 
     def metadata(self, cfg) -> dict[str, Any]:
         """Schedule facts for metadata.json."""
-        return {"objective": "ddpm", "prediction_type": self.host.prediction_type,
+        return {"objective": "ddpm",
                 "xt_sampler": ("DDIM from the frozen model (esd_sd.py samples from the frozen model with the "
                                "pipeline's PNDM)") if cfg.xt_source == "self_sample" else "forward noise (add_noise)"}
 
@@ -127,7 +127,7 @@ class FlowObjective:
         self.fam = fam
         self.steps = int(steps)
         self.guidance = (float(guidance_scale) if guidance_scale is not None else fam.guidance_default)
-        self.has_guidance_embed = fam.guidance_default is not None and bool(getattr(host, "guidance_embed", True))
+        self.has_guidance_embed = fam.guidance_default is not None and has_guidance_embedding(host)
         self.shift = self.has_guidance_embed
         s = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         if self.shift:
@@ -196,7 +196,7 @@ class FlowObjective:
 
     def metadata(self, cfg) -> dict[str, Any]:
         """Schedule and guidance facts for metadata.json."""
-        return {"objective": "flow", "prediction_type": "flow (raw velocity, target in velocity space)",
+        return {"objective": "flow", "target_space": "velocity (raw flow prediction)",
                 "guidance_scale": self.guidance if self.has_guidance_embed else None,
                 "guidance_note": ("distilled guidance embedding: frozen and trained predictions at guidance_scale; "
                                   "x_t trajectory at start_guidance") if self.has_guidance_embed
@@ -204,6 +204,17 @@ class FlowObjective:
                 "sigma_schedule": "Flux get_schedule (shifted)" if self.shift else "linear (unshifted)",
                 "xt_sampler": ("Euler from the frozen model on the Flux schedule" if cfg.xt_source == "self_sample"
                                else "forward flow noise at sigma ~ kohya flux_shift")}
+
+
+def has_guidance_embedding(host: DiffusionHost) -> bool:
+    """Whether the host's model reads the distilled guidance (Flux.1-dev: a ``guidance_in`` MLP; schnell has
+    none). Read from the module tree (BFL paths, the same in every host); hosts that expose no modules count as
+    having one."""
+    try:
+        paths = host.modules("unet")
+    except Exception:  # noqa: BLE001 - a host without a module listing: assume the family default
+        return True
+    return any(p.startswith("guidance_in.") for p in paths)
 
 
 def objective_for(host: DiffusionHost, steps: int, latent_hw: tuple[int, int],
