@@ -124,6 +124,18 @@ class LoRADelta(DeltaModule):
         d = up @ self.lora_down.flatten(1)
         return (d * self.scale).view(self.weight_shape)
 
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`delta` (``lora_up[start:stop] @ lora_down``), computed without the other
+        rows: a host whose model splits a fused weight (diffusers Flux ``to_q``/``to_k``/``to_v`` of BFL ``qkv``)
+        applies one row block per piece. Same dtype / zero rule as :meth:`delta`."""
+        if self.module_off:
+            return torch.zeros((), dtype=self.lora_up.dtype, device=self.lora_up.device)
+        up = self.lora_up.flatten(1)[start:stop]
+        if self.rank_mask is not None:
+            up = up * self.rank_mask.to(up)
+        d = up @ self.lora_down.flatten(1)
+        return (d * self.scale).view(stop - start, *self.weight_shape[1:])
+
     def kohya_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(lora_down, lora_up, alpha)`` detached, fp32, on CPU (what a kohya file stores)."""
         return (self.lora_down.detach().float().cpu(), self.lora_up.detach().float().cpu(), float(self.alpha))
