@@ -268,7 +268,9 @@ class ConceptLabTrainLora:
                             "metrics on samples (optional)."}),
                 "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps."}),
                 "sample_cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                         "tooltip": "Sample guidance scale."}),
+                                         "tooltip": "Sample guidance scale. Flux: the distilled guidance "
+                                         "(FluxGuidance, 3.5 is typical for dev) with true CFG 1, so no negative "
+                                         "prompt is used; schnell ignores it."}),
                 "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip":
                                             "Min-SNR-γ loss weighting (Hang et al. 2023), 5 is common; 0 = off."}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
