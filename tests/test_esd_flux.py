@@ -197,3 +197,33 @@ def test_effect_erased_prediction_moves_to_the_target_other_prompt_much_less(hos
     assert d1 < 0.7 * d0, (d0, d1)
     assert moved_o < 0.6 * moved_c, (moved_o, moved_c)
     assert moved_o < 0.35 * d0, (moved_o, d0)
+
+
+def test_cli_erase_on_a_flux_folder(tmp_path, monkeypatch):
+    import json
+
+    from safetensors import safe_open
+
+    from conceptlab import cli
+    from conceptlab.training import flux_host
+
+    folder = tmp_path / "flux"
+    (folder / "transformer").mkdir(parents=True)
+    loaded = []
+
+    def fake(cls, f, device="cpu", dtype=None, **kw):  # the folder loader is flux_host's (tested there)
+        loaded.append(str(f))
+        return tiny_flux_host(0)
+
+    monkeypatch.setattr(flux_host.FluxHost, "from_pretrained", classmethod(fake))
+    cfg = tmp_path / "erase.toml"
+    cfg.write_text('model = "flux"\noutput_dir = "out"\nname = "vg"\nsave_dtype = "float32"\n\n[esd]\n'
+                   'concepts = "van gogh"\nwidth = 64\nheight = 64\nddim_steps = 3\niterations = 2\n'
+                   'guidance_scale = 2.5\nmask_mode = "grid-sum"\n')
+    assert cli.main(["erase", "--config", str(cfg), "--quiet"]) == 0
+    assert loaded == [str(folder.resolve())]
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["arch"] == "flux" and meta["guidance_scale"] == 2.5 and meta["masks"][-1] == "centre"
+    with safe_open(str(tmp_path / "out" / "vg.safetensors"), "pt") as f:
+        assert set(f.keys()) == {f"lora_unet_double_blocks_0_txt_attn_{m}.{s}" for m in ("qkv", "proj")
+                                 for s in ("diff", "diff_b")}

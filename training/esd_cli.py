@@ -4,7 +4,9 @@ The TOML file has the run settings at the top level and the erasure settings in 
 of :class:`conceptlab.training.esd.ESDConfig`)::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
-                                             # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint
+                                             # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint,
+                                             # or a diffusers Flux.1 folder (transformer/ text_encoder/
+                                             # tokenizer/ text_encoder_2/ tokenizer_2/ vae/, as FLUX.1-dev ships)
     tokenizer = ""                           # single-file only: folder with vocab.json + merges.txt (optional)
     output_dir = "erasures/vangogh"          # relative paths are relative to the TOML file
     name = "esd_vangogh"                     # file stem of <name>.safetensors
@@ -26,6 +28,8 @@ of :class:`conceptlab.training.esd.ESDConfig`)::
     masks = "none"                           # "none" (whole latent, the paper) or "grid"
     mask_mode = "sum"                        # with masks: "sum" (all masks each iteration, default) or "sample";
                                              # "grid-sum" / "grid-sample" are presets that build the grid
+    # guidance_scale = 3.5                   # Flux-dev only: distilled guidance of the predictions (README
+                                             # "ESD on Flux"); start_guidance = the x_t trajectory's guidance
 
 ``--mask-mode grid-sum`` on the command line is the one-click preset for the grid-mask schedule (3×3 grid +
 centre, every mask each iteration, weighted sum). ``save_reference = true`` also writes the reference
@@ -77,13 +81,26 @@ def _load_images(folder: Path, width: int, height: int):
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
+def _load_host(model_dir: Path, *, device: str, dtype, tokenizer):
+    """The host for ``model``: a diffusers Flux.1 folder (``transformer/`` beside ``text_encoder_2/``) loads with
+    :meth:`.flux_host.FluxHost.from_pretrained`; everything else with :func:`.model_loading.load_host`."""
+    from .model_loading import load_host
+
+    if model_dir.is_dir() and (model_dir / "transformer").is_dir():
+        from .flux_host import FluxHost
+
+        if tokenizer is not None:
+            raise ValueError("tokenizer = ... is for single-file SD checkpoints; a Flux folder has tokenizer/ and "
+                             "tokenizer_2/")
+        return FluxHost.from_pretrained(model_dir, device=device, dtype=dtype)
+    return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer)
+
+
 def run(args) -> int:
     """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
     from ..formats.safetensors_io import parse_dtype
     from .esd import ESDCancelled, config_from_mapping, erase
     from .esd_outputs import loss_plot, save_outputs
-    from .model_loading import load_host
-
     cfg_path = Path(args.config)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"config {cfg_path} not found")
@@ -124,7 +141,7 @@ def run(args) -> int:
         images = _load_images((base / data["images"]).resolve(), config.width, config.height)
     device, dtype = str(data.get("device", "cpu")), parse_dtype(str(data.get("dtype", "float32")))
     tok = (base / data["tokenizer"]).resolve() if data.get("tokenizer") else None
-    host = load_host(model_dir, device=device, dtype=dtype, tokenizer=tok)
+    host = _load_host(model_dir, device=device, dtype=dtype, tokenizer=tok)
 
     stop = {"flag": False}
 
