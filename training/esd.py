@@ -68,7 +68,6 @@ grid) or a masked mean over one weighted-sampled mask (``"sample"`` / ``"grid-sa
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -77,14 +76,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import nn
 
 from .conditioning import Conditioning
-from .esd_objective import grid_on_patches, objective_for, patch_masks
-from .esd_params import METHODS, RowsDelta, Target, count_parameters, make_delta, select_targets  # noqa: F401
+from .esd_objective import objective_for, resolve_masks as _resolve_masks  # noqa: F401
+from .esd_params import (METHODS, RowsDelta, Target, base_weights_hash, count_parameters,  # noqa: F401
+                         make_delta, select_targets)
 from .families import family
 from .host import DeltaModule, DiffusionHost
-from .masks import masked_mse, normalize_weights, prepare_masks
+from .masks import masked_mse
 from .prompts import (PromptSchedule, build_prompts, concept_kinds, normalize_kind, parse_concepts,
                       parse_prompt_lines, prompt_source)
 
@@ -260,42 +259,9 @@ class ESDResult:
     kohya_names: dict = field(default_factory=dict)
 
 
-def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
-    """sha256 (hex) of the base values of the trained tensors (names + raw bytes, in target order).
-
-    Identifies the base model the deltas apply to without hashing a multi-GB file. Call before installing deltas.
-    """
-    h = hashlib.sha256()
-    mods = {c: host.modules(c) for c in {t.component for t in targets}}
-    for t in targets:
-        v = getattr(mods[t.component][t.path], t.attr).detach().cpu().contiguous()
-        h.update(f"{t.component}.{t.path}.{t.attr}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 # -- the loop ------------------------------------------------------------------------------------------------
 
 ProgressFn = Callable[[dict], Any]
-
-
-def _resolve_masks(cfg: ESDConfig, latent_hw: tuple[int, int], patch: int = 1):
-    # patch > 1 (Flux's 2x2 tokens): grids are built on the token grid, user masks averaged per token
-    # (esd_objective module docstring, "Grid masks on patches")
-    if cfg.mask_mode in MASK_PRESETS:
-        m, names = grid_on_patches(latent_hw, patch, cfg.grid_n, cfg.centre_size)
-        return m, normalize_weights(cfg.mask_weights, m), names
-    if cfg.masks is None or (isinstance(cfg.masks, str) and cfg.masks.lower() in ("", "none", "full")):
-        return None, None, []
-    if isinstance(cfg.masks, str):
-        if cfg.masks.lower() != "grid":
-            raise ValueError(f"masks must be None, 'grid' or a [M, H, W] tensor, not {cfg.masks!r}")
-        m, names = grid_on_patches(latent_hw, patch, cfg.grid_n, cfg.centre_size)
-    else:
-        m = patch_masks(prepare_masks(torch.as_tensor(cfg.masks), latent_hw), patch)
-        names = [f"m{i}" for i in range(m.shape[0])]
-    w = normalize_weights(cfg.mask_weights, m)
-    return m, w, names
 
 
 def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None = None,

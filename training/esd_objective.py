@@ -262,3 +262,27 @@ def grid_on_patches(latent_hw: tuple[int, int], patch: int, n: int, centre_size:
     if patch > 1:
         m = m.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
     return m, names
+
+
+def resolve_masks(cfg, latent_hw: tuple[int, int], patch: int = 1):
+    """``(masks [M, h, w] | None, weights [M] | None, names)`` for an :class:`.esd.ESDConfig` at the latent size,
+    on ``patch × patch`` tokens (module docstring). Raises ``ValueError`` for bad masks or weights."""
+    from .esd import MASK_PRESETS
+    from .masks import normalize_weights, prepare_masks
+
+    # patch > 1 (Flux's 2x2 tokens): grids are built on the token grid, user masks averaged per token
+    # (esd_objective module docstring, "Grid masks on patches")
+    if cfg.mask_mode in MASK_PRESETS:
+        m, names = grid_on_patches(latent_hw, patch, cfg.grid_n, cfg.centre_size)
+        return m, normalize_weights(cfg.mask_weights, m), names
+    if cfg.masks is None or (isinstance(cfg.masks, str) and cfg.masks.lower() in ("", "none", "full")):
+        return None, None, []
+    if isinstance(cfg.masks, str):
+        if cfg.masks.lower() != "grid":
+            raise ValueError(f"masks must be None, 'grid' or a [M, H, W] tensor, not {cfg.masks!r}")
+        m, names = grid_on_patches(latent_hw, patch, cfg.grid_n, cfg.centre_size)
+    else:
+        m = patch_masks(prepare_masks(torch.as_tensor(cfg.masks), latent_hw), patch)
+        names = [f"m{i}" for i in range(m.shape[0])]
+    w = normalize_weights(cfg.mask_weights, m)
+    return m, w, names

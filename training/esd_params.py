@@ -46,6 +46,7 @@ compares them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .host import DeltaModule
+from .host import DeltaModule, DiffusionHost
 
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
 
@@ -250,3 +251,17 @@ def flux_counts(method: str = "esd-x", n_double: int = 19, dims=None) -> tuple[i
         mods[f"double_blocks.{i}.txt_attn.proj"] = nn.Linear(h, h, device="meta")
         mods[f"double_blocks.{i}.img_attn.qkv"] = nn.Linear(h, 3 * h, device="meta")
     return count_parameters(_flux_targets(mods, method, "unet"))
+
+
+def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
+    """sha256 (hex) of the base values of the trained tensors (names + raw bytes, in target order).
+
+    Identifies the base model the deltas apply to without hashing a multi-GB file. Call before installing deltas.
+    """
+    h = hashlib.sha256()
+    mods = {c: host.modules(c) for c in {t.component for t in targets}}
+    for t in targets:
+        v = getattr(mods[t.component][t.path], t.attr).detach().cpu().contiguous()
+        h.update(f"{t.component}.{t.path}.{t.attr}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
