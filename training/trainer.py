@@ -56,6 +56,7 @@ from .conditioning import Conditioning, size_ids
 from .families import family, modelspec_arch
 from .host import DiffusionHost, add_noise, prediction_target
 from .lora import LoRANetwork
+from .objective import FlowSettings, objective_for
 from .noise import NoiseOptions, max_norm_regularization, post_process_loss, sample_training_noise
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class OptimizerUnavailableError(ValueError):
 # ------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FlowSettings):
     """Training settings, named as kohya's ``train_network.py`` arguments (defaults are kohya's unless noted).
 
     Schedule: ``max_train_epochs`` (wins when set) or ``max_train_steps``; ``train_batch_size``;
@@ -112,6 +113,7 @@ class TrainConfig:
     ``[cells_x, cells_y]``; default: detect),
     ``validate_every_n_epochs``, ``best_metric`` (:data:`BEST_METRICS` or any numeric column),
     ``best_direction`` (``auto``/``min``/``max``), ``early_stopping_patience`` (0 = off).
+    Flow families (Flux): kohya's ``flux_train_network.py`` options, :class:`.objective.FlowSettings`.
     """
 
     output_dir: str = "output"
@@ -511,7 +513,18 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditionin
                    generator: torch.Generator, timesteps: torch.Tensor | None = None,
                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                    loss_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One batch's scalar training loss in the host's own parameterization (see module docstring).
+    """One batch's scalar training loss by the objective of the host's family (:func:`.objective.objective_for`:
+    :func:`ddpm_loss` for SD1/SD2/SDXL, :class:`.objective.FlowObjective` for Flux); arguments as
+    :func:`ddpm_loss` (``timesteps``: integer t, or float σ for a flow family)."""
+    return objective_for(host).loss(host, latents, cond, cfg, generator, timesteps=timesteps, autocast=autocast,
+                                    loss_weights=loss_weights)
+
+
+def ddpm_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditioning | torch.Tensor, cfg: TrainConfig,
+              generator: torch.Generator, timesteps: torch.Tensor | None = None,
+              autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+              loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch's scalar DDPM training loss in the host's own parameterization (see module docstring).
 
     Args:
         latents: scaled VAE latents ``[B, C, h, w]`` fp32 (any device).
@@ -1109,6 +1122,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
     if new_model_hash:
         md["ss_new_sd_model_hash"] = new_model_hash
     md["ss_training_tool"] = "conceptlab"
+    objective_for(host).update_metadata(md, cfg, host)
     return md
 
 
@@ -1203,7 +1217,9 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
 
     if str(cfg.network_module).startswith("lycoris"):
         return _build_lycoris(host, cfg, train_unet, train_te)
-    na = parse_network_args(cfg.network_args)
+    from .lora_flux import split_network_args
+
+    na, flux_na = split_network_args(parse_network_args(cfg.network_args), family(host.arch).lora_targets == "flux")
     is_sdxl = getattr(host, "arch", "sd1") == "sdxl"
     blocks = block_spec(na, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim,
                         conv_alpha=cfg.conv_alpha, is_sdxl=is_sdxl)
@@ -1230,7 +1246,8 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
         network = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
                                      conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=train_unet,
                                      train_text_encoder=train_te, dropout=cfg.network_dropout,
-                                     module_dropout=cfg.module_dropout, seed=cfg.seed, blocks=blocks)
+                                     module_dropout=cfg.module_dropout, seed=cfg.seed, blocks=blocks,
+                                     flux_args=flux_na)
         if file_sd is not None:
             names = set(network.loras)
             missing = [n for n in names if f"{n}.lora_down.weight" not in file_sd]
@@ -1326,6 +1343,10 @@ class LoraTrainer:
         self._te_cache: dict[str, Conditioning] = {}
         self.dataset_effective_colors: float | None = None
         self.family = family(getattr(host, "arch", "sd1"))
+        for msg in objective_for(host).check_config(self.cfg, host):  # raises for settings that contradict it
+            logger.warning(msg)
+        if hasattr(host, "set_t5xxl_max_token_length"):
+            host.set_t5xxl_max_token_length(cfg.t5xxl_max_token_length)
         if cfg.clip_skip is not None or cfg.max_token_length is not None:
             for msg in host.configure_text(clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length):
                 logger.warning(msg)
@@ -1382,10 +1403,7 @@ class LoraTrainer:
         ds, cfg = self.dataset, self.cfg
         if not ds.val_entries:
             return None
-        T = len(self.host.alphas_cumprod)
-        lo = max(0, cfg.min_timestep)
-        hi = min(T, cfg.max_timestep if cfg.max_timestep is not None else T)
-        ts = np.linspace(lo, hi, 6, dtype=int)[1:-1]
+        ts = objective_for(self.host).validation_timesteps(self.host, cfg)  # kohya's 4 points (t or σ)
         seed = ds.options.validation_seed if ds.options.validation_seed is not None else cfg.seed
         gen = torch.Generator("cpu").manual_seed(int(seed))
         bs = cfg.train_batch_size
@@ -1400,7 +1418,7 @@ class LoraTrainer:
                 lat = torch.stack([e.latents for e in batch])
                 cond = self._encode([e.caption for e in batch], batch)
                 for t in ts:
-                    tt = torch.full((len(batch),), int(t), dtype=torch.long)
+                    tt = torch.full((len(batch),), t.item(), dtype=ts.dtype)
                     loss = diffusion_loss(self.host, lat, cond, cfg, gen, timesteps=tt, autocast=autocast)
                     total += float(loss) * len(batch)
                     n += len(batch)
@@ -1419,7 +1437,10 @@ class LoraTrainer:
         w0 = cfg.sample_width or self.dataset.options.size[0]
         h0 = cfg.sample_height or self.dataset.options.size[1]
         seed = cfg.sample_seed if cfg.sample_seed is not None else cfg.seed
-        takes_sampler = "sampler_name" in inspect.signature(self.host.sample).parameters
+        params = inspect.signature(self.host.sample).parameters
+        takes_sampler = "sampler_name" in params
+        # kohya's Flux samples: true CFG ("scale") defaults to 1.0 (flux_train_utils.py line 159), --g = guidance
+        cfg_default = cfg.sample_cfg if "guidance" not in params or cfg.sample_cfg != TrainConfig.sample_cfg else 1.0
         out = []
         for i, p in enumerate(prompts):
             sp = specs.get(p) or SamplePrompt(p)
@@ -1430,11 +1451,15 @@ class LoraTrainer:
             elif (name or "ddim").lower() != "ddim" and not getattr(self, "_sampler_warned", False):
                 logger.warning("sample_sampler %s: this model host samples with DDIM only", name)
                 self._sampler_warned = True
+            if "guidance" in params:
+                kw["guidance"] = sp.guidance_scale
+            elif sp.guidance_scale is not None:
+                logger.warning("sample prompt option --g (distilled guidance, Flux) has no effect on this model")
             img = self.host.sample([p], sp.negative_prompt if sp.negative_prompt is not None else cfg.sample_negative,
                                    width=round_size(sp.width or w0) if sp.width else w0,
                                    height=round_size(sp.height or h0) if sp.height else h0,
                                    steps=sp.sample_steps or cfg.sample_steps,
-                                   cfg=sp.scale if sp.scale is not None else cfg.sample_cfg,
+                                   cfg=sp.scale if sp.scale is not None else cfg_default,
                                    seed=sp.seed if sp.seed is not None else seed + i, **kw)
             out.append(_to_uint8(img[0]))
         return out
