@@ -227,3 +227,6 @@ def test_cli_erase_on_a_flux_folder(tmp_path, monkeypatch):
     with safe_open(str(tmp_path / "out" / "vg.safetensors"), "pt") as f:
         assert set(f.keys()) == {f"lora_unet_double_blocks_0_txt_attn_{m}.{s}" for m in ("qkv", "proj")
                                  for s in ("diff", "diff_b")}
+    ref = tmp_path / "ref.toml"
+    ref.write_text(cfg.read_text().replace('save_dtype = "float32"\n', 'save_dtype = "float32"\nsave_reference = true\n'))
+    assert cli.main(["erase", "--config", str(ref), "--quiet"]) == 2  # refused by name before training

@@ -52,8 +52,8 @@ _RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lo
 
 def register(subparsers) -> None:
     """Add the ``erase`` subcommand."""
-    p = subparsers.add_parser("erase", help="erase a concept from an SD model with ESD (diffusers folder or "
-                                            "single-file checkpoint)",
+    p = subparsers.add_parser("erase", help="erase a concept from an SD/SDXL model (diffusers folder or "
+                                            "single-file checkpoint) or a Flux.1 diffusers folder with ESD",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="erase.toml (see the description)")
     p.add_argument("--iterations", type=int, default=None, help="override [esd] iterations")
@@ -142,6 +142,12 @@ def run(args) -> int:
     device, dtype = str(data.get("device", "cpu")), parse_dtype(str(data.get("dtype", "float32")))
     tok = (base / data["tokenizer"]).resolve() if data.get("tokenizer") else None
     host = _load_host(model_dir, device=device, dtype=dtype, tokenizer=tok)
+    if data.get("save_reference"):
+        from .families import family
+
+        if family(host.arch).denoiser != "unet":
+            raise ValueError(f"save_reference: the reference repository (rohitgandikota/erasing) has no file format "
+                             f"for {host.arch} models (its scripts cover SD1.x/SDXL); remove save_reference")
 
     stop = {"flag": False}
 
