@@ -288,10 +288,9 @@ class ConceptLabESDErase:
         host = ch.ComfyHost(model, clip)
         cancel_exc = None
         try:
-            from ..training.esd_objective import has_guidance_embedding
-            from ..training.families import family
+            from ..training.esd_objective import has_guidance_embedding, host_family
 
-            if family(host.arch).guidance_default is not None and has_guidance_embedding(host):
+            if host_family(host).guidance_default is not None and has_guidance_embedding(host):
                 cfg.guidance_scale = float(flux_guidance)
             elif float(flux_guidance) != 3.5:
                 raise ValueError(f"flux_guidance {flux_guidance} is set, but this {host.arch} model has no guidance "

@@ -10,9 +10,8 @@ import torch
 
 from conceptlab.formats.flux_keys import FluxDims
 from conceptlab.training.esd import ESDConfig, _resolve_masks, count_parameters, erase, paper_target, select_targets
-from conceptlab.training.esd_objective import FlowObjective, objective_for
+from conceptlab.training.esd_objective import objective_for
 from conceptlab.training.esd_params import flux_counts
-from conceptlab.training.families import family
 from tiny_models import tiny_flux_host, tiny_host
 
 FAST = dict(concepts="van gogh", width=64, height=64, ddim_steps=4, lr=1e-3, noised_cache=1)
@@ -113,8 +112,8 @@ def test_guidance_values_and_loss_against_a_direct_computation(host):
         v_c, v_u = host.predict(x_t, tt, c), host.predict(x_t, tt, u)
     want = float(((v_c - (v_u - 1.5 * (v_c - v_u))) ** 2).mean())
     assert info["loss"] == pytest.approx(want, rel=1e-4)
-    assert len(trajectory) == int(round(float(torch.argmin((FlowObjective(host, family("flux"), 4, (8, 8)).sigmas
-                                                              - sigma).abs()))))
+    k = int(torch.argmin((objective_for(host, 4, (8, 8)).sigmas - sigma).abs()))
+    assert len(trajectory) == k  # k Euler steps to reach σ_k
 
 
 def test_guidance_scale_refused_where_there_is_no_embedding():

@@ -78,10 +78,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .conditioning import Conditioning
-from .esd_objective import objective_for, resolve_masks as _resolve_masks  # noqa: F401
+from .esd_objective import host_family, objective_for, resolve_masks as _resolve_masks  # noqa: F401
 from .esd_params import (METHODS, RowsDelta, Target, base_weights_hash, count_parameters,  # noqa: F401
                          make_delta, select_targets)
-from .families import family
 from .host import DeltaModule, DiffusionHost
 from .masks import masked_mse
 from .prompts import (PromptSchedule, build_prompts, concept_kinds, normalize_kind, parse_concepts,
@@ -333,7 +332,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed, kind=kinds)
     mask_mode = MASK_PRESETS.get(cfg.mask_mode, cfg.mask_mode)
     schedule = PromptSchedule(prompts, cfg.prompt_order, cfg.seed)
-    fam = family(getattr(host, "arch", "sd1"))
+    fam = host_family(host)
     scale = int(getattr(host, "vae_scale", 8))
     patch = int(fam.patch_size)
     if cfg.width % (scale * patch) or cfg.height % (scale * patch):

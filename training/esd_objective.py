@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import Conditioning
-from .families import Family, family
+from .families import FAMILIES, Family
 from .host import DiffusionHost, add_noise, ddim_sample, ddim_timesteps
 
 
@@ -206,6 +206,12 @@ class FlowObjective:
                                else "forward flow noise at sigma ~ kohya flux_shift")}
 
 
+def host_family(host: DiffusionHost) -> Family:
+    """The family table entry of ``host.arch``; a host whose architecture is ``"unknown"`` (ComfyHost on a UNet
+    ComfyUI does not classify) is treated as a DDPM UNet, as the hosts themselves treat it."""
+    return FAMILIES.get(getattr(host, "arch", "sd1")) or FAMILIES["sd1"]
+
+
 def has_guidance_embedding(host: DiffusionHost) -> bool:
     """Whether the host's model reads the distilled guidance (Flux.1-dev: a ``guidance_in`` MLP; schnell has
     none). Read from the module tree (BFL paths, the same in every host); hosts that expose no modules count as
@@ -224,7 +230,7 @@ def objective_for(host: DiffusionHost, steps: int, latent_hw: tuple[int, int],
     Raises ``ValueError`` for an unknown objective, or a ``guidance_scale`` on a family without a guidance
     embedding (it would be silently ignored).
     """
-    fam = family(getattr(host, "arch", "sd1"))
+    fam = host_family(host)
     if fam.objective == "ddpm":
         if guidance_scale is not None:
             raise ValueError(f"guidance_scale is the distilled-guidance input of guidance-embedded flow models "
