@@ -124,6 +124,17 @@ def test_guidance_scale_refused_where_there_is_no_embedding():
         ESDConfig(concepts="x", guidance_scale=float("nan")).validate()
 
 
+def test_schnell_has_no_guidance_and_its_own_modelspec():
+    from conceptlab.training.esd_outputs import file_metadata
+
+    schnell = tiny_flux_host(0, guidance_embeds=False)
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        erase(schnell, ESDConfig(**FAST, iterations=1, guidance_scale=3.5))
+    res = erase(schnell, ESDConfig(**FAST, iterations=1, xt_source="noised"))
+    assert res.metadata["guidance_scale"] is None and res.metadata["sigma_schedule"].startswith("linear")
+    assert file_metadata(res)["modelspec.architecture"] == "flux-1-schnell/lora"
+
+
 def test_masks_cover_whole_patches_and_size_is_checked(host):
     # 96 px → 12×12 latent cells → 6×6 tokens; a 4×4 grid puts boundaries at tokens 0, 2, 3, 4(.5→4), 6
     cfg = ESDConfig(concepts="x", width=96, height=96, mask_mode="grid-sum", grid_n=4, centre_size=0.5)

@@ -128,6 +128,9 @@ class FlowObjective:
         self.steps = int(steps)
         self.guidance = (float(guidance_scale) if guidance_scale is not None else fam.guidance_default)
         self.has_guidance_embed = fam.guidance_default is not None and has_guidance_embedding(host)
+        if guidance_scale is not None and not self.has_guidance_embed:
+            raise ValueError(f"guidance_scale {guidance_scale}: this {fam.arch} model has no guidance embedding "
+                             f"(Flux.1-schnell); remove the setting")
         self.shift = self.has_guidance_embed
         s = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         if self.shift:
