@@ -219,12 +219,16 @@ class FluxHost(DiffusionHost):
         return host
 
     def quantize_base(self, scheme: str) -> int:
-        """Store the frozen transformer's Linear weights quantized (:func:`.quantize.quantize_frozen`, torchao);
-        before any delta is installed. Returns the number of layers quantized."""
+        """Store the frozen transformer's and T5-XXL's Linear weights quantized (:func:`.quantize.quantize_frozen`,
+        torchao; T5 is 4.9 B parameters, frozen unless ``train_t5xxl``), before any delta is installed. CLIP-L and
+        the VAE stay dense. Returns the number of layers quantized."""
         from .quantize import quantize_frozen
 
         self.quantized = scheme
-        return quantize_frozen(self.transformer, scheme)
+        n = quantize_frozen(self.transformer, scheme)
+        if self.t5 is not None:
+            n += quantize_frozen(self.t5, scheme)
+        return n
 
     def set_t5xxl_max_token_length(self, n: int | None) -> None:
         """kohya ``t5xxl_max_token_length`` (None = 512 dev / 256 schnell). Raises ``ValueError`` for n < 1."""
