@@ -219,6 +219,7 @@ def test_cli_erase_on_a_flux_folder(tmp_path, monkeypatch):
 
     folder = tmp_path / "flux"
     (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
     loaded = []
 
     def fake(cls, f, device="cpu", dtype=None, **kw):  # the folder loader is flux_host's (tested there)
@@ -240,3 +241,6 @@ def test_cli_erase_on_a_flux_folder(tmp_path, monkeypatch):
     ref = tmp_path / "ref.toml"
     ref.write_text(cfg.read_text().replace('save_dtype = "float32"\n', 'save_dtype = "float32"\nsave_reference = true\n'))
     assert cli.main(["erase", "--config", str(ref), "--quiet"]) == 2  # refused by name before training
+    quant = tmp_path / "quant.toml"
+    quant.write_text(cfg.read_text().replace('save_dtype = "float32"\n', 'save_dtype = "float32"\nquantize_base = "int8"\n'))
+    assert cli.main(["erase", "--config", str(quant), "--quiet"]) == 2  # a LoRA-training setting, refused by name
