@@ -214,3 +214,25 @@ def test_flux_guidance_refused_on_sd_model(cenv):
     with torch.inference_mode(), pytest.raises(ValueError, match="flux_guidance"):
         esd_nodes.ConceptLabESDErase().erase(cenv["model"], cenv["clip"], **_erase_kwargs(save_name=""),
                                              flux_guidance=2.0)
+
+
+@requires_comfyui
+def test_esd_on_an_fp8_stored_flux_base_through_comfyhost():
+    """UNETLoader's fp8 weight option: the base stays fp8 and unchanged, the fp32 deltas train."""
+    from e2e.comfy_flux import tiny_flux_clip, tiny_flux_patcher
+
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.training.esd import ESDConfig, erase
+
+    with torch.inference_mode():
+        model, clip = tiny_flux_patcher(weight_dtype=torch.float8_e4m3fn), tiny_flux_clip()
+        host = ComfyHost(model, clip)
+    qkv = model.model.diffusion_model.double_blocks[0].txt_attn.qkv.weight
+    before = qkv.detach().float().clone()
+    try:
+        res = erase(host, ESDConfig(concepts="van gogh", width=64, height=64, ddim_steps=3, iterations=3, lr=1e-3))
+    finally:
+        host.close()
+    assert qkv.dtype == torch.float8_e4m3fn and torch.equal(qkv.detach().float(), before)
+    assert all(torch.isfinite(d).all() and float(d.abs().max()) > 0 for d in res.deltas.values())
+    assert len(res.deltas) == 4 and res.stats["nan_skipped"] == 0
