@@ -68,7 +68,9 @@ class FusedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat([m.weight for m, _ in self._pieces], dim=0)
+        from .quantize import dense
+
+        return torch.cat([dense(m.weight) for m, _ in self._pieces], dim=0)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -98,6 +100,9 @@ class PieceDelta(nn.Module):
         p = self.parent
         if not p.enabled or p.multiplier == 0.0:
             return weight
+        from .quantize import dense
+
+        weight = dense(weight)  # quantized frozen base: dequantize, then add ΔW
         rows = self.piece.rows
         if rows is not None and not self.piece.swap and hasattr(p, "delta_rows"):
             d = p.delta_rows(rows[0], rows[1])
@@ -183,11 +188,12 @@ class FluxHost(DiffusionHost):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         t5xxl_max_token_length: int | None = None, transformer: nn.Module | None = None,
-                        guidance: float = DEFAULT_GUIDANCE) -> "FluxHost":
+                        guidance: float = DEFAULT_GUIDANCE, quantize: str | None = None) -> "FluxHost":
         """Load a local diffusers Flux folder (``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L),
         ``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``), as ``black-forest-labs/FLUX.1-dev`` ships it.
         Nothing is downloaded (``local_files_only``). ``transformer`` replaces ``transformer/`` (e.g. a quantized
-        or single-file one). Raises ``FileNotFoundError`` naming a missing part."""
+        or single-file one); ``quantize``: a :mod:`.quantize` scheme for the frozen transformer weights.
+        Raises ``FileNotFoundError`` naming a missing part."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
@@ -206,8 +212,23 @@ class FluxHost(DiffusionHost):
         t5 = T5EncoderModel.from_pretrained(root / "text_encoder_2", local_files_only=True, torch_dtype=dtype)
         tok2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
-        return cls(transformer, clip, tok, t5, tok2, vae, t5xxl_max_token_length=t5xxl_max_token_length,
+        host = cls(transformer, clip, tok, t5, tok2, vae, t5xxl_max_token_length=t5xxl_max_token_length,
                    guidance=guidance, device=device, dtype=dtype)
+        if quantize:
+            host.quantize_base(quantize)
+        return host
+
+    def quantize_base(self, scheme: str) -> int:
+        """Store the frozen transformer's and T5-XXL's Linear weights quantized (:func:`.quantize.quantize_frozen`,
+        torchao; T5 is 4.9 B parameters, frozen unless ``train_t5xxl``), before any delta is installed. CLIP-L and
+        the VAE stay dense. Returns the number of layers quantized."""
+        from .quantize import quantize_frozen
+
+        self.quantized = scheme
+        n = quantize_frozen(self.transformer, scheme)
+        if self.t5 is not None:
+            n += quantize_frozen(self.t5, scheme)
+        return n
 
     def set_t5xxl_max_token_length(self, n: int | None) -> None:
         """kohya ``t5xxl_max_token_length`` (None = 512 dev / 256 schnell). Raises ``ValueError`` for n < 1."""

@@ -1345,7 +1345,7 @@ class LoraTrainer:
         self.family = family(getattr(host, "arch", "sd1"))
         for msg in objective_for(host).check_config(self.cfg, host):  # raises for settings that contradict it
             logger.warning(msg)
-        if hasattr(host, "set_t5xxl_max_token_length"):
+        if cfg.t5xxl_max_token_length is not None and hasattr(host, "set_t5xxl_max_token_length"):
             host.set_t5xxl_max_token_length(cfg.t5xxl_max_token_length)
         if cfg.clip_skip is not None or cfg.max_token_length is not None:
             for msg in host.configure_text(clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length):
