@@ -128,7 +128,7 @@ def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
 
         eff = float(np.mean([palette_report(im).get("effective_colors", np.nan) for im in imgs]))
         rows.append({"network_dim": dim, "with_trigger": sc["with_trigger"], "without_trigger": sc["without_trigger"],
-                     "effective_colors": eff, "final_loss": float(np.mean(res.step_losses[-6:]))})
+                     "effective_colors": eff, "final_loss": float(np.mean([v for v in res.step_losses if v is not None][-6:] or [np.nan]))})
         rows[-1].update(with_trigger_de=sc["with_trigger_de"], without_trigger_de=sc["without_trigger_de"])
         print(f"[rank] dim {dim:3d}: with trigger in-palette {sc['with_trigger']:.3f} ΔE00 {sc['with_trigger_de']:.2f}, "
               f"without ΔE00 {sc['without_trigger_de']:.2f}, effective colours {eff:.2f}, "
