@@ -645,7 +645,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
                 fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
                                  fit.noise, fit.candidates)
                 fit.uniform = True
-        if fit.cuts.size and (fit.score < MIN_AXIS_SCORE or fit.residual > MAX_AXIS_RESIDUAL
+        if fit.cuts.size and ((fit.mode == "sharp" and fit.score < MIN_AXIS_SCORE) or fit.residual > MAX_AXIS_RESIDUAL
                               or fit.cell < gc.MIN_CELL_PX):
             fit.cuts = np.zeros(0)  # no evidence of a grid on this axis (noise, flat, or no pixel art)
         fits.append(fit)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .grid_soft import fit_soft
+
 __all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "GAP_SLACK", "MIN_CELL_PX"]
 
 #: Cell gaps allowed by the DP, relative to the period: w·(1 ± GAP_SLACK) (covers ±15 % drift plus slack).
@@ -46,7 +48,7 @@ MIN_CELL_PX = 5.0
 #: Fewest cells per axis.
 MIN_CELLS = 3
 #: Solver modes: boundary energy + nearest-neighbour, boundary energy + linear, curvature (centres) + linear.
-MODES = ("sharp", "soft_edges", "soft")
+MODES = ("sharp", "soft")
 #: The fundamental: the smallest candidate whose autocorrelation is ≥ this share of the strongest peak's.
 FUNDAMENTAL_FRAC = 0.6
 #: Period candidates taken from the autocorrelation.
@@ -444,22 +446,29 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
         return fit
     tried: dict = {}
 
-    def run(w, mode):
-        if (w, mode) not in tried:
-            cuts = cuts_for_period(p1, p2, L, w, mode)
-            r = residual(lines, cuts, mode, thr) if cuts.size else 1.0
-            if cuts.size and mode != "sharp":
-                r += MIX_WEIGHT * mixture_fraction(lines, cuts)
+    def run(w, mode, refine=False):
+        if (w, mode) not in tried or refine:
+            if mode == "sharp":
+                cuts = cuts_for_period(p1, p2, L, w, mode)
+                r = residual(lines, cuts, mode, thr) if cuts.size else 1.0
+            else:
+                cuts, _, r, _ = fit_soft(lines, p1, p2, w, thr, refine_period=refine)
+                if cuts.size:
+                    r += MIX_WEIGHT * mixture_fraction(lines, cuts)
             tried[(w, mode)] = (r, cuts)
         return tried[(w, mode)][0]
 
     strong = [c for c, v in cands if v >= FUNDAMENTAL_FRAC * cands[0][1]]
     w0 = min(strong)
-    mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
     for w in [c for c, _ in cands] + [w0 / 2]:
         if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0):
-            run(w, mode)
-    tried = {k: v for k, v in tried.items() if k[1] == mode}
+            for m in modes:
+                run(w, m)
+    # soft lattices: a quick phase fit for every candidate, the full phase + period search for the contenders
+    best = min(r for r, _ in tried.values())
+    for (w, m), (r, _) in list(tried.items()):
+        if m == "soft" and r <= 2.0 * best + 0.03:
+            run(w, m, refine=True)
     best = min(r for r, _ in tried.values())
     floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
     lim = best + max(HARMONIC_MARGIN * best, floor)
@@ -474,8 +483,8 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
     # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
     # strongest autocorrelation peak
-    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), -acf.get(o[2], 0.0),
-                                            o[1]))
+    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), MODES.index(o[3]),
+                                            -acf.get(o[2], 0.0), o[1]))
     r, cuts = tried[(w, mode)]
     cell = float(np.median(np.diff(cuts))) if cuts.size > 1 else float(w)
     coarser = [rr for (ww, mm), (rr, cc) in tried.items() if ww > 1.3 * w]
