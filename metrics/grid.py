@@ -94,6 +94,9 @@ MIN_AXIS_SCORE = 0.08
 MAX_AXIS_RESIDUAL = 0.5
 #: Uniform-hypothesis confidence at which an axis is taken as sharp (soft edge models are not tried).
 SHARP_CONFIDENCE = 0.7
+#: Below this uniform-hypothesis confidence no sharp grid concentrates the edges (interpolating upscales:
+#: ≤ 0.25 on the fixtures, blurred nearest-neighbour renders ≥ 0.28): both edge models compete at every period.
+SOFT_POOL = 0.2
 #: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
 #: Rows (columns) used for the x (y) profile at most; evenly spaced.
@@ -632,7 +635,8 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         # edges already concentrated on sharp grid lines (uniform confidence ≥ SHARP_CONFIDENCE): no soft models
         uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
         modes = ("sharp",) if uconf >= SHARP_CONFIDENCE else gc.MODES
-        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes)
+        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
+                             pool=uconf < SOFT_POOL)
         if ucell > 1:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
             thr = gc.threshold(fit.noise)

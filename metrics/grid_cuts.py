@@ -56,6 +56,8 @@ N_CANDIDATES = 4
 #: Harmonic rule: candidate residual ≤ best + max(HARMONIC_MARGIN·best, floor(noise)).
 HARMONIC_MARGIN = 0.5
 RESIDUAL_LINES = 24
+#: Soft-lattice candidates that get the full phase + period search (the others a quick phase fit).
+SOFT_REFINE = 2
 #: Weight of :func:`mixture_fraction` added to the residual (a too-fine grid on a soft render).
 MIX_WEIGHT = 0.2
 #: Cell sizes closer than this ratio are one grid (harmonics are ≥ 1.5× apart).
@@ -428,11 +430,12 @@ def edge_score(p: np.ndarray, cuts: np.ndarray, length: int, win: float) -> floa
 
 
 def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple = (),
-                prefer: float = 0.0, modes: tuple = MODES) -> AxisFit:
+                prefer: float = 0.0, modes: tuple = MODES, pool: bool = False) -> AxisFit:
     """Cuts of one axis (see the module docstring). ``lines`` ``[3, r, L]`` int16 sampled along the axis;
     ``p1``/``p2`` from :func:`axis_profiles` (may use more lines); ``extra``: more candidate periods (px) to
     check (e.g. the other axis' cell size); ``prefer``: a period (px) that wins residual ties; ``modes``: the
-    edge models to try (the caller drops the soft ones when the edges are known to be sharp). Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
+    edge models to try (the caller drops the soft ones when the edges are known to be sharp); ``pool``: every
+    (period, model) pair competes (the caller sets it when no sharp grid concentrates the edges). Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
     L = lines.shape[2]
     noise = noise_level(lines)
     thr = threshold(noise)
@@ -452,7 +455,9 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
                 cuts = cuts_for_period(p1, p2, L, w, mode)
                 r = residual(lines, cuts, mode, thr) if cuts.size else 1.0
             else:
-                cuts, _, r, _ = fit_soft(lines, p1, p2, w, thr, refine_period=refine)
+                cuts, ws, r, _ = fit_soft(lines, p1, p2, w, thr, refine_period=refine)
+                if ws < MIN_CELL_PX:
+                    cuts, r = np.zeros(0), 1.0
                 if cuts.size:
                     r += MIX_WEIGHT * mixture_fraction(lines, cuts)
             tried[(w, mode)] = (r, cuts)
@@ -460,15 +465,22 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
 
     strong = [c for c, v in cands if v >= FUNDAMENTAL_FRAC * cands[0][1]]
     w0 = min(strong)
+    # the edge model is chosen at the fundamental (the smallest strong period), as the residuals of the two
+    # models are not comparable across periods (a soft lattice of half the cells re-renders a blurred sharp render)
+    # — unless ``pool`` (no sharp grid concentrates the edges: an interpolating upscale), where a sharp grid of
+    # tiny cells re-renders the smooth image too and every (period, model) pair competes on the harmonic rule
+    mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
     for w in [c for c, _ in cands] + [w0 / 2]:
         if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0):
-            for m in modes:
+            for m in (modes if pool else (mode,)):
                 run(w, m)
+    if not pool:
+        tried = {k: v for k, v in tried.items() if k[1] == mode}
     # soft lattices: a quick phase fit for every candidate, the full phase + period search for the contenders
     best = min(r for r, _ in tried.values())
-    for (w, m), (r, _) in list(tried.items()):
-        if m == "soft" and r <= 2.0 * best + 0.03:
-            run(w, m, refine=True)
+    soft = sorted((r, w) for (w, m), (r, _) in tried.items() if m == "soft" and r <= 2.0 * best + 0.03)
+    for r, w in soft[:SOFT_REFINE]:
+        run(w, "soft", refine=True)
     best = min(r for r, _ in tried.values())
     floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
     lim = best + max(HARMONIC_MARGIN * best, floor)

@@ -150,8 +150,12 @@ def fit_soft(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, w: float, thr: f
         starts.append(_circ_phase(p1, pos, w))
     if p2.sum() > 0:
         starts.append((_circ_phase(p2, pos - 0.5, w) - w / 2) % w)
-    scored = [(_error(ref, sub, a, w, tuple(KERNELS)), a) for a in starts]
+    first = tuple(KERNELS) if refine_period else ("cubic",)
+    scored = [(_error(ref, sub, a, w, first), a) for a in starts]
     (e, kern), a = min(scored, key=lambda s: s[0][0])
+    if not refine_period:  # quick look: best start phase, no search
+        r, kern = soft_residual(lines, a, w, thr)
+        return uniform_cuts(L, a % w, w), float(w), float(r), kern
     kk = (kern,)
     ww = w
     mid = L / 2.0
