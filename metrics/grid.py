@@ -93,9 +93,9 @@ UNIFORM_TIE = (1.5, 0.01, 0.002)
 MIN_AXIS_SCORE = 0.08
 MAX_AXIS_RESIDUAL = 0.5
 #: Uniform-hypothesis confidence at which an axis is taken as sharp (soft edge models are not tried).
-SHARP_CONFIDENCE = 0.7
 #: Below this uniform-hypothesis confidence no sharp grid concentrates the edges (interpolating upscales:
-#: ≤ 0.25 on the fixtures, blurred nearest-neighbour renders ≥ 0.28): both edge models compete at every period.
+#: ≤ 0.25 on the fixtures, blurred nearest-neighbour renders ≥ 0.28): both edge models compete at every period;
+#: at or above it the axis is taken as sharp (soft lattices are not tried).
 SOFT_POOL = 0.2
 #: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
@@ -632,9 +632,9 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         lines = _lines(img)
         p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
         ucell = (u.cell_w if axis == 0 else u.cell_h) if u.method == "uniform" else 0.0
-        # edges already concentrated on sharp grid lines (uniform confidence ≥ SHARP_CONFIDENCE): no soft models
+        # edges concentrated on a sharp grid (uniform confidence ≥ SOFT_POOL): no soft lattices
         uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
-        modes = ("sharp",) if uconf >= SHARP_CONFIDENCE else gc.MODES
+        modes = ("sharp",) if uconf >= SOFT_POOL else gc.MODES
         fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
                              pool=uconf < SOFT_POOL)
         if ucell > 1:
