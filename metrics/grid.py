@@ -92,7 +92,6 @@ UNIFORM_TIE = (1.5, 0.01, 0.002)
 #: the pixels (pure noise: 0.8–0.95).
 MIN_AXIS_SCORE = 0.08
 MAX_AXIS_RESIDUAL = 0.5
-#: Uniform-hypothesis confidence at which an axis is taken as sharp (soft edge models are not tried).
 #: Below this uniform-hypothesis confidence no sharp grid concentrates the edges (interpolating upscales:
 #: ≤ 0.25 on the fixtures, blurred nearest-neighbour renders ≥ 0.28): both edge models compete at every period;
 #: at or above it the axis is taken as sharp (soft lattices are not tried).
