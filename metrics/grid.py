@@ -49,6 +49,8 @@ MAX_AXIS_RESIDUAL = 0.5
 #: ≤ 0.25 on the fixtures, blurred nearest-neighbour renders ≥ 0.28): both edge models compete at every period;
 #: at or above it the axis is taken as sharp (soft lattices are not tried).
 SOFT_POOL = 0.2
+#: Soft-lattice residual (share of pixels) at which its confidence reaches 0 (see ``_axis_confidence``).
+SOFT_RESIDUAL_FULL = 0.01
 #: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
 
@@ -59,11 +61,17 @@ def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
 
 
-def _axis_confidence(score: float, separation: float) -> float:
-    """Confidence of one axis, 0..1: edge concentration on the cuts (``score``, chance-corrected, see
-    :func:`.grid_cuts.edge_score`) times how clearly the next coarser grid explains the image worse
-    (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`)."""
-    return float(np.clip(score, 0.0, 1.0) ** 0.5 * np.clip(separation / SEPARATION_FULL, 0.0, 1.0))
+def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0) -> float:
+    """Confidence of one axis, 0..1, times how clearly the next coarser grid explains the image worse
+    (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`): for a sharp grid, the edge
+    concentration on the cuts (``score``, chance-corrected, see :func:`.grid_cuts.edge_score`, square root); for a
+    soft lattice (whose edges are spread over the cell by design, so their concentration says little) how
+    exactly it re-renders the image: 1 − ``residual`` / :data:`SOFT_RESIDUAL_FULL` (0.5 at half of it; on the
+    tuning seeds a soft lattice re-rendering all but ≤ 0.5 % of the pixels was right 90 % of the time)."""
+    sep = np.clip(separation / SEPARATION_FULL, 0.0, 1.0)
+    if mode == "soft":
+        return float(np.clip(1.0 - residual / SOFT_RESIDUAL_FULL, 0.0, 1.0) * sep)
+    return float(np.clip(score, 0.0, 1.0) ** 0.5 * sep)
 
 
 def _phase_of(cuts: tuple, cell: float) -> float:
@@ -83,10 +91,13 @@ def _square_cells(rgb: np.ndarray, fx, fy) -> None:
     for a, b, img in order:
         lines = _lines(img)
         p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
-        cuts = gc.cuts_for_period(p1, p2, a.length, b.cell, a.mode)
-        if cuts.size == 0:
+        if a.mode == "soft":
+            cuts, _, r, _ = gc.fit_soft(lines, p1, p2, b.cell, gc.threshold(a.noise), refine_period=False)
+        else:
+            cuts = gc.cuts_for_period(p1, p2, a.length, b.cell, a.mode)
+            r = gc.residual(lines, cuts, a.mode, gc.threshold(a.noise)) if cuts.size else 1.0
+        if cuts.size < 2 or float(np.median(np.diff(cuts))) < gc.MIN_CELL_PX:
             continue
-        r = gc.residual(lines, cuts, a.mode, gc.threshold(a.noise))
         if r <= 1.2 * a.residual + 0.002:
             a.cuts, a.cell, a.residual = cuts, float(np.median(np.diff(cuts))) if cuts.size > 1 else b.cell, r
             a.score = gc.edge_score(p1, cuts, a.length, max(1.0, min(2.0, a.cell / 6))) if a.mode == "sharp" else a.score
@@ -158,7 +169,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             a.cell = b.cell
             a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
             a.score, a.separation, a.mode = b.score, b.separation, b.mode
-    cx, cy = _axis_confidence(fx.score, fx.separation), _axis_confidence(fy.score, fy.separation)
+    cx, cy = (_axis_confidence(f.score, f.separation, f.mode, f.residual) for f in (fx, fy))
     conf = min(cx, cy)
     status = "detected" if conf >= LOW_CONFIDENCE else "low_confidence"
     method = "uniform" if getattr(fx, "uniform", False) and getattr(fy, "uniform", False) else "detected"
