@@ -17,14 +17,17 @@ filters and Hough lines, not a period-constrained cut sequence); the pieces are 
    log²(gap / w), gaps in w·(1 ± :data:`GAP_SLACK`) — the beat-tracking DP of Ellis, "Beat tracking by dynamic
    programming", J. New Music Research 36(1), 2007, eq. 1–3, with onsets replaced by edge energy. The first
    and last cells may be partial (a cropped frame); cuts are extrapolated into empty borders at the mean gap.
-   For soft renders the DP runs on ``p2`` (cell centres) and cuts are the midpoints.
+   Soft renders (one interpolating resize: a uniform lattice) are fitted by :func:`.grid_soft.fit_soft`
+   instead — re-rendering with the bilinear / bicubic / Lanczos kernels, phase and period searched on the
+   re-rendering error.
 4. **Which period** (harmonics): every candidate's cuts are scored by a reconstruction residual on ≤ 24
    sampled lines: the share of pixels that differ (max channel, 0..255 units) by more than a noise-adapted
    threshold from the reconstruction by their cell's centre value — nearest-neighbour for sharp hypotheses,
-   linear between cell centres for soft ones (interpolating filters keep the native colour at each cell
-   centre). Coarse harmonics leave real edges inside cells; the truth and its refinements tie near the
-   minimum; the **coarsest candidate within a margin of the best** wins; the margin scales with the noise.
-5. **Confidence**: see :func:`axis_confidence` — calibrated on the fixtures of
+   the best of the three interpolating kernels for soft ones (they keep the native colour at each cell
+   centre). Both models compete at every period only where no sharp grid concentrates the edges (``pool``);
+   otherwise the model is chosen at the fundamental. Coarse harmonics leave real edges inside cells; the truth
+   and its refinements tie near the minimum; the **coarsest candidate within a margin of the best** wins; the margin scales with the noise.
+5. **Confidence**: see ``_axis_confidence`` in :mod:`.grid` — calibrated on the fixtures of
    :func:`conceptlab.metrics.palette_synth.condition_render` (tests/test_grid_conditions.py).
 """
 
@@ -296,7 +299,9 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
 
 def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode: str) -> np.ndarray:
     """Cuts (px, float64) for period ``w`` under ``mode``: ``"sharp"`` / ``"soft_edges"`` (DP on boundary energy
-    ``p1``) or ``"soft"`` (DP on curvature ``p2`` = cell centres, cuts at the midpoints). See :func:`dp_cuts`."""
+    ``p1``) or ``"soft"`` (DP on curvature ``p2`` = cell centres, cuts at the midpoints). See :func:`dp_cuts`.
+    (:func:`detect_axis` fits soft lattices with :func:`.grid_soft.fit_soft`; the DP soft modes remain for
+    callers that need cuts for a given period without a re-rendering search.)"""
     if mode == "sharp":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)

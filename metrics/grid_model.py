@@ -40,8 +40,9 @@ class Grid:
     ``confidence`` in 0..1 (calibrated, see :data:`LOW_CONFIDENCE`); ``status`` one of :data:`STATUSES`
     (``"none"``: no grid found — then ``cells_x = cells_y = 0``, ``reason`` says why, and cell metrics must not
     be computed); ``method``: ``"detected"``, ``"uniform"`` (a single period fits best), ``"override"`` or
-    ``"none"``; ``mode``: ``"sharp"``, ``"soft_edges"`` or ``"soft"`` (the edge model that fits: nearest-
-    neighbour, or an interpolating upscale with soft edges).
+    ``"none"``; ``mode``: ``"sharp"`` (nearest-neighbour cells, cuts followed line by line) or ``"soft"`` (a
+    uniform lattice drawn by an interpolating upscale — bilinear / bicubic / Lanczos, :mod:`.grid_soft`);
+    ``"sharp/soft"`` when the axes differ.
     """
 
     width: int
