@@ -33,6 +33,10 @@ resets the high-water mark; ``-`` where that is unavailable).
         [--rank 16] [--batch 1] [--width-div 2] [--checkpoint FILE] [--repeats 3]
         [--node-gradient-checkpointing both|off|on]
     python benchmarks/train_lora.py --reference diffusers [--res 256] [--width-div 4]
+    python benchmarks/train_lora.py --processes 2 [--batch 4] [--res 128] [--threads 2] [--device cuda]
+
+``--processes N`` measures data-parallel scaling instead (``training/distributed.py``): the trainer's step with
+the gradient all-reduce, 1 process vs N processes on the same global batch, speed-up and scaling efficiency.
 
 Prints a table with both figures, the ratios, the machine and its load average. Speed is never asserted in tests.
 """
@@ -409,6 +413,119 @@ def _median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+# ------------------------------------------------------------------------------------------------------------
+# --processes N: data-parallel scaling (training/distributed.py), 1 process vs N on the same global batch
+# ------------------------------------------------------------------------------------------------------------
+
+def _dp_worker(rank: int, world: int, port: int, a: dict, q) -> None:
+    """One process of the scaling run: the trainer's inner step (``diffusion_loss``, backward, the gradient
+    all-reduce of :meth:`DataParallel.sync_step`, clipping, AdamW) on ``--batch / world`` images; rank 0 reports
+    the per-step wall times (every process steps in lockstep: the all-reduce is a barrier)."""
+    threads = max(1, a["threads"] // world)  # the same cores in total for every row
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    from conceptlab.training.diffusers_host import DiffusersHost
+    from conceptlab.training.distributed import DataParallel
+    from conceptlab.training.lora import LoRANetwork
+    from conceptlab.training.trainer import TrainConfig, build_optimizer, diffusion_loss
+
+    dp = DataParallel.from_environment(a["device"]) if world > 1 else None
+    dev = dp.device if dp is not None else torch.device(a["device"])
+    host = DiffusersHost(_unet(a["width_div"]).to(dev), None, None, None, device=dev)
+    net = LoRANetwork.create(host, network_dim=a["rank"], network_alpha=a["rank"], seed=0)
+    net.install(host)
+    net.to(dev)
+    cfg = TrainConfig().validate()
+    params = [p for g in net.parameter_groups().values() for p in g]
+    opt = build_optimizer("AdamW", [{"params": params, "lr": 1e-4}], 1e-4, (), dev)
+    per, h = a["batch"] // world, a["res"] // 8
+    gen = torch.Generator().manual_seed(rank)
+    lat = torch.randn(per, 4, h, h, generator=gen)
+    cond = torch.randn(per, 77, 768, generator=gen).to(dev)
+
+    def step():
+        with torch.set_grad_enabled(True):
+            loss = diffusion_loss(host, lat, cond, cfg, gen)
+        loss.backward()
+        if dp is not None:
+            dp.sync_step(params, [float(loss.detach())])
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    times = []
+    for _ in range(a["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        q.put({"processes": world, "step_s": times, "threads_per_process": torch.get_num_threads(),
+               "device": str(dev), "lora_params": sum(p.numel() for p in params)})
+
+
+def _run_processes(world: int, a: dict) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_dp_worker, args=(r, world, port, a, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        while True:
+            try:
+                return q.get(timeout=5)
+            except Exception:  # noqa: BLE001 - queue.Empty: check the workers are alive
+                dead = [p for p in procs if not p.is_alive() and p.exitcode]
+                if dead:
+                    raise RuntimeError(f"a scaling worker died (exit code {dead[0].exitcode})") from None
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+
+
+def processes_benchmark(a: dict) -> int:
+    """``--processes N``: steps/s of the data-parallel trainer step with 1 and with N processes on the same global
+    batch (``--batch``, split evenly), the speed-up and the scaling efficiency (speed-up / N; 1.0 = linear).
+
+    CPU: every row uses ``--threads`` cores in total (``threads / N`` per process, gloo all-reduce). GPU
+    (``--device cuda``): one GPU per process (``cuda:<rank>``), NCCL; needs N visible GPUs."""
+    n = a["processes"]
+    if a["batch"] % n:
+        raise SystemExit(f"--batch {a['batch']} must be divisible by --processes {n} (the same global batch)")
+    if a["device"].startswith("cuda") and torch.cuda.device_count() < n:
+        raise SystemExit(f"--device cuda --processes {n} needs {n} GPUs; {torch.cuda.device_count()} visible")
+    rows: dict[int, list[float]] = {1: [], n: []}
+    info = {}
+    for _ in range(a["repeats"]):  # interleaved: a machine whose load drifts affects both rows alike
+        for world in (1, n):
+            r = _run_processes(world, a)
+            rows[world] += r["step_s"]
+            info[world] = r
+    sps = {w: 1.0 / _median(t) for w, t in rows.items()}
+    speedup = sps[n] / sps[1]
+    print(f"SD1.5-shaped diffusers UNet (channels /{a['width_div']}), {a['res']} px, rank {a['rank']}, global batch "
+          f"{a['batch']}, AdamW, fp32, {a['device']}; {a['threads']} threads in total per row; 1 warm-up + "
+          f"{a['steps']} timed steps per run, {a['repeats']} interleaved runs; steps/s = 1 / median step time")
+    print(f"machine: {_machine()}")
+    print(f"{'processes':<12}{'batch/proc':>11}{'threads/proc':>14}{'steps/s':>10}{'images/s':>10}")
+    for w in (1, n):
+        print(f"{w:<12}{a['batch'] // w:>11}{info[w]['threads_per_process']:>14}{sps[w]:>10.3f}"
+              f"{sps[w] * a['batch']:>10.2f}")
+    print(f"speed-up {n} processes / 1 process: {speedup:.2f}x; scaling efficiency {speedup / n:.0%} "
+          f"(linear = 100%)")
+    print(json.dumps({"args": a, "steps_per_s": sps, "speedup": speedup, "efficiency": speedup / n,
+                      "step_s": rows, "lora_params": info[1]["lora_params"]}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", choices=("auto", "comfyui", "diffusers"), default="auto",
@@ -436,7 +553,17 @@ def main(argv=None) -> int:
                          "pooled + size conditioning; TrainLoraNode gets the same CONDITIONING with pooled_output)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="data-parallel scaling instead of the reference comparison: steps/s of 1 vs N processes "
+                         "on the same global batch (--batch, default 4 here), with the scaling efficiency")
     a = vars(ap.parse_args(argv))
+    if a["processes"]:
+        if a["processes"] < 2:
+            ap.error("--processes needs at least 2")
+        a["res"] = a["res"] or 128
+        a["width_div"] = a["width_div"] or 4
+        a["batch"] = a["batch"] if a["batch"] > 1 else 2 * a["processes"]
+        return processes_benchmark(a)
     comfy = a["reference"] == "comfyui" or (a["reference"] == "auto" and _comfy_available())
     if a["reference"] == "comfyui" and not _comfy_available():
         ap.error("--reference comfyui needs COMFYUI_PATH pointing at a ComfyUI checkout importable by this python")
