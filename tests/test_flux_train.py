@@ -4,6 +4,7 @@ guarantees (loss falls, resume equivalence, metadata, samples)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def test_flux_training_loss_falls_files_and_metadata(dawnlike_dir, tmp_path, cap
     cfg = cfg_for(tmp_path / "out", max_train_epochs=4, learning_rate=1e-2, network_dim=8, network_alpha=8,
                   train_batch_size=4, network_train_unet_only=False, text_encoder_lr=1e-3, model_prediction_type="raw",
                   timestep_sampling="sigmoid", sample_prompts="dawnlike, pixel art --g 2.5 --s 2", sample_steps=2,
-                  sample_every_n_epochs=4, sample_width=32, sample_height=32, save_state=False)
+                  sample_every_n_epochs=4, sample_width=32, sample_height=32, save_state=False,
+                  sample_grid_cells="native")
 
     def fixed_loss():
         sig = torch.tensor([0.2, 0.4, 0.6, 0.8])
@@ -160,14 +162,25 @@ def test_flux_training_loss_falls_files_and_metadata(dawnlike_dir, tmp_path, cap
             return float(diffusion_loss(host, lat, cond, cfg, torch.Generator().manual_seed(0), timesteps=sig))
 
     before = fixed_loss()
+    calls = []
+    orig_sample = host.sample
+
+    @functools.wraps(orig_sample)  # keeps the signature the trainer inspects (guidance=)
+    def spy(prompts, negative="", **kw):
+        calls.append(kw)
+        return orig_sample(prompts, negative, **kw)
+    host.sample = spy
     res = LoraTrainer(host, ds, cfg).run()
     assert host.installed_deltas() == {}
     res.network.install(host)
     after = fixed_loss()
     res.network.remove()
     assert after < 0.93 * before, (before, after)  # measured 0.89 (8 steps on CPU)
-    assert res.history[-1].get("sample_paths") or res.history[-1].get("samples") or any(
-        p.suffix == ".png" for p in (tmp_path / "out").rglob("*.png"))
+    # per-epoch samples with Flux settings: the prompt's --g as the guidance embedding, kohya's Flux cfg 1, --s steps
+    assert [(c["guidance"], c["cfg"], c["steps"], c["width"]) for c in calls] == [(2.5, 1.0, 2, 32)]
+    rec = res.history[-1]
+    assert len(rec["samples"]) == 1 and (tmp_path / "out" / rec["samples"][0]).is_file()
+    assert "effective_colors" in rec  # palette metrics of the samples
     md = read_metadata(res.final_path)
     assert md["ss_base_model_version"] == "flux1" and md["modelspec.architecture"] == "flux-1-dev/lora"
     assert md["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
