@@ -253,3 +253,54 @@ def test_flux_resume_reproduces_the_uninterrupted_run(dawnlike_dir, tmp_path):
     a, b = full.network.kohya_state_dict(), resumed.network.kohya_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.step_losses == full.step_losses
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("KOHYA_SD_SCRIPTS"),
+                    reason="kohya tier: set KOHYA_SD_SCRIPTS to a kohya-ss/sd-scripts checkout to run")
+def test_network_names_equal_kohya_create_network(host):
+    """kohya's own networks/lora_flux.py create_network, on kohya's Flux class at the tiny model's widths and on our
+    T5 encoder (train_t5xxl), names exactly the modules our Flux network trains (transformer and lora_te3_). CLIP-L
+    names are not compared: transformers 5 drops CLIPTextModel's ``text_model.`` level that kohya's names keep."""
+    import os
+    import sys
+    import types
+
+    class _Stub(types.ModuleType):  # kohya's library.utils imports torchvision / cv2 for image code unused here
+        def __getattr__(self, n):
+            if n.startswith("__"):
+                raise AttributeError(n)
+            return _Stub(f"{self.__name__}.{n}")
+
+        def __call__(self, *a, **k):
+            return None
+
+    stubbed = []
+    try:
+        for m in ("torchvision", "torchvision.transforms", "cv2", "imagesize"):
+            if m in sys.modules:
+                continue
+            try:
+                __import__(m)
+            except ImportError:
+                sys.modules[m] = _Stub(m)
+                stubbed.append(m)
+        sys.path.insert(0, os.environ["KOHYA_SD_SCRIPTS"])
+        from library import flux_models
+        from networks import lora_flux
+    finally:
+        for m in stubbed:
+            sys.modules.pop(m, None)
+    params = flux_models.FluxParams(in_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=16, mlp_ratio=4.0,
+                                    num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[2, 2, 4], theta=10000,
+                                    qkv_bias=True, guidance_embed=True)
+    flux = flux_models.Flux(params)
+    for args in ([], ["train_blocks=single", "train_single_block_indices=1"],
+                 ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0", "img_attn_dim=8"],
+                 ["in_dims=[2,0,0,0,3]"], ["train_t5xxl=True"]):
+        kw = dict(a.split("=", 1) for a in args)
+        knet = lora_flux.create_network(1.0, 4, 1.0, None, [None, host.t5], flux, **kw)
+        theirs = {lo.lora_name: lo.lora_dim for lo in knet.unet_loras + knet.text_encoder_loras}
+        c = cfg_for(Path("."), network_args=args).validate()
+        ours = build_network_and_groups(host, c, train_te="train_t5xxl=True" in args)[0]
+        mine = {n: d.dim for n, d in ours.loras.items() if not n.startswith("lora_te1_")}
+        assert mine == theirs, args
