@@ -84,6 +84,11 @@ def run(args) -> int:
     from .esd_outputs import loss_plot, save_outputs
     from .model_loading import load_host
 
+    from .distributed import refuse_multi_process
+
+    # why ESD is not data-parallel: the training/distributed.py module docstring ("ESD ...")
+    refuse_multi_process("erase", "ESD takes one draw per iteration (batch 1, as the paper); spreading draws over "
+                         "processes would change the optimisation, not speed it up")
     cfg_path = Path(args.config)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"config {cfg_path} not found")

@@ -38,6 +38,7 @@ HONOURED: dict[str, str] = {
     "v_parameterization": "CLI: forces v-prediction",
     "output_dir": "LoRA files", "output_name": "file names", "logging_dir": "training states / tables",
     "save_precision": "file dtype", "save_every_n_epochs": "epoch files", "save_state": "training state",
+    "ddp_timeout": "CLI under accelerate launch: the process group's timeout in minutes (training/distributed.py)",
     "resume": "resume from a Concept Lab training state (-state.json)", "training_comment": "ss_training_comment",
     "save_model_as": "safetensors only (ckpt/pt are refused)", "no_metadata": "write no ss_* metadata",
     "metadata_title": "modelspec.title", "metadata_author": "modelspec.author",
@@ -111,8 +112,9 @@ NO_EFFECT: dict[str, str] = {
     **{k: "logging goes to the console and the epoch table" for k in (
         "log_with", "log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_api_key",
         "wandb_run_name", "console_log_level", "console_log_file", "console_log_simple")},
-    **{k: "single-process training: distributed/compile settings do not apply" for k in (
-        "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
+    **{k: "no DDP wrapper or compiler: multi-process runs all-reduce the LoRA gradients themselves "
+          "(training/distributed.py)" for k in (
+        "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
         "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
         "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients")},
     "no_half_vae": "the VAE always runs in fp32 here",

@@ -27,11 +27,18 @@ stores the frozen transformer weights quantized (``training/quantize.py``).
 
 Prediction type: detected (safetensors metadata; for SD 2.x ComfyUI's 768-v heuristic), else epsilon. Force it
 with ``--prediction-type v_prediction`` or kohya's ``v_parameterization = true`` (SD 2.x 768-v models).
+
+Several GPUs or machines: ``accelerate launch [--multi_gpu] --num_processes N [--num_machines M --machine_rank R
+--main_process_ip IP] -m conceptlab train --config kohya.toml`` (``--cpu`` for CPU processes). Each process loads
+the model; ``train_batch_size`` is per process; the main process alone writes and prints. See
+:mod:`conceptlab.training.distributed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -159,15 +166,25 @@ def run(args, host=None) -> int:
     from .dataset_config import dataset_from_settings, uses_dataset_config
     from .kohya_args import check_settings, own_setting_names
 
+    from .distributed import DataParallel, apply_launcher_settings
+
     flat = load_config(args.config, args.overrides)
-    for w in check_settings(flat, own_keys=own_setting_names() | set(CLI_KEYS)):
-        print(f"conceptlab train: warning: {w}", file=sys.stderr)
+    # several processes started by `accelerate launch` / torchrun (None: one process, as always)
+    dp = DataParallel.from_environment(args.device or flat.get("device"), flat.get("ddp_timeout"))
+    main = dp is None or dp.is_main
+    if not main:  # the main process alone prints; the others report only their own errors
+        _quiet()
+    warnings = apply_launcher_settings(flat)  # accelerate launch --mixed_precision etc.
+    for w in warnings + check_settings(flat, own_keys=own_setting_names() | set(CLI_KEYS)):
+        if main:
+            print(f"conceptlab train: warning: {w}", file=sys.stderr)
     cfg, dopts, caps, _ = configs_from_mapping(flat)
     if "output_dir" not in flat:
         raise ValueError("output_dir is required")
     if flat.get("logging_dir") and not cfg.state_dir:
         cfg.state_dir = str(flat["logging_dir"])
-    device = args.device or flat.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(dp.device) if dp is not None else (args.device or flat.get("device")
+                                                     or ("cuda" if torch.cuda.is_available() else "cpu"))
     if uses_dataset_config(flat):
         dataset, batch = dataset_from_settings(flat, seed=cfg.seed, base_dir=Path(args.config).parent)
         if batch is not None:
@@ -178,7 +195,14 @@ def run(args, host=None) -> int:
             raise ValueError("train_data_dir is required (the folder holding <repeats>_<name> subfolders), or a "
                              "dataset_config / [[datasets]]")
         dataset = KohyaDataset.scan(data_dir, dopts, caps, seed=cfg.seed)
-    print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
+    if main:
+        print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
+    if dp is not None and main:
+        from .distributed import total_batch_size
+
+        print(f"{dp.world} processes on {dp.device.type}: train_batch_size {cfg.train_batch_size} per process, "
+              f"total batch per optimizer step {total_batch_size(cfg, dp.world)} (train_batch_size × processes × "
+              f"gradient_accumulation_steps)", file=sys.stderr)
     if host is None:
         model = flat.get("pretrained_model_name_or_path")
         if not model:
@@ -193,14 +217,16 @@ def run(args, host=None) -> int:
             pred = "v_prediction"
         tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
         flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base") if flat.get(k)}
-        host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
-                         prediction_type=pred, **({"flux": flux} if flux else {}))
+        with contextlib.redirect_stderr(io.StringIO()) if not main else contextlib.nullcontext():
+            host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
+                             prediction_type=pred, **({"flux": flux} if flux else {}))
     if flat.get("v2") and getattr(host, "arch", None) not in (None, "sd2"):
         raise ValueError(f"v2 = true but the model is {host.arch} (v2 means a Stable Diffusion 2.x model)")
     trainer = LoraTrainer(host, dataset, cfg, model_name=Path(str(flat.get("pretrained_model_name_or_path", "")))
-                          .name, **_model_hashes(flat.get("pretrained_model_name_or_path")))
+                          .name, **_model_hashes(flat.get("pretrained_model_name_or_path")) if main else {})
+    trainer.dist = dp
     _, max_steps, _ = trainer.schedule()
-    bar = tqdm(total=max_steps, desc="steps", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = tqdm(total=max_steps, desc="steps", file=sys.stderr, disable=not (main and sys.stderr.isatty()))
 
     def progress(step, total, info):
         bar.n = step
@@ -212,7 +238,7 @@ def run(args, host=None) -> int:
                         if k not in ("samples",))
         tqdm.write(f"epoch {record['epoch']}: {msg}", file=sys.stderr)
 
-    trainer.progress, trainer.on_epoch = progress, on_epoch
+    trainer.progress, trainer.on_epoch = (progress, on_epoch) if main else (None, None)
     try:
         res = trainer.run()
     finally:
@@ -224,9 +250,21 @@ def run(args, host=None) -> int:
                "epochs": res.epochs_done, "stopped_early": res.stopped_early,
                "epoch_table": str(res.table_path) if res.table_path else None,
                "files": {str(k): str(v) for k, v in res.epoch_files.items()}}
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(f"wrote {summary['final']}" + (f"; best epoch {res.best_epoch} ({res.best_metric}) -> "
                                              f"{summary['best']}" if res.best_path else ""))
     return 0
+
+
+def _quiet() -> None:
+    """Silence the informational output of a non-main process of a multi-process run (warnings and progress are
+    the main process's; errors still reach stderr through the CLI's own error handling)."""
+    import logging
+
+    logging.getLogger(__name__.split(".")[0]).setLevel(logging.ERROR)
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
