@@ -29,7 +29,8 @@ Prediction type: detected (safetensors metadata; for SD 2.x ComfyUI's 768-v heur
 with ``--prediction-type v_prediction`` or kohya's ``v_parameterization = true`` (SD 2.x 768-v models).
 
 Several GPUs or machines: ``accelerate launch [--multi_gpu] --num_processes N [--num_machines M --machine_rank R
---main_process_ip IP] -m conceptlab train --config kohya.toml`` (``--cpu`` for CPU processes). Each process loads
+--main_process_ip IP] -m conceptlab train --config kohya.toml`` (CPU processes: ``--multi_gpu`` with
+``--device cpu``; accelerate's ``--cpu`` launcher starts one process). Each process loads
 the model; ``train_batch_size`` is per process; the main process alone writes and prints. See
 :mod:`conceptlab.training.distributed`.
 """
