@@ -240,7 +240,7 @@ def test_compute_heavy_methods_spread_keys_over_workers_with_the_same_bits(tmp_p
     assert names == {"merge-compute"}
     ref = MF.merge_state_dicts(sds[0], sds[1], c=sds[2], method=method)[0]
     got = load_file(out)
-    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
 
     def boom(*args, **kw):
         raise RuntimeError("worker failed")
