@@ -82,6 +82,33 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+#: jobs are handed between the threads in batches of about this many bytes (one large tensor is a batch of its
+#: own): every hand-over wakes a thread, and on a busy machine each wake-up waits for a time slice, so 200 small
+#: tensors handed over one by one cost seconds (benchmarks/merge.py at load 14: 3.5 s → see README)
+BATCH_BYTES = 16 << 20
+
+
+def _batches(jobs) -> list[list]:
+    """``jobs`` in order, grouped into runs of about :data:`BATCH_BYTES` (by ``job.shape`` × ``job.out_dtype``)."""
+    out: list[list] = []
+    cur: list = []
+    size = 0
+    for job in jobs:
+        shape, dt = getattr(job, "shape", None), getattr(job, "out_dtype", None)
+        n = 1
+        for d in shape or ():
+            n *= int(d)
+        nb = n * (dt.itemsize if isinstance(dt, torch.dtype) else 4)
+        if cur and size + nb > BATCH_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(job)
+        size += nb
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _pipeline(jobs, readers, compute, write, progress, depth: int = 3, workers: int = 1) -> None:
     """One reader thread per input → compute (``workers`` threads) → write (thread), each ``depth`` tensors ahead.
 
@@ -93,8 +120,10 @@ def _pipeline(jobs, readers, compute, write, progress, depth: int = 3, workers: 
     on a thread pool (torch releases the GIL); results are written in job order whatever order they finish in.
     ``compute`` must then be safe to call from several threads. Any exception in a stage stops the others and
     is re-raised here (the caller's writer then removes its temporary file); ``progress(done, total)`` runs on
-    the calling thread after each key is handed to the writer and may raise to cancel.
+    the calling thread after each key is handed to the writer and may raise to cancel. Jobs travel between the
+    threads in batches (:func:`_batches`); each job is still read, computed and written on its own.
     """
+    batches = _batches(jobs)
     stop = threading.Event()
     errors: list[BaseException] = []
     q_ins = [queue.Queue(maxsize=depth) for _ in readers]
@@ -119,8 +148,8 @@ def _pipeline(jobs, readers, compute, write, progress, depth: int = 3, workers: 
 
     def reader(read, finish, q):
         try:
-            for job in jobs:
-                if not put(q, read(job)):
+            for batch in batches:
+                if not put(q, [read(job) for job in batch]):
                     return
             if finish is not None:
                 finish()
@@ -134,7 +163,9 @@ def _pipeline(jobs, readers, compute, write, progress, depth: int = 3, workers: 
                 item = get(q_out)
                 if item is _DONE:
                     return
-                write(*item)
+                for key, tensor in item:
+                    write(key, tensor)
+                del item
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
             stop.set()
@@ -144,29 +175,35 @@ def _pipeline(jobs, readers, compute, write, progress, depth: int = 3, workers: 
     for t in threads:
         t.start()
     pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="merge-compute") if workers > 1 else None
-    pending: collections.deque = collections.deque()  # (key, future or result), in job order
+    pending: collections.deque = collections.deque()  # (batch, future or results), in job order
     total, done = len(jobs), 0
+
+    def compute_batch(batch, tensors):
+        return [(job.key, compute(job, ts)) for job, ts in zip(batch, tensors)]
 
     def hand_over() -> bool:
         nonlocal done
-        key, res = pending.popleft()
+        batch, res = pending.popleft()
         out = res.result() if pool is not None else res
-        if not put(q_out, (key, out)):
+        if not put(q_out, out):
             return False
-        done += 1
-        if progress is not None:
-            progress(done, total)
+        for _ in batch:
+            done += 1
+            if progress is not None:
+                progress(done, total)
         return True
 
     try:
         ok = True
-        for job in jobs:
-            tensors = [get(q) for q in q_ins]
-            if any(t is _DONE for t in tensors):
+        for batch in batches:
+            per_input = [get(q) for q in q_ins]
+            if any(t is _DONE for t in per_input):
                 ok = False
                 break
-            pending.append((job.key, pool.submit(compute, job, tensors) if pool is not None
-                            else compute(job, tensors)))
+            tensors = list(zip(*per_input))  # per job: (t_0, t_1, …)
+            del per_input
+            pending.append((batch, pool.submit(compute_batch, batch, tensors) if pool is not None
+                            else compute_batch(batch, tensors)))
             del tensors
             while ok and len(pending) > (int(workers) if pool is not None else 0):  # one queued per pool
                 ok = hand_over()
