@@ -541,7 +541,7 @@ def model_hashes(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------------
-_KOHYA_NAME = re.compile(r"^lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+$")
+_KOHYA_NAME = re.compile(r"^lora_(?:unet|te|te1|te2|te3)_[A-Za-z0-9_]+$")  # te3: Flux T5-XXL (kohya lora_flux.py)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -556,7 +556,7 @@ def save_kohya_lora(path: str | os.PathLike, modules: Mapping[str, tuple[torch.T
 
     Args:
         path: destination ``.safetensors``.
-        modules: kohya name (``lora_unet_...`` / ``lora_te_...`` / ``lora_te1_`` / ``lora_te2_``) ->
+        modules: kohya name (``lora_unet_...`` / ``lora_te_...`` / ``lora_te1_`` / ``lora_te2_`` / Flux T5 ``lora_te3_``) ->
             ``(lora_down [r, in] or [r, in, kh, kw], lora_up [out, r] or [out, r, 1, 1], alpha)``.
             ΔW = up @ down × alpha / r.
         metadata: ``ss_*`` / ``modelspec.*`` / other entries, kept (non-strings JSON-encoded);
@@ -575,7 +575,7 @@ def save_kohya_lora(path: str | os.PathLike, modules: Mapping[str, tuple[torch.T
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in modules.items():
         if not _KOHYA_NAME.match(name):
-            raise LoraFormatError(f"{name!r} is not a kohya LoRA module name (lora_unet_/lora_te_/lora_te1_/lora_te2_)")
+            raise LoraFormatError(f"{name!r} is not a kohya LoRA module name (lora_unet_/lora_te_/lora_te1_/lora_te2_/lora_te3_)")
         try:
             down, up, alpha = spec
         except (TypeError, ValueError):

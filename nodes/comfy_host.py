@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..training.conditioning import Conditioning
@@ -180,7 +181,13 @@ _TE_PREFIX = {
     "sd1": {"te": "clip_l.transformer."},
     "sd2": {"te": "clip_h.transformer."},
     "sdxl": {"te1": "clip_l.transformer.", "te2": "clip_g.transformer."},
+    "flux": {"te1": "clip_l.transformer.", "t5": "t5xxl.transformer."},
 }
+
+#: first path segment of each text-encoder component's canonical module paths (training/host.py): CLIP models
+#: ``text_model.encoder.layers.N…`` (transformers CLIPTextModel), T5 ``encoder.block.N…`` (T5EncoderModel; ComfyUI's
+#: ``comfy/text_encoders/t5.py`` uses the same module names)
+_TE_ROOT = {"t5": "encoder."}
 
 
 def _strip_attr(key: str) -> tuple[str, str]:
@@ -226,6 +233,13 @@ def model_key(component: str, path: str, attr: str = "weight", *, arch: str = "s
     """
     if attr not in ("weight", "bias"):
         raise ValueError(f"attr must be 'weight' or 'bias', got {attr!r}")
+    if component == "unet" and arch == "flux":
+        # ComfyUI's Flux module tree is BFL's, which is the canonical Flux naming (training/host.py)
+        from ..formats.flux_keys import BFL_ROOTS
+
+        if path.split(".", 1)[0] not in BFL_ROOTS or path.endswith((".weight", ".bias")):
+            raise ValueError(f"{path!r} is not a BFL Flux module path (double_blocks.N..., single_blocks.N..., img_in...)")
+        return f"diffusion_model.{path}.{attr}"
     if component == "unet":
         if unet_config is not None:
             d2l = unet_module_maps(unet_config)[0]
@@ -244,9 +258,19 @@ def model_key(component: str, path: str, attr: str = "weight", *, arch: str = "s
     if component not in prefixes:
         raise ValueError(f"component {component!r} does not exist for {arch}; expected one of "
                          f"{['unet', *prefixes]}")
-    if not path.startswith("text_model."):
-        raise ValueError(f"text-encoder paths start with 'text_model.', got {path!r}")
+    root = _TE_ROOT.get(component, "text_model.")
+    if not path.startswith(root):
+        raise ValueError(f"{component} paths start with {root!r}, got {path!r}")
     return f"{prefixes[component]}{path}.{attr}"
+
+
+def _is_flux(base_model) -> bool:
+    """True for ComfyUI's Flux.1 models (``comfy.model_base.Flux`` from ``supported_models.Flux`` / ``FluxSchnell``
+    / ``FluxInpaint``; Kontext loads as the same class). Chroma and Flux.2 are other classes and stay refused."""
+    import comfy.model_base
+
+    names = {c.__name__ for c in type(base_model.model_config).__mro__}
+    return type(base_model) is comfy.model_base.Flux and "Flux" in names
 
 
 def _arch_of(base_model) -> str:
@@ -255,6 +279,8 @@ def _arch_of(base_model) -> str:
     Raises ``ValueError`` for the SDXL refiner (aesthetic-score conditioning; no kohya LoRA or ESD targets it).
     """
     names = {c.__name__ for c in type(base_model.model_config).__mro__}
+    if _is_flux(base_model):
+        return "flux"
     if "SDXLRefiner" in names:
         raise ValueError("this MODEL is the SDXL refiner: Concept Lab trains and erases SDXL base models (SDXL 1.0, "
                          "Illustrious, NoobAI, Pony), not the refiner (its conditioning is an aesthetic score)")
@@ -276,12 +302,15 @@ def _te_prefixes(clip) -> dict[str, str]:
         tr = getattr(child, "transformer", None)
         if tr is not None and hasattr(tr, "text_model"):
             found.append(name)
+    t5 = getattr(getattr(csm, "t5xxl", None), "transformer", None)
+    if found == ["clip_l"] and t5 is not None and hasattr(t5, "encoder"):  # comfy/text_encoders/flux.py FluxClipModel
+        return dict(_TE_PREFIX["flux"])
     if len(found) == 1:
         return {"te": f"{found[0]}.transformer."}
     if set(found) == {"clip_l", "clip_g"}:
         return {"te1": "clip_l.transformer.", "te2": "clip_g.transformer."}
     raise ValueError(f"unsupported text encoder layout {found or list(dict(csm.named_children()))} "
-                     "(expected SD1/SD2 clip or SDXL clip_l + clip_g)")
+                     "(expected SD1/SD2 clip, SDXL clip_l + clip_g or Flux clip_l + t5xxl)")
 
 
 def _is_loaded(patcher) -> bool:
@@ -355,6 +384,42 @@ def _clone_input_hook(module, args):
     return None
 
 
+#: norms whose input ComfyUI's code later changes in place (``x += ...``): per module class, the attribute names.
+#: ``comfy/clip_model.py`` CLIPLayer; ``comfy/text_encoders/t5.py`` T5LayerSelfAttention / T5LayerFF
+#: (``x += output`` after ``layer_norm(x)``); ``comfy/ldm/flux/layers.py`` DoubleStreamBlock (``txt += ...`` after
+#: ``txt_norm1`` / ``txt_norm2``) and SingleStreamBlock (``x += ...`` after ``pre_norm``).
+_INPLACE_NORMS = {"CLIPLayer": ("layer_norm1", "layer_norm2"), "T5LayerSelfAttention": ("layer_norm",),
+                  "T5LayerFF": ("layer_norm",), "DoubleStreamBlock": ("txt_norm1", "txt_norm2"),
+                  "SingleStreamBlock": ("pre_norm",)}
+
+
+def _inplace_norms(module) -> list:
+    """The norm submodules of ``module`` that need :func:`_clone_input_hook` (see :data:`_INPLACE_NORMS`)."""
+    names = _INPLACE_NORMS.get(type(module).__name__, ())
+    return [m for m in (getattr(module, n, None) for n in names) if m is not None]
+
+
+def _checkpoint_block_copying_inputs(m: nn.Module) -> None:
+    """Run ``m.forward`` under ``torch.utils.checkpoint`` (non-reentrant), like ComfyUI's ``nodes_train.patch``
+    (same ``org_forward`` attribute, so ``nodes_train.unpatch`` undoes it), but hand the block a fresh copy of its
+    tensor inputs on every run (forward and the recomputation in backward). Needed for blocks that update their
+    inputs in place: checkpointing keeps references to the inputs, not copies, so the recomputation would
+    otherwise see the in-place-updated values. Copies of the stream inputs (``img``/``txt``/``x``) only."""
+    org_forward = m.forward
+
+    def fwd(args, kwargs):
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: (v.clone() if k in ("img", "txt", "x") and isinstance(v, torch.Tensor) else v)
+                  for k, v in kwargs.items()}
+        return org_forward(*args, **kwargs)
+
+    def checkpointing_fwd(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(fwd, args, kwargs, use_reentrant=False)
+
+    m.org_forward = org_forward
+    m.forward = checkpointing_fwd
+
+
 def _to_normal(t: torch.Tensor) -> torch.Tensor:
     """A tensor usable by autograd: inference tensors are cloned (call inside ``inference_mode(False)``)."""
     return t.clone() if t.is_inference() else t
@@ -364,7 +429,8 @@ class ComfyHost(DiffusionHost):
     """:class:`~conceptlab.training.host.DiffusionHost` over ComfyUI's MODEL / CLIP / VAE objects.
 
     Args:
-        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x, SDXL base; not the refiner).
+        model: a ComfyUI ``ModelPatcher`` (MODEL) of a UNet family (SD1.x, SD2.x, SDXL base; not the refiner) or
+            Flux.1 (``model_base.Flux``: dev, schnell; any weight dtype, fp8 included).
             The host works on ``model.clone()``: the input patcher and its patches are never changed.
         clip: optional ComfyUI ``CLIP`` (cloned too); needed by :meth:`encode_prompts`, :meth:`sample`, and
             text-encoder deltas.
@@ -380,8 +446,12 @@ class ComfyHost(DiffusionHost):
     from ComfyUI's discrete ``model_sampling.sigmas`` (σ_t = sqrt((1−ᾱ_t)/ᾱ_t), Karras et al. 2022 §C.1).
     Call :meth:`close` when done (or use the host as a context manager).
 
-    Raises ``ValueError`` for non-UNet models, non-discrete (EDM / flow) sampling, the SDXL refiner, or a CLIP
-    whose text encoders are not the model family's.
+    Flux (``prediction_type = "flow"``, :attr:`flow` True) follows the flow conventions of training/host.py:
+    σ timesteps through the model's own CONST ``model_sampling``, BFL module paths (ComfyUI's own tree),
+    components ``unet``, ``te1`` (CLIP-L) and ``t5`` (T5-XXL), ``alphas_cumprod`` empty.
+
+    Raises ``ValueError`` for other models (EDM, SD3, Chroma, video DiTs ...), non-discrete sampling on a UNet,
+    the SDXL refiner, or a CLIP whose text encoders are not the model family's.
     """
 
     def __init__(self, model, clip=None, vae=None):
@@ -395,25 +465,42 @@ class ComfyHost(DiffusionHost):
                                     if self.clip is not None else {})
         base = self.patcher.model
         self.arch = _arch_of(base)
-        self._d2l, self._l2d = unet_module_maps(base.model_config.unet_config)
+        self.flow = family(self.arch).objective == "flow" if self.arch != "unknown" else False
+        if self.flow:
+            # ComfyUI's Flux module tree is BFL's own, which is the canonical naming of the flow families
+            # (training/host.py): every Linear of the diffusion model under its own path
+            dm = base.diffusion_model
+            paths = [n for n, m in dm.named_modules() if isinstance(m, nn.Linear) and n]
+            self._d2l = {p: p for p in paths}
+            self._l2d = dict(self._d2l)
+        else:
+            self._d2l, self._l2d = unet_module_maps(base.model_config.unet_config)
         self._te = _te_prefixes(self.clip) if self.clip is not None else {}
-        if self.clip is not None and self.arch in ("sd1", "sd2", "sdxl"):
+        if self.clip is not None and self.arch != "unknown":
             want = family(self.arch).text_encoders
             if tuple(sorted(self._te)) != tuple(sorted(want)):
                 raise ValueError(f"the CLIP has text encoder(s) {sorted(self._te)} but this {self.arch.upper()} "
-                                 f"MODEL needs {list(want)}: load the CLIP from the same checkpoint as the model")
+                                 f"MODEL needs {list(want)}: load the CLIP from the same checkpoint as the model"
+                                 + (" (Flux: DualCLIPLoader type flux with clip_l and t5xxl)" if self.flow else ""))
 
         ms = self.patcher.get_model_object("model_sampling")
-        if not isinstance(ms, cms.ModelSamplingDiscrete) or isinstance(ms, cms.ModelSamplingDiscreteEDM):
-            msg = f"{type(ms).__name__}: only discrete DDPM-schedule models (SD1.x/SD2.x/SDXL) are supported"
-            raise ValueError(msg)  # noqa: TRY004 - an unsupported model, not a wrong argument type
-        if isinstance(ms, cms.V_PREDICTION):
-            self.prediction_type = "v_prediction"
-        elif isinstance(ms, cms.EPS) and not isinstance(ms, (cms.X0, cms.CONST)):
-            self.prediction_type = "epsilon"
+        if self.flow:
+            if not isinstance(ms, cms.CONST):
+                raise ValueError(f"{type(ms).__name__}: a Flux model must use flow (CONST) model sampling")  # noqa: TRY004
+            self.prediction_type = "flow"
+            # unused by flow families (timesteps are sigmas, training/host.py); an empty table, never a wrong one
+            self.alphas_cumprod = torch.zeros(0)
         else:
-            raise ValueError(f"unsupported prediction type {type(ms).__mro__[1].__name__}")  # noqa: TRY004
-        self._set_alphas_from(ms)
+            if not isinstance(ms, cms.ModelSamplingDiscrete) or isinstance(ms, cms.ModelSamplingDiscreteEDM):
+                msg = f"{type(ms).__name__}: only discrete DDPM-schedule models (SD1.x/SD2.x/SDXL) and Flux are supported"
+                raise ValueError(msg)  # noqa: TRY004 - an unsupported model, not a wrong argument type
+            if isinstance(ms, cms.V_PREDICTION):
+                self.prediction_type = "v_prediction"
+            elif isinstance(ms, cms.EPS) and not isinstance(ms, (cms.X0, cms.CONST)):
+                self.prediction_type = "epsilon"
+            else:
+                raise ValueError(f"unsupported prediction type {type(ms).__mro__[1].__name__}")  # noqa: TRY004
+            self._set_alphas_from(ms)
 
         self.device = torch.device(self.patcher.load_device)
         self.dtype = base.manual_cast_dtype or base.get_dtype()
@@ -421,6 +508,7 @@ class ComfyHost(DiffusionHost):
         self.vae_scale = int(getattr(vae, "downscale_ratio", 8)) if vae is not None else 8
         self._deltas: dict[tuple[str, str, str], DeltaModule] = {}
         self._hooks: list = []
+        self._unet_hooks: list = []
 
     def _set_alphas_from(self, ms) -> None:
         with torch.inference_mode(False):  # usable by training code outside inference mode
@@ -448,6 +536,10 @@ class ComfyHost(DiffusionHost):
                 msgs.append("clip_skip has no effect on SDXL (kohya's SDXL trainer always uses the penultimate "
                             "layers of both text encoders)")
                 self.clip_skip = None
+            elif self.flow:
+                msgs.append("clip_skip has no effect on Flux (it reads CLIP-L's pooled output and T5's last layer, "
+                            "as kohya's flux_train_network.py does)")
+                self.clip_skip = None
             elif self.clip is not None:
                 self.clip.clip_layer(-self.clip_skip)
         return msgs
@@ -459,10 +551,21 @@ class ComfyHost(DiffusionHost):
 
         ComfyUI's zero-terminal-SNR table (``rescale_zero_terminal_snr_sigmas``) keeps the last ᾱ at 4.897e-8
         instead of kohya's exact 0 (σ must stay finite); the schedules agree elsewhere. Raises ``ValueError`` for
-        an unknown prediction type.
+        an unknown prediction type. Flow models (Flux) keep their own ``model_sampling``: ``None``/``"flow"`` with no
+        zero-terminal-SNR is accepted unchanged, and ε / v or zero-terminal SNR are refused by name
+        (``ValueError``).
         """
         import comfy.model_sampling as cms
 
+        if self.flow:
+            if prediction_type not in (None, "flow"):
+                raise ValueError(f"prediction_type {prediction_type!r} does not apply to {self.arch}: it is a "
+                                 "rectified-flow model (velocity prediction); remove v_parameterization / "
+                                 "prediction_type from the settings")
+            if zero_terminal_snr:
+                raise ValueError(f"zero_terminal_snr does not apply to {self.arch}: its flow schedule already ends "
+                                 "at pure noise (σ = 1)")
+            return
         if prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
         pred = prediction_type or self.prediction_type
@@ -501,13 +604,27 @@ class ComfyHost(DiffusionHost):
         """Turn activation (gradient) checkpointing of the diffusion model on or off, with ComfyUI's own helpers
         from ``comfy_extras/nodes_train.py`` (``find_all_highest_child_module_with_forward`` + ``patch`` /
         ``unpatch``: each top-level block's forward runs under ``torch.utils.checkpoint``), as ComfyUI's
-        TrainLoraNode does. The blocks belong to the shared model, so :meth:`close` always turns it off again."""
+        TrainLoraNode does. The blocks belong to the shared model, so :meth:`close` always turns it off again.
+
+        Flux: the checkpointed units are the transformer blocks (``double_blocks.N`` and ``single_blocks.N``, where
+        the activations are; kohya ``library/flux_models.py`` checkpoints the same units), not the small input
+        embedders that ComfyUI's helper would also wrap, and each block runs on a private copy of its stream inputs
+        (:func:`_checkpoint_block_copying_inputs`): ComfyUI's Flux blocks add residuals into their *input* tensors
+        in place (``txt += ...``, ``x += ...``), so with ComfyUI's plain ``patch`` the recomputation in backward
+        reads already-updated inputs and the gradients are wrong (measured: tests/test_comfy_host_flux.py)."""
         from comfy_extras import nodes_train
 
-        blocks = nodes_train.find_all_highest_child_module_with_forward(self.patcher.model.diffusion_model)
+        dm = self.patcher.model.diffusion_model
+        if self.flow:
+            blocks = [*dm.double_blocks, *dm.single_blocks]
+        else:
+            blocks = nodes_train.find_all_highest_child_module_with_forward(dm)
         for m in blocks:
             if on and not hasattr(m, "org_forward"):
-                nodes_train.patch(m)
+                if self.flow:
+                    _checkpoint_block_copying_inputs(m)
+                else:
+                    nodes_train.patch(m)
             elif not on:
                 nodes_train.unpatch(m)
 
@@ -533,12 +650,14 @@ class ComfyHost(DiffusionHost):
                 raise ValueError(f"{path!r} is not a UNet module path of this model")
             return f"diffusion_model.{self._d2l[path]}.{attr}"
         self._patcher_for(component)
-        if not path.startswith("text_model."):
-            raise ValueError(f"text-encoder paths start with 'text_model.', got {path!r}")
+        root = _TE_ROOT.get(component, "text_model.")
+        if not path.startswith(root):
+            raise ValueError(f"{component} paths start with {root!r}, got {path!r}")
         return f"{self._te[component]}{path}.{attr}"
 
     def modules(self, component: str) -> dict[str, nn.Module]:
-        """Leaf Linear/Conv2d modules keyed by canonical path: UNet diffusers paths, CLIP ``text_model.*``."""
+        """Leaf Linear/Conv2d modules keyed by canonical path: UNet diffusers paths (Flux: BFL paths such as
+        ``double_blocks.0.img_attn.qkv``), CLIP ``text_model.*``, T5 ``encoder.block.N.*``."""
         if component == "unet":
             dm = self.patcher.model.diffusion_model
             out = {}
@@ -548,9 +667,10 @@ class ComfyHost(DiffusionHost):
             return out
         self._patcher_for(component)
         prefix = self._te[component]
+        root = prefix + _TE_ROOT.get(component, "text_model.")
         out = {}
         for name, m in self.clip.cond_stage_model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and name.startswith(prefix + "text_model."):
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name.startswith(root):
                 out[name[len(prefix):]] = m
         return out
 
@@ -579,18 +699,21 @@ class ComfyHost(DiffusionHost):
         self._deltas[(component, path, attr)] = delta
         if component != "unet" and not self._hooks:
             for m in self.clip.cond_stage_model.modules():
-                if type(m).__name__ == "CLIPLayer":
-                    for ln in (getattr(m, "layer_norm1", None), getattr(m, "layer_norm2", None)):
-                        if ln is not None:
-                            self._hooks.append(ln.register_forward_pre_hook(_clone_input_hook))
+                for ln in _inplace_norms(m):
+                    self._hooks.append(ln.register_forward_pre_hook(_clone_input_hook))
+        if component == "unet" and self.flow and not self._unet_hooks:
+            for m in self.patcher.model.diffusion_model.modules():
+                for ln in _inplace_norms(m):
+                    self._unet_hooks.append(ln.register_forward_pre_hook(_clone_input_hook))
 
     def clear_deltas(self) -> None:
         """Remove every delta this host installed (from the patchers and from the loaded modules)."""
         import comfy.utils
 
-        for hnd in self._hooks:
+        for hnd in self._hooks + self._unet_hooks:
             hnd.remove()
         self._hooks.clear()
+        self._unet_hooks.clear()
         if not self._deltas:
             return
         ours = {id(d) for d in self._deltas.values()}
@@ -632,15 +755,25 @@ class ComfyHost(DiffusionHost):
         tokenizer and ``encode_from_tokens(..., return_pooled=True)`` (prompt weighting syntax works):
         ``context`` ``[B, 77·k, D]`` (k = 1 unless a prompt needs more 77-token chunks; shorter ones are repeated
         to the common length as ComfyUI's conditioning batching does) in the compute dtype on :attr:`device`, and
-        ``pooled`` ``[B, P]`` for families that use it (SDXL: OpenCLIP-G's projected pooled output). Differentiable
-        when text-encoder deltas are installed and grad is enabled. ``ValueError`` without CLIP.
+        ``pooled`` ``[B, P]`` for families that use it (SDXL: OpenCLIP-G's projected pooled output). Flux: ``context``
+        is T5-XXL's last hidden state ``[B, L, 4096]`` (L ≥ 256, ComfyUI's Flux T5 minimum; a batch is padded with
+        T5 pad tokens to its longest prompt) and ``pooled`` CLIP-L's pooled output ``[B, 768]`` (ComfyUI
+        ``FluxClipModel.encode_token_weights``). Differentiable when text-encoder deltas are installed and grad is
+        enabled. ``ValueError`` without CLIP.
         """
         self._load_clip()
         rows = []
-        use_pooled = family(self.arch).pooled if self.arch in ("sd1", "sd2", "sdxl") else True
+        use_pooled = family(self.arch).pooled if self.arch != "unknown" else True
         with torch.inference_mode(False):
-            for p in prompts:
-                tokens = self.clip.tokenize(str(p))
+            toks = [self.clip.tokenize(str(p)) for p in prompts]
+            if "t5" in self._te:
+                # T5 sequences are not chunked: a batch is padded with T5 pad tokens to its longest prompt through
+                # ComfyUI's own tokenizer option (what ComfyUI encodes for a longer min_length), never repeated
+                n = max((sum(len(b) for b in t.get("t5xxl", [])) for t in toks), default=0)
+                toks = [t if sum(len(b) for b in t.get("t5xxl", [])) == n else
+                        self.clip.tokenize(str(p), tokenizer_options={"t5xxl_min_length": n})
+                        for p, t in zip(prompts, toks)]
+            for tokens in toks:
                 cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
                 rows.append(Conditioning(cond, pooled if use_pooled else None))
             return Conditioning.cat(rows).to(self.device, self.dtype)
@@ -670,33 +803,50 @@ class ComfyHost(DiffusionHost):
         return {k: torch.cat([_to_normal(t) for t in v]) for k, v in per_key.items()}
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
-        """Raw network output ``[B, C, h, w]`` (ε or v, compute dtype) through ComfyUI's own model call.
+        """Raw network output ``[B, C, h, w]`` (ε, v or flow velocity, compute dtype) through ComfyUI's own model call.
 
-        ``x_t`` is DDPM-scaled (``√ᾱ·x0 + √(1−ᾱ)·ε``) and ``timesteps`` are integer indices ``[B]`` in ``[0, T)``.
-        The call is the one ComfyUI's sampler makes: σ = ``model_sampling.sigmas[t]``, the latent in ComfyUI's
-        frame ``x = x0 + σ·ε = x_t·√(1+σ²)`` (Karras et al. 2022, Table 1), model inputs from the model's own
-        ``extra_conds`` (:meth:`_model_conds`), then ``model.apply_model(x, σ, ...)``, which applies
-        ``calculate_input`` (x/√(1+σ²) = x_t), the σ → t map, the patcher's transformer options and weight
-        wrappers. The network's raw output is taken from inside that call by a ComfyUI ``DIFFUSION_MODEL``
-        wrapper (``comfy/patcher_extension.py``), so it is exactly the ε / v the UNet produced; kohya's objective
-        is expressed on it unchanged (``RuntimeError`` for a model whose forward runs no such wrappers). Runs outside inference mode (inputs cloned if needed), so gradients reach
-        the installed deltas when grad is enabled. ``ValueError`` for an SDXL model given no pooled embedding.
+        DDPM families: ``x_t`` is DDPM-scaled (``√ᾱ·x0 + √(1−ᾱ)·ε``) and ``timesteps`` are integer indices ``[B]`` in
+        ``[0, T)``; σ = ``model_sampling.sigmas[t]`` and the latent goes into ComfyUI's frame
+        ``x = x0 + σ·ε = x_t·√(1+σ²)`` (Karras et al. 2022, Table 1). Flow families (Flux): ``x_t`` is
+        ``(1 − σ)·x0 + σ·ε`` and ``timesteps`` are float sigmas ``[B]`` in ``[0, 1]``, which is ComfyUI's own frame
+        (``CONST.noise_scaling``), so both go in unchanged; the returned velocity is unpacked ``[B, 16, h, w]``
+        (ComfyUI's Flux ``_forward`` packs 2×2 patches and builds position ids itself).
+
+        The call is the one ComfyUI's sampler makes: model inputs from the model's own ``extra_conds``
+        (:meth:`_model_conds`: ``c_crossattn``, ``y`` = pooled, Flux ``guidance``), then
+        ``model.apply_model(x, σ, ...)``, which applies ``calculate_input`` (DDPM: x/√(1+σ²) = x_t; CONST: x), the
+        σ → timestep map of the model's ``model_sampling`` (Flux: t = σ, embedded ×1000 by the network), the
+        patcher's transformer options and weight wrappers. The network's raw output is taken from inside that call
+        by a ComfyUI ``DIFFUSION_MODEL`` wrapper (``comfy/patcher_extension.py``), so it is exactly the ε / v /
+        velocity the network produced; the objectives are expressed on it unchanged (``RuntimeError`` for a model
+        whose forward runs no such wrappers). Runs outside inference mode (inputs cloned if needed), so gradients
+        reach the installed deltas when grad is enabled. ``ValueError`` for an SDXL or Flux model given no pooled
+        embedding.
         """
         import comfy.patcher_extension as pe
 
         cond = Conditioning.wrap(cond)
         base = self.patcher.model
-        if getattr(base, "adm_channels", 0) and cond.pooled is None:
-            raise ValueError("this model (SDXL) needs a pooled text embedding: encode the prompts with this host")
+        if (getattr(base, "adm_channels", 0) or self.flow) and cond.pooled is None:
+            raise ValueError(f"this model ({self.arch}) needs a pooled text embedding: encode the prompts with this "
+                             "host")
         self.load()
         with torch.inference_mode(False):
             x = _to_normal(x_t).to(self.device, torch.float32)
-            t = _to_normal(timesteps).to(self.device).long()
-            if t.dim() == 0:
-                t = t.expand(x.shape[0])
-            ms = self.patcher.get_model_object("model_sampling")
-            sigma = ms.sigmas.to(self.device, torch.float32)[t]
-            x_in = x * (sigma ** 2 + 1.0).sqrt().view(-1, *([1] * (x.dim() - 1)))
+            if self.flow:
+                sigma = _to_normal(timesteps).to(self.device, torch.float32)
+                if sigma.dim() == 0:
+                    sigma = sigma.expand(x.shape[0])
+                if bool(((sigma < 0) | (sigma > 1)).any()):
+                    raise ValueError("flow models take sigmas in [0, 1] as timesteps (not kohya's σ·1000)")
+                x_in = x
+            else:
+                t = _to_normal(timesteps).to(self.device).long()
+                if t.dim() == 0:
+                    t = t.expand(x.shape[0])
+                ms = self.patcher.get_model_object("model_sampling")
+                sigma = ms.sigmas.to(self.device, torch.float32)[t]
+                x_in = x * (sigma ** 2 + 1.0).sqrt().view(-1, *([1] * (x.dim() - 1)))
             c = cond.map_tensors(_to_normal).to(self.device, self.dtype)
             kwargs = self._model_conds(c, x)
             captured: dict[str, torch.Tensor] = {}
@@ -747,16 +897,36 @@ class ComfyHost(DiffusionHost):
 
     def sample(self, prompts: Sequence[str], negative: str = "", *, width: int = 512, height: int = 512,
                steps: int = 20, cfg: float = 7.0, seed: int = 0, sampler_name: str = "euler",
-               scheduler: str = "normal") -> torch.Tensor:
+               scheduler: str = "normal", guidance: float | None = None) -> torch.Tensor:
         """Images ``[B,3,H,W]`` 0..1 (CPU) from ComfyUI's own sampler (``comfy.sample.sample``) on the patched
         clone with the current deltas: prompt ``i`` uses noise seed ``seed + i`` (ComfyUI's CPU noise).
-        Needs CLIP and VAE (``ValueError`` otherwise)."""
+        Needs CLIP and VAE (``ValueError`` otherwise).
+
+        Flux (flow families), with :class:`~conceptlab.training.flux_host.FluxHost`'s meanings (kohya
+        ``sample_image_inference``): ``guidance`` is the distilled guidance, kohya ``--g`` (``None`` = 3.5, ComfyUI's
+        Flux default), put on the conditioning as ComfyUI's **FluxGuidance** node does (schnell's model has no
+        guidance embedding and ignores it); ``cfg`` is the true classifier-free guidance, kohya ``--l`` (1 = off:
+        ComfyUI's sampler then skips the negative pass, as ComfyUI's Flux templates sample). The sampler runs on the
+        model's own ``model_sampling`` (``ModelSamplingFlux``; schnell ``ModelSamplingDiscreteFlow``).
+        """
         if self.vae is None or self.clip is None:
             raise ValueError("sample() needs both clip= and vae=")
+        if guidance is not None and not self.flow:
+            raise ValueError(f"guidance is the Flux guidance embedding; this {self.arch} model has none")
+        if self.flow and guidance is None:
+            guidance = 3.5  # comfy/model_base.py Flux.extra_conds default; FluxHost's DEFAULT_GUIDANCE
         neg = self.conditioning(negative)
         imgs = []
         for i, p in enumerate(prompts):
-            img = sample_images(self.patcher, self.conditioning(p), neg, self.vae, seed=int(seed) + i,
+            pos = self.conditioning(p)
+            if self.flow:
+                import node_helpers  # ComfyUI: what the FluxGuidance node calls
+
+                pos = node_helpers.conditioning_set_values(pos, {"guidance": float(guidance)})
+                neg_i = node_helpers.conditioning_set_values(neg, {"guidance": float(guidance)})
+            else:
+                neg_i = neg
+            img = sample_images(self.patcher, pos, neg_i, self.vae, seed=int(seed) + i,
                                 steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                 width=width, height=height)
             imgs.append(img.movedim(-1, 1))

@@ -130,7 +130,7 @@ class ConceptLabESDErase:
         """ComfyUI V1 input spec: ``{"required": {...}, "optional": {...}}`` with a tooltip on every input."""
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x / SD2.x / SDXL base: SDXL 1.0, Illustrious, NoobAI eps or v-pred, Pony)."}),
+                "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x / SD2.x / SDXL base: SDXL 1.0, Illustrious, NoobAI eps or v-pred, Pony; Flux.1 dev / schnell)."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder, used to encode the prompts."}),
                 "concepts": ("STRING", {"default": "Van Gogh", "multiline": True,
                                         "tooltip": "Concept(s) to erase: one per line or separated by ';'."}),
@@ -152,7 +152,10 @@ class ConceptLabESDErase:
                                                  "keys/values only; esd-u = every Linear/Conv outside "
                                                  "cross-attention (objects/nudity; esd_sd.py's set, not the "
                                                  "paper's noxattn; needs much more memory); esd-all = every "
-                                                 "Linear/Conv (most memory)."}),
+                                                 "Linear/Conv (most memory). Flux: esd-x = the double "
+                                                 "blocks' text attention (txt_attn.qkv + txt_attn.proj, 717 M "
+                                                 "parameters on Flux.1-dev); esd-x-strict = its key/value rows "
+                                                 "(359 M); esd-u / esd-all = the other / all block Linears."}),
                 "xt_source": (_SOURCES, {"default": "self_sample",
                                          "tooltip": "self_sample = as esd_sd.py: partial samples of the concept "
                                                     "from the original model (DDIM here, PNDM there; slower). "
@@ -172,9 +175,11 @@ class ConceptLabESDErase:
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                                        "tooltip": "Training resolution in pixels (square; paper: 512)."}),
                 "start_guidance": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 20.0, "step": 0.5,
-                                             "tooltip": "CFG scale used to sample the concept for x_t (paper: 3)."}),
+                                             "tooltip": "CFG scale used to sample the concept for x_t (paper: 3). Flux-dev: "
+                                                        "the distilled guidance of that sampling (no CFG)."}),
                 "ddim_steps": ("INT", {"default": 50, "min": 2, "max": 200,
-                                       "tooltip": "DDIM steps of the sampling trajectory (paper: 50)."}),
+                                       "tooltip": "DDIM steps of the sampling trajectory (paper: 50). Flux: Euler "
+                                                  "steps on Flux's shifted schedule."}),
                 "prompt_order": (["cycle", "sample"], {"default": "cycle",
                                                        "tooltip": "Use prompts in turn, or pick one at random "
                                                                   "each iteration."}),
@@ -216,6 +221,11 @@ class ConceptLabESDErase:
                 "masks": ("MASK", {"tooltip": "Optional loss masks (e.g. from Grid Masks) at the training "
                                               "resolution or any size with the same aspect ratio. Without masks "
                                               "the loss covers the whole image (the paper)."}),
+                "flux_guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                            "tooltip": "Flux-dev only: the distilled guidance (as in FluxGuidance) "
+                                                       "of the original and erased predictions; use the guidance "
+                                                       "you sample with. SD models and Flux schnell have no "
+                                                       "guidance embedding: leave it at 3.5."}),
                 "mask_weights": ("STRING", {"default": "", "forceInput": True,
                                             "tooltip": "Weights for the masks, comma-separated (e.g. the Grid "
                                                        "Masks 'weights' output). Empty = defaults."}),
@@ -225,12 +235,14 @@ class ConceptLabESDErase:
     def erase(self, model, clip, concepts, prompt_variations, variations, method, xt_source, negative_guidance,
               iterations, lr, seed, resolution, start_guidance, ddim_steps, prompt_order, mask_mode, save_name,
               lora_rank, save_dtype, save_on_cancel, concept_kind="auto", erase_from="", masks=None,
-              mask_weights=""):
+              mask_weights="", flux_guidance=3.5):
         """Run :func:`conceptlab.training.esd.erase` on a clone of ``model`` (Gandikota et al. 2023, ICCV).
 
         ``resolution`` in px (square); ``masks`` MASK ``[M, H, W]`` with ``mask_weights`` text, or a ``grid-*``
         ``mask_mode`` preset; ``concept_kind`` picks the prompt templates; ``erase_from`` (non-empty) turns on
-        attribute erasure (esd_sd.py's ``--erase_from``). Saves
+        attribute erasure (esd_sd.py's ``--erase_from``); ``flux_guidance``: Flux-dev's distilled guidance of the
+        predictions (``ESDConfig.guidance_scale``; refused when changed from 3.5 on a model without a guidance
+        embedding). Saves
         ``output/loras/<save_name>_NNNNN.safetensors`` (+ optional SVD LoRA of ``lora_rank``) and the JSON / plot
         under ``output/esd/`` unless ``save_name`` is empty. Returns ``(MODEL, file name relative to loras/,
         loss-plot IMAGE [1, H, W, 3], stats JSON)``.
@@ -276,6 +288,13 @@ class ConceptLabESDErase:
         host = ch.ComfyHost(model, clip)
         cancel_exc = None
         try:
+            from ..training.esd_objective import has_guidance_embedding, host_family
+
+            if host_family(host).guidance_default is not None and has_guidance_embedding(host):
+                cfg.guidance_scale = float(flux_guidance)
+            elif float(flux_guidance) != 3.5:
+                raise ValueError(f"flux_guidance {flux_guidance} is set, but this {host.arch} model has no guidance "
+                                 f"embedding (only Flux-dev has one): leave it at 3.5")
             try:
                 result = erase(host, cfg, progress=progress, cancel_check=ch.check_interrupt)
             except ESDCancelled as exc:

@@ -268,7 +268,10 @@ class ConceptLabTrainLora:
                             "metrics on samples (optional)."}),
                 "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps."}),
                 "sample_cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                         "tooltip": "Sample guidance scale."}),
+                                         "tooltip": "Sample guidance scale. Flux: the true CFG scale "
+                                         "(kohya --l; 1 = off, no negative pass), while the distilled guidance is "
+                                         "3.5 as FluxGuidance sets it (a prompt line's --g changes it); at the "
+                                         "default 7.0 Flux samples use CFG 1, kohya's Flux default."}),
                 "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip":
                                             "Min-SNR-γ loss weighting (Hang et al. 2023), 5 is common; 0 = off."}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -512,7 +515,9 @@ class ConceptLabEpochCompare:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Prompt i uses seed + i "
                              "for every file."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps."}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Guidance scale."}),
+            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Guidance scale. "
+                              "Flux: the true CFG (use 1.0, no negative pass); the distilled guidance is 3.5 as "
+                              "FluxGuidance sets it."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Sample width."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Sample height."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,

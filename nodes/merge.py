@@ -366,6 +366,43 @@ def _parse_ratios(text: str) -> list[float]:
     return vals
 
 
+def sweep_sampling_inputs() -> dict:
+    """The sampling widgets every sweep-grid node shares (prompts, VAE, seeds/rows, steps, cfg, sampler, size)."""
+    samplers, schedulers = sampler_choices()
+    return {
+        "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning (same for every cell)."}),
+        "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning."}),
+        "vae": ("VAE", {"tooltip": "VAE to decode the samples."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                         "tooltip": "First seed; row r uses seed + r."}),
+        "rows": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of seeds (grid rows)."}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps per cell."}),
+        "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "CFG scale."}),
+        "sampler_name": (samplers, {"tooltip": "ComfyUI sampler."}),
+        "scheduler": (schedulers, {"tooltip": "ComfyUI scheduler."}),
+        "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image width (px)."}),
+        "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height (px)."}),
+    }
+
+
+def sample_cell(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+                vae, width: int, height: int) -> torch.Tensor:
+    """One image ``[1, H, W, 3]`` float in [0, 1] from ComfyUI's own sampler (``comfy.sample.sample``) and the VAE;
+    a cancel point every sampler step (ComfyUI's sampler checks none itself)."""
+    import comfy.sample
+
+    latent = torch.zeros([1, 4, height // 8, width // 8], device="cpu")
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                  denoise=1.0, disable_pbar=True, seed=seed,
+                                  callback=lambda *_: comfy_host.check_interrupt())
+    img = vae.decode(samples)
+    if img.dim() == 5:
+        img = img.reshape(-1, *img.shape[-3:])
+    return img[:1].float().cpu()
+
+
 def sampler_choices() -> tuple[list[str], list[str]]:
     """ComfyUI's sampler and scheduler names (``comfy.samplers.KSampler``), or ``["euler"], ["normal"]`` when
     ComfyUI is not importable (contract checks without ComfyUI)."""
@@ -391,25 +428,13 @@ class MergeSweep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        samplers, schedulers = sampler_choices()
         return {
             "required": {
                 "model_a": ("MODEL", {"tooltip": "Model A (α = 0)."}),
                 "model_b": ("MODEL", {"tooltip": "Model B (α = 1)."}),
                 "ratios": ("STRING", {"default": "0, 0.25, 0.5, 0.75, 1",
                                       "tooltip": "Comma list of α values, one column each. " + CONVENTION}),
-                "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning (same for every cell)."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning."}),
-                "vae": ("VAE", {"tooltip": "VAE to decode the samples."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "First seed; row r uses seed + r."}),
-                "rows": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of seeds (grid rows)."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps per cell."}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "CFG scale."}),
-                "sampler_name": (samplers, {"tooltip": "ComfyUI sampler."}),
-                "scheduler": (schedulers, {"tooltip": "ComfyUI scheduler."}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image width (px)."}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height (px)."}),
+                **sweep_sampling_inputs(),
             }
         }
 
@@ -420,8 +445,6 @@ class MergeSweep:
         Returns ``(labelled grid IMAGE [1, H, W, 3] with columns = α and rows = seeds, all images [N, h, w, 3])``.
         Progress per cell, cancellable. Raises ``ValueError`` for an unparseable or empty ratio list.
         """
-        import comfy.sample
-
         alphas = _parse_ratios(ratios)
         for a in alphas:
             with warnings.catch_warnings():
@@ -438,16 +461,8 @@ class MergeSweep:
         for r in range(rows):
             s = int(seed) + r
             for m in models:
-                latent = torch.zeros([1, 4, height // 8, width // 8], device="cpu")
-                latent = comfy.sample.fix_empty_latent_channels(m, latent)
-                noise = comfy.sample.prepare_noise(latent, s)
-                samples = comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                              denoise=1.0, disable_pbar=True, seed=s,
-                                              callback=lambda *_: comfy_host.check_interrupt())  # cancel per step
-                img = vae.decode(samples)
-                if img.dim() == 5:
-                    img = img.reshape(-1, *img.shape[-3:])
-                cells.append(img[:1].float().cpu())
+                cells.append(sample_cell(m, s, steps, cfg, sampler_name, scheduler, positive, negative, vae, width,
+                                         height))
                 bar.update(1)
         grid = _label_grid(cells, rows, [f"α={a:g}" for a in alphas], [f"seed {int(seed) + r}" for r in range(rows)])
         return (grid, torch.cat(cells, dim=0))

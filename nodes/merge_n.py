@@ -21,7 +21,7 @@ from ..training.merge import TIES_SIGNS, MergePlan, MethodOptions, canonical_key
 from ..training.merge_nmodel import METHODS_N, METHODS_N_NEED_BASE, merge_tensor_n, parse_weights
 from . import comfy_host, policy
 from .merge import (CONVENTION, _arch_of, _check_same, _key_patches, _label_grid, _patched_weight, merge_patchers,
-                    sampler_choices)
+                    sample_cell, sweep_sampling_inputs)
 
 CATEGORY = "Concept Lab/Merge"
 MAX_MODELS = 6
@@ -147,22 +147,6 @@ def _parse_names(text: str) -> list[str]:
     return names
 
 
-def sample_cell(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
-                vae, width: int, height: int) -> torch.Tensor:
-    """One image ``[1, H, W, 3]`` from ComfyUI's own sampler (``comfy.sample.sample``) and the VAE."""
-    import comfy.sample
-
-    latent = torch.zeros([1, 4, height // 8, width // 8], device="cpu")
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                  denoise=1.0, disable_pbar=True, seed=seed)
-    img = vae.decode(samples)
-    if img.dim() == 5:
-        img = img.reshape(-1, *img.shape[-3:])
-    return img[:1].float().cpu()
-
-
 def steps_sweep(model_a, loaders, alpha: float, sample, rows: int, seed: int, progress=None):
     """The grid's cells: for each ``(label, load)`` in ``loaders`` (``load()`` → MODEL, called once, released
     after its column), the weighted sum ``(1 − α)·A + α·checkpoint`` sampled for seeds ``seed … seed + rows − 1``
@@ -199,7 +183,6 @@ class MergeStepsSweep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        samplers, schedulers = sampler_choices()
         return {
             "required": {
                 "model_a": ("MODEL", {"tooltip": "Model A (weight 1 − α), e.g. the base the run started from."}),
@@ -209,18 +192,7 @@ class MergeStepsSweep:
                                                       "sorted by the last number in each name."}),
                 "alpha": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 2.0, "step": 0.01,
                                     "tooltip": "Weight of each checkpoint. " + CONVENTION}),
-                "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning (same for every cell)."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning."}),
-                "vae": ("VAE", {"tooltip": "VAE to decode the samples."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "First seed; row r uses seed + r."}),
-                "rows": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of seeds (grid rows)."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps per cell."}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "CFG scale."}),
-                "sampler_name": (samplers, {"tooltip": "ComfyUI sampler."}),
-                "scheduler": (schedulers, {"tooltip": "ComfyUI scheduler."}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image width (px)."}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height (px)."}),
+                **sweep_sampling_inputs(),
             }
         }
 

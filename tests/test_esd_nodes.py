@@ -1,5 +1,6 @@
 """ESD nodes: V1 contracts (no ComfyUI), Grid Masks without ComfyUI, and the real-ComfyUI tier."""
 
+import json
 import logging
 
 import pytest
@@ -148,3 +149,90 @@ def test_compare_node_grid(cenv, erased_run):
     assert images.shape == (4, 64, 64, 3)
     assert not torch.equal(images[0], images[1]), "same seed, erased model: the concept image changes"
     assert grid.dim() == 4 and grid.shape[1] >= 2 * 64 and grid.shape[2] >= 2 * 64
+
+
+# -- Flux through ComfyHost (real ComfyUI) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flux_run(cenv):
+    """One ESD-x run of the erase node on ComfyUI's own tiny Flux.1-dev MODEL + its CLIP (clip_l + t5xxl)."""
+    from e2e.comfy_flux import tiny_flux_clip, tiny_flux_patcher
+
+    with torch.inference_mode():
+        model, clip = tiny_flux_patcher(), tiny_flux_clip()
+        before = dict(model.patches)
+        out = esd_nodes.ConceptLabESDErase().erase(
+            model, clip, **_erase_kwargs(save_name="esd/flux", xt_source="self_sample", ddim_steps=3, lr=1e-3,
+                                         mask_mode="grid-sum"), flux_guidance=3.0)
+    assert model.patches == before, "the input MODEL must not be changed"
+    return model, out
+
+
+@requires_comfyui
+def test_erase_node_on_flux_changes_text_attention_and_file_resolves_in_comfyui(cenv, flux_run):
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+
+    from conceptlab.nodes.comfy_host import iter_patched_weights
+
+    model, (erased, file_name, _plot, stats) = flux_run
+    assert '"iterations_done": 2' in stats
+    orig = dict(iter_patched_weights(model))
+    new = dict(iter_patched_weights(erased))
+    changed = {k for k in orig if not torch.equal(orig[k], new[k])}
+    assert changed == {f"diffusion_model.double_blocks.0.txt_attn.{m}.{a}" for m in ("qkv", "proj")
+                       for a in ("weight", "bias")}
+    path = cenv["out"] / "loras" / file_name
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    assert set(lora) == {f"lora_unet_double_blocks_0_txt_attn_{m}.{s}" for m in ("qkv", "proj")
+                         for s in ("diff", "diff_b")}
+    # every key resolves through ComfyUI's own Flux key map (comfy/lora.py model_lora_keys_unet) ...
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for m in ("qkv", "proj"):
+        assert key_map[f"lora_unet_double_blocks_0_txt_attn_{m}"] == f"diffusion_model.double_blocks.0.txt_attn.{m}.weight"
+    # ... and LoraLoaderModelOnly at strength 1 reproduces the erased MODEL with no unloaded key
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        with torch.inference_mode():
+            loaded, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [m for m in records if "lora key not loaded" in m]
+    via_file = dict(iter_patched_weights(loaded, list(changed)))
+    for k in changed:
+        assert torch.allclose(via_file[k], new[k], atol=1e-6)
+    meta = json.loads((cenv["out"] / "esd" / path.stem / "metadata.json").read_text())
+    assert meta["arch"] == "flux" and meta["guidance_scale"] == 3.0 and meta["objective"] == "flow"
+
+
+@requires_comfyui
+def test_flux_guidance_refused_on_sd_model(cenv):
+    with torch.inference_mode(), pytest.raises(ValueError, match="flux_guidance"):
+        esd_nodes.ConceptLabESDErase().erase(cenv["model"], cenv["clip"], **_erase_kwargs(save_name=""),
+                                             flux_guidance=2.0)
+
+
+@requires_comfyui
+def test_esd_on_an_fp8_stored_flux_base_through_comfyhost():
+    """UNETLoader's fp8 weight option: the base stays fp8 and unchanged, the fp32 deltas train."""
+    from e2e.comfy_flux import tiny_flux_clip, tiny_flux_patcher
+
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.training.esd import ESDConfig, erase
+
+    with torch.inference_mode():
+        model, clip = tiny_flux_patcher(weight_dtype=torch.float8_e4m3fn), tiny_flux_clip()
+        host = ComfyHost(model, clip)
+    qkv = model.model.diffusion_model.double_blocks[0].txt_attn.qkv.weight
+    before = qkv.detach().float().clone()
+    try:
+        res = erase(host, ESDConfig(concepts="van gogh", width=64, height=64, ddim_steps=3, iterations=3, lr=1e-3))
+    finally:
+        host.close()
+    assert qkv.dtype == torch.float8_e4m3fn and torch.equal(qkv.detach().float(), before)
+    assert all(torch.isfinite(d).all() and float(d.abs().max()) > 0 for d in res.deltas.values())
+    assert len(res.deltas) == 4 and res.stats["nan_skipped"] == 0

@@ -24,8 +24,9 @@ OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_inter
 # -- the three lists --------------------------------------------------------------------------------------------
 
 def test_every_kohya_argument_is_in_exactly_one_list():
-    names = KA.kohya_argument_names() + KA.kohya_dataset_config_keys()
+    names = KA.kohya_argument_names() + KA.kohya_dataset_config_keys() + KA.kohya_flux_argument_names()
     assert len(KA.kohya_argument_names()) > 150  # train_network.py's parser, read from kohya's source
+    assert {"timestep_sampling", "discrete_flow_shift", "guidance_scale"} <= set(KA.kohya_flux_argument_names())
     lists = {"honoured": set(KA.HONOURED) | set(KA.DATASET_CONFIG_HONOURED), "no_effect": set(KA.NO_EFFECT),
              "refused": set(KA.REFUSED)}
     missing = [n for n in names if not any(n in s for s in lists.values())]

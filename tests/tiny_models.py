@@ -131,3 +131,56 @@ def tiny_sdxl_host(seed: int = 0, prediction_type: str = "epsilon"):
     return DiffusersHost(tiny_sdxl_unet(seed), tiny_text_encoder(seed), word_hash_tokenizer, tiny_vae(seed),
                          prediction_type=prediction_type, text_encoder_2=tiny_text_encoder_2(seed),
                          tokenizer_2=word_hash_tokenizer)
+
+
+# -- Flux.1-shaped tiny models ---------------------------------------------------------------------------------
+#: tiny FluxTransformer2DModel: 2 heads × 8 = 16 wide (Flux.1: 24 × 128 = 3072), rope axes summing to the head dim
+#: (Flux.1: 16 + 56 + 56 = 128), 1 double + 2 single blocks (Flux.1: 19 + 38), guidance embedding (dev)
+TINY_FLUX_T5_DIM = 32
+TINY_FLUX_CLIP_DIM = 32
+TINY_FLUX_CONFIG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=TINY_FLUX_T5_DIM,
+                        pooled_projection_dim=TINY_FLUX_CLIP_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+#: 16-channel VAE without quant convs and with Flux.1's shift / scale (black-forest-labs/FLUX.1-dev vae/config.json)
+TINY_FLUX_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16), norm_num_groups=4, sample_size=64, use_quant_conv=False,
+    use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+)
+#: tiny T5 sequence (Flux.1-dev: 512 tokens, schnell 256) so CPU tests stay fast
+TINY_FLUX_T5_TOKENS = 16
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**{**TINY_FLUX_CONFIG, "guidance_embeds": guidance_embeds})
+
+
+def tiny_t5(seed: int = 0):
+    """A tiny T5 v1.1 encoder (gated-GELU feed-forward ``wi_0``/``wi_1``, as T5-XXL)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed + 200)
+    cfg = T5Config(vocab_size=TINY_VOCAB, d_model=TINY_FLUX_T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=0)
+    return T5EncoderModel(cfg)
+
+
+def tiny_flux_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 300)
+    return AutoencoderKL(**TINY_FLUX_VAE_CONFIG)
+
+
+def tiny_flux_host(seed: int = 0, guidance_embeds: bool = True, t5_tokens: int = TINY_FLUX_T5_TOKENS):
+    """A tiny Flux.1-shaped :class:`~conceptlab.training.flux_host.FluxHost` (dev with guidance embedding unless
+    ``guidance_embeds=False`` = schnell), CPU fp32, deterministic for a seed; word-hash tokenizers stand in for
+    CLIP's and T5's."""
+    from conceptlab.training.flux_host import FluxHost
+
+    return FluxHost(tiny_flux_transformer(seed, guidance_embeds), tiny_text_encoder(seed), word_hash_tokenizer,
+                    tiny_t5(seed), word_hash_tokenizer, tiny_flux_vae(seed), t5xxl_max_token_length=t5_tokens)

@@ -49,6 +49,12 @@ Where ``x_t`` comes from:
   **different method**: ``x_t`` comes from the forward process, not from the model's own sampling trajectory.
   Compare its erasure with ``self_sample`` on your concept; do not assume they are equal.
 
+Flow-matching families (Flux.1; ``families.Family.objective == "flow"``): the same loop and target in velocity
+space, ``x_t`` from the flow forward process or the frozen model's Euler trajectory on Flux's schedule, Flux-dev's
+distilled guidance on every prediction, masks on 2×2 token patches — :mod:`.esd_objective` (schedule-dependent
+parts, with the proof that the velocity-space target is the ε-space one) and :mod:`.esd_params` (the Flux
+parameter sets: ``esd-x`` = the double blocks' text-stream attention ``txt_attn.qkv`` / ``txt_attn.proj``).
+
 v-prediction models: the target is computed in the model's own parameterization. Because the target is an
 affine combination with weights summing to one ((1+η)·ε_u − η·ε_c) and ε = sqrt(ᾱ)·v + sqrt(1−ᾱ)·x_t is affine
 in the output for a fixed x_t, the v-space target *is* the ε-space target expressed in v; the losses differ only by
@@ -62,7 +68,6 @@ grid) or a masked mean over one weighted-sampled mask (``"sample"`` / ``"grid-sa
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -71,15 +76,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import nn
 
 from .conditioning import Conditioning
-from .host import DiffusionHost, FullDelta, add_noise, ddim_sample, ddim_timesteps
-from .masks import grid_masks, masked_mse, normalize_weights, prepare_masks
+from .esd_objective import host_family, objective_for, resolve_masks as _resolve_masks  # noqa: F401
+from .esd_params import (METHODS, RowsDelta, Target, base_weights_hash, count_parameters,  # noqa: F401
+                         make_delta, select_targets)
+from .host import DeltaModule, DiffusionHost
+from .masks import masked_mse
 from .prompts import (PromptSchedule, build_prompts, concept_kinds, normalize_kind, parse_concepts,
                       parse_prompt_lines, prompt_source)
 
-METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
 XT_SOURCES = ("self_sample", "noised")
 MASK_MODES = ("sum", "sample", "grid-sum", "grid-sample")
 # one-click presets: the mode builds the default grid (grid_n × grid_n + centre) itself
@@ -96,84 +102,6 @@ class ESDCancelled(Exception):
     def __init__(self, result: "ESDResult"):
         super().__init__(f"ESD erasure cancelled after {result.stats.get('iterations_done', 0)} iterations")
         self.result = result
-
-
-# -- parameter sets ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    """One trained tensor: ``<component>.<path>.<attr>`` (``attr`` ``"weight"``/``"bias"``) of ``shape``."""
-
-    component: str
-    path: str
-    attr: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        """Number of scalar parameters (product of ``shape``)."""
-        return int(math.prod(self.shape))
-
-
-def _selected(path: str, method: str, arch: str = "sd1") -> bool:
-    parts = path.split(".")
-    in_attn2 = "attn2" in parts
-    if arch == "sdxl" and method in ("esd-u", "esd-all"):
-        # esd_sdxl.py get_esd_trainable_parameters: only modules inside blocks, never an embedding
-        # ('emb' not in name and 'block' in name: no conv_in/out, time/add embedding, resnet time_emb_proj)
-        if "emb" in path or "block" not in path:
-            return False
-    if method == "esd-x":
-        return in_attn2
-    if method == "esd-x-strict":
-        return in_attn2 and parts[-1] in ("to_k", "to_v")
-    if method == "esd-u":
-        return not in_attn2
-    if method == "esd-all":
-        return True
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def select_targets(modules: Mapping[str, nn.Module], method: str = "esd-x",
-                   component: str = "unet", arch: str = "sd1") -> list[Target]:
-    """The tensors a method trains, from ``{canonical diffusers path: nn.Linear | nn.Conv2d}``.
-
-    ``arch="sdxl"`` follows the reference's ``esd_sdxl.py`` (``get_esd_trainable_parameters``): the same esd-x /
-    esd-x-strict sets (SDXL base: 350 tensors / 545,670,400 parameters and 140 / 340,787,200), while esd-u and
-    esd-all keep only modules inside blocks and no embedding (``'emb' not in name and 'block' in name``).
-
-    Every selected module contributes its ``weight`` and, when present, its ``bias`` (as
-    ``get_esd_trainable_parameters`` in the reference ``esd_sd.py`` does with ``module.named_parameters()``).
-    Works on meta-device modules (shapes only).
-
-    Raises:
-        ValueError: unknown method; a model without cross-attention (no ``attn2`` module) for any method —
-            ESD is defined through the text conditioning, so such a model cannot be erased this way; or an
-            empty selection.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not any("attn2" in p.split(".") for p in modules):
-        raise ValueError("this model has no cross-attention (no 'attn2' modules): ESD erases a text concept "
-                         "through cross-attention, so it needs a text-conditioned UNet (SD1.x/SD2.x/SDXL)")
-    out = []
-    for path in sorted(modules):
-        if not _selected(path, method, arch):
-            continue
-        mod = modules[path]
-        for attr in ("weight", "bias"):
-            p = getattr(mod, attr, None)
-            if p is None:
-                continue
-            out.append(Target(component, path, attr, tuple(p.shape)))
-    if not out:
-        raise ValueError(f"method {method!r} selects no tensor in this model")
-    return out
-
-
-def count_parameters(targets: Sequence[Target]) -> tuple[int, int]:
-    """``(number of tensors, number of scalar parameters)`` of a target list."""
-    return len(targets), sum(t.numel for t in targets)
 
 
 # -- the objective -------------------------------------------------------------------------------------------
@@ -238,6 +166,10 @@ class ESDConfig:
         width, height: training resolution in pixels (multiples of the host's ``vae_scale``).
         noised_cache: how many frozen-model samples to cache for ``xt_source="noised"`` without images.
         max_nan_skips: consecutive non-finite iterations tolerated (skipped) before stopping with an error.
+        guidance_scale: guidance-distilled flow models (Flux.1-dev) only: the guidance-embedding value of the
+            frozen and trained predictions (``None`` = the family's default, 3.5; kohya's Flux
+            ``guidance_scale``). ``start_guidance`` is then the guidance embedding of the ``self_sample``
+            trajectory, and ``ddim_steps`` its Euler steps (:mod:`.esd_objective`). Refused on SD families.
 
     Construction does not check anything; :meth:`validate` (called by :func:`erase` and
     :func:`config_from_mapping`) raises ``ValueError``.
@@ -267,6 +199,7 @@ class ESDConfig:
     max_nan_skips: int = 5
     concept_kind: str = "auto"
     erase_from: str | Sequence[str] | None = None
+    guidance_scale: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any out-of-range setting.
@@ -295,6 +228,9 @@ class ESDConfig:
             raise ValueError("negative_guidance must be finite")
         if int(self.ddim_steps) < 1:
             raise ValueError(f"ddim_steps must be ≥ 1, got {self.ddim_steps}")
+        if self.guidance_scale is not None and not (math.isfinite(float(self.guidance_scale))
+                                                    and float(self.guidance_scale) >= 0):
+            raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {self.guidance_scale}")
         if int(self.width) < 8 or int(self.height) < 8:
             raise ValueError(f"resolution {self.width}×{self.height} is too small")
 
@@ -322,40 +258,9 @@ class ESDResult:
     kohya_names: dict = field(default_factory=dict)
 
 
-def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
-    """sha256 (hex) of the base values of the trained tensors (names + raw bytes, in target order).
-
-    Identifies the base model the deltas apply to without hashing a multi-GB file. Call before installing deltas.
-    """
-    h = hashlib.sha256()
-    mods = {c: host.modules(c) for c in {t.component for t in targets}}
-    for t in targets:
-        v = getattr(mods[t.component][t.path], t.attr).detach().cpu().contiguous()
-        h.update(f"{t.component}.{t.path}.{t.attr}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 # -- the loop ------------------------------------------------------------------------------------------------
 
 ProgressFn = Callable[[dict], Any]
-
-
-def _resolve_masks(cfg: ESDConfig, latent_hw: tuple[int, int]):
-    if cfg.mask_mode in MASK_PRESETS:
-        m, names = grid_masks(latent_hw[0], latent_hw[1], cfg.grid_n, cfg.centre_size)
-        return m, normalize_weights(cfg.mask_weights, m), names
-    if cfg.masks is None or (isinstance(cfg.masks, str) and cfg.masks.lower() in ("", "none", "full")):
-        return None, None, []
-    if isinstance(cfg.masks, str):
-        if cfg.masks.lower() != "grid":
-            raise ValueError(f"masks must be None, 'grid' or a [M, H, W] tensor, not {cfg.masks!r}")
-        m, names = grid_masks(latent_hw[0], latent_hw[1], cfg.grid_n, cfg.centre_size)
-    else:
-        m = prepare_masks(torch.as_tensor(cfg.masks), latent_hw)
-        names = [f"m{i}" for i in range(m.shape[0])]
-    w = normalize_weights(cfg.mask_weights, m)
-    return m, w, names
 
 
 def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None = None,
@@ -369,6 +274,7 @@ def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None
         config: :class:`ESDConfig`.
         progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "erase_from",
             "mask", "timestep", "losses", "x_t"}`` (``x_t``: the iteration's noisy latent ``[1, C, h, w]``;
+            ``timestep``: the integer DDPM timestep, or σ as a float on flow families;
             ``erase_from``: the iteration's from-prompt or ``None``).
             Returning ``False`` stops training (result ``cancelled=True``); raising stops
             it and re-raises as :class:`ESDCancelled` carrying the partial result (``__cause__`` = the exception).
@@ -426,11 +332,15 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     prompts = build_prompts(concepts, cfg.prompts, cfg.templates, cfg.variations, cfg.seed, kind=kinds)
     mask_mode = MASK_PRESETS.get(cfg.mask_mode, cfg.mask_mode)
     schedule = PromptSchedule(prompts, cfg.prompt_order, cfg.seed)
+    fam = host_family(host)
     scale = int(getattr(host, "vae_scale", 8))
-    if cfg.width % scale or cfg.height % scale:
-        raise ValueError(f"resolution {cfg.width}×{cfg.height} must be a multiple of {scale}")
+    patch = int(fam.patch_size)
+    if cfg.width % (scale * patch) or cfg.height % (scale * patch):
+        raise ValueError(f"resolution {cfg.width}×{cfg.height} must be a multiple of {scale * patch} px "
+                         f"({scale} px per latent cell × {patch}×{patch} latent cells per token)")
     lh, lw = cfg.height // scale, cfg.width // scale
-    masks, mask_w, mask_names = _resolve_masks(cfg, (lh, lw))
+    masks, mask_w, mask_names = _resolve_masks(cfg, (lh, lw), patch)
+    objective = objective_for(host, int(cfg.ddim_steps), (lh, lw), cfg.guidance_scale)
 
     targets = select_targets(host.modules("unet"), cfg.method, arch=getattr(host, "arch", "sd1"))
     n_tensors, n_params = count_parameters(targets)
@@ -444,8 +354,6 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     rng = random.Random(int(cfg.seed))
     gen = torch.Generator("cpu").manual_seed(int(cfg.seed))
     dev = host.device
-    T = int(host.alphas_cumprod.shape[0])
-    ddim_ts = ddim_timesteps(T, int(cfg.ddim_steps))
 
     cond_cache: dict[str, Conditioning] = {}
 
@@ -455,9 +363,12 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                 cond_cache[p] = Conditioning.wrap(host.encode_prompts([p])).detach()
         return cond_cache[p]
 
+    def pcond(p: str) -> Conditioning:  # what the frozen and trained predictions see (Flux: + guidance)
+        return objective.prediction_cond(encode(p))
+
     uncond = encode("")
 
-    deltas: dict[tuple[str, str, str], FullDelta] = {}
+    deltas: dict[tuple[str, str, str], DeltaModule] = {}
     losses: list[float] = []
     mask_counts: Counter = Counter()
     nan_skips = 0
@@ -467,7 +378,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     done = 0
 
     def snapshot() -> ESDResult:
-        d = {k: m.weight.detach().float().cpu().clone() for k, m in deltas.items()}
+        with torch.no_grad():
+            d = {k: m.delta().detach().float().cpu().clone() for k, m in deltas.items()}
         wall = time.perf_counter() - started
         last20 = [x for x in losses[-20:] if math.isfinite(x)]
         stats = {
@@ -499,8 +411,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                                             "esd_sd.py --negative_guidance = eta + 1",
             "negative_guidance_esd_sd_py": float(cfg.negative_guidance) + 1.0,
             "xt_source": cfg.xt_source,
-            "xt_sampler": ("DDIM from the frozen model (esd_sd.py samples from the frozen model with the "
-                           "pipeline's PNDM)") if cfg.xt_source == "self_sample" else "forward noise (add_noise)",
+            **objective.metadata(cfg),
             "masks": mask_names or ["full"],
             "mask_weights": [float(x) for x in mask_w] if mask_w is not None else [1.0],
             "mask_mode": mask_mode if masks is not None else "full",
@@ -518,6 +429,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "seed": int(cfg.seed),
             "prediction_type": host.prediction_type,
             "arch": host.arch,
+            "model_variant": getattr(host, "variant", None),
             "base_model_hash": base_hash,
             "base_model_hash_kind": "sha256 of the trained tensors' base values",
             "trained_tensors": n_tensors,
@@ -532,7 +444,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     try:
         with torch.enable_grad():
             for t in targets:
-                fd = FullDelta(t.shape, device=dev)
+                fd = make_delta(t, device=dev)
                 host.install_delta(t.component, t.path, t.attr, fd)
                 deltas[(t.component, t.path, t.attr)] = fd
             params = [m.weight for m in deltas.values()]
@@ -550,33 +462,33 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                         for i in range(max(1, int(cfg.noised_cache))):
                             p = froms[i % len(froms)] if froms else prompts[i % len(prompts)]
                             xT = torch.randn((1, host.latent_channels, lh, lw), generator=gen)
-                            lat.append(ddim_sample(model, xT, encode(p), uncond, steps=int(cfg.ddim_steps),
-                                                   cfg=float(cfg.start_guidance)).float().cpu())
+                            lat.append(objective.clean_sample(model, xT, encode(p), uncond,
+                                                              float(cfg.start_guidance)).float().cpu())
                         clean_cache = torch.cat(lat)
 
             for it in range(int(cfg.iterations)):
                 p_idx, prompt = schedule.next()
-                cond = encode(prompt)
                 from_prompt = froms[p_idx % len(froms)] if froms else None
-                from_cond = encode(from_prompt) if froms else None
-                # --- x_t -----------------------------------------------------------------------------------
+                # predictions: the family's prediction conditioning (Flux-dev: + guidance_scale)
+                cond = pcond(prompt)
+                from_cond = pcond(from_prompt) if froms else None
+                # --- x_t (the objective's schedule: DDIM on DDPM families, Euler on the flow schedule) ------
                 with torch.no_grad(), host.deltas_disabled():
                     if cfg.xt_source == "self_sample":
                         k = rng.randrange(int(cfg.ddim_steps))
-                        t_int = ddim_ts[k]
                         xT = torch.randn((1, host.latent_channels, lh, lw), generator=gen)
-                        x_t = ddim_sample(model, xT, cond if from_cond is None else from_cond, uncond,
-                                          steps=int(cfg.ddim_steps), cfg=float(cfg.start_guidance), stop_at=k)
+                        x_t, tt = objective.self_sample(model, xT, encode(from_prompt or prompt), uncond, k,
+                                                        float(cfg.start_guidance))
                     else:
-                        t_int = rng.randrange(T)
+                        t_drawn = objective.draw_noised_timestep(rng)
                         x0 = clean_cache[rng.randrange(clean_cache.shape[0])][None]
-                        noise = torch.randn(x0.shape, generator=gen)
-                        x_t = add_noise(x0, noise, torch.tensor([t_int]), host.alphas_cumprod)
+                        x_t, tt = objective.noised(x0, rng, gen, t_drawn)
                     x_t = x_t.to(dev, host.dtype)
-                    tt = torch.tensor([t_int], device=dev, dtype=torch.long)
+                    tt = tt.to(dev)
+                    t_report = objective.timestep_value(tt)
                     # frozen ε*(x_t, c, t) and ε*(x_t, ∅, t) in one batched call
                     frozen = model.predict(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                           Conditioning.cat([cond, uncond])).float()
+                                           Conditioning.cat([cond, pcond("")])).float()
                     if from_cond is None:
                         target = paper_target(frozen[:1], frozen[1:], cfg.negative_guidance)
                     else:  # attribute erasure: esd_sd.py's target with the from-prompt's prediction
@@ -628,7 +540,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                 done = it + 1
                 if progress is not None:
                     info = {"iteration": done, "total": int(cfg.iterations), "loss": loss_value,
-                            "prompt": prompt, "erase_from": from_prompt, "timestep": int(t_int), "losses": losses,
+                            "prompt": prompt, "erase_from": from_prompt, "timestep": t_report, "losses": losses,
                             "x_t": x_t.detach(),
                             "mask": "full" if mask_idx == -1 else ("all" if mask_idx == -2 else
                                                                    mask_names[mask_idx])}

@@ -4,7 +4,14 @@ The TOML file has the run settings at the top level and the erasure settings in 
 of :class:`conceptlab.training.esd.ESDConfig`)::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
-                                             # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint
+                                             # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint,
+                                             # or a diffusers Flux.1 folder (transformer/ text_encoder/
+                                             # tokenizer/ text_encoder_2/ tokenizer_2/ vae/, as FLUX.1-dev ships),
+                                             # or a Flux transformer file (flux1-dev.safetensors) with:
+    # clip_l = "clip_l.safetensors"          # Flux single files, as kohya's flux_train_network.py takes them
+    # t5xxl = "t5xxl_fp16.safetensors"       # (training/flux_loading.py; relative to this file)
+    # ae = "ae.safetensors"
+    # t5_tokenizer = ""                      # T5 tokenizer folder (default: ComfyUI's comfy/text_encoders/t5_tokenizer)
     tokenizer = ""                           # single-file only: folder with vocab.json + merges.txt (optional)
     output_dir = "erasures/vangogh"          # relative paths are relative to the TOML file
     name = "esd_vangogh"                     # file stem of <name>.safetensors
@@ -26,6 +33,8 @@ of :class:`conceptlab.training.esd.ESDConfig`)::
     masks = "none"                           # "none" (whole latent, the paper) or "grid"
     mask_mode = "sum"                        # with masks: "sum" (all masks each iteration, default) or "sample";
                                              # "grid-sum" / "grid-sample" are presets that build the grid
+    # guidance_scale = 3.5                   # Flux-dev only: distilled guidance of the predictions (README
+                                             # "ESD on Flux"); start_guidance = the x_t trajectory's guidance
 
 ``--mask-mode grid-sum`` on the command line is the one-click preset for the grid-mask schedule (3×3 grid +
 centre, every mask each iteration, weighted sum). ``save_reference = true`` also writes the reference
@@ -43,13 +52,13 @@ import tomllib
 from pathlib import Path
 
 _RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "images", "tokenizer",
-             "save_reference"}
+             "save_reference", "clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base"}
 
 
 def register(subparsers) -> None:
     """Add the ``erase`` subcommand."""
-    p = subparsers.add_parser("erase", help="erase a concept from an SD model with ESD (diffusers folder or "
-                                            "single-file checkpoint)",
+    p = subparsers.add_parser("erase", help="erase a concept from an SD/SDXL model (diffusers folder or "
+                                            "single-file checkpoint) or a Flux.1 diffusers folder with ESD",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="erase.toml (see the description)")
     p.add_argument("--iterations", type=int, default=None, help="override [esd] iterations")
@@ -77,13 +86,51 @@ def _load_images(folder: Path, width: int, height: int):
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
+def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
+    """The host for ``model`` through the loaders the training CLI uses: a diffusers Flux.1 folder
+    (:meth:`.flux_host.FluxHost.from_pretrained`) or a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``
+    (:func:`.flux_loading.load_flux_single_files`); everything else :func:`.model_loading.load_host`.
+
+    Raises ``ValueError`` for Flux keys on an SD model, a Flux file without its three companions, or
+    ``quantize_base`` (not supported for erasure: the trained tensors' base values are hashed and saved in
+    full precision)."""
+    from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
+    from .model_loading import load_host
+
+    if flux.get("quantize_base"):
+        raise ValueError("quantize_base is a LoRA-training setting; conceptlab erase runs the base in 'dtype' "
+                         "(use bfloat16 on a GPU)")
+    if is_flux_folder(model_dir):
+        from .flux_host import FluxHost
+
+        if tokenizer is not None:
+            raise ValueError("tokenizer = ... is for single-file checkpoints; a Flux folder has tokenizer/ and "
+                             "tokenizer_2/")
+        return FluxHost.from_pretrained(model_dir, device=device, dtype=dtype)
+    if model_dir.is_file() and is_flux_checkpoint(model_dir):
+        missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
+        if missing:
+            raise ValueError(f"{model_dir.name} is a Flux transformer file: also give {', '.join(missing)} (the "
+                             f"CLIP-L, T5-XXL and VAE files)")
+        return load_flux_single_files(model_dir, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
+                                      clip_tokenizer=tokenizer, t5_tokenizer=flux.get("t5_tokenizer"),
+                                      device=device, dtype=dtype)
+    given = sorted(k for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer") if flux.get(k))
+    if given:
+        raise ValueError(f"{given} are for Flux transformer files; {model_dir.name} is not one")
+    return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer)
+
+
 def run(args) -> int:
     """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
     from ..formats.safetensors_io import parse_dtype
     from .esd import ESDCancelled, config_from_mapping, erase
     from .esd_outputs import loss_plot, save_outputs
-    from .model_loading import load_host
+    from .distributed import refuse_multi_process
 
+    # why ESD is not data-parallel: the training/distributed.py module docstring ("ESD ...")
+    refuse_multi_process("erase", "ESD takes one draw per iteration (batch 1, as the paper); spreading draws over "
+                         "processes would change the optimisation, not speed it up")
     cfg_path = Path(args.config)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"config {cfg_path} not found")
@@ -124,7 +171,15 @@ def run(args) -> int:
         images = _load_images((base / data["images"]).resolve(), config.width, config.height)
     device, dtype = str(data.get("device", "cpu")), parse_dtype(str(data.get("dtype", "float32")))
     tok = (base / data["tokenizer"]).resolve() if data.get("tokenizer") else None
-    host = load_host(model_dir, device=device, dtype=dtype, tokenizer=tok)
+    flux = {k: (str((base / data[k]).resolve()) if k != "quantize_base" else data[k])
+            for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base") if data.get(k)}
+    host = _load_host(model_dir, device=device, dtype=dtype, tokenizer=tok, flux=flux)
+    if data.get("save_reference"):
+        from .families import family
+
+        if family(host.arch).denoiser != "unet":
+            raise ValueError(f"save_reference: the reference repository (rohitgandikota/erasing) has no file format "
+                             f"for {host.arch} models (its scripts cover SD1.x/SDXL); remove save_reference")
 
     stop = {"flag": False}
 

@@ -1,7 +1,9 @@
 """Files an ESD erasure produces: a LoRA-loader file of full-rank deltas, an optional SVD low-rank LoRA, JSON
 reports and a loss plot.
 
-* **Full-rank file** — every trained tensor under its kohya name (``lora_unet_<diffusers path with _>``) with
+* **Full-rank file** — every trained tensor under its kohya name (``lora_unet_<diffusers path with _>``; SDXL: the
+  LDM path; Flux: the BFL path, ``lora_unet_double_blocks_0_txt_attn_qkv``, the name kohya ``lora_flux.py`` gives
+  and ComfyUI's ``model_lora_keys_unet`` maps to ``diffusion_model.double_blocks.0.txt_attn.qkv.weight``) with
   ``.diff`` (weights) / ``.diff_b`` (biases): ComfyUI's LoraLoader / LoraLoaderModelOnly apply these as
   ``W + strength·ΔW``, so strength 1 reproduces the erased weights exactly (up to the file dtype).
 * **Low-rank LoRA** (optional, for A1111/Forge, which do not read ``.diff``): each weight delta is factorised by a
@@ -29,7 +31,9 @@ from .esd import ESDResult
 from .extract import factorize
 
 _ARCH_SPEC = {"sd1": ("sd_v1", "stable-diffusion-v1/lora"), "sd2": ("sd_v2", "stable-diffusion-v2/lora"),
-              "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
+              "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+              # kohya flux_train_network.py / library/sai_model_spec.py (ARCH_FLUX_1_DEV / ARCH_FLUX_1_SCHNELL)
+              "flux": ("flux1", "flux-1-dev/lora")}
 
 
 def diff_state_dict(result: ESDResult) -> dict[str, torch.Tensor]:
@@ -102,6 +106,8 @@ def file_metadata(result: ESDResult, extra: Mapping[str, object] | None = None) 
     """
     meta = result.metadata
     base_version, spec_arch = _ARCH_SPEC.get(str(meta.get("arch", "sd1")), _ARCH_SPEC["sd1"])
+    if meta.get("arch") == "flux" and meta.get("model_variant") == "schnell":
+        spec_arch = "flux-1-schnell/lora"
     concepts = ", ".join(meta.get("concepts", []))
     uce = meta.get("method") == "uce"
     out = {

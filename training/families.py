@@ -36,6 +36,16 @@ class Family:
             trainer builds a diffusers-layout UNet: ``lora_unet_down_blocks_0_attentions_0_…``) or ``"ldm"``
             (``sdxl_train_network.py`` builds ``sdxl_original_unet.SdxlUNet2DConditionModel``, LDM layout:
             ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``).
+        lora_targets: which modules kohya's LoRA network adapts: ``"unet"`` (``networks/lora.py``: UNet transformer
+            blocks, CLIP text encoders; :func:`.lora.kohya_targets`) or ``"flux"`` (``networks/lora_flux.py``: double
+            / single blocks, CLIP-L, optional T5; :mod:`.lora_flux`).
+        denoiser: module layout of the denoiser, which picks ESD's parameter-set rules
+            (:mod:`.esd_params`): ``"unet"`` or ``"flux-dit"`` (double/single-stream blocks, BFL paths).
+        patch_size: latent cells per token side (Flux packs 2×2 latent cells into one token; 1 for UNets). Loss
+            masks must be constant on each patch (:mod:`.esd_objective`).
+        guidance_default: the distilled-guidance value (``extras["guidance"]``) the family is sampled with by
+            default (Flux.1-dev: 3.5, ComfyUI ``FluxGuidance`` / diffusers ``FluxPipeline``); ``None`` for
+            families without a guidance embedding.
     """
 
     arch: str
@@ -50,6 +60,10 @@ class Family:
     size_conditioning: bool = False
     latent_channels: int = 4
     kohya_unet_names: str = "diffusers"
+    lora_targets: str = "unet"
+    denoiser: str = "unet"
+    patch_size: int = 1
+    guidance_default: float | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,7 +77,8 @@ FAMILIES: dict[str, Family] = {
     # kohya networks/lora_flux.py: CLIP-L "lora_te1", T5-XXL "lora_te3" (formats/flux_keys.py reads both)
     "flux": Family("flux", ("te1", "t5"), {"te1": "lora_te1", "t5": "lora_te3"}, "flux1", "flux-1-dev",
                    "https://github.com/black-forest-labs/flux", 1024, objective="flow", pooled=True,
-                   latent_channels=16),
+                   latent_channels=16, kohya_unet_names="bfl", lora_targets="flux", denoiser="flux-dit", patch_size=2,
+                   guidance_default=3.5),
 }
 
 

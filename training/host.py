@@ -85,6 +85,8 @@ class DeltaModule(nn.Module):
         """
         if not self.enabled or self.multiplier == 0.0:
             return weight
+        if type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "dequantize"):
+            weight = weight.dequantize()  # a quantized frozen base (training/quantize.py): W_q → W, then W + ΔW
         d = self.delta()
         if self.multiplier != 1.0:
             d = d * self.multiplier

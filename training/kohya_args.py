@@ -38,6 +38,7 @@ HONOURED: dict[str, str] = {
     "v_parameterization": "CLI: forces v-prediction",
     "output_dir": "LoRA files", "output_name": "file names", "logging_dir": "training states / tables",
     "save_precision": "file dtype", "save_every_n_epochs": "epoch files", "save_state": "training state",
+    "ddp_timeout": "CLI under accelerate launch: the process group's timeout in minutes (training/distributed.py)",
     "resume": "resume from a Concept Lab training state (-state.json)", "training_comment": "ss_training_comment",
     "save_model_as": "safetensors only (ckpt/pt are refused)", "no_metadata": "write no ss_* metadata",
     "metadata_title": "modelspec.title", "metadata_author": "modelspec.author",
@@ -89,6 +90,15 @@ HONOURED: dict[str, str] = {
     "sample_prompts": "prompt file lines with --n --w --h --s --d --l (training/sample_prompts.py)",
     "sample_every_n_epochs": "trainer", "sample_sampler": "mapped to ComfyUI's samplers; the diffusers host samples with DDIM (warned)",
     "sample_at_first": "samples before training",
+    # Flux (flux_train_network.py; training/objective.py, training/flux_host.py)
+    **{k: "flow objective (training/objective.py, kohya flux_train_utils.py semantics)" for k in (
+        "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "weighting_scheme",
+        "logit_mean", "logit_std", "mode_scale")},
+    "guidance_scale": "Flux-dev guidance embedding during training (schnell: warned, no embedding)",
+    "t5xxl_max_token_length": "T5 sequence length (None: 512 dev / 256 schnell, as kohya)",
+    "clip_l": "CLI: CLIP-L single file beside a BFL flux1-*.safetensors",
+    "t5xxl": "CLI: T5-XXL single file beside a BFL flux1-*.safetensors",
+    "ae": "CLI: the Flux VAE (ae.safetensors) beside a BFL flux1-*.safetensors",
 }
 
 # -- no effect here (warned when set to a non-default value) ----------------------------------------------------
@@ -102,8 +112,9 @@ NO_EFFECT: dict[str, str] = {
     **{k: "logging goes to the console and the epoch table" for k in (
         "log_with", "log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_api_key",
         "wandb_run_name", "console_log_level", "console_log_file", "console_log_simple")},
-    **{k: "single-process training: distributed/compile settings do not apply" for k in (
-        "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
+    **{k: "no DDP wrapper or compiler: multi-process runs all-reduce the LoRA gradients themselves "
+          "(training/distributed.py)" for k in (
+        "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
         "deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
         "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model", "fp16_master_weights_and_gradients")},
     "no_half_vae": "the VAE always runs in fp32 here",
@@ -125,6 +136,10 @@ NO_EFFECT: dict[str, str] = {
     "max_validation_steps": "validation uses every validation image",
     "async_upload": "nothing is uploaded",
     "custom_attributes": "custom attributes are for other network modules",
+    "cache_text_encoder_outputs": "text-encoder outputs are always cached while the text encoders are frozen",
+    "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory",
+    "text_encoder_batch_size": "text-encoder batching does not change the outputs",
+    "disable_mmap_load_safetensors": "safetensors loading switch with no effect on the result",
 }
 
 # -- refused (a non-default value raises, naming the key and what to do) ----------------------------------------
@@ -165,6 +180,12 @@ REFUSED: dict[str, str] = {
     "resume_from_huggingface": "nothing is downloaded; resume from a local training state",
     "network_multiplier": "a dataset network_multiplier other than 1 is not supported",
     "metadata_file": "fine-tuning metadata datasets are not supported",
+    "apply_t5_attn_mask": "diffusers' FluxTransformer2DModel takes no T5 attention mask here",
+    "blocks_to_swap": "block swapping is not implemented; use gradient_checkpointing and a quantized base "
+                      "(README, Flux memory)",
+    "split_mode": "deprecated in kohya (use blocks_to_swap, which is not implemented here either)",
+    "model_type": "only Flux.1 (model_type = \"flux\"); Chroma is not supported",
+    "controlnet_model_name_or_path": "ControlNet training is not supported",
 }
 
 # dataset-config-only keys (``[[datasets]]`` / ``[[datasets.subsets]]``) that are honoured
@@ -188,6 +209,12 @@ def kohya_argument_names() -> list[str]:
     return [r["name"] for r in kohya_data()["train_network_arguments"]]
 
 
+def kohya_flux_argument_names() -> list[str]:
+    """The names ``flux_train_network.py`` adds to ``train_network.py``'s parser (kohya ``add_flux_train_arguments``
+    / ``add_dit_training_arguments``), sorted."""
+    return [r["name"] for r in kohya_data()["flux_train_network_arguments"]]
+
+
 def kohya_dataset_config_keys() -> list[str]:
     """Every key kohya's dataset-config schema accepts (datasets, subsets and argparse-specific), sorted."""
     keys = set()
@@ -198,7 +225,7 @@ def kohya_dataset_config_keys() -> list[str]:
 
 def kohya_default(name: str) -> Any:
     """kohya's parser default for ``name`` (``None`` when it has none / is not a literal)."""
-    for r in kohya_data()["train_network_arguments"]:
+    for r in kohya_data()["train_network_arguments"] + kohya_data()["flux_train_network_arguments"]:
         if r["name"] == name:
             if r.get("action") == "store_true":
                 return False
@@ -300,6 +327,9 @@ def validate_extra_options(cfg) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 0:
             raise ValueError(f"{name} must be >= 0 (0 freezes that part), got {v}")
+    from .objective import validate_flow_settings
+
+    validate_flow_settings(cfg)
 
 
 def own_setting_names() -> set[str]:

@@ -50,6 +50,8 @@ def _kohya_name(component: str, path: str, host: DiffusionHost | None = None) ->
     from ..formats.keys import kohya_lora_name
     from .families import FAMILIES
 
+    if component == "t5":  # Flux T5-XXL: kohya lora_flux.py LORA_PREFIX_TEXT_ENCODER_T5, transformers paths
+        return "lora_te3_" + path.replace(".", "_")
     if component == "unet" and host is not None:
         fam = FAMILIES.get(getattr(host, "arch", "sd1"))
         if fam is not None and fam.kohya_unet_names == "ldm":
@@ -124,6 +126,18 @@ class LoRADelta(DeltaModule):
         d = up @ self.lora_down.flatten(1)
         return (d * self.scale).view(self.weight_shape)
 
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`delta` (``lora_up[start:stop] @ lora_down``), computed without the other
+        rows: a host whose model splits a fused weight (diffusers Flux ``to_q``/``to_k``/``to_v`` of BFL ``qkv``)
+        applies one row block per piece. Same dtype / zero rule as :meth:`delta`."""
+        if self.module_off:
+            return torch.zeros((), dtype=self.lora_up.dtype, device=self.lora_up.device)
+        up = self.lora_up.flatten(1)[start:stop]
+        if self.rank_mask is not None:
+            up = up * self.rank_mask.to(up)
+        d = up @ self.lora_down.flatten(1)
+        return (d * self.scale).view(stop - start, *self.weight_shape[1:])
+
     def kohya_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(lora_down, lora_up, alpha)`` detached, fp32, on CPU (what a kohya file stores)."""
         return (self.lora_down.detach().float().cpu(), self.lora_up.detach().float().cpu(), float(self.alpha))
@@ -143,8 +157,10 @@ class LoRATarget:
 
 def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float | None,
                   conv_dim: int | None = None, conv_alpha: float | None = None, train_unet: bool = True,
-                  train_text_encoder: bool = False, blocks=None) -> list[LoRATarget]:
-    """The modules kohya's ``networks.lora`` would adapt on ``host`` (rules in the module docstring).
+                  train_text_encoder: bool = False, blocks=None, flux_args=None) -> list[LoRATarget]:
+    """The modules kohya's ``networks.lora`` would adapt on ``host`` (rules in the module docstring); for a family
+    whose table says ``lora_targets = "flux"`` those of kohya's ``networks/lora_flux.py``
+    (:func:`.lora_flux.flux_targets`, with its network args ``flux_args``).
 
     ``conv_alpha`` ``None`` with ``conv_dim`` set means **1.0** (kohya ``create_network``, networks/lora.py l. 444);
     0 means conv_dim (kohya ``LoRAModule``). ``blocks``: a :class:`.network_args.BlockSpec` with per-block UNet
@@ -154,6 +170,14 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
     """
     if network_alpha is None or float(network_alpha) == 0:
         network_alpha = float(network_dim)
+    from .families import FAMILIES
+
+    fam = FAMILIES.get(getattr(host, "arch", "sd1"))
+    if fam is not None and fam.lora_targets == "flux":
+        from .lora_flux import flux_targets
+
+        return flux_targets(host, network_dim=network_dim, network_alpha=network_alpha, train_unet=train_unet,
+                            train_text_encoder=train_text_encoder, flux_args=flux_args)
     conv_on = conv_dim is not None and int(conv_dim) > 0
     if conv_on and conv_alpha is None:
         conv_alpha = 1.0
@@ -234,7 +258,7 @@ class LoRANetwork(nn.Module):
     def create(cls, host: DiffusionHost, *, network_dim: int = 4, network_alpha: float | None = 1.0,
                conv_dim: int | None = None, conv_alpha: float | None = None, train_unet: bool = True,
                train_text_encoder: bool = False, dropout: float = 0.0, module_dropout: float = 0.0,
-               seed: int = 0, blocks=None) -> "LoRANetwork":
+               seed: int = 0, blocks=None, flux_args=None) -> "LoRANetwork":
         """A freshly initialised kohya LoRA/LoCon network for ``host`` (not yet installed).
 
         ``seed`` fixes the kaiming init of every ``lora_down`` (drawn in target order). Shapes come from the
@@ -243,7 +267,7 @@ class LoRANetwork(nn.Module):
         """
         targets = kohya_targets(host, network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim,
                                 conv_alpha=conv_alpha, train_unet=train_unet,
-                                train_text_encoder=train_text_encoder, blocks=blocks)
+                                train_text_encoder=train_text_encoder, blocks=blocks, flux_args=flux_args)
         g = torch.Generator("cpu").manual_seed(int(seed))
         mods = {c: host.modules(c) for c in {t.component for t in targets}}
         deltas = {t.name: LoRADelta(tuple(mods[t.component][t.path].weight.shape), t.dim, t.alpha, generator=g)

@@ -54,6 +54,7 @@ class SamplePrompt:
     scale: float | None = None
     seed: int | None = None
     sample_sampler: str | None = None
+    guidance_scale: float | None = None  # kohya --g: Flux's embedded (distilled) guidance
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplePrompt":
@@ -80,10 +81,7 @@ def parse_line(line: str) -> SamplePrompt:
                     break
                 if name == "sample_steps":
                     v = max(1, min(1000, v))
-                if name == "guidance_scale":
-                    logger.warning("sample prompt option --g (distilled guidance, Flux) has no effect here")
-                else:
-                    setattr(sp, name, v)
+                setattr(sp, name, v)  # --g is used by hosts whose sample() takes guidance (Flux), else warned
                 break
         else:
             logger.warning("sample prompt option --%s is not used here", part.split(" ")[0])

@@ -18,13 +18,28 @@ refused by name (``training/kohya_args.py``).
   ``tokenizer/`` or ComfyUI's ``comfy/sd1_tokenizer``; without it ``$COMFYUI_PATH/comfy/sd1_tokenizer`` and the
   ComfyUI checkout the pack is installed in are tried.
 
+Flux.1 (dev / schnell): a diffusers Flux folder (``transformer/``, ``text_encoder/``, ``text_encoder_2/``,
+``tokenizer/``, ``tokenizer_2/``, ``vae/``), or kohya's four files: ``pretrained_model_name_or_path =
+"flux1-dev.safetensors"`` (BFL / ComfyUI layout; dev vs schnell from its ``guidance_in`` keys) with ``clip_l``,
+``t5xxl`` and ``ae`` keys (``training/flux_loading.py``); ``t5_tokenizer = "DIR"`` names a T5 tokenizer folder
+(default: ComfyUI's ``comfy/text_encoders/t5_tokenizer``). ``quantize_base = "int8"`` (or ``"int4"`` / ``"fp8"``)
+stores the frozen transformer weights quantized (``training/quantize.py``).
+
 Prediction type: detected (safetensors metadata; for SD 2.x ComfyUI's 768-v heuristic), else epsilon. Force it
 with ``--prediction-type v_prediction`` or kohya's ``v_parameterization = true`` (SD 2.x 768-v models).
+
+Several GPUs or machines: ``accelerate launch [--multi_gpu] --num_processes N [--num_machines M --machine_rank R
+--main_process_ip IP] -m conceptlab train --config kohya.toml`` (CPU processes: ``--multi_gpu`` with
+``--device cpu``; accelerate's ``--cpu`` launcher starts one process). Each process loads
+the model; ``train_batch_size`` is per process; the main process alone writes and prints. See
+:mod:`conceptlab.training.distributed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -35,7 +50,8 @@ from .trainer import LoraTrainer, configs_from_mapping, parse_kohya_toml, parse_
 
 #: keys the CLI itself consumes (not trainer settings)
 CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file",
-            "tokenizer", "v_parameterization", "reg_data_dir", "dataset_config", "datasets")
+            "tokenizer", "v_parameterization", "reg_data_dir", "dataset_config", "datasets", "clip_l", "t5xxl", "ae",
+            "t5_tokenizer", "quantize_base")
 # Every other kohya key is honoured, warned as having no effect, or refused by name: see training/kohya_args.py.
 
 
@@ -75,7 +91,7 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str | None = None,
-              prediction_type: str | None = None):
+              prediction_type: str | None = None, flux: dict | None = None):
     """The diffusers host for a local diffusers folder or a single-file SD1/SD2 checkpoint (never downloads).
 
     Raises ``FileNotFoundError`` (missing path or tokenizer) and ``ValueError`` (unreadable or unsupported file,
@@ -91,6 +107,28 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
     dtype = torch.float32
     if dev.type == "cuda":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    flux = dict(flux or {})
+    from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
+
+    quant = flux.pop("quantize_base", None)
+    if is_flux_folder(p) or is_flux_checkpoint(p):
+        from .flux_host import FluxHost
+
+        if is_flux_folder(p):
+            host = FluxHost.from_pretrained(p, device=str(dev), dtype=dtype, quantize=quant)
+        else:
+            missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
+            if missing:
+                raise ValueError(f"{p.name} is a Flux transformer file: also give {', '.join(missing)} (the CLIP-L, "
+                                 "T5-XXL and VAE files, as kohya's flux_train_network.py takes them)")
+            host = load_flux_single_files(p, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
+                                          clip_tokenizer=tokenizer, t5_tokenizer=flux.get("t5_tokenizer"),
+                                          device=str(dev), dtype=dtype, quantize=quant)
+        print(f"loaded {p.name}: Flux.1 {host.variant}" + (f", base quantized {quant}" if quant else ""),
+              file=sys.stderr)
+        return host
+    if quant:
+        raise ValueError("quantize_base applies to Flux models only")
     if p.is_dir():
         if tokenizer or prediction_type:
             print("conceptlab train: note: --tokenizer/--prediction-type apply to single files; a diffusers folder "
@@ -129,15 +167,25 @@ def run(args, host=None) -> int:
     from .dataset_config import dataset_from_settings, uses_dataset_config
     from .kohya_args import check_settings, own_setting_names
 
+    from .distributed import DataParallel, apply_launcher_settings
+
     flat = load_config(args.config, args.overrides)
-    for w in check_settings(flat, own_keys=own_setting_names() | set(CLI_KEYS)):
-        print(f"conceptlab train: warning: {w}", file=sys.stderr)
+    # several processes started by `accelerate launch` / torchrun (None: one process, as always)
+    dp = DataParallel.from_environment(args.device or flat.get("device"), flat.get("ddp_timeout"))
+    main = dp is None or dp.is_main
+    if not main:  # the main process alone prints; the others report only their own errors
+        _quiet()
+    warnings = apply_launcher_settings(flat)  # accelerate launch --mixed_precision etc.
+    for w in warnings + check_settings(flat, own_keys=own_setting_names() | set(CLI_KEYS)):
+        if main:
+            print(f"conceptlab train: warning: {w}", file=sys.stderr)
     cfg, dopts, caps, _ = configs_from_mapping(flat)
     if "output_dir" not in flat:
         raise ValueError("output_dir is required")
     if flat.get("logging_dir") and not cfg.state_dir:
         cfg.state_dir = str(flat["logging_dir"])
-    device = args.device or flat.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(dp.device) if dp is not None else (args.device or flat.get("device")
+                                                     or ("cuda" if torch.cuda.is_available() else "cpu"))
     if uses_dataset_config(flat):
         dataset, batch = dataset_from_settings(flat, seed=cfg.seed, base_dir=Path(args.config).parent)
         if batch is not None:
@@ -148,7 +196,14 @@ def run(args, host=None) -> int:
             raise ValueError("train_data_dir is required (the folder holding <repeats>_<name> subfolders), or a "
                              "dataset_config / [[datasets]]")
         dataset = KohyaDataset.scan(data_dir, dopts, caps, seed=cfg.seed)
-    print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
+    if main:
+        print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
+    if dp is not None and main:
+        from .distributed import total_batch_size
+
+        print(f"{dp.world} processes on {dp.device.type}: train_batch_size {cfg.train_batch_size} per process, "
+              f"total batch per optimizer step {total_batch_size(cfg, dp.world)} (train_batch_size × processes × "
+              f"gradient_accumulation_steps)", file=sys.stderr)
     if host is None:
         model = flat.get("pretrained_model_name_or_path")
         if not model:
@@ -162,14 +217,18 @@ def run(args, host=None) -> int:
         if pred is None and flat.get("v_parameterization") is True:
             pred = "v_prediction"
         tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
-        host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
-                         prediction_type=pred)
+        with contextlib.redirect_stderr(io.StringIO()) if not main else contextlib.nullcontext():
+            host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
+                             prediction_type=pred,
+                             flux={k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base")
+                                   if flat.get(k)})
     if flat.get("v2") and getattr(host, "arch", None) not in (None, "sd2"):
         raise ValueError(f"v2 = true but the model is {host.arch} (v2 means a Stable Diffusion 2.x model)")
     trainer = LoraTrainer(host, dataset, cfg, model_name=Path(str(flat.get("pretrained_model_name_or_path", "")))
-                          .name, **_model_hashes(flat.get("pretrained_model_name_or_path")))
+                          .name, **_model_hashes(flat.get("pretrained_model_name_or_path")) if main else {})
+    trainer.dist = dp
     _, max_steps, _ = trainer.schedule()
-    bar = tqdm(total=max_steps, desc="steps", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = tqdm(total=max_steps, desc="steps", file=sys.stderr, disable=not (main and sys.stderr.isatty()))
 
     def progress(step, total, info):
         bar.n = step
@@ -181,7 +240,7 @@ def run(args, host=None) -> int:
                         if k not in ("samples",))
         tqdm.write(f"epoch {record['epoch']}: {msg}", file=sys.stderr)
 
-    trainer.progress, trainer.on_epoch = progress, on_epoch
+    trainer.progress, trainer.on_epoch = (progress, on_epoch) if main else (None, None)
     try:
         res = trainer.run()
     finally:
@@ -193,9 +252,21 @@ def run(args, host=None) -> int:
                "epochs": res.epochs_done, "stopped_early": res.stopped_early,
                "epoch_table": str(res.table_path) if res.table_path else None,
                "files": {str(k): str(v) for k, v in res.epoch_files.items()}}
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(f"wrote {summary['final']}" + (f"; best epoch {res.best_epoch} ({res.best_metric}) -> "
                                              f"{summary['best']}" if res.best_path else ""))
     return 0
+
+
+def _quiet() -> None:
+    """Silence the informational output of a non-main process of a multi-process run (warnings and progress are
+    the main process's; errors still reach stderr through the CLI's own error handling)."""
+    import logging
+
+    logging.getLogger(__name__.split(".")[0]).setLevel(logging.ERROR)
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

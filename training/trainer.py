@@ -56,6 +56,7 @@ from .conditioning import Conditioning, size_ids
 from .families import family, modelspec_arch
 from .host import DiffusionHost, add_noise, prediction_target
 from .lora import LoRANetwork
+from .objective import FlowSettings, objective_for
 from .noise import NoiseOptions, max_norm_regularization, post_process_loss, sample_training_noise
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class OptimizerUnavailableError(ValueError):
 # ------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FlowSettings):
     """Training settings, named as kohya's ``train_network.py`` arguments (defaults are kohya's unless noted).
 
     Schedule: ``max_train_epochs`` (wins when set) or ``max_train_steps``; ``train_batch_size``;
@@ -112,6 +113,7 @@ class TrainConfig:
     ``[cells_x, cells_y]``; default: detect),
     ``validate_every_n_epochs``, ``best_metric`` (:data:`BEST_METRICS` or any numeric column),
     ``best_direction`` (``auto``/``min``/``max``), ``early_stopping_patience`` (0 = off).
+    Flow families (Flux): kohya's ``flux_train_network.py`` options, :class:`.objective.FlowSettings`.
     """
 
     output_dir: str = "output"
@@ -511,7 +513,18 @@ def diffusion_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditionin
                    generator: torch.Generator, timesteps: torch.Tensor | None = None,
                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                    loss_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One batch's scalar training loss in the host's own parameterization (see module docstring).
+    """One batch's scalar training loss by the objective of the host's family (:func:`.objective.objective_for`:
+    :func:`ddpm_loss` for SD1/SD2/SDXL, :class:`.objective.FlowObjective` for Flux); arguments as
+    :func:`ddpm_loss` (``timesteps``: integer t, or float σ for a flow family)."""
+    return objective_for(host).loss(host, latents, cond, cfg, generator, timesteps=timesteps, autocast=autocast,
+                                    loss_weights=loss_weights)
+
+
+def ddpm_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditioning | torch.Tensor, cfg: TrainConfig,
+              generator: torch.Generator, timesteps: torch.Tensor | None = None,
+              autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+              loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch's scalar DDPM training loss in the host's own parameterization (see module docstring).
 
     Args:
         latents: scaled VAE latents ``[B, C, h, w]`` fp32 (any device).
@@ -1109,6 +1122,7 @@ def build_metadata(cfg: TrainConfig, dataset: KohyaDataset, host: DiffusionHost,
     if new_model_hash:
         md["ss_new_sd_model_hash"] = new_model_hash
     md["ss_training_tool"] = "conceptlab"
+    objective_for(host).update_metadata(md, cfg, host)
     return md
 
 
@@ -1203,7 +1217,9 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
 
     if str(cfg.network_module).startswith("lycoris"):
         return _build_lycoris(host, cfg, train_unet, train_te)
-    na = parse_network_args(cfg.network_args)
+    from .lora_flux import split_network_args
+
+    na, flux_na = split_network_args(parse_network_args(cfg.network_args), family(host.arch).lora_targets == "flux")
     is_sdxl = getattr(host, "arch", "sd1") == "sdxl"
     blocks = block_spec(na, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha, conv_dim=cfg.conv_dim,
                         conv_alpha=cfg.conv_alpha, is_sdxl=is_sdxl)
@@ -1230,7 +1246,8 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
         network = LoRANetwork.create(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
                                      conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=train_unet,
                                      train_text_encoder=train_te, dropout=cfg.network_dropout,
-                                     module_dropout=cfg.module_dropout, seed=cfg.seed, blocks=blocks)
+                                     module_dropout=cfg.module_dropout, seed=cfg.seed, blocks=blocks,
+                                     flux_args=flux_na)
         if file_sd is not None:
             names = set(network.loras)
             missing = [n for n in names if f"{n}.lora_down.weight" not in file_sd]
@@ -1326,6 +1343,10 @@ class LoraTrainer:
         self._te_cache: dict[str, Conditioning] = {}
         self.dataset_effective_colors: float | None = None
         self.family = family(getattr(host, "arch", "sd1"))
+        for msg in objective_for(host).check_config(self.cfg, host):  # raises for settings that contradict it
+            logger.warning(msg)
+        if cfg.t5xxl_max_token_length is not None and hasattr(host, "set_t5xxl_max_token_length"):
+            host.set_t5xxl_max_token_length(cfg.t5xxl_max_token_length)
         if cfg.clip_skip is not None or cfg.max_token_length is not None:
             for msg in host.configure_text(clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length):
                 logger.warning(msg)
@@ -1340,11 +1361,16 @@ class LoraTrainer:
         # optional hook(network) run once after the network is built, before the optimizer: starts the run from
         # given LoRA weights (nodes/interop.py continues a ComfyUI LORA_MODEL this way); a resume state wins over it
         self.init_network: Callable[[LoRANetwork], None] | None = None
+        # this process's part of a multi-process run (training/distributed.py; set by the CLI under
+        # `accelerate launch`); None = one process, the trainer as it always was
+        self.dist = None
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def schedule(self) -> tuple[int, int, int]:
         """``(batches_per_epoch, max_train_steps, num_epochs)`` by kohya's rules (module docstring)."""
         nb = self.dataset.num_batches(self.cfg.train_batch_size)
+        if self.dist is not None:  # bucket batches per process (kohya: len(train_dataloader) after prepare)
+            nb = self.dist.batches_per_process(nb)
         upe = math.ceil(nb / self.cfg.gradient_accumulation_steps)
         if self.cfg.max_train_epochs:
             max_steps = self.cfg.max_train_epochs * upe
@@ -1382,10 +1408,7 @@ class LoraTrainer:
         ds, cfg = self.dataset, self.cfg
         if not ds.val_entries:
             return None
-        T = len(self.host.alphas_cumprod)
-        lo = max(0, cfg.min_timestep)
-        hi = min(T, cfg.max_timestep if cfg.max_timestep is not None else T)
-        ts = np.linspace(lo, hi, 6, dtype=int)[1:-1]
+        ts = objective_for(self.host).validation_timesteps(self.host, cfg)  # kohya's 4 points (t or σ)
         seed = ds.options.validation_seed if ds.options.validation_seed is not None else cfg.seed
         gen = torch.Generator("cpu").manual_seed(int(seed))
         bs = cfg.train_batch_size
@@ -1400,7 +1423,7 @@ class LoraTrainer:
                 lat = torch.stack([e.latents for e in batch])
                 cond = self._encode([e.caption for e in batch], batch)
                 for t in ts:
-                    tt = torch.full((len(batch),), int(t), dtype=torch.long)
+                    tt = torch.full((len(batch),), t.item(), dtype=ts.dtype)
                     loss = diffusion_loss(self.host, lat, cond, cfg, gen, timesteps=tt, autocast=autocast)
                     total += float(loss) * len(batch)
                     n += len(batch)
@@ -1419,7 +1442,10 @@ class LoraTrainer:
         w0 = cfg.sample_width or self.dataset.options.size[0]
         h0 = cfg.sample_height or self.dataset.options.size[1]
         seed = cfg.sample_seed if cfg.sample_seed is not None else cfg.seed
-        takes_sampler = "sampler_name" in inspect.signature(self.host.sample).parameters
+        params = inspect.signature(self.host.sample).parameters
+        takes_sampler = "sampler_name" in params
+        # kohya's Flux samples: true CFG ("scale") defaults to 1.0 (flux_train_utils.py line 159), --g = guidance
+        cfg_default = cfg.sample_cfg if "guidance" not in params or cfg.sample_cfg != TrainConfig.sample_cfg else 1.0
         out = []
         for i, p in enumerate(prompts):
             sp = specs.get(p) or SamplePrompt(p)
@@ -1430,11 +1456,15 @@ class LoraTrainer:
             elif (name or "ddim").lower() != "ddim" and not getattr(self, "_sampler_warned", False):
                 logger.warning("sample_sampler %s: this model host samples with DDIM only", name)
                 self._sampler_warned = True
+            if "guidance" in params:
+                kw["guidance"] = sp.guidance_scale
+            elif sp.guidance_scale is not None:
+                logger.warning("sample prompt option --g (distilled guidance, Flux) has no effect on this model")
             img = self.host.sample([p], sp.negative_prompt if sp.negative_prompt is not None else cfg.sample_negative,
                                    width=round_size(sp.width or w0) if sp.width else w0,
                                    height=round_size(sp.height or h0) if sp.height else h0,
                                    steps=sp.sample_steps or cfg.sample_steps,
-                                   cfg=sp.scale if sp.scale is not None else cfg.sample_cfg,
+                                   cfg=sp.scale if sp.scale is not None else cfg_default,
                                    seed=sp.seed if sp.seed is not None else seed + i, **kw)
             out.append(_to_uint8(img[0]))
         return out
@@ -1472,6 +1502,7 @@ class LoraTrainer:
             "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
             "python_rng": _py_rng_to_json(py_rng.getstate()),
             "session_id": self._session_id,
+            "num_processes": self.dist.world if self.dist is not None else 1,
             "history": history,
             "step_losses": step_losses,
             "early_stopping": stopper.state(),
@@ -1494,14 +1525,16 @@ class LoraTrainer:
             raise ValueError(f"{path.name} is not a Concept Lab training state ({STATE_SCHEMA})")
         tensors = load_state_dict(path.parent / js["tensors"])
         old = js.get("config", {})
-        must = ("network_dim", "network_alpha", "conv_dim", "conv_alpha", "train_batch_size",
-                "gradient_accumulation_steps", "optimizer_type", "network_train_unet_only",
-                "network_train_text_encoder_only")
+        must = ("network_dim", "network_alpha", "conv_dim", "conv_alpha", "train_batch_size", "optimizer_type",
+                "network_train_unet_only", "network_train_text_encoder_only")
         diffs = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in must if k in old
                  and old.get(k) != _jsonable(getattr(self.cfg, k))]
         if diffs:
             raise ValueError("cannot resume: the saved state was trained with different settings ("
                              + "; ".join(diffs) + ")")
+        from .distributed import check_resume_batch  # processes × gradient_accumulation_steps may trade places
+
+        check_resume_batch(old, int(js.get("num_processes", 1)), self.cfg, self.dist.world if self.dist else 1)
         if js["dataset"]["num_train_images"] != self.dataset.num_train_images:
             raise ValueError(f"cannot resume: the dataset changed ({js['dataset']['num_train_images']} images "
                              f"with repeats then, {self.dataset.num_train_images} now)")
@@ -1539,8 +1572,11 @@ class LoraTrainer:
         scheduler = build_scheduler(cfg, optimizer, max_steps)
         scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        dp = self.dist  # multi-process run (training/distributed.py) or None
+        is_main = dp is None or dp.is_main
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator("cpu").manual_seed(int(cfg.seed))
         py_rng = random.Random(int(cfg.seed))
         history: list[dict] = []
@@ -1579,6 +1615,9 @@ class LoraTrainer:
             epoch_files = {int(k): self.out_dir / v for k, v in js.get("epoch_files", {}).items()}
             session_id = self._session_id = int(js.get("session_id", session_id))
             logger.info("resumed from %s at epoch %d, step %d", resume_path.name, start_epoch, global_step)
+        if dp is not None:  # every process starts from the main process's weights (as DDP does)
+            dp.output_dir = self.out_dir
+            dp.broadcast_parameters(network.parameters())
 
         metadata = build_metadata(cfg, ds, host, num_epochs=num_epochs, max_steps=max_steps, batches_per_epoch=nb,
                                   session_id=session_id, started_at=started_at, model_name=self.model_name,
@@ -1586,6 +1625,8 @@ class LoraTrainer:
                                   mixed_precision=cfg.mixed_precision, train_unet=self.train_unet,
                                   train_te=self.train_te)
         metadata = self._kohya_metadata(metadata, optimizer)
+        if dp is not None:  # ss_total_batch_size = train_batch_size × processes × accumulation, ss_num_processes
+            metadata = dp.metadata(metadata, cfg)
         gc_on = False
         last_good: Path | None = max(epoch_files.items())[1] if epoch_files else None
         stopped_early = False
@@ -1599,13 +1640,15 @@ class LoraTrainer:
                 gc_on = _set_gradient_checkpointing(host, True)
                 if not gc_on:
                     logger.warning("this host does not support gradient checkpointing; continuing without")
-            ds.cache_latents(host.encode_images, vae_key=self._vae_key(), progress=self.encode_latents_progress)
+            with (dp.main_first() if dp is not None and ds.options.cache_latents_to_disk
+                  else contextlib.nullcontext()):  # disk caches: written once by the main process, then read
+                ds.cache_latents(host.encode_images, vae_key=self._vae_key(), progress=self.encode_latents_progress)
             if start_epoch >= num_epochs:
                 logger.info("the saved state already finished all %d epochs", num_epochs)
             target_value = None
             if metric == "effective_colors_vs_dataset":
                 target_value = self._dataset_effective_colors()
-            if cfg.sample_at_first and has_samples and start_epoch == 0:  # kohya sample_at_first
+            if cfg.sample_at_first and has_samples and start_epoch == 0 and is_main:  # kohya sample_at_first
                 network.eval()
                 first = self.render_samples(prompts)
                 for i, im in enumerate(first):
@@ -1631,27 +1674,42 @@ class LoraTrainer:
                         lat.append(e.latents_flipped if flips[-1] else e.latents)
                     latents = torch.stack(lat)
                     network.resample_dropout(True)
-                    with torch.set_grad_enabled(True):
-                        cond = self._encode(caps, entries, flips)
-                        lw = None
-                        if any(getattr(e, "is_reg", False) for e in entries):  # kohya batch["loss_weights"]
-                            lw = torch.tensor([cfg.prior_loss_weight if getattr(e, "is_reg", False) else 1.0
-                                               for e in entries])
-                        loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast, loss_weights=lw)
-                    lv = float(loss.detach())
-                    if not math.isfinite(lv):
+                    lw = None
+                    if any(getattr(e, "is_reg", False) for e in entries):  # kohya batch["loss_weights"]
+                        lw = torch.tensor([cfg.prior_loss_weight if getattr(e, "is_reg", False) else 1.0
+                                           for e in entries])
+                    own = dp is None or dp.owns(bi)
+                    if not own:  # another process trains this micro-batch: draw its randomness only
+                        dp.draw_only(diffusion_loss, host, latents, cfg, gen, loss_weights=lw)
+                    else:
+                        with torch.set_grad_enabled(True):
+                            cond = self._encode(caps, entries, flips)
+                            loss = diffusion_loss(host, latents, cond, cfg, gen, autocast=autocast, loss_weights=lw)
+                        lv = float(loss.detach())
+                    if own and dp is None and not math.isfinite(lv):
                         raise TrainingDivergedError(
                             f"the loss became {lv} at epoch {ep1}, step {global_step + 1}; training stopped. "
                             + (f"The last good checkpoint is {last_good.name}." if last_good else
                                "No epoch had finished, so no checkpoint was written.")
                             + " Lower the learning rate, or use mixed_precision bf16 instead of fp16.")
-                    micro_losses.append(lv)
-                    scaled = loss / cfg.gradient_accumulation_steps
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    if own:
+                        micro_losses.append(lv)
+                        scaled = loss / cfg.gradient_accumulation_steps
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     last_micro = bi == len(batches) - 1
-                    if (bi + 1) % cfg.gradient_accumulation_steps != 0 and not last_micro:
+                    # with N processes one optimizer step spans N × gradient_accumulation_steps micro-batches
+                    if (bi + 1) % (cfg.gradient_accumulation_steps * (dp.world if dp else 1)) != 0 and not last_micro:
                         continue
                     params = [p for g in optimizer.param_groups for p in g["params"]]
+                    if dp is not None:  # average gradients over the processes; agree on the loss and on NaN
+                        step_loss, bad = dp.sync_step(params, micro_losses)
+                        micro_losses = [step_loss] if step_loss is not None else []
+                        if bad:
+                            raise TrainingDivergedError(
+                                f"the loss became NaN/Inf at epoch {ep1}, step {global_step + 1} (in at least one "
+                                "process); training stopped. " + (f"The last good checkpoint is {last_good.name}."
+                                                                  if last_good else "No checkpoint was written.")
+                                + " Lower the learning rate, or use mixed_precision bf16 instead of fp16.")
                     if scaler is not None:
                         scaler.unscale_(optimizer)
                     if cfg.max_grad_norm > 0:
@@ -1675,7 +1733,10 @@ class LoraTrainer:
                     micro_losses = []
                     step_losses.append(step_loss)
                     epoch_losses.append(step_loss)
-                    if self.progress is not None:
+                    if dp is not None:  # the main process reports; a cancel there stops every process
+                        dp.call_progress(self.progress, global_step, max_steps,
+                                         {"loss": step_loss, "epoch": ep1, "lr": scheduler.get_last_lr()[0]})
+                    elif self.progress is not None:
                         self.progress(global_step, max_steps, {"loss": step_loss, "epoch": ep1,
                                                                "lr": scheduler.get_last_lr()[0]})
                     if global_step >= max_steps:
@@ -1685,6 +1746,10 @@ class LoraTrainer:
                 network.eval()
                 network.resample_dropout(False)
                 is_last = ep1 >= num_epochs or global_step >= max_steps
+                if not is_main:  # the main process evaluates, writes and decides on early stopping
+                    if dp.broadcast_flag(None) or global_step >= max_steps:
+                        break
+                    continue
                 record: dict[str, Any] = {"epoch": ep1, "step": global_step,
                                           "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
                                           "lr": float(scheduler.get_last_lr()[0])}
@@ -1764,6 +1829,8 @@ class LoraTrainer:
                 if self.on_epoch is not None:
                     preview = labelled_grid([samples], [f"epoch {ep1}"]) if samples else None
                     self.on_epoch(record, preview)
+                if dp is not None:
+                    dp.broadcast_flag(stopped_early)
                 if stopped_early or global_step >= max_steps:
                     break
             final_path = self.out_dir / epoch_file_name(cfg.output_name, None)
@@ -1776,6 +1843,11 @@ class LoraTrainer:
             network.to("cpu")
             self._te_cache.clear()
 
+        if not is_main:  # files, tables and pictures are the main process's
+            return TrainResult(output_dir=self.out_dir.resolve(), final_path=None, best_path=None, best_epoch=None,
+                               best_metric=metric, best_value=None, epoch_files={}, history=[],
+                               step_losses=step_losses, global_step=global_step, epochs_done=0,
+                               stopped_early=False, table_path=None, network=network)
         table_path = self.state_dir / f"{cfg.output_name}-epochs.json"
         loss_img = render_loss_curve(step_losses, history, math.ceil(nb / cfg.gradient_accumulation_steps),
                                      best.get("epoch"))

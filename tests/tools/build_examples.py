@@ -317,6 +317,62 @@ def sdxl_pixel_art_lora(g: Graph):
     g.group("3. Draw with the best epoch", (X0 - 20, -40, 3 * COL + 80, 760), "#b58b2a")
 
 
+FLUX = "flux1-dev.safetensors"
+FLUX_CLIP_L, FLUX_T5, FLUX_VAE = "clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "ae.safetensors"
+FLUX_TOML = ('# kohya flux_train_network.py settings (kohya\'s recommended Flux LoRA values)\n'
+             'timestep_sampling = "shift"\ndiscrete_flow_shift = 3.1582\nmodel_prediction_type = "raw"\n'
+             'guidance_scale = 1.0\n')
+
+
+def flux_pixel_art_lora(g: Graph):
+    g.note("## Flux.1 pixel-art LoRA\n\n"
+           "The pixel-art job on Flux.1-dev: kohya `flux_train_network` semantics (keys `lora_unet_double_blocks_…`, "
+           "`lora_unet_single_blocks_…`, `ss_base_model_version = flux1`), rectified-flow objective through "
+           "ComfyUI's own Flux model and its `model_sampling`, per-epoch samples with Flux sampling (distilled "
+           "guidance 3.5 via FluxGuidance, `sample_cfg` = true CFG 1), palette metrics and the best epoch applied.\n\n"
+           "1. `cp -r sample_data/pixel_art ComfyUI/input/`.\n"
+           "2. `models/diffusion_models/" + FLUX + "`, `models/text_encoders/" + FLUX_CLIP_L + "` and `"
+           + FLUX_T5 + "`, `models/vae/" + FLUX_VAE + "`.\n"
+           "3. The base loads as fp8 (`weight_dtype fp8_e4m3fn`): LoRA deltas are applied to the up-cast weights, "
+           "the fp8 file is never changed.\n\n"
+           "Needs a GPU with ~16 GB+ (fp8 base, bf16, gradient checkpointing, batch 1, 512 px).",
+           (0, -400), (900, 400))
+    un = g.add("UNETLoader", (0, 0), unet_name=FLUX, weight_dtype="fp8_e4m3fn")
+    cl = g.add("DualCLIPLoader", (0, 160), clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux")
+    va = g.add("VAELoader", (0, 360), vae_name=FLUX_VAE)
+    ds = g.add("ConceptLabLoraDataset", (0, 480), w_px=360, folder="pixel_art", resolution=512,
+               resize_interpolation="nearest")
+    g.add("PreviewAny", (0, 1040), title="Dataset summary", source=g.out(ds, "summary"))
+    tr = g.add("ConceptLabTrainLora", (COL, 0), w_px=380, model=g.out(un, "MODEL"), clip=g.out(cl, "CLIP"),
+               vae=g.out(va, "VAE"), dataset=g.out(ds, "dataset"), output_name="pixel_art_flux", max_train_epochs=8,
+               train_batch_size=1, learning_rate=1e-4, network_dim=16, network_alpha=16.0, mixed_precision="bf16",
+               seed=42, sample_prompts=PIXEL_PROMPTS, sample_steps=20, sample_cfg=1.0, best_metric="auto",
+               apply="best", kohya_toml=FLUX_TOML, gradient_checkpointing=True)
+    x2 = 2 * COL + 40
+    g.add("PreviewAny", (x2, 0), title="Applied LoRA file", source=g.out(tr, "lora_name"))
+    g.add("SaveImage", (x2, 200), title="Epoch table", images=g.out(tr, "epoch_table"),
+          filename_prefix="conceptlab/pixel_art_flux_epochs")
+    g.add("SaveImage", (x2, 520), title="Samples per epoch", images=g.out(tr, "samples"),
+          filename_prefix="conceptlab/pixel_art_flux_samples")
+    X0 = 3 * COL + 120
+    pos = g.add("CLIPTextEncode", (X0, 0), title="Prompt", w_px=360, clip=g.out(tr, "clip"),
+                text=PIXEL_PROMPTS.split("\n")[0])
+    fg = g.add("FluxGuidance", (X0, 240), conditioning=g.out(pos, "CONDITIONING"), guidance=3.5)
+    neg = g.add("CLIPTextEncode", (X0, 380), title="Negative (unused at CFG 1)", w_px=360, clip=g.out(tr, "clip"),
+                text="")
+    lat = g.add("EmptySD3LatentImage", (X0, 600), width=512, height=512, batch_size=2)
+    ks = g.add("KSampler", (X0 + COL, 0), model=g.out(tr, "model"), positive=g.out(fg, "CONDITIONING"),
+               negative=g.out(neg, "CONDITIONING"), latent_image=g.out(lat, "LATENT"), seed=42, steps=20, cfg=1.0,
+               sampler_name="euler", scheduler="simple", denoise=1.0)
+    dec = g.add("VAEDecode", (X0 + 2 * COL, 0), samples=g.out(ks, "LATENT"), vae=g.out(va, "VAE"))
+    g.add("SaveImage", (X0 + 2 * COL, 200), title="Pixel-art samples (Flux)", images=g.out(dec, "IMAGE"),
+          filename_prefix="conceptlab/pixel_art_flux")
+    g.group("1. Models and data", (-20, -40, COL - 20, 1300))
+    g.group("2. Train on Flux with per-epoch samples and palette metrics", (COL - 20, -40, 2 * COL + 80, 900),
+            "#8A8")
+    g.group("3. Draw with the best epoch (FluxGuidance 3.5, CFG 1)", (X0 - 20, -40, 3 * COL + 80, 860), "#b58b2a")
+
+
 def esd_grid_erasure(g: Graph):
     g.note("## Erase a concept with ESD-X and grid masks\n\n"
            "**Grid Masks** makes an n×n grid of cell masks plus a centre mask; **ESD Erase Concept** fine-tunes "
@@ -352,7 +408,8 @@ def esd_grid_erasure(g: Graph):
 
 
 SPECS = {"pixel_art_lora": pixel_art_lora, "esd_grid_erasure": esd_grid_erasure, "merge_back_sweep": merge_back_sweep,
-         "weight_diff": weight_diff, "sdxl_pixel_art_lora": sdxl_pixel_art_lora}
+         "weight_diff": weight_diff, "sdxl_pixel_art_lora": sdxl_pixel_art_lora,
+         "flux_pixel_art_lora": flux_pixel_art_lora}
 
 
 def build(name: str, info: dict) -> dict:

@@ -1,6 +1,7 @@
 """Regenerate ``training/kohya_arguments.json``: every argument name kohya-ss/sd-scripts' ``train_network.py``
 parser accepts, every ``[[datasets]]`` / ``[[datasets.subsets]]`` key its dataset-config schema accepts, and every
-``network_args`` key ``networks/lora.py`` reads — read from kohya's own source with :mod:`ast` (nothing of
+``network_args`` key ``networks/lora.py`` reads, plus what ``flux_train_network.py`` adds (its parser and
+``networks/lora_flux.py``'s ``network_args``) — read from kohya's own source with :mod:`ast` (nothing of
 sd-scripts is imported or copied; only names, defaults and line numbers are recorded).
 
 Usage::
@@ -35,6 +36,13 @@ PARSER_FUNCS = [
     ("train_network.py", "setup_parser"),
 ]
 
+# what flux_train_network.setup_parser() adds on top of train_network's parser (Flux.1 LoRA training)
+FLUX_PARSER_FUNCS = [
+    ("library/train_util.py", "add_dit_training_arguments"),
+    ("library/flux_train_utils.py", "add_flux_train_arguments"),
+    ("flux_train_network.py", "setup_parser"),
+]
+
 
 def _reader(root: Path | None, git_dir: Path | None):
     def read(path: str) -> str:
@@ -52,9 +60,9 @@ def _const(node):
         return {"expr": ast.unparse(node)}
 
 
-def parser_arguments(read) -> list[dict]:
+def parser_arguments(read, funcs=None) -> list[dict]:
     out = []
-    for path, func in PARSER_FUNCS:
+    for path, func in (funcs or PARSER_FUNCS):
         tree = ast.parse(read(path))
         fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == func)
         for call in ast.walk(fn):
@@ -100,8 +108,8 @@ def dataset_config_keys(read) -> dict[str, list[str]]:
     return out
 
 
-def network_args_keys(read) -> list[str]:
-    tree = ast.parse(read("networks/lora.py"))
+def network_args_keys(read, path: str = "networks/lora.py") -> list[str]:
+    tree = ast.parse(read(path))
     keys = set()
     for call in ast.walk(tree):
         if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "get"
@@ -142,6 +150,9 @@ def main(argv=None) -> int:
            "train_network_arguments": parser_arguments(read),
            "dataset_config_schemas": dataset_config_keys(read),
            "lora_network_args": network_args_keys(read),
+           "flux_train_network_arguments": [r for r in parser_arguments(read, FLUX_PARSER_FUNCS)
+                                            if r["name"] not in {x["name"] for x in parser_arguments(read)}],
+           "lora_flux_network_args": network_args_keys(read, "networks/lora_flux.py"),
            "metadata_keys": metadata_keys(read)}
     Path(a.out).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {a.out}: {len(doc['train_network_arguments'])} arguments, "
