@@ -156,6 +156,7 @@ class FluxHost(DiffusionHost):
     arch = "flux"
     prediction_type = "flow"
     latent_channels = 16
+    native_sampler = "euler"  # FlowMatchEulerDiscreteScheduler (sample())
 
     def __init__(self, transformer: nn.Module, clip: nn.Module | None, clip_tokenizer: Callable | None,
                  t5: nn.Module | None, t5_tokenizer: Callable | None, vae: nn.Module | None, *,
