@@ -17,14 +17,17 @@ filters and Hough lines, not a period-constrained cut sequence); the pieces are 
    log²(gap / w), gaps in w·(1 ± :data:`GAP_SLACK`) — the beat-tracking DP of Ellis, "Beat tracking by dynamic
    programming", J. New Music Research 36(1), 2007, eq. 1–3, with onsets replaced by edge energy. The first
    and last cells may be partial (a cropped frame); cuts are extrapolated into empty borders at the mean gap.
-   For soft renders the DP runs on ``p2`` (cell centres) and cuts are the midpoints.
+   Soft renders (one interpolating resize: a uniform lattice) are fitted by :func:`.grid_soft.fit_soft`
+   instead — re-rendering with the bilinear / bicubic / Lanczos kernels, phase and period searched on the
+   re-rendering error.
 4. **Which period** (harmonics): every candidate's cuts are scored by a reconstruction residual on ≤ 24
    sampled lines: the share of pixels that differ (max channel, 0..255 units) by more than a noise-adapted
    threshold from the reconstruction by their cell's centre value — nearest-neighbour for sharp hypotheses,
-   linear between cell centres for soft ones (interpolating filters keep the native colour at each cell
-   centre). Coarse harmonics leave real edges inside cells; the truth and its refinements tie near the
-   minimum; the **coarsest candidate within a margin of the best** wins; the margin scales with the noise.
-5. **Confidence**: see :func:`axis_confidence` — calibrated on the fixtures of
+   the best of the three interpolating kernels for soft ones (they keep the native colour at each cell
+   centre). Both models compete at every period only where no sharp grid concentrates the edges (``pool``);
+   otherwise the model is chosen at the fundamental. Coarse harmonics leave real edges inside cells; the truth
+   and its refinements tie near the minimum; the **coarsest candidate within a margin of the best** wins; the margin scales with the noise.
+5. **Confidence**: see ``_axis_confidence`` in :mod:`.grid` — calibrated on the fixtures of
    :func:`conceptlab.metrics.palette_synth.condition_render` (tests/test_grid_conditions.py).
 """
 
@@ -34,6 +37,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .grid_soft import fit_soft
 
 __all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "GAP_SLACK", "MIN_CELL_PX"]
 
@@ -46,7 +51,7 @@ MIN_CELL_PX = 5.0
 #: Fewest cells per axis.
 MIN_CELLS = 3
 #: Solver modes: boundary energy + nearest-neighbour, boundary energy + linear, curvature (centres) + linear.
-MODES = ("sharp", "soft_edges", "soft")
+MODES = ("sharp", "soft")
 #: The fundamental: the smallest candidate whose autocorrelation is ≥ this share of the strongest peak's.
 FUNDAMENTAL_FRAC = 0.6
 #: Period candidates taken from the autocorrelation.
@@ -54,6 +59,8 @@ N_CANDIDATES = 4
 #: Harmonic rule: candidate residual ≤ best + max(HARMONIC_MARGIN·best, floor(noise)).
 HARMONIC_MARGIN = 0.5
 RESIDUAL_LINES = 24
+#: Soft-lattice candidates that get the full phase + period search (the others a quick phase fit).
+SOFT_REFINE = 2
 #: Weight of :func:`mixture_fraction` added to the residual (a too-fine grid on a soft render).
 MIX_WEIGHT = 0.2
 #: Cell sizes closer than this ratio are one grid (harmonics are ≥ 1.5× apart).
@@ -292,7 +299,9 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
 
 def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode: str) -> np.ndarray:
     """Cuts (px, float64) for period ``w`` under ``mode``: ``"sharp"`` / ``"soft_edges"`` (DP on boundary energy
-    ``p1``) or ``"soft"`` (DP on curvature ``p2`` = cell centres, cuts at the midpoints). See :func:`dp_cuts`."""
+    ``p1``) or ``"soft"`` (DP on curvature ``p2`` = cell centres, cuts at the midpoints). See :func:`dp_cuts`.
+    (:func:`detect_axis` fits soft lattices with :func:`.grid_soft.fit_soft`; the DP soft modes remain for
+    callers that need cuts for a given period without a re-rendering search.)"""
     if mode == "sharp":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)
@@ -426,11 +435,12 @@ def edge_score(p: np.ndarray, cuts: np.ndarray, length: int, win: float) -> floa
 
 
 def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple = (),
-                prefer: float = 0.0, modes: tuple = MODES) -> AxisFit:
+                prefer: float = 0.0, modes: tuple = MODES, pool: bool = False) -> AxisFit:
     """Cuts of one axis (see the module docstring). ``lines`` ``[3, r, L]`` int16 sampled along the axis;
     ``p1``/``p2`` from :func:`axis_profiles` (may use more lines); ``extra``: more candidate periods (px) to
     check (e.g. the other axis' cell size); ``prefer``: a period (px) that wins residual ties; ``modes``: the
-    edge models to try (the caller drops the soft ones when the edges are known to be sharp). Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
+    edge models to try (the caller drops the soft ones when the edges are known to be sharp); ``pool``: every
+    (period, model) pair competes (the caller sets it when no sharp grid concentrates the edges). Returns an :class:`AxisFit` (empty cuts when no grid shows)."""
     L = lines.shape[2]
     noise = noise_level(lines)
     thr = threshold(noise)
@@ -444,22 +454,38 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
         return fit
     tried: dict = {}
 
-    def run(w, mode):
-        if (w, mode) not in tried:
-            cuts = cuts_for_period(p1, p2, L, w, mode)
-            r = residual(lines, cuts, mode, thr) if cuts.size else 1.0
-            if cuts.size and mode != "sharp":
-                r += MIX_WEIGHT * mixture_fraction(lines, cuts)
+    def run(w, mode, refine=False):
+        if (w, mode) not in tried or refine:
+            if mode == "sharp":
+                cuts = cuts_for_period(p1, p2, L, w, mode)
+                r = residual(lines, cuts, mode, thr) if cuts.size else 1.0
+            else:
+                cuts, ws, r, _ = fit_soft(lines, p1, p2, w, thr, refine_period=refine)
+                if ws < MIN_CELL_PX:
+                    cuts, r = np.zeros(0), 1.0
+                if cuts.size:
+                    r += MIX_WEIGHT * mixture_fraction(lines, cuts)
             tried[(w, mode)] = (r, cuts)
         return tried[(w, mode)][0]
 
     strong = [c for c, v in cands if v >= FUNDAMENTAL_FRAC * cands[0][1]]
     w0 = min(strong)
+    # the edge model is chosen at the fundamental (the smallest strong period), as the residuals of the two
+    # models are not comparable across periods (a soft lattice of half the cells re-renders a blurred sharp render)
+    # — unless ``pool`` (no sharp grid concentrates the edges: an interpolating upscale), where a sharp grid of
+    # tiny cells re-renders the smooth image too and every (period, model) pair competes on the harmonic rule
     mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
     for w in [c for c, _ in cands] + [w0 / 2]:
         if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0):
-            run(w, mode)
-    tried = {k: v for k, v in tried.items() if k[1] == mode}
+            for m in (modes if pool else (mode,)):
+                run(w, m)
+    if not pool:
+        tried = {k: v for k, v in tried.items() if k[1] == mode}
+    # soft lattices: a quick phase fit for every candidate, the full phase + period search for the contenders
+    best = min(r for r, _ in tried.values())
+    soft = sorted((r, w) for (w, m), (r, _) in tried.items() if m == "soft" and r <= 2.0 * best + 0.03)
+    for r, w in soft[:SOFT_REFINE]:
+        run(w, "soft", refine=True)
     best = min(r for r, _ in tried.values())
     floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
     lim = best + max(HARMONIC_MARGIN * best, floor)
@@ -474,8 +500,8 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
     # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
     # strongest autocorrelation peak
-    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), -acf.get(o[2], 0.0),
-                                            o[1]))
+    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), MODES.index(o[3]),
+                                            -acf.get(o[2], 0.0), o[1]))
     r, cuts = tried[(w, mode)]
     cell = float(np.median(np.diff(cuts))) if cuts.size > 1 else float(w)
     coarser = [rr for (ww, mm), (rr, cc) in tried.items() if ww > 1.3 * w]

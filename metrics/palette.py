@@ -21,7 +21,7 @@ from .color import (
     srgb_to_oklab,
     oklab_to_srgb,
 )
-from .grid import Grid, detect_grid, median_of_samples, sample_cells, upscale_native
+from .grid import Grid, detect_grid, median_of_samples, sample_cells, snap, upscale_native
 
 __all__ = [
     "load_rgb",
@@ -450,6 +450,19 @@ def _background(native, cell_labels, opaque, expected_background) -> dict:
     return bgd
 
 
+def background_of(rgb: np.ndarray, grid: Grid | None = None, cluster_threshold: float = CLUSTER_THRESHOLD,
+                  expected_background=None) -> dict:
+    """Background of an RGB uint8 render ``[H, W, 3]`` alone (the ``background`` key of :func:`palette_report`,
+    same rule: snap to ``grid`` — detected when ``None`` —, cluster the cell colours at ``cluster_threshold``
+    ΔE00, then the ring/corner-connectivity rule of ``_background``). Raises :class:`~.grid.GridError` when
+    no grid is found (``status == "none"``)."""
+    g = detect_grid(rgb) if grid is None else grid
+    native = snap(rgb, g)
+    cols, cnt, inv = _unique_with_counts(native.reshape(-1, 3))
+    labels_u, _, _ = cluster_colors(cols, cnt, cluster_threshold)
+    return _background(native, labels_u[inv].reshape(native.shape[:2]), None, expected_background)
+
+
 def palette_report(image, targets=None, cells=None, expected_background=None, tolerance: float = DEFAULT_TOLERANCE,
                    cluster_threshold: float = CLUSTER_THRESHOLD, k: int = 8, grid: Grid | None = None,
                    return_arrays: bool = False, alpha: np.ndarray | None = None, matte=None) -> dict:
@@ -623,4 +636,4 @@ def palette_report(image, targets=None, cells=None, expected_background=None, to
 
 
 __all__ += ["palette_from_caption", "MalformedHexError", "upscale_native", "split_alpha", "load_image",
-            "DETECTION_KEY", "ALPHA_CUTOFF"]
+            "DETECTION_KEY", "ALPHA_CUTOFF", "background_of"]

@@ -32,14 +32,18 @@ logger = logging.getLogger("conceptlab.palette")
 
 def _alpha(mask, i: int, shape) -> np.ndarray | None:
     """ComfyUI MASK ``[B, H, W]`` (1 = masked = transparent, as LoadImage gives it) → alpha uint8 ``[H, W]`` of
-    image ``i`` (the last mask is reused for shorter mask batches); None without a mask. Raises ValueError when
-    the mask size differs from the image's."""
+    image ``i`` (the last mask is reused for shorter mask batches); None without a mask, and None for a mask with
+    nothing masked — ComfyUI's LoadImage (nodes.py, ``LoadImage.load_image``) gives an image without alpha a
+    64×64 zero mask, which must not be refused for its size. Raises ValueError when a mask that masks something
+    differs in size from the image."""
     if mask is None:
         return None
     m = mask.detach().cpu().float().numpy() if hasattr(mask, "detach") else np.asarray(mask, np.float32)
     if m.ndim == 2:
         m = m[None]
     m = m[min(i, m.shape[0] - 1)]
+    if not np.any(m > 0.5 / 255.0):
+        return None
     if m.shape != tuple(shape):
         raise ValueError(f"mask {m.shape[1]}x{m.shape[0]} does not match image {shape[1]}x{shape[0]}")
     return np.clip((1.0 - m) * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -4,6 +4,7 @@ guarantees (loss falls, resume equivalence, metadata, samples)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def test_flux_training_loss_falls_files_and_metadata(dawnlike_dir, tmp_path, cap
     cfg = cfg_for(tmp_path / "out", max_train_epochs=4, learning_rate=1e-2, network_dim=8, network_alpha=8,
                   train_batch_size=4, network_train_unet_only=False, text_encoder_lr=1e-3, model_prediction_type="raw",
                   timestep_sampling="sigmoid", sample_prompts="dawnlike, pixel art --g 2.5 --s 2", sample_steps=2,
-                  sample_every_n_epochs=4, sample_width=32, sample_height=32, save_state=False)
+                  sample_every_n_epochs=4, sample_width=32, sample_height=32, save_state=False,
+                  sample_grid_cells="native")
 
     def fixed_loss():
         sig = torch.tensor([0.2, 0.4, 0.6, 0.8])
@@ -160,14 +162,25 @@ def test_flux_training_loss_falls_files_and_metadata(dawnlike_dir, tmp_path, cap
             return float(diffusion_loss(host, lat, cond, cfg, torch.Generator().manual_seed(0), timesteps=sig))
 
     before = fixed_loss()
+    calls = []
+    orig_sample = host.sample
+
+    @functools.wraps(orig_sample)  # keeps the signature the trainer inspects (guidance=)
+    def spy(prompts, negative="", **kw):
+        calls.append(kw)
+        return orig_sample(prompts, negative, **kw)
+    host.sample = spy
     res = LoraTrainer(host, ds, cfg).run()
     assert host.installed_deltas() == {}
     res.network.install(host)
     after = fixed_loss()
     res.network.remove()
     assert after < 0.93 * before, (before, after)  # measured 0.89 (8 steps on CPU)
-    assert res.history[-1].get("sample_paths") or res.history[-1].get("samples") or any(
-        p.suffix == ".png" for p in (tmp_path / "out").rglob("*.png"))
+    # per-epoch samples with Flux settings: the prompt's --g as the guidance embedding, kohya's Flux cfg 1, --s steps
+    assert [(c["guidance"], c["cfg"], c["steps"], c["width"]) for c in calls] == [(2.5, 1.0, 2, 32)]
+    rec = res.history[-1]
+    assert len(rec["samples"]) == 1 and (tmp_path / "out" / rec["samples"][0]).is_file()
+    assert "effective_colors" in rec  # palette metrics of the samples
     md = read_metadata(res.final_path)
     assert md["ss_base_model_version"] == "flux1" and md["modelspec.architecture"] == "flux-1-dev/lora"
     assert md["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
@@ -240,3 +253,54 @@ def test_flux_resume_reproduces_the_uninterrupted_run(dawnlike_dir, tmp_path):
     a, b = full.network.kohya_state_dict(), resumed.network.kohya_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.step_losses == full.step_losses
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("KOHYA_SD_SCRIPTS"),
+                    reason="kohya tier: set KOHYA_SD_SCRIPTS to a kohya-ss/sd-scripts checkout to run")
+def test_network_names_equal_kohya_create_network(host):
+    """kohya's own networks/lora_flux.py create_network, on kohya's Flux class at the tiny model's widths and on our
+    T5 encoder (train_t5xxl), names exactly the modules our Flux network trains (transformer and lora_te3_). CLIP-L
+    names are not compared: transformers 5 drops CLIPTextModel's ``text_model.`` level that kohya's names keep."""
+    import os
+    import sys
+    import types
+
+    class _Stub(types.ModuleType):  # kohya's library.utils imports torchvision / cv2 for image code unused here
+        def __getattr__(self, n):
+            if n.startswith("__"):
+                raise AttributeError(n)
+            return _Stub(f"{self.__name__}.{n}")
+
+        def __call__(self, *a, **k):
+            return None
+
+    stubbed = []
+    try:
+        for m in ("torchvision", "torchvision.transforms", "cv2", "imagesize"):
+            if m in sys.modules:
+                continue
+            try:
+                __import__(m)
+            except ImportError:
+                sys.modules[m] = _Stub(m)
+                stubbed.append(m)
+        sys.path.insert(0, os.environ["KOHYA_SD_SCRIPTS"])
+        from library import flux_models
+        from networks import lora_flux
+    finally:
+        for m in stubbed:
+            sys.modules.pop(m, None)
+    params = flux_models.FluxParams(in_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=16, mlp_ratio=4.0,
+                                    num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[2, 2, 4], theta=10000,
+                                    qkv_bias=True, guidance_embed=True)
+    flux = flux_models.Flux(params)
+    for args in ([], ["train_blocks=single", "train_single_block_indices=1"],
+                 ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0", "img_attn_dim=8"],
+                 ["in_dims=[2,0,0,0,3]"], ["train_t5xxl=True"]):
+        kw = dict(a.split("=", 1) for a in args)
+        knet = lora_flux.create_network(1.0, 4, 1.0, None, [None, host.t5], flux, **kw)
+        theirs = {lo.lora_name: lo.lora_dim for lo in knet.unet_loras + knet.text_encoder_loras}
+        c = cfg_for(Path("."), network_args=args).validate()
+        ours = build_network_and_groups(host, c, train_te="train_t5xxl=True" in args)[0]
+        mine = {n: d.dim for n, d in ours.loras.items() if not n.startswith("lora_te1_")}
+        assert mine == theirs, args

@@ -37,9 +37,6 @@ def test_clean_fractional_grid_exact(dawnlike_dir):
     assert np.array_equal(clean, r.image)
 
 
-@pytest.mark.xfail(strict=True, reason="regression with the per-line-cut detector (issue 13): 37/40 here, was "
-                                       "38+/40 with the single-period detector; the 100-render 'degraded' "
-                                       "condition in test_grid_conditions.py passes (≥ 95 %)")
 def test_degraded_fixtures_grid_exact_95pct(dawnlike_dir):
     """24×24 canvases upscaled to 512 px (21.33 px cells), random sub-cell phase, blur σ 0.5–1.5, noise σ 2–6,
     JPEG q 75–95: the grid (cell count and phase within 15 % of a cell) must be exact on ≥ 95 %."""
@@ -87,8 +84,6 @@ def test_flat_and_tiny_images():
     assert g.status == "override" and snap(np.full((50, 70, 3), 100, np.uint8), g).shape[:2] == (g.cells_y, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="regression with the per-line-cut detector (issue 13): the 4-px border "
-                                       "cell of this render (phase 4 px) is missed on x")
 def test_snap_robust_to_noise(dawnlike_dir):
     sp = _sprites(dawnlike_dir, 1, 9)[0]
     r = make_render(sp, (10, 10, 10), (24, 24), (512, 512), (4.0, 9.0), blur=1.0, noise=6, jpeg=85, seed=3)

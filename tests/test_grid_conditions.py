@@ -49,7 +49,7 @@ def _rate(rows) -> float:
 #: nearest-neighbour condition) where they are met; where they are not (drift, soft upscales) the measured floor
 #: is asserted here and the target itself is an xfail(strict) test below.
 FLOOR = {"clean": 0.95, "noise": 0.95, "jpeg": 0.95, "crop": 0.95, "degraded": 0.95, "touching": 0.95,
-         "drift": 0.75, "bilinear": 0.70, "lanczos": 0.0}
+         "drift": 0.78, "bilinear": 0.85, "bicubic": 0.55, "lanczos": 0.45}
 CONDITIONS = tuple(FLOOR)
 
 
@@ -70,13 +70,15 @@ def test_condition(condition, files):
     if condition == "drift":
         widths = [np.diff(g.cuts_x) for g in right]
         assert np.mean([w.std() / w.mean() for w in widths]) > 0.04  # not one uniform period
-    if condition == "bilinear":
-        assert np.mean([g.mode != "sharp" for g in right]) > 0.5
+    if condition in ("bilinear", "bicubic", "lanczos"):  # found as soft lattices, not as sharp grids
+        assert np.mean([g.mode == "soft" for g in right]) > 0.9
 
 
-@pytest.mark.parametrize("condition,target", [("drift", 0.95), ("bilinear", 0.90), ("lanczos", 0.90)])
+@pytest.mark.parametrize("condition,target", [("drift", 0.95), ("bilinear", 0.90), ("bicubic", 0.90),
+                                              ("lanczos", 0.90)])
 @pytest.mark.xfail(strict=True, reason="issue 13 targets not reached yet (measured on seeds 1000–1099: drift 81 %, "
-                                       "bilinear 83 %, Lanczos 17 %; see README 'Pixel-art palette metrics')")
+                                       "bilinear 88 %, bicubic 60 %, Lanczos 48 %; see README 'Pixel-art palette "
+                                       "metrics')")
 def test_issue_targets_not_yet_met(condition, target, files):
     rows = _run(condition, files)
     assert _rate(rows) >= target, f"{condition}: {_rate(rows):.0%} exact"

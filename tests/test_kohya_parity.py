@@ -214,3 +214,64 @@ def test_prompt_line_options_match_kohya(case):
     d = case["dict"]
     for key in ("prompt", "negative_prompt", "width", "height", "sample_steps", "seed", "scale", "sample_sampler"):
         assert getattr(sp, key) == d.get(key), key
+
+
+class MetaSDXLHost:
+    """The host protocol for kohya_targets on a full-size SDXL UNet (diffusers, meta device: real names and shapes,
+    no memory) with its LDM paths, plus the two tiny text encoders the fixture's kohya network was built on."""
+
+    arch = "sdxl"
+
+    def __init__(self):
+        from diffusers import UNet2DConditionModel
+        from tiny_models import tiny_text_encoder_2
+        from torch import nn
+
+        from conceptlab.formats.keys import diffusers_to_ldm_unet
+
+        # the shipped SDXL base UNet config (what the CLI host loads single files with)
+        cfg = {k: v for k, v in json.loads((Path(__file__).parents[1] / "configs" / "sdxl_unet.json").read_text())
+               .items() if not k.startswith("_")}
+        pmap = diffusers_to_ldm_unet("sdxl", cfg)
+        self._ldm = {d.rpartition(".")[0]: v.rpartition(".")[0] for d, v in pmap.items()
+                     if d.endswith((".weight", ".bias"))}
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**cfg)
+        lin = (nn.Linear, nn.Conv2d)
+
+        def te_mods(te):
+            return {("text_model." + n if not n.startswith("text_model.") else n): m
+                    for n, m in te.named_modules() if isinstance(m, lin)}
+
+        self._mods = {"unet": {n: m for n, m in unet.named_modules() if isinstance(m, lin)},
+                      "te1": te_mods(tiny_text_encoder()), "te2": te_mods(tiny_text_encoder_2())}
+
+    def components(self):
+        return ["unet", "te1", "te2"]
+
+    def modules(self, comp):
+        return self._mods[comp]
+
+    def unet_ldm_paths(self):
+        return self._ldm
+
+
+def test_sdxl_network_names_ranks_and_shapes_match_kohya():
+    """kohya's create_network on its own SDXL UNet (sdxl_original_unet.py, LDM names) with conv_dim: our targets
+    on the diffusers SDXL UNet, named through the LDM map, have the same lora_unet_/lora_te1_/lora_te2_ names,
+    ranks, alphas and lora_down / lora_up shapes (788 UNet + 24 text-encoder modules)."""
+    from conceptlab.training.lora import LoRADelta
+
+    case = FIX["network_sdxl"]
+    host = MetaSDXLHost()
+    targets = kohya_targets(host, network_dim=case["network_dim"], network_alpha=case["network_alpha"],
+                            conv_dim=int(case["kwargs"]["conv_dim"]), conv_alpha=None, train_unet=True,
+                            train_text_encoder=True)
+    ours = {t.name: t for t in targets}
+    assert set(ours) == set(case["modules"])
+    for name, (dim, alpha, down, up) in case["modules"].items():
+        t = ours[name]
+        assert (t.dim, t.alpha) == (dim, pytest.approx(alpha)), name
+        w = host.modules(t.component)[t.path].weight
+        d = LoRADelta(tuple(w.shape), t.dim, t.alpha)
+        assert list(d.lora_down.shape) == down and list(d.lora_up.shape) == up, name

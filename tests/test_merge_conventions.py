@@ -14,6 +14,7 @@ from conceptlab.cli import main as cli_main
 from conceptlab.formats import safetensors_io as sio
 from conceptlab.training import merge as M
 from conceptlab.training import merge_files as MF
+from conceptlab.training import merge_pipeline as MP
 
 from test_merge_files import make_sd, write
 
@@ -21,10 +22,10 @@ CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def test_thread_budget_never_exceeds_the_cores_the_pipeline_leaves(monkeypatch):
-    monkeypatch.setattr(MF, "available_cores", lambda: 2)
+    monkeypatch.setattr(MP, "available_cores", lambda: 2)
     assert MF.thread_budget(3) == 1 and MF.thread_budget(4) == 1
     assert MF.thread_budget(3, memory_bound=True) == 1
-    monkeypatch.setattr(MF, "available_cores", lambda: 16)
+    monkeypatch.setattr(MP, "available_cores", lambda: 16)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
@@ -40,7 +41,7 @@ def test_streaming_merge_runs_its_arithmetic_on_one_thread_on_two_cores(tmp_path
     a = write(tmp_path, "a.safetensors", make_sd(0))
     b = write(tmp_path, "b.safetensors", make_sd(1))
     c = write(tmp_path, "c.safetensors", make_sd(2))
-    monkeypatch.setattr(MF, "available_cores", lambda: 2)
+    monkeypatch.setattr(MP, "available_cores", lambda: 2)
     seen = set()
     real = MF.merge_tensor
 
@@ -215,3 +216,36 @@ def test_ties_trim_keeps_exactly_k_with_ties_in_memory_order():
     kept = M.trim_top_k(big, 0.3)
     assert int((kept != 0).sum()) == 300                       # exactly round(density * n), ties included
     assert big.abs()[kept == 0].max() <= kept.abs()[kept != 0].min()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_compute_heavy_methods_spread_keys_over_workers_with_the_same_bits(tmp_path, monkeypatch, method):
+    """Several keys computed at once on worker threads (one torch thread each): the file is bit-identical to the
+    in-memory merge, and a worker's error stops the merge and leaves no file."""
+    sds = [make_sd(i) for i in range(3)]
+    a, b, c = (write(tmp_path, f"{n}.safetensors", sd) for n, sd in zip("abc", sds))
+    monkeypatch.setattr(MP, "available_cores", lambda: 3)
+    names = set()
+    real = MF.merge_tensor
+
+    def spy(*args, **kw):
+        import threading
+
+        names.add(threading.current_thread().name.split("_")[0])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(MF, "merge_tensor", spy)
+    out = tmp_path / "o.safetensors"
+    MF.merge_checkpoints(a, b, out, c=c, method=method, hash_inputs=False)
+    assert names == {"merge-compute"}
+    ref = MF.merge_state_dicts(sds[0], sds[1], c=sds[2], method=method)[0]
+    got = load_file(out)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+    def boom(*args, **kw):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(MF, "merge_tensor", boom)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        MF.merge_checkpoints(a, b, tmp_path / "p.safetensors", c=c, method=method, hash_inputs=False)
+    assert not (tmp_path / "p.safetensors").exists() and not list(tmp_path.glob(".p.safetensors*"))

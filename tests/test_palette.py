@@ -296,6 +296,15 @@ def test_nodes_run_on_batch(fixtures):
     assert sw.shape[0] == 2 and len(hexes.splitlines()) == 2
     (q,) = ConceptLabPaletteQuantize().run(imgs, 4, "")
     assert q.shape == imgs.shape
+    # LoadImage gives an image without alpha a 64x64 zero MASK (found running the node in real ComfyUI): it means
+    # "nothing transparent" and must give the same report as no mask; a real mask of another size is refused
+    same = json.loads(ConceptLabPaletteMetrics().run(imgs, 5.0, ",".join(DB16_DAWNLIKE), mask=torch.zeros(1, 64, 64))[0])
+    assert [r["grid"] for r in same] == [r["grid"] for r in reps]
+    assert [r["effective_colors"] for r in same] == [r["effective_colors"] for r in reps]
+    bad = torch.zeros(1, 64, 64)
+    bad[0, :8, :8] = 1.0
+    with pytest.raises(ValueError, match="does not match image"):
+        ConceptLabPaletteMetrics().run(imgs, 5.0, "", mask=bad)
     with pytest.raises(ValueError, match="malformed hex"):
         ConceptLabPaletteQuantize().run(imgs, 4, "#12345")
 

@@ -35,7 +35,8 @@ class Family:
         kohya_unet_names: which module names kohya's LoRA keys use for the UNet: ``"diffusers"`` (kohya's SD1/SD2
             trainer builds a diffusers-layout UNet: ``lora_unet_down_blocks_0_attentions_0_…``) or ``"ldm"``
             (``sdxl_train_network.py`` builds ``sdxl_original_unet.SdxlUNet2DConditionModel``, LDM layout:
-            ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``).
+            ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) or ``"bfl"`` (Flux: the host's module
+            paths are already the BFL names kohya's ``lora_flux.py`` uses: ``lora_unet_double_blocks_0_img_attn_qkv``).
         lora_targets: which modules kohya's LoRA network adapts: ``"unet"`` (``networks/lora.py``: UNet transformer
             blocks, CLIP text encoders; :func:`.lora.kohya_targets`) or ``"flux"`` (``networks/lora_flux.py``: double
             / single blocks, CLIP-L, optional T5; :mod:`.lora_flux`).

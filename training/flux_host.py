@@ -64,16 +64,19 @@ class FusedLinear(nn.Module):
 
     @property
     def pieces(self) -> list[tuple[nn.Linear, Piece]]:
+        """``[(diffusers nn.Linear, Piece of the fused BFL tensor)]`` in row order."""
         return list(self._pieces)
 
     @property
     def weight(self) -> torch.Tensor:
+        """The fused weight ``[Σ rows, in]`` (a new tensor: the pieces concatenated, dequantized if quantized)."""
         from .quantize import dense
 
         return torch.cat([dense(m.weight) for m, _ in self._pieces], dim=0)
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The fused bias ``[Σ rows]``, or None when a piece has no bias."""
         if any(m.bias is None for m, _ in self._pieces):
             return None
         return torch.cat([m.bias for m, _ in self._pieces], dim=0)
@@ -153,6 +156,7 @@ class FluxHost(DiffusionHost):
     arch = "flux"
     prediction_type = "flow"
     latent_channels = 16
+    native_sampler = "euler"  # FlowMatchEulerDiscreteScheduler (sample())
 
     def __init__(self, transformer: nn.Module, clip: nn.Module | None, clip_tokenizer: Callable | None,
                  t5: nn.Module | None, t5_tokenizer: Callable | None, vae: nn.Module | None, *,

@@ -141,6 +141,8 @@ class DiffusionHost(abc.ABC):
     dtype: torch.dtype = torch.float32
     latent_channels: int = 4
     vae_scale: int = 8
+    #: the sampler :meth:`sample` uses when the host has no ``sampler_name`` argument (kohya ``sample_sampler``)
+    native_sampler: str = "ddim"
 
     # -- modules and deltas ---------------------------------------------------------------------------------
     @abc.abstractmethod

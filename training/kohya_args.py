@@ -157,7 +157,8 @@ REFUSED: dict[str, str] = {
     "base_weights": "merge the LoRA into the model first (ComfyUI LoraLoader, or the merge CLI)",
     "base_weights_multiplier": "see base_weights",
     "vae": "a separate VAE file is not supported by the CLI; train in ComfyUI with the VAE you want",
-    "fp8_base": "fp8 base weights are not supported", "fp8_base_unet": "fp8 base weights are not supported",
+    "fp8_base": "kohya's fp8 storage is not implemented; for Flux set quantize_base = \"fp8\" (torchao float8 "
+                "weight-only, CUDA) or \"int8\" (also CPU)", "fp8_base_unet": "see fp8_base",
     "use_lion_optimizer": f"Lion is not supported; use optimizer_type AdamW, AdamW8bit, Adafactor, Prodigy or "
                           "SGDNesterov",
     "lr_scheduler_type": "custom scheduler classes are not supported; use lr_scheduler",

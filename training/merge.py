@@ -35,6 +35,8 @@ METHODS_NEED_C = ("add_difference", "train_difference", "model_stock")
 #: methods that can use C as the base of their task vectors (otherwise A is the base)
 METHODS_OPTIONAL_C = ("ties", "dare", "della")
 TIES_SIGNS = ("sum", "count")
+#: entries per chunk of :func:`ties_fuse` (256 KiB of float32: a few intermediates fit a core's L2 cache)
+TIES_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -214,24 +216,30 @@ def trim_top_k(tau: Tensor, density: float) -> Tensor:
     """
     if not 0.0 <= float(density) <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    t = tau.to(torch.float32)
-    n = t.numel()
+    return _trim_top_k_(tau.to(torch.float32, copy=True), density)
+
+
+def _trim_top_k_(out: Tensor, density: float) -> Tensor:
+    """:func:`trim_top_k` in place on a contiguous float32 tensor of the caller's own (one copy fewer)."""
+    n = out.numel()
     k = int(round(float(density) * n))
     if k >= n:
-        return t.clone()
-    out = torch.zeros_like(t)
-    if k <= 0:
         return out
+    if k <= 0:
+        return out.zero_()
     import numpy as np
 
-    flat = t.reshape(-1)
+    flat = out.view(-1)
     mag = flat.abs()
     thr = float(np.partition(mag.detach().cpu().numpy(), n - k)[n - k])  # the k-th largest magnitude
-    keep = mag > thr
-    short = k - int(keep.sum())
-    if short > 0:  # entries equal to the threshold, first ones in memory order
-        keep[(mag == thr).nonzero().squeeze(1)[:short]] = True
-    return torch.where(keep.view(t.shape), t, out)
+    drop = mag < thr
+    if n - int(drop.sum()) > k:  # entries equal to the threshold beyond k: keep the first ones in memory order
+        keep = mag > thr
+        short = k - int(keep.sum())
+        if short > 0:
+            keep[(mag == thr).nonzero().squeeze(1)[:short]] = True
+        drop = ~keep
+    return out.masked_fill_(drop.view(out.shape), 0.0)
 
 
 def ties(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], density: float = 0.2,
@@ -252,7 +260,10 @@ def ties(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], dens
     if not tensors or len(tensors) != len(weights):
         raise ValueError(f"need one weight per model, got {len(tensors)} models and {len(weights)} weights")
     base32 = base.to(torch.float32)
-    trimmed = [trim_top_k(t.to(torch.float32) - base32, density).mul_(float(w)) for t, w in zip(tensors, weights)]
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    trimmed = [_trim_top_k_(torch.sub(t.to(torch.float32), base32).contiguous(), density).mul_(float(w))
+               for t, w in zip(tensors, weights)]
     return ties_fuse(base32, trimmed, weights, scale=scale, sign=sign)
 
 
@@ -264,20 +275,30 @@ def ties_fuse(base: Tensor, weighted: Sequence[Tensor], weights: Sequence[float]
     if sign not in TIES_SIGNS:
         raise ValueError(f"TIES sign election must be one of {TIES_SIGNS}, got {sign!r}")
     base32 = base.to(torch.float32)
-    weighted = list(weighted)
-    # one pass per model and step instead of a stacked [M, ...] copy (2.5× faster on one CPU thread, same sums)
-    votes = weighted[0].clone() if sign == "sum" else torch.sign(weighted[0])
-    for x in weighted[1:]:
-        votes.add_(x if sign == "sum" else torch.sign(x))
-    gamma = votes.sign_()
-    num = torch.zeros_like(base32)
-    den = torch.zeros_like(base32)
-    for x, w in zip(weighted, weights):
-        agree = (x * gamma) > 0                                    # same sign as the elected one, and non-zero
-        num.add_(x.masked_fill(~agree, 0.0))
-        den.add_(agree.to(torch.float32), alpha=float(w))
-    mean = num.div_(den).masked_fill_(den == 0, 0.0)
-    return torch.add(base32, mean, alpha=float(scale))
+    weighted = [x.reshape(-1) for x in weighted]
+    flat_base = base32.reshape(-1)
+    out = torch.empty_like(flat_base)
+    n = flat_base.numel()
+    # one pass per model and step instead of a stacked [M, ...] copy (2.5× faster on one CPU thread, same sums),
+    # over cache-sized chunks: the ~12 element-wise steps then run in L2 instead of streaming every intermediate
+    # through memory (benchmarks/merge.py: ~25 % less time on a 6.5 M-entry tensor); each entry's arithmetic is
+    # unchanged, so the bits do not depend on the chunk size
+    for s in range(0, n, TIES_CHUNK):
+        e = min(n, s + TIES_CHUNK)
+        xs = [x[s:e] for x in weighted]
+        votes = xs[0].clone() if sign == "sum" else torch.sign(xs[0])
+        for x in xs[1:]:
+            votes.add_(x if sign == "sum" else torch.sign(x))
+        gamma = votes.sign_()
+        num = torch.zeros_like(gamma)
+        den = torch.zeros_like(gamma)
+        for x, w in zip(xs, weights):
+            agree = (x * gamma) > 0                                    # same sign as the elected one, and non-zero
+            num.add_(x.masked_fill(~agree, 0.0))
+            den.add_(agree.to(torch.float32), alpha=float(w))
+        mean = num.div_(den).masked_fill_(den == 0, 0.0)
+        torch.add(flat_base[s:e], mean, alpha=float(scale), out=out[s:e])
+    return out.view(base32.shape)
 
 
 def key_seed(seed: int, key: str, index: int = 0) -> int:

@@ -25,18 +25,20 @@ see :class:`_PreadSafetensors`); the header reserves their 64 hex digits and the
 file is moved into place.
 
 Speed (``benchmarks/merge.py``): one reader thread per input (``preadv`` into the tensor's own buffer +
-SHA-256, both release the GIL), the weighted sum computed in place over A's buffer, and a writer thread that
-writes straight from the tensor's memory, so reading, hashing, arithmetic and writing overlap.
+SHA-256, both release the GIL), the weighted sum computed in place over A's buffer, the compute-heavy methods
+on one worker per core (one torch thread each), and a writer thread that writes straight from the tensor's
+memory, so reading, hashing, arithmetic and writing overlap.
+
+Layout: this module plans and merges; :mod:`training.merge_io` reads and hashes the inputs,
+:mod:`training.merge_pipeline` runs the reader / compute / writer threads, :mod:`training.merge_recipe` writes
+the recipe and modelspec metadata. Their public names (and the private ones the other merge modules use) are
+re-exported here, so ``from conceptlab.training.merge_files import ...`` keeps working.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import hashlib
 import json
 import os
-import queue
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -45,20 +47,15 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, WeightFileError, parse_dtype
-from ..formats.weight_folders import open_weight_source, sha256_source
+from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_dtype
+from ..formats.weight_folders import open_weight_source
 from .merge import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
-
-RECIPE_KEY = "conceptlab.recipe"
-RECIPE_FORMAT = "conceptlab.merge/1"
-
-MODELSPEC_ARCH = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2-768-v",
-    "sdxl": "stable-diffusion-xl-v1-base",
-    "flux": "flux-1-dev",
-}
-
+from .merge_io import (_BufferPool, _byte_view, _cached_hashes, _fast_reader, _Hasher,  # noqa: F401 - re-exported
+                       _PreadSafetensors, _remember_hashes)
+from .merge_pipeline import (_MEMORY_BOUND, _pipeline, _torch_threads, arithmetic_threads,  # noqa: F401
+                             available_cores, compute_workers, thread_budget)
+from .merge_recipe import (MODELSPEC_ARCH, RECIPE_FORMAT, RECIPE_KEY, SD2_V_NORM_STD, _modelspec,  # noqa: F401
+                           _SD2_V_PROBE, _patch_hashes, _placeholder, _recipe, modelspec_architecture, read_recipe)
 
 @dataclass
 class MergeReport:
@@ -138,182 +135,6 @@ class _Source:
 
     def has(self, k) -> bool:
         return k in self.obj
-
-
-class _PreadSafetensors:
-    """Tensor reads from a safetensors file with ``os.preadv`` into buffers of their own, hashing the file on
-    the way (POSIX; elsewhere the merge reads through :class:`WeightFile` and hashes on a separate thread).
-
-    ``safetensors.safe_open`` memory-maps the whole file, and every page a merge touches then counts in the
-    process's resident set until the map is closed (≈ the size of all inputs for a full pass). Reading each
-    tensor with ``preadv`` straight into the buffer of a tensor (one copy, page cache → tensor; the buffer new
-    or lent by a :class:`_BufferPool`) keeps the resident set at the tensors in flight, and the tensor is the
-    merge's own: it may be computed in place. ``posix_fadvise(WILLNEED)`` keeps the disk reading ahead.
-
-    SHA-256 while reading: every data byte of the file passes through memory here anyway, so the input hash
-    is fed from the same buffers instead of reading the files a second time. The hash needs the bytes in
-    file order; reads are in A's storage order, so a cursor follows them: a read that starts at the cursor
-    is hashed, a small gap (a key this merge skips) is read and hashed to catch up, and anything else (B laid
-    out in another order) is left for :meth:`hexdigest`, which hashes whatever lies past the cursor at the
-    end — correct in every case, and a second pass only where the order made it necessary. The header is the
-    documented safetensors layout (8-byte little-endian length + JSON); the file was already validated by
-    :class:`WeightFile` (offsets within the file).
-    """
-
-    CATCH_UP_MAX = 64 << 20  # bytes read just to keep the hash sequential over a skipped key
-    READ_AHEAD = 64 << 20  # bytes the kernel is asked to prefetch past the last read
-
-    def __init__(self, wf: WeightFile, hash_file: bool = False):
-        import struct
-
-        self.wf = wf
-        self._fd = os.open(str(wf.path), os.O_RDONLY)
-        with contextlib.suppress(AttributeError, OSError):  # Linux: larger read-ahead for the sequential pass
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        head = os.pread(self._fd, 8, 0)
-        (n,) = struct.unpack("<Q", head)
-        raw = os.pread(self._fd, n, 8)
-        header = json.loads(raw)
-        header.pop("__metadata__", None)
-        self._base = 8 + n
-        self._offsets = {k: tuple(v["data_offsets"]) for k, v in header.items()}
-        self._size = os.fstat(self._fd).st_size
-        self._sha = hashlib.sha256(head + raw) if hash_file else None
-        self._cursor = 8 + n  # file position up to which ``_sha`` has consumed the bytes
-        self._ahead = 0  # file position up to which read-ahead was requested
-
-    def get(self, key: str, pool: _BufferPool | None = None) -> torch.Tensor:
-        """The tensor ``key`` in its stored dtype and shape, in a buffer of its own (CPU): a new one, or one
-        from ``pool`` (lent under the token ``key`` until ``pool.release(key)``). Raises WeightFileError."""
-        begin, end = self._offsets[key]
-        dtype, shape = self.wf.dtype(key), tuple(self.wf.shape(key))
-        if pool is not None and end - begin >= pool.MIN_BYTES:
-            out = pool.acquire(end - begin, key).view(dtype).view(shape)
-        else:
-            out = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            view = _byte_view(out)
-            got = os.preadv(self._fd, [view], self._base + begin)
-            if got != end - begin:
-                raise WeightFileError(f"{self.wf.path.name}: short read for tensor {key!r} (file truncated?)")
-            self._read_ahead(self._base + end)
-            self._hash(self._base + begin, view)
-        return out
-
-    def _read_ahead(self, pos: int) -> None:
-        """Ask the kernel to start reading the next ``READ_AHEAD`` bytes after ``pos`` (asynchronously), so the
-        disk keeps working while this thread hashes and the others compute and write (Linux; no-op elsewhere)."""
-        if self._ahead >= pos + self.READ_AHEAD // 2 or not hasattr(os, "posix_fadvise"):
-            return
-        start = max(self._ahead, pos)
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self._fd, start, pos + self.READ_AHEAD - start, os.POSIX_FADV_WILLNEED)
-        self._ahead = pos + self.READ_AHEAD
-
-    def _hash(self, pos: int, view: memoryview) -> None:
-        if self._sha is None:
-            return
-        gap = pos - self._cursor
-        if 0 < gap <= self.CATCH_UP_MAX:
-            self._hash_range(self._cursor, pos)
-        if pos == self._cursor:
-            self._sha.update(view)  # releases the GIL for large buffers
-            self._cursor += len(view)
-
-    def _hash_range(self, start: int, stop: int, chunk: int = 8 << 20) -> None:
-        buf = bytearray(min(chunk, max(stop - start, 1)))
-        mv = memoryview(buf)
-        pos = start
-        while pos < stop:
-            got = os.preadv(self._fd, [mv[:min(len(buf), stop - pos)]], pos)
-            if got <= 0:
-                raise WeightFileError(f"{self.wf.path.name}: unexpected end of file at byte {pos}")
-            self._sha.update(mv[:got])
-            pos += got
-        self._cursor = stop
-
-    def finish_hash(self) -> None:
-        """Hash whatever the reads did not cover, up to the end of the file (the pipeline's reader thread
-        calls it after its last tensor, while the other stages are still busy). No-op without hashing."""
-        if self._sha is not None and self._cursor < self._size:
-            self._hash_range(self._cursor, self._size)
-
-    def hexdigest(self) -> str:
-        """SHA-256 of the whole file (first hashing, in order, the bytes the reads did not cover)."""
-        if self._sha is None:
-            raise RuntimeError("this reader was opened without hashing")
-        self.finish_hash()
-        return self._sha.hexdigest()
-
-    def data_offset(self, key: str) -> int:
-        return self._offsets[key][0]
-
-    def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class _BufferPool:
-    """Reusable byte buffers for the streaming merge's tensors.
-
-    A fresh ``torch.empty`` of tens of MB is new memory from the kernel: every 4 KiB page faults and is
-    zeroed before ``preadv`` overwrites it (≈ a third of the reading's system time in ``benchmarks/merge.py``).
-    Buffers are lent per job (token = key) and given back by :meth:`release` once the job's output has been
-    written — never earlier, so no view of a buffer can still be in use when it is lent again. Requests are
-    rounded up to 1 MiB so buffers fit many tensor sizes; at most ``keep_bytes`` of free buffers are kept.
-    Thread-safe (readers acquire, the writer releases).
-    """
-
-    MIN_BYTES = 1 << 20  # smaller tensors come from malloc's heap, which reuses memory by itself
-    _ROUND = 1 << 20
-
-    def __init__(self, keep_bytes: int = 512 << 20):
-        self.keep_bytes = keep_bytes
-        self._free: list[torch.Tensor] = []
-        self._free_bytes = 0
-        self._lent: dict[str, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, nbytes: int, token: str) -> torch.Tensor:
-        """A uint8 tensor of exactly ``nbytes`` (a view of a pooled buffer), lent under ``token``."""
-        with self._lock:
-            best = None
-            for i, buf in enumerate(self._free):  # smallest free buffer that fits
-                if buf.numel() >= nbytes and (best is None or buf.numel() < self._free[best].numel()):
-                    best = i
-            if best is not None:
-                buf = self._free.pop(best)
-                self._free_bytes -= buf.numel()
-            else:
-                buf = None
-        if buf is None:
-            buf = torch.empty(-(-nbytes // self._ROUND) * self._ROUND, dtype=torch.uint8)
-        with self._lock:
-            self._lent.setdefault(token, []).append(buf)
-        return buf[:nbytes]
-
-    def release(self, token: str) -> None:
-        """Take back every buffer lent under ``token`` (call when nothing uses them any more)."""
-        with self._lock:
-            for buf in self._lent.pop(token, ()):
-                if self._free_bytes + buf.numel() <= self.keep_bytes:
-                    self._free.append(buf)
-                    self._free_bytes += buf.numel()
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """A writable byte ``memoryview`` of a contiguous CPU tensor's storage (no copy)."""
-    flat = t.view(-1)
-    if t.dtype == torch.bool:
-        return memoryview(flat.numpy()).cast("B")
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _fast_reader(src: _Source, hash_file: bool = False):
-    if src is None or not src.is_file or src.obj.format != "safetensors" or not hasattr(os, "preadv"):
-        return None  # (Windows has no pread/preadv: WeightFile's memory map is used there)
-    return _PreadSafetensors(src.obj, hash_file=hash_file)
 
 
 def _detect_arch(src: _Source) -> str:
@@ -414,6 +235,9 @@ def _read(job: _KeyJob, a: _Source, b: _Source | None, c: _Source | None):
     return ta, b.get(job.key), tc
 
 
+_REPORT_LOCK = threading.Lock()
+
+
 def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
              lora: Mapping[str, torch.Tensor] | None, report: MergeReport, inplace: bool = False,
              options: MethodOptions | None = None) -> torch.Tensor:
@@ -444,7 +268,8 @@ def _compute(job: _KeyJob, tensors, method: str, density: float, seed: int,
                 raise ValueError(f"LoRA delta for {job.key} has shape {list(delta.shape)}, weight is {list(job.shape)}")
             delta = delta.reshape(job.shape)
         out = out.to(torch.float32) + delta.to(torch.float32)
-        report.lora_applied += 1
+        with _REPORT_LOCK:  # keys may be computed on several worker threads
+            report.lora_applied += 1
     return out.to(job.out_dtype)
 
 
@@ -538,114 +363,9 @@ def _check_lora_targets(lora: dict | None, jobs: list[_KeyJob], report: MergeRep
         report.warnings.append(f"{len(report.lora_unmatched)} LoRA weights have no target in model A")
 
 
-SD2_V_NORM_STD = 0.09  # ComfyUI comfy/supported_models.py SD20.model_type: std of this bias > 0.09 -> v-prediction
-_SD2_V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-
-
-def modelspec_architecture(arch: str, source: "_Source | None" = None) -> tuple[str | None, str | None]:
-    """``(modelspec.architecture, modelspec.prediction_type)`` for a merge whose model A is ``source``.
-
-    A's own ``modelspec.architecture`` (and prediction type) is kept when its file has one of the same family.
-    Otherwise: SD1
-    ``stable-diffusion-v1``; SDXL ``stable-diffusion-xl-v1-base``; SD2 ``stable-diffusion-v2-768-v`` (v) when A
-    has a ``v_pred`` key or ComfyUI's test says v-prediction (``comfy/supported_models.py`` ``SD20.model_type``:
-    4 input channels and std of ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` > 0.09), else
-    ``stable-diffusion-v2-512`` (ε); Flux ``flux-1-dev`` when A has the guidance embedder (``guidance_in.*``),
-    else ``flux-1-schnell``. Names from the SAI model spec 1.0 as kohya writes them
-    (sd-scripts ``library/sai_model_spec.py``). Unknown architectures: ``(None, None)``.
-    """
-    md = {}
-    if source is not None and source.is_file:
-        md = getattr(source.obj, "metadata", None) or {}
-    family = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl",
-              "flux": "flux"}.get(arch)
-    if family and str(md.get("modelspec.architecture", "")).startswith(family):
-        return md["modelspec.architecture"], md.get("modelspec.prediction_type")
-    if arch == "sd2" and source is not None:
-        keys = set(source.keys())
-        v = "v_pred" in keys
-        if not v and _SD2_V_PROBE in keys:
-            conv_in = "model.diffusion_model.input_blocks.0.0.weight"
-            in_ch = source.shape(conv_in)[1] if conv_in in keys else 4
-            if in_ch == 4:
-                t = source.obj.get(_SD2_V_PROBE) if source.is_file else source.obj[_SD2_V_PROBE]
-                v = float(torch.std(t.to(torch.float32), unbiased=False)) > SD2_V_NORM_STD
-        return ("stable-diffusion-v2-768-v", "v") if v else ("stable-diffusion-v2-512", "epsilon")
-    if arch == "flux" and source is not None:
-        dev = any(k.startswith("guidance_in.") or ".guidance_in." in k or "guidance_embedder." in k
-                  for k in source.keys())
-        return ("flux-1-dev" if dev else "flux-1-schnell"), None
-    return MODELSPEC_ARCH.get(arch) if arch != "flux" else None, None
-
-
-def _modelspec(arch: str, title: str, source: "_Source | None" = None) -> dict[str, str]:
-    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": title,
-            "modelspec.date": _dt.date.today().isoformat()}
-    name, pred = modelspec_architecture(arch, source)
-    if name:
-        spec["modelspec.architecture"] = name
-    if pred:
-        spec["modelspec.prediction_type"] = pred
-    return spec
-
-
-def _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options=None) -> dict:
-    from .. import __version__
-
-    r = {"format": RECIPE_FORMAT, "tool": f"conceptlab {__version__}", "method": report.method,
-         "convention": "alpha is the weight of B: (1-alpha)*A + alpha*B",
-         "arch": plan.arch, **plan.describe(), "dtype": dtype_name, "inputs": inputs}
-    if method in ("ties", "dare", "della"):
-        r["density"] = float(density)
-    if method in ("dare", "della"):
-        r["seed"] = int(seed)
-    r.update((options or MethodOptions()).describe(method))
-    if lora_info:
-        r["lora"] = lora_info
-    return r
-
-
-def read_recipe(path: str | os.PathLike) -> dict:
-    """The ``conceptlab.recipe`` of a merged file as a dict (``{}`` if it has none)."""
-    with WeightFile(path) as wf:
-        raw = wf.metadata.get(RECIPE_KEY)
-    return json.loads(raw) if raw else {}
-
-
 # ----------------------------------------------------------------------------------------------------
 # streaming
 # ----------------------------------------------------------------------------------------------------
-_PLACEHOLDER = "sha256-pending-{}"
-
-
-def _placeholder(tag: str) -> str:
-    s = _PLACEHOLDER.format(tag)
-    return s + "-" * (64 - len(s))
-
-
-class _Hasher(threading.Thread):
-    """SHA-256 of input files on a second thread (hashlib releases the GIL on large buffers)."""
-
-    def __init__(self, paths: Mapping[str, Path]):
-        super().__init__(daemon=True)
-        self.paths = dict(paths)
-        self.result: dict[str, str] = {}
-        self.error: BaseException | None = None
-        self._cancel = threading.Event()
-
-    def run(self):
-        try:
-            for tag, p in self.paths.items():
-                if self._cancel.is_set():
-                    return
-                self.result[tag] = sha256_source(p)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            self.error = exc
-
-    def stop(self):
-        self._cancel.set()
-
-
 def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output: str | os.PathLike,
                       c: str | os.PathLike | None = None, method: str = "weighted_sum", alpha: float = 0.5,
                       block_weights=None, density: float = 0.2, seed: int = 0, dtype: str = "fp16",
@@ -753,8 +473,10 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
                 t = tuple(t) + (None,) * (3 - len(t))
                 return _compute(j, t, method, density, seed, lora_map, report, inplace=owned, options=options)
 
-            with _torch_threads(thread_budget(len(readers) + 1, memory_bound=method in _MEMORY_BOUND or sb is None)):
-                _pipeline(jobs, readers, compute, write, progress)
+            memory_bound = method in _MEMORY_BOUND or sb is None
+            workers = compute_workers(memory_bound)
+            with _torch_threads(arithmetic_threads(workers, len(readers) + 1, memory_bound)):
+                _pipeline(jobs, readers, compute, write, progress, workers=workers)
             hashes = {}
             if hash_inputs:
                 for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
@@ -792,19 +514,6 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             f.close()
 
 
-def _cached_hashes(paths: Mapping[str, Path]) -> dict[str, str]:
-    from .merge_hashes import lookup
-
-    found = {tag: lookup(p) for tag, p in paths.items()}
-    return {tag: h for tag, h in found.items() if h}
-
-
-def _remember_hashes(paths: Mapping[str, Path], hashes: Mapping[str, str]) -> None:
-    from .merge_hashes import store
-
-    store({paths[tag]: h for tag, h in hashes.items() if tag in paths})
-
-
 def _name_output(exc: OSError, out_path: Path) -> OSError:
     """An error about the temporary file the output is written to, re-worded to name the output file and its
     folder (a read-only folder, a full disk); any other error is returned unchanged."""
@@ -815,141 +524,6 @@ def _name_output(exc: OSError, out_path: Path) -> OSError:
     new = type(exc)(exc.errno, f"cannot write the output {out_path}: {what} (in folder {out_path.parent}; "
                                "nothing was written)")
     return new
-
-
-_DONE = object()
-
-# methods whose per-tensor arithmetic is one or two passes over memory: torch's OpenMP threads gain nothing
-# there, and between the thousands of short parallel regions they spin-wait on the cores the reader, hash and
-# writer threads need (benchmarks/merge.py on 2 cores: 7.4 s → 3.3 s user CPU for the same merge).
-_MEMORY_BOUND = ("weighted_sum", "add_difference")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (``sched_getaffinity`` where available, else ``os.cpu_count()``)."""
-    with contextlib.suppress(AttributeError, OSError):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def thread_budget(pipeline_threads: int, memory_bound: bool = False) -> int:
-    """torch intra-op threads for the merge arithmetic while ``pipeline_threads`` reader / writer threads run.
-
-    Memory-bound methods (one or two passes over each tensor) get 1. The others (TIES, DARE, DELLA, SLERP,
-    train difference, model stock) get the cores the pipeline leaves: ``max(1, cores − pipeline_threads)``,
-    never more than torch's current setting. Leaving torch's default (one OpenMP thread per core) on while the
-    reader / hash / writer threads run oversubscribes the cores: the OpenMP workers spin-wait between the many
-    short parallel regions on the cores the pipeline needs (issue 19: TIES 262 s → 116 s with one thread on 2
-    cores). Results do not depend on it (same kernels, same bits).
-    """
-    if memory_bound:
-        return 1
-    return max(1, min(torch.get_num_threads(), available_cores() - int(pipeline_threads)))
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """Run the block with ``torch.set_num_threads(n)`` (``None``: unchanged) and restore the previous count.
-    Results do not depend on it (torch's element-wise kernels give the same bits for any thread count)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _pipeline(jobs, readers, compute, write, progress, depth: int = 3) -> None:
-    """One reader thread per input → compute (caller's thread) → write (thread), each ``depth`` tensors ahead.
-
-    ``readers[i] = (read, finish)``: ``read(job)`` returns input ``i``'s tensor for ``job`` (or ``None`` when
-    the job does not need it), ``finish()`` (or ``None``) runs on that reader's thread after its last job;
-    ``compute(job, [t_0, t_1, …])`` returns the tensor ``write(key, tensor)`` appends. One thread per input
-    lets A and B be read and hashed (page-cache copies and SHA-256 release the GIL) on both cores at once
-    while the arithmetic and the output writes overlap them. Any exception in a stage stops the others and is
-    re-raised here (the caller's writer then removes its temporary file).
-    """
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    q_ins = [queue.Queue(maxsize=depth) for _ in readers]
-    q_out: queue.Queue = queue.Queue(maxsize=depth)
-
-    def put(q, item):
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(q):
-        while True:
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                if stop.is_set():
-                    return _DONE
-
-    def reader(read, finish, q):
-        try:
-            for job in jobs:
-                if not put(q, read(job)):
-                    return
-            if finish is not None:
-                finish()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            errors.append(exc)
-            stop.set()
-
-    def writer():
-        try:
-            while True:
-                item = get(q_out)
-                if item is _DONE:
-                    return
-                write(*item)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            stop.set()
-
-    threads = [threading.Thread(target=reader, args=(r, f, q), daemon=True) for (r, f), q in zip(readers, q_ins)]
-    threads.append(threading.Thread(target=writer, daemon=True))
-    for t in threads:
-        t.start()
-    try:
-        total = len(jobs)
-        for done, job in enumerate(jobs, 1):
-            tensors = [get(q) for q in q_ins]
-            if any(t is _DONE for t in tensors):
-                break
-            if not put(q_out, (job.key, compute(job, tensors))):
-                break
-            del tensors
-            if progress is not None:
-                progress(done, total)
-        put(q_out, _DONE)
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
-
-
-def _patch_hashes(writer: SafetensorsStreamWriter, hashes: Mapping[str, str]) -> None:
-    """Overwrite the reserved 64-character placeholders in the already written header with the hashes
-    (same length, so offsets and the header length do not change)."""
-    for tag, digest in hashes.items():
-        try:
-            writer.replace_in_header(_placeholder(tag), digest)
-        except ValueError as exc:
-            raise RuntimeError(f"cannot place the hash of input {tag} in the header: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------------------------

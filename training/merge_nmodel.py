@@ -321,8 +321,10 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
                     writer.write(key, tensor)
                     pool.release(key)
 
-                with MF._torch_threads(MF.thread_budget(len(readers) + 1, memory_bound=method == "weighted_sum")):
-                    MF._pipeline(jobs, readers, compute, write, progress)
+                memory_bound = method == "weighted_sum"
+                workers = MF.compute_workers(memory_bound)
+                with MF._torch_threads(MF.arithmetic_threads(workers, len(readers) + 1, memory_bound)):
+                    MF._pipeline(jobs, readers, compute, write, progress, workers=workers)
                 hashes = {}
                 if hash_inputs:
                     for t, s in srcs.items():

@@ -37,7 +37,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,6 +121,7 @@ class DDPMObjective:
                 for n in _changed(cfg, FLOW_FIELDS)]
 
     def loss(self, host, latents, cond, cfg, generator, timesteps=None, autocast=None, loss_weights=None):
+        """:func:`.trainer.ddpm_loss` (0-d fp32; ``timesteps``: fixed integer t ``[B]``)."""
         from .trainer import ddpm_loss
 
         return ddpm_loss(host, latents, cond, cfg, generator, timesteps=timesteps, autocast=autocast,

@@ -217,11 +217,10 @@ def run(args, host=None) -> int:
         if pred is None and flat.get("v_parameterization") is True:
             pred = "v_prediction"
         tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
+        flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base") if flat.get(k)}
         with contextlib.redirect_stderr(io.StringIO()) if not main else contextlib.nullcontext():
             host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
-                             prediction_type=pred,
-                             flux={k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base")
-                                   if flat.get(k)})
+                             prediction_type=pred, **({"flux": flux} if flux else {}))
     if flat.get("v2") and getattr(host, "arch", None) not in (None, "sd2"):
         raise ValueError(f"v2 = true but the model is {host.arch} (v2 means a Stable Diffusion 2.x model)")
     trainer = LoraTrainer(host, dataset, cfg, model_name=Path(str(flat.get("pretrained_model_name_or_path", "")))

@@ -1444,6 +1444,7 @@ class LoraTrainer:
         seed = cfg.sample_seed if cfg.sample_seed is not None else cfg.seed
         params = inspect.signature(self.host.sample).parameters
         takes_sampler = "sampler_name" in params
+        native = getattr(self.host, "native_sampler", "ddim")
         # kohya's Flux samples: true CFG ("scale") defaults to 1.0 (flux_train_utils.py line 159), --g = guidance
         cfg_default = cfg.sample_cfg if "guidance" not in params or cfg.sample_cfg != TrainConfig.sample_cfg else 1.0
         out = []
@@ -1453,8 +1454,9 @@ class LoraTrainer:
             name = sp.sample_sampler or cfg.sample_sampler
             if takes_sampler:
                 kw["sampler_name"], kw["scheduler"] = comfy_sampler(name)
-            elif (name or "ddim").lower() != "ddim" and not getattr(self, "_sampler_warned", False):
-                logger.warning("sample_sampler %s: this model host samples with DDIM only", name)
+            elif (name or native).lower() not in (native, TrainConfig.sample_sampler) \
+                    and not getattr(self, "_sampler_warned", False):
+                logger.warning("sample_sampler %s has no effect: this model host samples with %s only", name, native)
                 self._sampler_warned = True
             if "guidance" in params:
                 kw["guidance"] = sp.guidance_scale

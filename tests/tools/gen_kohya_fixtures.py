@@ -6,11 +6,13 @@ Usage (sd-scripts does not install as a package; its optional heavy imports are 
 functions called here)::
 
     git --git-dir=<sd-scripts git dir> archive HEAD library networks train_network.py | tar -x -C /tmp/sdscripts
+    (or a checkout of sd-scripts)
     python tests/tools/gen_kohya_fixtures.py /tmp/sdscripts
 
 Runs kohya's: ``networks/lora.py`` ``parse_block_lr_kwargs``, ``get_block_dims_and_alphas``,
 ``remove_block_dims_and_alphas``, ``get_block_index``, ``create_network`` (on the SD1.5 UNet built on the meta
-device and a tiny CLIP text encoder) + ``prepare_optimizer_params`` + ``apply_max_norm_regularization``;
+device and a tiny CLIP text encoder, and on kohya's own full-size SDXL UNet ``library/sdxl_original_unet.py`` on
+the meta device with two tiny text encoders) + ``prepare_optimizer_params`` + ``apply_max_norm_regularization``;
 ``library/train_util.py`` ``DreamBoothDataset`` (regularization balancing, on temporary folders),
 ``line_to_prompt_dict``, ``get_timesteps``; ``library/custom_train_functions.py`` ``pyramid_noise_like`` and
 ``apply_noise_offset`` (with their random draws replaced by a recorded sequence), ``apply_snr_weight``,
@@ -167,6 +169,23 @@ def main(argv=None) -> int:
                   "lora_unet_output_blocks_8_0_emb_layers_1", "lora_unet_time_embed_0", "lora_unet_out_2",
                   "lora_unet_input_blocks_0_0", "lora_te1_text_model_encoder_layers_0_mlp_fc1"]
     out["block_index_sdxl"] = {nm: kl.get_block_index(nm, True) for nm in sdxl_names}
+
+    # -- a network on kohya's own SDXL UNet (library/sdxl_original_unet.py, LDM module names, built on the meta
+    # device at full size) + the two tiny text encoders: names, ranks, alphas and LoRA weight shapes ---------------
+    from library.sdxl_original_unet import SdxlUNet2DConditionModel
+    from tiny_models import tiny_text_encoder_2
+
+    with torch.device("meta"):
+        xl_unet = SdxlUNet2DConditionModel()
+    te1, te2 = tiny_text_encoder(), tiny_text_encoder_2()
+    kl.LoRANetwork.UNET_TARGET_REPLACE_MODULE = ["Transformer2DModel"]
+    case = {"name": "sdxl_conv", "network_dim": 8, "network_alpha": 4.0, "kwargs": {"conv_dim": "4"}}
+    net = kl.create_network(1.0, case["network_dim"], case["network_alpha"], None, [te1, te2], xl_unet,
+                            **dict(case["kwargs"]))
+    out["network_sdxl"] = {**case, "modules": {
+        m.lora_name.replace("lora_te1_encoder_", "lora_te1_text_model_encoder_"):
+            [int(m.lora_dim), float(m.alpha), list(m.lora_down.weight.shape), list(m.lora_up.weight.shape)]
+        for m in net.text_encoder_loras + net.unet_loras}}
 
     # -- max-norm regularization (scale_weight_norms) ---------------------------------------------------------
     g = torch.Generator().manual_seed(3)
