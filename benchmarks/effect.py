@@ -4,22 +4,23 @@ Runs on the tiny DawnLike model (``sample_data/tiny_dawnlike``) and the real Daw
 behind README's "Evidence" section and writes its pictures and a JSON of every figure to ``--out``.
 The fast versions of the same measurements are the tests ``tests/test_effect_*.py``.
 
-Sections (``--only lora,rank,esd,merge,diff``; default all):
+Sections (``--only lora,esd,merge,diff,rank``; default all, in this order):
 
 * **lora** — a LoRA on 16 Game-Boy-recoloured sprites with the trigger ``gbstyle``: in-palette fraction (Game Boy
-  ramp, ΔE00 ≤ 5) of samples with / without the trigger, before and after; per-epoch samples and the trainer's
+  ramp, ΔE00 ≤ 5) and mean ΔE00 to the ramp of samples with / without the trigger, before and after, beside the
+  ceiling (the training images through the model's VAE) and the pixel change against the base's samples; per-epoch samples and the trainer's
   best-epoch choice against an independent per-epoch measurement on other seeds; a grid of samples per epoch.
 * **rank** — the same LoRA at ``network_dim`` 4 / 8 / 16 / 32 / 64 (``network_alpha = network_dim``).
 * **esd** — a CNN trained on real sprites of six DawnLike groups (held-out accuracy); ESD-x erases ``wall``;
   the classifier's hit rate on samples of each group's prompts before / after, for ``self_sample`` vs
   ``noised`` x_t, whole-latent vs grid masks, 1 vs 100 prompt variations; a before/after grid.
 * **merge** — base ⊕ (base with the LoRA baked in) by weighted sum at α = 0 … 1 (style moves monotonically?),
-  and add-difference ``B + 1·(baked − base)`` onto a second base B (an earlier checkpoint of the same training,
-  i.e. a related model, as add-difference is used) and onto an unrelated base (another seed), if given.
+  and add-difference ``B + 1·(baked − base)`` onto a second base B: the ``wall``-erased model of the esd section (a
+  derived model of the same base, as add-difference is used in practice) and any ``--second-base`` folder.
 * **diff** — weight diff of an ESD result (which layer types changed), and the ratio table of a 100- vs a
   500-iteration erasure (:func:`conceptlab.metrics.weight_diff.compare_reports`).
 
-Usage: ``python benchmarks/effect.py [--out out/effect] [--only lora,esd] [--seeds 3]``. On 2 shared CPU cores
+Usage: ``python benchmarks/effect.py [--out out/effect] [--only lora,esd] [--seeds 3] [--pictures docs/evidence]``. On 2 shared CPU cores
 the full run takes tens of minutes; every section prints its figures as soon as it has them.
 """
 
@@ -38,54 +39,75 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import effect_lib as E  # noqa: E402
 
 
+#: set by ``--pictures DIR``: every picture is also written there (README's "Evidence" pictures: docs/evidence)
+PICTURES: list[Path] = []
+
+
 def _save(img: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
+    for p in [path] + [d / path.name for d in PICTURES]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(p, optimize=True)
 
 
 def section_lora(host, out: Path, seeds, res_all: dict) -> dict:
     from conceptlab.training.trainer import labelled_grid
 
     t = E.Timer()
-    before = E.style_scores(host, seeds=seeds)
     data = E.write_style_dataset(out / "data", n=16, repeats=3)
+    train_imgs = E.load_folder_images(next(data.iterdir()))
+    # the ceiling: the training images themselves through the model's VAE (no UNet can draw better than this)
+    rt = E.vae_round_trip(host, train_imgs)
+    ceiling = {"train_in_palette": E.in_palette_fraction(train_imgs), "round_trip_in_palette": E.in_palette_fraction(rt),
+               "round_trip_de": E.mean_delta_e(rt),
+               "round_trip_mae_255": float(np.abs(rt.astype(int) - train_imgs.astype(int)).mean())}
+    _save(labelled_grid([list(train_imgs[:8]), list(rt[:8])], ["training image", "through the VAE"], []),
+          out / "vae_round_trip.png")
+    print(f"[lora] style dataset: in-palette {ceiling['train_in_palette']:.3f}; through the tiny model's VAE: "
+          f"in-palette {ceiling['round_trip_in_palette']:.3f}, mean ΔE00 {ceiling['round_trip_de']:.2f}, "
+          f"mean abs error {ceiling['round_trip_mae_255']:.1f}/255")
+    held = [s + 100 for s in seeds]
+    ref = E.style_samples(host, seeds=held)
+    before = E.style_scores(host, seeds=held)
     prompts = [f"{E.TRIGGER}, {p}" for p in E.STYLE_EVAL_PROMPTS[:4]]
     res = E.train_style_lora(host, data, out / "lora", max_train_epochs=8, sample_every_n_epochs=1,
-                             sample_prompts=prompts, palette=list(E.GAMEBOY), best_metric="in_palette_frac",
-                             sample_steps=20, sample_cfg=4.0, sample_seed=0)
+                             sample_prompts=prompts, palette=list(E.GAMEBOY), best_metric="delta_e00_mean",
+                             sample_grid_cells="native", sample_steps=20, sample_cfg=4.0, sample_seed=0)
     per_epoch = []
     rows, labels = [], []
-    base_row = [E.sample(host, [p], seed=0)[0] for p in prompts]
-    rows.append(base_row)
+    rows.append([E.sample(host, [p], seed=0)[0] for p in prompts])
     labels.append("base")
     for ep, path in sorted(res.epoch_files.items()):
         with E.lora_installed(host, path):
-            sc = E.style_scores(host, seeds=[s + 100 for s in seeds])
+            sc = E.style_scores(host, seeds=held, reference=ref)
             rows.append([E.sample(host, [p], seed=0)[0] for p in prompts])
         labels.append(f"epoch {ep}")
         rec = next((r for r in res.history if r["epoch"] == ep), {})
         per_epoch.append({"epoch": ep, "train_loss": rec.get("train_loss"),
-                          "trainer_in_palette_frac": rec.get("in_palette_frac"),
-                          "heldout_with_trigger": sc["with_trigger"], "heldout_without_trigger": sc["without_trigger"]})
+                          "trainer_delta_e00_mean": rec.get("delta_e00_mean"), **{f"heldout_{k}": v for k, v in
+                                                                                 sc.items()}})
     _save(labelled_grid(rows, labels, [p.split(",")[-1].strip() for p in prompts]), out / "lora_epochs.png")
-    best_measured = max(per_epoch, key=lambda r: r["heldout_with_trigger"])
+    best_measured = min(per_epoch, key=lambda r: r["heldout_with_trigger_de"])
     chosen = next(r for r in per_epoch if r["epoch"] == res.best_epoch)
     final = per_epoch[-1]
-    fig = {"before": before, "after_final": {"with_trigger": final["heldout_with_trigger"],
-                                              "without_trigger": final["heldout_without_trigger"]},
+    fig = {"ceiling": ceiling, "before": before, "after_final": {k[8:]: v for k, v in final.items()
+                                                                   if k.startswith("heldout_")},
            "per_epoch": per_epoch, "trainer_best_epoch": res.best_epoch,
            "measured_best_epoch": best_measured["epoch"],
-           "chosen_vs_best_gap": round(best_measured["heldout_with_trigger"] - chosen["heldout_with_trigger"], 4),
+           "chosen_vs_best_gap_de": round(chosen["heldout_with_trigger_de"] - best_measured["heldout_with_trigger_de"],
+                                          3),
            "seconds": t()}
-    print(f"[lora] before: with trigger {before['with_trigger']:.3f}, without {before['without_trigger']:.3f}")
-    print("[lora] epoch  loss    trainer_ipf  heldout_with  heldout_without")
+    print(f"[lora] base: with trigger in-palette {before['with_trigger']:.3f} ΔE00 {before['with_trigger_de']:.2f}; "
+          f"without in-palette {before['without_trigger']:.3f} ΔE00 {before['without_trigger_de']:.2f}")
+    print("[lora] epoch  loss    trainer_ΔE  heldout: with ipf  with ΔE  with chg  without ΔE  without chg")
     for r in per_epoch:
-        print(f"[lora] {r['epoch']:5d}  {r['train_loss'] or 0:.4f}  {r['trainer_in_palette_frac'] or 0:11.3f}  "
-              f"{r['heldout_with_trigger']:12.3f}  {r['heldout_without_trigger']:15.3f}")
-    print(f"[lora] trainer's best epoch {res.best_epoch}, measured best {best_measured['epoch']}, gap "
-          f"{fig['chosen_vs_best_gap']:.3f} ({fig['seconds']} s)")
+        print(f"[lora] {r['epoch']:5d}  {r['train_loss'] or 0:.4f}  {r['trainer_delta_e00_mean'] or 0:10.2f}  "
+              f"{r['heldout_with_trigger']:16.3f}  {r['heldout_with_trigger_de']:7.2f}  "
+              f"{r['heldout_with_trigger_change']:8.1f}  {r['heldout_without_trigger_de']:9.2f}  "
+              f"{r['heldout_without_trigger_change']:11.1f}")
+    print(f"[lora] trainer's best epoch {res.best_epoch}, measured best {best_measured['epoch']}, ΔE00 gap "
+          f"{fig['chosen_vs_best_gap_de']:.2f} ({fig['seconds']} s)")
     res_all["lora_final_path"] = str(res.final_path)
     res_all["lora_data"] = str(data)
     return fig
@@ -106,9 +128,11 @@ def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
 
         eff = float(np.mean([palette_report(im).get("effective_colors", np.nan) for im in imgs]))
         rows.append({"network_dim": dim, "with_trigger": sc["with_trigger"], "without_trigger": sc["without_trigger"],
-                     "effective_colors": eff, "final_loss": float(np.mean(res.step_losses[-6:]))})
-        print(f"[rank] dim {dim:3d}: in-palette with trigger {sc['with_trigger']:.3f}, without "
-              f"{sc['without_trigger']:.3f}, effective colours {eff:.2f}, loss {rows[-1]['final_loss']:.4f}")
+                     "effective_colors": eff, "final_loss": float(np.mean([v for v in res.step_losses if v is not None][-6:] or [np.nan]))})
+        rows[-1].update(with_trigger_de=sc["with_trigger_de"], without_trigger_de=sc["without_trigger_de"])
+        print(f"[rank] dim {dim:3d}: with trigger in-palette {sc['with_trigger']:.3f} ΔE00 {sc['with_trigger_de']:.2f}, "
+              f"without ΔE00 {sc['without_trigger_de']:.2f}, effective colours {eff:.2f}, "
+              f"loss {rows[-1]['final_loss']:.4f}")
     return {"rows": rows, "seconds": t()}
 
 
@@ -149,9 +173,9 @@ def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept:
         w = erased_weights(host, r)
         with E.weights_patched(host, w):
             after = rates()
-            if name.startswith("self_sample, whole, 1"):
+            if name.startswith("self_sample, whole,"):  # the 1-prompt and the 100-prompt erasure
                 grid_rows.append(list(E.sample(host, prompts, seed=0)))
-                grid_labels.append("erased")
+                grid_labels.append("erased, " + name.rsplit(", ", 1)[1])
         others = [c for c in E.CONCEPTS if c != concept]
         drop = base[concept] - after[concept]
         spill = float(np.mean([abs(after[c] - base[c]) for c in others]))
@@ -169,6 +193,7 @@ def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept:
 
 
 def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dict:
+    from conceptlab.training.esd import erased_weights
     from conceptlab.training.merge import add_difference, weighted_sum
     from conceptlab.training.trainer import labelled_grid
 
@@ -186,24 +211,39 @@ def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dic
         merged = {k: weighted_sum(base[k], baked[k], a) for k in changed}
         with E.weights_patched(host, merged):
             sc = E.style_scores(host, seeds=seeds)
-            strip.append(E.sample(host, [f"{E.TRIGGER}, {E.STYLE_EVAL_PROMPTS[0]}"], seed=0)[0])
+            strip.append(E.sample(host, [f"{E.TRIGGER}, {p}" for p in E.STYLE_EVAL_PROMPTS[:4]], seed=0))
         rows.append({"alpha": a, **sc})
-        print(f"[merge] weighted sum alpha {a:.2f}: in-palette with trigger {sc['with_trigger']:.3f}, without "
-              f"{sc['without_trigger']:.3f}")
-    _save(labelled_grid([strip], [], [f"a={r['alpha']}" for r in rows]), out / "merge_strip.png")
-    vals = [r["with_trigger"] for r in rows]
-    mono = all(b >= a - 1e-9 for a, b in zip(vals, vals[1:]))
-    fig = {"weighted_sum": rows, "monotonic": mono, "add_difference": []}
+        print(f"[merge] weighted sum alpha {a:.2f}: with trigger in-palette {sc['with_trigger']:.3f} ΔE00 "
+              f"{sc['with_trigger_de']:.2f}; without ΔE00 {sc['without_trigger_de']:.2f}")
+    cols = [np.stack([s[i] for s in strip]) for i in range(len(strip[0]))]
+    _save(labelled_grid([list(c) for c in cols], [p.split(",")[-1].strip() for p in E.STYLE_EVAL_PROMPTS[:4]],
+                        [f"a={r['alpha']}" for r in rows]), out / "merge_strip.png")
+    vals = [r["with_trigger_de"] for r in rows]
+    mono = all(b <= a + 1e-9 for a, b in zip(vals, vals[1:]))
+    fig = {"weighted_sum": rows, "monotonic_de": mono, "add_difference": []}
+    print(f"[merge] ΔE00 with trigger monotone in alpha: {mono}")
+    # second bases: a derived model of the same base (the ESD `wall` erasure from the esd section — how
+    # add-difference is used in practice: move a fine-tune's difference onto another fine-tune of the same base),
+    # and any --second-base folders given
+    seconds = []
+    if res_all.get("esd_first"):
+        r, _ = res_all["esd_first"]
+        seconds.append(("tiny_dawnlike with wall erased (ESD-x)", host, erased_weights(host, r)))
     for label, path in second_bases:
-        other = E.load_host(Path(path))
+        seconds.append((label, E.load_host(Path(path)), {}))
+    for label, other, patch in seconds:
         ob = E.model_state(other)
-        before = E.style_scores(other, seeds=seeds)
-        transfer = {k: add_difference(ob[k], baked[k], base[k], 1.0) for k in changed}
+        ob.update(patch)
+        keys = sorted(set(changed) | set(patch))
+        with E.weights_patched(other, {k: ob[k] for k in patch}):
+            before = E.style_scores(other, seeds=seeds)
+        transfer = {k: add_difference(ob[k], baked[k], base[k], 1.0) for k in keys}
         with E.weights_patched(other, transfer):
             after = E.style_scores(other, seeds=seeds)
         fig["add_difference"].append({"second_base": label, "before": before, "after": after})
-        print(f"[merge] add difference onto {label}: with trigger {before['with_trigger']:.3f} -> "
-              f"{after['with_trigger']:.3f}; without {before['without_trigger']:.3f} -> {after['without_trigger']:.3f}")
+        print(f"[merge] add difference onto {label}: with trigger ΔE00 {before['with_trigger_de']:.2f} -> "
+              f"{after['with_trigger_de']:.2f}; without {before['without_trigger_de']:.2f} -> "
+              f"{after['without_trigger_de']:.2f}")
     fig["seconds"] = t()
     return fig
 
@@ -233,14 +273,18 @@ def section_diff(host, out: Path, seeds, res_all: dict, concept: str = "wall") -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/effect"))
-    ap.add_argument("--only", default="lora,rank,esd,merge,diff")
+    ap.add_argument("--only", default="lora,esd,merge,diff,rank")
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per measurement")
     ap.add_argument("--esd-iterations", type=int, default=100)
     ap.add_argument("--model", type=Path, default=E.TINY_MODEL)
     ap.add_argument("--second-base", action="append", default=[], metavar="LABEL=PATH",
                     help="a second tiny base for add-difference (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pictures", type=Path, default=None,
+                    help="also write the pictures here (README's Evidence pictures: docs/evidence)")
     args = ap.parse_args(argv)
+    if args.pictures:
+        PICTURES.append(args.pictures)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     host = E.load_host(args.model)

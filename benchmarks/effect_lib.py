@@ -283,14 +283,44 @@ class lora_installed:
         self.net.remove()
 
 
-def style_scores(host, prompts: Sequence[str] = STYLE_EVAL_PROMPTS, seeds: Sequence[int] = (0,),
-                 trigger: str = TRIGGER, steps: int = 20) -> dict[str, float]:
-    """In-palette fraction (Game Boy ramp, ΔE00 ≤ 5) of samples of ``prompts`` with and without the trigger."""
+def style_samples(host, prompts: Sequence[str] = STYLE_EVAL_PROMPTS, seeds: Sequence[int] = (0,),
+                  trigger: str = TRIGGER, steps: int = 20) -> dict[str, np.ndarray]:
+    """uint8 ``[len(seeds)·len(prompts), 16, 16, 3]`` samples of ``prompts`` with (``"with_trigger"``) and without
+    (``"without_trigger"``) ``"<trigger>, "`` in front."""
     out = {}
     for key, ps in (("with_trigger", [f"{trigger}, {p}" for p in prompts]), ("without_trigger", list(prompts))):
-        imgs = np.concatenate([sample(host, ps, seed=s, steps=steps) for s in seeds])
-        out[key] = in_palette_fraction(imgs)
+        out[key] = np.concatenate([sample(host, ps, seed=s, steps=steps) for s in seeds])
     return out
+
+
+def style_scores(host, prompts: Sequence[str] = STYLE_EVAL_PROMPTS, seeds: Sequence[int] = (0,),
+                 trigger: str = TRIGGER, steps: int = 20, reference: dict | None = None) -> dict[str, float]:
+    """Palette figures of samples of ``prompts`` with and without the trigger: ``with_trigger`` /
+    ``without_trigger`` = in-palette fraction (Game Boy ramp, ΔE00 ≤ 5), ``*_de`` = mean ΔE00 to the nearest
+    ramp colour (:func:`mean_delta_e`). With ``reference`` (a :func:`style_samples` dict of another model on the
+    same prompts and seeds), ``*_change`` = mean absolute pixel change against it, in 0..255 units."""
+    imgs = style_samples(host, prompts, seeds, trigger, steps)
+    out = {}
+    for key, im in imgs.items():
+        out[key] = in_palette_fraction(im)
+        out[f"{key}_de"] = mean_delta_e(im)
+        if reference is not None:
+            out[f"{key}_change"] = float(np.abs(im.astype(np.int16) - reference[key].astype(np.int16)).mean())
+    return out
+
+
+def vae_round_trip(host, images: np.ndarray) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` → the same images encoded (posterior mean) and decoded by ``host``'s VAE: the best
+    any UNet (and so any LoRA) on this model can draw them."""
+    with torch.no_grad():
+        return to_uint8(host.decode_latents(host.encode_images(tiny.to_tensor(images))))
+
+
+def load_folder_images(folder: Path) -> np.ndarray:
+    """Every ``*.png`` of ``folder`` (sorted) as uint8 RGB ``[N, H, W, 3]`` (all the same size)."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))])
 
 
 # ------------------------------------------------------------------------------------------------------------

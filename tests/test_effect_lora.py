@@ -1,9 +1,18 @@
 """Effect: a LoRA trained on the tiny DawnLike model moves the samples of its trigger prompts toward the Game Boy
-palette of its training images.
+palette of its training images, as far as the model's VAE can draw that palette.
 
-Fixed seeds; margins measured on the shipped model (README "Evidence"). The measure is the mean CIEDE2000
-distance of sample pixels to the nearest Game Boy colour: the in-palette fraction at ΔE00 5 stays ~0 on this
-model before and after (its VAE returns colours ~17/255 off on average), so it cannot show a change here.
+Not asserted, because it is not so (measured): the samples of the same prompts *without* the trigger change about
+as much (27.4/255 mean pixel change against 28.3/255 with it) — 16 images that all carry the trigger, and no
+regularization images, teach the style to every prompt (kohya's answer is ``reg_data_dir`` prior preservation).
+
+The measure is the mean CIEDE2000 distance of sample pixels to the nearest Game Boy colour, compared with the
+*ceiling*: the training images themselves encoded and decoded by the model's VAE (no UNet, so no LoRA, can draw
+better than that). The in-palette fraction at ΔE00 5 cannot show the effect on the shipped model: its VAE returns
+the Game Boy training images 44.8/255 off on average (ΔE00 29.9; in-palette 0.000, against 1.000 for the images
+themselves) — README "Evidence" has the measurements. The margins are relative to the ceiling measured here, so
+they hold for a retrained model with a better VAE too.
+
+Fixed seeds; margins measured on the shipped model (benchmarks/effect.py prints the figures).
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -19,16 +29,28 @@ import effect_lib as E  # noqa: E402
 pytestmark = pytest.mark.skipif(not (E.TINY_MODEL.is_dir() and (E.DATA / "sprites").is_dir()),
                                 reason="needs sample_data/tiny_dawnlike and ../shared/data/dawnlike")
 
-PROMPTS = [f"{E.TRIGGER}, {p}" for p in E.STYLE_EVAL_PROMPTS[:6]]
+DATA = E.REPO / "sample_data" / "gameboy"
+PROMPTS = E.STYLE_EVAL_PROMPTS[:6]
 
 
-def test_lora_moves_trigger_samples_toward_the_palette(tmp_path):
+def test_lora_moves_trigger_samples_to_what_the_vae_can_draw_of_the_palette(tmp_path):
     host = E.load_host()
-    before = E.mean_delta_e(E.sample(host, PROMPTS, steps=12))
-    res = E.train_style_lora(host, E.REPO / "sample_data" / "gameboy", tmp_path / "out", max_train_epochs=8,
-                             learning_rate=1e-2, save_every_n_epochs=None)
+    train = E.load_folder_images(DATA / f"3_{E.TRIGGER}")
+    ceiling = E.mean_delta_e(E.vae_round_trip(host, train))
+    assert E.in_palette_fraction(train) == 1.0  # the style dataset is exactly the Game Boy ramp
+    before = E.style_samples(host, PROMPTS, steps=12)
+    res = E.train_style_lora(host, DATA, tmp_path / "out", max_train_epochs=8, learning_rate=1e-2,
+                             save_every_n_epochs=None)
     with E.lora_installed(host, res.final_path):
-        after = E.mean_delta_e(E.sample(host, PROMPTS, steps=12))
-    # measured (seed 0, 6 prompts, 12 DDIM steps, 48 steps of training): 31.4 -> 28.5 ΔE00
-    assert before > 29.0, before
-    assert after < before - 1.5, (before, after)
+        after = E.style_scores(host, PROMPTS, steps=12, reference=before)
+    b = E.mean_delta_e(before["with_trigger"])
+    a = after["with_trigger_de"]
+    print(f"ceiling {ceiling:.2f}, with trigger {b:.2f} -> {a:.2f}; without "
+          f"{E.mean_delta_e(before['without_trigger']):.2f} -> {after['without_trigger_de']:.2f}; pixel change with "
+          f"{after['with_trigger_change']:.1f}, without {after['without_trigger_change']:.1f}")
+    # measured (seed 0, 6 prompts, 12 DDIM steps, 48 steps of training): ceiling 29.86; with the trigger
+    # 31.4 -> 28.54 ΔE00 (the LoRA reaches the ceiling); pixel change with the trigger 28.3/255
+    assert b > ceiling + 1.0, (b, ceiling)  # the base does not draw the style by itself
+    assert a < b - 1.5, (b, a)
+    assert a < ceiling + 0.5, (a, ceiling)  # the gap to what the VAE can draw is closed
+    assert after["with_trigger_change"] > 10.0, after

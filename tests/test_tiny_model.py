@@ -62,3 +62,24 @@ def test_train_cli_defaults_to_the_tiny_model(tmp_path, monkeypatch, capsys):
         cli.main(["train", "--config", str(cfg)])
     assert Path(seen["path"]) == MODEL
     assert "tiny DawnLike model" in capsys.readouterr().err
+
+
+def test_quickstart_runs_end_to_end_and_reports_its_time(tmp_path, capsys):
+    """README's first command, cut to one epoch and 2 sampling steps: audit → training with samples and metrics
+    → epoch table and best epoch → best-vs-base samples; ends with the timing line (wall, CPU, load average)."""
+    from conceptlab import cli
+
+    out = tmp_path / "qs"
+    assert cli.main(["quickstart", "--out", str(out), "--set", "max_train_epochs=1", "--set", "sample_steps=2"]) == 0
+    text = capsys.readouterr().out
+    assert "[1/4] caption audit" in text and "0 errors" in text
+    assert "<- best" in text and "delta_e00_mean" in text
+    assert (out / "gbstyle-best.safetensors").is_file() and (out / "best_vs_base.png").is_file()
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("done in ") and " s CPU (" in last and "load average" in last, last
+
+
+def test_timing_line_names_phases_cpu_and_load():
+    line = quickstart_cli.timing_line(125.4, 98.2, {"audit": 0.4, "training with per-epoch samples": 100.0})
+    assert line.startswith("done in 125 s wall-clock, 98 s CPU (audit 0 s, training with per-epoch samples 100 s)")
+    assert "load average" in line and "cores" in line

@@ -203,14 +203,16 @@ def build_tokenizer(captions: list[str], out_dir: Path, vocab_size: int = 1024):
 # ------------------------------------------------------------------------------------------------------------
 # models
 # ------------------------------------------------------------------------------------------------------------
-def build_models(tokenizer, seed: int):
+def build_models(tokenizer, seed: int, latent_channels: int = 8):
+    """Fresh VAE, UNet and text encoder; ``latent_channels`` sets the VAE latent and the UNet in/out channels
+    (8 in the shipped model; 12 holds a 2×2×3 pixel patch exactly)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**{**VAE_CONFIG, "latent_channels": latent_channels})
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels})
     torch.manual_seed(seed + 2)
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG)
@@ -228,14 +230,31 @@ def alphas_cumprod() -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------------------
-def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log) -> None:
-    """Reconstruction (L1 + MSE) + KL·1e-6 (LDM's small KL weight), AdamW; ``pixels`` ``[N, 3, 32, 32]``."""
+def recolour_random(x: torch.Tensor, frac: float, gen: torch.Generator) -> torch.Tensor:
+    """Colour augmentation for the VAE: in a ``frac`` share of the images ``[B, 3, H, W]`` (``[-1, 1]``) every
+    distinct colour is replaced by a uniformly random one (same layout, new palette), so the VAE learns to keep
+    colours the sprites never use (a Game Boy ramp, a user's palette) instead of only DawnBringer-16's."""
+    if frac <= 0:
+        return x
+    x = x.clone()
+    for i in torch.nonzero(torch.rand(len(x), generator=gen) < frac).flatten().tolist():
+        flat = x[i].reshape(3, -1).T
+        cols, inv = torch.unique(flat, dim=0, return_inverse=True)
+        new = torch.rand(len(cols), 3, generator=gen) * 2 - 1
+        x[i] = new[inv].T.reshape(x[i].shape)
+    return x
+
+
+def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log,
+              colour_augment: float = 0.0) -> None:
+    """Reconstruction (L1 + MSE) + KL·1e-6 (LDM's small KL weight), AdamW; ``pixels`` ``[N, 3, 16, 16]``;
+    ``colour_augment``: share of each batch recoloured by :func:`recolour_random` (0 in the shipped model)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        x = pixels[idx]
+        x = recolour_random(pixels[idx], colour_augment, gen)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -296,6 +315,11 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-only", action="store_true",
                     help="only fine-tune the decoder of the VAE in <out>/train_state.pt (can run beside the UNet "
                          "training: the UNet never sees the decoder) and write <out>/vae_decoder.pt")
+    ap.add_argument("--latent-channels", type=int, default=8,
+                    help="VAE latent channels = UNet in/out channels (shipped: 8; 12 keeps a 2x2 RGB patch exactly)")
+    ap.add_argument("--colour-augment", type=float, default=0.0,
+                    help="share of VAE training images recoloured to random colours (shipped: 0; see README "
+                         "'Evidence': the shipped VAE cannot draw colours DawnLike does not use)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N sprites (smoke tests)")
     args = ap.parse_args(argv)
 
@@ -323,7 +347,7 @@ def main(argv=None) -> int:
               return_tensors="pt").input_ids
     empty_ids = tok([""], padding="max_length", max_length=TOKENIZER_MAX_LENGTH, return_tensors="pt").input_ids
 
-    vae, unet, te = build_models(tok, args.seed)
+    vae, unet, te = build_models(tok, args.seed, args.latent_channels)
     state_path = out / "train_state.pt"
     decoder_path = out / "vae_decoder.pt"
     if args.decoder_only:
@@ -345,7 +369,7 @@ def main(argv=None) -> int:
         vae.eval().requires_grad_(False)
         log(f"resumed at step {start}")
     else:
-        train_vae(vae, pixels, args.vae_steps, args.batch, 2e-3, gen, log)
+        train_vae(vae, pixels, args.vae_steps, args.batch, 2e-3, gen, log, args.colour_augment)
     with torch.no_grad():
         mean = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
         rec = torch.cat([vae.decode(mean[i:i + 256]).sample for i in range(0, len(mean), 256)])
@@ -452,6 +476,7 @@ def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
     (model_dir / "training.json").write_text(json.dumps({
         "seed": args.seed, "threads": args.threads, "vae_steps": args.vae_steps, "steps": step,
+        "latent_channels": args.latent_channels, "colour_augment": args.colour_augment,
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "caption_dropout": args.caption_dropout,
         "weights": "raw" if args.export_raw else "ema",
         "vae_mean_abs_error_255": round(rec_err, 3), "final_loss_mean_last_100": float(np.mean(losses[-100:]))
