@@ -612,39 +612,13 @@ def test_cli_diff_bfl_checkpoint_with_kohya_lora(files, lora_kohya, tmp_path):
 def test_kohya_lora_modules_equal_kohya_create_network():
     """kohya's own networks/lora_flux.py create_network on its own Flux class (library/flux_models.py) at a tiny
     width names exactly the modules F.kohya_lora_modules gives, with train_blocks / block indices / type dims."""
-    import os
-    import sys
-    import types
-
     # imported before any stub, so diffusers' / transformers' package probes see the real environment
     from diffusers import AutoencoderKL  # noqa: F401
     from transformers import CLIPTextModel  # noqa: F401
 
-    class _Stub(types.ModuleType):  # kohya's library.utils imports torchvision / cv2 for image code unused here
-        def __getattr__(self, n):
-            if n.startswith("__"):
-                raise AttributeError(n)
-            return _Stub(f"{self.__name__}.{n}")
+    from kohya_import import import_kohya
 
-        def __call__(self, *a, **k):
-            return None
-
-    stubbed = []
-    try:
-        for m in ("torchvision", "torchvision.transforms", "cv2", "imagesize"):
-            if m in sys.modules:
-                continue
-            try:
-                __import__(m)
-            except ImportError:
-                sys.modules[m] = _Stub(m)
-                stubbed.append(m)
-        sys.path.insert(0, os.environ["KOHYA_SD_SCRIPTS"])
-        from library import flux_models
-        from networks import lora_flux
-    finally:
-        for m in stubbed:
-            sys.modules.pop(m, None)
+    flux_models, lora_flux = import_kohya("library.flux_models", "networks.lora_flux")
     params = flux_models.FluxParams(in_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64, mlp_ratio=4.0,
                                     num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000,
                                     qkv_bias=True, guidance_embed=True)

@@ -261,35 +261,10 @@ def test_network_names_equal_kohya_create_network(host):
     """kohya's own networks/lora_flux.py create_network, on kohya's Flux class at the tiny model's widths and on our
     T5 encoder (train_t5xxl), names exactly the modules our Flux network trains (transformer and lora_te3_). CLIP-L
     names are not compared: transformers 5 drops CLIPTextModel's ``text_model.`` level that kohya's names keep."""
-    import os
-    import sys
-    import types
 
-    class _Stub(types.ModuleType):  # kohya's library.utils imports torchvision / cv2 for image code unused here
-        def __getattr__(self, n):
-            if n.startswith("__"):
-                raise AttributeError(n)
-            return _Stub(f"{self.__name__}.{n}")
+    from kohya_import import import_kohya
 
-        def __call__(self, *a, **k):
-            return None
-
-    stubbed = []
-    try:
-        for m in ("torchvision", "torchvision.transforms", "cv2", "imagesize"):
-            if m in sys.modules:
-                continue
-            try:
-                __import__(m)
-            except ImportError:
-                sys.modules[m] = _Stub(m)
-                stubbed.append(m)
-        sys.path.insert(0, os.environ["KOHYA_SD_SCRIPTS"])
-        from library import flux_models
-        from networks import lora_flux
-    finally:
-        for m in stubbed:
-            sys.modules.pop(m, None)
+    flux_models, lora_flux = import_kohya("library.flux_models", "networks.lora_flux")
     params = flux_models.FluxParams(in_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=16, mlp_ratio=4.0,
                                     num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[2, 2, 4], theta=10000,
                                     qkv_bias=True, guidance_embed=True)

@@ -287,17 +287,8 @@ class DiffusersHost(DiffusionHost):
                 a delta is already installed there, or an unknown ``component``.
             KeyError: ``path`` is not a module of ``component`` (see :meth:`modules`).
         """
-        if attr not in ("weight", "bias"):
-            raise ValueError(f"attr must be 'weight' or 'bias', not {attr!r}")
-        mods = self.modules(component)
-        if path not in mods:
-            raise KeyError(f"{component} has no module {path!r}")
-        mod = mods[path]
-        if getattr(mod, attr, None) is None:
-            raise ValueError(f"{component}.{path} has no {attr}")
+        mod = self._delta_target(component, path, attr)
         key = (component, path, attr)
-        if key in self._installed:
-            raise ValueError(f"a delta is already installed on {component}.{path}.{attr}")
         delta.to(self.device)
         parametrize.register_parametrization(mod, attr, delta, unsafe=True)
         self._installed[key] = delta

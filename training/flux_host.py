@@ -292,17 +292,8 @@ class FluxHost(DiffusionHost):
         :class:`FusedLinear` as one :class:`PieceDelta` per diffusers piece (row slices; the swapped halves of
         ``final_layer.adaLN_modulation.1``). Raises ``ValueError`` (bad attr, tensor absent, already installed,
         unknown component) or ``KeyError`` (unknown path)."""
-        if attr not in ("weight", "bias"):
-            raise ValueError(f"attr must be 'weight' or 'bias', not {attr!r}")
-        mods = self.modules(component)
-        if path not in mods:
-            raise KeyError(f"{component} has no module {path!r}")
-        mod = mods[path]
-        if getattr(mod, attr, None) is None:
-            raise ValueError(f"{component}.{path} has no {attr}")
+        mod = self._delta_target(component, path, attr)
         key = (component, path, attr)
-        if key in self._installed:
-            raise ValueError(f"a delta is already installed on {component}.{path}.{attr}")
         delta.to(self.device)
         regs = []
         if component == "unet":

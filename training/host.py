@@ -167,6 +167,23 @@ class DiffusionHost(abc.ABC):
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
         """Apply ``delta`` to ``<component>.<path>.<attr>`` (``attr`` is ``"weight"`` or ``"bias"``)."""
 
+    def _delta_target(self, component: str, path: str, attr: str) -> nn.Module:
+        """The module a new delta on ``<component>.<path>.<attr>`` goes to, after the checks every host makes.
+
+        Raises ``ValueError`` (``attr`` not weight/bias, the module has no such tensor, a delta is already installed
+        there) or ``KeyError`` (``path`` is not a module of ``component``)."""
+        if attr not in ("weight", "bias"):
+            raise ValueError(f"attr must be 'weight' or 'bias', not {attr!r}")
+        mods = self.modules(component)
+        if path not in mods:
+            raise KeyError(f"{component} has no module {path!r}")
+        mod = mods[path]
+        if getattr(mod, attr, None) is None:
+            raise ValueError(f"{component}.{path} has no {attr}")
+        if (component, path, attr) in self.installed_deltas():
+            raise ValueError(f"a delta is already installed on {component}.{path}.{attr}")
+        return mod
+
     @abc.abstractmethod
     def clear_deltas(self) -> None:
         """Remove every installed delta (the host returns to the frozen model)."""
