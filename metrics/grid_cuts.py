@@ -342,6 +342,7 @@ def _regular(cuts: np.ndarray, length: int, w: float) -> np.ndarray:
 
 
 def _chanmax_abs(d: np.ndarray) -> np.ndarray:
+    """max over the channel axis (axis 0, length 3) of |d|, in place on ``d``."""
     np.abs(d, out=d)
     return np.maximum(np.maximum(d[0], d[1]), d[2])
 

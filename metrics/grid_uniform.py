@@ -53,6 +53,8 @@ import math
 
 import numpy as np
 
+from .grid_cuts import _chanmax_abs
+from .grid_cuts import _deblock as _deblock_at
 from .grid_model import Grid, GridError, _check_rgb
 
 __all__ = ["detect_grid_uniform", "grid_from_cells", "edge_profiles", "axis_scores", "HARMONIC_MARGIN", "MIN_SCORE",
@@ -135,17 +137,7 @@ def _deblock(p: np.ndarray) -> np.ndarray:
     step) is subtracted from every boundary value (floored at 0). Real edges on those coordinates are large
     and keep most of their energy; a true sharp 8-px grid (ratio ≫ 4, or nothing off the lines) is left
     alone."""
-    if p.size < 32:
-        return p
-    coord = np.arange(1, p.size + 1)
-    q = p
-    for block in (8, 16):
-        on = (coord % block) == 0
-        m_on, m_off = np.median(q[on]), np.median(q[~on])
-        if 1.15 * m_off + 1e-9 < m_on < 4.0 * m_off:
-            q = q.copy()
-            q[on] = np.maximum(q[on] - (m_on - m_off), 0.0)
-    return q
+    return _deblock_at(p, 1)  # entry i of a first-difference profile sits at coordinate i + 1
 
 
 def _prepare(p: np.ndarray) -> np.ndarray:
@@ -233,12 +225,6 @@ def _lines(rgb: np.ndarray, count: int = RESIDUAL_LINES) -> np.ndarray:
     h = rgb.shape[0]
     step = max(1, h // count)
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
-
-
-def _chanmax_abs(d: np.ndarray) -> np.ndarray:
-    """max over the channel axis (axis 0, length 3) of |d|, in place on ``d``."""
-    np.abs(d, out=d)
-    return np.maximum(np.maximum(d[0], d[1]), d[2])
 
 
 def _residual(lines: np.ndarray, w: float, phase: float, thr: int = RESIDUAL_THRESHOLD) -> float:
