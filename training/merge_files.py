@@ -51,7 +51,7 @@ from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_
 from ..formats.weight_folders import open_weight_source
 from .merge import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
 from .merge_io import (_BufferPool, _byte_view, _cached_hashes, _fast_reader, _Hasher,  # noqa: F401 - re-exported
-                       _PreadSafetensors, _remember_hashes)
+                       _PreadSafetensors, _collect_hashes, _remember_hashes)
 from .merge_pipeline import (_MEMORY_BOUND, _pipeline, _torch_threads, arithmetic_threads,  # noqa: F401
                              available_cores, compute_workers, thread_budget)
 from .merge_recipe import (MODELSPEC_ARCH, RECIPE_FORMAT, RECIPE_KEY, SD2_V_NORM_STD, _modelspec,  # noqa: F401
@@ -477,19 +477,8 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
             workers = compute_workers(memory_bound)
             with _torch_threads(arithmetic_threads(workers, len(readers) + 1, memory_bound)):
                 _pipeline(jobs, readers, compute, write, progress, workers=workers)
-            hashes = {}
-            if hash_inputs:
-                for src, tag in ((sa, "A"), (sb, "B"), (sc, "C")):
-                    if src is not None and src.reader is not None and tag not in cached:
-                        hashes[tag] = src.reader.hexdigest()
-            if hasher is not None:
-                hasher.join()
-                if hasher.error is not None:
-                    raise hasher.error
-                hashes.update(hasher.result)
-            if hash_inputs and hash_cache:
-                _remember_hashes(all_paths, hashes)
-            hashes.update(cached)
+            hashes = _collect_hashes({"A": sa, "B": sb, "C": sc}, cached, hasher, all_paths,
+                                     hash_inputs=hash_inputs, hash_cache=hash_cache)
             _patch_hashes(writer, hashes)
             for tag, h in hashes.items():
                 if tag == "LoRA":

@@ -229,3 +229,27 @@ def _remember_hashes(paths: Mapping[str, Path], hashes: Mapping[str, str]) -> No
     from .merge_hashes import store
 
     store({paths[tag]: h for tag, h in hashes.items() if tag in paths})
+
+
+def _collect_hashes(sources: Mapping[str, object], cached: Mapping[str, str], hasher, paths: Mapping[str, Path],
+                    *, hash_inputs: bool, hash_cache: bool) -> dict[str, str]:
+    """The inputs' SHA-256 hex digests after a streaming merge, ``{tag: hex}``.
+
+    ``sources``: ``{tag: source}`` whose ``reader`` (when not None) hashed the bytes the merge read; ``cached``:
+    digests found in the hash cache before the merge (those inputs were not hashed again); ``hasher``: the
+    background thread hashing inputs the merge did not read whole (or None) — its error, if any, is raised here.
+    New digests are stored in the hash cache when ``hash_cache``. Raises whatever the hasher thread raised."""
+    hashes: dict[str, str] = {}
+    if hash_inputs:
+        for tag, src in sources.items():
+            if src is not None and src.reader is not None and tag not in cached:
+                hashes[tag] = src.reader.hexdigest()
+    if hasher is not None:
+        hasher.join()
+        if hasher.error is not None:
+            raise hasher.error
+        hashes.update(hasher.result)
+    if hash_inputs and hash_cache:
+        _remember_hashes(paths, hashes)
+    hashes.update(cached)
+    return hashes

@@ -325,19 +325,8 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
                 workers = MF.compute_workers(memory_bound)
                 with MF._torch_threads(MF.arithmetic_threads(workers, len(readers) + 1, memory_bound)):
                     MF._pipeline(jobs, readers, compute, write, progress, workers=workers)
-                hashes = {}
-                if hash_inputs:
-                    for t, s in srcs.items():
-                        if s.reader is not None and t not in cached:
-                            hashes[t] = s.reader.hexdigest()
-                if hasher is not None:
-                    hasher.join()
-                    if hasher.error is not None:
-                        raise hasher.error
-                    hashes.update(hasher.result)
-                if hash_inputs and hash_cache:
-                    MF._remember_hashes(paths, hashes)
-                hashes.update(cached)
+                hashes = MF._collect_hashes(srcs, cached, hasher, paths, hash_inputs=hash_inputs,
+                                            hash_cache=hash_cache)
                 MF._patch_hashes(writer, hashes)
                 for t, h in hashes.items():
                     recipe["inputs"][t]["sha256"] = h
