@@ -85,6 +85,24 @@ def write_style_dataset(root: Path, n: int = 24, repeats: int = 2, trigger: str 
     return root
 
 
+def write_reg_dataset(root: Path, n: int = 48, repeats: int = 1, offset: int = 1) -> Path:
+    """Write kohya regularization images (``reg_data_dir``): ``root/<repeats>_pixel art/`` of ``n`` DawnLike
+    sprites in their own colours with captions *without* the trigger (``"pixel art, <group>, <name>"``), drawn
+    from the style groups but, with ``offset`` ≥ 1, not the sprites of :func:`write_style_dataset` (``offset`` 0).
+    Kohya's prior preservation: the LoRA sees prompts without the trigger keep the base's look. Returns ``root``."""
+    from PIL import Image
+
+    sub = root / f"{repeats}_pixel art"
+    if sub.exists():
+        shutil.rmtree(sub)
+    sub.mkdir(parents=True)
+    for path, name, group in style_sprites(n, offset):
+        stem = name.replace(" ", "_")
+        Image.fromarray(tiny.load_sprite(path)).save(sub / f"{stem}.png")
+        (sub / f"{stem}.txt").write_text(f"{tiny.caption(name, group)}\n", encoding="utf-8")
+    return root
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` float 0..1 → uint8 ``[B, H, W, 3]``."""
     return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -250,13 +268,22 @@ def lora_settings(out_dir: Path, **over) -> dict:
     return d
 
 
-def train_style_lora(host, data_root: Path, out_dir: Path, **over):
-    """Train the style LoRA with :func:`conceptlab.training.trainer.train_lora`; returns its ``TrainResult``."""
+def train_style_lora(host, data_root: Path, out_dir: Path, reg_root: Path | None = None, **over):
+    """Train the style LoRA with :func:`conceptlab.training.trainer.train_lora`; returns its ``TrainResult``.
+    ``reg_root``: a kohya ``reg_data_dir`` (e.g. :func:`write_reg_dataset`), read by the pack's kohya dataset
+    machinery (:func:`conceptlab.training.dataset_config.dataset_from_settings`: regularization images balanced to
+    the training images' count, their loss times ``prior_loss_weight``, an ``over`` key)."""
     from conceptlab.training.dataset import KohyaDataset
+    from conceptlab.training.dataset_config import dataset_from_settings
     from conceptlab.training.trainer import configs_from_mapping, train_lora
 
-    cfg, dopts, caps, _ = configs_from_mapping(lora_settings(out_dir, **over))
-    ds = KohyaDataset.scan(data_root, dopts, caps, seed=cfg.seed)
+    settings = lora_settings(out_dir, **over)
+    cfg, dopts, caps, _ = configs_from_mapping(settings)
+    if reg_root is not None:
+        ds, _ = dataset_from_settings({**settings, "train_data_dir": str(data_root), "reg_data_dir": str(reg_root)},
+                                      seed=cfg.seed)
+    else:
+        ds = KohyaDataset.scan(data_root, dopts, caps, seed=cfg.seed)
     try:
         return train_lora(host, ds, cfg)
     finally:
