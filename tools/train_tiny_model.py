@@ -339,6 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--colour-augment", type=float, default=0.0,
                     help="share of VAE training images recoloured to random colours (shipped: 0; see README "
                          "'Evidence': the shipped VAE cannot draw colours DawnLike does not use)")
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="reuse the VAE of a model folder (its vae/) instead of training one: a second base with "
+                         "another --seed in the same latent space (README 'Evidence', add-difference)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N sprites (smoke tests)")
     args = ap.parse_args(argv)
 
@@ -387,6 +390,14 @@ def main(argv=None) -> int:
         ema = st["ema"]; start = st["step"]; scaling = st["scaling"]
         vae.eval().requires_grad_(False)
         log(f"resumed at step {start}")
+    elif args.vae_from:
+        from diffusers import AutoencoderKL
+
+        src = AutoencoderKL.from_pretrained(args.vae_from / "vae")
+        vae.load_state_dict(src.state_dict())
+        vae.register_to_config(scaling_factor=src.config.scaling_factor)
+        vae.eval().requires_grad_(False)
+        log(f"VAE taken from {args.vae_from / 'vae'}")
     else:
         train_vae(vae, pixels, args.vae_steps, args.batch, 2e-3, gen, log, args.colour_augment, args.vae_cosine)
     with torch.no_grad():
@@ -395,6 +406,8 @@ def main(argv=None) -> int:
     rec_err = (rec.clamp(-1, 1) - pixels).abs().mul(127.5).mean().item()
     if ema is None:
         scaling = float(1.0 / mean.std())
+        if args.vae_from:
+            scaling = float(vae.config.scaling_factor)
     log(f"vae: mean abs reconstruction error {rec_err:.2f}/255 (sprites recoloured to random colours: "
         f"{round_trip_error(vae, pixels, 1.0, args.seed):.2f}/255), latent std {mean.std():.3f} -> "
         f"scaling_factor {scaling:.4f}")
