@@ -4,7 +4,8 @@ Runs on the tiny DawnLike model (``sample_data/tiny_dawnlike``) and the real Daw
 behind README's "Evidence" section and writes its pictures and a JSON of every figure to ``--out``.
 The fast versions of the same measurements are the tests ``tests/test_effect_*.py``.
 
-Sections (``--only lora,esd,merge,diff,rank``; default all, in this order):
+Sections (``--only lora,esd,merge,diff,rank``; default all, in this order; ``--only samples`` writes the
+model card's ``samples.png``):
 
 * **lora** — a LoRA on 16 Game-Boy-recoloured sprites with the trigger ``gbstyle``: in-palette fraction (Game Boy
   ramp, ΔE00 ≤ 5) and mean ΔE00 to the ramp of samples with / without the trigger, before and after, beside the
@@ -322,6 +323,8 @@ def main(argv=None) -> int:
             figures["merge"] = section_merge(host, args.out, seeds, state, sb)
         elif sec == "diff":
             figures["diff"] = section_diff(host, args.out, seeds, state)
+        elif sec == "samples":  # the model card's samples.png (not in the default run)
+            _save(E.model_card_samples(host), args.out / "samples.png")
         else:
             raise SystemExit(f"unknown section {sec!r}")
         (args.out / "effect.json").write_text(json.dumps(figures, indent=1, default=str))

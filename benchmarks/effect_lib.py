@@ -236,6 +236,14 @@ def concept_prompts(concept: str, k: int, seed: int = 0, classes: Sequence[str] 
     return [tiny.caption(names[i], concept) for i in pick]
 
 
+def model_card_samples(host, cols: int = 6, steps: int = 20, cfg: float = 4.0) -> np.ndarray:
+    """The model card's ``samples.png``: one row per :data:`CONCEPTS` group (tree, wall, floor, humanoid, avian,
+    potion), ``cols`` training-style prompts of that group (:func:`concept_prompts`, seed 0), sampling seed 0,
+    ``steps`` DDIM steps, CFG ``cfg``; tiled ×5 with 1 px gaps. Returns uint8 ``[H, W, 3]``."""
+    imgs = [sample(host, concept_prompts(c, cols, seed=0), seed=0, steps=steps, cfg=cfg) for c in CONCEPTS]
+    return grid(np.concatenate(imgs), cols, scale=5)
+
+
 def hit_rate(clf: SpriteClassifier, images: np.ndarray, concept: str) -> float:
     """Fraction of uint8 ``[N, 16, 16, 3]`` images the classifier assigns to ``concept``."""
     return float((clf.predict(images) == clf.classes.index(concept)).mean())

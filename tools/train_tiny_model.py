@@ -10,8 +10,11 @@ Ettinger), in the diffusers folder layout so every loader of the pack reads it:
   loads with ``transformers.CLIPTokenizer`` offline.
 * ``text_encoder/`` — a small ``CLIPTextModel`` (trained jointly with the UNet, as LDM trained its text encoder).
 * ``vae/`` — a small ``AutoencoderKL`` with one 2× downsampling: a 16×16 image (the sprite on a flat background)
-  ↔ an ``[8, 8, 8]`` latent (8 channels where SD has 4: a 2×2 patch of pixel art holds up to four palette colours,
-  which 4 floats from a few minutes of training do not keep); trained first, then frozen.
+  ↔ a ``[12, 8, 8]`` latent (12 channels where SD has 4: a 2×2×3 pixel patch fits exactly, so flat pixel-art
+  colours can come back within ΔE00 5). Half of its training images are recoloured to random colours
+  (:func:`recolour_random`) so that it keeps colours DawnLike never uses (a Game Boy ramp, a user's palette);
+  trained first (2,000 steps, cosine learning rate), then frozen; its decoder is fine-tuned on the frozen
+  encoder's latents at the end (``--decoder-only`` does that beside a running UNet training).
 * ``unet/`` — ``UNet2DConditionModel`` with SD1's block types (CrossAttnDownBlock2D ×2 + DownBlock2D, mirrored
   up blocks, cross-attention mid block) at small widths.
 * ``scheduler/`` — SD1's DDPM "scaled_linear" schedule (β 0.00085 → 0.012, 1000 steps, ε-prediction).
@@ -22,11 +25,13 @@ empty prompt so classifier-free guidance works. The UNet is trained with the ε-
 
 Deterministic with ``--seed`` on a fixed number of threads (``--threads``; CPU float sums depend on it).
 Checkpoints (``<out>/train_state.pt``, resumable with ``--resume``) are written every ``--save-every`` steps and
-on Ctrl-C; the final model goes to ``<out>/model`` with a samples grid.
+on Ctrl-C; the final model goes to ``<out>/model`` (its samples grid: ``benchmarks/effect.py --model <out>/model
+--only samples``).
 
-Usage (the shipped model: 2 CPU cores, shared machine; see sample_data/tiny_dawnlike/README.md for the figures)::
+Usage (the shipped model: 2 CPU cores, shared machine; see sample_data/tiny_dawnlike/README.md for the exact
+command and figures)::
 
-    python tools/train_tiny_model.py --out /tmp/tiny --vae-steps 300 --steps 1400
+    python tools/train_tiny_model.py --out /tmp/tiny --seed 0 --steps 1400
 """
 
 from __future__ import annotations
@@ -248,7 +253,7 @@ def recolour_random(x: torch.Tensor, frac: float, gen: torch.Generator) -> torch
 def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log,
               colour_augment: float = 0.0, cosine: bool = False) -> None:
     """Reconstruction (L1 + MSE) + KL·1e-6 (LDM's small KL weight), AdamW; ``pixels`` ``[N, 3, 16, 16]``;
-    ``colour_augment``: share of each batch recoloured by :func:`recolour_random` (0 in the shipped model);
+    ``colour_augment``: share of each batch recoloured by :func:`recolour_random` (0.5 in the shipped model);
     ``cosine``: learning rate decays from ``lr`` to ``lr / 100`` on a half cosine (50 warm-up steps)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
@@ -318,9 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="work folder (train_state.pt, model/, logs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=300)
-    ap.add_argument("--vae-cosine", action="store_true",
-                    help="decay the VAE learning rate on a half cosine to 1/100 (the shipped model: on, 2000 steps)")
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--vae-cosine", action=argparse.BooleanOptionalAction, default=True,
+                    help="decay the VAE learning rate on a half cosine to 1/100 (default on)")
     ap.add_argument("--steps", type=int, default=1400, help="UNet + text-encoder steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -334,11 +339,12 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-only", action="store_true",
                     help="only fine-tune the decoder of the VAE in <out>/train_state.pt (can run beside the UNet "
                          "training: the UNet never sees the decoder) and write <out>/vae_decoder.pt")
-    ap.add_argument("--latent-channels", type=int, default=8,
-                    help="VAE latent channels = UNet in/out channels (shipped: 8; 12 keeps a 2x2 RGB patch exactly)")
-    ap.add_argument("--colour-augment", type=float, default=0.0,
-                    help="share of VAE training images recoloured to random colours (shipped: 0; see README "
-                         "'Evidence': the shipped VAE cannot draw colours DawnLike does not use)")
+    ap.add_argument("--latent-channels", type=int, default=12,
+                    help="VAE latent channels = UNet in/out channels (12: a 2x2 RGB patch fits exactly; the first "
+                         "shipped model had 8)")
+    ap.add_argument("--colour-augment", type=float, default=0.5,
+                    help="share of VAE training images recoloured to random colours (without it the VAE cannot "
+                         "draw colours DawnLike does not use: README 'Evidence')")
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="reuse the VAE of a model folder (its vae/) instead of training one: a second base with "
                          "another --seed in the same latent space (README 'Evidence', add-difference)")
