@@ -37,7 +37,7 @@ def test_tiny_model_loads_offline_and_samples():
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.unk_token_id not in ids[1:-1], "caption words must be in the vocabulary"
     host = load_host(MODEL)
-    assert host.arch == "sd1" and host.vae_scale == 2 and host.latent_channels == 12
+    assert host.arch == "sd1" and host.vae_scale == 2 and host.latent_channels == 8
     imgs = host.sample(["pixel art, undead, skeleton", "pixel art, plant, oak tree"], width=16, height=16,
                        steps=4, cfg=4.0, seed=0)
     assert imgs.shape == (2, 3, 16, 16) and torch.isfinite(imgs).all()
