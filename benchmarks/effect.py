@@ -146,7 +146,9 @@ def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
                                    for s in seeds])
         from conceptlab.metrics.palette import palette_report
 
-        eff = float(np.mean([palette_report(im).get("effective_colors", np.nan) for im in imgs]))
+        effs = [palette_report(im).get("effective_colors") for im in imgs]
+        effs = [e for e in effs if e is not None]  # None where the report finds no palette to count
+        eff = float(np.mean(effs)) if effs else float("nan")
         rows.append({"network_dim": dim, "with_trigger": sc["with_trigger"], "without_trigger": sc["without_trigger"],
                      "effective_colors": eff, "final_loss": float(np.mean([v for v in res.step_losses if v is not None][-6:] or [np.nan]))})
         rows[-1].update(with_trigger_de=sc["with_trigger_de"], without_trigger_de=sc["without_trigger_de"])
