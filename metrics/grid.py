@@ -131,6 +131,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     if min(h, w) < 2 * gc.MIN_CELL_PX:
         return no_grid(w, h, f"image {w}x{h} is too small to hold a grid of cells >= {gc.MIN_CELL_PX:g} px")
     u = detect_grid_uniform(rgb, None, margin, max_cells)
+    soft = None  # soft lattices (grid_soft.detect_soft), computed once if an axis has no sharp grid
     fits = []
     for axis, img in ((0, rgb), (1, np.swapaxes(rgb, 0, 1))):
         L = img.shape[1]
@@ -140,9 +141,14 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         # edges concentrated on a sharp grid (uniform confidence ≥ SOFT_POOL): no soft lattices
         uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
         modes = ("sharp",) if uconf >= SOFT_POOL else gc.MODES
-        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
-                             pool=uconf < SOFT_POOL)
-        if ucell > 1:
+        if uconf < SOFT_POOL and soft is None:
+            from .grid_soft import detect_soft
+
+            soft = detect_soft(rgb)
+        sfit = soft[axis] if uconf < SOFT_POOL else None  # an interpolating upscale explains this axis
+        fit = sfit or gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
+                                     pool=uconf < SOFT_POOL)
+        if ucell > 1 and sfit is None:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)
