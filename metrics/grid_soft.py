@@ -54,6 +54,12 @@ MIN_CELL_PX = 5.0
 MIN_CELLS = 3
 #: Lines (per axis) the searches re-draw: the ones with the most edge energy among those sampled.
 SEARCH_LINES = 12
+#: Lines (the strongest of the search lines) that screen the period candidates.
+SCREEN_LINES = 6
+#: Soft renders only: the amplitude-weighted median width of the monotone edge runs must reach this share of
+#: the finest period candidate (an interpolated step spans a cell or more: ≥ 1.4 on the fixtures; sharp, noisy
+#: or JPEG nearest-neighbour renders ≤ 1.0).
+MIN_SOFT_WIDTH = 1.0
 #: Phases per cell in the local-phase scan.
 PHASES = 8
 #: Period candidates (periodogram peaks) screened per image.
@@ -244,17 +250,19 @@ def uniform_cuts(length: int, a: float, w: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def edge_crossings(y: np.ndarray, min_amp: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+def edge_crossings(y: np.ndarray, min_amp: float = 12.0, with_width: bool = False) -> tuple:
     """Mid-level crossings of the monotone runs of lines ``y`` ``[R, L]`` (float, 0..255 units, one channel per
     line): ``(positions px float64, amplitudes)``.
 
     A run is a maximal stretch of pixel steps of one sign (a single flat step inside a run continues it; two end
     it — a plateau). A run from value ``v0`` to ``v1`` with ``|v1 − v0| ≥ min_amp`` that does not touch the line
     ends yields the position (pixel ``i`` spans [i, i+1), linear between centres) where it crosses
-    ``(v0 + v1) / 2``: the cell boundary for an isolated step drawn by any symmetric kernel. Vectorised, O(R·L)."""
+    ``(v0 + v1) / 2``: the cell boundary for an isolated step drawn by any symmetric kernel. ``with_width``: also
+    each run's width (px; ≈ 1 for a sharp step, ≈ the cell for an interpolated one). Vectorised, O(R·L)."""
     R, L = y.shape
+    none = (np.zeros(0),) * (3 if with_width else 2)
     if L < 4:
-        return np.zeros(0), np.zeros(0)
+        return none
     y = np.asarray(y, np.float32)
     d = np.diff(y, axis=1)  # pair q between pixels q and q+1
     sg = np.sign(d).astype(np.int8)
@@ -269,7 +277,7 @@ def edge_crossings(y: np.ndarray, min_amp: float = 12.0) -> tuple[np.ndarray, np
     P = L - 1
     s_idx, e_idx = np.flatnonzero(st), np.flatnonzero(en)
     if s_idx.size == 0:
-        return np.zeros(0), np.zeros(0)
+        return none
     row, c0, c1 = s_idx // P, s_idx % P, e_idx % P + 1  # pixel columns of the run's two ends
     v0, v1 = y[row, c0], y[row, c1]
     amp = np.abs(v1 - v0)
@@ -279,13 +287,15 @@ def edge_crossings(y: np.ndarray, min_amp: float = 12.0) -> tuple[np.ndarray, np
     m = mid[np.maximum(gid, 0)]
     cr = np.flatnonzero(nz.ravel() & ((yf - m) * (yn - m) <= 0) & (yf != yn))
     if cr.size == 0:
-        return np.zeros(0), np.zeros(0)
+        return none
     first = np.searchsorted(cr, s_idx)
     has = first < cr.size
     q = cr[np.minimum(first, cr.size - 1)]
     keep = has & (q <= e_idx) & (amp >= min_amp) & (c0 > 0) & (c1 < L - 1)
     q, mq = q[keep], mid[keep]
     pos = (q % P) + 0.5 + (mq - yf[q]) / (yn[q] - yf[q])
+    if with_width:
+        return pos.astype(np.float64), amp[keep].astype(np.float64), (c1 - c0)[keep].astype(np.float64)
     return pos.astype(np.float64), amp[keep].astype(np.float64)
 
 
@@ -415,8 +425,9 @@ def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = 
     return c % s, s, err
 
 
-def _polish(sub: np.ndarray, a: float, s: float, kernel: str, rounds: int = 2) -> tuple[float, float, float]:
-    """Phase and period refined on the least-squares re-drawing error (:func:`_error`): per round, the error at
+def _polish(sub: np.ndarray, a: float, s: float, kernel: str, rounds: int = 2,
+            err=None) -> tuple[float, float, float]:
+    """Phase and period refined on the re-drawing error ``err`` (default :func:`_error`): per round, the error at
     ± a step in phase (s/12, then s/36) and in period (0.5 %, then 0.17 %; the lattice point nearest the axis
     centre fixed), a parabola through each pair and the centre, a move to its vertex (kept only if the error
     drops). ``(a, s, error)``."""
@@ -427,30 +438,32 @@ def _polish(sub: np.ndarray, a: float, s: float, kernel: str, rounds: int = 2) -
         s1 = s * (1.0 + dw)
         return mid - (mid - a) * (1.0 + dw) + da, s1
 
-    e = _error(sub, a, s, kernel)
+    err = err or _error
+    e = err(sub, a, s, kernel)
     for k in range(rounds):
         step, rel = s / (12 * 3**k), 0.005 / 3**k
         moves = []
         for d, make in ((step, lambda x: at(x, 0.0)), (rel, lambda x: at(0.0, x))):
-            em, ep = _error(sub, *make(-d), kernel), _error(sub, *make(d), kernel)
+            em, ep = err(sub, *make(-d), kernel), err(sub, *make(d), kernel)
             den = em - 2 * e + ep
             moves.append(float(np.clip(0.5 * (em - ep) / den, -1.5, 1.5)) * d if den > 0 else
                          (-d if em < min(e, ep) else d if ep < e else 0.0))
         a1, s1 = at(*moves)
-        e1 = _error(sub, a1, s1, kernel)
+        e1 = err(sub, a1, s1, kernel)
         if e1 < e:
             a, s, e = a1, s1, e1
     return a % s, s, e
 
 
 def _search_lines(lines: np.ndarray, count: int = SEARCH_LINES) -> np.ndarray:
-    """The ``count`` single-channel lines (of ``[3, r, L]``) with the most edge energy: float32 ``[≤count, L]``.
+    """The ``count`` single-channel lines (of ``[3, r, L]``) with the most edge energy, strongest first: float32
+    ``[≤count, L]``.
     Channels stay separate: a channel Pillow clipped at 0 / 255 (a Lanczos overshoot) is left out pixel by pixel
     (see :func:`_error`), which a luminance mix could not do; lines without edges only add cost."""
     y = lines.reshape(-1, lines.shape[-1]).astype(np.float32)
     if y.shape[0] > count:
         energy = np.abs(np.diff(y, axis=1)).sum(1)
-        y = y[np.sort(np.argsort(-energy, kind="stable")[:count])]
+        y = y[np.argsort(-energy, kind="stable")[:count]]  # most edge energy first
     return np.ascontiguousarray(y)
 
 
@@ -511,7 +524,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
             return
         a, s = crossing_lattice(pos, amp, w)
         if ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
-            e, k = _errors_fast(sub, a, s)
+            e, k = _errors_fast(sub[:SCREEN_LINES], a, s)
             hyp[s] = (e, a, k)
 
     for w in cands:
@@ -534,7 +547,8 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
         a1, s1, _ = local_phase(sub, s, k)
         if abs(s1 / s - 1.0) > 0.02:
             a1, s1, _ = local_phase(sub, s1, k)
-        a1, s1, e1 = _polish(sub, a1, s1, k)
+        a1, s1, _ = _polish(sub, a1, s1, k, err=_error_fast)
+        e1 = _error(sub, a1, s1, k)
         if ok(s1) and e1 <= strict:
             found = (a1, s1, e1, k)
             break
@@ -575,7 +589,7 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
     if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
         raise ValueError("expected an RGB uint8 array [H, W, 3]")
     H, W = rgb.shape[:2]
-    axes = []
+    axes, widths = [], []
     for img in (rgb, np.swapaxes(rgb, 0, 1)):
         L = img.shape[1]
         lines = _axis_lines(img, lines_per_axis)
@@ -583,8 +597,9 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
         y = lines.reshape(-1, L).astype(np.float32)
         if noise > 1.5:  # a symmetric [1, 2, 1] smoothing keeps crossings in place and monotone runs whole
             y[:, 1:-1] = 0.25 * y[:, :-2] + 0.5 * y[:, 1:-1] + 0.25 * y[:, 2:]
-        pos, amp = edge_crossings(y, max(12.0, 4.0 * noise))
+        pos, amp, width = edge_crossings(y, max(12.0, 4.0 * noise), with_width=True)
         axes.append((L, lines, noise, pos, amp))
+        widths.append((width, amp))
     size = 1 << int(math.ceil(math.log2(4 * _BINS_PER_PX * max(H, W))))
     specs = [crossing_spectrum(pos, amp, L, size) for L, _, _, pos, amp in axes]
     wsum = [amp.sum() for *_, amp in axes]
@@ -599,6 +614,13 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
             if all(abs(p / o - 1.0) > 0.04 for o in cands):
                 cands.append(p)
     if not cands:
+        return out
+    # sharp edges (runs ~1 px wide) can't come from an interpolating upscale of cells ≥ MIN_CELL_PX: stop early
+    wd = np.concatenate([w for w, _ in widths])
+    wa = np.concatenate([a for _, a in widths])
+    order = np.argsort(wd)
+    cum = np.cumsum(wa[order])
+    if cum.size == 0 or wd[order][np.searchsorted(cum, 0.5 * cum[-1])] < MIN_SOFT_WIDTH * min(cands):
         return out
     f = np.arange(joint.size) * _BINS_PER_PX / size
     for ax, (L, lines, noise, pos, amp) in enumerate(axes):
