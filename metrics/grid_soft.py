@@ -44,7 +44,7 @@ import math
 import numpy as np
 
 __all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
-           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX"]
+           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX", "SOFT_TRY"]
 
 #: Interpolating kernels tried, with their taps relative to the centre left of a pixel.
 KERNELS = {"linear": (0, 1), "cubic": (-1, 2), "lanczos3": (-2, 3)}
@@ -54,6 +54,10 @@ MIN_CELL_PX = 5.0
 MIN_CELLS = 3
 #: Lines (per axis) the searches re-draw: the ones with the most edge energy among those sampled.
 SEARCH_LINES = 12
+#: :func:`.grid.detect_grid` tries soft lattices unless the single-period grid's confidence is ≥ this on both
+#: axes (soft fixtures: ≤ 0.3; the detector rejects sharp, noisy, JPEG and blurred renders itself, whatever
+#: their confidence — on the fixtures it accepted none of 200 blurred / JPEG renders).
+SOFT_TRY = 0.5
 #: Lines (the strongest of the search lines) that screen the period candidates.
 SCREEN_LINES = 6
 #: Soft renders only: the amplitude-weighted median width of the monotone edge runs must reach this share of
