@@ -72,6 +72,8 @@ N_CANDIDATES = 4
 ERROR_CLIP = 48.0
 #: Coarsest-explaining rule: a coarser lattice wins when its error ≤ best·(1 + HARMONIC_REL) + HARMONIC_ABS.
 HARMONIC_REL, HARMONIC_ABS = 2.0, 0.3
+#: Periods closer than this ratio are one grid read two ways (harmonics are ≥ 1.5× apart): the better fit wins.
+SAME_GRID = 1.3
 #: A soft lattice is accepted when its error ≤ SHARP_RATIO × the nearest-neighbour error of the same lattice and
 #: its thresholded residual (:func:`soft_residual`) ≤ MAX_RESIDUAL.
 SHARP_RATIO = 0.5
@@ -537,24 +539,32 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
         return None
     best = min(v[0] for v in hyp.values())
     s0 = max(s for s, v in hyp.items() if v[0] <= best * (1 + HARMONIC_REL) + HARMONIC_ABS)
-    for mult in (2, 3):  # a coarser lattice the periodogram peaks missed (they include harmonics)
-        add(s0 * mult)
+    sb = min(hyp, key=lambda c: hyp[c][0])
+    for w in (2 * s0, 3 * s0, 1.5 * sb, 2 * sb):  # coarser lattices the periodogram peaks missed (it peaks at
+        add(w)                                     # harmonics k/s, and at 3/(2s) when every other cell is flat)
     # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
     loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
     sbest = min(hyp, key=lambda c: hyp[c][0])
     e_ls = _error(sub, hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
     strict = e_ls * (1 + HARMONIC_REL) + HARMONIC_ABS
-    found = None
-    for s in sorted((s for s, v in hyp.items() if v[0] <= loose), reverse=True)[:3]:
+    def precise(s):
         e, a, k = hyp[s]
         a1, s1, _ = local_phase(sub, s, k)
         if abs(s1 / s - 1.0) > 0.02:
             a1, s1, _ = local_phase(sub, s1, k)
         a1, s1, _ = _polish(sub, a1, s1, k, err=_error_fast)
-        e1 = _error(sub, a1, s1, k)
-        if ok(s1) and e1 <= strict:
-            found = (a1, s1, e1, k)
+        return a1, s1, _error(sub, a1, s1, k), k
+
+    found = None
+    pool = sorted((s for s, v in hyp.items() if v[0] <= loose), reverse=True)
+    for i, s in enumerate(pool[:3]):
+        fit = precise(s)
+        if ok(fit[1]) and fit[2] <= strict:
+            # candidates less than SAME_GRID finer are rival readings of the same grid, not harmonics: the
+            # best-fitting one wins (a spurious peak a few % off can pass the margin before the truth is tried)
+            rivals = [precise(c) for c in pool[i + 1:] if c * SAME_GRID > s]
+            found = min([fit] + [r for r in rivals if ok(r[1])], key=lambda r: r[2])
             break
     if found is None:
         return None
