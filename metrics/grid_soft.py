@@ -72,6 +72,8 @@ N_CANDIDATES = 4
 ERROR_CLIP = 48.0
 #: Coarsest-explaining rule: a coarser lattice wins when its error ≤ best·(1 + HARMONIC_REL) + HARMONIC_ABS.
 HARMONIC_REL, HARMONIC_ABS = 2.0, 0.3
+#: Smallest edge zone (share of pixels) the separation is divided by.
+MIN_ZONE = 0.05
 #: Periods closer than this ratio are one grid read two ways (harmonics are ≥ 1.5× apart): the better fit wins.
 SAME_GRID = 1.3
 #: A soft lattice is accepted when its error ≤ SHARP_RATIO × the nearest-neighbour error of the same lattice and
@@ -229,6 +231,16 @@ def _nn_error(sub: np.ndarray, a: float, w: float) -> float:
     vals = _centre_values(sub, a + (ks + 0.5) * w)
     rec = vals[..., np.clip(j + (t >= 0.5), 0, ks.size - 1)]
     return float(np.minimum(np.abs(rec - sub), ERROR_CLIP).mean())
+
+
+def _nn_share(lines: np.ndarray, a: float, w: float, thr: float) -> float:
+    """Share of pixels of ``lines`` ``[3, r, L]`` whose nearest-neighbour reconstruction (their cell's centre
+    value) differs by more than ``thr`` (max channel): the soft ramps of the lattice."""
+    L = lines.shape[-1]
+    ks, j, t = _lattice(L, a, w)
+    vals = _centre_values(lines, a + (ks + 0.5) * w)
+    rec = vals[..., np.minimum(j + (t >= 0.5), ks.size - 1)]
+    return float((np.abs(rec - lines).max(axis=0) > thr).mean())
 
 
 def soft_residual(lines: np.ndarray, a: float, w: float, thr: float, kernels=tuple(KERNELS)) -> tuple[float, str]:
@@ -574,10 +586,13 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     res, _ = soft_residual(lines, a, s, thr, (kern,))
     if not (e <= SHARP_RATIO * nn and res <= MAX_RESIDUAL):
         return None
+    # separation as a share of the edge zone (the pixels the nearest-neighbour reconstruction of the lattice gets
+    # wrong by > thr: the ramps), so a small sprite on a wide plain frame is not read as a weak grid
+    zone = max(_nn_share(lines, a, s, thr), MIN_ZONE)
     coarser = [c for c in hyp if c > 1.3 * s]
     if coarser:
         c = min(coarser)
-        sep = soft_residual(lines, hyp[c][1], c, thr, (hyp[c][2],))[0] - res
+        sep = min(1.0, (soft_residual(lines, hyp[c][1], c, thr, (hyp[c][2],))[0] - res) / zone)
     else:
         sep = 1.0
     tried = {s2: v[0] for s2, v in hyp.items()}

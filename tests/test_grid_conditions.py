@@ -97,4 +97,5 @@ def test_confidence_is_calibrated(files):
     low = [e for g, e in rows if g.status in ("low_confidence", "none")]
     assert all(g.confidence >= LOW_CONFIDENCE for g, _ in rows if g.status == "detected")
     assert np.mean(det) >= 0.9, f"detected grids right {np.mean(det):.0%}"
-    assert len(low) >= 10 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
+    # (≥ 5: soft upscales, once most of the low-confidence grids, are now found and detected — 5 of 250 on grid-soft)
+    assert len(low) >= 5 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
