@@ -653,7 +653,13 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
         return out
     f = np.arange(joint.size) * _BINS_PER_PX / size
     for ax, (L, lines, noise, pos, amp) in enumerate(axes):
-        fit = _soft_axis(lines, noise, pos, amp, cands, L)
+        fit = None
+        if ax == 1 and out[0] is not None:  # square cells first: the x cell (and its multiples) screened alone
+            fit = _soft_axis(lines, noise, pos, amp, [out[0].cell], L)
+            if fit is not None and abs(fit.cell / out[0].cell - 1.0) > 0.03:
+                fit = None
+        if fit is None:
+            fit = _soft_axis(lines, noise, pos, amp, cands, L)
         if fit is not None:
             s = fit.cell
             fit.score = float(joint[int(round(size / (s * _BINS_PER_PX)))]) if 1.0 / s <= f[-1] else 0.0
