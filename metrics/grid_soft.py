@@ -53,7 +53,7 @@ MIN_CELL_PX = 5.0
 #: Fewest cells per axis.
 MIN_CELLS = 3
 #: Lines (per axis) the searches re-draw: the ones with the most edge energy among those sampled.
-SEARCH_LINES = 12
+SEARCH_LINES = 8
 #: :func:`.grid.detect_grid` tries soft lattices unless the single-period grid's confidence is ≥ this on both
 #: axes (soft fixtures: ≤ 0.3; the detector rejects sharp, noisy, JPEG and blurred renders itself, whatever
 #: their confidence — on the fixtures it accepted none of 200 blurred / JPEG renders).
@@ -64,6 +64,8 @@ SCREEN_LINES = 6
 #: the finest period candidate (an interpolated step spans a cell or more: ≥ 1.4 on the fixtures; sharp, noisy
 #: or JPEG nearest-neighbour renders ≤ 1.0).
 MIN_SOFT_WIDTH = 1.0
+#: Rounds of the (sampled re-drawing) phase / period polish after the local-phase fit.
+POLISH_ROUNDS = 1
 #: Phases per cell in the local-phase scan.
 PHASES = 8
 #: Period candidates (periodogram peaks) screened per image.
@@ -197,18 +199,20 @@ def _error(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
 
 
 def _errors_fast(sub: np.ndarray, a: float, w: float) -> tuple[float, str]:
-    """``(smallest error, kernel)`` of :func:`_error_fast` over :data:`KERNELS` (the centres sampled once)."""
+    """``(smallest error, kernel)`` of :func:`_error_fast` over :data:`KERNELS` (centres sampled and their taps
+    gathered once: the kernels' taps are nested, −2…3 ⊃ −1…2 ⊃ 0…1)."""
     L = sub.shape[-1]
     ks, j, t = _lattice(L, a, w)
     vals = _centre_values(sub, a + (ks + 0.5) * w)
+    taps = {off: vals[..., np.minimum(np.maximum(j + off, 0), ks.size - 1)] for off in range(-2, 4)}
     msk = _clip_mask(sub)
     n = max(1, int(msk.sum()))
     best = (np.inf, "")
     for name in KERNELS:
         m, wt = kernel_weights(name, t)
-        out = vals[..., np.minimum(np.maximum(j + m[0], 0), ks.size - 1)] * wt[:, 0]
+        out = taps[int(m[0])] * wt[:, 0]
         for i in range(1, m.size):
-            out += vals[..., np.minimum(np.maximum(j + m[i], 0), ks.size - 1)] * wt[:, i]
+            out += taps[int(m[i])] * wt[:, i]
         e = float((np.minimum(np.abs(out - sub), ERROR_CLIP) * msk).sum() / n)
         if e < best[0]:
             best = (e, name)
@@ -353,7 +357,7 @@ def _peaks(spec: np.ndarray, size: int, lo_px: float, hi_px: float, k: int) -> l
     return out
 
 
-def crossing_lattice(pos: np.ndarray, weight: np.ndarray, w: float, iters: int = 3) -> tuple[float, float]:
+def crossing_lattice(pos: np.ndarray, weight: np.ndarray, w: float, iters: int = 2) -> tuple[float, float]:
     """Uniform lattice ``(first cut a px in [0, s), period s px)`` near period ``w`` through weighted crossings
     ``pos`` (px): phase from their circular mean at period ``w``, then ``iters`` rounds of weighted least squares
     ``pos ≈ a + k·s`` over the crossings within w/4 of their nearest lattice cut (staircases of several cells
@@ -565,7 +569,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
         a1, s1, _ = local_phase(sub, s, k)
         if abs(s1 / s - 1.0) > 0.02:
             a1, s1, _ = local_phase(sub, s1, k)
-        a1, s1, _ = _polish(sub, a1, s1, k, err=_error_fast)
+        a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
         return a1, s1, _error(sub, a1, s1, k), k
 
     found = None
@@ -588,11 +592,12 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
         return None
     # separation as a share of the edge zone (the pixels the nearest-neighbour reconstruction of the lattice gets
     # wrong by > thr: the ramps), so a small sprite on a wide plain frame is not read as a weak grid
-    zone = max(_nn_share(lines, a, s, thr), MIN_ZONE)
+    zone = max(_nn_share(sub[None], a, s, thr), MIN_ZONE)  # on the search lines (the edge-rich ones)
     coarser = [c for c in hyp if c > 1.3 * s]
     if coarser:
         c = min(coarser)
-        sep = min(1.0, (soft_residual(lines, hyp[c][1], c, thr, (hyp[c][2],))[0] - res) / zone)
+        sep = min(1.0, (soft_residual(sub[None], hyp[c][1], c, thr, (hyp[c][2],))[0]
+                        - soft_residual(sub[None], a, s, thr, (kern,))[0]) / zone)
     else:
         sep = 1.0
     tried = {s2: v[0] for s2, v in hyp.items()}
