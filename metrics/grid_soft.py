@@ -445,8 +445,10 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     best = min(v[0] for v in hyp.values())
     s0 = max(s for s, v in hyp.items() if v[0] <= best * (1 + HARMONIC_REL) + HARMONIC_ABS)
     sb = min(hyp, key=lambda c: hyp[c][0])
-    for w in (2 * s0, 3 * s0, 1.5 * sb, 2 * sb):  # coarser lattices the periodogram peaks missed (it peaks at
-        add(w)                                     # harmonics k/s, and at 3/(2s) when every other cell is flat)
+    # coarser lattices the periodogram peaks missed (it peaks at harmonics k/s, and at 3/(2s) when every other
+    # cell is flat); with a single candidate (the other axis' cell) only its multiples
+    for w in (2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()):
+        add(w)
     # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
     loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
@@ -459,7 +461,9 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
         if abs(s1 / s - 1.0) > 0.02:
             a1, s1, _ = local_phase(sub, s1, k)
         a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
-        return a1, s1, _error(sub, a1, s1, k), k
+        # the crossings' own lattice is often already exact (isolated steps): the better least-squares fit stays
+        e1, a1, s1 = min((_error(sub, a1, s1, k), a1, s1), (_error(sub, a, s, k), a, s))
+        return a1, s1, e1, k
 
     found = None
     pool = sorted((s for s, v in hyp.items() if v[0] <= loose), reverse=True)
