@@ -12,9 +12,9 @@ import torch
 from tiny_models import tiny_host
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
-from conceptlab.training.captions import CaptionConfig
-from conceptlab.training.dataset import DatasetOptions, KohyaDataset
-from conceptlab.training.trainer import (EarlyStopping, LoraTrainer, OptimizerUnavailableError, TrainConfig,
+from conceptlab.training.lora.captions import CaptionConfig
+from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.trainer import (EarlyStopping, LoraTrainer, OptimizerUnavailableError, TrainConfig,
                                          TrainingDivergedError, build_optimizer, configs_from_mapping,
                                          diffusion_loss, min_snr_weight, parse_kohya_toml, parse_set_values,
                                          select_best)

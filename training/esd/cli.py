@@ -1,7 +1,7 @@
 """``conceptlab erase --config erase.toml``: ESD concept erasure with the diffusers host.
 
 The TOML file has the run settings at the top level and the erasure settings in an ``[esd]`` table (the fields
-of :class:`conceptlab.training.esd.ESDConfig`)::
+of :class:`conceptlab.training.esd.erase.ESDConfig`)::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
                                              # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint,
@@ -88,20 +88,20 @@ def _load_images(folder: Path, width: int, height: int):
 
 def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
     """The host for ``model`` through the loaders the training CLI uses: a diffusers Flux.1 folder
-    (:meth:`.flux_host.FluxHost.from_pretrained`) or a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``
-    (:func:`.flux_loading.load_flux_single_files`); everything else :func:`.model_loading.load_host`.
+    (:meth:`..flux_host.FluxHost.from_pretrained`) or a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``
+    (:func:`..flux_loading.load_flux_single_files`); everything else :func:`..model_loading.load_host`.
 
     Raises ``ValueError`` for Flux keys on an SD model, a Flux file without its three companions, or
     ``quantize_base`` (not supported for erasure: the trained tensors' base values are hashed and saved in
     full precision)."""
-    from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
-    from .model_loading import load_host
+    from ..flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
+    from ..model_loading import load_host
 
     if flux.get("quantize_base"):
         raise ValueError("quantize_base is a LoRA-training setting; conceptlab erase runs the base in 'dtype' "
                          "(use bfloat16 on a GPU)")
     if is_flux_folder(model_dir):
-        from .flux_host import FluxHost
+        from ..flux_host import FluxHost
 
         if tokenizer is not None:
             raise ValueError("tokenizer = ... is for single-file checkpoints; a Flux folder has tokenizer/ and "
@@ -123,10 +123,10 @@ def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
 
 def run(args) -> int:
     """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
-    from ..formats.safetensors_io import parse_dtype
-    from .esd import ESDCancelled, config_from_mapping, erase
-    from .esd_outputs import loss_plot, save_outputs
-    from .distributed import refuse_multi_process
+    from ...formats.safetensors_io import parse_dtype
+    from .erase import ESDCancelled, config_from_mapping, erase
+    from .outputs import loss_plot, save_outputs
+    from ..distributed import refuse_multi_process
 
     # why ESD is not data-parallel: the training/distributed.py module docstring ("ESD ...")
     refuse_multi_process("erase", "ESD takes one draw per iteration (batch 1, as the paper); spreading draws over "
@@ -143,7 +143,7 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"{cfg_path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [esd]")
     if "model" not in data:
-        from .quickstart_cli import TINY_MODEL
+        from ..lora.quickstart_cli import TINY_MODEL
 
         print(f"conceptlab erase: no 'model' given: using the bundled tiny DawnLike model {TINY_MODEL} "
               "(set model = \"...\" to a diffusers folder or SD1.x/SD2.x/SDXL checkpoint)", file=sys.stderr)
@@ -175,7 +175,7 @@ def run(args) -> int:
             for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base") if data.get(k)}
     host = _load_host(model_dir, device=device, dtype=dtype, tokenizer=tok, flux=flux)
     if data.get("save_reference"):
-        from .families import family
+        from ..families import family
 
         if family(host.arch).denoiser != "unet":
             raise ValueError(f"save_reference: the reference repository (rohitgandikota/erasing) has no file format "
@@ -213,14 +213,14 @@ def run(args) -> int:
                          dtype=parse_dtype(str(data.get("save_dtype", "float16"))))
     from PIL import Image
 
-    from ..formats.safetensors_io import atomic_output
+    from ...formats.safetensors_io import atomic_output
 
     with atomic_output(out_dir / "loss.png") as tmp:
         Image.fromarray(loss_plot(result.losses, f"ESD {config.method}")).save(tmp, format="PNG")
     print(f"wrote {paths['diff']}" + (f" and {paths['lora']}" if paths["lora"] else ""))
     if data.get("save_reference"):
-        from ..formats.safetensors_io import save_safetensors
-        from .esd_reference import base_tensors, reference_file_name, to_reference
+        from ...formats.safetensors_io import save_safetensors
+        from .reference import base_tensors, reference_file_name, to_reference
 
         froms = result.metadata.get("erase_from") or [None]
         ref_path = out_dir / reference_file_name(result.metadata["concepts"][0], froms[0], config.method)

@@ -11,7 +11,7 @@ with θ* the frozen original weights and ``negative_guidance`` η. The reference
 ``ε*(∅) − (η_ref − 1)(ε*(c) − ε*(∅))``, so **η = η_ref − 1** (η_ref 2 ≡ η 1). This module uses the paper's
 convention everywhere; :func:`reference_target` and :func:`paper_eta_from_reference` give the other.
 
-One model copy: the trainable parameters are :class:`~.host.FullDelta` modules installed on the host
+One model copy: the trainable parameters are :class:`~..host.FullDelta` modules installed on the host
 (``host.install_delta``); the frozen predictions ε_θ* are the same host inside ``host.deltas_disabled()``. The
 reference keeps two UNets (frozen + trained) in memory.
 
@@ -19,7 +19,7 @@ Which reference each variant follows (rohitgandikota/erasing; "esd_sd.py" is the
 "train-esd.py" the 2023 CompVis code in ``oldcode_erasing_compvis/train-scripts/``, removed from the repo in
 commit d654ed4):
 
-* Parameter sets, over the canonical diffusers UNet module paths (:mod:`.host`), are ``esd_sd.py``'s
+* Parameter sets, over the canonical diffusers UNet module paths (:mod:`..host`), are ``esd_sd.py``'s
   ``get_esd_trainable_parameters`` (lines 24–49):
 
   * ``esd-x``: every cross-attention (``attn2``) Linear — to_q, to_k, to_v, to_out.0 weights and every bias
@@ -51,8 +51,8 @@ Where ``x_t`` comes from:
 
 Flow-matching families (Flux.1; ``families.Family.objective == "flow"``): the same loop and target in velocity
 space, ``x_t`` from the flow forward process or the frozen model's Euler trajectory on Flux's schedule, Flux-dev's
-distilled guidance on every prediction, masks on 2×2 token patches — :mod:`.esd_objective` (schedule-dependent
-parts, with the proof that the velocity-space target is the ε-space one) and :mod:`.esd_params` (the Flux
+distilled guidance on every prediction, masks on 2×2 token patches — :mod:`.objective` (schedule-dependent
+parts, with the proof that the velocity-space target is the ε-space one) and :mod:`.params` (the Flux
 parameter sets: ``esd-x`` = the double blocks' text-stream attention ``txt_attn.qkv`` / ``txt_attn.proj``).
 
 v-prediction models: the target is computed in the model's own parameterization. Because the target is an
@@ -77,11 +77,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .conditioning import Conditioning
-from .esd_objective import host_family, objective_for, resolve_masks as _resolve_masks  # noqa: F401
-from .esd_params import (METHODS, RowsDelta, Target, base_weights_hash, count_parameters,  # noqa: F401
+from ..conditioning import Conditioning
+from .objective import host_family, objective_for, resolve_masks as _resolve_masks  # noqa: F401
+from .params import (METHODS, RowsDelta, Target, base_weights_hash, count_parameters,  # noqa: F401
                          make_delta, select_targets)
-from .host import DeltaModule, DiffusionHost
+from ..host import DeltaModule, DiffusionHost
 from .masks import masked_mse
 from .prompts import (PromptSchedule, build_prompts, concept_kinds, normalize_kind, parse_concepts,
                       parse_prompt_lines, prompt_source)
@@ -169,7 +169,7 @@ class ESDConfig:
         guidance_scale: guidance-distilled flow models (Flux.1-dev) only: the guidance-embedding value of the
             frozen and trained predictions (``None`` = the family's default, 3.5; kohya's Flux
             ``guidance_scale``). ``start_guidance`` is then the guidance embedding of the ``self_sample``
-            trajectory, and ``ddim_steps`` its Euler steps (:mod:`.esd_objective`). Refused on SD families.
+            trajectory, and ``ddim_steps`` its Euler steps (:mod:`.objective`). Refused on SD families.
 
     Construction does not check anything; :meth:`validate` (called by :func:`erase` and
     :func:`config_from_mapping`) raises ``ValueError``.
@@ -269,7 +269,7 @@ def erase(host: DiffusionHost, config: ESDConfig, *, progress: ProgressFn | None
     """Run ESD on ``host`` and return the trained deltas (module docstring for the method).
 
     Args:
-        host: any :class:`~.host.DiffusionHost`; it must have no deltas installed. Its base weights are never
+        host: any :class:`~..host.DiffusionHost`; it must have no deltas installed. Its base weights are never
             modified; the deltas are removed at the end unless ``keep_installed``.
         config: :class:`ESDConfig`.
         progress: called after every iteration with ``{"iteration", "total", "loss", "prompt", "erase_from",
@@ -345,7 +345,7 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     targets = select_targets(host.modules("unet"), cfg.method, arch=getattr(host, "arch", "sd1"))
     n_tensors, n_params = count_parameters(targets)
     base_hash = base_weights_hash(host, targets)
-    from .lora import _kohya_name
+    from ..lora.network import _kohya_name
 
     kohya_names = {(t.component, t.path): _kohya_name(t.component, t.path, host) for t in targets}
 

@@ -1,7 +1,7 @@
 """ESD's schedule-dependent parts — where ``x_t`` comes from, at which timestep the predictions are queried, and
 which conditioning extras they carry — for each training objective of the family table
-(:attr:`.families.Family.objective`): ``"ddpm"`` (SD1.x / SD2.x / SDXL) and ``"flow"`` (Flux.1). The loop in
-:mod:`.esd` asks :func:`objective_for` for one object and never looks at the family name.
+(:attr:`..families.Family.objective`): ``"ddpm"`` (SD1.x / SD2.x / SDXL) and ``"flow"`` (Flux.1). The loop in
+:mod:`.erase` asks :func:`objective_for` for one object and never looks at the family name.
 
 **ESD in velocity space.** For rectified flow (``x_σ = (1 − σ)·x0 + σ·ε``, target ``v = ε − x0``) the ESD target
 is written in the model's own output::
@@ -32,15 +32,15 @@ at one value need not carry to another. The public Flux ports of ``esd_sd.py`` q
 (and sample ``x_t`` at 3.5); EraseAnything uses 3 for both. The trajectory of ``self_sample`` uses
 ``start_guidance`` as its guidance embedding (the distilled model needs one prediction per step, no CFG); flow
 families without a guidance embedding (``guidance_default`` ``None``) would use real CFG with ``start_guidance``.
-Models without the embedding (Flux.1-schnell) ignore the value (hosts' contract, :mod:`.host`).
+Models without the embedding (Flux.1-schnell) ignore the value (hosts' contract, :mod:`..host`).
 
 **Flow schedule.** ``self_sample`` runs the frozen model's Euler sampler (``x ← x + (σ_{i+1} − σ_i)·v``) for a
 random number ``k ∈ [0, steps)`` of steps on Flux's schedule — BFL ``flux/sampling.py`` ``get_schedule``:
 ``linspace(1, 0, steps + 1)`` shifted by ``time_shift(mu, 1, ·)`` with ``mu`` linear in the packed sequence length
-(0.5 at 256 tokens → 1.15 at 4096; :func:`.flow.flux_mu`), unshifted for models without guidance embedding
+(0.5 at 256 tokens → 1.15 at 4096; :func:`..flow.flux_mu`), unshifted for models without guidance embedding
 (schnell, ``shift = name != "flux-schnell"`` there) — and queries the predictions at ``σ_k``. ``noised`` draws σ
-from kohya's ``flux_shift`` distribution (:func:`.flow.sample_sigmas`) and forward-noises with
-:func:`.flow.noisy_input`.
+from kohya's ``flux_shift`` distribution (:func:`..flow.sample_sigmas`) and forward-noises with
+:func:`..flow.noisy_input`.
 
 **Grid masks on patches.** Flux's latent is 16 channels at 1/8 of the image side and the DiT reads 2×2 latent
 cells as one token (``Family.patch_size``), so one token is a 16×16-pixel square. A loss mask that split a token
@@ -58,9 +58,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .conditioning import Conditioning
-from .families import FAMILIES, Family
-from .host import DiffusionHost, add_noise, ddim_sample, ddim_timesteps
+from ..conditioning import Conditioning
+from ..families import FAMILIES, Family
+from ..host import DiffusionHost, add_noise, ddim_sample, ddim_timesteps
 
 
 class DDPMObjective:
@@ -121,7 +121,7 @@ class FlowObjective:
 
     def __init__(self, host: DiffusionHost, fam: Family, steps: int, latent_hw: tuple[int, int],
                  guidance_scale: float | None = None):
-        from .flow import flux_mu, time_shift
+        from ..flow import flux_mu, time_shift
 
         self.host = host
         self.fam = fam
@@ -187,7 +187,7 @@ class FlowObjective:
     def noised(self, x0: torch.Tensor, rng: random.Random, gen: torch.Generator,
                t_drawn=None) -> tuple[torch.Tensor, torch.Tensor]:
         """σ from kohya's ``flux_shift`` sampling, then ``(1 − σ)·x0 + σ·ε``; returns ``(x_σ, σ [1])``."""
-        from .flow import noisy_input, sample_sigmas
+        from ..flow import noisy_input, sample_sigmas
 
         sig, _ = sample_sigmas(1, self.latent_hw, gen, timestep_sampling="flux_shift")
         noise = torch.randn(x0.shape, generator=gen)
@@ -274,9 +274,9 @@ def grid_on_patches(latent_hw: tuple[int, int], patch: int, n: int, centre_size:
 
 
 def resolve_masks(cfg, latent_hw: tuple[int, int], patch: int = 1):
-    """``(masks [M, h, w] | None, weights [M] | None, names)`` for an :class:`.esd.ESDConfig` at the latent size,
+    """``(masks [M, h, w] | None, weights [M] | None, names)`` for an :class:`.erase.ESDConfig` at the latent size,
     on ``patch × patch`` tokens (module docstring). Raises ``ValueError`` for bad masks or weights."""
-    from .esd import MASK_PRESETS
+    from .erase import MASK_PRESETS
     from .masks import normalize_weights, prepare_masks
 
     # patch > 1 (Flux's 2x2 tokens): grids are built on the token grid, user masks averaged per token

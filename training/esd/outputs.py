@@ -25,10 +25,10 @@ from typing import Mapping
 
 import torch
 
-from ..formats.keys import kohya_lora_name
-from ..formats.safetensors_io import atomic_write_text
-from .esd import ESDResult
-from .extract import factorize
+from ...formats.keys import kohya_lora_name
+from ...formats.safetensors_io import atomic_write_text
+from .erase import ESDResult
+from ..lora.extract import factorize
 
 _ARCH_SPEC = {"sd1": ("sd_v1", "stable-diffusion-v1/lora"), "sd2": ("sd_v2", "stable-diffusion-v2/lora"),
               "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
@@ -80,7 +80,7 @@ def svd_lora(result: ESDResult, rank: int) -> tuple[dict[str, tuple[torch.Tensor
             bias_energy += float((d ** 2).sum())
             continue
         name = result.kohya_names.get((component, path)) or kohya_lora_name(component, path)
-        f = factorize(d, rank)  # the truncated SVD shared with LoRA extraction / resizing (training/extract.py)
+        f = factorize(d, rank)  # the truncated SVD shared with LoRA extraction / resizing (training/lora/extract.py)
         e_all = float((d.double() ** 2).sum())
         kept_total += f.energy_kept * e_all
         full_total += e_all
@@ -152,7 +152,7 @@ def save_outputs(result: ESDResult, weights_path: str | os.PathLike, *, stats_di
     Every file is written atomically; a failure leaves earlier files of the same call in place but never a
     half-written file. Raises ``ValueError`` for an empty result or a path not ending in ``.safetensors``.
     """
-    from ..formats.lora_files import save_diff_file, save_kohya_lora
+    from ...formats.lora_files import save_diff_file, save_kohya_lora
 
     wp = Path(weights_path)
     if wp.suffix != ".safetensors":

@@ -1,7 +1,7 @@
 """Which tensors ESD trains: the parameter sets (``esd-x``, ``esd-x-strict``, ``esd-u``, ``esd-all``) per denoiser
-layout, as data. :mod:`.esd` re-exports :class:`Target`, :func:`select_targets` and :func:`count_parameters`.
+layout, as data. :mod:`.erase` re-exports :class:`Target`, :func:`select_targets` and :func:`count_parameters`.
 
-The layout comes from the family table (:attr:`.families.Family.denoiser`): ``"unet"`` (SD1.x / SD2.x / SDXL) or
+The layout comes from the family table (:attr:`..families.Family.denoiser`): ``"unet"`` (SD1.x / SD2.x / SDXL) or
 ``"flux-dit"`` (Flux.1's double/single-stream transformer, BFL module paths; :mod:`conceptlab.formats.flux_keys`).
 
 **UNet** (rohitgandikota/erasing ``esd_sd.py`` ``get_esd_trainable_parameters``, lines 24–49; SDXL:
@@ -55,7 +55,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .host import DeltaModule, DiffusionHost
+from ..host import DeltaModule, DiffusionHost
 
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
 
@@ -108,8 +108,8 @@ class RowsDelta(DeltaModule):
 
 
 def make_delta(target: Target, device=None) -> DeltaModule:
-    """The trainable delta module for ``target`` (:class:`.host.FullDelta` or :class:`RowsDelta`)."""
-    from .host import FullDelta
+    """The trainable delta module for ``target`` (:class:`..host.FullDelta` or :class:`RowsDelta`)."""
+    from ..host import FullDelta
 
     if target.rows is None:
         return FullDelta(target.shape, device=device)
@@ -213,7 +213,7 @@ def select_targets(modules: Mapping[str, nn.Module], method: str = "esd-x",
             in a UNet, no ``txt_attn.qkv`` in a Flux DiT) — ESD is defined through the text conditioning; or an
             empty selection.
     """
-    from .families import FAMILIES
+    from ..families import FAMILIES
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -240,7 +240,7 @@ def flux_counts(method: str = "esd-x", n_double: int = 19, dims=None) -> tuple[i
     ``dims``: :class:`conceptlab.formats.flux_keys.FluxDims` (default Flux.1: hidden 3072); ``n_double``: double
     blocks (19 in Flux.1-dev / schnell). Only ``esd-x`` / ``esd-x-strict`` (double-block modules) are counted here.
     """
-    from ..formats.flux_keys import FluxDims
+    from ...formats.flux_keys import FluxDims
 
     if method not in ("esd-x", "esd-x-strict"):
         raise ValueError("flux_counts covers esd-x and esd-x-strict")

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from ..formats.keys import kohya_lora_name
+from ...formats.keys import kohya_lora_name
 
 Deltas = dict[tuple[str, str, str], torch.Tensor]
 
@@ -98,7 +98,7 @@ def from_reference(tensors: Mapping[str, torch.Tensor], base: Mapping[str, torch
 
 def diff_keys(deltas: Mapping[tuple[str, str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{"<kohya name>.diff" | ".diff_b": ΔW}`` — this project's file keys for deltas (as
-    :func:`.esd_outputs.diff_state_dict`)."""
+    :func:`.outputs.diff_state_dict`)."""
     return {kohya_lora_name(c, p) + (".diff" if a == "weight" else ".diff_b"): d for (c, p, a), d in deltas.items()}
 
 
@@ -137,8 +137,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, base: Mapping[s
     """
     from safetensors import safe_open
 
-    from ..formats.lora_files import save_diff_file
-    from ..formats.safetensors_io import save_safetensors
+    from ...formats.lora_files import save_diff_file
+    from ...formats.safetensors_io import save_safetensors
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():

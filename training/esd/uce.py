@@ -32,7 +32,7 @@ above, computed in float64 with one ``torch.linalg.solve`` for all projections (
 ``torch.inverse`` of ``mat2`` in float32 for every projection); the prompt expansion (``expand_prompts``) uses this project's kind templates (:mod:`.prompts`), each
 guide prompt the same template filled with the guide concept, instead of the script's five fixed phrasings.
 
-Outputs are the ESD eraser's (:class:`~.esd.ESDResult`): ``deltas`` ΔW = W_new − W_old (so the same ``.diff``
+Outputs are the ESD eraser's (:class:`~.erase.ESDResult`): ``deltas`` ΔW = W_new − W_old (so the same ``.diff``
 file, patches and JSON reports), with ``method = "uce"``. Nothing here is in a library (diffusers/peft have no
 closed-form attention editing); it is a few lines of linear algebra.
 """
@@ -47,7 +47,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .esd import ESDResult, Target
+from .erase import ESDResult, Target
 from .prompts import concept_kinds, expand_templates, normalize_kind, parse_concepts, parse_prompt_lines
 
 #: ``encode(prompts) -> (hidden [B, L, D] float, last content-token index per prompt [B] int)``
@@ -233,12 +233,12 @@ def last_token_index(ids: torch.Tensor, end_token: int) -> torch.Tensor:
 
 
 def diffusers_token_encoder(host) -> TokenEncoder:
-    """A :data:`TokenEncoder` for :class:`~.diffusers_host.DiffusersHost` (SD1/SD2/SDXL): the ``context`` of the
+    """A :data:`TokenEncoder` for :class:`~..diffusers_host.DiffusersHost` (SD1/SD2/SDXL): the ``context`` of the
     host's own :meth:`encode_prompts` (SD1/SD2: last CLIP layer; SDXL: CLIP-L ‖ OpenCLIP-G penultimate layers,
     ``[B, 77, 2048]`` — what ``pipe.encode_prompt(...)[0]`` gives the reference script for an SDXL pipeline) and
     the last content token from the host's (first) tokenizer. The end token is ``tokenizer.eos_token_id``, or —
     for a plain tokenizer callable — the id every row is padded with."""
-    from .conditioning import Conditioning
+    from ..conditioning import Conditioning
 
     tok = host.tokenizer
     if host.text_encoder is None or tok is None:
@@ -281,7 +281,7 @@ def erase_uce(weights: Mapping[str, torch.Tensor], encode: TokenEncoder, config:
         arch: recorded in the metadata (``"sd1"`` / ``"sd2"``). base_hash: optional identifier of the base.
 
     Returns:
-        :class:`~.esd.ESDResult` with ``deltas`` ``{(component, path, "weight"): W_new − W_old}`` (fp32 CPU),
+        :class:`~.erase.ESDResult` with ``deltas`` ``{(component, path, "weight"): W_new − W_old}`` (fp32 CPU),
         no losses, ``stats`` (wall time, counts, how far the erased prompts' keys/values now are from their
         guides' and how far the preserved prompts' moved) and ``metadata`` (``method = "uce"``, prompts, kinds,
         scales).
@@ -354,10 +354,10 @@ def erase_uce(weights: Mapping[str, torch.Tensor], encode: TokenEncoder, config:
 
 
 def erase_uce_host(host, config: UCEConfig, encode: TokenEncoder | None = None) -> ESDResult:
-    """UCE on a :class:`~.host.DiffusionHost`: its UNet's attn2 to_k / to_v weights (canonical paths of
+    """UCE on a :class:`~..host.DiffusionHost`: its UNet's attn2 to_k / to_v weights (canonical paths of
     ``host.modules("unet")``) and, unless given, :func:`diffusers_token_encoder`. The host must have no deltas
     installed; its weights are not modified. Raises ``ValueError`` as :func:`erase_uce`."""
-    from .esd import base_weights_hash
+    from .erase import base_weights_hash
 
     if host.installed_deltas():
         raise ValueError("the host has trainable deltas installed; clear them first")

@@ -2,7 +2,7 @@
 ``esd-*.safetensors`` ↔ ``.diff``), with the diffusers host.
 
 ``uce.toml`` has the same top-level run keys as ``erase.toml`` and a ``[uce]`` table with the fields of
-:class:`conceptlab.training.uce.UCEConfig`::
+:class:`conceptlab.training.esd.uce.UCEConfig`::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder or single-file SD1.x/SD2.x checkpoint
     tokenizer = ""                           # single-file only: folder with vocab.json + merges.txt (optional)
@@ -78,10 +78,10 @@ def _read_toml(path: Path, table: str) -> tuple[dict, dict]:
 
 def run_uce(args) -> int:
     """Execute ``conceptlab uce``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
-    from ..formats.safetensors_io import parse_dtype
-    from .esd_outputs import save_outputs
-    from .esd_reference import base_tensors, reference_file_name, to_reference
-    from .model_loading import load_host
+    from ...formats.safetensors_io import parse_dtype
+    from .outputs import save_outputs
+    from .reference import base_tensors, reference_file_name, to_reference
+    from ..model_loading import load_host
     from .uce import UCEConfig, erase_uce_host
 
     cfg_path = Path(args.config)
@@ -107,7 +107,7 @@ def run_uce(args) -> int:
                          lora_rank=int(data.get("lora_rank", 0)), dtype=save_dtype)
     print(f"wrote {paths['diff']}" + (f" and {paths['lora']}" if paths["lora"] else ""))
     if data.get("save_reference"):
-        from ..formats.safetensors_io import save_safetensors
+        from ...formats.safetensors_io import save_safetensors
 
         ref_path = out_dir / reference_file_name(result.metadata["concepts"][0], method="uce")
         save_safetensors(to_reference(result.deltas, base_tensors(host.modules("unet")), save_dtype),
@@ -125,9 +125,9 @@ def run_uce(args) -> int:
 def run_convert(args) -> int:
     """Execute ``conceptlab erase-convert``; returns 0 or raises ``ValueError`` / ``FileNotFoundError`` /
     ``FileExistsError``."""
-    from ..formats.safetensors_io import parse_dtype
-    from .esd_reference import base_tensors, convert_file
-    from .model_loading import load_host
+    from ...formats.safetensors_io import parse_dtype
+    from .reference import base_tensors, convert_file
+    from ..model_loading import load_host
 
     host = load_host(Path(args.model), device="cpu", dtype=parse_dtype("float32"),
                      tokenizer=Path(args.tokenizer) if args.tokenizer else None)

@@ -41,7 +41,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from ..formats.limits import MAX_DATASET_IMAGES, LimitError, check_count, check_image_pixels
+from ...formats.limits import MAX_DATASET_IMAGES, LimitError, check_count, check_image_pixels
 from .captions import CaptionConfig, CaptionFileError, read_caption, tag_frequency
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class ImageEntry:
     resized_size: tuple[int, int] = (0, 0)
     latents: torch.Tensor | None = field(default=None, repr=False)
     latents_flipped: torch.Tensor | None = field(default=None, repr=False)
-    # per-subset settings of a kohya [[datasets.subsets]] config (training/dataset_config.py); None = dataset's
+    # per-subset settings of a kohya [[datasets.subsets]] config (training/lora/dataset_config.py); None = dataset's
     is_reg: bool = False
     captions: CaptionConfig | None = field(default=None, repr=False)
     flip_aug: bool | None = None
@@ -596,7 +596,7 @@ class KohyaDataset:
         With ``options.cache_latents_to_disk`` latents are also read from / written to
         ``<stem>_<w>x<h>_cl.safetensors`` beside each image (atomic writes; a stale cache is ignored).
         """
-        from ..formats.safetensors_io import WeightFile, save_safetensors
+        from ...formats.safetensors_io import WeightFile, save_safetensors
 
         key = f"{vae_key}|{json.dumps(self.options.to_dict(), sort_keys=True)}"
         todo = [e for e in self.entries + self.val_entries if e.latents is None or self._latents_key != key]

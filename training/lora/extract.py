@@ -4,7 +4,7 @@
   ``lora_down [r, in(, kh, kw)]``, ``lora_up [out, r(, 1, 1)]``, ``alpha`` such that
   ``up @ down · alpha / r = U_r S_r V_rᵀ`` (times ``scale``). By Eckart–Young the truncated SVD is the best rank-r
   approximation in Frobenius norm; the *energy kept* is ``Σ_{i≤r} s_i² / Σ_i s_i²`` (0..1).
-  The singular values are split ``√S`` to each side (as :mod:`.esd_outputs` does), which keeps both factors in
+  The singular values are split ``√S`` to each side (as :mod:`..esd.outputs` does), which keeps both factors in
   the same range in fp16; kohya puts all of ``S`` into ``lora_up`` — ΔW is the same.
 * :func:`choose_rank` — the rank rule: a fixed rank, ``energy`` (the smallest r keeping that fraction of
   ‖ΔW‖²_F), or kohya's dynamic methods ``sv_ratio`` / ``sv_fro`` / ``sv_cumulative`` reproduced exactly from
@@ -232,7 +232,7 @@ def candidates(keys: Iterable[str], shapes: Mapping[str, tuple], arch: str, conv
     UNet names are kohya's for the family (diffusers spelling for SD1/SD2, LDM spelling for SDXL as kohya's SDXL
     trainer writes). Raises ``ValueError`` for an architecture other than sd1/sd2/sdxl.
     """
-    from ..formats import keys as K
+    from ...formats import keys as K
 
     if arch not in _TES:
         raise ValueError(f"LoRA extraction supports SD1, SD2 and SDXL checkpoints, not {arch!r}")
@@ -307,8 +307,8 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int
         FileNotFoundError / WeightFileError: a file is missing or corrupt.
         ValueError: different families or shapes, an unsupported family, bad rank settings, nothing differs.
     """
-    from ..formats.keys import detect_architecture
-    from ..formats.safetensors_io import WeightFile
+    from ...formats.keys import detect_architecture
+    from ...formats.safetensors_io import WeightFile
 
     _check_mode(rank, conv_rank, mode, param)
     with WeightFile(base) as fa, WeightFile(tuned) as fb:
@@ -417,7 +417,7 @@ def resize_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], *, rank:
     Raises ``ValueError`` when the source holds no LoRA pair or has NaN/Inf, and as :func:`choose_rank`;
     ``FileNotFoundError`` / ``WeightFileError`` for a bad file.
     """
-    from ..formats.lora_files import read_lora
+    from ...formats.lora_files import read_lora
 
     conv_rank = rank if conv_rank is None else conv_rank
     _check_mode(rank, max(conv_rank, 1), mode, param)
@@ -476,8 +476,8 @@ def save_lora_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
                       dtype: torch.dtype = torch.float16, overwrite: bool = True) -> Path:
     """Write a resized LoRA tensor dict (float tensors cast to ``dtype``) atomically with sshs hashes, as kohya's
     ``resize_lora.py`` saves. Raises ``FileExistsError`` when ``overwrite`` is False and the file exists."""
-    from ..formats.lora_files import model_hashes
-    from ..formats.safetensors_io import _stringify_metadata, save_safetensors
+    from ...formats.lora_files import model_hashes
+    from ...formats.safetensors_io import _stringify_metadata, save_safetensors
 
     t = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
          for k, v in tensors.items()}

@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 
 def _finish(args, report: dict) -> None:
-    from ..formats.safetensors_io import atomic_write_text
+    from ...formats.safetensors_io import atomic_write_text
     from .extract import layer_table
 
     print(layer_table(report, None if args.verbose else 10))
@@ -82,8 +82,8 @@ def _finish(args, report: dict) -> None:
 
 def run_extract(args) -> int:
     """Execute ``conceptlab extract-lora``."""
-    from ..formats.lora_files import save_kohya_lora
-    from ..formats.safetensors_io import parse_dtype
+    from ...formats.lora_files import save_kohya_lora
+    from ...formats.safetensors_io import parse_dtype
     from .extract import extract_lora
 
     res = extract_lora(args.base, args.tuned, rank=args.rank, conv_rank=args.conv_rank, mode=args.mode,
@@ -96,7 +96,7 @@ def run_extract(args) -> int:
 
 def run_resize(args) -> int:
     """Execute ``conceptlab resize-lora``."""
-    from ..formats.safetensors_io import parse_dtype
+    from ...formats.safetensors_io import parse_dtype
     from .extract import resize_lora, save_lora_tensors
 
     tensors, report, md = resize_lora(args.lora, rank=args.rank, conv_rank=args.conv_rank, mode=args.mode,

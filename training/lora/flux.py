@@ -1,5 +1,5 @@
 """LoRA targets for Flux.1 as kohya-ss/sd-scripts ``networks/lora_flux.py`` builds them (commit 48d368f), on any
-host that follows the Flux contract of :mod:`.host` (BFL module paths, components ``unet`` / ``te1`` / ``t5``).
+host that follows the Flux contract of :mod:`..host` (BFL module paths, components ``unet`` / ``te1`` / ``t5``).
 
 What kohya's ``LoRANetwork`` adapts (``create_modules``, lines 799-930; ``__init__`` lines 931-965):
 
@@ -29,8 +29,8 @@ from typing import Mapping
 
 from torch import nn
 
-from ..formats.flux_keys import CANONICAL_PREFIX, kohya_lora_modules
-from .host import DiffusionHost
+from ...formats.flux_keys import CANONICAL_PREFIX, kohya_lora_modules
+from ..host import DiffusionHost
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +99,13 @@ def _in_dims(text: str) -> list[int]:
 
 def flux_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float, train_unet: bool = True,
                  train_text_encoder: bool = False, flux_args: Mapping[str, str] | None = None) -> list:
-    """The :class:`.lora.LoRATarget` list kohya's ``lora_flux.create_network`` would build on ``host`` (module
+    """The :class:`.network.LoRATarget` list kohya's ``lora_flux.create_network`` would build on ``host`` (module
     docstring), text encoders first (CLIP-L, then T5 with ``train_t5xxl``), then the transformer in kohya's order.
 
     ``network_alpha`` None / 0 means alpha = dim. Raises ``ValueError`` for bad network args or when nothing is
     selected.
     """
-    from .lora import LoRATarget
+    from .network import LoRATarget
 
     fa = dict(flux_args or {})
     alpha = float(network_alpha) if network_alpha else float(network_dim)

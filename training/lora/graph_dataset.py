@@ -2,7 +2,7 @@
 
 The images and captions are written once as a kohya folder — ``<root>/<content hash>/<repeats>_<name>/`` with
 ``img_00000.png`` + ``img_00000<caption_extension>`` per image, in input order — and that folder is scanned by
-:meth:`conceptlab.training.dataset.KohyaDataset.scan`. So buckets, resizing, caption processing, repeats, the
+:meth:`conceptlab.training.lora.dataset.KohyaDataset.scan`. So buckets, resizing, caption processing, repeats, the
 validation split and the per-epoch batches are the folder path's by construction, not a second implementation of
 kohya's rules, and the latent disk cache next to the images works across runs (the folder name is a hash of the
 pixels, captions and repeats, so the same inputs reuse it; different inputs never collide).

@@ -1,7 +1,7 @@
 """Every kohya sd-scripts setting, sorted into what the trainer does with it: honoured, warned (no effect here)
 or refused — so no key a user writes is dropped without a word.
 
-kohya's own names come from its parsers, kept as data in ``training/kohya_arguments.json`` (regenerate with
+kohya's own names come from its parsers, kept as data in ``training/lora/kohya_arguments.json`` (regenerate with
 ``python tests/tools/gen_kohya_arguments.py --git-dir <sd-scripts git dir>``; read with :mod:`ast` from
 ``train_network.py`` ``setup_parser`` and the ``add_*_arguments`` functions it calls, ``library/config_util.py``
 ``ConfigSanitizer`` schemas and ``networks/lora.py`` ``kwargs.get`` names). The test
@@ -47,7 +47,7 @@ HONOURED: dict[str, str] = {
         "merged_from", "trigger_phrase", "usage_hint", "preprocessor", "thumbnail", "is_negative_embedding")},
     # dataset
     "train_data_dir": "<repeats>_<name> folders", "reg_data_dir": "regularization folders (kohya interleaving)",
-    "dataset_config": "[[datasets]] / [[datasets.subsets]] file (training/dataset_config.py)",
+    "dataset_config": "[[datasets]] / [[datasets.subsets]] file (training/lora/dataset_config.py)",
     "prior_loss_weight": "loss weight of regularization images",
     "resolution": "dataset", "enable_bucket": "dataset", "min_bucket_reso": "dataset", "max_bucket_reso": "dataset",
     "bucket_reso_steps": "dataset", "bucket_no_upscale": "dataset", "resize_interpolation": "dataset",
@@ -66,8 +66,8 @@ HONOURED: dict[str, str] = {
     "zero_terminal_snr": "implemented by the host (issue 10)",
     # network
     "network_module": "networks.lora, or lycoris.kohya (LoHa/LoKr via lycoris-lora)", "network_dim": "rank",
-    "network_alpha": "alpha", "network_args": "training/network_args.py (unknown entries are refused)",
-    "network_dropout": "rank dropout in weight space (see training/lora.py)",
+    "network_alpha": "alpha", "network_args": "training/lora/network_args.py (unknown entries are refused)",
+    "network_dropout": "rank dropout in weight space (see training/lora/network.py)",
     "network_weights": "start from a LoRA file", "dim_from_weights": "ranks/alphas from network_weights",
     "network_train_unet_only": "trainer", "network_train_text_encoder_only": "trainer",
     "scale_weight_norms": "max-norm regularization after each step",
@@ -87,11 +87,11 @@ HONOURED: dict[str, str] = {
     "huber_schedule": "loss", "huber_c": "loss", "huber_scale": "loss", "min_timestep": "timesteps",
     "max_timestep": "timesteps (min == max trains at that fixed t)",
     # sampling
-    "sample_prompts": "prompt file lines with --n --w --h --s --d --l (training/sample_prompts.py)",
+    "sample_prompts": "prompt file lines with --n --w --h --s --d --l (training/lora/sample_prompts.py)",
     "sample_every_n_epochs": "trainer", "sample_sampler": "mapped to ComfyUI's samplers; the diffusers host samples with DDIM (warned)",
     "sample_at_first": "samples before training",
-    # Flux (flux_train_network.py; training/objective.py, training/flux_host.py)
-    **{k: "flow objective (training/objective.py, kohya flux_train_utils.py semantics)" for k in (
+    # Flux (flux_train_network.py; training/lora/objective.py, training/flux_host.py)
+    **{k: "flow objective (training/lora/objective.py, kohya flux_train_utils.py semantics)" for k in (
         "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "weighting_scheme",
         "logit_mean", "logit_std", "mode_scale")},
     "guidance_scale": "Flux-dev guidance embedding during training (schnell: warned, no embedding)",

@@ -5,7 +5,7 @@ same run, with values formatted as kohya formats them.
 kohya builds its metadata from the parsed arguments and then writes ``str(value)`` for every entry; a TOML value
 reaches it with its TOML type (``network_alpha = 16`` → ``"16"``, ``= 16.0`` → ``"16.0"``), a missing key as the
 parser default (often ``"None"``). :func:`apply_kohya_formats` therefore takes the user's own values (``raw``) for
-every key kohya copies from an argument, and kohya's parser default (``training/kohya_arguments.json``) when the
+every key kohya copies from an argument, and kohya's parser default (``training/lora/kohya_arguments.json``) when the
 user did not set it. ``ss_resolution`` stays ``"(w, h)"``: kohya's ``prepare_dataset_args`` (train_util.py l. 5409)
 turns the resolution into a tuple before the metadata is built. ``ss_optimizer`` is the optimizer class path plus
 its keyword arguments (``train_util.get_optimizer`` l. 5218).

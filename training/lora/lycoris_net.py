@@ -8,10 +8,10 @@ Customization: From LyCORIS Fine-Tuning to Model Evaluation", §3) are what ``ly
 (``hada_w1_a``/``hada_w1_b``/``hada_w2_a``/``hada_w2_b``; ``lokr_w1``/``lokr_w2`` or their ``_a``/``_b``
 factors; ``alpha``), which ComfyUI's ``comfy/weight_adapter/loha.py`` / ``lokr.py`` read. This module only adapts
 them to the host protocol: each module's weight update, as its own ``forward`` computes it
-(``get_weight(shape) · scalar``), becomes a :class:`~.host.DeltaModule` (the module is never hooked into the
+(``get_weight(shape) · scalar``), becomes a :class:`~..host.DeltaModule` (the module is never hooked into the
 model's forward, so ComfyUI's shared modules are not touched).
 
-Targets: the modules kohya's ``networks.lora`` picks (:func:`.lora.kohya_targets`; with ``conv_dim`` also the
+Targets: the modules kohya's ``networks.lora`` picks (:func:`.network.kohya_targets`; with ``conv_dim`` also the
 ResNet/sampler convs) — LyCORIS's own ``lycoris.kohya`` default preset also targets those blocks. Supported
 ``network_args``: ``algo`` (``loha``, ``lokr``), ``conv_dim``, ``conv_alpha``, ``factor``, ``decompose_both``,
 ``full_matrix``, ``unbalanced_factorization``, ``use_tucker`` (false); anything else is refused by name.
@@ -23,8 +23,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .host import DeltaModule, DiffusionHost
-from .lora import LoRANetwork, kohya_targets
+from ..host import DeltaModule, DiffusionHost
+from .network import LoRANetwork, kohya_targets
 
 ALGOS = ("loha", "lokr")
 SUPPORTED_ARGS = ("algo", "conv_dim", "conv_alpha", "factor", "decompose_both", "full_matrix",
@@ -151,8 +151,8 @@ class LycorisNetwork(LoRANetwork):
 
 def save_lycoris_file(path, network: LycorisNetwork, metadata: Mapping[str, str], dtype: torch.dtype):
     """Write the network's tensors (LyCORIS key names) with kohya metadata and ``sshs_*`` hashes, atomically."""
-    from ..formats.lora_files import _stringify_metadata, model_hashes
-    from ..formats.safetensors_io import save_safetensors
+    from ...formats.lora_files import _stringify_metadata, model_hashes
+    from ...formats.safetensors_io import save_safetensors
 
     tensors = {}
     for k, v in network.kohya_state_dict().items():

@@ -1,6 +1,6 @@
-"""Kohya-style LoRA / LoCon networks as weight deltas installed through a :class:`~.host.DiffusionHost`.
+"""Kohya-style LoRA / LoCon networks as weight deltas installed through a :class:`~..host.DiffusionHost`.
 
-A LoRA module here is a :class:`~.host.DeltaModule`: ``forward(W) = W + (up @ down) · alpha / dim``. It changes
+A LoRA module here is a :class:`~..host.DeltaModule`: ``forward(W) = W + (up @ down) · alpha / dim``. It changes
 the *weight* a layer sees instead of wrapping the layer's forward. Why not peft's ``LoraLayer`` (which replaces
 ``nn.Linear`` modules by wrapper modules)? ComfyUI's ``ModelPatcher.clone()`` shares one ``nn.Module`` tree
 between every clone in the graph, so replacing modules would mutate the upstream MODEL for every other node;
@@ -37,7 +37,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .host import DeltaModule, DiffusionHost
+from ..host import DeltaModule, DiffusionHost
 
 _UNET_ATTN = re.compile(r"(^|\.)attentions\.\d+\.")
 _UNET_CONV = re.compile(r"(^|\.)(resnets|downsamplers|upsamplers)\.\d+\.")
@@ -45,10 +45,10 @@ _TE_TARGET = re.compile(r"(^|\.)(self_attn|mlp)\.")
 
 
 def _kohya_name(component: str, path: str, host: DiffusionHost | None = None) -> str:
-    """kohya's LoRA module name for a host module: the family's naming (:class:`.families.Family`
+    """kohya's LoRA module name for a host module: the family's naming (:class:`..families.Family`
     ``kohya_unet_names``) decides whether UNet modules are named by their diffusers or their LDM path."""
-    from ..formats.keys import kohya_lora_name
-    from .families import FAMILIES
+    from ...formats.keys import kohya_lora_name
+    from ..families import FAMILIES
 
     if component == "t5":  # Flux T5-XXL: kohya lora_flux.py LORA_PREFIX_TEXT_ENCODER_T5, transformers paths
         return "lora_te3_" + path.replace(".", "_")
@@ -160,7 +160,7 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
                   train_text_encoder: bool = False, blocks=None, flux_args=None) -> list[LoRATarget]:
     """The modules kohya's ``networks.lora`` would adapt on ``host`` (rules in the module docstring); for a family
     whose table says ``lora_targets = "flux"`` those of kohya's ``networks/lora_flux.py``
-    (:func:`.lora_flux.flux_targets`, with its network args ``flux_args``).
+    (:func:`.flux.flux_targets`, with its network args ``flux_args``).
 
     ``conv_alpha`` ``None`` with ``conv_dim`` set means **1.0** (kohya ``create_network``, networks/lora.py l. 444);
     0 means conv_dim (kohya ``LoRAModule``). ``blocks``: a :class:`.network_args.BlockSpec` with per-block UNet
@@ -170,11 +170,11 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
     """
     if network_alpha is None or float(network_alpha) == 0:
         network_alpha = float(network_dim)
-    from .families import FAMILIES
+    from ..families import FAMILIES
 
     fam = FAMILIES.get(getattr(host, "arch", "sd1"))
     if fam is not None and fam.lora_targets == "flux":
-        from .lora_flux import flux_targets
+        from .flux import flux_targets
 
         return flux_targets(host, network_dim=network_dim, network_alpha=network_alpha, train_unet=train_unet,
                             train_text_encoder=train_text_encoder, flux_args=flux_args)
@@ -203,7 +203,7 @@ def kohya_targets(host: DiffusionHost, *, network_dim: int, network_alpha: float
             if not (in_attn or in_conv_block):
                 continue
             name = _kohya_name("unet", path, host)
-            if per_block:  # kohya block_dims / conv_block_dims (training/network_args.py)
+            if per_block:  # kohya block_dims / conv_block_dims (training/lora/network_args.py)
                 from .network_args import block_index
 
                 bi = block_index(name, getattr(host, "arch", "sd1") == "sdxl")
@@ -314,7 +314,7 @@ class LoRANetwork(nn.Module):
         known = {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
         unmatched.extend(k for k in state if k not in known and k not in unmatched)
         if not targets:
-            from ..formats.keys import detect_architecture
+            from ...formats.keys import detect_architecture
 
             shapes = {k: tuple(v.shape) for k, v in state.items() if "attn2_to_k" in k and k.endswith("lora_down.weight")}
             file_arch = detect_architecture(list(state), shapes)

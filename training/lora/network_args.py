@@ -59,7 +59,7 @@ def parse_network_args(items: Iterable[str] | None) -> dict[str, str]:
         key = key.strip()
         if not sep:
             raise ValueError(f"network_args entry {item!r} is not key=value")
-        from .lora_flux import FLUX_KEYS, FLUX_REFUSED, FLUX_WARNED  # Flux keys: split by family later
+        from .flux import FLUX_KEYS, FLUX_REFUSED, FLUX_WARNED  # Flux keys: split by family later
 
         if key not in KNOWN_KEYS and key not in FLUX_KEYS + tuple(FLUX_REFUSED) + tuple(FLUX_WARNED):
             raise ValueError(f"network_args {key!r} is not supported by networks.lora here; supported: "

@@ -3,7 +3,7 @@ call :func:`objective_for` and never branch on a family.
 
 * ``"ddpm"`` (SD1/SD2/SDXL): the discrete ε / v objective of :func:`.trainer.ddpm_loss` (kohya ``train_network.py``).
 * ``"flow"`` (Flux.1): rectified flow with kohya-ss/sd-scripts ``flux_train_network.py`` semantics and names, built
-  from :mod:`.flow` (read at commit 48d368f):
+  from :mod:`..flow` (read at commit 48d368f):
 
   - noise ``ε ~ N(0, I)`` drawn first (``get_noise_pred_and_target``, flux_train_network.py line 327: plain
     ``randn_like``, no noise offset / multires noise);
@@ -42,10 +42,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import flow
-from .conditioning import Conditioning
-from .families import family
-from .host import DiffusionHost
+from .. import flow
+from ..conditioning import Conditioning
+from ..families import family
+from ..host import DiffusionHost
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ class FlowSettings:
     ``add_flux_train_arguments`` and ``train_util.add_dit_training_arguments``), kohya's defaults; a base of
     :class:`.trainer.TrainConfig`. Used only by flow families; set on another family they are warned by name.
 
-    ``timestep_sampling`` (:data:`.flow.TIMESTEP_SAMPLING`), ``sigmoid_scale``, ``discrete_flow_shift`` (> 0),
-    ``model_prediction_type`` (:data:`.flow.MODEL_PREDICTION_TYPES`), ``guidance_scale`` (Flux-dev guidance
-    embedding during training), ``weighting_scheme`` (:data:`.flow.WEIGHTING_SCHEMES`), ``logit_mean``,
+    ``timestep_sampling`` (:data:`..flow.TIMESTEP_SAMPLING`), ``sigmoid_scale``, ``discrete_flow_shift`` (> 0),
+    ``model_prediction_type`` (:data:`..flow.MODEL_PREDICTION_TYPES`), ``guidance_scale`` (Flux-dev guidance
+    embedding during training), ``weighting_scheme`` (:data:`..flow.WEIGHTING_SCHEMES`), ``logit_mean``,
     ``logit_std``, ``mode_scale``, ``t5xxl_max_token_length`` (None = 512 dev / 256 schnell), ``apply_t5_attn_mask``
     (refused when true).
     """

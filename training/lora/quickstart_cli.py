@@ -63,7 +63,7 @@ def format_table(history, best_epoch) -> str:
 
 
 def _audit_summary(folder: Path) -> str:
-    from ..metrics import captions as cap
+    from ...metrics import captions as cap
 
     rep = cap.audit_folder(folder)
     s = rep["summary"]
@@ -101,9 +101,9 @@ def run(args) -> int:
     """Run the quick start; returns 0. Raises ``FileNotFoundError`` / ``ValueError`` for bad paths or keys."""
     from tqdm.auto import tqdm
 
-    from ..formats.safetensors_io import WeightFile  # noqa: F401  (import check: safetensors present)
+    from ...formats.safetensors_io import WeightFile  # noqa: F401  (import check: safetensors present)
     from .dataset import KohyaDataset
-    from .lora import LoRANetwork
+    from .network import LoRANetwork
     from .kohya_args import check_settings, own_setting_names
     from .train_cli import CLI_KEYS, _host_for, load_config
     from .trainer import LoraTrainer, configs_from_mapping, labelled_grid, save_png

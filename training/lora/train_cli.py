@@ -5,7 +5,7 @@ besides training settings: ``pretrained_model_name_or_path``, ``train_data_dir``
 ``<repeats>_<name>`` subfolders; ``reg_data_dir`` adds regularization folders) or a kohya dataset config
 (``dataset_config = "file.toml"`` or inline ``[[datasets]]`` / ``[[datasets.subsets]]``; relative paths are taken
 from the config's folder), ``output_dir``, ``output_name``. Every key is honoured, warned as having no effect or
-refused by name (``training/kohya_args.py``).
+refused by name (``training/lora/kohya_args.py``).
 
 ``pretrained_model_name_or_path`` is a local path, never a Hub id (nothing is downloaded):
 
@@ -52,7 +52,7 @@ from .trainer import LoraTrainer, configs_from_mapping, parse_kohya_toml, parse_
 CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file",
             "tokenizer", "v_parameterization", "reg_data_dir", "dataset_config", "datasets", "clip_l", "t5xxl", "ae",
             "t5_tokenizer", "quantize_base")
-# Every other kohya key is honoured, warned as having no effect, or refused by name: see training/kohya_args.py.
+# Every other kohya key is honoured, warned as having no effect, or refused by name: see training/lora/kohya_args.py.
 
 
 def register(subparsers) -> None:
@@ -96,9 +96,9 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
 
     Raises ``FileNotFoundError`` (missing path or tokenizer) and ``ValueError`` (unreadable or unsupported file,
     options that need a single file given with a folder)."""
-    from ..formats.safetensors_io import WeightFileError
-    from .diffusers_host import DiffusersHost
-    from .model_loading import CheckpointLoadError
+    from ...formats.safetensors_io import WeightFileError
+    from ..diffusers_host import DiffusersHost
+    from ..model_loading import CheckpointLoadError
 
     p = Path(model_path)
     if not p.exists():
@@ -108,11 +108,11 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
     if dev.type == "cuda":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     flux = dict(flux or {})
-    from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
+    from ..flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
 
     quant = flux.pop("quantize_base", None)
     if is_flux_folder(p) or is_flux_checkpoint(p):
-        from .flux_host import FluxHost
+        from ..flux_host import FluxHost
 
         if is_flux_folder(p):
             host = FluxHost.from_pretrained(p, device=str(dev), dtype=dtype, quantize=quant)
@@ -167,7 +167,7 @@ def run(args, host=None) -> int:
     from .dataset_config import dataset_from_settings, uses_dataset_config
     from .kohya_args import check_settings, own_setting_names
 
-    from .distributed import DataParallel, apply_launcher_settings
+    from ..distributed import DataParallel, apply_launcher_settings
 
     flat = load_config(args.config, args.overrides)
     # several processes started by `accelerate launch` / torchrun (None: one process, as always)
@@ -199,7 +199,7 @@ def run(args, host=None) -> int:
     if main:
         print(dataset.summary_text(cfg.train_batch_size, cfg.max_train_epochs), file=sys.stderr)
     if dp is not None and main:
-        from .distributed import total_batch_size
+        from ..distributed import total_batch_size
 
         print(f"{dp.world} processes on {dp.device.type}: train_batch_size {cfg.train_batch_size} per process, "
               f"total batch per optimizer step {total_batch_size(cfg, dp.world)} (train_batch_size × processes × "

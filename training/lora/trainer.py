@@ -1,5 +1,5 @@
 """The LoRA training loop with kohya semantics: schedule, objective, files, metadata, resume, per-epoch
-evaluation and best-epoch selection. Host-neutral: it sees only a :class:`~.host.DiffusionHost`.
+evaluation and best-epoch selection. Host-neutral: it sees only a :class:`~..host.DiffusionHost`.
 
 What follows kohya-ss/sd-scripts (``train_network.py``, ``library/train_util.py``,
 ``library/custom_train_functions.py``; read at commit 48d368f, re-implemented):
@@ -49,13 +49,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..formats.safetensors_io import atomic_write_text, load_state_dict, save_safetensors
+from ...formats.safetensors_io import atomic_write_text, load_state_dict, save_safetensors
 from .captions import CaptionConfig, process_caption
 from .dataset import DatasetOptions, KohyaDataset
-from .conditioning import Conditioning, size_ids
-from .families import family, modelspec_arch
-from .host import DiffusionHost, add_noise, prediction_target
-from .lora import LoRANetwork
+from ..conditioning import Conditioning, size_ids
+from ..families import family, modelspec_arch
+from ..host import DiffusionHost, add_noise, prediction_target
+from .network import LoRANetwork
 from .objective import FlowSettings, objective_for
 from .noise import NoiseOptions, max_norm_regularization, post_process_loss, sample_training_noise
 
@@ -89,7 +89,7 @@ class TrainConfig(FlowSettings):
     ``gradient_accumulation_steps``; ``seed``.
     Network: ``network_dim``, ``network_alpha`` (scale = alpha/dim), ``conv_dim``/``conv_alpha`` (LoCon; also
     read from ``network_args = ["conv_dim=4", ...]``), ``network_dropout`` (rank dropout, see
-    :mod:`.lora`), ``module_dropout``, ``network_train_unet_only`` / ``network_train_text_encoder_only``
+    :mod:`.network`), ``module_dropout``, ``network_train_unet_only`` / ``network_train_text_encoder_only``
     (kohya trains both by default).
     Optimisation: ``optimizer_type`` (:data:`OPTIMIZERS`), ``optimizer_args`` (``["weight_decay=0.1", ...]``),
     ``learning_rate``, ``unet_lr``, ``text_encoder_lr``, ``lr_scheduler`` (:data:`SCHEDULERS`),
@@ -98,10 +98,10 @@ class TrainConfig(FlowSettings):
     always runs fp32), ``gradient_checkpointing``.
     Objective: ``noise_offset``, ``min_snr_gamma``, ``loss_type`` (:data:`LOSS_TYPES`), ``huber_schedule``,
     ``huber_c``, ``huber_scale``, ``min_timestep``, ``max_timestep`` (None = T), ``clip_skip`` / ``max_token_length`` (kohya's text
-    encoding, applied by the host: :meth:`.host.DiffusionHost.configure_text`), ``v_parameterization`` (the
+    encoding, applied by the host: :meth:`..host.DiffusionHost.configure_text`), ``v_parameterization`` (the
     model predicts v: kohya's flag for SD2-v / NoobAI-vpred-style models; a ComfyUI MODEL already says so through
     its ``model_sampling``), ``zero_terminal_snr`` (rescale the schedule to zero terminal SNR as kohya does; the
-    samples rendered each epoch use the same schedule; see :meth:`.host.DiffusionHost.configure_schedule`).
+    samples rendered each epoch use the same schedule; see :meth:`..host.DiffusionHost.configure_schedule`).
     Files: ``output_dir`` (LoRA files), ``output_name``, ``save_every_n_epochs``, ``save_precision``,
     ``save_state`` (Concept Lab default True), ``state_dir`` (training states, epoch table, plots and samples;
     default ``output_dir`` — the node keeps them out of ``loras/`` so LoraLoader lists only LoRAs), ``resume``
@@ -155,7 +155,7 @@ class TrainConfig(FlowSettings):
     max_timestep: int | None = None
     clip_skip: int | None = None
     max_token_length: int | None = None
-    # kohya noise / loss options (training/noise.py; issue 14)
+    # kohya noise / loss options (training/lora/noise.py; issue 14)
     noise_offset_random_strength: bool = False
     adaptive_noise_scale: float | None = None
     multires_noise_iterations: int | None = None
@@ -170,7 +170,7 @@ class TrainConfig(FlowSettings):
     # continue a LoRA (kohya network_weights / dim_from_weights)
     network_weights: str | None = None
     dim_from_weights: bool = False
-    # kohya sampling options (training/sample_prompts.py)
+    # kohya sampling options (training/lora/sample_prompts.py)
     sample_sampler: str = "ddim"
     sample_at_first: bool = False
     no_metadata: bool = False
@@ -220,7 +220,7 @@ class TrainConfig(FlowSettings):
             else:
                 unknown.append(k)
         cfg = cls(**kw)
-        # kohya network_args (training/network_args.py); unknown entries raise ValueError naming them
+        # kohya network_args (training/lora/network_args.py); unknown entries raise ValueError naming them
         if str(cfg.network_module).startswith("lycoris"):
             from .lycoris_net import parse_lycoris_args
 
@@ -389,7 +389,7 @@ def parse_kohya_toml(text: str) -> dict[str, Any]:
                 if k != "datasets":
                     raise ValueError(f"kohya TOML: [[{k}]] arrays of tables are not kohya settings (only "
                                      f"[[datasets]] / [[datasets.subsets]] are)")
-                flat[k] = v  # an inline kohya dataset config (training/dataset_config.py)
+                flat[k] = v  # an inline kohya dataset config (training/lora/dataset_config.py)
             else:
                 flat[k] = v
 
@@ -528,7 +528,7 @@ def ddpm_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditioning | t
 
     Args:
         latents: scaled VAE latents ``[B, C, h, w]`` fp32 (any device).
-        cond: the batch's :class:`~.conditioning.Conditioning` (or a bare SD1/SD2 context ``[B, 77, D]``).
+        cond: the batch's :class:`~..conditioning.Conditioning` (or a bare SD1/SD2 context ``[B, 77, D]``).
         generator: CPU generator for noise, noise offset and timesteps (consumed in that order).
         timesteps: fixed integer timesteps ``[B]`` (validation); otherwise uniform in [min_t, max_t).
         autocast: factory of the mixed-precision context the prediction runs in (``None``: none).
@@ -544,7 +544,7 @@ def ddpm_loss(host: DiffusionHost, latents: torch.Tensor, cond: Conditioning | t
     """
     ac = host.alphas_cumprod
     T = len(ac)
-    # kohya's noise options and timesteps (training/noise.py, train_util.get_noise_noisy_latents_and_timesteps)
+    # kohya's noise options and timesteps (training/lora/noise.py, train_util.get_noise_noisy_latents_and_timesteps)
     noise, input_noise, timesteps = sample_training_noise(latents.float().cpu(), noise_options(cfg), generator, T,
                                                           timesteps)
     x0 = latents.float().cpu()
@@ -733,7 +733,7 @@ def palette_metrics(image: np.ndarray, palette: Sequence[str] = (), cells=None) 
     ``{}`` when the metrics module is not available (the trainer then selects by loss only).
     """
     try:
-        from ..metrics.palette import palette_report
+        from ...metrics.palette import palette_report
     except ImportError:
         return {}
     try:
@@ -969,7 +969,7 @@ def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
     """Write uint8 ``[H, W, 3]`` as PNG atomically."""
     from PIL import Image
 
-    from ..formats.safetensors_io import atomic_output
+    from ...formats.safetensors_io import atomic_output
 
     with atomic_output(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
@@ -993,14 +993,14 @@ def save_lora_file(path: str | os.PathLike, network: LoRANetwork, metadata: Mapp
 
     Metadata values are stringified (kohya writes every ``ss_*`` value with ``str()``).
     """
-    from ..formats.lora_files import save_kohya_lora
-    from ..formats.safetensors_io import parse_dtype
+    from ...formats.lora_files import save_kohya_lora
+    from ...formats.safetensors_io import parse_dtype
 
     # kohya writes every value with str() (None -> "None"); dicts / lists as JSON (ss_tag_frequency, ...)
     md = {k: (v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
           for k, v in metadata.items()}
-    if hasattr(network, "algo"):  # a LyCORIS network (training/lycoris_net.py): its own key names
-        from ..formats.safetensors_io import parse_dtype
+    if hasattr(network, "algo"):  # a LyCORIS network (training/lora/lycoris_net.py): its own key names
+        from ...formats.safetensors_io import parse_dtype
         from .lycoris_net import save_lycoris_file
 
         return Path(save_lycoris_file(path, network, md, parse_dtype({"float": "fp32"}.get(precision, precision))))
@@ -1217,7 +1217,7 @@ def build_network_and_groups(host: DiffusionHost, cfg: TrainConfig, train_unet: 
 
     if str(cfg.network_module).startswith("lycoris"):
         return _build_lycoris(host, cfg, train_unet, train_te)
-    from .lora_flux import split_network_args
+    from .flux import split_network_args
 
     na, flux_na = split_network_args(parse_network_args(cfg.network_args), family(host.arch).lora_targets == "flux")
     is_sdxl = getattr(host, "arch", "sd1") == "sdxl"
@@ -1322,7 +1322,7 @@ class LoraTrainer:
 
     Construction validates ``cfg`` (``ValueError`` / :class:`OptimizerUnavailableError`) and raises ``ValueError``
     when ``network_train_text_encoder_only`` is set for a host without a text encoder. ``v_parameterization`` /
-    ``zero_terminal_snr`` reconfigure the host's schedule here (:meth:`.host.DiffusionHost.configure_schedule`),
+    ``zero_terminal_snr`` reconfigure the host's schedule here (:meth:`..host.DiffusionHost.configure_schedule`),
     so training, validation and the per-epoch samples share it.
     """
 
@@ -1382,7 +1382,7 @@ class LoraTrainer:
     # -- conditioning -----------------------------------------------------------------------------------------
     def _encode(self, captions: list[str], entries: Sequence | None = None,
                 flipped: Sequence[bool] | None = None) -> Conditioning:
-        """The batch's :class:`~.conditioning.Conditioning`: text-encoder outputs (cached per caption while the
+        """The batch's :class:`~..conditioning.Conditioning`: text-encoder outputs (cached per caption while the
         text encoders are frozen, as kohya's ``cache_text_encoder_outputs``), plus, for families with size
         conditioning (SDXL), each image's size ids from ``entries`` (see :func:`sdxl_size_ids`)."""
         if self.train_te and not getattr(self, "_te_frozen", False):
@@ -1534,7 +1534,7 @@ class LoraTrainer:
         if diffs:
             raise ValueError("cannot resume: the saved state was trained with different settings ("
                              + "; ".join(diffs) + ")")
-        from .distributed import check_resume_batch  # processes × gradient_accumulation_steps may trade places
+        from ..distributed import check_resume_batch  # processes × gradient_accumulation_steps may trade places
 
         check_resume_batch(old, int(js.get("num_processes", 1)), self.cfg, self.dist.world if self.dist else 1)
         if js["dataset"]["num_train_images"] != self.dataset.num_train_images:
@@ -1870,7 +1870,7 @@ class LoraTrainer:
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _kohya_metadata(self, metadata: dict, optimizer) -> dict:
-        """kohya's key set and value formats (training/kohya_metadata.py); ``no_metadata`` keeps kohya's minimum."""
+        """kohya's key set and value formats (:mod:`.kohya_metadata`); ``no_metadata`` keeps kohya's minimum."""
         from .kohya_metadata import apply_kohya_formats, minimum_metadata
 
         cfg = self.cfg

@@ -15,7 +15,7 @@ import json
 import sys
 import warnings
 
-from .merge import METHODS, PRESET_HELP, PRESETS, TIES_SIGNS, MethodOptions
+from .methods import METHODS, PRESET_HELP, PRESETS, TIES_SIGNS, MethodOptions
 
 
 def register(subparsers) -> None:
@@ -99,7 +99,7 @@ def _options(args) -> MethodOptions:
 
 
 def _register_n(subparsers) -> None:
-    from .merge_nmodel import METHODS_N
+    from .nmodel import METHODS_N
 
     p = subparsers.add_parser(
         "merge-n",
@@ -134,9 +134,9 @@ def _register_n(subparsers) -> None:
 
 def run_n(args) -> int:
     """Execute ``conceptlab merge-n``; returns 0 on success."""
-    from ..cli import CLIError
-    from ..formats.safetensors_io import atomic_write_text
-    from .merge_nmodel import merge_checkpoints_n
+    from ...cli import CLIError
+    from ...formats.safetensors_io import atomic_write_text
+    from .nmodel import merge_checkpoints_n
 
     progress = ProgressLine(quiet=args.quiet)
     with warnings.catch_warnings():
@@ -161,8 +161,8 @@ def run_n(args) -> int:
 
 def run(args) -> int:
     """Execute ``conceptlab merge``; returns 0 on success (errors are raised for cli.main to print)."""
-    from ..formats.safetensors_io import atomic_write_text
-    from .merge_files import merge_checkpoints
+    from ...formats.safetensors_io import atomic_write_text
+    from .files import merge_checkpoints
 
     models = list(args.models)
     if len(models) > 3:
@@ -176,7 +176,7 @@ def run(args) -> int:
 
     progress = ProgressLine(quiet=args.quiet)
 
-    from ..cli import CLIError
+    from ...cli import CLIError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # collected in the report and printed below

@@ -29,10 +29,10 @@ SHA-256, both release the GIL), the weighted sum computed in place over A's buff
 on one worker per core (one torch thread each), and a writer thread that writes straight from the tensor's
 memory, so reading, hashing, arithmetic and writing overlap.
 
-Layout: this module plans and merges; :mod:`training.merge_io` reads and hashes the inputs,
-:mod:`training.merge_pipeline` runs the reader / compute / writer threads, :mod:`training.merge_recipe` writes
+Layout: this module plans and merges; :mod:`training.merge.io` reads and hashes the inputs,
+:mod:`training.merge.pipeline` runs the reader / compute / writer threads, :mod:`training.merge.recipe` writes
 the recipe and modelspec metadata. Their public names (and the private ones the other merge modules use) are
-re-exported here, so ``from conceptlab.training.merge_files import ...`` keeps working.
+re-exported here, so ``from conceptlab.training.merge.files import ...`` keeps working.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_dtype
-from ..formats.weight_folders import open_weight_source
-from .merge import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
-from .merge_io import (_BufferPool, _byte_view, _cached_hashes, _fast_reader, _Hasher,  # noqa: F401 - re-exported
+from ...formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_dtype
+from ...formats.weight_folders import open_weight_source
+from .methods import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
+from .io import (_BufferPool, _byte_view, _cached_hashes, _fast_reader, _Hasher,  # noqa: F401 - re-exported
                        _PreadSafetensors, _collect_hashes, _remember_hashes)
-from .merge_pipeline import (_MEMORY_BOUND, _pipeline, _torch_threads, arithmetic_threads,  # noqa: F401
+from .pipeline import (_MEMORY_BOUND, _pipeline, _torch_threads, arithmetic_threads,  # noqa: F401
                              available_cores, compute_workers, thread_budget)
-from .merge_recipe import (MODELSPEC_ARCH, RECIPE_FORMAT, RECIPE_KEY, SD2_V_NORM_STD, _modelspec,  # noqa: F401
+from .recipe import (MODELSPEC_ARCH, RECIPE_FORMAT, RECIPE_KEY, SD2_V_NORM_STD, _modelspec,  # noqa: F401
                            _SD2_V_PROBE, _patch_hashes, _placeholder, _recipe, modelspec_architecture, read_recipe)
 
 @dataclass
@@ -138,7 +138,7 @@ class _Source:
 
 
 def _detect_arch(src: _Source) -> str:
-    from ..formats.keys import detect_architecture
+    from ...formats.keys import detect_architecture
 
     keys = src.keys()
     return detect_architecture(keys, {k: src.shape(k) for k in keys})
@@ -315,7 +315,7 @@ def _setup(a, b, c, method, alpha, block_weights, te, vae, te_alpha, vae_alpha, 
 def _lora(lora, strength, arch, report, a: _Source | None = None) -> tuple[dict | None, dict]:
     if lora is None:
         return None, {}
-    from ..formats.lora_files import lora_deltas
+    from ...formats.lora_files import lora_deltas
 
     dims = _flux_dims(a) if arch == "flux" and a is not None else None
     res = lora_deltas(lora, strength=float(strength), arch=arch, flux_dims=dims)
@@ -325,14 +325,14 @@ def _lora(lora, strength, arch, report, a: _Source | None = None) -> tuple[dict 
         info["name"] = Path(lora).name
     deltas = dict(res.deltas)
     if dims is not None:  # canonical Flux ΔW -> A's layout (a split diffusers to_q gets its rows of the qkv ΔW)
-        from ..formats.flux_views import deltas_for_keys
+        from ...formats.flux_views import deltas_for_keys
 
         deltas = deltas_for_keys(deltas, a.keys(), dims)
     return deltas, info
 
 
 def _flux_dims(src: _Source):
-    from ..formats.flux_keys import infer_dims, is_flux_key
+    from ...formats.flux_keys import infer_dims, is_flux_key
 
     return infer_dims({k: src.shape(k) for k in src.keys() if is_flux_key(k)})
 
@@ -342,8 +342,8 @@ def _align_flux(arch: str, a: _Source, *others: _Source | None) -> list[_Source 
     (``formats.flux_views.FluxKeyView``: split q/k/v fused or fused sliced), so the output keeps A's layout."""
     if arch != "flux":
         return list(others)
-    from ..formats.flux_keys import flux_layout
-    from ..formats.flux_views import FluxKeyView
+    from ...formats.flux_keys import flux_layout
+    from ...formats.flux_views import FluxKeyView
 
     la = flux_layout(a.keys())
     dims = _flux_dims(a)
@@ -393,7 +393,7 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None, output:
         overwrite: replace an existing ``output`` (default: ``FileExistsError``).
         on_shape_mismatch: ``"error"`` (default) or ``"a"``.
         hash_inputs: store inputs' SHA-256 in the recipe (computed from the buffers as they are read).
-        hash_cache: reuse / remember those digests in :mod:`training.merge_hashes` (keyed by path, size, mtime,
+        hash_cache: reuse / remember those digests in :mod:`training.merge.hashes` (keyed by path, size, mtime,
             inode), so merging the same unchanged inputs again costs no hashing.
         options: :class:`training.merge.MethodOptions` (TIES sign election, SLERP norm, DELLA ε / rescale).
         progress: ``progress(done, total)`` after each tensor; may raise to cancel (no file is left).

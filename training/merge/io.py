@@ -1,4 +1,4 @@
-"""Reading and hashing for the streaming merge (:mod:`training.merge_files`): ``preadv`` tensor reads into
+"""Reading and hashing for the streaming merge (:mod:`training.merge.files`): ``preadv`` tensor reads into
 pooled buffers with SHA-256 of the input fed from the same bytes, a hashing thread for inputs that cannot be read
 that way, and the hash cache lookups.
 """
@@ -15,8 +15,8 @@ from typing import Mapping
 
 import torch
 
-from ..formats.safetensors_io import WeightFile, WeightFileError
-from ..formats.weight_folders import sha256_source
+from ...formats.safetensors_io import WeightFile, WeightFileError
+from ...formats.weight_folders import sha256_source
 
 
 class _PreadSafetensors:
@@ -219,14 +219,14 @@ class _Hasher(threading.Thread):
 
 
 def _cached_hashes(paths: Mapping[str, Path]) -> dict[str, str]:
-    from .merge_hashes import lookup
+    from .hashes import lookup
 
     found = {tag: lookup(p) for tag, p in paths.items()}
     return {tag: h for tag, h in found.items() if h}
 
 
 def _remember_hashes(paths: Mapping[str, Path], hashes: Mapping[str, str]) -> None:
-    from .merge_hashes import store
+    from .hashes import store
 
     store({paths[tag]: h for tag, h in hashes.items() if tag in paths})
 

@@ -376,7 +376,7 @@ def merge_tensor(method: str, key: str, a: Tensor, b: Tensor | None, c: Tensor |
     if method == "slerp":
         return slerp(a, b, alpha, rescale_norm=opts.slerp_rescale_norm)
     if method == "model_stock":
-        from .merge_nmodel import model_stock
+        from .nmodel import model_stock
 
         if c is None:
             raise ValueError("model_stock needs the pre-trained base as model C (A and B fine-tuned from it)")
@@ -396,7 +396,7 @@ def merge_tensor(method: str, key: str, a: Tensor, b: Tensor | None, c: Tensor |
                 return ties(base, models, [1.0], density=density, scale=float(alpha), sign=opts.ties_sign)
             return ties(base, models, weights, density=density, sign=opts.ties_sign)
         if method == "della":
-            from .merge_nmodel import della
+            from .nmodel import della
 
             g = torch.Generator(device="cpu").manual_seed(key_seed(seed, key, 0))
             if c is None:
@@ -443,7 +443,7 @@ BASE = "BASE"
 def block_ids(arch: str) -> list[str]:
     """UNet block ids for ``arch`` (SD1/SD2: 25 = IN00..IN11, M00, OUT00..OUT11; SDXL: 19) from the shared
     key classification (``formats.keys.BLOCK_IDS``). Raises ``ValueError`` for other architectures."""
-    from ..formats.keys import BLOCK_IDS
+    from ...formats.keys import BLOCK_IDS
 
     ids = BLOCK_IDS.get(arch)
     if not ids or arch not in ("sd1", "sd2", "sdxl", "flux"):
@@ -578,7 +578,7 @@ def sd1_list_to_sdxl(values: Sequence[float]) -> list[float]:
 def _flux_block_name(name: str) -> str:
     """Flux block names as ComfyUI's ModelMergeFlux1 writes them (``double_blocks.3.``, ``img_in.``) or as
     ``D03`` / ``S10`` -> the ids of ``formats.keys.BLOCK_IDS["flux"]``; ``BASE`` stays."""
-    from ..formats.flux_keys import merge_name_to_block_id
+    from ...formats.flux_keys import merge_name_to_block_id
 
     if name.strip().upper() == BASE:
         return BASE
@@ -641,7 +641,7 @@ class MergePlan:
 
         ``component`` overrides the detected one (the CLIP node passes ``"te"``).
         """
-        from ..formats.keys import classify_key, split_component
+        from ...formats.keys import classify_key, split_component
 
         comp = component or split_component(key)[0]
         if comp == "unet":

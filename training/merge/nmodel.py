@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .merge import MethodOptions, check_alpha, dare, key_seed, ties, ties_fuse, weighted_sum_n
+from .methods import MethodOptions, check_alpha, dare, key_seed, ties, ties_fuse, weighted_sum_n
 
 Tensor = torch.Tensor
 
@@ -202,8 +202,8 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
     Returns a :class:`training.merge_files.MergeReport`. Raises FileExistsError, FileNotFoundError, ValueError,
     ``formats.safetensors_io.WeightFileError``, OSError (no partial file is left on any error or cancel).
     """
-    from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_dtype
-    from . import merge_files as MF
+    from ...formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_dtype
+    from . import files as MF
 
     if method not in METHODS_N:
         raise ValueError(f"unknown N-model merge method {method!r}; choose one of {', '.join(METHODS_N)}")
@@ -243,7 +243,7 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
                                  "architectures cannot be merged")
         report.arch = arch
         jobs, mismatches = [], []
-        from ..formats.keys import split_component
+        from ...formats.keys import split_component
 
         for k in first.keys():
             dt, shape = first.dtype(k), first.shape(k)
@@ -269,7 +269,7 @@ def merge_checkpoints_n(models: Sequence[str | os.PathLike], output: str | os.Pa
         report.merged = sum(j.action == "merge" for j in jobs)
         report.from_a = report.keys_total - report.merged
         dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(out_dtype, str(dtype))
-        from .. import __version__
+        from ... import __version__
 
         inputs = {tag: {"name": p.name, "sha256": MF._placeholder(tag) if hash_inputs else None}
                   for tag, p in paths.items()}

@@ -1,4 +1,4 @@
-"""The streaming merge's pipeline (:mod:`training.merge_files`, :mod:`training.merge_nmodel`): one reader thread
+"""The streaming merge's pipeline (:mod:`training.merge.files`, :mod:`training.merge.nmodel`): one reader thread
 per input, compute workers, a writer thread; and the torch thread budget for the arithmetic.
 """
 

@@ -1,4 +1,4 @@
-"""Metadata of merged files (:mod:`training.merge_files`): the ``conceptlab.recipe`` JSON, SAI ``modelspec.*``
+"""Metadata of merged files (:mod:`training.merge.files`): the ``conceptlab.recipe`` JSON, SAI ``modelspec.*``
 labels, and the reserved input-hash placeholders filled in once the hashes are known.
 """
 
@@ -11,8 +11,8 @@ from typing import Mapping
 
 import torch
 
-from ..formats.safetensors_io import SafetensorsStreamWriter, WeightFile
-from .merge import MethodOptions
+from ...formats.safetensors_io import SafetensorsStreamWriter, WeightFile
+from .methods import MethodOptions
 
 RECIPE_KEY = "conceptlab.recipe"
 RECIPE_FORMAT = "conceptlab.merge/1"
@@ -77,7 +77,7 @@ def _modelspec(arch: str, title: str, source: "_Source | None" = None) -> dict[s
 
 
 def _recipe(method, plan, density, seed, dtype_name, inputs, lora_info, report, options=None) -> dict:
-    from .. import __version__
+    from ... import __version__
 
     r = {"format": RECIPE_FORMAT, "tool": f"conceptlab {__version__}", "method": report.method,
          "convention": "alpha is the weight of B: (1-alpha)*A + alpha*B",
