@@ -253,7 +253,8 @@ def lora_settings(out_dir: Path, **over) -> dict:
 def train_style_lora(host, data_root: Path, out_dir: Path, **over):
     """Train the style LoRA with :func:`conceptlab.training.lora.trainer.train_lora`; returns its ``TrainResult``."""
     from conceptlab.training.lora.dataset import KohyaDataset
-    from conceptlab.training.lora.trainer import configs_from_mapping, train_lora
+    from conceptlab.training.lora.config import configs_from_mapping
+    from conceptlab.training.lora.trainer import train_lora
 
     cfg, dopts, caps, _ = configs_from_mapping(lora_settings(out_dir, **over))
     ds = KohyaDataset.scan(data_root, dopts, caps, seed=cfg.seed)

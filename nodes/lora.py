@@ -21,8 +21,9 @@ import torch
 from ..formats import limits
 from ..training.lora.captions import CaptionConfig
 from ..training.lora.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
-from ..training.lora.trainer import (BEST_METRICS, OPTIMIZERS, SCHEDULERS, LoraTrainer, configs_from_mapping,
-                                labelled_grid, palette_metrics, parse_kohya_toml, render_epoch_table)
+from ..training.lora.config import BEST_METRICS, OPTIMIZERS, SCHEDULERS, configs_from_mapping, parse_kohya_toml
+from ..training.lora.report import labelled_grid, palette_metrics, render_epoch_table
+from ..training.lora.trainer import LoraTrainer
 from . import policy
 
 CATEGORY = "Concept Lab/LoRA"

@@ -15,7 +15,8 @@ from tiny_models import tiny_flux_host, word_hash_tokenizer
 from conceptlab.formats.flux_views import canonical_state_dict
 from conceptlab.formats.safetensors_io import read_metadata, save_safetensors
 from conceptlab.training.lora.network import LoRANetwork
-from conceptlab.training.lora.trainer import LoraTrainer, diffusion_loss
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 def _write_single_files(host, root: Path) -> dict[str, Path]:

@@ -18,7 +18,10 @@ from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training import flow
 from conceptlab.training.lora.network import LoRANetwork
 from conceptlab.training.lora.objective import FlowObjective, objective_for
-from conceptlab.training.lora.trainer import LoraTrainer, TrainConfig, build_network_and_groups, diffusion_loss
+from conceptlab.training.lora.build import build_network_and_groups
+from conceptlab.training.lora.config import TrainConfig
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,10 @@ from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training.lora import kohya_args as KA
 from conceptlab.training.lora.captions import read_caption
 from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
-from conceptlab.training.lora.trainer import LoraTrainer, TrainConfig, build_network_and_groups, diffusion_loss
+from conceptlab.training.lora.build import build_network_and_groups
+from conceptlab.training.lora.config import TrainConfig
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
 

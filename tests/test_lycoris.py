@@ -15,7 +15,9 @@ pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata  # noqa: E402
 from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset  # noqa: E402
-from conceptlab.training.lora.trainer import LoraTrainer, TrainConfig, build_network_and_groups  # noqa: E402
+from conceptlab.training.lora.build import build_network_and_groups  # noqa: E402
+from conceptlab.training.lora.config import TrainConfig  # noqa: E402
+from conceptlab.training.lora.trainer import LoraTrainer  # noqa: E402
 from conftest import requires_comfyui  # noqa: E402
 
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")

@@ -17,7 +17,8 @@ from tiny_models import tiny_host, tiny_sdxl_host, word_hash_tokenizer
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training.conditioning import Conditioning, default_size_ids
 from conceptlab.training.host import zero_terminal_snr_alphas_cumprod
-from conceptlab.training.lora.trainer import LoraTrainer, diffusion_loss, sdxl_size_ids
+from conceptlab.training.lora.loss import diffusion_loss, sdxl_size_ids
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 def test_sdxl_conditioning_and_prediction_equal_direct_diffusers_calls():

@@ -15,7 +15,8 @@ import torch
 from conceptlab.formats.safetensors_io import load_state_dict
 from conceptlab.nodes import policy
 from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
-from conceptlab.training.lora.trainer import LoraTrainer, TrainConfig
+from conceptlab.training.lora.config import TrainConfig
+from conceptlab.training.lora.trainer import LoraTrainer
 
 from .conftest import make_kohya_folder
 

@@ -339,6 +339,6 @@ def own_setting_names() -> set[str]:
 
     from .captions import CaptionConfig
     from .dataset import DatasetOptions
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     return {f.name for cls in (TrainConfig, DatasetOptions, CaptionConfig) for f in fields(cls)}

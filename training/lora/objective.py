@@ -1,7 +1,7 @@
 """The training objective behind one seam: the family table says which (``families.Family.objective``), the loops
 call :func:`objective_for` and never branch on a family.
 
-* ``"ddpm"`` (SD1/SD2/SDXL): the discrete ε / v objective of :func:`.trainer.ddpm_loss` (kohya ``train_network.py``).
+* ``"ddpm"`` (SD1/SD2/SDXL): the discrete ε / v objective of :func:`.loss.ddpm_loss` (kohya ``train_network.py``).
 * ``"flow"`` (Flux.1): rectified flow with kohya-ss/sd-scripts ``flux_train_network.py`` semantics and names, built
   from :mod:`..flow` (read at commit 48d368f):
 
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 class FlowSettings:
     """kohya ``flux_train_network.py`` objective options (``library/flux_train_utils.py``
     ``add_flux_train_arguments`` and ``train_util.add_dit_training_arguments``), kohya's defaults; a base of
-    :class:`.trainer.TrainConfig`. Used only by flow families; set on another family they are warned by name.
+    :class:`.config.TrainConfig`. Used only by flow families; set on another family they are warned by name.
 
     ``timestep_sampling`` (:data:`..flow.TIMESTEP_SAMPLING`), ``sigmoid_scale``, ``discrete_flow_shift`` (> 0),
     ``model_prediction_type`` (:data:`..flow.MODEL_PREDICTION_TYPES`), ``guidance_scale`` (Flux-dev guidance
@@ -104,13 +104,13 @@ def validate_flow_settings(cfg) -> None:
 
 
 def _changed(cfg, names) -> list[str]:
-    """Names whose value differs from the :class:`.trainer.TrainConfig` default (i.e. the user set them)."""
+    """Names whose value differs from the :class:`.config.TrainConfig` default (i.e. the user set them)."""
     defaults = type(cfg)()
     return [n for n in names if getattr(cfg, n) != getattr(defaults, n)]
 
 
 class DDPMObjective:
-    """The discrete-schedule objective (SD1/SD2/SDXL): :func:`.trainer.ddpm_loss`; validation at kohya's integer
+    """The discrete-schedule objective (SD1/SD2/SDXL): :func:`.loss.ddpm_loss`; validation at kohya's integer
     timesteps ``linspace(min_t, max_t, 6)[1:-1]``."""
 
     name = "ddpm"
@@ -121,8 +121,8 @@ class DDPMObjective:
                 for n in _changed(cfg, FLOW_FIELDS)]
 
     def loss(self, host, latents, cond, cfg, generator, timesteps=None, autocast=None, loss_weights=None):
-        """:func:`.trainer.ddpm_loss` (0-d fp32; ``timesteps``: fixed integer t ``[B]``)."""
-        from .trainer import ddpm_loss
+        """:func:`.loss.ddpm_loss` (0-d fp32; ``timesteps``: fixed integer t ``[B]``)."""
+        from .loss import ddpm_loss
 
         return ddpm_loss(host, latents, cond, cfg, generator, timesteps=timesteps, autocast=autocast,
                          loss_weights=loss_weights)
@@ -206,7 +206,7 @@ class FlowObjective:
              loss_weights: torch.Tensor | None = None) -> torch.Tensor:
         """One batch's scalar flow-matching loss (0-d fp32 on the host's device). ``timesteps``: fixed float σ
         ``[B]`` (validation). ``cond`` without ``extras["guidance"]`` gets ``guidance_scale``."""
-        from .trainer import per_sample_loss
+        from .loss import per_sample_loss
 
         x0, noise, sig, ts, x_t = self.sample(latents, cfg, generator, timesteps)
         cond = Conditioning.wrap(cond)

@@ -106,7 +106,9 @@ def run(args) -> int:
     from .network import LoRANetwork
     from .kohya_args import check_settings, own_setting_names
     from .train_cli import CLI_KEYS, _host_for, load_config
-    from .trainer import LoraTrainer, configs_from_mapping, labelled_grid, save_png
+    from .config import configs_from_mapping
+    from .report import labelled_grid, save_png
+    from .trainer import LoraTrainer
 
     t0 = time.time()
     threads = args.threads if args.threads is not None else (1 if not args.model and args.device == "cpu" else None)

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from .trainer import LoraTrainer, configs_from_mapping, parse_kohya_toml, parse_set_values
+from .config import configs_from_mapping, parse_kohya_toml, parse_set_values
+from .trainer import LoraTrainer
 
 #: keys the CLI itself consumes (not trainer settings)
 CLI_KEYS = ("pretrained_model_name_or_path", "train_data_dir", "device", "logging_dir", "sample_prompts_file",
