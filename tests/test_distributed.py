@@ -262,3 +262,27 @@ def test_erase_refuses_a_multi_process_launch(monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match="runs in one process, but the launcher started 2: ESD takes one draw"):
         esd_cli.run(cli.build_parser("erase").parse_args(["erase", "--config", str(cfg)]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge", "a.safetensors", "b.safetensors", "-o", "out.safetensors"],
+    ["merge-n", "a.safetensors", "b.safetensors", "c.safetensors", "-o", "out.safetensors"],
+    ["extract-lora", "a.safetensors", "b.safetensors", "-o", "out.safetensors"],
+    ["resize-lora", "a.safetensors", "--rank", "4", "-o", "out.safetensors"],
+    ["uce", "--config", "uce.toml", "--output-dir", "out.safetensors"],
+    ["erase-convert", "a.safetensors", "out.safetensors", "--model", "m.safetensors"],
+    ["quickstart", "--out", "out", "--model", "missing_model", "--data", "missing_data"],
+], ids=lambda a: a[0])
+def test_one_process_commands_refuse_a_multi_process_launch(monkeypatch, tmp_path, argv):
+    """Every command that runs in one process refuses an `accelerate launch` of several (as `erase` does) before it
+    reads or writes anything; without a launcher the same command gets past the guard to its own input checks."""
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser(argv[0]).parse_args(argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=rf"conceptlab {argv[0]} runs in one process, but the launcher started 2: "):
+        args.func(args)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(Exception) as exc_info:  # the inputs do not exist: the command's own error, not the guard's
+        args.func(args)
+    assert "launcher started" not in str(exc_info.value)

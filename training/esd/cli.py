@@ -87,38 +87,19 @@ def _load_images(folder: Path, width: int, height: int):
 
 
 def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
-    """The host for ``model`` through the loaders the training CLI uses: a diffusers Flux.1 folder
-    (:meth:`..flux_host.FluxHost.from_pretrained`) or a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``
-    (:func:`..flux_loading.load_flux_single_files`); everything else :func:`..model_loading.load_host`.
+    """The host for ``model`` through :func:`..model_loading.load_host`, the router the training CLI uses too: a
+    diffusers Flux.1 folder, a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``, or an SD model.
 
     Raises ``ValueError`` for Flux keys on an SD model, a Flux file without its three companions, or
     ``quantize_base`` (not supported for erasure: the trained tensors' base values are hashed and saved in
     full precision)."""
-    from ..flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
     from ..model_loading import load_host
 
-    if flux.get("quantize_base"):
+    flux = dict(flux)
+    if flux.pop("quantize_base", None):
         raise ValueError("quantize_base is a LoRA-training setting; conceptlab erase runs the base in 'dtype' "
                          "(use bfloat16 on a GPU)")
-    if is_flux_folder(model_dir):
-        from ..flux_host import FluxHost
-
-        if tokenizer is not None:
-            raise ValueError("tokenizer = ... is for single-file checkpoints; a Flux folder has tokenizer/ and "
-                             "tokenizer_2/")
-        return FluxHost.from_pretrained(model_dir, device=device, dtype=dtype)
-    if model_dir.is_file() and is_flux_checkpoint(model_dir):
-        missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
-        if missing:
-            raise ValueError(f"{model_dir.name} is a Flux transformer file: also give {', '.join(missing)} (the "
-                             f"CLIP-L, T5-XXL and VAE files)")
-        return load_flux_single_files(model_dir, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
-                                      clip_tokenizer=tokenizer, t5_tokenizer=flux.get("t5_tokenizer"),
-                                      device=device, dtype=dtype)
-    given = sorted(k for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer") if flux.get(k))
-    if given:
-        raise ValueError(f"{given} are for Flux transformer files; {model_dir.name} is not one")
-    return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer)
+    return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer, flux=flux)
 
 
 def run(args) -> int:

@@ -78,6 +78,10 @@ def _read_toml(path: Path, table: str) -> tuple[dict, dict]:
 
 def run_uce(args) -> int:
     """Execute ``conceptlab uce``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("uce", "UCE is a closed-form edit (one linear solve per projection), not a training loop "
+                         "to spread over processes; each process would compute and write the same files")
     from ...formats.safetensors_io import parse_dtype
     from .outputs import save_outputs
     from .reference import base_tensors, reference_file_name, to_reference
@@ -125,6 +129,9 @@ def run_uce(args) -> int:
 def run_convert(args) -> int:
     """Execute ``conceptlab erase-convert``; returns 0 or raises ``ValueError`` / ``FileNotFoundError`` /
     ``FileExistsError``."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("erase-convert", "a file conversion; each process would write the same file")
     from ...formats.safetensors_io import parse_dtype
     from .reference import base_tensors, convert_file
     from ..model_loading import load_host

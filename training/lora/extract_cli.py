@@ -82,6 +82,10 @@ def _finish(args, report: dict) -> None:
 
 def run_extract(args) -> int:
     """Execute ``conceptlab extract-lora``."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("extract-lora", "extraction is one SVD per layer into one output file; each process would "
+                         "compute and write the same file")
     from ...formats.lora_files import save_kohya_lora
     from ...formats.safetensors_io import parse_dtype
     from .extract import extract_lora
@@ -96,6 +100,10 @@ def run_extract(args) -> int:
 
 def run_resize(args) -> int:
     """Execute ``conceptlab resize-lora``."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("resize-lora", "resizing is one SVD per layer into one output file; each process would "
+                         "compute and write the same file")
     from ...formats.safetensors_io import parse_dtype
     from .extract import resize_lora, save_lora_tensors
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PACK_DIR = Path(__file__).resolve().parents[1]
+PACK_DIR = Path(__file__).resolve().parents[2]
 SAMPLE_DATA = PACK_DIR / "sample_data"
 #: the tiny DawnLike model shipped with the pack (the default wherever a model is needed and none is given)
 TINY_MODEL = SAMPLE_DATA / "tiny_dawnlike"
@@ -99,6 +99,10 @@ def timing_line(wall: float, cpu: float, phases: dict[str, float]) -> str:
 
 def run(args) -> int:
     """Run the quick start; returns 0. Raises ``FileNotFoundError`` / ``ValueError`` for bad paths or keys."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("quickstart", "the quick start is a one-process demo; for data-parallel training use "
+                         "`accelerate launch -m conceptlab train --config ...`")
     from tqdm.auto import tqdm
 
     from ...formats.safetensors_io import WeightFile  # noqa: F401  (import check: safetensors present)

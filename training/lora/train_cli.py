@@ -93,13 +93,13 @@ def load_config(config: str | Path, overrides: list[str] | None = None) -> dict:
 
 def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str | None = None,
               prediction_type: str | None = None, flux: dict | None = None):
-    """The diffusers host for a local diffusers folder or a single-file SD1/SD2 checkpoint (never downloads).
+    """The host for a local diffusers folder (SD or Flux.1), a single-file SD checkpoint or a Flux transformer file
+    with its ``flux`` companions, through :func:`..model_loading.load_host` (never downloads).
 
     Raises ``FileNotFoundError`` (missing path or tokenizer) and ``ValueError`` (unreadable or unsupported file,
     options that need a single file given with a folder)."""
     from ...formats.safetensors_io import WeightFileError
-    from ..diffusers_host import DiffusersHost
-    from ..model_loading import CheckpointLoadError
+    from ..model_loading import CheckpointLoadError, load_host
 
     p = Path(model_path)
     if not p.exists():
@@ -109,38 +109,28 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
     if dev.type == "cuda":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     flux = dict(flux or {})
-    from ..flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
-
     quant = flux.pop("quantize_base", None)
-    if is_flux_folder(p) or is_flux_checkpoint(p):
-        from ..flux_host import FluxHost
+    from ..flux_loading import is_flux_checkpoint, is_flux_folder
 
-        if is_flux_folder(p):
-            host = FluxHost.from_pretrained(p, device=str(dev), dtype=dtype, quantize=quant)
-        else:
-            missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
-            if missing:
-                raise ValueError(f"{p.name} is a Flux transformer file: also give {', '.join(missing)} (the CLIP-L, "
-                                 "T5-XXL and VAE files, as kohya's flux_train_network.py takes them)")
-            host = load_flux_single_files(p, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
-                                          clip_tokenizer=tokenizer, t5_tokenizer=flux.get("t5_tokenizer"),
-                                          device=str(dev), dtype=dtype, quantize=quant)
+    single = {"tokenizer": tokenizer, "prediction_type": prediction_type}
+    if p.is_dir():  # a diffusers folder (SD or Flux) has its own tokenizer(s) and scheduler
+        if (tokenizer or prediction_type) and not is_flux_folder(p):
+            print("conceptlab train: note: --tokenizer/--prediction-type apply to single files; a diffusers folder "
+                  "uses its own tokenizer/ and scheduler/", file=sys.stderr)
+        single = {}
+    try:
+        host = load_host(p, device=str(dev), dtype=dtype, flux=flux, quantize=quant, **single)
+    except (WeightFileError, CheckpointLoadError) as exc:
+        if p.is_dir() or is_flux_checkpoint(p):
+            raise
+        raise ValueError(f"{exc} (pretrained_model_name_or_path must be a local diffusers folder with unet/, "
+                         "text_encoder/, tokenizer/, vae/ or a single-file SD 1.x/2.x checkpoint)") from exc
+    if host.arch == "flux":
         print(f"loaded {p.name}: Flux.1 {host.variant}" + (f", base quantized {quant}" if quant else ""),
               file=sys.stderr)
         return host
-    if quant:
-        raise ValueError("quantize_base applies to Flux models only")
     if p.is_dir():
-        if tokenizer or prediction_type:
-            print("conceptlab train: note: --tokenizer/--prediction-type apply to single files; a diffusers folder "
-                  "uses its own tokenizer/ and scheduler/", file=sys.stderr)
-        return DiffusersHost.from_pretrained(p, device=str(dev), dtype=dtype)
-    try:
-        host = DiffusersHost.from_single_file(p, tokenizer=tokenizer, device=str(dev), dtype=dtype,
-                                              prediction_type=prediction_type)
-    except (WeightFileError, CheckpointLoadError) as exc:
-        raise ValueError(f"{exc} (pretrained_model_name_or_path must be a local diffusers folder with unet/, "
-                         "text_encoder/, tokenizer/, vae/ or a single-file SD 1.x/2.x checkpoint)") from exc
+        return host
     rep = host.load_report
     print(f"loaded {p.name}: {rep['arch']}, {rep['prediction_type']} ({rep['prediction_source']})"
           + (f"; unused keys: {sum(len(v) for v in rep['unused_keys'].values())}" if rep["unused_keys"] else ""),

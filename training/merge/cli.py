@@ -132,8 +132,16 @@ def _register_n(subparsers) -> None:
     p.set_defaults(func=run_n)
 
 
+#: why the merge commands refuse a multi-process launch (:func:`..distributed.refuse_multi_process`)
+_ONE_WRITER = ("a merge streams every tensor of its inputs once into one output file; each process would merge and "
+               "write the same file")
+
+
 def run_n(args) -> int:
     """Execute ``conceptlab merge-n``; returns 0 on success."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("merge-n", _ONE_WRITER)
     from ...cli import CLIError
     from ...formats.safetensors_io import atomic_write_text
     from .nmodel import merge_checkpoints_n
@@ -161,6 +169,9 @@ def run_n(args) -> int:
 
 def run(args) -> int:
     """Execute ``conceptlab merge``; returns 0 on success (errors are raised for cli.main to print)."""
+    from ..distributed import refuse_multi_process
+
+    refuse_multi_process("merge", _ONE_WRITER)
     from ...formats.safetensors_io import atomic_write_text
     from .files import merge_checkpoints
 
