@@ -64,11 +64,27 @@ def flux_swap_counts(blocks_to_swap: int, n_double: int, n_single: int) -> tuple
     return double, single
 
 
-def move_frozen(module: nn.Module, device: torch.device) -> None:
-    """Move every parameter that does not require grad and every buffer of ``module`` to ``device`` in place
-    (``.data`` swap, so the modules keep their parameter objects); trainable parameters stay where they are."""
+def _frozen_modules(module: nn.Module, skip: Sequence[nn.Module] = ()):
+    """``module`` and its submodules, without the subtrees of installed deltas (:class:`~.host.DeltaModule`,
+    reached through ``torch.nn.utils.parametrize``): a delta's tensors train, so they stay with the optimizer."""
+    from .host import DeltaModule
+
+    stack, skipped = [module], {id(m) for m in skip}
+    while stack:
+        m = stack.pop()
+        if isinstance(m, DeltaModule) or type(m).__name__ == "PieceDelta" or id(m) in skipped:
+            continue
+        yield m
+        stack.extend(m.children())
+
+
+def move_frozen(module: nn.Module, device: torch.device, skip: Sequence[nn.Module] = ()) -> None:
+    """Move every frozen parameter (``requires_grad`` False) and buffer of ``module`` to ``device`` in place
+    (``.data`` swap, so modules keep their parameter objects); installed deltas, trainable parameters and the
+    subtrees of ``skip`` stay."""
+    device = torch.device(device)
     with torch.no_grad():
-        for m in module.modules():
+        for m in _frozen_modules(module, skip):
             for name, p in m._parameters.items():
                 if p is None or p.requires_grad or p.device == device:
                     continue
@@ -131,7 +147,7 @@ class BlockSwap:
 
     def _note(self, event: str, i: int) -> None:
         if self.log is not None:
-            self.log.append((event, i, tuple(d.type if d == self.device else "offload" for d in self.location)))
+            self.log.append((event, i, self.location_types()))
 
     def prepare(self, forward_only: bool = False) -> None:
         """Start of a forward (kohya ``prepare_block_devices_before_forward``): blocks ``0 … N−S−1`` on the device,
@@ -142,6 +158,10 @@ class BlockSwap:
         for i in range(self.n):
             self._move(i, self.offload if i >= self.n - self.s else self.device)
         self._note("prepare", -1)
+
+    def location_types(self) -> tuple[str, ...]:
+        """``("cpu"|"cuda"…, "offload", …)`` per block: the compute device's type or ``"offload"``."""
+        return tuple(d.type if d == self.device else "offload" for d in self.location)
 
     def resident(self) -> int:
         """How many blocks are on the compute device now."""

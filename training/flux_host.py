@@ -144,6 +144,8 @@ class FluxHost(DiffusionHost):
         guidance: default ``extras["guidance"]`` for dev when a conditioning has none (kohya ``guidance_scale``,
             3.5); ignored for schnell.
         device, dtype: where and in which dtype the frozen weights run (the VAE runs in fp32).
+        blocks_to_swap: kohya's ``blocks_to_swap`` (:meth:`enable_block_swap`); the swapped blocks go from the
+            CPU straight to their offloaded place, never all at once to ``device``.
 
     Attributes: ``arch = "flux"``, ``prediction_type = "flow"``, ``variant`` (``"dev"`` / ``"schnell"``),
     ``latent_channels = 16``, ``vae_scale`` (8 for the real VAE), ``dims`` (:class:`FluxDims`).
@@ -161,14 +163,23 @@ class FluxHost(DiffusionHost):
     def __init__(self, transformer: nn.Module, clip: nn.Module | None, clip_tokenizer: Callable | None,
                  t5: nn.Module | None, t5_tokenizer: Callable | None, vae: nn.Module | None, *,
                  t5xxl_max_token_length: int | None = None, guidance: float = DEFAULT_GUIDANCE,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, blocks_to_swap: int = 0):
         self.device = torch.device(device)
         self.dtype = dtype
         cfg = transformer.config
         if int(cfg.in_channels) % 4:
             raise ValueError(f"not a Flux transformer: in_channels {cfg.in_channels} is not 4 × latent channels")
         self.latent_channels = int(cfg.in_channels) // 4
-        self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
+        if blocks_to_swap:  # kohya move_to_device_except_swap_blocks: the swapped blocks never visit the device
+            from .block_swap import flux_swap_counts, move_frozen
+
+            nd, ns = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+            d, s_ = flux_swap_counts(blocks_to_swap, nd, ns)
+            self.transformer = transformer.to(dtype=dtype).eval().requires_grad_(False)
+            move_frozen(self.transformer, self.device,
+                        skip=[*transformer.transformer_blocks[nd - d:], *transformer.single_transformer_blocks[ns - s_:]])
+        else:
+            self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
         self.clip = clip.to(self.device, dtype).eval().requires_grad_(False) if clip is not None else None
         self.t5 = t5.to(self.device, dtype).eval().requires_grad_(False) if t5 is not None else None
         self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
@@ -187,6 +198,9 @@ class FluxHost(DiffusionHost):
         self._bfl_modules: dict[str, nn.Module] | None = None
         self._installed: dict[tuple[str, str, str], DeltaModule] = {}
         self._registered: dict[tuple[str, str, str], list[tuple[nn.Module, str]]] = {}
+        self._swaps, self._swap_hook = [], None
+        if blocks_to_swap:
+            self.enable_block_swap(blocks_to_swap)
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -226,10 +240,19 @@ class FluxHost(DiffusionHost):
         """Store the frozen transformer's and T5-XXL's Linear weights quantized (:func:`.quantize.quantize_frozen`,
         torchao; T5 is 4.9 B parameters, frozen unless ``train_t5xxl``), before any delta is installed. CLIP-L and
         the VAE stay dense. Returns the number of layers quantized."""
+        from .block_swap import move_frozen
         from .quantize import quantize_frozen
 
         self.quantized = scheme
-        n = quantize_frozen(self.transformer, scheme)
+        n, skip = 0, []
+        for sw, prefix in zip(getattr(self, "_swaps", ()), ("transformer_blocks", "single_transformer_blocks")):
+            for i, block in enumerate(sw.blocks):  # offloaded blocks: quantized on the device one at a time
+                if sw.location[i] != self.device:
+                    move_frozen(block, self.device)
+                    n += quantize_frozen(block, scheme)
+                    move_frozen(block, sw.location[i])
+                    skip.append(f"{prefix}.{i}.")
+        n += quantize_frozen(self.transformer, scheme, skip=tuple(skip))
         if self.t5 is not None:
             n += quantize_frozen(self.t5, scheme)
         return n
@@ -322,6 +345,47 @@ class FluxHost(DiffusionHost):
     def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
         """A copy of ``{(component, path, attr): delta}``."""
         return dict(self._installed)
+
+    # -- block swap -------------------------------------------------------------------------------------------
+    blocks_to_swap: int = 0
+
+    def enable_block_swap(self, blocks_to_swap: int) -> tuple[int, int]:
+        """kohya ``--blocks_to_swap N`` (``flux_train_network.py``; :mod:`.block_swap`): the last ``N // 2`` double
+        and ``(N − N // 2) · 2`` single blocks keep their frozen weights on the CPU and are moved to :attr:`device`
+        just before they compute, in forward and in backward, so the device holds ``19 − N // 2`` double and
+        ``38 − (N − N // 2) · 2`` single blocks at a time (Flux.1). ``0`` turns it off. Deltas installed on a
+        swapped block stay on the device. Use it with gradient checkpointing: without it, autograd keeps every
+        block's weights referenced until backward, so little memory is saved.
+
+        Returns ``(double, single)`` blocks swapped. Raises ``ValueError`` for N < 0 or more than kohya allows
+        (``flux_models.py`` 977: at most n − 2 blocks of each kind; Flux.1: N ≤ 35)."""
+        from .block_swap import BlockSwap, flux_swap_counts
+
+        tr = self.transformer
+        double, single = flux_swap_counts(blocks_to_swap, len(tr.transformer_blocks),
+                                          len(tr.single_transformer_blocks))
+        self.disable_block_swap()
+        if not double and not single:
+            return 0, 0
+        self._swaps = [BlockSwap(tr.transformer_blocks, double, self.device),
+                       BlockSwap(tr.single_transformer_blocks, single, self.device)]
+
+        def prepare(module, args, kwargs):  # kohya prepare_block_swap_before_forward, once per transformer call
+            for sw in self._swaps:
+                sw.prepare(forward_only=not torch.is_grad_enabled())
+        self._swap_hook = tr.register_forward_pre_hook(prepare, with_kwargs=True)
+        for sw in self._swaps:
+            sw.prepare()
+        self.blocks_to_swap = int(blocks_to_swap)
+        return double, single
+
+    def disable_block_swap(self) -> None:
+        """Remove block swapping and bring every block back to :attr:`device`."""
+        for sw in getattr(self, "_swaps", ()):
+            sw.remove()
+        if getattr(self, "_swap_hook", None) is not None:
+            self._swap_hook.remove()
+        self._swaps, self._swap_hook, self.blocks_to_swap = [], None, 0
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """diffusers' ``enable_gradient_checkpointing`` / ``disable_gradient_checkpointing`` on the transformer
