@@ -118,6 +118,12 @@ class PieceDelta(nn.Module):
         return weight + d.to(device=weight.device, dtype=weight.dtype)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (CPU for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _hf_tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> torch.Tensor:
     """Token ids ``[B, max_length]``: a transformers tokenizer (padding to ``max_length``, truncation, as
     ``FluxPipeline._get_t5_prompt_embeds`` / kohya ``FluxTokenizeStrategy``) or a callable
@@ -199,6 +205,7 @@ class FluxHost(DiffusionHost):
         self._installed: dict[tuple[str, str, str], DeltaModule] = {}
         self._registered: dict[tuple[str, str, str], list[tuple[nn.Module, str]]] = {}
         self._swaps, self._swap_hook = [], None
+        self._prompt_cache: dict[str, Conditioning] = {}  # offload_text_encoders
         if blocks_to_swap:
             self.enable_block_swap(blocks_to_swap)
 
@@ -426,12 +433,49 @@ class FluxHost(DiffusionHost):
         ``ValueError`` when a text encoder or tokenizer is missing."""
         if self.clip is None or self.t5 is None or self.clip_tokenizer is None or self.t5_tokenizer is None:
             raise ValueError("this Flux host has no text encoders / tokenizers (CLIP-L and T5-XXL are both needed)")
+        cache = self._prompt_cache
+        if cache and all(p in cache for p in prompts) and not self._te_deltas():
+            return Conditioning.cat([cache[p] for p in prompts]).to(self.device, self.dtype)
         n_clip = int(getattr(self.clip.config, "max_position_embeddings", 77))
-        ids_l = _hf_tokenize(self.clip_tokenizer, prompts, n_clip).to(self.device)
+        dev_l, dev_t5 = _device_of(self.clip), _device_of(self.t5)  # the CPU after offload_text_encoders
+        ids_l = _hf_tokenize(self.clip_tokenizer, prompts, n_clip).to(dev_l)
         pooled = self.clip(ids_l, output_hidden_states=False).pooler_output
-        ids_t5 = _hf_tokenize(self.t5_tokenizer, prompts, self.t5xxl_max_token_length).to(self.device)
+        ids_t5 = _hf_tokenize(self.t5_tokenizer, prompts, self.t5xxl_max_token_length).to(dev_t5)
         ctx = self.t5(ids_t5, output_hidden_states=False)[0]
-        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype))
+        return Conditioning(ctx.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+
+    # -- text encoders off the accelerator --------------------------------------------------------------------
+    def _te_deltas(self) -> bool:
+        return any(c in ("te1", "t5") for c, _, _ in self._installed)
+
+    def offload_text_encoders(self, prompts: Sequence[str] = (), device: str | torch.device = "cpu") -> int:
+        """Encode ``prompts`` (e.g. the sample prompts) while CLIP-L and T5-XXL are still on :attr:`device`, keep
+        their conditionings, then move both encoders to ``device`` (the CPU) — kohya ``flux_train_network.py``
+        ``cache_text_encoder_outputs_if_needed`` (lines 226-282: T5-XXL and, unless trained, CLIP-L "back to cpu"
+        after caching, sample prompts cached first). Afterwards :meth:`encode_prompts` returns the kept
+        conditionings for those prompts and runs the encoders where they now are for any other prompt (slower on
+        the CPU, same result). Returns the number of bytes of encoder weights moved off the device.
+
+        Raises ``ValueError`` when text-encoder deltas are installed (a trained encoder must stay on the device,
+        as kohya keeps CLIP-L there when it is trained)."""
+        if self._te_deltas():
+            raise ValueError("text-encoder deltas are installed: the text encoders are trained and stay on the device")
+        device = torch.device(device)
+        cache = dict(self._prompt_cache)
+        todo = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if todo and self.clip is not None and self.t5 is not None:
+            with torch.no_grad():
+                for p, row in zip(todo, self.encode_prompts(todo).detach().rows()):
+                    cache[p] = row.to("cpu")
+        self._prompt_cache = cache
+        moved = 0
+        for enc in (self.clip, self.t5):
+            if enc is not None and _device_of(enc) != device:
+                moved += sum(t.numel() * t.element_size() for t in [*enc.parameters(), *enc.buffers()])
+                enc.to(device)
+        if moved and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return moved
 
     def _guidance(self, cond: Conditioning, batch: int) -> torch.Tensor | None:
         if not self.transformer.config.guidance_embeds:
