@@ -152,3 +152,22 @@ def test_enable_block_swap_on_the_host():
         host.enable_block_swap(7)
     host.disable_block_swap()
     assert host.blocks_to_swap == 0 and not host.transformer._forward_pre_hooks
+
+
+def test_constructor_swap_and_the_refusals_by_name():
+    import conceptlab.training.flux_host as fh
+    from conceptlab.nodes.lora import _check_toml_keys
+    from conceptlab.training.kohya_args import KohyaSettingError, classify
+
+    host, _ = _host_with_lora()
+    tr = host.transformer
+    swapped = fh.FluxHost(tr, host.clip, host.clip_tokenizer, host.t5, host.t5_tokenizer, None,
+                          t5xxl_max_token_length=host.t5xxl_max_token_length, blocks_to_swap=6)
+    assert swapped.blocks_to_swap == 6 and [sw.s for sw in swapped._swaps] == [3, 6]
+    swapped.disable_block_swap()
+    with pytest.raises(ValueError, match="blocks_to_swap <= 0"):  # the tiny 1 + 2 block model swaps nothing
+        tiny_flux_host(0).enable_block_swap(1)
+    assert classify("blocks_to_swap") == "honoured"
+    with pytest.raises(KohyaSettingError, match="blocks_to_swap is not supported by the Train LoRA node"):
+        _check_toml_keys({"blocks_to_swap": 8, "network_dim": 4})
+    assert _check_toml_keys({"blocks_to_swap": 0, "network_dim": 4})["network_dim"] == 4

@@ -213,11 +213,13 @@ class FluxHost(DiffusionHost):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         t5xxl_max_token_length: int | None = None, transformer: nn.Module | None = None,
-                        guidance: float = DEFAULT_GUIDANCE, quantize: str | None = None) -> "FluxHost":
+                        guidance: float = DEFAULT_GUIDANCE, quantize: str | None = None,
+                        blocks_to_swap: int = 0) -> "FluxHost":
         """Load a local diffusers Flux folder (``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L),
         ``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``), as ``black-forest-labs/FLUX.1-dev`` ships it.
         Nothing is downloaded (``local_files_only``). ``transformer`` replaces ``transformer/`` (e.g. a quantized
-        or single-file one); ``quantize``: a :mod:`.quantize` scheme for the frozen transformer weights.
+        or single-file one); ``quantize``: a :mod:`.quantize` scheme for the frozen transformer weights;
+        ``blocks_to_swap``: kohya's block swap (:meth:`enable_block_swap`).
         Raises ``FileNotFoundError`` naming a missing part."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
@@ -238,7 +240,7 @@ class FluxHost(DiffusionHost):
         tok2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
         host = cls(transformer, clip, tok, t5, tok2, vae, t5xxl_max_token_length=t5xxl_max_token_length,
-                   guidance=guidance, device=device, dtype=dtype)
+                   guidance=guidance, device=device, dtype=dtype, blocks_to_swap=blocks_to_swap)
         if quantize:
             host.quantize_base(quantize)
         return host

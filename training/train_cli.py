@@ -111,11 +111,12 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
     from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
 
     quant = flux.pop("quantize_base", None)
+    swap = int(flux.pop("blocks_to_swap", 0) or 0)
     if is_flux_folder(p) or is_flux_checkpoint(p):
         from .flux_host import FluxHost
 
         if is_flux_folder(p):
-            host = FluxHost.from_pretrained(p, device=str(dev), dtype=dtype, quantize=quant)
+            host = FluxHost.from_pretrained(p, device=str(dev), dtype=dtype, quantize=quant, blocks_to_swap=swap)
         else:
             missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
             if missing:
@@ -123,12 +124,15 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
                                  "T5-XXL and VAE files, as kohya's flux_train_network.py takes them)")
             host = load_flux_single_files(p, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
                                           clip_tokenizer=tokenizer, t5_tokenizer=flux.get("t5_tokenizer"),
-                                          device=str(dev), dtype=dtype, quantize=quant)
-        print(f"loaded {p.name}: Flux.1 {host.variant}" + (f", base quantized {quant}" if quant else ""),
-              file=sys.stderr)
+                                          device=str(dev), dtype=dtype, quantize=quant, blocks_to_swap=swap)
+        print(f"loaded {p.name}: Flux.1 {host.variant}" + (f", base quantized {quant}" if quant else "")
+              + (f", blocks_to_swap {swap}" if swap else ""), file=sys.stderr)
         return host
     if quant:
         raise ValueError("quantize_base applies to Flux models only")
+    if swap:
+        raise ValueError("blocks_to_swap applies to Flux models only (kohya flux_train_network.py); for SD/SDXL "
+                         "use gradient_checkpointing")
     if p.is_dir():
         if tokenizer or prediction_type:
             print("conceptlab train: note: --tokenizer/--prediction-type apply to single files; a diffusers folder "
@@ -217,7 +221,12 @@ def run(args, host=None) -> int:
         if pred is None and flat.get("v_parameterization") is True:
             pred = "v_prediction"
         tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
-        flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base") if flat.get(k)}
+        flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base", "blocks_to_swap")
+                if flat.get(k)}
+        if flat.get("blocks_to_swap") and not flat.get("gradient_checkpointing"):
+            print("conceptlab train: warning: blocks_to_swap without gradient_checkpointing saves only the frozen "
+                  "weights of the swapped blocks; the LoRA-adapted weights autograd keeps for backward stay on the "
+                  "device (set gradient_checkpointing = true, as kohya's Flux examples do)", file=sys.stderr)
         with contextlib.redirect_stderr(io.StringIO()) if not main else contextlib.nullcontext():
             host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
                              prediction_type=pred, **({"flux": flux} if flux else {}))
