@@ -431,7 +431,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "arch": host.arch,
             "model_variant": getattr(host, "variant", None),
             "base_model_hash": base_hash,
-            "base_model_hash_kind": "sha256 of the trained tensors' base values",
+            "base_model_hash_kind": "sha256 of the trained tensors' base values" + (
+                f" ({host.quantized}-quantized base, dequantized)" if getattr(host, "quantized", None) else ""),
             "trained_tensors": n_tensors,
             "trained_parameters": n_params,
         }
@@ -563,10 +564,13 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
 
 def erased_weights(host: DiffusionHost, result: ESDResult) -> dict[str, torch.Tensor]:
     """``{"<component>.<path>.<attr>": base + ΔW}`` (fp32 CPU) for every trained tensor — the erased model's
-    values. The host must have no deltas installed (its weights are the base weights)."""
+    values. The host must have no deltas installed (its weights are the base weights; a quantized base is
+    dequantized)."""
+    from .quantize import dense
+
     out = {}
     for (c, p, a), d in result.deltas.items():
-        base = getattr(host.modules(c)[p], a).detach().float().cpu()
+        base = dense(getattr(host.modules(c)[p], a)).detach().float().cpu()
         out[f"{c}.{p}.{a}"] = base + d
     return out
 

@@ -91,22 +91,24 @@ def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
     (:meth:`.flux_host.FluxHost.from_pretrained`) or a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``
     (:func:`.flux_loading.load_flux_single_files`); everything else :func:`.model_loading.load_host`.
 
+    ``quantize_base`` (Flux only, as for training: the frozen transformer and T5 weights stored int8 / int4 /
+    fp8 by torchao; ESD's full-rank ΔW stays fp32 and is added to the dequantized weight, so the saved ``.diff``
+    is ΔW learned against the quantized base — the frozen model's own predictions, the target, come from that
+    base too, like a LoRA trained on a quantized base).
+
     Raises ``ValueError`` for Flux keys on an SD model, a Flux file without its three companions, or
-    ``quantize_base`` (not supported for erasure: the trained tensors' base values are hashed and saved in
-    full precision)."""
+    ``quantize_base`` on an SD model."""
     from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
     from .model_loading import load_host
 
-    if flux.get("quantize_base"):
-        raise ValueError("quantize_base is a LoRA-training setting; conceptlab erase runs the base in 'dtype' "
-                         "(use bfloat16 on a GPU)")
+    quant = flux.get("quantize_base")
     if is_flux_folder(model_dir):
         from .flux_host import FluxHost
 
         if tokenizer is not None:
             raise ValueError("tokenizer = ... is for single-file checkpoints; a Flux folder has tokenizer/ and "
                              "tokenizer_2/")
-        return FluxHost.from_pretrained(model_dir, device=device, dtype=dtype)
+        return FluxHost.from_pretrained(model_dir, device=device, dtype=dtype, quantize=quant)
     if model_dir.is_file() and is_flux_checkpoint(model_dir):
         missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
         if missing:
@@ -114,7 +116,9 @@ def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
                              f"CLIP-L, T5-XXL and VAE files)")
         return load_flux_single_files(model_dir, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
                                       clip_tokenizer=tokenizer, t5_tokenizer=flux.get("t5_tokenizer"),
-                                      device=device, dtype=dtype)
+                                      device=device, dtype=dtype, quantize=quant)
+    if quant:
+        raise ValueError("quantize_base applies to Flux models only (SD/SDXL erase in 'dtype')")
     given = sorted(k for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer") if flux.get(k))
     if given:
         raise ValueError(f"{given} are for Flux transformer files; {model_dir.name} is not one")
