@@ -249,15 +249,26 @@ def test_offload_to_the_cpu_still_encodes_new_prompts():
 def test_trainer_caches_every_caption_then_moves_t5_and_clip_off(dawnlike_dir, tmp_path, monkeypatch):
     import conceptlab.training.te_offload as te_offload
 
+    import conceptlab.training.block_swap as block_swap
+
     monkeypatch.setattr(te_offload, "OFFLOAD_DEVICE", "meta")  # the simulated CPU: nothing runs there afterwards
+    monkeypatch.setattr(te_offload, "PARK_DEVICE", "meta")
+    events = []
+    # the DiT's parking is recorded, not done (moving to meta loses the values)
+    monkeypatch.setattr(block_swap, "move_frozen", lambda m, dev, skip=(): events.append(
+        ("dit to", torch.device(dev).type, next(host.t5.parameters()).device.type)))
     ds = make_dataset(dawnlike_dir, tmp_path / "ds", n=3, repeats=1)
     ds.captions = ds.captions.__class__()  # static captions (make_dataset shuffles tags)
     host = tiny_flux_host(0)
     ds.cache_latents(host.encode_images)
+    host.t5.register_forward_pre_hook(lambda m, a: events.append(("t5 runs",)))
     cfg = cfg_for(tmp_path / "o", max_train_epochs=2, sample_prompts="a knight --g 2.5 --s 2", sample_steps=2,
                   sample_every_n_epochs=2, sample_width=32, sample_height=32, save_state=False)
     res = LoraTrainer(host, ds, cfg).run()
     assert all(p.device.type == "meta" for m in (host.clip, host.t5) for p in m.parameters())
+    # kohya's order: DiT off the device, every caption + the sample prompt encoded, encoders off, DiT back
+    assert events[0] == ("dit to", "meta", "cpu") and events[-1] == ("dit to", "cpu", "meta")
+    assert set(events[1:-1]) == {("t5 runs",)} and len(events) - 2 >= 2  # the captions, then the sample prompts
     assert len(res.history) == 2 and len(res.history[-1]["samples"]) == 1  # trained and sampled after the move
     # captions that change per step (shuffle_caption) cannot all be cached up front: the encoders stay
     ds2 = make_dataset(dawnlike_dir, tmp_path / "ds2", n=2, repeats=1)

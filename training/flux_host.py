@@ -27,9 +27,10 @@ pipeline's own static method.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -447,6 +448,26 @@ class FluxHost(DiffusionHost):
         return Conditioning(ctx.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
 
     # -- text encoders off the accelerator --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def denoiser_parked(self, device: str | torch.device = "cpu") -> Iterator[None]:
+        """Within the block the transformer's frozen weights are on ``device`` (the CPU), so the text encoders can
+        run on :attr:`device` without the transformer beside them — kohya ``cache_text_encoder_outputs_if_needed``
+        (``flux_train_network.py`` 231-237: "move vae and unet to cpu to save memory"). Afterwards every block is
+        back where it was (block swap's offloaded blocks stay offloaded); installed deltas never move. A no-op when
+        ``device`` is :attr:`device`."""
+        from . import block_swap
+
+        device = torch.device(device)
+        if device == self.device:
+            yield
+            return
+        away = [sw.blocks[i] for sw in self._swaps for i in range(sw.n) if sw.location[i] != sw.device]
+        block_swap.move_frozen(self.transformer, device, skip=away)
+        try:
+            yield
+        finally:
+            block_swap.move_frozen(self.transformer, self.device, skip=away)
+
     def _te_deltas(self) -> bool:
         return any(c in ("te1", "t5") for c, _, _ in self._installed)
 

@@ -5,14 +5,17 @@ caption and every sample prompt up front, then moves T5-XXL (and CLIP-L unless i
 empties the CUDA cache, so the 4.9 B-parameter T5-XXL (9.8 GB in bf16) does not sit in VRAM during training.
 :func:`offload_after_caching` does the same for the LoRA trainer on a host that has ``offload_text_encoders``
 (the diffusers Flux host): when the text encoders are frozen and every caption is static (no shuffle, tag dropout,
-caption dropout or token warm-up — kohya refuses caching for those too), it fills the trainer's per-caption cache
-for the whole dataset, caches the sample prompts in the host, and moves the encoders to :data:`OFFLOAD_DEVICE`.
+caption dropout or token warm-up — kohya refuses caching for those too), it parks the DiT on :data:`PARK_DEVICE`
+(kohya lines 231-237), fills the trainer's per-caption cache for the whole dataset, caches the sample prompts in
+the host, brings the DiT back and moves the encoders to :data:`OFFLOAD_DEVICE`, so the device never holds the DiT
+and T5-XXL at once.
 Inside ComfyUI the CLIP is a separate ModelPatcher that ComfyUI's model management unloads when the diffusion
 model needs the memory, so no host method is needed there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 
@@ -20,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: where the text encoders go after caching (tests point it at a simulated device)
 OFFLOAD_DEVICE = "cpu"
+#: where the DiT waits while the text encoders run (kohya: the CPU, unless --lowram)
+PARK_DEVICE = "cpu"
 
 
 def offload_after_caching(trainer, prompts=()) -> bool:
@@ -51,9 +56,6 @@ def offload_after_caching(trainer, prompts=()) -> bool:
         logger.info("text encoders stay on %s: %d distinct captions exceed the 4096-entry cache", host.device,
                     len(caps))
         return False
-    bs = max(1, int(cfg.train_batch_size))
-    for i in range(0, len(caps), bs):
-        trainer._encode(caps[i:i + bs])
     specs = {sp.prompt: sp for sp in getattr(cfg, "prompt_specs", ())}
     texts = []
     for p in prompts or ():
@@ -61,7 +63,12 @@ def offload_after_caching(trainer, prompts=()) -> bool:
         sp = specs.get(p)
         neg = sp.negative_prompt if sp is not None and sp.negative_prompt is not None else cfg.sample_negative
         texts.append(neg or "")
-    moved = host.offload_text_encoders(texts, device=OFFLOAD_DEVICE)
+    bs = max(1, int(cfg.train_batch_size))
+    park = host.denoiser_parked(PARK_DEVICE) if hasattr(host, "denoiser_parked") else contextlib.nullcontext()
+    with park:  # kohya moves the DiT to the CPU while the text encoders run; it comes back after they left
+        for i in range(0, len(caps), bs):
+            trainer._encode(caps[i:i + bs])
+        moved = host.offload_text_encoders(texts, device=OFFLOAD_DEVICE)  # sample prompts encoded first
     logger.info("cached %d captions and %d sample prompts; text encoders moved to %s (%.2f GB off %s)",
                 len(caps), len(set(texts)), OFFLOAD_DEVICE, moved / 1e9, host.device)
     return True
