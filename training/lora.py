@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .host import DeltaModule, DiffusionHost
+from .host import DeltaModule, DiffusionHost, autograd_usable
 
 _UNET_ATTN = re.compile(r"(^|\.)attentions\.\d+\.")
 _UNET_CONV = re.compile(r"(^|\.)(resnets|downsamplers|upsamplers)\.\d+\.")
@@ -137,6 +138,37 @@ class LoRADelta(DeltaModule):
             up = up * self.rank_mask.to(up)
         d = up @ self.lora_down.flatten(1)
         return (d * self.scale).view(stop - start, *self.weight_shape[1:])
+
+    def _output_delta(self, x: torch.Tensor, layer: nn.Module, attr: str, piece) -> torch.Tensor | None:
+        """Activation-space LoRA (see :meth:`.host.DeltaModule.output_delta`): ``((x·downᵀ)·mask)·upᵀ·scale`` for a
+        Linear, the layer's own conv with ``lora_down`` (stride, padding, dilation) then a 1×1 conv with ``lora_up``
+        for a Conv2d — kohya ``networks/lora.py`` ``LoRAModule.forward`` (``lora_up(lora_down(x)) · scale``), with
+        the rank mask of :meth:`delta` on the rank channels; ΔW is never formed. ``piece`` rows select rows of
+        ``lora_up`` (the fused-layer pieces of diffusers Flux). Parameters are cast to ``x``'s dtype. Falls back to
+        the ΔW form for a grouped conv or a half-swapped piece."""
+        if self.module_off:
+            return None
+        conv = isinstance(layer, nn.Conv2d)
+        if attr != "weight" or (piece is not None and piece.swap) or (conv and layer.groups != 1) or \
+                not (conv or isinstance(layer, nn.Linear)):
+            return super()._output_delta(x, layer, attr, piece)
+        down = autograd_usable(self.lora_down.to(device=x.device, dtype=x.dtype))
+        up = self.lora_up
+        rows = getattr(piece, "rows", None)
+        if rows is not None:
+            up = up[rows[0]:rows[1]]
+        up = autograd_usable(up.to(device=x.device, dtype=x.dtype))
+        if conv:
+            h = layer._conv_forward(x, down, None)
+            if self.rank_mask is not None:
+                h = h * self.rank_mask.to(h).view(1, -1, 1, 1)
+            out = F.conv2d(h, up)
+        else:
+            h = F.linear(x, down)
+            if self.rank_mask is not None:
+                h = h * self.rank_mask.to(h)
+            out = F.linear(h, up.flatten(1))
+        return out * self.scale
 
     def kohya_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(lora_down, lora_up, alpha)`` detached, fp32, on CPU (what a kohya file stores)."""
