@@ -356,3 +356,24 @@ def test_comfyhost_flux_activation_equals_weight_space(fp8):
     finally:
         host.close()
     assert not any(m._forward_hooks for m in model.model.diffusion_model.modules())
+
+
+def test_esd_step_in_backward_and_checkpointing_same_deltas():
+    """ESD's memory options leave the result unchanged: Adam stepped per tensor inside backward (each gradient
+    freed as soon as used) and gradient checkpointing train the same ΔW as the plain loop; the result's tensors
+    are handed over without a copy and no gradient is left on them."""
+    from conceptlab.training.esd import ESDConfig, erase
+
+    def run(**kw):
+        cfg = ESDConfig(concepts="a cat", iterations=3, width=64, height=64, xt_source="noised", noised_cache=1,
+                        ddim_steps=2, lr=1e-3, seed=1, **kw)
+        return erase(tiny_host(3), cfg)
+
+    plain, fused, ckpt = run(), run(step_in_backward=True), run(gradient_checkpointing=True)
+    assert fused.metadata["optimizer_step_in_backward"] and ckpt.metadata["gradient_checkpointing"]
+    for k, w in plain.deltas.items():
+        assert not w.requires_grad and w.grad is None
+        torch.testing.assert_close(fused.deltas[k], w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ckpt.deltas[k], w, rtol=1e-4, atol=1e-6)
+    assert any(w.abs().max() > 0 for w in plain.deltas.values())
+    assert plain.losses == pytest.approx(fused.losses, rel=1e-5)

@@ -319,6 +319,12 @@ class DiffusersHost(DiffusionHost):
         """A copy of ``{(component, path, attr): delta}`` for the installed deltas."""
         return dict(self._installed)
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """diffusers' ``enable_gradient_checkpointing`` / ``disable_gradient_checkpointing`` on the UNet (each block
+        recomputed in backward: same gradients, fewer activations kept; deltas of either space are recomputed
+        with it)."""
+        (self.unet.enable_gradient_checkpointing if on else self.unet.disable_gradient_checkpointing)()
+
     # -- conditioning, prediction, VAE --------------------------------------------------------------------------
     def _tokenize(self, prompts: Sequence[str], tokenizer=None) -> torch.Tensor:
         """Token ids ``[B, n, 77]`` (n = 1, or max_token_length / 75 kohya chunks)."""

@@ -1,13 +1,16 @@
-"""Kohya-style LoRA / LoCon networks as weight deltas installed through a :class:`~.host.DiffusionHost`.
+"""Kohya-style LoRA / LoCon networks as deltas installed through a :class:`~.host.DiffusionHost`.
 
-A LoRA module here is a :class:`~.host.DeltaModule`: ``forward(W) = W + (up @ down) · alpha / dim``. It changes
-the *weight* a layer sees instead of wrapping the layer's forward. Why not peft's ``LoraLayer`` (which replaces
-``nn.Linear`` modules by wrapper modules)? ComfyUI's ``ModelPatcher.clone()`` shares one ``nn.Module`` tree
-between every clone in the graph, so replacing modules would mutate the upstream MODEL for every other node;
-ComfyUI's supported hook for trainable changes is ``add_weight_wrapper(key, fn)`` (what its own TrainLoraNode
-uses), and diffusers' modules take the same callable through ``torch.nn.utils.parametrize``. A weight-space delta
-fits both hosts with one implementation. It is also exactly what a LoRA file stores, so saving needs no
-conversion, and LoCon (3×3 conv) composes exactly: a k×k ``lora_down`` conv followed by a 1×1 ``lora_up`` conv
+A LoRA module here is a :class:`~.host.DeltaModule` with two equivalent applications (training/host.py): in
+activation space, every host's default, ``layer(x) + ((x·downᵀ)·upᵀ)·alpha/dim`` (a k×k ``lora_down`` conv with the
+layer's stride / padding / dilation, then a 1×1 ``lora_up`` conv, for LoCon), as kohya's ``LoRAModule.forward``
+computes it — ΔW is never formed, and nothing weight-sized is kept for backward; in weight space
+``forward(W) = W + (up @ down) · alpha / dim``, which is what baking and the file writers use. Why not peft's
+``LoraLayer`` (which replaces ``nn.Linear`` modules by wrapper modules)? ComfyUI's ``ModelPatcher.clone()`` shares
+one ``nn.Module`` tree between every clone in the graph, so replacing modules would mutate the upstream MODEL for
+every other node; the hosts instead add a forward hook for the duration of the run (ComfyHost: acting only through
+its own patcher) or, in weight space, ComfyUI's ``add_weight_wrapper(key, fn)`` (what its own TrainLoraNode uses)
+and diffusers' ``torch.nn.utils.parametrize``. The weight form is exactly what a LoRA file stores, so saving needs
+no conversion, and LoCon (3×3 conv) composes exactly: a k×k ``lora_down`` conv followed by a 1×1 ``lora_up`` conv
 equals one k×k conv with weight ``up ⊗ down``.
 
 Targets follow kohya-ss/sd-scripts ``networks/lora.py`` (``LoRANetwork.create_modules``, read at commit
@@ -20,8 +23,8 @@ with ``conv_dim`` also the modules of ``ResnetBlock2D`` / ``Downsample2D`` / ``U
 ``LoRAModule``: ``lora_down`` kaiming-uniform with ``a = sqrt(5)`` (PyTorch's default Linear init), ``lora_up``
 zeros, so training starts at the frozen model. ``network_alpha`` 0 / None means alpha = dim (scale 1).
 
-Dropout in weight space: kohya's ``network_dropout`` drops ``lora_down`` *activations* per token, which no
-weight delta can express. Here ``network_dropout`` drops whole rank components (kohya's ``rank_dropout``,
+Dropout: kohya's ``network_dropout`` drops ``lora_down`` *activations* per token, which no weight delta can
+express (and the two spaces must stay the same function). Here ``network_dropout`` drops whole rank components (kohya's ``rank_dropout``,
 rescaled by 1/(1-p)) and ``module_dropout`` switches a whole module off for a step (kohya's ``module_dropout``).
 Masks are drawn once per step by :meth:`LoRANetwork.resample_dropout` from the network's own generator, so
 gradient checkpointing's recomputation sees the same mask and a resumed run draws the same masks.
