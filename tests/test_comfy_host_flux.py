@@ -416,7 +416,7 @@ def test_kohya_lora_flux_names_load_in_comfyui_with_zero_unloaded(flux_models, c
         for patched, ours, key in ((m2, host.patcher, "diffusion_model.single_blocks.0.linear1.weight"),
                                    (c2, host.clip, "t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo.weight")):
             (_, a), = iter_patched_weights(patched, [key])
-            (_, b), = iter_patched_weights(ours, [key])
+            (_, b), = iter_patched_weights(ours, [key], extra_wrappers=host.delta_wrappers(ours))
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         host.close()

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from ..formats.flux_keys import FluxDims, Piece, diffusers_pieces, piece_of, CANONICAL_PREFIX
 from .conditioning import Conditioning
 from .diffusers_host import _canonical_te_path
-from .host import DeltaModule, DiffusionHost
+from .host import DeltaModule, DiffusionHost, OutputDeltaHook, check_delta_space
 
 #: kohya ``flux_train_network.py`` lines 171-177: T5-XXL tokens when ``t5xxl_max_token_length`` is unset
 T5_DEFAULT_TOKENS = {"dev": 512, "schnell": 256}
@@ -153,6 +153,9 @@ class FluxHost(DiffusionHost):
         device, dtype: where and in which dtype the frozen weights run (the VAE runs in fp32).
         blocks_to_swap: kohya's ``blocks_to_swap`` (:meth:`enable_block_swap`); the swapped blocks go from the
             CPU straight to their offloaded place, never all at once to ``device``.
+        delta_space: ``"activation"`` (default: forward hooks adding :meth:`~.host.DeltaModule.output_delta`; a
+            fused delta adds its rows to each split layer's output) or ``"weight"`` (``torch.nn.utils.parametrize``;
+            :class:`PieceDelta` row slices on the split weights).
 
     Attributes: ``arch = "flux"``, ``prediction_type = "flow"``, ``variant`` (``"dev"`` / ``"schnell"``),
     ``latent_channels = 16``, ``vae_scale`` (8 for the real VAE), ``dims`` (:class:`FluxDims`).
@@ -170,7 +173,9 @@ class FluxHost(DiffusionHost):
     def __init__(self, transformer: nn.Module, clip: nn.Module | None, clip_tokenizer: Callable | None,
                  t5: nn.Module | None, t5_tokenizer: Callable | None, vae: nn.Module | None, *,
                  t5xxl_max_token_length: int | None = None, guidance: float = DEFAULT_GUIDANCE,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, blocks_to_swap: int = 0):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 delta_space: str = "activation", blocks_to_swap: int = 0):
+        self.delta_space = check_delta_space(delta_space)
         self.device = torch.device(device)
         self.dtype = dtype
         cfg = transformer.config
@@ -205,6 +210,7 @@ class FluxHost(DiffusionHost):
         self._bfl_modules: dict[str, nn.Module] | None = None
         self._installed: dict[tuple[str, str, str], DeltaModule] = {}
         self._registered: dict[tuple[str, str, str], list[tuple[nn.Module, str]]] = {}
+        self._hooks: dict[int, OutputDeltaHook] = {}  # id(layer) -> activation-space hook
         self._swaps, self._swap_hook = [], None
         self._prompt_cache: dict[str, Conditioning] = {}  # offload_text_encoders
         if blocks_to_swap:
@@ -321,30 +327,42 @@ class FluxHost(DiffusionHost):
         return out
 
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
-        """Install ``delta`` on ``<component>.<path>.<attr>`` with ``torch.nn.utils.parametrize``; on a
-        :class:`FusedLinear` as one :class:`PieceDelta` per diffusers piece (row slices; the swapped halves of
-        ``final_layer.adaLN_modulation.1``). Raises ``ValueError`` (bad attr, tensor absent, already installed,
-        unknown component) or ``KeyError`` (unknown path)."""
+        """Install ``delta`` on ``<component>.<path>.<attr>``. Activation space (:attr:`delta_space`, default): an
+        entry of the layer's :class:`~.host.OutputDeltaHook`; on a :class:`FusedLinear` one entry per diffusers
+        piece, each adding its rows of the fused output (``F.linear(x, ΔW[rows])``; LoRA ``up[rows]``). Weight space:
+        ``torch.nn.utils.parametrize``; on a :class:`FusedLinear` one :class:`PieceDelta` per piece (row slices; the
+        swapped halves of ``final_layer.adaLN_modulation.1``). Raises ``ValueError`` (bad attr, tensor absent,
+        already installed, unknown component) or ``KeyError`` (unknown path)."""
         mod = self._delta_target(component, path, attr)
         key = (component, path, attr)
         delta.to(self.device)
+        activation = check_delta_space(self.delta_space) == "activation"
         regs = []
         if component == "unet":
             bfl = f"{path}.{attr}"
-            for dname, piece in diffusers_pieces(bfl, self.dims):
-                target = self.transformer.get_submodule(dname.rsplit(".", 1)[0])
-                whole = piece.rows is None and not piece.swap
+            pieces = [(self.transformer.get_submodule(dname.rsplit(".", 1)[0]), piece)
+                      for dname, piece in diffusers_pieces(bfl, self.dims)]
+        else:
+            pieces = [(mod, None)]
+        for target, piece in pieces:
+            whole = piece is None or (piece.rows is None and not piece.swap)
+            if activation:
+                hook = self._hooks.get(id(target))
+                if hook is None:
+                    hook = self._hooks[id(target)] = OutputDeltaHook().register(target)
+                hook.entries.append((attr, delta, None if whole else piece))
+            else:
                 parametrize.register_parametrization(target, attr, delta if whole else PieceDelta(delta, piece),
                                                      unsafe=True)
-                regs.append((target, attr))
-        else:
-            parametrize.register_parametrization(mod, attr, delta, unsafe=True)
-            regs.append((mod, attr))
+            regs.append((target, attr))
         self._installed[key] = delta
         self._registered[key] = regs
 
     def clear_deltas(self) -> None:
-        """Remove every installed parametrization, restoring the frozen tensors."""
+        """Remove every installed delta (hooks and parametrizations), restoring the frozen model."""
+        for hook in self._hooks.values():
+            hook.remove()
+        self._hooks.clear()
         for key, regs in list(self._registered.items()):
             for mod, attr in regs:
                 if parametrize.is_parametrized(mod, attr):
