@@ -382,8 +382,10 @@ class FluxHost(DiffusionHost):
         and ``(N − N // 2) · 2`` single blocks keep their frozen weights on the CPU and are moved to :attr:`device`
         just before they compute, in forward and in backward, so the device holds ``19 − N // 2`` double and
         ``38 − (N − N // 2) · 2`` single blocks at a time (Flux.1). ``0`` turns it off. Deltas installed on a
-        swapped block stay on the device. Use it with gradient checkpointing: without it, autograd keeps every
-        block's weights referenced until backward, so little memory is saved.
+        swapped block stay on the device. Use it with gradient checkpointing: block swap moves weights, not
+        activations (autograd's saved references to a swapped weight follow its in-place move, and the schedule
+        brings the block back before its backward; with weight-space deltas the dense ``W + ΔW`` copies autograd
+        keeps are not moved).
 
         Returns ``(double, single)`` blocks swapped. Raises ``ValueError`` for N < 0 or more than kohya allows
         (``flux_models.py`` 977: at most n − 2 blocks of each kind; Flux.1: N ≤ 35)."""

@@ -224,9 +224,9 @@ def run(args, host=None) -> int:
         flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base", "blocks_to_swap")
                 if flat.get(k)}
         if flat.get("blocks_to_swap") and not flat.get("gradient_checkpointing"):
-            print("conceptlab train: warning: blocks_to_swap without gradient_checkpointing saves only the frozen "
-                  "weights of the swapped blocks; the LoRA-adapted weights autograd keeps for backward stay on the "
-                  "device (set gradient_checkpointing = true, as kohya's Flux examples do)", file=sys.stderr)
+            print("conceptlab train: warning: blocks_to_swap moves weights, not activations: without "
+                  "gradient_checkpointing every block's activations stay on the device (set gradient_checkpointing "
+                  "= true, as kohya's Flux examples do)", file=sys.stderr)
         with contextlib.redirect_stderr(io.StringIO()) if not main else contextlib.nullcontext():
             host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
                              prediction_type=pred, **({"flux": flux} if flux else {}))
