@@ -138,7 +138,8 @@ NO_EFFECT: dict[str, str] = {
     "max_validation_steps": "validation uses every validation image",
     "async_upload": "nothing is uploaded",
     "custom_attributes": "custom attributes are for other network modules",
-    "cache_text_encoder_outputs": "text-encoder outputs are always cached while the text encoders are frozen",
+    "cache_text_encoder_outputs": "text-encoder outputs are always cached while the text encoders are frozen "
+                                  "(Flux CLI with static captions: T5-XXL and CLIP-L then leave the GPU, as kohya)",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory",
     "text_encoder_batch_size": "text-encoder batching does not change the outputs",
     "disable_mmap_load_safetensors": "safetensors loading switch with no effect on the result",
