@@ -171,3 +171,29 @@ def test_constructor_swap_and_the_refusals_by_name():
     with pytest.raises(KohyaSettingError, match="blocks_to_swap is not supported by the Train LoRA node"):
         _check_toml_keys({"blocks_to_swap": 8, "network_dim": 4})
     assert _check_toml_keys({"blocks_to_swap": 0, "network_dim": 4})["network_dim"] == 4
+
+
+def test_quantize_base_with_swapped_blocks_quantizes_each_block_on_the_device_once(monkeypatch):
+    """An offloaded block is brought to the device, quantized there (int4 / fp8 kernels need CUDA) and sent back;
+    the resident rest is quantized in one pass that skips those blocks. Moves are recorded, not made (the second
+    device is simulated)."""
+    pytest.importorskip("torchao")
+    import conceptlab.training.block_swap as bs
+    from conceptlab.training.quantize import is_quantized
+
+    host, _ = _host_with_lora()
+    host.clear_deltas()  # quantize before installing deltas
+    tr = host.transformer
+    moves = []
+    monkeypatch.setattr(bs, "move_frozen", lambda m, dev, skip=(): moves.append((m, torch.device(dev).type)))
+    _swap(host, 4, FakeOffload())
+    for sw in host._swaps:  # the starting layout, as bookkeeping only
+        sw.location = [sw.device] * (sw.n - sw.s) + [sw.offload] * sw.s
+    n = host.quantize_base("int8")
+    off = [*tr.transformer_blocks[3:], *tr.single_transformer_blocks[4:]]
+    assert [m for m, _ in moves] == [b for b in off for _ in range(2)]
+    assert [d for _, d in moves] == ["cpu", "meta"] * len(off)
+    linears = [m for m in tr.modules() if isinstance(m, torch.nn.Linear) and m.in_features >= 16]
+    assert n == len(linears) + sum(isinstance(m, torch.nn.Linear) and m.in_features >= 16
+                                   for m in host.t5.modules())
+    assert all(is_quantized(m.weight) for m in linears)
