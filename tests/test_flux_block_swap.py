@@ -11,7 +11,7 @@ import torch
 from tiny_models import TINY_FLUX_CONFIG, tiny_flux_host
 
 from conceptlab.training.block_swap import BlockSwap, _frozen_modules, flux_swap_counts
-from conceptlab.training.lora import LoRANetwork
+from conceptlab.training.lora.network import LoRANetwork
 
 
 def test_kohya_split_and_limits():
@@ -157,7 +157,7 @@ def test_enable_block_swap_on_the_host():
 def test_constructor_swap_and_the_refusals_by_name():
     import conceptlab.training.flux_host as fh
     from conceptlab.nodes.lora import _check_toml_keys
-    from conceptlab.training.kohya_args import KohyaSettingError, classify
+    from conceptlab.training.lora.kohya_args import KohyaSettingError, classify
 
     host, _ = _host_with_lora()
     tr = host.transformer
