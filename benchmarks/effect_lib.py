@@ -277,13 +277,14 @@ def lora_settings(out_dir: Path, **over) -> dict:
 
 
 def train_style_lora(host, data_root: Path, out_dir: Path, reg_root: Path | None = None, **over):
-    """Train the style LoRA with :func:`conceptlab.training.trainer.train_lora`; returns its ``TrainResult``.
+    """Train the style LoRA with :func:`conceptlab.training.lora.trainer.train_lora`; returns its ``TrainResult``.
     ``reg_root``: a kohya ``reg_data_dir`` (e.g. :func:`write_reg_dataset`), read by the pack's kohya dataset
-    machinery (:func:`conceptlab.training.dataset_config.dataset_from_settings`: regularization images balanced to
-    the training images' count, their loss times ``prior_loss_weight``, an ``over`` key)."""
-    from conceptlab.training.dataset import KohyaDataset
-    from conceptlab.training.dataset_config import dataset_from_settings
-    from conceptlab.training.trainer import configs_from_mapping, train_lora
+    machinery (:func:`conceptlab.training.lora.dataset_config.dataset_from_settings`: regularization images
+    balanced to the training images' count, their loss times ``prior_loss_weight``, an ``over`` key)."""
+    from conceptlab.training.lora.config import configs_from_mapping
+    from conceptlab.training.lora.dataset import KohyaDataset
+    from conceptlab.training.lora.dataset_config import dataset_from_settings
+    from conceptlab.training.lora.trainer import train_lora
 
     settings = lora_settings(out_dir, **over)
     cfg, dopts, caps, _ = configs_from_mapping(settings)
@@ -307,7 +308,7 @@ class lora_installed:
     def __enter__(self):
         from safetensors.torch import load_file
 
-        from conceptlab.training.lora import LoRANetwork
+        from conceptlab.training.lora.network import LoRANetwork
 
         self.net, _ = LoRANetwork.from_kohya_state_dict(self.host, load_file(str(self.path)))
         self.net.set_multiplier(self.multiplier)
@@ -364,9 +365,9 @@ def load_folder_images(folder: Path) -> np.ndarray:
 def erase_concept(host, concept: str, *, iterations: int = 60, lr: float = 2e-3, xt_source: str = "self_sample",
                   masks=None, variations: int = 0, seed: int = 0, ddim_steps: int = 20,
                   negative_guidance: float = 1.0):
-    """ESD-x (:func:`conceptlab.training.esd.erase`) of ``concept`` on ``host`` at 16×16 px; returns the
+    """ESD-x (:func:`conceptlab.training.esd.erase.erase`) of ``concept`` on ``host`` at 16×16 px; returns the
     ``ESDResult``. ``masks``: ``None`` (whole latent) or ``"grid"``; ``variations``: 0 = the bare concept."""
-    from conceptlab.training.esd import ESDConfig, erase
+    from conceptlab.training.esd.erase import ESDConfig, erase
 
     cfg = ESDConfig(concepts=concept, iterations=iterations, lr=lr, width=tiny.IMAGE_SIZE, height=tiny.IMAGE_SIZE,
                     ddim_steps=ddim_steps, xt_source=xt_source, masks=masks, variations=variations, seed=seed,
@@ -376,7 +377,7 @@ def erase_concept(host, concept: str, *, iterations: int = 60, lr: float = 2e-3,
 
 class weights_patched:
     """Context manager: ``{"<component>.<path>.<attr>": tensor}`` copied into ``host``'s modules, restored on
-    exit (for :func:`conceptlab.training.esd.erased_weights` or merged state dicts)."""
+    exit (for :func:`conceptlab.training.esd.erase.erased_weights` or merged state dicts)."""
 
     def __init__(self, host, values: dict):
         self.host, self.values, self.saved = host, values, {}
