@@ -130,12 +130,17 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         raise ValueError(f"margin must be in (0, 1], got {margin}")
     if min(h, w) < 2 * gc.MIN_CELL_PX:
         return no_grid(w, h, f"image {w}x{h} is too small to hold a grid of cells >= {gc.MIN_CELL_PX:g} px")
-    u = detect_grid_uniform(rgb, None, margin, max_cells)
+    # sampled lines and edge profiles per axis, computed once: both hypotheses use them
+    views = (rgb, np.swapaxes(rgb, 0, 1))
+    lines_xy = [_lines(img) for img in views]
+    prof_xy = [gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2)) for img in views]
+    u = detect_grid_uniform(rgb, None, margin, max_cells, profiles=tuple(p1[1:-1] for p1, _ in prof_xy),
+                            lines=tuple(lines_xy))
     fits = []
-    for axis, img in ((0, rgb), (1, np.swapaxes(rgb, 0, 1))):
+    for axis, img in enumerate(views):
         L = img.shape[1]
-        lines = _lines(img)
-        p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
+        lines = lines_xy[axis]
+        p1, p2 = prof_xy[axis]
         ucell = (u.cell_w if axis == 0 else u.cell_h) if u.method == "uniform" else 0.0
         # edges concentrated on a sharp grid (uniform confidence ≥ SOFT_POOL): no soft lattices
         uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
@@ -149,7 +154,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
             if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
                     or ru < fit.residual - UNIFORM_TIE[2]):
-                conf_u = _confidence(_prepare(_profile_x(img, PROFILE_LINES)), L, ucell,
+                conf_u = _confidence(p1[1:L], L, ucell,
                                      u.phase_x if axis == 0 else u.phase_y)
                 fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
                                  fit.noise, fit.candidates)

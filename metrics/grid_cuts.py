@@ -204,27 +204,30 @@ def dp_cuts(e: np.ndarray, length: int, w: float, lam: float = DP_LAMBDA, slack:
     pen = lam * np.log(G / w) ** 2
     off = gmax + 1  # D is stored shifted by `off`; entries for positions ≤ 0 stay -inf
     D = np.full(length + off, -np.inf)
-    back = np.zeros(length, np.int64)
-    T = np.arange(gmin)[:, None] - G[None, :]  # [gmin, nG] predecessor offsets within a block
+    back = np.zeros(length, np.int64)  # gap to the previous cut (px); 0 = first cut
     rows = np.arange(gmin)
-    start = np.where(np.arange(length) <= gmax, 0.0, -np.inf)
+    T = rows[:, None] - G[None, :] + off  # [gmin, nG] predecessor offsets within a block, as indices into D
     for s in range(1, length, gmin):
         n = min(gmin, length - s)
-        P = s + T[:n]
-        V = D[P + off] - pen
+        V = D[T[:n] + s]
+        V -= pen
         j = V.argmax(1)
-        best = V[rows[:n], j]
-        st = start[s : s + n]
-        use = st >= best
-        D[s + off : s + n + off] = e[s : s + n] + np.where(use, st, best)
-        back[s : s + n] = np.where(use, 0, P[rows[:n], j])
+        best = V.max(1)
+        gap = G[j]
+        if s <= gmax:  # a first cut within gmax of the frame start has no predecessor (partial border cell)
+            use = (np.arange(s, s + n) <= gmax) & (best <= 0.0)
+            best[use] = 0.0
+            gap[use] = 0
+        D[s + off : s + n + off] = e[s : s + n] + best
+        back[s : s + n] = gap
     D = D[off:]
     ends = np.arange(max(1, length - gmax), length)
     c = int(ends[np.argmax(D[ends])])
     out = []
     while c > 0:
         out.append(c)
-        c = int(back[c])
+        g = int(back[c])
+        c = c - g if g else 0
     return np.array(out[::-1], np.int64)
 
 
@@ -476,10 +479,18 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     # — unless ``pool`` (no sharp grid concentrates the edges: an interpolating upscale), where a sharp grid of
     # tiny cells re-renders the smooth image too and every (period, model) pair competes on the harmonic rule
     mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
-    for w in [c for c, _ in cands] + [w0 / 2]:
-        if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0):
-            for m in (modes if pool else (mode,)):
+    floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
+    ws = [w for w in [c for c, _ in cands] + [w0 / 2] if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0)]
+    if pool:
+        for w in ws:
+            for m in modes:
                 run(w, m)
+    else:  # coarse to fine, stopping once finer periods cannot change the outcome (see _settled)
+        ws = sorted(set(ws), reverse=True)
+        for i, w in enumerate(ws):
+            run(w, mode)
+            if mode == "sharp" and _settled(tried, mode, floor, [u for u in ws[i + 1 :] if (u, mode) not in tried]):
+                break
     if not pool:
         tried = {k: v for k, v in tried.items() if k[1] == mode}
     # soft lattices: a quick phase fit for every candidate, the full phase + period search for the contenders
@@ -488,7 +499,6 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     for r, w in soft[:SOFT_REFINE]:
         run(w, "soft", refine=True)
     best = min(r for r, _ in tried.values())
-    floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
     lim = best + max(HARMONIC_MARGIN * best, floor)
     acf = dict(cands)
     ok = [(float(np.median(np.diff(c))) if c.size > 1 else w, r, w, mode) for (w, mode), (r, c) in tried.items()
@@ -512,6 +522,28 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     fit.cuts, fit.cell, fit.mode, fit.residual, fit.score, fit.separation = cuts, cell, mode, r, score, sep
     fit.candidates = {f"{ww:g}/{mm}": round(rr, 4) for (ww, mm), (rr, _) in tried.items()}
     return fit
+
+
+def _settled(tried: dict, mode: str, floor: float, rest: list) -> bool:
+    """True when evaluating the periods ``rest`` (all finer than every period tried so far, besides the
+    fundamental) cannot change what :func:`detect_axis` picks — so their DP (the costliest step; the finest
+    periods cost most) is skipped, and the result is the one the full candidate set gives. The harmonic rule
+    keeps the candidates with residual ≤ lim = best + max(margin·best, floor); residuals are ≥ 0, so lim can
+    only fall to ``floor`` as more candidates are tried: a candidate with residual ≤ ``floor`` stays in, one
+    above the current lim stays out. If every tried candidate is one of these two kinds, at least one is in,
+    and no period in ``rest`` can reach the coarsest kept cell size within :data:`SAME_PERIOD` (its DP gaps are
+    ≤ 1.3·w + 1 px), the kept set, the coarsest group and its ties are final; the separation uses only
+    coarser periods."""
+    rs = [(r, c, w) for (w, m), (r, c) in tried.items() if m == mode]
+    best = min(r for r, _, _ in rs)
+    lim = best + max(HARMONIC_MARGIN * best, floor)
+    if any(floor < r <= lim for r, _, _ in rs):
+        return False
+    kept = [float(np.median(np.diff(c))) if c.size > 1 else w for r, c, w in rs if r <= floor]
+    if not kept:
+        return False
+    top = max(kept)
+    return all(((1.0 + GAP_SLACK) * u + 1.0) * SAME_PERIOD < top for u in rest)
 
 
 def _centres(cuts: np.ndarray, length: int) -> np.ndarray:
