@@ -51,8 +51,16 @@ MAX_AXIS_RESIDUAL = 0.5
 SOFT_POOL = 0.2
 #: Soft-lattice residual (share of pixels) at which its confidence reaches 0 (see ``_axis_confidence``).
 SOFT_RESIDUAL_FULL = 0.01
-#: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
+#: Residual gain over the next coarser grid at which a soft lattice's confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
+#: Sharp axes: the confidence falls linearly from 1 to 0 as the cut alternation (:func:`.grid_cuts.cut_support`:
+#: the edges on every 2nd / 3rd cut only — a grid 2–3× too fine) rises from ALTERNATION_RANGE[0] to [1]
+#: (right grids on the tuning seeds 0–99: ≤ 0.64; grids twice too fine: 0.72–0.83).
+ALTERNATION_RANGE = (0.6, 0.8)
+#: Sharp grids: the confidence is scaled by clip((n − EDGES_RANGE[0]) / (EDGES_RANGE[1] − EDGES_RANGE[0]), 0, 1)
+#: for n = the most edge-anchored cuts on one axis — a period read from ≤ 3 edges (two gaps) is any common
+#: divisor of them (tiny sprites on a plain canvas: the wrong grids at full confidence on the tuning seeds).
+EDGES_RANGE = (1.5, 5.5)
 
 
 def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
@@ -61,17 +69,29 @@ def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
 
 
-def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0) -> float:
-    """Confidence of one axis, 0..1, times how clearly the next coarser grid explains the image worse
-    (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`): for a sharp grid, the edge
-    concentration on the cuts (``score``, chance-corrected, see :func:`.grid_cuts.edge_score`, square root); for a
-    soft lattice (whose edges are spread over the cell by design, so their concentration says little) how
-    exactly it re-renders the image: 1 − ``residual`` / :data:`SOFT_RESIDUAL_FULL` (0.5 at half of it; on the
-    tuning seeds a soft lattice re-rendering all but ≤ 0.5 % of the pixels was right 90 % of the time)."""
-    sep = np.clip(separation / SEPARATION_FULL, 0.0, 1.0)
+def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0,
+                     alternation: float = 0.0) -> float:
+    """Confidence of one axis, 0..1. A sharp axis: the edge concentration on the cuts (``score``,
+    chance-corrected, see :func:`.grid_cuts.edge_score`, square root) times a fall-off with the cut
+    ``alternation`` (:data:`ALTERNATION_RANGE`; a grid 2–3× too fine puts every edge on one cut in 2 or 3).
+    (The residual gain over the next coarser grid is not used for sharp axes: on the fixtures it was small for a
+    right grid whenever the art is small — few pixels change — and large for the wrong ones, so it flagged right
+    grids.) A soft lattice (whose edges are spread over the cell by design, so their concentration says little):
+    how exactly it re-renders the image, 1 − ``residual`` / :data:`SOFT_RESIDUAL_FULL` (0.5 at half of it; on the
+    tuning seeds a soft lattice re-rendering all but ≤ 0.5 % of the pixels was right 90 % of the time), times
+    how clearly the next coarser grid explains the image worse (``separation``, residual gain, saturating at
+    :data:`SEPARATION_FULL`)."""
     if mode == "soft":
+        sep = np.clip(separation / SEPARATION_FULL, 0.0, 1.0)
         return float(np.clip(1.0 - residual / SOFT_RESIDUAL_FULL, 0.0, 1.0) * sep)
-    return float(np.clip(score, 0.0, 1.0) ** 0.5 * sep)
+    lo, hi = ALTERNATION_RANGE
+    return float(np.clip(score, 0.0, 1.0) ** 0.5 * np.clip((hi - alternation) / (hi - lo), 0.0, 1.0))
+
+
+def _edges_factor(n: int) -> float:
+    """Confidence scale for a sharp grid whose best axis has ``n`` edge-anchored cuts (:data:`EDGES_RANGE`)."""
+    lo, hi = EDGES_RANGE
+    return float(np.clip((n - lo) / (hi - lo), 0.0, 1.0))
 
 
 def _phase_of(cuts: tuple, cell: float) -> float:
@@ -152,6 +172,9 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)
             same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
+            # ... and one period reaches every visible cut (no edge-anchored cut of the line-by-line fit off it):
+            # otherwise the cells drift, and the tie goes to the cut sequence
+            same = same and gc.off_grid(p1, fit.cuts, ucuts, fit.cell) == 0
             if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
                     or ru < fit.residual - UNIFORM_TIE[2]):
                 conf_u = _confidence(p1[1:L], L, ucell,
@@ -174,7 +197,16 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             a.cell = b.cell
             a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
             a.score, a.separation, a.mode = b.score, b.separation, b.mode
-    cx, cy = (_axis_confidence(f.score, f.separation, f.mode, f.residual) for f in (fx, fy))
+            a.edges = False  # its cuts are borrowed: no edges of its own to count
+    support = [gc.cut_support(prof_xy[i][0], f.cuts, f.cell) if f.mode == "sharp" and getattr(f, "edges", True)
+               else (0, 0.0) for i, f in enumerate((fx, fy))]
+    for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px
+        if f.mode == "sharp" and getattr(f, "edges", True) and f.cuts.size:
+            f.score = max(f.score, gc.edge_score(prof_xy[i][0], f.cuts, f.length, max(2.0, min(3.0, f.cell / 4))))
+    cx, cy = (_axis_confidence(f.score, f.separation, f.mode, f.residual, a) for f, (_, a) in zip((fx, fy), support))
+    if "sharp" in (fx.mode, fy.mode):
+        ef = _edges_factor(max(n for n, _ in support))
+        cx, cy = (c * ef if f.mode == "sharp" else c for c, f in ((cx, fx), (cy, fy)))
     conf = min(cx, cy)
     status = "detected" if conf >= LOW_CONFIDENCE else "low_confidence"
     method = "uniform" if getattr(fx, "uniform", False) and getattr(fy, "uniform", False) else "detected"
@@ -183,7 +215,9 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
              _phase_of(tuple(fx.cuts), fx.cell), _phase_of(tuple(fy.cuts), fy.cell), conf, cx, cy, method,
              {"residual_x": fx.residual, "residual_y": fy.residual, "separation_x": fx.separation,
               "separation_y": fy.separation, "score_x": fx.score, "score_y": fy.score,
-              "candidates_x": fx.candidates, "candidates_y": fy.candidates},
+              "candidates_x": fx.candidates, "candidates_y": fy.candidates, "edges_x": support[0][0],
+              "edges_y": support[1][0], "alternation_x": round(support[0][1], 4),
+              "alternation_y": round(support[1][1], 4)},
              tuple(float(c) for c in fx.cuts), tuple(float(c) for c in fy.cuts), status,
              "" if status == "detected" else f"confidence {conf:.2f} < {LOW_CONFIDENCE}", mode)
     return g

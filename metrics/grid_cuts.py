@@ -549,3 +549,62 @@ def _settled(tried: dict, mode: str, floor: float, rest: list) -> bool:
 def _centres(cuts: np.ndarray, length: int) -> np.ndarray:
     b = np.concatenate([[0.0], cuts, [float(length)]])
     return 0.5 * (b[1:] + b[:-1])
+
+
+def anchored(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(on, v)``: which ``cuts`` (px) sit on an edge of the boundary-energy profile ``p`` (length L + 1, see
+    :func:`axis_profiles`) — normalised energy (:func:`_norm` at period ``cell``) ≥ :data:`ANCHOR` within 1 px —
+    and that energy per cut (float64)."""
+    c = np.asarray(cuts, np.float64)
+    L = p.size - 1
+    if c.size == 0 or L < 2:
+        return np.zeros(c.size, bool), np.zeros(c.size)
+    e = _norm(p, L, cell)
+    i = np.clip(np.rint(c).astype(np.int64), 0, L)
+    v = np.maximum(np.maximum(e[i], e[np.maximum(i - 1, 0)]), e[np.minimum(i + 1, L)])
+    return v >= ANCHOR, v
+
+
+def off_grid(p: np.ndarray, cuts: np.ndarray, other: np.ndarray, cell: float, strong: float = 0.3) -> int:
+    """How many of ``cuts`` that sit on a clear edge (normalised energy ≥ ``strong``, see :func:`anchored`; noise
+    and blur leave weaker maxima than a real cell boundary) lie farther than max(2 px, 12 % of
+    ``cell``) from every cut of ``other`` (px) — e.g. the visible cuts of a drifting grid that a single
+    period misses."""
+    _, v = anchored(p, cuts, cell)
+    c = np.asarray(cuts, np.float64)[v >= strong]
+    o = np.asarray(other, np.float64)
+    if c.size == 0:
+        return 0
+    if o.size == 0:
+        return int(c.size)
+    j = np.clip(np.searchsorted(o, c), 1, max(1, o.size - 1)) if o.size > 1 else np.zeros(c.size, np.int64)
+    d = np.abs(o[j] - c)
+    if o.size > 1:
+        d = np.minimum(d, np.abs(o[j - 1] - c))
+    return int((d > max(2.0, 0.12 * cell)).sum())
+
+
+def cut_support(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[int, float]:
+    """Evidence the edge profile ``p`` (boundary energy per position, length L + 1, see :func:`axis_profiles`)
+    gives a sharp axis' ``cuts`` (px): ``(anchored, alternation)``.
+
+    ``anchored``: how many cuts sit on an edge (:func:`anchored`) — a period read from one or two edges (a tiny
+    sprite on a plain canvas) is a guess. ``alternation`` 0..1: how much of the energy on the cuts falls on
+    every k-th cut only (k = 2, 3; the largest share of one residue class mod k, chance-corrected:
+    (share − 1/k) / (1 − 1/k), shrunk by n/(n + 4) for n anchored cuts so a handful of edges does not look
+    periodic by chance): a grid k times too fine puts the real edges on one residue class, the true grid
+    spreads them over all."""
+    c = np.asarray(cuts, np.float64)
+    on, v = anchored(p, c, cell)
+    n = int(on.sum())
+    tot = float(v[on].sum())
+    if n < 2 or tot <= 0:
+        return n, 0.0
+    idx = np.arange(c.size)
+    alt = 0.0
+    for k in (2, 3):
+        if c.size < 2 * k:
+            continue
+        share = max(float(v[on & (idx % k == r)].sum()) for r in range(k)) / tot
+        alt = max(alt, (share - 1.0 / k) / (1.0 - 1.0 / k))
+    return n, float(alt * n / (n + 4.0))
