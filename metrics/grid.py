@@ -51,7 +51,7 @@ MAX_AXIS_RESIDUAL = 0.5
 SOFT_POOL = 0.2
 #: Soft-lattice residual (share of pixels) at which its confidence reaches 0 (see ``_axis_confidence``).
 SOFT_RESIDUAL_FULL = 0.01
-#: Residual gain over the next coarser grid at which a soft lattice's confidence saturates (share of pixels).
+#: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
 #: Sharp axes: the confidence falls linearly from 1 to 0 as the cut alternation (:func:`.grid_cuts.cut_support`:
 #: the edges on every 2nd / 3rd cut only — a grid 2–3× too fine) rises from ALTERNATION_RANGE[0] to [1]
@@ -69,23 +69,31 @@ def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
 
 
-def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0,
-                     alternation: float = 0.0) -> float:
-    """Confidence of one axis, 0..1. A sharp axis: the edge concentration on the cuts (``score``,
-    chance-corrected, see :func:`.grid_cuts.edge_score`, square root) times a fall-off with the cut
-    ``alternation`` (:data:`ALTERNATION_RANGE`; a grid 2–3× too fine puts every edge on one cut in 2 or 3).
-    (The residual gain over the next coarser grid is not used for sharp axes: on the fixtures it was small for a
-    right grid whenever the art is small — few pixels change — and large for the wrong ones, so it flagged right
-    grids.) A soft lattice (whose edges are spread over the cell by design, so their concentration says little):
-    how exactly it re-renders the image, 1 − ``residual`` / :data:`SOFT_RESIDUAL_FULL` (0.5 at half of it; on the
-    tuning seeds a soft lattice re-rendering all but ≤ 0.5 % of the pixels was right 90 % of the time), times
-    how clearly the next coarser grid explains the image worse (``separation``, residual gain, saturating at
-    :data:`SEPARATION_FULL`)."""
+def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0) -> float:
+    """Confidence of one axis, 0..1, times how clearly the next coarser grid explains the image worse
+    (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`): for a sharp grid, the edge
+    concentration on the cuts (``score``, chance-corrected, see :func:`.grid_cuts.edge_score`, square root); for a
+    soft lattice (whose edges are spread over the cell by design, so their concentration says little) how
+    exactly it re-renders the image: 1 − ``residual`` / :data:`SOFT_RESIDUAL_FULL` (0.5 at half of it; on the
+    tuning seeds a soft lattice re-rendering all but ≤ 0.5 % of the pixels was right 90 % of the time)."""
+    sep = np.clip(separation / SEPARATION_FULL, 0.0, 1.0)
     if mode == "soft":
-        sep = np.clip(separation / SEPARATION_FULL, 0.0, 1.0)
         return float(np.clip(1.0 - residual / SOFT_RESIDUAL_FULL, 0.0, 1.0) * sep)
+    return float(np.clip(score, 0.0, 1.0) ** 0.5 * sep)
+
+
+def _sharp_confidence(score: float, alternation: float, edges: int) -> float:
+    """Confidence of a sharp (nearest-neighbour) axis, 0..1 — calibrated per condition on the fixtures
+    (tests/test_grid_conditions.py): the edge concentration on the cuts (``score``, chance-corrected, see
+    :func:`.grid_cuts.edge_score`, square root), times a fall-off with the cut ``alternation``
+    (:data:`ALTERNATION_RANGE`; a grid 2–3× too fine puts every edge on one cut in 2 or 3), times
+    :func:`_edges_factor` of ``edges`` (the most edge-anchored cuts on either axis). The residual gain over
+    the next coarser grid (``separation``, which :func:`_axis_confidence` uses) is left out for sharp axes: on
+    the fixtures it was small for right grids whenever the art is small (few pixels change) and large for the
+    wrong ones, so it flagged right grids."""
     lo, hi = ALTERNATION_RANGE
-    return float(np.clip(score, 0.0, 1.0) ** 0.5 * np.clip((hi - alternation) / (hi - lo), 0.0, 1.0))
+    alt = float(np.clip((hi - alternation) / (hi - lo), 0.0, 1.0))
+    return float(np.clip(score, 0.0, 1.0) ** 0.5 * alt * _edges_factor(edges))
 
 
 def _edges_factor(n: int) -> float:
@@ -203,10 +211,9 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px
         if f.mode == "sharp" and getattr(f, "edges", True) and f.cuts.size:
             f.score = max(f.score, gc.edge_score(prof_xy[i][0], f.cuts, f.length, max(2.0, min(3.0, f.cell / 4))))
-    cx, cy = (_axis_confidence(f.score, f.separation, f.mode, f.residual, a) for f, (_, a) in zip((fx, fy), support))
-    if "sharp" in (fx.mode, fy.mode):
-        ef = _edges_factor(max(n for n, _ in support))
-        cx, cy = (c * ef if f.mode == "sharp" else c for c, f in ((cx, fx), (cy, fy)))
+    edges = max(n for n, _ in support)
+    cx, cy = (_sharp_confidence(f.score, a, edges) if f.mode == "sharp" else
+              _axis_confidence(f.score, f.separation, f.mode, f.residual) for f, (_, a) in zip((fx, fy), support))
     conf = min(cx, cy)
     status = "detected" if conf >= LOW_CONFIDENCE else "low_confidence"
     method = "uniform" if getattr(fx, "uniform", False) and getattr(fy, "uniform", False) else "detected"

@@ -27,8 +27,13 @@ filters and Hough lines, not a period-constrained cut sequence); the pieces are 
    centre). Both models compete at every period only where no sharp grid concentrates the edges (``pool``);
    otherwise the model is chosen at the fundamental. Coarse harmonics leave real edges inside cells; the truth
    and its refinements tie near the minimum; the **coarsest candidate within a margin of the best** wins; the margin scales with the noise.
-5. **Confidence**: see ``_axis_confidence`` in :mod:`.grid` — calibrated on the fixtures of
+5. **Confidence**: see ``_sharp_confidence`` / ``_axis_confidence`` in :mod:`.grid` (edge evidence:
+   :func:`cut_support`) — calibrated per condition on the fixtures of
    :func:`conceptlab.metrics.palette_synth.condition_render` (tests/test_grid_conditions.py).
+
+Speed: the DP is the costliest step (one Python iteration per ≈ 0.7 cell), so candidates are tried coarse to
+fine and the finer ones are skipped once they cannot change the pick (:func:`_settled`; same result as trying
+all of them), and :mod:`.grid` computes the sampled lines and profiles once for both hypotheses.
 """
 
 from __future__ import annotations
@@ -498,21 +503,45 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     soft = sorted((r, w) for (w, m), (r, _) in tried.items() if m == "soft" and r <= 2.0 * best + 0.03)
     for r, w in soft[:SOFT_REFINE]:
         run(w, "soft", refine=True)
-    best = min(r for r, _ in tried.values())
-    lim = best + max(HARMONIC_MARGIN * best, floor)
     acf = dict(cands)
-    ok = [(float(np.median(np.diff(c))) if c.size > 1 else w, r, w, mode) for (w, mode), (r, c) in tried.items()
-          if r <= lim]
-    top = max(o[0] for o in ok)
-    # the coarsest explaining cell size wins over its refinements (w/2, w/3 tie); periods within the DP's
-    # slack of it (ratio < SAME_PERIOD) are the same grid drawn with other gaps: the best residual among them
-    group = [o for o in ok if o[0] * SAME_PERIOD >= top]
-    rmin = min(o[1] for o in group)
-    tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
-    # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
-    # strongest autocorrelation peak
-    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), MODES.index(o[3]),
-                                            -acf.get(o[2], 0.0), o[1]))
+
+    def pick():
+        best = min(r for r, _ in tried.values())
+        lim = best + max(HARMONIC_MARGIN * best, floor)
+        ok = [(float(np.median(np.diff(c))) if c.size > 1 else w, r, w, mode) for (w, mode), (r, c) in tried.items()
+              if r <= lim]
+        top = max(o[0] for o in ok)
+        # the coarsest explaining cell size wins over its refinements (w/2, w/3 tie); periods within the DP's
+        # slack of it (ratio < SAME_PERIOD) are the same grid drawn with other gaps: the best residual among them
+        group = [o for o in ok if o[0] * SAME_PERIOD >= top]
+        rmin = min(o[1] for o in group)
+        tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
+        # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
+        # strongest autocorrelation peak
+        return min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), MODES.index(o[3]),
+                                       -acf.get(o[2], 0.0), o[1]))[2:]
+
+    w, mode = pick()
+    if mode == "sharp" and not pool:
+        # periods read back from the fitted cuts (drifting cells decorrelate the autocorrelation, so its peaks
+        # can sit a few % off the mean cell or miss it): the mean gap of the cuts (a period whose DP slack is too
+        # narrow for the widest cells inserts cuts, and the mean gap over the edge-anchored span shows it), and
+        # the typical gap between
+        # consecutive edge-anchored cuts when it is ≥ 1.6× the period (a fine harmonic that the candidates
+        # left without its fundamental). Each is one more candidate; a mean-gap period that ties its source
+        # inherits the source's place among ties.
+        cuts0 = tried[(w, mode)][1]
+        on, _ = anchored(p1, cuts0, w)
+        if on.sum() >= 4:
+            i = np.nonzero(on)[0]
+            mg = float(cuts0[i[-1]] - cuts0[i[0]]) / (i[-1] - i[0])  # mean gap over the visible span
+            if abs(mg / w - 1.0) > 0.04 and MIN_CELL_PX <= mg <= L / MIN_CELLS:
+                run(mg, mode)
+                acf[mg] = acf.get(w, 0.0) + 1e-9
+            g = float(np.percentile(np.diff(cuts0[on]), 25))
+            if g >= 1.6 * w and MIN_CELL_PX <= g <= L / MIN_CELLS:
+                run(g, mode)
+            w, mode = pick()
     r, cuts = tried[(w, mode)]
     cell = float(np.median(np.diff(cuts))) if cuts.size > 1 else float(w)
     coarser = [rr for (ww, mm), (rr, cc) in tried.items() if ww > 1.3 * w]
