@@ -483,8 +483,16 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     # models are not comparable across periods (a soft lattice of half the cells re-renders a blurred sharp render)
     # — unless ``pool`` (no sharp grid concentrates the edges: an interpolating upscale), where a sharp grid of
     # tiny cells re-renders the smooth image too and every (period, model) pair competes on the harmonic rule
-    mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
     floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
+    if pool and "sharp" in modes and run(w0, "sharp") <= floor:
+        # a line-by-line sharp grid re-renders the image within the noise floor at the fundamental, with its
+        # edges on the cuts: nearest-neighbour cells whose widths drift (no single period concentrates their
+        # edges, which is why ``pool`` was asked) — an interpolating upscale leaves gradients inside every cell
+        # that a sharp grid at its fundamental cannot re-render. Soft lattices are not tried (they cost most).
+        c0 = tried[(w0, "sharp")][1]
+        if c0.size and edge_score(p1, c0, L, max(1.0, min(2.0, w0 / 6))) >= 0.5:
+            pool, modes = False, ("sharp",)
+    mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
     ws = [w for w in [c for c, _ in cands] + [w0 / 2] if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0)]
     if pool:
         for w in ws:
@@ -524,12 +532,11 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     w, mode = pick()
     if mode == "sharp" and not pool:
         # periods read back from the fitted cuts (drifting cells decorrelate the autocorrelation, so its peaks
-        # can sit a few % off the mean cell or miss it): the mean gap of the cuts (a period whose DP slack is too
-        # narrow for the widest cells inserts cuts, and the mean gap over the edge-anchored span shows it), and
-        # the typical gap between
-        # consecutive edge-anchored cuts when it is ≥ 1.6× the period (a fine harmonic that the candidates
-        # left without its fundamental). Each is one more candidate; a mean-gap period that ties its source
-        # inherits the source's place among ties.
+        # can sit a few % off the mean cell or miss it): the mean gap over the edge-anchored span (a period whose
+        # DP slack is too narrow for the widest cells inserts cuts, and the mean gap shows it), and the typical
+        # gap between consecutive edge-anchored cuts when it is ≥ 1.6× the period (a fine harmonic that the
+        # candidates left without its fundamental). Each is one more candidate; a mean-gap period that ties its
+        # source inherits the source's place among ties.
         cuts0 = tried[(w, mode)][1]
         on, _ = anchored(p1, cuts0, w)
         if on.sum() >= 4:
