@@ -149,8 +149,8 @@ def _diffusers_worker(method: str, a: dict, q) -> None:
     cond = torch.randn(b, 77, 768, generator=gen).to(dev)
     if method == "conceptlab":
         from conceptlab.training.diffusers_host import DiffusersHost
-        from conceptlab.training.lora import LoRANetwork
-        from conceptlab.training.trainer import TrainConfig
+        from conceptlab.training.lora.network import LoRANetwork
+        from conceptlab.training.lora.config import TrainConfig
 
         host = DiffusersHost(unet, None, None, None, device=dev)
         net = LoRANetwork.create(host, network_dim=a["rank"], network_alpha=a["rank"])
@@ -193,11 +193,8 @@ def _diffusers_worker(method: str, a: dict, q) -> None:
 
 def _conceptlab_step(host, net, cfg, lat, cond, gen):
     """The inner optimizer step of ``LoraTrainer.run`` (no accumulation, no scaler): returns (step, n params)."""
-    from conceptlab.training.trainer import (
-        build_optimizer,
-        build_scheduler,
-        diffusion_loss,
-    )
+    from conceptlab.training.lora.loss import diffusion_loss
+    from conceptlab.training.lora.optim import build_optimizer, build_scheduler
 
     groups = net.parameter_groups()
     params = [p for g in groups.values() for p in g]
@@ -391,8 +388,8 @@ def _comfy_worker(method: str, a: dict, q) -> None:
     else:
         from conceptlab.nodes.comfy_host import ComfyHost
         from conceptlab.training.conditioning import Conditioning
-        from conceptlab.training.lora import LoRANetwork
-        from conceptlab.training.trainer import TrainConfig
+        from conceptlab.training.lora.network import LoRANetwork
+        from conceptlab.training.lora.config import TrainConfig
 
         with torch.inference_mode():
             host = ComfyHost(model)
@@ -476,8 +473,10 @@ def _dp_worker(rank: int, world: int, port: int, a: dict, q) -> None:
     torch.set_num_threads(threads)
     from conceptlab.training.diffusers_host import DiffusersHost
     from conceptlab.training.distributed import DataParallel
-    from conceptlab.training.lora import LoRANetwork
-    from conceptlab.training.trainer import TrainConfig, build_optimizer, diffusion_loss
+    from conceptlab.training.lora.network import LoRANetwork
+    from conceptlab.training.lora.config import TrainConfig
+    from conceptlab.training.lora.loss import diffusion_loss
+    from conceptlab.training.lora.optim import build_optimizer
 
     dp = DataParallel.from_environment(a["device"]) if world > 1 else None
     dev = dp.device if dp is not None else torch.device(a["device"])

@@ -174,7 +174,7 @@ def test_flux_schnell_predict_equals_diffusers():
 
 
 def _lora_on(host, paths, comp="unet", seed=0):
-    from conceptlab.training.lora import LoRADelta
+    from conceptlab.training.lora.network import LoRADelta
 
     g = torch.Generator().manual_seed(seed)
     deltas = []
@@ -352,7 +352,7 @@ def test_kohya_lora_flux_names_load_in_comfyui_with_zero_unloaded(flux_models, c
     import comfy.sd
     from conceptlab.nodes.comfy_host import iter_patched_weights
     from conceptlab.training.families import family
-    from conceptlab.training.lora import LoRADelta, _kohya_name
+    from conceptlab.training.lora.network import LoRADelta, _kohya_name
 
     model, clip, _ = flux_models
     host = _host(model, clip)

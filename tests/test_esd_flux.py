@@ -1,6 +1,6 @@
 """ESD on Flux (flow-matching family): parameter sets, the velocity-space objective, Flux's schedule and distilled
 guidance, masks on 2×2 token patches, .diff outputs, and the effect on a tiny Flux.1-shaped model
-(training/esd.py, esd_objective.py, esd_params.py; tiny FluxHost from tests/tiny_models.py)."""
+(training/esd/erase.py, esd/objective.py, esd/params.py; tiny FluxHost from tests/tiny_models.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conceptlab.formats.flux_keys import FluxDims
-from conceptlab.training.esd import ESDConfig, _resolve_masks, count_parameters, erase, paper_target, select_targets
-from conceptlab.training.esd_objective import objective_for
-from conceptlab.training.esd_params import flux_counts
+from conceptlab.training.esd.erase import (ESDConfig, _resolve_masks, count_parameters, erase, paper_target,
+                                          select_targets)
+from conceptlab.training.esd.objective import objective_for
+from conceptlab.training.esd.params import flux_counts
 from tiny_models import tiny_flux_host, tiny_host
 
 FAST = dict(concepts="van gogh", width=64, height=64, ddim_steps=4, lr=1e-3, noised_cache=1)
@@ -125,7 +126,7 @@ def test_guidance_scale_refused_where_there_is_no_embedding():
 
 
 def test_schnell_has_no_guidance_and_its_own_modelspec():
-    from conceptlab.training.esd_outputs import file_metadata
+    from conceptlab.training.esd.outputs import file_metadata
 
     schnell = tiny_flux_host(0, guidance_embeds=False)
     with pytest.raises(ValueError, match="no guidance embedding"):
@@ -154,7 +155,7 @@ def test_masks_cover_whole_patches_and_size_is_checked(host):
 def test_strict_diff_file_keys_and_metadata(host, tmp_path):
     from safetensors import safe_open
 
-    from conceptlab.training.esd_outputs import save_outputs
+    from conceptlab.training.esd.outputs import save_outputs
 
     res = erase(host, ESDConfig(**{**FAST, "lr": 1e-2}, iterations=2, method="esd-x-strict", xt_source="noised"))
     h = host.dims.hidden

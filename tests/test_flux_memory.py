@@ -14,8 +14,9 @@ from tiny_models import tiny_flux_host, word_hash_tokenizer
 
 from conceptlab.formats.flux_views import canonical_state_dict
 from conceptlab.formats.safetensors_io import read_metadata, save_safetensors
-from conceptlab.training.lora import LoRANetwork
-from conceptlab.training.trainer import LoraTrainer, diffusion_loss
+from conceptlab.training.lora.network import LoRANetwork
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 def _write_single_files(host, root: Path) -> dict[str, Path]:
@@ -77,7 +78,7 @@ def test_cli_trains_a_flux_diffusers_folder_and_names_missing_single_files(tmp_p
     from test_model_loading import _write_clip_tokenizer
 
     from conceptlab import cli
-    from conceptlab.training.train_cli import _host_for
+    from conceptlab.training.lora.train_cli import _host_for
 
     host = tiny_flux_host(2)
     model = tmp_path / "model"

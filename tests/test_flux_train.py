@@ -16,9 +16,12 @@ from tiny_models import tiny_flux_host
 from conceptlab.formats.flux_keys import CANONICAL_PREFIX, kohya_lora_modules
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training import flow
-from conceptlab.training.lora import LoRANetwork
-from conceptlab.training.objective import FlowObjective, objective_for
-from conceptlab.training.trainer import LoraTrainer, TrainConfig, build_network_and_groups, diffusion_loss
+from conceptlab.training.lora.network import LoRANetwork
+from conceptlab.training.lora.objective import FlowObjective, objective_for
+from conceptlab.training.lora.build import build_network_and_groups
+from conceptlab.training.lora.config import TrainConfig
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_ddpm_only_settings_are_refused_or_warned_by_name(host, tmp_path, caplog
     with pytest.raises(ValueError, match="discrete_flow_shift"):
         cfg_for(Path("."), discrete_flow_shift=0).validate()
     # kohya Flux TOML keys are accepted by the kohya key check, the DDPM model warns about flow-only ones
-    from conceptlab.training import kohya_args as KA
+    from conceptlab.training.lora import kohya_args as KA
 
     assert KA.check_settings({"timestep_sampling": "shift", "guidance_scale": 1.0, "model_prediction_type": "raw",
                               "t5xxl_max_token_length": 256, "cache_text_encoder_outputs": True},

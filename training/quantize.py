@@ -5,9 +5,9 @@ its int8 weight-only scheme keeps ``nn.Linear`` modules as they are (only the we
 subclass) and runs on the CPU as well as CUDA, so a CPU test can show a LoRA training on an int8 base; bitsandbytes
 has no CPU path and replaces modules; optimum-quanto is in maintenance mode and also swaps modules.
 
-How it meets the weight-space deltas of :mod:`.lora`: a :class:`~.host.DeltaModule` dequantizes a quantized weight
-before adding ΔW (``W_q.dequantize() + ΔW``), so only the layers that carry a delta see a dense weight, and only
-while they run (with gradient checkpointing, per block); untouched layers use torchao's quantized matmul. The base
+How it meets the weight-space deltas of :mod:`.lora.network`: a :class:`~.host.DeltaModule` dequantizes a quantized
+weight before adding ΔW (``W_q.dequantize() + ΔW``), so only the layers that carry a delta see a dense weight, and
+only while they run (with gradient checkpointing, per block); untouched layers use torchao's quantized matmul. The base
 stays frozen and quantized in memory throughout.
 
 Schemes: ``"int8"`` (``Int8WeightOnlyConfig``: per-channel symmetric int8, CPU and CUDA), ``"int4"``
