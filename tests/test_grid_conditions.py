@@ -120,8 +120,8 @@ def test_issue_targets_not_yet_met(condition, target, files):
 def test_low_confidence_predicts_wrong_grids_pooled_sharp(files):
     """Pooled over the nearest-neighbour conditions (the 700 renders of :func:`test_condition`): precision of
     "low confidence ⇒ wrong grid" ≥ 0.7 and recall (share of wrong grids flagged) ≥ 0.3. Measured: seeds
-    1000–1099 6 of 7 flagged grids wrong, 6 of 7 wrong grids flagged; on the tuning seeds 0–99 4 of 5 and 4 of
-    16 (most misses there are drifting grids whose visible cuts are off by a little more than the tolerance);
+    1000–1099 6 of 7 flagged grids wrong, 6 of 7 wrong grids flagged; on the tuning seeds 0–99 2 of 3 and 2 of
+    15 (most misses there are drifting grids whose visible cuts are off by a little more than the tolerance);
     seeds 2000–2024 1 of 1 and 1 of 4 — a flag is a reliable warning, its absence is not a guarantee."""
     rows = [(g, e) for c in SHARP for _, g, e in _run(c, files)]
     flagged = [e for g, e in rows if _flagged(g)]
