@@ -6,8 +6,12 @@ resolution, ESD-x parameters, Adam, in one invocation of this script. Each imple
 process so that its peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own.
 
 * **ours**: :func:`conceptlab.training.esd.erase.erase` — one UNet; the 80 attn2 tensors get trainable
-  :class:`~conceptlab.training.host.FullDelta` modules; frozen predictions with the deltas switched off, the
-  conditional and unconditional ones in one batched call.
+  :class:`~conceptlab.training.host.FullDelta` modules applied in activation space (``F.linear(x, ΔW)`` added to
+  each layer's output: no ``W + ΔW`` copy kept for backward); frozen predictions with the deltas switched off, the
+  conditional and unconditional ones in one batched call; the result handed over without a copy.
+* **ours, step in backward** (``ESDConfig.step_in_backward``): the same Adam update per tensor applied inside
+  backward as soon as each gradient is complete, so no full set of gradients is held (printed as a second row;
+  ``--delta-space weight`` measures the weight-space application instead).
 * **reference-style**: written here after rohitgandikota/erasing ``esd_sd.py``: two UNet copies (``base_unet``
   frozen, ``esd_unet`` trained in place), three separate UNet calls per iteration, ``torch.optim.Adam`` over the
   attn2 parameters, and — as in that script, which never calls ``requires_grad_(False)`` on ``esd_unet`` —
@@ -103,10 +107,11 @@ def run_ours(args) -> dict:
                 return Conditioning(ctx, torch.cat([pooled(p, args.device) for p in prompts]))
             return ctx
 
-    host = BenchHost(build_unet(args.device), None, None, None, device=args.device)
+    host = BenchHost(build_unet(args.device), None, None, None, device=args.device, delta_space=args.delta_space)
     stamps = []
     cfg = ESDConfig(concepts="Van Gogh", iterations=args.iterations, width=args.resolution,
-                    height=args.resolution, xt_source="noised", noised_cache=1, ddim_steps=1, lr=1e-5, seed=0)
+                    height=args.resolution, xt_source="noised", noised_cache=1, ddim_steps=1, lr=1e-5, seed=0,
+                    step_in_backward=args.child == "ours_sib")
 
     def progress(info):
         if args.device.startswith("cuda"):
@@ -199,19 +204,22 @@ def main() -> int:
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
                    help="sdxl: an SDXL-shaped UNet (pooled + size conditioning on every call, as esd_sdxl.py)")
     p.add_argument("--width-div", type=int, default=1, help="SDXL: divide the channel widths (CPU runs)")
-    p.add_argument("--child", choices=["ours", "ref", "uce"], help=argparse.SUPPRESS)
+    p.add_argument("--delta-space", choices=["activation", "weight"], default="activation",
+                   help="how our host applies the trained deltas (default activation)")
+    p.add_argument("--child", choices=["ours", "ours_sib", "ref", "uce"], help=argparse.SUPPRESS)
     args = p.parse_args()
     FAMILY.update(family=args.family, width_div=args.width_div)
     if args.child:
         torch.set_grad_enabled(True)
-        out = {"ours": run_ours, "ref": run_reference, "uce": run_uce}[args.child](args)
+        out = {"ours": run_ours, "ours_sib": run_ours, "ref": run_reference, "uce": run_uce}[args.child](args)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     results = {}
-    for which in (("ref", "ours") if args.family == "sdxl" else ("ref", "ours", "uce")):
+    for which in (("ref", "ours", "ours_sib") if args.family == "sdxl" else ("ref", "ours", "ours_sib", "uce")):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--resolution", str(args.resolution),
                "--iterations", str(args.iterations), "--device", args.device, "--family", args.family,
-               "--width-div", str(args.width_div)] + (["--ref-freeze"] if args.ref_freeze else [])
+               "--width-div", str(args.width_div), "--delta-space", args.delta_space] + \
+            (["--ref-freeze"] if args.ref_freeze else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -220,13 +228,17 @@ def main() -> int:
         results[which] = json.loads(line[-1][7:])
     ours, ref = results["ours"], results["ref"]
     shape = (f"SDXL-shaped UNet (channels /{args.width_div})" if args.family == "sdxl" else "SD1.5-shaped UNet")
+    sib = results["ours_sib"]
     print(f"ESD-x on an {shape} (random weights), {args.resolution}px, x_t source 'noised', "
-          f"device {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"{'':18}{'it/s':>10}{'peak MB':>12}{'tensors':>9}")
-    print(f"{'reference-style':18}{ref['it_per_s']:>10.3f}{ref['peak_mb']:>12.0f}{ref['trained_tensors']:>9}")
-    print(f"{'Concept Lab':18}{ours['it_per_s']:>10.3f}{ours['peak_mb']:>12.0f}{ours['trained_tensors']:>9}")
+          f"device {args.device}, torch threads {torch.get_num_threads()}, deltas in {args.delta_space} space")
+    print(f"{'':28}{'it/s':>10}{'peak MB':>12}{'tensors':>9}")
+    print(f"{'reference-style':28}{ref['it_per_s']:>10.3f}{ref['peak_mb']:>12.0f}{ref['trained_tensors']:>9}")
+    print(f"{'Concept Lab':28}{ours['it_per_s']:>10.3f}{ours['peak_mb']:>12.0f}{ours['trained_tensors']:>9}")
+    print(f"{'Concept Lab, step in bwd':28}{sib['it_per_s']:>10.3f}{sib['peak_mb']:>12.0f}{sib['trained_tensors']:>9}")
     sp, mem = ours["it_per_s"] / ref["it_per_s"], ours["peak_mb"] / ref["peak_mb"]
     print(f"ratio: {sp:.2f}x iterations/s (target >= 1.5), {mem:.2f}x peak memory (target <= 0.6)")
+    print(f"ratio, step in backward: {sib['it_per_s'] / ref['it_per_s']:.2f}x iterations/s, "
+          f"{sib['peak_mb'] / ref['peak_mb']:.2f}x peak memory")
     if "uce" not in results:
         return 0
     uce = results["uce"]

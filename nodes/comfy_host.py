@@ -24,7 +24,7 @@ from torch import nn
 
 from ..training.conditioning import Conditioning
 from ..training.families import family
-from ..training.host import DeltaModule, DiffusionHost
+from ..training.host import DeltaModule, DiffusionHost, OutputDeltaHook, check_delta_space
 from .policy import PathOutsideError, check_name, confine  # noqa: F401 - PathOutsideError is re-exported for callers
 
 
@@ -354,11 +354,31 @@ def _load(patcher, materialise: torch.nn.Module | None = None, prefix: str = "")
 
     base = patcher.model
     if _is_loaded(patcher) and getattr(base, "current_weight_patches_uuid", None) == patcher.patches_uuid:
+        if materialise is not None:
+            _freeze(materialise)  # loaded by someone else (a sampler) outside our _load
         return
     with torch.inference_mode(False):
         mm.load_models_gpu([patcher], force_full_load=True)
         if materialise is not None:
             _materialise_params(materialise, prefix, base)
+            _freeze(materialise)
+
+
+def _freeze(module: torch.nn.Module) -> int:
+    """``requires_grad = False`` on every parameter of the frozen model (what TrainLoraNode does with
+    ``mp.model.requires_grad_(False)``); returns how many changed.
+
+    A model whose parameters are normal tensors (built or moved outside inference mode: ``load_models_gpu``'s
+    ``.to(device)`` on a GPU, in-process models) otherwise keeps PyTorch's default ``requires_grad=True``, and the
+    first ``backward()`` computes and stores a dense ``.grad`` for every frozen weight — a second copy of the
+    model (measured: +364 MiB on the 85 M-parameter Flux benchmark model, half the step time). The trainable
+    deltas are weight wrappers, not submodules, so they keep requiring grad."""
+    n = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            p.requires_grad_(False)
+            n += 1
+    return n
 
 
 def _unload(patcher) -> None:
@@ -399,25 +419,85 @@ def _inplace_norms(module) -> list:
     return [m for m in (getattr(module, n, None) for n in names) if m is not None]
 
 
-def _checkpoint_block_copying_inputs(m: nn.Module) -> None:
+class _DeltaGate:
+    """Whether a :class:`ComfyHost`'s activation-space deltas act right now (see ``ComfyHost`` "Mechanics").
+
+    The model's modules are shared by every clone of the MODEL, so the host's forward hooks add their deltas only
+    inside calls made through this host's own patcher: its :meth:`ComfyHost.predict` / text encoding, and ComfyUI's
+    sampler running the host's patcher (a ``DIFFUSION_MODEL`` wrapper on that patcher, :meth:`wrapper`). A
+    checkpointed block records the state at its forward and restores it for the recomputation in backward
+    (:func:`_checkpoint_block`), so gradient checkpointing recomputes exactly what the forward computed."""
+
+    def __init__(self):
+        self.depth = 0
+
+    def __call__(self) -> bool:
+        return self.depth > 0
+
+    def set(self, on: bool):
+        gate = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                self_inner.prev = gate.depth
+                gate.depth = 1 if on else 0
+
+            def __exit__(self_inner, *exc):
+                gate.depth = self_inner.prev
+
+        return _Ctx()
+
+    def on(self):
+        """Context manager: deltas act inside the block (nests)."""
+        gate = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                gate.depth += 1
+
+            def __exit__(self_inner, *exc):
+                gate.depth -= 1
+
+        return _Ctx()
+
+    def wrapper(self, executor, *args, **kwargs):
+        """ComfyUI ``WrappersMP.DIFFUSION_MODEL`` wrapper: the diffusion model's forward runs with deltas on."""
+        with self.on():
+            return executor(*args, **kwargs)
+
+
+def _checkpoint_block(m: nn.Module, gate: _DeltaGate | None = None, copy_inputs: bool = False) -> None:
+    """Run ``m.forward`` under ``torch.utils.checkpoint`` (non-reentrant), like ComfyUI's ``nodes_train.patch``
+    (same ``org_forward`` attribute, so ``nodes_train.unpatch`` undoes it). ``gate``: the host's
+    :class:`_DeltaGate`; its state at the forward is restored for the recomputation in backward (the recomputation
+    runs outside the host's call). ``copy_inputs``: see :func:`_checkpoint_block_copying_inputs`."""
+    org_forward = m.forward
+
+    def fwd(state, args, kwargs):
+        if copy_inputs:
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: (v.clone() if k in ("img", "txt", "x") and isinstance(v, torch.Tensor) else v)
+                      for k, v in kwargs.items()}
+        if gate is None:
+            return org_forward(*args, **kwargs)
+        with gate.set(state):
+            return org_forward(*args, **kwargs)
+
+    def checkpointing_fwd(*args, **kwargs):
+        state = gate() if gate is not None else False
+        return torch.utils.checkpoint.checkpoint(fwd, state, args, kwargs, use_reentrant=False)
+
+    m.org_forward = org_forward
+    m.forward = checkpointing_fwd
+
+
+def _checkpoint_block_copying_inputs(m: nn.Module, gate: _DeltaGate | None = None) -> None:
     """Run ``m.forward`` under ``torch.utils.checkpoint`` (non-reentrant), like ComfyUI's ``nodes_train.patch``
     (same ``org_forward`` attribute, so ``nodes_train.unpatch`` undoes it), but hand the block a fresh copy of its
     tensor inputs on every run (forward and the recomputation in backward). Needed for blocks that update their
     inputs in place: checkpointing keeps references to the inputs, not copies, so the recomputation would
     otherwise see the in-place-updated values. Copies of the stream inputs (``img``/``txt``/``x``) only."""
-    org_forward = m.forward
-
-    def fwd(args, kwargs):
-        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: (v.clone() if k in ("img", "txt", "x") and isinstance(v, torch.Tensor) else v)
-                  for k, v in kwargs.items()}
-        return org_forward(*args, **kwargs)
-
-    def checkpointing_fwd(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(fwd, args, kwargs, use_reentrant=False)
-
-    m.org_forward = org_forward
-    m.forward = checkpointing_fwd
+    _checkpoint_block(m, gate, copy_inputs=True)
 
 
 def _to_normal(t: torch.Tensor) -> torch.Tensor:
@@ -436,9 +516,17 @@ class ComfyHost(DiffusionHost):
             text-encoder deltas.
         vae: optional ComfyUI ``VAE``; needed by :meth:`encode_images`, :meth:`decode_latents`, :meth:`sample`.
 
-    Mechanics (the same as ComfyUI's ``comfy_extras/nodes_train.py`` TrainLoraNode): trainable deltas are
-    ``ModelPatcher.add_weight_wrapper`` functions, applied on the fly by ComfyUI's cast ops; the model is loaded
-    with ``comfy.model_management.load_models_gpu`` so they are active; training runs under
+    Mechanics: trainable deltas act in activation space by default (``delta_space="activation"``,
+    training/host.py): a forward hook (:class:`~conceptlab.training.host.OutputDeltaHook`) on each adapted layer
+    adds ``F.linear(x, ΔW)`` (LoRA ``((x·downᵀ)·upᵀ)·scale``) to the layer's output, whatever ComfyUI does to
+    compute the layer itself (full load, lowvram casting, fp8 / manual-cast weights, its own key patches). The
+    module tree is shared by every clone of the MODEL, so the hooks exist only between :meth:`install_delta` and
+    :meth:`clear_deltas` / :meth:`close`, and act only inside calls made through this host's patcher (a gate set by
+    :meth:`predict`, the text encoding, and a ``DIFFUSION_MODEL`` wrapper on the patcher for ComfyUI's sampler;
+    :class:`_DeltaGate`); gradient checkpointing carries the gate into its recomputation. With
+    ``delta_space="weight"`` the deltas are ``ModelPatcher.add_weight_wrapper`` functions instead (ComfyUI's own
+    TrainLoraNode mechanism, ``comfy_extras/nodes_train.py``), applied on the fly by ComfyUI's cast ops to a copy
+    of each weight. The model is loaded with ``comfy.model_management.load_models_gpu``; training runs under
     ``torch.inference_mode(False)`` (every method that may build a graph enters it) with inputs cloned out of
     inference mode. :meth:`predict` goes through the model's own ``apply_model`` with ``extra_conds`` inputs (as
     ComfyUI's sampler does) and returns the raw ε / v output captured inside that call (``apply_model`` itself
@@ -454,8 +542,13 @@ class ComfyHost(DiffusionHost):
     the SDXL refiner, or a CLIP whose text encoders are not the model family's.
     """
 
-    def __init__(self, model, clip=None, vae=None):
+    def __init__(self, model, clip=None, vae=None, delta_space: str = "activation"):
         import comfy.model_sampling as cms
+
+        self.delta_space = check_delta_space(delta_space)
+        self._gate = _DeltaGate()
+        self._act_hooks: dict[int, OutputDeltaHook] = {}
+        self._weight_space: dict[tuple[str, str, str], bool] = {}
 
         self.patcher = model.clone()
         self.clip = clip.clone() if clip is not None else None
@@ -621,10 +714,8 @@ class ComfyHost(DiffusionHost):
             blocks = nodes_train.find_all_highest_child_module_with_forward(dm)
         for m in blocks:
             if on and not hasattr(m, "org_forward"):
-                if self.flow:
-                    _checkpoint_block_copying_inputs(m)
-                else:
-                    nodes_train.patch(m)
+                # ComfyUI's nodes_train.patch, plus the delta gate's state carried into the recomputation
+                _checkpoint_block(m, self._gate, copy_inputs=self.flow)
             elif not on:
                 nodes_train.unpatch(m)
 
@@ -676,7 +767,8 @@ class ComfyHost(DiffusionHost):
 
     # -- deltas ---------------------------------------------------------------------------------------------
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
-        """Register ``delta`` as a ComfyUI weight wrapper on ``<component>.<path>.<attr>``.
+        """Apply ``delta`` to ``<component>.<path>.<attr>``: an entry of the layer's forward hook (activation space,
+        the default) or a ComfyUI weight wrapper (``delta_space="weight"``); see the class docstring.
 
         Raises ``ValueError`` for unknown targets, a delta whose shape differs from the target tensor, or a delta
         already installed there. Deltas meant for training must be created inside ``torch.inference_mode(False)``
@@ -691,11 +783,29 @@ class ComfyHost(DiffusionHost):
         target = comfy.utils.get_attr(patcher.model, key)
         if target is None:
             raise ValueError(f"{component}.{path} has no {attr}")
-        with torch.no_grad():
-            shape = tuple(delta.delta().shape)
+        shape = getattr(delta, "weight_shape", None)  # LoRA: its declared shape (delta() is 0-d while dropped out)
+        if shape is None:
+            with torch.no_grad():
+                shape = delta.delta().shape
+        shape = tuple(shape)
         if shape != tuple(target.shape):
             raise ValueError(f"delta shape {shape} does not match {component}.{path}.{attr} {tuple(target.shape)}")
-        patcher.add_weight_wrapper(key, delta)
+        if check_delta_space(self.delta_space) == "activation":
+            import comfy.patcher_extension as pe
+
+            layer = comfy.utils.get_attr(patcher.model, key.rpartition(".")[0])
+            hook = self._act_hooks.get(id(layer))
+            if hook is None:
+                hook = self._act_hooks[id(layer)] = OutputDeltaHook(self._gate).register(layer)
+            hook.entries.append((attr, delta, None))
+            self._weight_space[(component, path, attr)] = False
+            if component == "unet":
+                self.patcher.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, "conceptlab_deltas")
+                self.patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "conceptlab_deltas",
+                                                  self._gate.wrapper)
+        else:
+            patcher.add_weight_wrapper(key, delta)
+            self._weight_space[(component, path, attr)] = True
         self._deltas[(component, path, attr)] = delta
         if component != "unet" and not self._hooks:
             for m in self.clip.cond_stage_model.modules():
@@ -710,10 +820,17 @@ class ComfyHost(DiffusionHost):
         """Remove every delta this host installed (from the patchers and from the loaded modules)."""
         import comfy.utils
 
+        import comfy.patcher_extension as pe
+
         for hnd in self._hooks + self._unet_hooks:
             hnd.remove()
         self._hooks.clear()
         self._unet_hooks.clear()
+        for hook in self._act_hooks.values():
+            hook.remove()
+        self._act_hooks.clear()
+        self.patcher.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, "conceptlab_deltas")
+        self._weight_space.clear()
         if not self._deltas:
             return
         ours = {id(d) for d in self._deltas.values()}
@@ -738,6 +855,18 @@ class ComfyHost(DiffusionHost):
 
     def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
         return dict(self._deltas)
+
+    def delta_wrappers(self, which) -> dict[str, list[DeltaModule]]:
+        """``{ComfyUI key: [delta]}`` of the activation-space deltas installed on ``which`` (this host's MODEL
+        patcher, its CLIP or the CLIP's patcher), for baking them in weight space
+        (``iter_patched_weights(which, keys, extra_wrappers=...)``; weight-space deltas are already the patcher's
+        own weight wrappers)."""
+        clip_side = which is not self.patcher
+        out: dict[str, list[DeltaModule]] = {}
+        for (comp, path, attr), d in self._deltas.items():
+            if (comp != "unet") == clip_side and not self._weight_space.get((comp, path, attr), False):
+                out.setdefault(self.model_key(comp, path, attr), []).append(d)
+        return out
 
     # -- loading ----------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -774,7 +903,8 @@ class ComfyHost(DiffusionHost):
                         self.clip.tokenize(str(p), tokenizer_options={"t5xxl_min_length": n})
                         for p, t in zip(prompts, toks)]
             for tokens in toks:
-                cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+                with self._gate.on():
+                    cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
                 rows.append(Conditioning(cond, pooled if use_pooled else None))
             return Conditioning.cat(rows).to(self.device, self.dtype)
 
@@ -862,7 +992,8 @@ class ComfyHost(DiffusionHost):
             topts["wrappers"] = wrappers
             topts["sigmas"] = sigma
             c_crossattn = kwargs.pop("c_crossattn", None)
-            base.apply_model(x_in, sigma, c_crossattn=c_crossattn, transformer_options=topts, **kwargs)
+            with self._gate.on():
+                base.apply_model(x_in, sigma, c_crossattn=c_crossattn, transformer_options=topts, **kwargs)
             if "out" not in captured:
                 raise RuntimeError(f"{type(base.diffusion_model).__name__} does not run ComfyUI's DIFFUSION_MODEL "
                                    "wrappers, so its raw output cannot be read; this model family is not supported")
@@ -892,7 +1023,7 @@ class ComfyHost(DiffusionHost):
     def conditioning(self, prompt: str) -> list:
         """ComfyUI CONDITIONING for ``prompt`` from this host's (patched) CLIP, like CLIPTextEncode."""
         self._load_clip()
-        with torch.no_grad():
+        with torch.no_grad(), self._gate.on():
             return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(str(prompt)))
 
     def sample(self, prompts: Sequence[str], negative: str = "", *, width: int = 512, height: int = 512,
@@ -1023,7 +1154,7 @@ def add_diff_patches(model, diffs: dict, strength: float = 1.0):
     return out
 
 
-def iter_patched_weights(patcher, keys=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_patched_weights(patcher, keys=None, extra_wrappers: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, weight)`` for each key of ``patcher`` (a ModelPatcher, or a CLIP: its patcher; ``keys``
     default: all of its state dict, LDM ``model.`` prefixes accepted) with every key patch applied, one tensor
     at a time.
@@ -1031,8 +1162,9 @@ def iter_patched_weights(patcher, keys=None) -> Iterator[tuple[str, torch.Tensor
     Each weight: the unpatched base weight (taken from the loaded patcher's backup when some clone of the same
     model is loaded with its patches baked in), copied to float32, then ``comfy.lora.calculate_weight`` with
     the patcher's patches (ComfyUI's own LoRA/diff maths), then this patcher's weight wrappers (e.g. a
-    :class:`ComfyHost`'s deltas). Returned as float32 CPU tensors; the model is not modified or loaded.
-    ``KeyError`` for unknown keys.
+    :class:`ComfyHost`'s weight-space deltas), then ``extra_wrappers[key]`` (``{key: [f(weight) -> weight]}``: a
+    :class:`ComfyHost`'s activation-space deltas baked in weight space, :meth:`ComfyHost.delta_wrappers`). Returned
+    as float32 CPU tensors; the model is not modified or loaded. ``KeyError`` for unknown keys.
     """
     import comfy.lora
     import comfy.model_management as mm
@@ -1061,6 +1193,6 @@ def iter_patched_weights(patcher, keys=None) -> Iterator[tuple[str, torch.Tensor
                 w = convert_func(w, inplace=True)
             if key in patcher.patches:
                 w = comfy.lora.calculate_weight(patcher.patches[key], w, key)
-            for f in patcher.weight_wrapper_patches.get(key, []):
+            for f in [*patcher.weight_wrapper_patches.get(key, []), *(extra_wrappers or {}).get(key, [])]:
                 w = f(w).to(torch.float32)
         yield key, w.cpu()

@@ -407,6 +407,17 @@ _NODE_OWNED = {"output_dir": "LoRA files go to ComfyUI's output/loras folder",
                "train_data_dir": "the training folder comes from the DATASET input"}
 
 
+#: why the node refuses kohya's blocks_to_swap (the CLI honours it on the diffusers Flux host)
+_BLOCK_SWAP_REFUSED = (
+    "blocks_to_swap is not supported by the Train LoRA node: inside ComfyUI the MODEL's placement belongs to "
+    "ComfyUI's model management, whose own partial loading (lowvram: load_models_gpu with a memory budget, weights "
+    "cast to the GPU layer by layer in comfy.ops.cast_bias_weight) chooses layers by free VRAM rather than kohya's "
+    "last-N-blocks schedule, and the node loads the model fully (as ComfyUI's TrainLoraNode does) because a "
+    "streamed layer's cast weight is kept for backward anyway unless every block is checkpointed. Use "
+    "gradient_checkpointing with an fp8 base (UNETLoader weight_dtype fp8_e4m3fn), or train with "
+    "`conceptlab train` (blocks_to_swap works there on Flux).")
+
+
 def _check_toml_keys(toml: dict) -> dict:
     """Report every TOML key by name that is not honoured as written (kohya_args tables; node-owned keys);
     returns the keys to apply. Raises ``KohyaSettingError`` (a ``ValueError``) for refused settings."""
@@ -414,7 +425,11 @@ def _check_toml_keys(toml: dict) -> dict:
 
     from ..training.lora.kohya_args import check_settings, own_setting_names
 
+    from ..training.lora.kohya_args import KohyaSettingError
+
     log = logging.getLogger(__name__)
+    if toml.get("blocks_to_swap"):
+        raise KohyaSettingError(_BLOCK_SWAP_REFUSED)
     own = own_setting_names() | set(_NODE_OWNED) | {"datasets", "dataset_config", "reg_data_dir"}
     for w in check_settings(toml, own_keys=own):
         log.warning("Train LoRA (kohya_toml): %s", w)

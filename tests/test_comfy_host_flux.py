@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import requires_comfyui
 
+from conceptlab.training.conditioning import Conditioning
+
 pytestmark = requires_comfyui
 
 
@@ -249,6 +251,30 @@ def test_flux_training_backward_and_gradient_checkpointing(flux_models):
     assert not any(m._forward_pre_hooks for m in model.model.diffusion_model.modules())
 
 
+def test_frozen_model_gets_no_gradients_when_its_tensors_are_normal():
+    """A model whose parameters are normal tensors (built outside inference mode, or moved by load_models_gpu on a
+    GPU) keeps PyTorch's requires_grad=True; the host freezes it on load, as TrainLoraNode does, so backward
+    computes gradients for the deltas only — no dense .grad per frozen weight (a second copy of the model)."""
+    from e2e.comfy_flux import tiny_flux_patcher
+
+    model = tiny_flux_patcher(seed=3)  # outside inference mode: every parameter requires grad
+    dm = model.model.diffusion_model
+    assert all(p.requires_grad for p in dm.parameters())
+    host = _host(model)
+    try:
+        deltas = _lora_on(host, _UNET_TARGETS)
+        x, sig, x0, eps = _inputs(batch=1)
+        g = torch.Generator().manual_seed(0)
+        cond = Conditioning(torch.randn(1, 8, 48, generator=g), torch.randn(1, 32, generator=g),
+                            {"guidance": torch.full((1,), 3.5)})
+        loss, grads = _loss_and_grads(host, deltas, cond, x, sig, x0, eps)
+        assert torch.isfinite(loss) and all(gr.abs().sum() > 0 for gr in grads)
+        assert not any(p.requires_grad for p in dm.parameters())
+        assert all(p.grad is None for p in dm.parameters())
+    finally:
+        host.close()
+
+
 def test_flux_fp8_base_trains_through_weight_wrappers():
     """Weights stored float8_e4m3fn with fp32 compute (ComfyUI manual-cast ops, as UNETLoader weight_dtype fp8):
     deltas are weight wrappers on the up-cast weight, as in ComfyUI's TrainLoraNode; the fp8 base never changes."""
@@ -390,7 +416,7 @@ def test_kohya_lora_flux_names_load_in_comfyui_with_zero_unloaded(flux_models, c
         for patched, ours, key in ((m2, host.patcher, "diffusion_model.single_blocks.0.linear1.weight"),
                                    (c2, host.clip, "t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo.weight")):
             (_, a), = iter_patched_weights(patched, [key])
-            (_, b), = iter_patched_weights(ours, [key])
+            (_, b), = iter_patched_weights(ours, [key], extra_wrappers=host.delta_wrappers(ours))
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         host.close()

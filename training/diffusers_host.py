@@ -3,9 +3,11 @@
 Wraps ``UNet2DConditionModel``, ``CLIPTextModel`` (+ tokenizer) and ``AutoencoderKL`` from a local diffusers
 folder (:meth:`DiffusersHost.from_pretrained`), a single-file SD 1.x/2.x checkpoint with the configs shipped in
 ``configs/`` (:meth:`DiffusersHost.from_single_file`, see :mod:`.model_loading`; ``load_host`` picks one), or
-built in memory. Trainable deltas are installed with ``torch.nn.utils.parametrize`` (the weight seen by the
-module becomes ``delta(weight)``), which leaves the stored weights untouched and is removed cleanly with
-``remove_parametrizations(..., leave_parametrized=False)``.
+built in memory. Trainable deltas are applied in activation space by default (a forward hook adds
+``DeltaModule.output_delta`` to the layer's output: :class:`~.host.OutputDeltaHook`), or with
+``delta_space="weight"`` through ``torch.nn.utils.parametrize`` (the weight seen by the module becomes
+``delta(weight)``); both leave the stored weights untouched and are removed cleanly (hook handles;
+``remove_parametrizations(..., leave_parametrized=False)``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .conditioning import Conditioning, default_size_ids
-from .host import DeltaModule, DiffusionHost
+from .host import DeltaModule, DiffusionHost, OutputDeltaHook, check_delta_space
 
 
 def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -102,6 +104,7 @@ class DiffusersHost(DiffusionHost):
         arch: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (naming / metadata); an SDXL UNet (:func:`is_sdxl_unet`) makes it
             ``"sdxl"`` whatever is passed.
         device, dtype: where and in which dtype the frozen weights run (the VAE always runs in fp32).
+        delta_space: ``"activation"`` (default) or ``"weight"``: how installed deltas are applied (:mod:`.host`).
         text_encoder_2, tokenizer_2: SDXL's OpenCLIP-G ``CLIPTextModelWithProjection`` and its tokenizer. With them
             the components are ``"te1"`` (``text_encoder``, CLIP-L) and ``"te2"``; the context is both encoders'
             penultimate hidden states concatenated (``[B, 77, 768 + 1280]``) and ``pooled`` is te2's projected
@@ -118,7 +121,8 @@ class DiffusersHost(DiffusionHost):
                  vae: nn.Module | None, *, alphas_cumprod: torch.Tensor | None = None,
                  prediction_type: str = "epsilon", arch: str = "sd1", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, text_encoder_2: nn.Module | None = None,
-                 tokenizer_2: Callable | None = None):
+                 tokenizer_2: Callable | None = None, delta_space: str = "activation"):
+        self.delta_space = check_delta_space(delta_space)
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         sdxl = is_sdxl_unet(unet)
@@ -147,6 +151,7 @@ class DiffusersHost(DiffusionHost):
         if self.vae is not None:
             self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._installed: dict[tuple[str, str, str], DeltaModule] = {}
+        self._hooks: dict[int, tuple[nn.Module, OutputDeltaHook]] = {}  # id(layer) -> activation-space hook
 
     # -- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -278,9 +283,10 @@ class DiffusersHost(DiffusionHost):
         return self._ldm_paths
 
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
-        """Register ``delta`` as a ``torch.nn.utils.parametrize`` parametrization of ``<component>.<path>.<attr>``.
-
-        The delta is moved to :attr:`device`; the frozen weight is kept as ``parametrizations.<attr>.original``.
+        """Apply ``delta`` to ``<component>.<path>.<attr>``: in activation space (:attr:`delta_space`
+        ``"activation"``) as an entry of the layer's :class:`~.host.OutputDeltaHook` forward hook; in weight space as
+        a ``torch.nn.utils.parametrize`` parametrization (the frozen weight is kept as
+        ``parametrizations.<attr>.original``). The delta is moved to :attr:`device`.
 
         Raises:
             ValueError: ``attr`` not ``"weight"``/``"bias"``, the module has no such tensor (e.g. ``bias=False``),
@@ -290,11 +296,19 @@ class DiffusersHost(DiffusionHost):
         mod = self._delta_target(component, path, attr)
         key = (component, path, attr)
         delta.to(self.device)
-        parametrize.register_parametrization(mod, attr, delta, unsafe=True)
+        if check_delta_space(self.delta_space) == "activation":
+            if id(mod) not in self._hooks:
+                self._hooks[id(mod)] = (mod, OutputDeltaHook().register(mod))
+            self._hooks[id(mod)][1].entries.append((attr, delta, None))
+        else:
+            parametrize.register_parametrization(mod, attr, delta, unsafe=True)
         self._installed[key] = delta
 
     def clear_deltas(self) -> None:
-        """Remove every installed parametrization, restoring the original (frozen) tensors."""
+        """Remove every installed delta (hooks and parametrizations), restoring the original (frozen) model."""
+        for _mod, hook in self._hooks.values():
+            hook.remove()
+        self._hooks.clear()
         for (component, path, attr) in list(self._installed):
             mod = self.modules(component)[path]
             if parametrize.is_parametrized(mod, attr):
@@ -304,6 +318,12 @@ class DiffusersHost(DiffusionHost):
     def installed_deltas(self) -> dict[tuple[str, str, str], DeltaModule]:
         """A copy of ``{(component, path, attr): delta}`` for the installed deltas."""
         return dict(self._installed)
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """diffusers' ``enable_gradient_checkpointing`` / ``disable_gradient_checkpointing`` on the UNet (each block
+        recomputed in backward: same gradients, fewer activations kept; deltas of either space are recomputed
+        with it)."""
+        (self.unet.enable_gradient_checkpointing if on else self.unet.disable_gradient_checkpointing)()
 
     # -- conditioning, prediction, VAE --------------------------------------------------------------------------
     def _tokenize(self, prompts: Sequence[str], tokenizer=None) -> torch.Tensor:

@@ -11,10 +11,22 @@ Conventions every host follows:
   (``text_model.encoder.layers.0.self_attn.q_proj``), whatever the host's own module tree is. Components are
   ``"unet"``, ``"te"`` (SD1/SD2) or ``"te1"``/``"te2"`` (SDXL). Kohya names are derived from these paths with
   :func:`conceptlab.formats.keys.kohya_lora_name`.
-* **Trainable deltas** are :class:`DeltaModule` objects installed on a module's ``weight`` or ``bias``: a callable
-  ``f(weight) -> weight + delta`` (the same contract as ComfyUI's ``ModelPatcher.add_weight_wrapper``, which
-  ComfyUI's own TrainLoraNode uses). The shared base weights are never modified; switching deltas off
-  (:meth:`DiffusionHost.deltas_disabled`) gives the frozen model, so ESD needs one model copy, not two.
+* **Trainable deltas** are :class:`DeltaModule` objects installed on a module's ``weight`` or ``bias``. The shared
+  base weights are never modified; switching deltas off (:meth:`DiffusionHost.deltas_disabled`) gives the frozen
+  model, so ESD needs one model copy, not two. A delta has two equivalent applications (:data:`DELTA_SPACES`):
+
+  - ``"activation"`` (every host's default): the layer runs on its frozen weight and the delta's contribution is
+    added to its output, ``y = layer(x) + F.linear(x, ΔW)`` (Conv2d: the layer's own stride / padding / dilation /
+    groups; bias: ``+ Δb``), computed by :meth:`DeltaModule.output_delta` — for LoRA ``((x·downᵀ)·upᵀ)·scale``
+    without ever forming ΔW, as kohya-ss/sd-scripts ``networks/lora.py`` ``LoRAModule.forward`` and peft
+    ``lora.Linear.forward`` do. Nothing weight-sized is materialised or saved for backward beyond what the frozen
+    layer saves itself: with weight-space application ``F.linear(x, W + ΔW)`` keeps ``W + ΔW`` alive until
+    backward, one extra copy of every trained tensor. Hosts install it as a forward hook (:class:`OutputDeltaHook`).
+  - ``"weight"``: a callable ``f(weight) -> weight + delta`` (:meth:`DeltaModule.forward`; the contract of
+    ComfyUI's ``ModelPatcher.add_weight_wrapper`` and of ``torch.nn.utils.parametrize``). Hosts offer it with
+    ``delta_space="weight"``; baking a delta into weights (file writers, ``iter_patched_weights``) always uses it.
+
+  Both give the same predictions and gradients to float rounding (tests/test_activation_deltas.py).
 * **Conditioning** is one :class:`~.conditioning.Conditioning` object per batch, made by
   :meth:`DiffusionHost.encode_prompts` and consumed by :meth:`DiffusionHost.predict`: SD1/SD2 read its
   ``context``; SDXL also its ``pooled`` embedding and ``extras["size_ids"]``; the loops only select rows,
@@ -56,17 +68,100 @@ import contextlib
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import Conditioning
 
+#: how a host applies installed deltas (module docstring): ``"activation"`` (default) or ``"weight"``
+DELTA_SPACES = ("activation", "weight")
+
+
+def check_delta_space(space: str) -> str:
+    """Return ``space`` if it is one of :data:`DELTA_SPACES`, else raise ``ValueError`` naming the choices."""
+    if space not in DELTA_SPACES:
+        raise ValueError(f"delta_space must be one of {', '.join(DELTA_SPACES)}, not {space!r}")
+    return space
+
+
+def autograd_usable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor used outside inference mode (a delta loaded
+    inside a ComfyUI node): autograd cannot save inference tensors for backward, and an activation-space delta's
+    tensors are saved whenever the layer's input requires grad."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
+
+
+def weight_delta_output(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, attr: str) -> torch.Tensor:
+    """``layer``'s output change when its ``attr`` tensor changes by ``d``, for input ``x`` (activation space).
+
+    ``attr == "weight"``: ``F.linear(x, d)`` for a Linear (``x`` ``[..., in]`` → ``[..., out]``), the layer's own
+    ``_conv_forward(x, d, None)`` for a Conv2d (its stride, padding, padding_mode, dilation and groups; ``x``
+    ``[B, in, H, W]``); ``attr == "bias"``: ``d`` ``[out]`` broadcast over the output (last dim for Linear, channel
+    dim for Conv2d). ``d`` is cast to ``x``'s dtype and device; rows of ``d`` may be a slice of the layer's output
+    features (then the result has that many output features). Raises ``TypeError`` for other layer types.
+    """
+    d = autograd_usable(d.to(device=x.device, dtype=x.dtype))
+    conv = isinstance(layer, nn.Conv2d)
+    if not conv and not isinstance(layer, nn.Linear):
+        raise TypeError(f"activation-space deltas need a Linear or Conv2d layer, not {type(layer).__name__}")
+    if attr == "bias":
+        return d.view(1, -1, 1, 1) if conv else d
+    if conv:
+        return layer._conv_forward(x, d, None)
+    return F.linear(x, d)
+
+
+class OutputDeltaHook:
+    """A forward hook adding the output contributions of the deltas installed on one layer (activation space).
+
+    ``entries``: ``[(attr, delta, piece)]`` — ``piece`` a :class:`conceptlab.formats.flux_keys.Piece` when the layer
+    holds rows of a fused tensor the delta is shaped for (diffusers Flux ``to_q`` of BFL ``qkv``), else ``None``.
+    ``gate``: optional ``() -> bool``; while it returns False the hook adds nothing (ComfyHost: only calls made
+    through its own ModelPatcher see its deltas). ``handle``: the ``RemovableHandle`` once registered.
+    """
+
+    def __init__(self, gate=None):
+        self.entries: list[tuple[str, "DeltaModule", object]] = []
+        self.gate = gate
+        self.handle = None
+
+    def __call__(self, module: nn.Module, args, output):
+        if self.gate is not None and not self.gate():
+            return None
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            return None
+        x = args[0]
+        add = None
+        for attr, delta, piece in self.entries:
+            o = delta.output_delta(x, module, attr, piece)
+            if o is not None:
+                add = o if add is None else add + o
+        if add is None:
+            return None
+        return output + add.to(output.dtype)
+
+    def register(self, module: nn.Module) -> "OutputDeltaHook":
+        """Register on ``module`` (``register_forward_hook``) and return self."""
+        self.handle = module.register_forward_hook(self)
+        return self
+
+    def remove(self) -> None:
+        """Unregister (idempotent)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
 
 class DeltaModule(nn.Module):
-    """A trainable change to one weight tensor, applied as ``weight + delta()`` while :attr:`enabled`.
+    """A trainable change to one weight tensor, applied as ``weight + delta()`` (weight space, :meth:`forward`) or
+    as ``layer(x) + output_delta(x)`` (activation space, :meth:`output_delta`) while :attr:`enabled`.
 
     Subclasses implement :meth:`delta` returning a tensor of the target weight's shape (any float dtype; it is
-    cast to the weight's dtype, keeping the graph for autograd). The module is callable with the weight,
-    which makes it usable as a ComfyUI weight wrapper and as a ``torch.nn.utils.parametrize`` parametrization.
+    cast to the weight's dtype, keeping the graph for autograd), and may override :meth:`_output_delta` to apply
+    the change to activations without forming ΔW (LoRA). The module is callable with the weight, which makes it
+    usable as a ComfyUI weight wrapper and as a ``torch.nn.utils.parametrize`` parametrization.
     """
 
     def __init__(self) -> None:
@@ -91,6 +186,39 @@ class DeltaModule(nn.Module):
         if self.multiplier != 1.0:
             d = d * self.multiplier
         return weight + d.to(device=weight.device, dtype=weight.dtype)
+
+    def output_delta(self, x: torch.Tensor, layer: nn.Module, attr: str = "weight", piece=None
+                     ) -> torch.Tensor | None:
+        """The change of ``layer(x)`` this delta makes (activation space): ``multiplier · (layer with W + ΔW)(x) −
+        layer(x)``, i.e. ``F.linear(x, ΔW)`` / the layer's conv with ΔW for ``attr="weight"``, ``Δb`` for ``"bias"``
+        (:func:`weight_delta_output`).
+
+        ``x``: the layer's input (``[..., in]`` Linear, ``[B, in, H, W]`` Conv2d), any float dtype; the result is in
+        ``x``'s dtype, shaped like the layer's output (or broadcastable to it for a bias). ``piece``: the layer holds
+        only ``piece`` of the tensor this delta is shaped for (a :class:`conceptlab.formats.flux_keys.Piece`: row
+        slice and/or half swap of a fused weight); the result then covers the layer's own output features.
+        Returns ``None`` when the delta is off (:attr:`enabled` False, :attr:`multiplier` 0, module dropout).
+        """
+        if not self.enabled or self.multiplier == 0.0:
+            return None
+        out = self._output_delta(x, layer, attr, piece)
+        if out is not None and self.multiplier != 1.0:
+            out = out * self.multiplier
+        return out
+
+    def _output_delta(self, x: torch.Tensor, layer: nn.Module, attr: str, piece) -> torch.Tensor | None:
+        """:meth:`output_delta` before the multiplier. Default: form ΔW (:meth:`delta`, or only the piece's rows via
+        ``delta_rows`` when the subclass has it) and apply it with :func:`weight_delta_output`."""
+        rows = getattr(piece, "rows", None)
+        if rows is not None and not piece.swap and hasattr(self, "delta_rows"):
+            d = self.delta_rows(rows[0], rows[1])
+        else:
+            d = self.delta()
+            if piece is not None and d.dim() > 0:
+                d = piece.cut(d)
+        if d.dim() == 0:  # a 0-d zero: the module is off for this step (module dropout)
+            return None
+        return weight_delta_output(layer, x, d, attr)
 
     # ComfyUI's weight-wrapper bookkeeping (see comfy_extras/nodes_train.py BiasDiff): report memory use and
     # follow the model between devices.
@@ -143,6 +271,8 @@ class DiffusionHost(abc.ABC):
     vae_scale: int = 8
     #: the sampler :meth:`sample` uses when the host has no ``sampler_name`` argument (kohya ``sample_sampler``)
     native_sampler: str = "ddim"
+    #: how deltas installed from now on are applied: ``"activation"`` or ``"weight"`` (module docstring)
+    delta_space: str = "activation"
 
     # -- modules and deltas ---------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -90,16 +90,18 @@ def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
     """The host for ``model`` through :func:`..model_loading.load_host`, the router the training CLI uses too: a
     diffusers Flux.1 folder, a Flux transformer file with ``clip_l`` / ``t5xxl`` / ``ae``, or an SD model.
 
+    ``quantize_base`` (Flux only, as for training: the frozen transformer and T5 weights stored int8 / int4 /
+    fp8 by torchao; ESD's full-rank ΔW stays fp32 and is added to the dequantized weight, so the saved ``.diff``
+    is ΔW learned against the quantized base — the frozen model's own predictions, the target, come from that
+    base too, like a LoRA trained on a quantized base).
+
     Raises ``ValueError`` for Flux keys on an SD model, a Flux file without its three companions, or
-    ``quantize_base`` (not supported for erasure: the trained tensors' base values are hashed and saved in
-    full precision)."""
+    ``quantize_base`` on an SD model."""
     from ..model_loading import load_host
 
     flux = dict(flux)
-    if flux.pop("quantize_base", None):
-        raise ValueError("quantize_base is a LoRA-training setting; conceptlab erase runs the base in 'dtype' "
-                         "(use bfloat16 on a GPU)")
-    return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer, flux=flux)
+    quant = flux.pop("quantize_base", None)
+    return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer, flux=flux, quantize=quant)
 
 
 def run(args) -> int:

@@ -166,6 +166,17 @@ class ESDConfig:
         width, height: training resolution in pixels (multiples of the host's ``vae_scale``).
         noised_cache: how many frozen-model samples to cache for ``xt_source="noised"`` without images.
         max_nan_skips: consecutive non-finite iterations tolerated (skipped) before stopping with an error.
+        gradient_checkpointing: recompute each denoiser block's activations in backward instead of keeping them
+            (``host.set_gradient_checkpointing``; same gradients to float rounding, one extra forward of the trained
+            prediction per iteration). Where a host computes frozen layers from up-cast copies of stored weights
+            (ComfyUI's manual-cast ops: ``--bf16-unet`` or fp8 weights on a fp32/bf16 compute device), autograd
+            would otherwise keep one up-cast copy of every layer after the first trained one until backward.
+        step_in_backward: apply Adam to each trained tensor as soon as its gradient is complete during backward
+            and free that gradient (``Tensor.register_post_accumulate_grad_hook``, PyTorch's "optimizer step in
+            backward" pattern), so no full set of gradients is ever held: the same Adam update per tensor (one
+            ``torch.optim.Adam`` per tensor, same lr / betas / eps), less memory by one fp32 copy of the trained
+            parameters. Difference: the NaN guard then checks each tensor's gradient and skips that tensor's update
+            only (the others of the iteration are already applied); the loss itself is still checked first.
         guidance_scale: guidance-distilled flow models (Flux.1-dev) only: the guidance-embedding value of the
             frozen and trained predictions (``None`` = the family's default, 3.5; kohya's Flux
             ``guidance_scale``). ``start_guidance`` is then the guidance embedding of the ``self_sample``
@@ -200,6 +211,8 @@ class ESDConfig:
     concept_kind: str = "auto"
     erase_from: str | Sequence[str] | None = None
     guidance_scale: float | None = None
+    gradient_checkpointing: bool = False
+    step_in_backward: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any out-of-range setting.
@@ -377,9 +390,13 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
     started = time.perf_counter()
     done = 0
 
-    def snapshot() -> ESDResult:
+    def snapshot(final: bool = False) -> ESDResult:
+        # every snapshot ends the run; at the normal end (optimizer state already freed) the trained tensors are
+        # handed over without a copy unless they stay installed on the host
         with torch.no_grad():
-            d = {k: m.delta().detach().float().cpu().clone() for k, m in deltas.items()}
+            d = {k: m.delta().detach().float().cpu() for k, m in deltas.items()}
+            if not final or keep_installed:
+                d = {k: v.clone() for k, v in d.items()}
         wall = time.perf_counter() - started
         last20 = [x for x in losses[-20:] if math.isfinite(x)]
         stats = {
@@ -422,6 +439,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "iterations_done": done,
             "lr": float(cfg.lr),
             "optimizer": "Adam",
+            "optimizer_step_in_backward": bool(cfg.step_in_backward),
+            "gradient_checkpointing": bool(cfg.gradient_checkpointing),
             "width": int(cfg.width),
             "height": int(cfg.height),
             "start_guidance": float(cfg.start_guidance),
@@ -431,7 +450,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
             "arch": host.arch,
             "model_variant": getattr(host, "variant", None),
             "base_model_hash": base_hash,
-            "base_model_hash_kind": "sha256 of the trained tensors' base values",
+            "base_model_hash_kind": "sha256 of the trained tensors' base values" + (
+                f" ({host.quantized}-quantized base, dequantized)" if getattr(host, "quantized", None) else ""),
             "trained_tensors": n_tensors,
             "trained_parameters": n_params,
         }
@@ -448,7 +468,23 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                 host.install_delta(t.component, t.path, t.attr, fd)
                 deltas[(t.component, t.path, t.attr)] = fd
             params = [m.weight for m in deltas.values()]
-            opt = torch.optim.Adam(params, lr=float(cfg.lr))
+            step_hooks, bad_grads = [], []
+            if cfg.step_in_backward:
+                opt = None
+                per_param = {p: torch.optim.Adam([p], lr=float(cfg.lr)) for p in params}
+
+                def step_now(p: torch.Tensor) -> None:  # runs inside backward, once p.grad is complete
+                    if bool(torch.isfinite(p.grad).all()):
+                        per_param[p].step()
+                    else:
+                        bad_grads.append(p)
+                    p.grad = None
+
+                step_hooks = [p.register_post_accumulate_grad_hook(step_now) for p in params]
+            else:
+                opt = torch.optim.Adam(params, lr=float(cfg.lr))
+            if cfg.gradient_checkpointing:
+                _set_checkpointing(host, True)
 
             if cfg.xt_source == "noised":
                 with torch.no_grad(), host.deltas_disabled():
@@ -515,16 +551,20 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                                for i in range(masks.shape[0]))
                     for i in range(masks.shape[0]):
                         mask_counts[i] += 1
-                opt.zero_grad(set_to_none=True)
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))
                 if finite:
-                    loss.backward()
-                    finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                    bad_grads.clear()
+                    loss.backward()  # with step_in_backward, Adam steps each tensor in here
+                    finite = not bad_grads and all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                                                   for p in params)
                 if not finite:
                     # NaN guard: skip the update; too many in a row means the run diverged
                     nan_skips += 1
                     consecutive_nan += 1
-                    opt.zero_grad(set_to_none=True)
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
                     if consecutive_nan > int(cfg.max_nan_skips):
                         err = FloatingPointError(
                             f"ESD loss or gradients were NaN/inf {consecutive_nan} iterations in a row (at "
@@ -534,7 +574,8 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                     loss_value = float("nan")
                 else:
                     consecutive_nan = 0
-                    opt.step()
+                    if opt is not None:
+                        opt.step()
                     loss_value = float(loss.detach())
                 losses.append(loss_value)
                 done = it + 1
@@ -552,21 +593,40 @@ def _erase(host: DiffusionHost, cfg: ESDConfig, progress: ProgressFn | None, ima
                     if ret is False:
                         cancelled = True
                         break
-        return snapshot()
+            # free the gradients and Adam's moments before the result is assembled (no peak at the end)
+            for h in step_hooks:
+                h.remove()
+            for p in params:
+                p.grad = None
+            opt = per_param = None  # noqa: F841
+        return snapshot(final=True)
     except _CancelRequested as req:
         cancelled = True
         raise ESDCancelled(snapshot()) from req.__cause__
     finally:
+        if cfg.gradient_checkpointing and hasattr(host, "set_gradient_checkpointing"):
+            host.set_gradient_checkpointing(False)
         if not keep_installed:
             host.clear_deltas()
 
 
+def _set_checkpointing(host: DiffusionHost, on: bool) -> None:
+    """``host.set_gradient_checkpointing(on)``; ``ValueError`` for a host that has no such switch."""
+    fn = getattr(host, "set_gradient_checkpointing", None)
+    if fn is None:
+        raise ValueError(f"gradient_checkpointing: {type(host).__name__} cannot checkpoint its denoiser")
+    fn(bool(on))
+
+
 def erased_weights(host: DiffusionHost, result: ESDResult) -> dict[str, torch.Tensor]:
     """``{"<component>.<path>.<attr>": base + ΔW}`` (fp32 CPU) for every trained tensor — the erased model's
-    values. The host must have no deltas installed (its weights are the base weights)."""
+    values. The host must have no deltas installed (its weights are the base weights; a quantized base is
+    dequantized)."""
+    from ..quantize import dense
+
     out = {}
     for (c, p, a), d in result.deltas.items():
-        base = getattr(host.modules(c)[p], a).detach().float().cpu()
+        base = dense(getattr(host.modules(c)[p], a)).detach().float().cpu()
         out[f"{c}.{p}.{a}"] = base + d
     return out
 

@@ -257,11 +257,15 @@ def base_weights_hash(host: DiffusionHost, targets: Sequence[Target]) -> str:
     """sha256 (hex) of the base values of the trained tensors (names + raw bytes, in target order).
 
     Identifies the base model the deltas apply to without hashing a multi-GB file. Call before installing deltas.
+    A quantized weight (``quantize_base``) is hashed dequantized, so it differs from the full-precision base's hash.
     """
+    from ..quantize import dense
+
     h = hashlib.sha256()
     mods = {c: host.modules(c) for c in {t.component for t in targets}}
     for t in targets:
-        v = getattr(mods[t.component][t.path], t.attr).detach().cpu().contiguous()
+        # a quantized base (quantize_base) is hashed as the dequantized values the deltas were trained against
+        v = dense(getattr(mods[t.component][t.path], t.attr)).detach().cpu().contiguous()
         h.update(f"{t.component}.{t.path}.{t.attr}:{tuple(v.shape)}:{v.dtype}".encode())
         h.update(v.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -96,6 +96,8 @@ HONOURED: dict[str, str] = {
         "logit_mean", "logit_std", "mode_scale")},
     "guidance_scale": "Flux-dev guidance embedding during training (schnell: warned, no embedding)",
     "t5xxl_max_token_length": "T5 sequence length (None: 512 dev / 256 schnell, as kohya)",
+    "blocks_to_swap": "CLI, Flux: kohya's block swap (training/block_swap.py); refused by the Train LoRA node "
+                      "(see nodes/lora.py)",
     "clip_l": "CLI: CLIP-L single file beside a BFL flux1-*.safetensors",
     "t5xxl": "CLI: T5-XXL single file beside a BFL flux1-*.safetensors",
     "ae": "CLI: the Flux VAE (ae.safetensors) beside a BFL flux1-*.safetensors",
@@ -136,7 +138,8 @@ NO_EFFECT: dict[str, str] = {
     "max_validation_steps": "validation uses every validation image",
     "async_upload": "nothing is uploaded",
     "custom_attributes": "custom attributes are for other network modules",
-    "cache_text_encoder_outputs": "text-encoder outputs are always cached while the text encoders are frozen",
+    "cache_text_encoder_outputs": "text-encoder outputs are always cached while the text encoders are frozen "
+                                  "(Flux CLI with static captions: T5-XXL and CLIP-L then leave the GPU, as kohya)",
     "cache_text_encoder_outputs_to_disk": "text-encoder outputs are cached in memory",
     "text_encoder_batch_size": "text-encoder batching does not change the outputs",
     "disable_mmap_load_safetensors": "safetensors loading switch with no effect on the result",
@@ -182,9 +185,7 @@ REFUSED: dict[str, str] = {
     "network_multiplier": "a dataset network_multiplier other than 1 is not supported",
     "metadata_file": "fine-tuning metadata datasets are not supported",
     "apply_t5_attn_mask": "diffusers' FluxTransformer2DModel takes no T5 attention mask here",
-    "blocks_to_swap": "block swapping is not implemented; use gradient_checkpointing and a quantized base "
-                      "(README, Flux memory)",
-    "split_mode": "deprecated in kohya (use blocks_to_swap, which is not implemented here either)",
+    "split_mode": "deprecated in kohya; use blocks_to_swap (kohya sets 18 for it)",
     "model_type": "only Flux.1 (model_type = \"flux\"); Chroma is not supported",
     "controlnet_model_name_or_path": "ControlNet training is not supported",
 }

@@ -1,13 +1,16 @@
-"""Kohya-style LoRA / LoCon networks as weight deltas installed through a :class:`~..host.DiffusionHost`.
+"""Kohya-style LoRA / LoCon networks as deltas installed through a :class:`~..host.DiffusionHost`.
 
-A LoRA module here is a :class:`~..host.DeltaModule`: ``forward(W) = W + (up @ down) · alpha / dim``. It changes
-the *weight* a layer sees instead of wrapping the layer's forward. Why not peft's ``LoraLayer`` (which replaces
-``nn.Linear`` modules by wrapper modules)? ComfyUI's ``ModelPatcher.clone()`` shares one ``nn.Module`` tree
-between every clone in the graph, so replacing modules would mutate the upstream MODEL for every other node;
-ComfyUI's supported hook for trainable changes is ``add_weight_wrapper(key, fn)`` (what its own TrainLoraNode
-uses), and diffusers' modules take the same callable through ``torch.nn.utils.parametrize``. A weight-space delta
-fits both hosts with one implementation. It is also exactly what a LoRA file stores, so saving needs no
-conversion, and LoCon (3×3 conv) composes exactly: a k×k ``lora_down`` conv followed by a 1×1 ``lora_up`` conv
+A LoRA module here is a :class:`~..host.DeltaModule` with two equivalent applications (training/host.py): in
+activation space, every host's default, ``layer(x) + ((x·downᵀ)·upᵀ)·alpha/dim`` (a k×k ``lora_down`` conv with the
+layer's stride / padding / dilation, then a 1×1 ``lora_up`` conv, for LoCon), as kohya's ``LoRAModule.forward``
+computes it — ΔW is never formed, and nothing weight-sized is kept for backward; in weight space
+``forward(W) = W + (up @ down) · alpha / dim``, which is what baking and the file writers use. Why not peft's
+``LoraLayer`` (which replaces ``nn.Linear`` modules by wrapper modules)? ComfyUI's ``ModelPatcher.clone()`` shares
+one ``nn.Module`` tree between every clone in the graph, so replacing modules would mutate the upstream MODEL for
+every other node; the hosts instead add a forward hook for the duration of the run (ComfyHost: acting only through
+its own patcher) or, in weight space, ComfyUI's ``add_weight_wrapper(key, fn)`` (what its own TrainLoraNode uses)
+and diffusers' ``torch.nn.utils.parametrize``. The weight form is exactly what a LoRA file stores, so saving needs
+no conversion, and LoCon (3×3 conv) composes exactly: a k×k ``lora_down`` conv followed by a 1×1 ``lora_up`` conv
 equals one k×k conv with weight ``up ⊗ down``.
 
 Targets follow kohya-ss/sd-scripts ``networks/lora.py`` (``LoRANetwork.create_modules``, read at commit
@@ -20,8 +23,8 @@ with ``conv_dim`` also the modules of ``ResnetBlock2D`` / ``Downsample2D`` / ``U
 ``LoRAModule``: ``lora_down`` kaiming-uniform with ``a = sqrt(5)`` (PyTorch's default Linear init), ``lora_up``
 zeros, so training starts at the frozen model. ``network_alpha`` 0 / None means alpha = dim (scale 1).
 
-Dropout in weight space: kohya's ``network_dropout`` drops ``lora_down`` *activations* per token, which no
-weight delta can express. Here ``network_dropout`` drops whole rank components (kohya's ``rank_dropout``,
+Dropout: kohya's ``network_dropout`` drops ``lora_down`` *activations* per token, which no weight delta can
+express (and the two spaces must stay the same function). Here ``network_dropout`` drops whole rank components (kohya's ``rank_dropout``,
 rescaled by 1/(1-p)) and ``module_dropout`` switches a whole module off for a step (kohya's ``module_dropout``).
 Masks are drawn once per step by :meth:`LoRANetwork.resample_dropout` from the network's own generator, so
 gradient checkpointing's recomputation sees the same mask and a resumed run draws the same masks.
@@ -35,9 +38,10 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..host import DeltaModule, DiffusionHost
+from ..host import DeltaModule, DiffusionHost, autograd_usable
 
 _UNET_ATTN = re.compile(r"(^|\.)attentions\.\d+\.")
 _UNET_CONV = re.compile(r"(^|\.)(resnets|downsamplers|upsamplers)\.\d+\.")
@@ -137,6 +141,37 @@ class LoRADelta(DeltaModule):
             up = up * self.rank_mask.to(up)
         d = up @ self.lora_down.flatten(1)
         return (d * self.scale).view(stop - start, *self.weight_shape[1:])
+
+    def _output_delta(self, x: torch.Tensor, layer: nn.Module, attr: str, piece) -> torch.Tensor | None:
+        """Activation-space LoRA (see :meth:`.host.DeltaModule.output_delta`): ``((x·downᵀ)·mask)·upᵀ·scale`` for a
+        Linear, the layer's own conv with ``lora_down`` (stride, padding, dilation) then a 1×1 conv with ``lora_up``
+        for a Conv2d — kohya ``networks/lora.py`` ``LoRAModule.forward`` (``lora_up(lora_down(x)) · scale``), with
+        the rank mask of :meth:`delta` on the rank channels; ΔW is never formed. ``piece`` rows select rows of
+        ``lora_up`` (the fused-layer pieces of diffusers Flux). Parameters are cast to ``x``'s dtype. Falls back to
+        the ΔW form for a grouped conv or a half-swapped piece."""
+        if self.module_off:
+            return None
+        conv = isinstance(layer, nn.Conv2d)
+        if attr != "weight" or (piece is not None and piece.swap) or (conv and layer.groups != 1) or \
+                not (conv or isinstance(layer, nn.Linear)):
+            return super()._output_delta(x, layer, attr, piece)
+        down = autograd_usable(self.lora_down.to(device=x.device, dtype=x.dtype))
+        up = self.lora_up
+        rows = getattr(piece, "rows", None)
+        if rows is not None:
+            up = up[rows[0]:rows[1]]
+        up = autograd_usable(up.to(device=x.device, dtype=x.dtype))
+        if conv:
+            h = layer._conv_forward(x, down, None)
+            if self.rank_mask is not None:
+                h = h * self.rank_mask.to(h).view(1, -1, 1, 1)
+            out = F.conv2d(h, up)
+        else:
+            h = F.linear(x, down)
+            if self.rank_mask is not None:
+                h = h * self.rank_mask.to(h)
+            out = F.linear(h, up.flatten(1))
+        return out * self.scale
 
     def kohya_tensors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(lora_down, lora_up, alpha)`` detached, fp32, on CPU (what a kohya file stores)."""

@@ -110,6 +110,7 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     flux = dict(flux or {})
     quant = flux.pop("quantize_base", None)
+    swap = int(flux.pop("blocks_to_swap", 0) or 0)
     from ..flux_loading import is_flux_checkpoint, is_flux_folder
 
     single = {"tokenizer": tokenizer, "prediction_type": prediction_type}
@@ -119,15 +120,16 @@ def _host_for(model_path: str, device: str, mixed_precision: str, tokenizer: str
                   "uses its own tokenizer/ and scheduler/", file=sys.stderr)
         single = {}
     try:
-        host = load_host(p, device=str(dev), dtype=dtype, flux=flux, quantize=quant, **single)
+        host = load_host(p, device=str(dev), dtype=dtype, flux=flux, quantize=quant, blocks_to_swap=swap,
+                         **single)
     except (WeightFileError, CheckpointLoadError) as exc:
         if p.is_dir() or is_flux_checkpoint(p):
             raise
         raise ValueError(f"{exc} (pretrained_model_name_or_path must be a local diffusers folder with unet/, "
                          "text_encoder/, tokenizer/, vae/ or a single-file SD 1.x/2.x checkpoint)") from exc
     if host.arch == "flux":
-        print(f"loaded {p.name}: Flux.1 {host.variant}" + (f", base quantized {quant}" if quant else ""),
-              file=sys.stderr)
+        print(f"loaded {p.name}: Flux.1 {host.variant}" + (f", base quantized {quant}" if quant else "")
+              + (f", blocks_to_swap {swap}" if swap else ""), file=sys.stderr)
         return host
     if p.is_dir():
         return host
@@ -208,7 +210,12 @@ def run(args, host=None) -> int:
         if pred is None and flat.get("v_parameterization") is True:
             pred = "v_prediction"
         tok = getattr(args, "tokenizer", None) or flat.get("tokenizer")
-        flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base") if flat.get(k)}
+        flux = {k: flat[k] for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "quantize_base", "blocks_to_swap")
+                if flat.get(k)}
+        if flat.get("blocks_to_swap") and not flat.get("gradient_checkpointing"):
+            print("conceptlab train: warning: blocks_to_swap moves weights, not activations: without "
+                  "gradient_checkpointing every block's activations stay on the device (set gradient_checkpointing "
+                  "= true, as kohya's Flux examples do)", file=sys.stderr)
         with contextlib.redirect_stderr(io.StringIO()) if not main else contextlib.nullcontext():
             host = _host_for(str(model), device, cfg.mixed_precision, tokenizer=str(tok) if tok else None,
                              prediction_type=pred, **({"flux": flux} if flux else {}))

@@ -302,6 +302,9 @@ class LoraTrainer:
         # a text encoder whose every LoRA parameter is frozen (text_encoder_lr = 0) is encoded once and cached
         trainable = {id(p) for g in groups for p in g["params"]}
         self._te_frozen = not any(id(p) in trainable for p in network.parameter_groups()["te"])
+        if self._te_frozen or not self.train_te:  # kohya cache_text_encoder_outputs: cached, then off the device
+            from .te_offload import offload_after_caching
+            offload_after_caching(self, prompts)
         if self.init_network is not None:  # e.g. continue from a ComfyUI LORA_MODEL (values copied in place)
             self.init_network(network)
         network.to(device)
