@@ -136,5 +136,7 @@ def test_confidence_is_calibrated(files):
     low = [e for g, e in rows if g.status in ("low_confidence", "none")]
     assert all(g.confidence >= LOW_CONFIDENCE for g, _ in rows if g.status == "detected")
     assert np.mean(det) >= 0.9, f"detected grids right {np.mean(det):.0%}"
-    # (≥ 5: soft upscales, once most of the low-confidence grids, are now found and detected — 5 of 250 on grid-soft)
-    assert len(low) >= 5 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
+    # (≥ 3: soft upscales, once most of the low-confidence grids, are now found and detected — 5 of 250 on
+    # grid-soft — and the sharp conditions' confidence no longer flags right grids: 3 of 250, 2 of them wrong.
+    # Calibration per sharp condition, on 700 renders, is asserted in test_condition / _pooled_sharp.)
+    assert len(low) >= 3 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
