@@ -16,15 +16,15 @@ from . import __version__
 
 # module (relative to this package) -> provides register(subparsers)
 _COMMAND_MODULES = (
-    ".metrics.palette_cli",     # palette
-    ".metrics.captions_cli",    # audit-captions
-    ".metrics.diff_cli",        # diff, diff-compare
-    ".training.merge_cli",      # merge
-    ".training.train_cli",      # train
-    ".training.esd_cli",        # erase
-    ".training.uce_cli",        # uce, erase-convert
-    ".training.extract_cli",    # extract-lora, resize-lora
-    ".training.quickstart_cli", # quickstart
+    ".metrics.palette_cli",           # palette
+    ".metrics.captions_cli",          # audit-captions
+    ".metrics.diff_cli",              # diff, diff-compare
+    ".training.merge.cli",            # merge
+    ".training.lora.train_cli",       # train
+    ".training.esd.cli",              # erase
+    ".training.esd.uce_cli",          # uce, erase-convert
+    ".training.lora.extract_cli",     # extract-lora, resize-lora
+    ".training.lora.quickstart_cli",  # quickstart
 )
 
 
@@ -37,10 +37,10 @@ _COMMAND_OWNERS = {
     "audit-captions": ".metrics.captions_cli",
     "diff": ".metrics.diff_cli",
     "diff-compare": ".metrics.diff_cli",
-    "merge": ".training.merge_cli",
-    "train": ".training.train_cli",
-    "erase": ".training.esd_cli",
-    "quickstart": ".training.quickstart_cli",
+    "merge": ".training.merge.cli",
+    "train": ".training.lora.train_cli",
+    "erase": ".training.esd.cli",
+    "quickstart": ".training.lora.quickstart_cli",
 }
 
 

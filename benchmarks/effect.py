@@ -52,7 +52,7 @@ def _save(img: np.ndarray, path: Path) -> None:
 
 
 def section_lora(host, out: Path, seeds, res_all: dict) -> dict:
-    from conceptlab.training.trainer import labelled_grid
+    from conceptlab.training.lora.report import labelled_grid
 
     t = E.Timer()
     data = E.write_style_dataset(out / "data", n=16, repeats=3)
@@ -137,8 +137,8 @@ def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
 
 
 def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept: str = "wall") -> dict:
-    from conceptlab.training.esd import erased_weights
-    from conceptlab.training.trainer import labelled_grid
+    from conceptlab.training.esd.erase import erased_weights
+    from conceptlab.training.lora.report import labelled_grid
 
     t = E.Timer()
     rep = E.train_classifier()
@@ -193,9 +193,9 @@ def section_esd(host, out: Path, seeds, res_all: dict, iterations: int, concept:
 
 
 def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dict:
-    from conceptlab.training.esd import erased_weights
-    from conceptlab.training.merge import add_difference, weighted_sum
-    from conceptlab.training.trainer import labelled_grid
+    from conceptlab.training.esd.erase import erased_weights
+    from conceptlab.training.merge.methods import add_difference, weighted_sum
+    from conceptlab.training.lora.report import labelled_grid
 
     t = E.Timer()
     lora = res_all.get("lora_final_path")
@@ -250,7 +250,7 @@ def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dic
 
 def section_diff(host, out: Path, seeds, res_all: dict, concept: str = "wall") -> dict:
     from conceptlab.metrics.weight_diff import compare_reports
-    from conceptlab.training.esd import erased_weights
+    from conceptlab.training.esd.erase import erased_weights
 
     t = E.Timer()
     reps = {}

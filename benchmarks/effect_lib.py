@@ -251,9 +251,10 @@ def lora_settings(out_dir: Path, **over) -> dict:
 
 
 def train_style_lora(host, data_root: Path, out_dir: Path, **over):
-    """Train the style LoRA with :func:`conceptlab.training.trainer.train_lora`; returns its ``TrainResult``."""
-    from conceptlab.training.dataset import KohyaDataset
-    from conceptlab.training.trainer import configs_from_mapping, train_lora
+    """Train the style LoRA with :func:`conceptlab.training.lora.trainer.train_lora`; returns its ``TrainResult``."""
+    from conceptlab.training.lora.dataset import KohyaDataset
+    from conceptlab.training.lora.config import configs_from_mapping
+    from conceptlab.training.lora.trainer import train_lora
 
     cfg, dopts, caps, _ = configs_from_mapping(lora_settings(out_dir, **over))
     ds = KohyaDataset.scan(data_root, dopts, caps, seed=cfg.seed)
@@ -272,7 +273,7 @@ class lora_installed:
     def __enter__(self):
         from safetensors.torch import load_file
 
-        from conceptlab.training.lora import LoRANetwork
+        from conceptlab.training.lora.network import LoRANetwork
 
         self.net, _ = LoRANetwork.from_kohya_state_dict(self.host, load_file(str(self.path)))
         self.net.set_multiplier(self.multiplier)
@@ -329,9 +330,9 @@ def load_folder_images(folder: Path) -> np.ndarray:
 def erase_concept(host, concept: str, *, iterations: int = 60, lr: float = 2e-3, xt_source: str = "self_sample",
                   masks=None, variations: int = 0, seed: int = 0, ddim_steps: int = 20,
                   negative_guidance: float = 1.0):
-    """ESD-x (:func:`conceptlab.training.esd.erase`) of ``concept`` on ``host`` at 16×16 px; returns the
+    """ESD-x (:func:`conceptlab.training.esd.erase.erase`) of ``concept`` on ``host`` at 16×16 px; returns the
     ``ESDResult``. ``masks``: ``None`` (whole latent) or ``"grid"``; ``variations``: 0 = the bare concept."""
-    from conceptlab.training.esd import ESDConfig, erase
+    from conceptlab.training.esd.erase import ESDConfig, erase
 
     cfg = ESDConfig(concepts=concept, iterations=iterations, lr=lr, width=tiny.IMAGE_SIZE, height=tiny.IMAGE_SIZE,
                     ddim_steps=ddim_steps, xt_source=xt_source, masks=masks, variations=variations, seed=seed,
@@ -341,7 +342,7 @@ def erase_concept(host, concept: str, *, iterations: int = 60, lr: float = 2e-3,
 
 class weights_patched:
     """Context manager: ``{"<component>.<path>.<attr>": tensor}`` copied into ``host``'s modules, restored on
-    exit (for :func:`conceptlab.training.esd.erased_weights` or merged state dicts)."""
+    exit (for :func:`conceptlab.training.esd.erase.erased_weights` or merged state dicts)."""
 
     def __init__(self, host, values: dict):
         self.host, self.values, self.saved = host, values, {}

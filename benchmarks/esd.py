@@ -5,7 +5,7 @@ same ``x_t`` source (``noised``: a cached clean latent forward-noised at a rando
 resolution, ESD-x parameters, Adam, in one invocation of this script. Each implementation runs in its own child
 process so that its peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) is its own.
 
-* **ours**: :func:`conceptlab.training.esd.erase` — one UNet; the 80 attn2 tensors get trainable
+* **ours**: :func:`conceptlab.training.esd.erase.erase` — one UNet; the 80 attn2 tensors get trainable
   :class:`~conceptlab.training.host.FullDelta` modules applied in activation space (``F.linear(x, ΔW)`` added to
   each layer's output: no ``W + ΔW`` copy kept for backward); frozen predictions with the deltas switched off, the
   conditional and unconditional ones in one batched call; the result handed over without a copy.
@@ -17,7 +17,7 @@ process so that its peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocat
   attn2 parameters, and — as in that script, which never calls ``requires_grad_(False)`` on ``esd_unet`` —
   gradients for every parameter of the trained copy (``--ref-freeze`` turns that off for a fairer comparison).
 
-* **UCE** (:mod:`conceptlab.training.uce`, closed form, no iterations): the same UNet's 32 attn2 to_k / to_v
+* **UCE** (:mod:`conceptlab.training.esd.uce`, closed form, no iterations): the same UNet's 32 attn2 to_k / to_v
   projections edited for one concept with three preserved concepts; wall time and peak memory of the edit beside
   ESD's projected time for the paper's 1,000 iterations at the measured rate (``noised`` x_t, the cheaper
   source; ``self_sample`` adds on average ``ddim_steps`` UNet evaluations per iteration). Text embeddings are
@@ -96,7 +96,7 @@ def peak_memory_mb(device: str) -> float:
 
 def run_ours(args) -> dict:
     from conceptlab.training.diffusers_host import DiffusersHost
-    from conceptlab.training.esd import ESDConfig, erase
+    from conceptlab.training.esd.erase import ESDConfig, erase
 
     from conceptlab.training.conditioning import Conditioning
 
@@ -126,7 +126,7 @@ def run_ours(args) -> dict:
 def run_uce(args) -> dict:
     """UCE on the SD1.5-shaped UNet: one erased concept, three preserved ones."""
     from conceptlab.training.diffusers_host import DiffusersHost
-    from conceptlab.training.uce import UCEConfig, erase_uce_host
+    from conceptlab.training.esd.uce import UCEConfig, erase_uce_host
 
     host = DiffusersHost(build_unet(args.device), None, None, None, device=args.device)
 

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from conceptlab.training.extract import extract_lora, resize_lora
+    from conceptlab.training.lora.extract import extract_lora, resize_lora
 
     dev = torch.device(a.device)
     shapes = sd15_layers(a.blocks)

@@ -6,10 +6,10 @@ then measures, each path in a fresh subprocess (so peak RSS is its own):
 
 * ``io_floor``: the reference — read both files and write one with the ``safetensors`` library
   (``load_file`` ×2 + ``save_file`` + fsync), no arithmetic;
-* ``conceptlab``: :func:`conceptlab.training.merge_files.merge_checkpoints` (weighted sum α = 0.5, fp16, input
+* ``conceptlab``: :func:`conceptlab.training.merge.files.merge_checkpoints` (weighted sum α = 0.5, fp16, input
   SHA-256 in the recipe) on inputs it has not seen (hash cache off: both inputs hashed);
   ``conceptlab_cached`` the same default merge of inputs merged before (their digests in the hash cache,
-  :mod:`conceptlab.training.merge_hashes`); ``conceptlab_nohash`` with ``hash_inputs=False``;
+  :mod:`conceptlab.training.merge.hashes`); ``conceptlab_nohash`` with ``hash_inputs=False``;
 * ``stream_floor``: read both tensor by tensor (``WeightFile``, memory-mapped) and stream A's tensors out with
   ``SafetensorsStreamWriter`` (a plain streaming copy, no arithmetic, no hash);
 * ``naive``: load both state dicts fully, merge, ``save_file`` + fsync;
@@ -144,7 +144,7 @@ def run_naive(a, b, out):
 
 
 def run_conceptlab(a, b, out, hash_inputs=True):
-    from conceptlab.training.merge_files import merge_checkpoints
+    from conceptlab.training.merge.files import merge_checkpoints
 
     merge_checkpoints(a, b, out, alpha=ALPHA, dtype="fp16", overwrite=True, hash_inputs=hash_inputs)
 
@@ -165,7 +165,7 @@ def _c_path(a):
 
 def run_ours(method, a, b, out):
     """Our streaming file merge with its defaults (input SHA-256 on), fp16 output."""
-    from conceptlab.training.merge_files import merge_checkpoints
+    from conceptlab.training.merge.files import merge_checkpoints
 
     c = _c_path(a) if method in NEEDS_C else None
     merge_checkpoints(a, b, out, c=c, method=method, alpha=ALPHA, density=DENSITY, seed=SEED, dtype="fp16",
@@ -244,7 +244,7 @@ def child(name, a, b, out):
     import torch  # noqa: F401 - import before the baseline, as every path needs it
     import safetensors.torch  # noqa: F401
 
-    import conceptlab.training.merge_files  # noqa: F401
+    import conceptlab.training.merge.files  # noqa: F401
 
     base = _rss_kib("VmRSS")
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def child(name, a, b, out):
     peak = _rss_kib("VmHWM")
     print(json.dumps({"name": name, "seconds": dt, "peak_above_baseline_gib": (peak - base) / 2 ** 20,
                       "baseline_gib": base / 2 ** 20,
-                      "module": conceptlab.training.merge_files.__file__}))
+                      "module": conceptlab.training.merge.files.__file__}))
 
 
 def machine() -> str:
@@ -413,7 +413,7 @@ def main():
         env_for["conceptlab_cached"] = {**os.environ, "CONCEPTLAB_HASH_CACHE": str(cache_file)}
         if "conceptlab_cached" in order:
             from conceptlab.formats.safetensors_io import sha256_file
-            from conceptlab.training import merge_hashes
+            from conceptlab.training.merge import hashes as merge_hashes
 
             os.environ["CONCEPTLAB_HASH_CACHE"] = str(cache_file)
             merge_hashes.store({p: sha256_file(p) for p in (a, b)})

@@ -27,7 +27,9 @@ Conv2d and trains a full diff of every bias and norm weight). Each trainer runs 
 memory figures
 are separate: ``peak MiB`` is the process's peak RSS (ru_maxrss; on CUDA, peak allocated), ``train MiB`` the
 peak RSS reached during training above the RSS right after the model was built (Linux ``/proc/self/clear_refs``
-resets the high-water mark; ``-`` where that is unavailable).
+resets the high-water mark; ``-`` where that is unavailable), and ``live MiB`` the peak of heap allocations not yet
+freed during training (glibc ``mallinfo2``, sampled every 2 ms; RSS also counts freed memory glibc keeps, which
+varies from run to run by hundreds of MiB once weight-sized temporaries come and go).
 
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python benchmarks/train_lora.py [--steps 5] [--res 64]
         [--rank 16] [--batch 1] [--width-div 2] [--checkpoint FILE] [--repeats 3]
@@ -92,13 +94,44 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _glibc_live_mib():
+    """Bytes the process has allocated and not freed (glibc ``mallinfo2``: ``uordblks + hblkhd``, all arenas), in
+    MiB, or None where that call does not exist. Unlike RSS it excludes freed memory glibc keeps for reuse, which
+    after a few weight-sized temporaries can be hundreds of MiB and differs between two runs of the same work."""
+    import ctypes
+
+    class _MI(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MI
+
+    def live():
+        m = fn()
+        return (m.uordblks + m.hblkhd) / 2 ** 20
+    return live
+
+
 class _Mem:
-    """Peak RSS of the whole process and of the training phase (above the RSS when :meth:`start` was called)."""
+    """Peak RSS of the whole process and of the training phase (above the RSS when :meth:`start` was called), and
+    on glibc the peak of live heap allocations above the start (sampled every 2 ms by a thread: ``live MiB``)."""
 
     def __init__(self, dev: torch.device):
         self.dev = dev
         self.base = None
         self.reset_ok = False
+        self._live = _glibc_live_mib() if dev.type == "cpu" else None
+        self._live_peak = None
+        self._stop = False
+
+    def _sample(self) -> None:
+        while not self._stop:
+            self._live_peak = max(self._live_peak, self._live())
+            time.sleep(0.002)
 
     def start(self) -> None:
         if self.dev.type == "cuda":
@@ -109,15 +142,22 @@ class _Mem:
             return
         self.base = _proc_status_mib("VmRSS")
         self.reset_ok = _reset_peak_rss() and self.base is not None
+        if self._live is not None:
+            import threading
+
+            self._live_base = self._live_peak = self._live()
+            threading.Thread(target=self._sample, daemon=True).start()
 
     def result(self) -> dict:
         if self.dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2 ** 20
-            return {"peak_mib": peak, "train_mib": peak - self.base, "model_mib": self.base}
+            return {"peak_mib": peak, "train_mib": peak - self.base, "model_mib": self.base, "live_mib": None}
         total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         hwm = _proc_status_mib("VmHWM") if self.reset_ok else None
+        self._stop = True
+        live = (self._live_peak - self._live_base) if self._live is not None else None
         return {"peak_mib": total, "train_mib": (hwm - self.base) if hwm is not None else None,
-                "model_mib": self.base}
+                "model_mib": self.base, "live_mib": live}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -149,8 +189,8 @@ def _diffusers_worker(method: str, a: dict, q) -> None:
     cond = torch.randn(b, 77, 768, generator=gen).to(dev)
     if method == "conceptlab":
         from conceptlab.training.diffusers_host import DiffusersHost
-        from conceptlab.training.lora import LoRANetwork
-        from conceptlab.training.trainer import TrainConfig
+        from conceptlab.training.lora.network import LoRANetwork
+        from conceptlab.training.lora.config import TrainConfig
 
         host = DiffusersHost(unet, None, None, None, device=dev)
         net = LoRANetwork.create(host, network_dim=a["rank"], network_alpha=a["rank"])
@@ -193,11 +233,8 @@ def _diffusers_worker(method: str, a: dict, q) -> None:
 
 def _conceptlab_step(host, net, cfg, lat, cond, gen):
     """The inner optimizer step of ``LoraTrainer.run`` (no accumulation, no scaler): returns (step, n params)."""
-    from conceptlab.training.trainer import (
-        build_optimizer,
-        build_scheduler,
-        diffusion_loss,
-    )
+    from conceptlab.training.lora.loss import diffusion_loss
+    from conceptlab.training.lora.optim import build_optimizer, build_scheduler
 
     groups = net.parameter_groups()
     params = [p for g in groups.values() for p in g]
@@ -391,8 +428,8 @@ def _comfy_worker(method: str, a: dict, q) -> None:
     else:
         from conceptlab.nodes.comfy_host import ComfyHost
         from conceptlab.training.conditioning import Conditioning
-        from conceptlab.training.lora import LoRANetwork
-        from conceptlab.training.trainer import TrainConfig
+        from conceptlab.training.lora.network import LoRANetwork
+        from conceptlab.training.lora.config import TrainConfig
 
         with torch.inference_mode():
             host = ComfyHost(model)
@@ -476,8 +513,10 @@ def _dp_worker(rank: int, world: int, port: int, a: dict, q) -> None:
     torch.set_num_threads(threads)
     from conceptlab.training.diffusers_host import DiffusersHost
     from conceptlab.training.distributed import DataParallel
-    from conceptlab.training.lora import LoRANetwork
-    from conceptlab.training.trainer import TrainConfig, build_optimizer, diffusion_loss
+    from conceptlab.training.lora.network import LoRANetwork
+    from conceptlab.training.lora.config import TrainConfig
+    from conceptlab.training.lora.loss import diffusion_loss
+    from conceptlab.training.lora.optim import build_optimizer
 
     dp = DataParallel.from_environment(a["device"]) if world > 1 else None
     dev = dp.device if dp is not None else torch.device(a["device"])
@@ -670,7 +709,9 @@ def main(argv=None) -> int:
     for label, rs in rows.items():
         tm = [r["train_mib"] for r in rs if r["train_mib"] is not None]
         per_step = [t for r in rs for t in r.get("step_s", ())]
-        res[label] = dict(rs[0], method=label, steps_per_s=1.0 / _median(per_step) if per_step else
+        lv = [r.get("live_mib") for r in rs if r.get("live_mib") is not None]
+        res[label] = dict(rs[0], live_mib=max(lv) if lv else None, method=label,
+                          steps_per_s=1.0 / _median(per_step) if per_step else
                           _median([r["steps_per_s"] for r in rs]), steps_per_s_runs=[r["steps_per_s"] for r in rs],
                           step_s=per_step, peak_mib=max(r["peak_mib"] for r in rs), train_mib=max(tm) if tm else None)
     labels = list(res)
@@ -686,10 +727,10 @@ def main(argv=None) -> int:
           + ("steps/s = 1 / median step time" if comfy else "steps/s = median of runs"))
     lb = f"{load_before:.2f} at start; " if load_before is not None else ""
     print(f"machine: {_machine()} ({lb}1/5/15 min at the end)")
-    print(f"{'method':<28}{'steps/s':>9}{'peak MiB':>10}{'train MiB':>11}{'LoRA params':>13}")
+    print(f"{'method':<28}{'steps/s':>9}{'peak MiB':>10}{'train MiB':>11}{'live MiB':>10}{'LoRA params':>13}")
     for r in res.values():
         print(f"{r['method']:<28}{r['steps_per_s']:>9.3f}{r['peak_mib']:>10.0f}{_fmt(r['train_mib'], '.0f'):>11}"
-              f"{r['lora_params']:>13,}")
+              f"{_fmt(r.get('live_mib'), '.0f'):>10}{r['lora_params']:>13,}")
     for label, why in failed.items():
         print(f"{label:<28} failed: {why} (ComfyUI's Flux blocks add residuals in place, which breaks its backward "
               "without checkpointing; with checkpointing it runs but recomputes from in-place-updated inputs, see "
@@ -700,6 +741,8 @@ def main(argv=None) -> int:
             ref = res[label]
             mem_ratio = ("" if mine["train_mib"] is None or not ref["train_mib"] else
                          f", training memory {mine['train_mib'] / ref['train_mib']:.2f}x")
+            if mine.get("live_mib") is not None and ref.get("live_mib"):
+                mem_ratio += f", live allocations {mine['live_mib'] / ref['live_mib']:.2f}x"
             print(f"ratio {our_label} / {label}: speed {mine['steps_per_s'] / ref['steps_per_s']:.2f}x, "
                   f"peak memory {mine['peak_mib'] / ref['peak_mib']:.2f}x{mem_ratio}")
     print(json.dumps({"args": a, "results": res}))

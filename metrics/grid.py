@@ -131,18 +131,29 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     if min(h, w) < 2 * gc.MIN_CELL_PX:
         return no_grid(w, h, f"image {w}x{h} is too small to hold a grid of cells >= {gc.MIN_CELL_PX:g} px")
     u = detect_grid_uniform(rgb, None, margin, max_cells)
+    # an interpolating upscale (soft edges, issue 13): grid_soft's lattices win on the axes they explain; tried
+    # unless both axes show a clearly sharp grid (they reject sharp, noisy, JPEG and blurred renders themselves)
+    from .grid_soft import SOFT_TRY, detect_soft
+
+    uc = [c if u.method == "uniform" and cell > 1 else 0.0 for c, cell in ((u.confidence_x, u.cell_w),
+                                                                         (u.confidence_y, u.cell_h))]
+    soft = detect_soft(rgb) if min(uc) < SOFT_TRY else [None, None]
     fits = []
     for axis, img in ((0, rgb), (1, np.swapaxes(rgb, 0, 1))):
         L = img.shape[1]
         lines = _lines(img)
-        p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
         ucell = (u.cell_w if axis == 0 else u.cell_h) if u.method == "uniform" else 0.0
         # edges concentrated on a sharp grid (uniform confidence ≥ SOFT_POOL): no soft lattices
         uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
-        modes = ("sharp",) if uconf >= SOFT_POOL else gc.MODES
-        fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
-                             pool=uconf < SOFT_POOL)
-        if ucell > 1:
+        sfit = soft[axis]
+        if sfit is None:
+            p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
+            modes = ("sharp",) if uconf >= SOFT_POOL else gc.MODES
+            fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
+                                 pool=uconf < SOFT_POOL)
+        else:
+            fit = sfit
+        if ucell > 1 and sfit is None:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)

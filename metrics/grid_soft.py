@@ -3,20 +3,42 @@ resize (bilinear, bicubic, Lanczos — Pillow, OpenCV, torch ``interpolate`` and
 these kernels), so edges are gradients rather than steps (issue 13).
 
 Why hand-written: no library recovers the sampling lattice of an upscaled image; the model is textbook resampling
-(Keys, "Cubic convolution interpolation for digital image processing", IEEE TASSP 29(6), 1981, eq. 15 with
-a = −0.5, the kernel Pillow's ``BICUBIC`` uses — ``libImaging/Resample.c``, ``bicubic_filter``; Lanczos
-(Duchon 1979) with a = 3 — ``lanczos_filter`` there; the triangle kernel for bilinear).
+as Pillow implements it (``libImaging/Resample.c``: ``bilinear_filter`` (triangle), ``bicubic_filter`` — Keys,
+"Cubic convolution interpolation for digital image processing", IEEE TASSP 29(6), 1981, eq. 15 with a = −0.5 —
+and ``lanczos_filter``, Duchon 1979, a = 3; ``precompute_coeffs``: output pixel ``x`` reads source pixel ``j``
+with weight ``K(j + ½ − (x + ½)·in/out)`` normalised to sum 1, the support is widened only when reducing, so an
+upscale by any — fractional — factor ``s`` puts native cell ``k``'s centre at ``(k + ½)·s`` px).
 
-An interpolating kernel ``K`` (``K(0) = 1``, ``K(k) = 0`` at other integers) keeps the native colour at each
-cell centre, and every pixel between centres is ``Σ_m K(t − m)·v[j+m] / Σ_m K(t − m)`` of the neighbouring centre
-values. So a hypothesis (cell ``w`` px, first cut ``a`` px) is checked by sampling the image at the hypothesised
-centres ``a + (k + ½)·w`` (linear interpolation between pixels), re-rendering every pixel with each kernel, and
-counting the pixels that differ by more than a noise-adapted threshold (:func:`soft_residual`). The true lattice
-re-renders the image almost exactly; a coarser one cannot (it misses native cells); a finer one also re-renders
-it (it over-samples a band-limited signal) and loses on the harmonic rule of :mod:`.grid_cuts` (coarsest
-explaining period) and the mixture test there. Phase and period are refined by a coarse-to-fine search on this
-residual (:func:`fit_soft`), because a band-limited upscale (Lanczos) leaves almost no periodic energy in the
-edge profile to read them from.
+**The model.** An interpolating kernel ``K`` (``K(0) = 1``, ``K(k) = 0`` at other integers) keeps the native
+colour at each cell centre, and every pixel between centres is ``Σ_m K(t − m)·v[j+m] / Σ_m K(t − m)`` of the
+neighbouring centre values. A hypothesis (cell ``s`` px, first cut ``a`` px) is checked by sampling the image at
+its centres ``a + (k + ½)·s`` (linear between pixels) and re-drawing every pixel with the kernel
+(:func:`render`): the true lattice re-draws the image to rounding error; a coarser one cannot (it misses native
+cells); a finer one also re-draws it (it over-samples a band-limited signal) and loses on the coarsest-explaining
+rule. The re-drawing error is smooth and single-minimum in phase over a whole cell and in period over ±2–3 %
+(measured on the fixtures), so each search only needs a start within that basin.
+
+**The search** (:func:`detect_soft`), all on 1-D lines sampled from the image:
+
+1. *Edge crossings* (:func:`edge_crossings`): every monotone run of a line (one channel) between two turning
+   points crosses the midpoint of its two end values once; for a symmetric kernel and an isolated step that
+   crossing is exactly on the cell boundary (the step response is odd about the cut; Lanczos/bicubic overshoot
+   is symmetric, so the run's ends include it symmetrically). Sub-pixel by linear interpolation. Runs about a
+   cell wide are the soft signature: where they are ~1 px (sharp, noisy, JPEG'd renders) the search stops.
+2. *Period candidates* (:func:`crossing_spectrum`): the weighted crossings' periodogram
+   ``|Σ w·exp(2πi·x/p)| / Σ w`` (a histogram at 1/8 px and one FFT), both axes pooled (square cells), its
+   strongest local maxima in [:data:`MIN_CELL_PX`, L/3], plus ×2, ×3 of the coarsest explaining one and ×1.5,
+   ×2 of the best (harmonics); each gets phase and period from a least-squares fit of the crossings
+   (:func:`crossing_lattice`) and a screening error (sampled re-drawing, three kernels).
+3. *Precise fit* (:func:`local_phase`): at a candidate period the re-drawing error is computed at
+   :data:`PHASES` phases across a cell; in each window of ~3 cells the best phase is read (parabolic peak); the
+   phases drift linearly along the axis when the period is off, so a weighted line fit through the unwrapped
+   window phases gives period and phase at once; then a parabolic polish.
+4. *Choice*: the coarsest candidate whose least-squares re-drawing error (:func:`redraw`) is within a margin of
+   the best (finer lattices tie); candidates less than :data:`SAME_GRID` apart are one grid read two ways and
+   compete on the error. Accepted as soft only when the re-drawing beats the nearest-neighbour reconstruction
+   of the same lattice clearly (a sharp render is re-drawn badly by ramps) and leaves few pixels off
+   (:func:`soft_residual`). The y axis first tries the x cell (square cells), then the full search.
 """
 
 from __future__ import annotations
@@ -25,23 +47,58 @@ import math
 
 import numpy as np
 
-__all__ = ["KERNELS", "kernel_weights", "soft_residual", "fit_soft", "uniform_cuts"]
+from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings
+
+__all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
+           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX", "SOFT_TRY"]
 
 #: Interpolating kernels tried, with their taps relative to the centre left of a pixel.
 KERNELS = {"linear": (0, 1), "cubic": (-1, 2), "lanczos3": (-2, 3)}
-#: Sampled lines used while searching phase / period (the final residual uses all lines it is given).
-SEARCH_LINES = 12
+#: Smallest cell searched (px) — the same floor as :data:`.grid_cuts.MIN_CELL_PX`.
+MIN_CELL_PX = 5.0
+#: Fewest cells per axis.
+MIN_CELLS = 3
+#: Lines (per axis) the searches re-draw: the ones with the most edge energy among those sampled.
+SEARCH_LINES = 8
+#: :func:`.grid.detect_grid` tries soft lattices unless the single-period grid's confidence is ≥ this on both
+#: axes (soft fixtures: ≤ 0.3; the detector rejects sharp, noisy, JPEG and blurred renders itself, whatever
+#: their confidence — on the fixtures it accepted none of 200 blurred / JPEG renders).
+SOFT_TRY = 0.5
+#: Lines (the strongest of the search lines) that screen the period candidates.
+SCREEN_LINES = 6
+#: Soft renders only: the amplitude-weighted median width of the monotone edge runs must reach this share of
+#: the finest period candidate (an interpolated step spans a cell or more: ≥ 1.4 on the fixtures; sharp, noisy
+#: or JPEG nearest-neighbour renders ≤ 1.0).
+MIN_SOFT_WIDTH = 1.0
+#: Rounds of the (sampled re-drawing) phase / period polish after the local-phase fit.
+POLISH_ROUNDS = 1
+#: Phases per cell in the local-phase scan.
+PHASES = 8
+#: Period candidates (periodogram peaks) screened per image.
+N_CANDIDATES = 4
+#: Re-drawing errors are clipped here (0..255 units) so one occluded spot cannot dominate.
+ERROR_CLIP = 48.0
+#: Coarsest-explaining rule: a coarser lattice wins when its error ≤ best·(1 + HARMONIC_REL) + HARMONIC_ABS.
+HARMONIC_REL, HARMONIC_ABS = 2.0, 0.3
+#: Smallest edge zone (share of pixels) the separation is divided by.
+MIN_ZONE = 0.05
+#: Periods closer than this ratio are one grid read two ways (harmonics are ≥ 1.5× apart): the better fit wins.
+SAME_GRID = 1.3
+#: A soft lattice is accepted when its error ≤ SHARP_RATIO × the nearest-neighbour error of the same lattice and
+#: its thresholded residual (:func:`soft_residual`) ≤ MAX_RESIDUAL.
+SHARP_RATIO = 0.5
+MAX_RESIDUAL = 0.05
 
 
 def _kernel(name: str, x: np.ndarray) -> np.ndarray:
     ax = np.abs(x)
     if name == "linear":
         return np.maximum(1.0 - ax, 0.0)
-    if name == "cubic":  # Keys (1981) eq. 15, a = -0.5
+    if name == "cubic":  # Keys (1981) eq. 15, a = -0.5 (Pillow's bicubic_filter)
         a = -0.5
         return np.where(ax <= 1, (a + 2) * ax**3 - (a + 3) * ax**2 + 1,
                         np.where(ax < 2, a * ax**3 - 5 * a * ax**2 + 8 * a * ax - 4 * a, 0.0))
-    return np.where(ax < 3, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+    return np.where(ax < 3, np.sinc(x) * np.sinc(x / 3.0), 0.0)  # Pillow's lanczos_filter, a = 3
 
 
 _LUT_STEPS = 256
@@ -50,69 +107,162 @@ _LUT: dict = {}
 
 def kernel_weights(name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(offsets [taps] int64, weights [len(t), taps] float32)`` of kernel ``name`` (:data:`KERNELS`) for
-    fractional positions ``t`` in [0, 1] between the centre on the left (offset 0) and the next; rows sum to 1.
-    Read from a table at 1/256 steps (≤ 0.2 % weight error)."""
+    fractional positions ``t`` in [0, 1] between the centre on the left (offset 0) and the next; rows sum to 1
+    (Pillow normalises its taps the same way). Read from a table at 1/256 steps (≤ 0.2 % weight error)."""
     lo, hi = KERNELS[name]
     m = np.arange(lo, hi + 1)
     if name not in _LUT:
         tt = np.arange(_LUT_STEPS + 1) / _LUT_STEPS
         w = _kernel(name, tt[:, None] - m[None, :])
         _LUT[name] = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-    return m, _LUT[name][np.rint(np.clip(t, 0.0, 1.0) * _LUT_STEPS).astype(np.int64)]
+    return m, _LUT[name][np.rint(np.minimum(np.maximum(t, 0.0), 1.0) * _LUT_STEPS).astype(np.int64)]
 
 
 def _centre_values(lines: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Values of ``lines`` ``[3, r, L]`` at positions ``pos`` px (pixel ``i`` spans [i, i+1)), linear between
-    pixel centres, clamped at the ends: float32 ``[3, r, len(pos)]``."""
-    L = lines.shape[2]
-    u = np.clip(pos - 0.5, 0.0, L - 1.0)
-    i0 = np.minimum(np.floor(u).astype(np.int64), L - 2) if L > 1 else np.zeros(u.size, np.int64)
-    t = (u - i0).astype(np.float32)
-    a = lines[:, :, i0].astype(np.float32)
+    """Values of ``lines`` ``[..., L]`` at positions ``pos`` ``[...]`` px (pixel ``i`` spans [i, i+1)), linear
+    between pixel centres, clamped at the ends: float32 ``[..., *pos.shape]``."""
+    L = lines.shape[-1]
     if L < 2:
-        return a
-    return a + (lines[:, :, i0 + 1] - a) * t
+        return np.repeat(lines[..., :1].astype(np.float32), pos.size, axis=-1).reshape(lines.shape[:-1] + pos.shape)
+    u = np.minimum(np.maximum(pos - 0.5, 0.0), L - 1.0)
+    i0 = np.minimum(np.floor(u).astype(np.int64), L - 2)
+    t = (u - i0).astype(np.float32)
+    a = lines[..., i0].astype(np.float32)
+    return a + (lines[..., i0 + 1] - a) * t
 
 
-def _render(lines: np.ndarray, a: float, w: float, kernels) -> list[tuple[str, np.ndarray]]:
-    """Re-renderings ``[(kernel, float32 [c, r, L])]`` of the uniform lattice (first cut ``a``, cell ``w`` px)."""
-    L = lines.shape[2]
+def _lattice(L: int, a: float, w: float):
+    """Centre indices ``ks``, the centre index left of each pixel (relative to ``ks[0]``) and the pixel's
+    fraction of the way to the next centre, for the lattice with cuts at ``a + k·w`` on an axis of ``L`` px."""
     k0 = int(math.floor(-a / w)) - 4
     k1 = int(math.ceil((L - a) / w)) + 4
     ks = np.arange(k0, k1 + 1)
-    vals = _centre_values(lines, a + (ks + 0.5) * w)
     u = (np.arange(L) + 0.5 - a) / w - 0.5 - k0
     j = np.floor(u).astype(np.int64)
-    t = u - j
-    out = []
-    for name in kernels:
-        m, wt = kernel_weights(name, t)
-        idx = np.clip(j[:, None] + m[None, :], 0, ks.size - 1)
-        out.append((name, np.einsum("crlm,lm->crl", vals[:, :, idx], wt, optimize=False)))
+    return ks, j, u - j
+
+
+def render(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
+    """Re-drawing of ``lines`` ``[..., L]`` (any leading shape, 0..255 values) from their values at the centres
+    of the uniform lattice with cuts at ``a + k·w`` px, with interpolating ``kernel`` (:data:`KERNELS`):
+    float32, same shape. Cost O(lines · L · taps)."""
+    L = lines.shape[-1]
+    ks, j, t = _lattice(L, a, w)
+    vals = _centre_values(lines, a + (ks + 0.5) * w)
+    m, wt = kernel_weights(kernel, t)
+    out = np.zeros(lines.shape, np.float32)
+    for i, off in enumerate(m):
+        out += vals[..., np.minimum(np.maximum(j + off, 0), ks.size - 1)] * wt[:, i]
     return out
+
+
+def _taps(L: int, a: float, w: float, kernel: str):
+    """``(K centres, centre index of each pixel's first tap j [L] int64, tap offsets m, weights [L, taps])`` of
+    the lattice with cuts at ``a + k·w``: pixel ``x`` = ``Σ_m wt[x, m]·v[j[x] + m]`` (Pillow's normalised kernel
+    taps; the lattice extends 4 centres beyond each end, so every tap has its centre)."""
+    ks, j, t = _lattice(L, a, w)
+    m, wt = kernel_weights(kernel, t)
+    return ks.size, j, m, wt.astype(np.float64)
+
+
+def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
+    """Least-squares re-drawing of ``lines`` ``[..., L]``: the centre values ``v`` minimising ``‖y − A·v‖²``
+    (``A``: the kernel taps of :func:`_taps`; a small ridge for centres that only tails reach), then ``A·v``;
+    float32, same shape. Unlike sampling the centres (:func:`render`), this is exact at a kinked centre (a
+    bilinear spike) and sub-pixel in phase; a finer lattice fits at least as well, so callers take the coarsest
+    that explains. ``A`` is banded and ``j`` non-decreasing, so ``AᵀA`` is one ``bincount`` and ``Aᵀy`` a
+    segmented sum per tap — no dense BLAS products (whose thread pools cost more than the work on a busy
+    machine)."""
+    L = lines.shape[-1]
+    K, j, m, wt = _taps(L, a, w, kernel)
+    Y = np.ascontiguousarray(lines.reshape(-1, L).T, dtype=np.float32)  # [L, n]
+    cols = j[:, None] + m[None, :]  # [L, T]
+    G = np.bincount((cols[:, :, None] * K + cols[:, None, :]).ravel(),
+                    (wt[:, :, None] * wt[:, None, :]).ravel(), K * K).reshape(K, K)
+    G[np.diag_indices(K)] += 1e-6 + 1e-9 * np.trace(G)
+    starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])
+    w32 = wt.astype(np.float32)
+    B = np.zeros((K, Y.shape[1]))
+    for i in range(m.size):
+        B[j[starts] + m[i]] += np.add.reduceat(Y * w32[:, i, None], starts, axis=0)
+    V = np.linalg.solve(G, B).astype(np.float32)  # [K, n]
+    out = V[cols[:, 0]] * w32[:, 0, None]
+    for i in range(1, m.size):
+        out += V[cols[:, i]] * w32[:, i, None]
+    return out.T.reshape(lines.shape)
+
+
+def _clip_mask(sub: np.ndarray) -> np.ndarray:
+    """Pixels whose value is not at the 0 / 255 ends (there Pillow clipped an overshoot; the model can't say)."""
+    return (sub > 0.5) & (sub < 254.5)
+
+
+def _error(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
+    """Mean least-squares re-drawing error (:func:`redraw`; |·| clipped at :data:`ERROR_CLIP`, 0..255 units;
+    pixels at 0 / 255 left out) of ``sub`` ``[r, L]`` float32."""
+    m = _clip_mask(sub)
+    return float((np.minimum(np.abs(redraw(sub, a, w, kernel) - sub), ERROR_CLIP) * m).sum() / max(1, m.sum()))
+
+
+def _errors_fast(sub: np.ndarray, a: float, w: float) -> tuple[float, str]:
+    """``(smallest error, kernel)`` of :func:`_error_fast` over :data:`KERNELS` (centres sampled and their taps
+    gathered once: the kernels' taps are nested, −2…3 ⊃ −1…2 ⊃ 0…1)."""
+    L = sub.shape[-1]
+    ks, j, t = _lattice(L, a, w)
+    vals = _centre_values(sub, a + (ks + 0.5) * w)
+    taps = {off: vals[..., np.minimum(np.maximum(j + off, 0), ks.size - 1)] for off in range(-2, 4)}
+    msk = _clip_mask(sub)
+    n = max(1, int(msk.sum()))
+    best = (np.inf, "")
+    for name in KERNELS:
+        m, wt = kernel_weights(name, t)
+        out = taps[int(m[0])] * wt[:, 0]
+        for i in range(1, m.size):
+            out += taps[int(m[i])] * wt[:, i]
+        e = float((np.minimum(np.abs(out - sub), ERROR_CLIP) * msk).sum() / n)
+        if e < best[0]:
+            best = (e, name)
+    return best
+
+
+def _error_fast(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
+    """Like :func:`_error` but re-drawing from the image sampled at the centres (:func:`render`, no solve):
+    ~3× cheaper, biased up at kinked centres; used where only a loose comparison is needed (screening, phase
+    scans)."""
+    m = _clip_mask(sub)
+    return float((np.minimum(np.abs(render(sub, a, w, kernel) - sub), ERROR_CLIP) * m).sum() / max(1, m.sum()))
+
+
+def _nn_error(sub: np.ndarray, a: float, w: float) -> float:
+    """Mean error (clipped like :func:`_error`) of the nearest-neighbour reconstruction of the same lattice
+    (every pixel takes its cell's centre value): what a sharp render would show."""
+    L = sub.shape[-1]
+    ks, j, t = _lattice(L, a, w)
+    vals = _centre_values(sub, a + (ks + 0.5) * w)
+    rec = vals[..., np.clip(j + (t >= 0.5), 0, ks.size - 1)]
+    return float(np.minimum(np.abs(rec - sub), ERROR_CLIP).mean())
+
+
+def _nn_share(lines: np.ndarray, a: float, w: float, thr: float) -> float:
+    """Share of pixels of ``lines`` ``[3, r, L]`` whose nearest-neighbour reconstruction (their cell's centre
+    value) differs by more than ``thr`` (max channel): the soft ramps of the lattice."""
+    L = lines.shape[-1]
+    ks, j, t = _lattice(L, a, w)
+    vals = _centre_values(lines, a + (ks + 0.5) * w)
+    rec = vals[..., np.minimum(j + (t >= 0.5), ks.size - 1)]
+    return float((np.abs(rec - lines).max(axis=0) > thr).mean())
 
 
 def soft_residual(lines: np.ndarray, a: float, w: float, thr: float, kernels=tuple(KERNELS)) -> tuple[float, str]:
     """Share of pixels of ``lines`` ``[3, r, L]`` int16 that differ (max channel, 0..255 units) by more than
-    ``thr`` from the re-rendering of the uniform lattice (first cut ``a`` px, cell ``w`` px) with each kernel in
+    ``thr`` from the re-drawing of the uniform lattice (first cut ``a`` px, cell ``w`` px) with each kernel in
     ``kernels``; returns ``(smallest share 0..1, its kernel name)``. Cost O(3·r·L·taps) per kernel."""
     ref = lines.astype(np.float32)
     best = (1.0, "")
-    for name, rec in _render(lines, a, w, kernels):
-        r = float((np.abs(ref - rec).max(axis=0) > thr).mean())
+    for name in kernels:
+        r = float((np.abs(ref - redraw(ref, a, w, name)).max(axis=0) > thr).mean())
         if r < best[0]:
             best = (r, name)
-    return best
-
-
-def _error(ref: np.ndarray, lines: np.ndarray, a: float, w: float, kernels) -> tuple[float, str]:
-    """Search objective: mean of min(|error|, 48) over pixels and channels (continuous in phase and period,
-    unlike the thresholded residual), for the best kernel."""
-    best = (np.inf, "")
-    for name, rec in _render(lines, a, w, kernels):
-        e = float(np.minimum(np.abs(ref - rec), 48.0).mean())
-        if e < best[0]:
-            best = (e, name)
     return best
 
 
@@ -123,70 +273,293 @@ def uniform_cuts(length: int, a: float, w: float) -> np.ndarray:
     return c[(c >= 1.0) & (c <= length - 1.0)]
 
 
-def _circ_phase(p: np.ndarray, pos: np.ndarray, w: float) -> float:
-    z = np.sum(p * np.exp(2j * np.pi * pos / w))
-    return float((np.angle(z) / (2 * np.pi) * w) % w)
+# ----------------------------------------------------------------------------------------------------------------
+# phase and period by re-drawing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _phase_errors(sub: np.ndarray, w: float, kernel: str, phases: int) -> np.ndarray:
+    """Per-pixel re-drawing error summed over lines, ``[phases, L]``, for cuts at ``(i / phases)·w``."""
+    m = _clip_mask(sub)
+    return np.stack([(np.minimum(np.abs(render(sub, i * w / phases, w, kernel) - sub), ERROR_CLIP) * m).sum(0)
+                     for i in range(phases)])
+
+
+def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = PHASES,
+                window_cells: float = 3.0) -> tuple[float, float, float]:
+    """Phase and period of the soft lattice near period ``w`` px: ``(first cut a px in [0, s), period s px,
+    mean error at the best global phase)`` for lines ``sub`` ``[r, L]`` float32.
+
+    The re-drawing error at ``phases`` phases is summed per window of ``window_cells`` cells; each window's best
+    phase (parabolic peak, weight = depth of its minimum) is unwrapped along the axis; a period off by δ makes
+    the phase drift by δ per cell, so the slope of a weighted line fit (one outlier-trimming pass) corrects the
+    period: ``s = w / (1 − slope)``. Valid for ``w`` within ~±8 % of the truth (drift ≤ ¼ cell per window)."""
+    r, L = sub.shape
+    E = _phase_errors(sub, w, kernel, phases)
+    tot = E.sum(1)
+    g = int(np.argmin(tot))
+    err = float(tot[g] / (r * L))
+    nwin = max(1, int(L // max(8.0, window_cells * w)))
+    bounds = np.linspace(0, L, nwin + 1).astype(np.int64)
+    W = np.add.reduceat(E, bounds[:-1], axis=1)  # [phases, nwin]
+    j = np.argmin(W, axis=0)
+    cols = np.arange(nwin)
+    y0, y1, y2 = W[(j - 1) % phases, cols], W[j, cols], W[(j + 1) % phases, cols]
+    den = y0 - 2 * y1 + y2
+    off = np.where(den > 0, np.clip(0.5 * (y0 - y2) / np.where(den > 0, den, 1.0), -0.5, 0.5), 0.0)
+    phi = (j + off) / phases * w
+    depth = W.mean(0) - y1
+    x = 0.5 * (bounds[:-1] + bounds[1:])
+    ok = depth > 1e-6 * max(1.0, float(W.max()))
+    if ok.sum() < 2:
+        a = (g / phases) * w
+        return a % w, w, err
+    x, phi, wt = x[ok], phi[ok], depth[ok]
+    un = phi.copy()
+    for i in range(1, un.size):  # sequential unwrap (adjacent windows drift < w/2)
+        un[i] -= w * np.round((un[i] - un[i - 1]) / w)
+    A = np.stack([np.ones_like(x), x], 1)
+    sw = np.sqrt(wt)
+    sol = np.linalg.lstsq(A * sw[:, None], un * sw, rcond=None)[0]
+    keep = np.abs(un - A @ sol) < max(0.15 * w, 1.5)
+    if 2 <= keep.sum() < keep.size:
+        sol = np.linalg.lstsq(A[keep] * sw[keep, None], un[keep] * sw[keep], rcond=None)[0]
+    b0, slope = float(sol[0]), float(sol[1])
+    if not abs(slope) < 0.25:
+        a = (g / phases) * w
+        return a % w, w, err
+    s = w / (1.0 - slope)
+    # the fitted phase is where the lattice sits mod w near each x: at the axis centre that is a cut itself
+    xm = L / 2.0
+    ph = (b0 + slope * xm) % w
+    c = xm + ((ph - xm + w / 2.0) % w) - w / 2.0
+    return c % s, s, err
+
+
+def _polish(sub: np.ndarray, a: float, s: float, kernel: str, rounds: int = 2,
+            err=None) -> tuple[float, float, float]:
+    """Phase and period refined on the re-drawing error ``err`` (default :func:`_error`): per round, the error at
+    ± a step in phase (s/12, then s/36) and in period (0.5 %, then 0.17 %; the lattice point nearest the axis
+    centre fixed), a parabola through each pair and the centre, a move to its vertex (kept only if the error
+    drops). ``(a, s, error)``."""
+    L = sub.shape[1]
+    mid = L / 2.0
+
+    def at(da, dw):
+        s1 = s * (1.0 + dw)
+        return mid - (mid - a) * (1.0 + dw) + da, s1
+
+    err = err or _error
+    e = err(sub, a, s, kernel)
+    for k in range(rounds):
+        step, rel = s / (12 * 3**k), 0.005 / 3**k
+        moves = []
+        for d, make in ((step, lambda x: at(x, 0.0)), (rel, lambda x: at(0.0, x))):
+            em, ep = err(sub, *make(-d), kernel), err(sub, *make(d), kernel)
+            den = em - 2 * e + ep
+            moves.append(float(np.clip(0.5 * (em - ep) / den, -1.5, 1.5)) * d if den > 0 else
+                         (-d if em < min(e, ep) else d if ep < e else 0.0))
+        a1, s1 = at(*moves)
+        e1 = err(sub, a1, s1, kernel)
+        if e1 < e:
+            a, s, e = a1, s1, e1
+    return a % s, s, e
+
+
+def _search_lines(lines: np.ndarray, count: int = SEARCH_LINES) -> np.ndarray:
+    """The ``count`` single-channel lines (of ``[3, r, L]``) with the most edge energy, strongest first: float32
+    ``[≤count, L]``.
+    Channels stay separate: a channel Pillow clipped at 0 / 255 (a Lanczos overshoot) is left out pixel by pixel
+    (see :func:`_error`), which a luminance mix could not do; lines without edges only add cost."""
+    y = lines.reshape(-1, lines.shape[-1]).astype(np.float32)
+    if y.shape[0] > count:
+        energy = np.abs(np.diff(y, axis=1)).sum(1)
+        y = y[np.argsort(-energy, kind="stable")[:count]]  # most edge energy first
+    return np.ascontiguousarray(y)
+
+
+def fit_lattice(sub: np.ndarray, w: float, kernel: str = "cubic") -> tuple[float, float, float]:
+    """Soft lattice near period ``w`` px on lines ``sub`` ``[r, L]`` float32: two :func:`local_phase` passes and
+    a :func:`_polish`: ``(first cut a px, period px, mean re-drawing error with ``kernel``)``."""
+    a, s, _ = local_phase(sub, w, kernel)
+    if abs(s / w - 1.0) > 0.02:
+        a, s, _ = local_phase(sub, s, kernel)
+    return _polish(sub, a, s, kernel)
 
 
 def fit_soft(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, w: float, thr: float,
              refine_period: bool = True) -> tuple[np.ndarray, float, float, str]:
-    """Best uniform soft lattice near period ``w`` px: ``(cuts, period, residual, kernel)``.
-
-    Start phases: the energy-weighted circular mean of the boundary-energy profile ``p1`` at period ``w`` (soft
-    edges are symmetric about the cut), that of the curvature profile ``p2`` minus half a cell (a bilinear
-    upscale kinks at the centres) and four evenly spaced phases; the kernel is chosen there. Then, with
-    ``refine_period``, a scan of the period over ±6 % (steps of 1 %, lattice centre fixed) and a coarse-to-fine
-    coordinate search of phase (w/8 … w/64) and period (0.3 % … 0.04 %: a period off by δ moves the last of n
-    cuts by n·δ·w). The search minimises the mean clipped re-rendering error on :data:`SEARCH_LINES` lines (one
-    luminance-like channel mix); the returned residual is :func:`soft_residual` on all ``lines``."""
+    """Best uniform soft lattice near period ``w`` px for lines ``[3, r, L]`` int16: ``(cuts, period,
+    residual, kernel)`` — with ``refine_period``, :func:`fit_lattice` (phase and period); without, the best of
+    :data:`PHASES` phases at period ``w`` (parabolic peak). ``residual``: :func:`soft_residual` on all lines with
+    all kernels. (``p1``/``p2``, the edge profiles of :mod:`.grid_cuts`, are accepted for its call signature; the
+    re-drawing search does not need them.)"""
     L = lines.shape[2]
-    sub = lines[:, :: max(1, lines.shape[1] // SEARCH_LINES)]
-    sub = (sub[0] * 2 + sub[1] * 3 + sub[2] * 1)[None] // 6  # one channel: the search is linear in the signal
-    sub = sub.astype(np.int16)
-    ref = sub.astype(np.float32)
-    pos = np.arange(p1.size, dtype=np.float64)
-    starts = [w * k / 2 for k in range(2)]
-    if p1.sum() > 0:
-        starts.append(_circ_phase(p1, pos, w))
-    if p2.sum() > 0:
-        starts.append((_circ_phase(p2, pos - 0.5, w) - w / 2) % w)
-    first = tuple(KERNELS) if refine_period else ("cubic",)
-    scored = [(_error(ref, sub, a, w, first), a) for a in starts]
-    (e, kern), a = min(scored, key=lambda s: s[0][0])
-    if not refine_period:  # quick look: best start phase, no search
-        r, kern = soft_residual(lines, a, w, thr)
-        return uniform_cuts(L, a % w, w), float(w), float(r), kern
-    kk = (kern,)
-    ww = w
-    mid = L / 2.0
-
-    def at(a0, w0, w1):  # keep the lattice point nearest the frame centre fixed while the period changes
-        return mid - (mid - a0) * w1 / w0
-
+    sub = _search_lines(lines)
     if refine_period:
-        a0, e0 = a, e
-        for f in np.linspace(-0.06, 0.06, 13):
-            if f == 0:
-                continue
-            a1 = at(a0, w, w * (1 + f))
-            e1, _ = _error(ref, sub, a1, w * (1 + f), kk)
-            if e1 < e:
-                e, a, ww = e1, a1, w * (1 + f)
-    for k in range(4 if refine_period else 2):
-        step, rel = ww / (8 * 2**k), 0.003 / 2**k
-        for _ in range(3):
-            moved = False
-            for da in (-step, step):
-                e1, _ = _error(ref, sub, a + da, ww, kk)
-                if e1 < e:
-                    e, a, moved = e1, a + da, True
-            if refine_period:
-                for dw in (-rel * ww, rel * ww):
-                    a1 = at(a, ww, ww + dw)
-                    e1, _ = _error(ref, sub, a1, ww + dw, kk)
-                    if e1 < e:
-                        e, a, ww, moved = e1, a1, ww + dw, True
-            if not moved:
-                break
+        a, ww, _ = fit_lattice(sub, w)
+    else:
+        tot = _phase_errors(sub, w, "cubic", PHASES).sum(1)
+        j = int(np.argmin(tot))
+        y0, y1, y2 = tot[(j - 1) % PHASES], tot[j], tot[(j + 1) % PHASES]
+        den = y0 - 2 * y1 + y2
+        off = float(np.clip(0.5 * (y0 - y2) / den, -0.5, 0.5)) if den > 0 else 0.0
+        a, ww = (j + off) / PHASES * w, float(w)
     r, kern = soft_residual(lines, a, ww, thr)
     return uniform_cuts(L, a % ww, ww), float(ww), float(r), kern
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the detector
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _axis_lines(rgb: np.ndarray, count: int) -> np.ndarray:
+    h = rgb.shape[0]
+    step = max(1, h // count)
+    return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
+
+
+def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray, cands: list, L: int):
+    """One axis of :func:`detect_soft`: the coarsest soft lattice that re-draws the lines, or ``None``."""
+    from .grid_cuts import AxisFit, threshold
+
+    sub = _search_lines(lines)
+    if sub.shape[0] == 0 or not np.any(np.diff(sub, axis=1)):
+        return None
+    ok = lambda s: MIN_CELL_PX <= s <= L / MIN_CELLS  # noqa: E731
+    hyp: dict = {}  # period -> (error, first cut, kernel); the lattice from the crossings
+
+    def add(w):
+        if not ok(w) or any(abs(w / o - 1.0) < 0.04 for o in hyp):
+            return
+        a, s = crossing_lattice(pos, amp, w)
+        if ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
+            e, k = _errors_fast(sub[:SCREEN_LINES], a, s)
+            hyp[s] = (e, a, k)
+
+    for w in cands:
+        add(w)
+    if not hyp:
+        return None
+    best = min(v[0] for v in hyp.values())
+    s0 = max(s for s, v in hyp.items() if v[0] <= best * (1 + HARMONIC_REL) + HARMONIC_ABS)
+    sb = min(hyp, key=lambda c: hyp[c][0])
+    # coarser lattices the periodogram peaks missed (it peaks at harmonics k/s, and at 3/(2s) when every other
+    # cell is flat); with a single candidate (the other axis' cell) only its multiples
+    for w in (2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()):
+        add(w)
+    # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
+    # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
+    loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
+    sbest = min(hyp, key=lambda c: hyp[c][0])
+    e_ls = _error(sub, hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
+    strict = e_ls * (1 + HARMONIC_REL) + HARMONIC_ABS
+    def precise(s):
+        e, a, k = hyp[s]
+        a1, s1, _ = local_phase(sub, s, k)
+        if abs(s1 / s - 1.0) > 0.02:
+            a1, s1, _ = local_phase(sub, s1, k)
+        a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
+        # the crossings' own lattice is often already exact (isolated steps): the better least-squares fit stays
+        e1, a1, s1 = min((_error(sub, a1, s1, k), a1, s1), (_error(sub, a, s, k), a, s))
+        return a1, s1, e1, k
+
+    found = None
+    pool = sorted((s for s, v in hyp.items() if v[0] <= loose), reverse=True)
+    for i, s in enumerate(pool[:3]):
+        fit = precise(s)
+        if ok(fit[1]) and fit[2] <= strict:
+            # candidates less than SAME_GRID finer are rival readings of the same grid, not harmonics: the
+            # best-fitting one wins (a spurious peak a few % off can pass the margin before the truth is tried)
+            rivals = [precise(c) for c in pool[i + 1:] if c * SAME_GRID > s]
+            found = min([fit] + [r for r in rivals if ok(r[1])], key=lambda r: r[2])
+            break
+    if found is None:
+        return None
+    a, s, e, kern = found
+    nn = _nn_error(sub, a, s)
+    thr = threshold(noise)
+    res, _ = soft_residual(lines, a, s, thr, (kern,))
+    if not (e <= SHARP_RATIO * nn and res <= MAX_RESIDUAL):
+        return None
+    # separation as a share of the edge zone (the pixels the nearest-neighbour reconstruction of the lattice gets
+    # wrong by > thr: the ramps), so a small sprite on a wide plain frame is not read as a weak grid
+    zone = max(_nn_share(sub[None], a, s, thr), MIN_ZONE)  # on the search lines (the edge-rich ones)
+    coarser = [c for c in hyp if c > 1.3 * s]
+    if coarser:
+        c = min(coarser)
+        sep = min(1.0, (soft_residual(sub[None], hyp[c][1], c, thr, (hyp[c][2],))[0]
+                        - soft_residual(sub[None], a, s, thr, (kern,))[0]) / zone)
+    else:
+        sep = 1.0
+    tried = {s2: v[0] for s2, v in hyp.items()}
+    fit = AxisFit(L, uniform_cuts(L, a, s), float(s), "soft", float(res), 0.0, float(sep), float(noise),
+                  {f"{k2:g}/soft": round(v, 4) for k2, v in tried.items()})
+    fit.kernel = kern
+    return fit
+
+
+def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_CANDIDATES) -> list:
+    """Soft lattices of an RGB uint8 image ``[H, W, 3]``, per axis (x then y): a :class:`.grid_cuts.AxisFit`
+    with ``mode="soft"`` where an interpolating upscale explains that axis, else ``None`` (the caller falls back
+    to the sharp / per-line detectors). See the module docstring for the method.
+
+    ``lines_per_axis`` evenly spaced rows (columns) are read per axis; ``candidates`` periodogram peaks are
+    screened. The fit's ``residual`` is :func:`soft_residual` (share of pixels, all kernels, noise-adapted
+    threshold of :func:`.grid_cuts.threshold`), ``separation`` the residual gain over the lattice of twice the
+    cell (1.0 when that no longer fits 3 cells), ``score`` the periodogram value at the cell (0..1),
+    ``candidates`` the screened ``{"period/soft": error}``. Cost: ~O(candidates · PHASES · SEARCH_LINES · L) per
+    axis. Raises ValueError for a non-RGB-uint8 array."""
+    from .grid_cuts import AxisFit, noise_level, threshold  # grid_cuts imports this module
+
+    if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
+        raise ValueError("expected an RGB uint8 array [H, W, 3]")
+    H, W = rgb.shape[:2]
+    axes, widths = [], []
+    for img in (rgb, np.swapaxes(rgb, 0, 1)):
+        L = img.shape[1]
+        lines = _axis_lines(img, lines_per_axis)
+        noise = noise_level(lines)
+        y = lines.reshape(-1, L).astype(np.float32)
+        if noise > 1.5:  # a symmetric [1, 2, 1] smoothing keeps crossings in place and monotone runs whole
+            y[:, 1:-1] = 0.25 * y[:, :-2] + 0.5 * y[:, 1:-1] + 0.25 * y[:, 2:]
+        pos, amp, width = edge_crossings(y, max(12.0, 4.0 * noise), with_width=True)
+        axes.append((L, lines, noise, pos, amp))
+        widths.append((width, amp))
+    size = 1 << int(math.ceil(math.log2(4 * _BINS_PER_PX * max(H, W))))
+    specs = [crossing_spectrum(pos, amp, L, size) for L, _, _, pos, amp in axes]
+    wsum = [amp.sum() for *_, amp in axes]
+    out: list = [None, None]
+    if sum(wsum) <= 0:
+        return out
+    joint = sum(s * ws for s, ws in zip(specs, wsum)) / sum(wsum)
+    hi = min(H, W) / MIN_CELLS
+    cands = _peaks(joint, size, MIN_CELL_PX, hi, candidates)
+    for sp, (L, *_) in zip(specs, axes):  # non-square cells: each axis' own strongest peak too
+        for p in _peaks(sp, size, MIN_CELL_PX, L / MIN_CELLS, 1):
+            if all(abs(p / o - 1.0) > 0.04 for o in cands):
+                cands.append(p)
+    if not cands:
+        return out
+    # sharp edges (runs ~1 px wide) can't come from an interpolating upscale of cells ≥ MIN_CELL_PX: stop early
+    wd = np.concatenate([w for w, _ in widths])
+    wa = np.concatenate([a for _, a in widths])
+    order = np.argsort(wd)
+    cum = np.cumsum(wa[order])
+    if cum.size == 0 or wd[order][np.searchsorted(cum, 0.5 * cum[-1])] < MIN_SOFT_WIDTH * min(cands):
+        return out
+    f = np.arange(joint.size) * _BINS_PER_PX / size
+    for ax, (L, lines, noise, pos, amp) in enumerate(axes):
+        fit = None
+        if ax == 1 and out[0] is not None:  # square cells first: the x cell (and its multiples) screened alone
+            fit = _soft_axis(lines, noise, pos, amp, [out[0].cell], L)
+            if fit is not None and abs(fit.cell / out[0].cell - 1.0) > 0.03:
+                fit = None
+        if fit is None:
+            fit = _soft_axis(lines, noise, pos, amp, cands, L)
+        if fit is not None:
+            s = fit.cell
+            fit.score = float(joint[int(round(size / (s * _BINS_PER_PX)))]) if 1.0 / s <= f[-1] else 0.0
+        out[ax] = fit
+    return out

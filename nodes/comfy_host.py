@@ -354,11 +354,31 @@ def _load(patcher, materialise: torch.nn.Module | None = None, prefix: str = "")
 
     base = patcher.model
     if _is_loaded(patcher) and getattr(base, "current_weight_patches_uuid", None) == patcher.patches_uuid:
+        if materialise is not None:
+            _freeze(materialise)  # loaded by someone else (a sampler) outside our _load
         return
     with torch.inference_mode(False):
         mm.load_models_gpu([patcher], force_full_load=True)
         if materialise is not None:
             _materialise_params(materialise, prefix, base)
+            _freeze(materialise)
+
+
+def _freeze(module: torch.nn.Module) -> int:
+    """``requires_grad = False`` on every parameter of the frozen model (what TrainLoraNode does with
+    ``mp.model.requires_grad_(False)``); returns how many changed.
+
+    A model whose parameters are normal tensors (built or moved outside inference mode: ``load_models_gpu``'s
+    ``.to(device)`` on a GPU, in-process models) otherwise keeps PyTorch's default ``requires_grad=True``, and the
+    first ``backward()`` computes and stores a dense ``.grad`` for every frozen weight — a second copy of the
+    model (measured: +364 MiB on the 85 M-parameter Flux benchmark model, half the step time). The trainable
+    deltas are weight wrappers, not submodules, so they keep requiring grad."""
+    n = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            p.requires_grad_(False)
+            n += 1
+    return n
 
 
 def _unload(patcher) -> None:

@@ -1,7 +1,7 @@
 """ComfyUI nodes for ESD concept erasure: grid masks, the eraser, and an original-vs-erased comparison grid.
 
-Thin adapters over :mod:`conceptlab.training.esd` (the loop), :mod:`conceptlab.training.masks`,
-:mod:`conceptlab.training.esd_outputs` (files, plots, grids) and :mod:`.comfy_host` (ComfyHost, diff patches,
+Thin adapters over :mod:`conceptlab.training.esd.erase` (the loop), :mod:`conceptlab.training.esd.masks`,
+:mod:`conceptlab.training.esd.outputs` (files, plots, grids) and :mod:`.comfy_host` (ComfyHost, diff patches,
 sampling, safe output paths, progress). ComfyUI is imported only inside functions.
 """
 
@@ -82,13 +82,13 @@ class ConceptLabGridMasks:
         }}
 
     def build(self, width, height, grid_n, centre_size, weights=""):
-        """Grid + centre masks of ``height`` × ``width`` px (:func:`conceptlab.training.masks.grid_masks`).
+        """Grid + centre masks of ``height`` × ``width`` px (:func:`conceptlab.training.esd.masks.grid_masks`).
 
         Returns ``(MASK [M, H, W] float 0/1, preview IMAGE [1, H', W', 3], weights STRING)`` with M = grid_n² (+1
         with a centre mask); weights are normalised to sum 1. Raises ``ValueError`` for bad weights (count,
-        negative or non-numeric values; see :func:`conceptlab.training.masks.normalize_weights`).
+        negative or non-numeric values; see :func:`conceptlab.training.esd.masks.normalize_weights`).
         """
-        from ..training.masks import grid_masks, mask_preview, normalize_weights, parse_weights
+        from ..training.esd.masks import grid_masks, mask_preview, normalize_weights, parse_weights
         from .comfy_host import numpy_to_image
 
         masks, names = grid_masks(int(height), int(width), int(grid_n), float(centre_size))
@@ -250,7 +250,7 @@ class ConceptLabESDErase:
               iterations, lr, seed, resolution, start_guidance, ddim_steps, prompt_order, mask_mode, save_name,
               lora_rank, save_dtype, save_on_cancel, concept_kind="auto", erase_from="", masks=None,
               mask_weights="", flux_guidance=3.5, gradient_checkpointing=True, step_in_backward=False):
-        """Run :func:`conceptlab.training.esd.erase` on a clone of ``model`` (Gandikota et al. 2023, ICCV).
+        """Run :func:`conceptlab.training.esd.erase.erase` on a clone of ``model`` (Gandikota et al. 2023, ICCV).
 
         ``resolution`` in px (square); ``masks`` MASK ``[M, H, W]`` with ``mask_weights`` text, or a ``grid-*``
         ``mask_mode`` preset; ``concept_kind`` picks the prompt templates; ``erase_from`` (non-empty) turns on
@@ -268,9 +268,9 @@ class ConceptLabESDErase:
         from PIL import Image
 
         from ..formats.safetensors_io import atomic_output, parse_dtype
-        from ..training.esd import ESDCancelled, ESDConfig, erase
-        from ..training.esd_outputs import loss_plot, save_outputs
-        from ..training.masks import parse_weights
+        from ..training.esd.erase import ESDCancelled, ESDConfig, erase
+        from ..training.esd.outputs import loss_plot, save_outputs
+        from ..training.esd.masks import parse_weights
         from . import comfy_host as ch
 
         cfg = ESDConfig(
@@ -303,7 +303,7 @@ class ConceptLabESDErase:
         host = ch.ComfyHost(model, clip)
         cancel_exc = None
         try:
-            from ..training.esd_objective import has_guidance_embedding, host_family
+            from ..training.esd.objective import has_guidance_embedding, host_family
 
             if host_family(host).guidance_default is not None and has_guidance_embedding(host):
                 cfg.guidance_scale = float(flux_guidance)
@@ -344,7 +344,7 @@ class ConceptLabESDErase:
 def _check_prompt_count(concepts: str, prompt_variations: str, variations: int) -> None:
     """Refuse prompt sets above :data:`~conceptlab.formats.limits.MAX_PROMPTS` before they are expanded."""
     from ..formats import limits
-    from ..training.prompts import parse_concepts, parse_prompt_lines
+    from ..training.esd.prompts import parse_concepts, parse_prompt_lines
 
     n_concepts = len(parse_concepts(concepts))
     limits.check_count("concepts", n_concepts, limits.MAX_CONCEPTS)
@@ -363,7 +363,7 @@ class ConceptLabErasureCompare:
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max: the number of prompts (each is sampled on both models)."""
         from ..formats import limits
-        from ..training.prompts import parse_prompt_lines
+        from ..training.esd.prompts import parse_prompt_lines
 
         n = sum(len(parse_prompt_lines(values[k])) for k in ("concept_prompts", "unrelated_prompts")
                 if isinstance(values.get(k), str))
@@ -412,8 +412,8 @@ class ConceptLabErasureCompare:
         Returns ``(grid IMAGE [1, H', W', 3], images IMAGE [2·P, height, width, 3])`` in the order original,
         erased per prompt. Raises ``ValueError`` when both prompt lists are empty.
         """
-        from ..training.esd_outputs import comparison_grid
-        from ..training.prompts import parse_prompt_lines
+        from ..training.esd.outputs import comparison_grid
+        from ..training.esd.prompts import parse_prompt_lines
         from . import comfy_host as ch
 
         rows = [(p, "concept") for p in parse_prompt_lines(concept_prompts)]

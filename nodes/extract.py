@@ -1,4 +1,4 @@
-"""ComfyUI nodes for LoRA extraction and resizing (thin adapters over :mod:`conceptlab.training.extract`).
+"""ComfyUI nodes for LoRA extraction and resizing (thin adapters over :mod:`conceptlab.training.lora.extract`).
 
 * ``ConceptLabExtractLora``: two checkpoints from ComfyUI's list (base, fine-tune or merge) → a kohya LoRA in
   ``output/loras/`` (listed by LoraLoader), the per-layer energy table and a plot of the energy kept per layer.
@@ -73,7 +73,7 @@ def energy_plot(report: dict, width: int = 800, height: int = 320):
 
 
 def _outputs(name: str, report: dict) -> tuple:
-    from ..training.extract import layer_table
+    from ..training.lora.extract import layer_table
 
     return (name, layer_table(report), json.dumps(report, indent=1),
             comfy_host.numpy_to_image(energy_plot(report)))
@@ -135,11 +135,11 @@ class ExtractLora:
         """Extract and save; returns ``(lora_name, report, report_json, energy_plot)``.
 
         Raises ``FileNotFoundError`` for a name ComfyUI does not list, ``ValueError`` (different families, shapes,
-        nothing changed, bad settings) from :func:`conceptlab.training.extract.extract_lora`.
+        nothing changed, bad settings) from :func:`conceptlab.training.lora.extract.extract_lora`.
         """
         from ..formats.lora_files import save_kohya_lora
         from ..formats.safetensors_io import parse_dtype
-        from ..training.extract import extract_lora
+        from ..training.lora.extract import extract_lora
 
         base = comfy_host.model_file("checkpoints", base_checkpoint)
         tuned = comfy_host.model_file("checkpoints", tuned_checkpoint)
@@ -192,10 +192,10 @@ class ResizeLora:
         """Resize and save; returns ``(lora_name, report, report_json, energy_plot)``.
 
         Raises ``FileNotFoundError`` for a name ComfyUI does not list and the ``ValueError`` of
-        :func:`conceptlab.training.extract.resize_lora`.
+        :func:`conceptlab.training.lora.extract.resize_lora`.
         """
         from ..formats.safetensors_io import parse_dtype
-        from ..training.extract import resize_lora, save_lora_tensors
+        from ..training.lora.extract import resize_lora, save_lora_tensors
 
         src = comfy_host.model_file("loras", lora_name)
         tensors, report, md = resize_lora(src, rank=int(rank), conv_rank=int(conv_rank) or None, mode=rank_mode,

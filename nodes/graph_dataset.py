@@ -1,7 +1,7 @@
 """``ConceptLabLoraDatasetFromImages``: a LoRA dataset from images in the graph (an IMAGE batch, or a list of
 IMAGEs of different sizes — e.g. ComfyUI's core Load Image Dataset from Folder / Load Image Dataset nodes, or any
 edited images) plus captions, with the same buckets, caption processing and repeats as a kohya folder
-(:mod:`conceptlab.training.graph_dataset` writes them as one and scans it).
+(:mod:`conceptlab.training.lora.graph_dataset` writes them as one and scans it).
 
 Core's ``LoadImageTextSetFromFolderNode`` returns captions already encoded (CONDITIONING); kohya caption
 processing (shuffle, keep_tokens, dropout) needs the text, so connect its IMAGE output and give the captions here.
@@ -74,9 +74,9 @@ class ConceptLabLoraDatasetFromImages:
         Returns ``(DATASET, summary, caption audit)``. Raises ``ValueError`` for no images, caption or mask counts
         that do not match the images, and the folder node's errors (``DatasetError``) for bad options.
         """
-        from ..training.captions import CaptionConfig
-        from ..training.dataset import DatasetOptions, KohyaDataset
-        from ..training.graph_dataset import match_captions, to_uint8_rgb, write_kohya_folder
+        from ..training.lora.captions import CaptionConfig
+        from ..training.lora.dataset import DatasetOptions, KohyaDataset
+        from ..training.lora.graph_dataset import match_captions, to_uint8_rgb, write_kohya_folder
         from .lora import _caption_audit
 
         opts = {k: (v[0] if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}

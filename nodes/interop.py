@@ -88,7 +88,7 @@ def loss_map(step_losses: Iterable[float]) -> dict[str, list[float]]:
 
 
 def continue_from_lora_model(model, lora_model: Mapping[str, torch.Tensor]):
-    """A hook for :class:`~conceptlab.training.trainer.LoraTrainer` (``init_network``) that starts a new run from a
+    """A hook for :class:`~conceptlab.training.lora.trainer.LoraTrainer` (``init_network``) that starts a new run from a
     ``LORA_MODEL`` (core's TrainLoraNode output, or ours).
 
     For every module of the new network whose UNet weight the ``LORA_MODEL`` patches, ``lora_down`` is copied and

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..formats import limits
-from ..training.captions import CaptionConfig
-from ..training.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
-from ..training.trainer import (BEST_METRICS, OPTIMIZERS, SCHEDULERS, LoraTrainer, configs_from_mapping,
-                                labelled_grid, palette_metrics, parse_kohya_toml, render_epoch_table)
+from ..training.lora.captions import CaptionConfig
+from ..training.lora.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
+from ..training.lora.config import BEST_METRICS, OPTIMIZERS, SCHEDULERS, configs_from_mapping, parse_kohya_toml
+from ..training.lora.report import labelled_grid, palette_metrics, render_epoch_table
+from ..training.lora.trainer import LoraTrainer
 from . import policy
 
 CATEGORY = "Concept Lab/LoRA"
@@ -105,7 +106,7 @@ class ConceptLabLoraDataset:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max (see :func:`.policy.input_problems`): the caption extension."""
-        from ..training.dataset import check_caption_extension
+        from ..training.lora.dataset import check_caption_extension
 
         if "caption_extension" in values:
             check_caption_extension(values["caption_extension"])
@@ -177,7 +178,7 @@ class ConceptLabTrainLora:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max: no file names and no out-of-bounds settings inside ``kohya_toml``."""
-        from ..training.dataset import check_caption_extension
+        from ..training.lora.dataset import check_caption_extension
 
         _check_prompt_lines("sample_prompts", values.get("sample_prompts"))
         text = values.get("kohya_toml")
@@ -406,14 +407,29 @@ _NODE_OWNED = {"output_dir": "LoRA files go to ComfyUI's output/loras folder",
                "train_data_dir": "the training folder comes from the DATASET input"}
 
 
+#: why the node refuses kohya's blocks_to_swap (the CLI honours it on the diffusers Flux host)
+_BLOCK_SWAP_REFUSED = (
+    "blocks_to_swap is not supported by the Train LoRA node: inside ComfyUI the MODEL's placement belongs to "
+    "ComfyUI's model management, whose own partial loading (lowvram: load_models_gpu with a memory budget, weights "
+    "cast to the GPU layer by layer in comfy.ops.cast_bias_weight) chooses layers by free VRAM rather than kohya's "
+    "last-N-blocks schedule, and the node loads the model fully (as ComfyUI's TrainLoraNode does) because a "
+    "streamed layer's cast weight is kept for backward anyway unless every block is checkpointed. Use "
+    "gradient_checkpointing with an fp8 base (UNETLoader weight_dtype fp8_e4m3fn), or train with "
+    "`conceptlab train` (blocks_to_swap works there on Flux).")
+
+
 def _check_toml_keys(toml: dict) -> dict:
     """Report every TOML key by name that is not honoured as written (kohya_args tables; node-owned keys);
     returns the keys to apply. Raises ``KohyaSettingError`` (a ``ValueError``) for refused settings."""
     import logging
 
-    from ..training.kohya_args import check_settings, own_setting_names
+    from ..training.lora.kohya_args import check_settings, own_setting_names
+
+    from ..training.lora.kohya_args import KohyaSettingError
 
     log = logging.getLogger(__name__)
+    if toml.get("blocks_to_swap"):
+        raise KohyaSettingError(_BLOCK_SWAP_REFUSED)
     own = own_setting_names() | set(_NODE_OWNED) | {"datasets", "dataset_config", "reg_data_dir"}
     for w in check_settings(toml, own_keys=own):
         log.warning("Train LoRA (kohya_toml): %s", w)
@@ -427,13 +443,13 @@ def _check_toml_keys(toml: dict) -> dict:
 
 
 def _uses_dataset_config(values) -> bool:
-    from ..training.dataset_config import uses_dataset_config
+    from ..training.lora.dataset_config import uses_dataset_config
 
     return uses_dataset_config(values)
 
 
 def _dataset_from_settings(values, **kw):
-    from ..training.dataset_config import dataset_from_settings
+    from ..training.lora.dataset_config import dataset_from_settings
 
     return dataset_from_settings(values, **kw)
 
@@ -455,7 +471,7 @@ def _check_memory(ds: KohyaDataset, cfg) -> None:
 def _check_network_size(host, cfg, trainer) -> int:
     """Count the LoRA parameters kohya's module selection gives (nothing allocated) and refuse above
     :data:`~conceptlab.formats.limits.MAX_NETWORK_PARAMS`; returns the count."""
-    from ..training.lora import kohya_targets
+    from ..training.lora.network import kohya_targets
 
     targets = kohya_targets(host, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
                             conv_dim=cfg.conv_dim, conv_alpha=cfg.conv_alpha, train_unet=trainer.train_unet,
@@ -534,7 +550,7 @@ class ConceptLabEpochCompare:
         matching files and ``FileNotFoundError`` for a name ComfyUI does not list.
         """
         from ..formats.safetensors_io import load_state_dict, read_metadata
-        from ..training.lora import LoRANetwork
+        from ..training.lora.network import LoRANetwork
         from . import comfy_host
 
         prompt_list = [p.strip() for p in prompts.splitlines() if p.strip()]

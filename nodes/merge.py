@@ -20,8 +20,8 @@ import warnings
 
 import torch
 
-from ..training.merge import (METHODS, METHODS_NEED_C, PRESETS, TIES_SIGNS, MergePlan, MethodOptions, canonical_key,
-                              check_alpha, merge_tensor, parse_block_weights)
+from ..training.merge.methods import (METHODS, METHODS_NEED_C, PRESETS, TIES_SIGNS, MergePlan, MethodOptions,
+                                      canonical_key, check_alpha, merge_tensor, parse_block_weights)
 from . import comfy_host, policy
 
 CATEGORY = "Concept Lab/Merge"
@@ -302,7 +302,7 @@ class MergeCheckpointFiles:
         STRING)``. Raises ``ValueError`` for an empty name or bad settings, ``FileExistsError`` when the file exists and
         ``overwrite`` is off; on any error or cancel no partial file is left.
         """
-        from ..training.merge_files import merge_checkpoints
+        from ..training.merge.files import merge_checkpoints
 
         name = (filename or "").strip()
         if not name:

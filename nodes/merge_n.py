@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from ..training.merge import TIES_SIGNS, MergePlan, MethodOptions, canonical_key, check_alpha
-from ..training.merge_nmodel import METHODS_N, METHODS_N_NEED_BASE, merge_tensor_n, parse_weights
+from ..training.merge.methods import TIES_SIGNS, MergePlan, MethodOptions, canonical_key, check_alpha
+from ..training.merge.nmodel import METHODS_N, METHODS_N_NEED_BASE, merge_tensor_n, parse_weights
 from . import comfy_host, policy
 from .merge import (CONVENTION, _arch_of, _check_same, _key_patches, _label_grid, _patched_weight, merge_patchers,
                     sample_cell, sweep_sampling_inputs)

@@ -1,4 +1,4 @@
-"""ComfyUI node for UCE closed-form concept erasure (:mod:`conceptlab.training.uce`).
+"""ComfyUI node for UCE closed-form concept erasure (:mod:`conceptlab.training.esd.uce`).
 
 A thin adapter: the UNet's attn2 to_k / to_v weights as the MODEL currently computes them (ComfyUI's patched
 weights, so an upstream LoRA is respected), the CLIP's own tokenizer and encoder for the concept embeddings, the
@@ -19,12 +19,12 @@ _KINDS = ["auto", "style", "object", "person", "attribute", "explicit"]
 
 
 def comfy_token_encoder(clip):
-    """A :data:`conceptlab.training.uce.TokenEncoder` over a ComfyUI CLIP: ``clip.tokenize`` +
+    """A :data:`conceptlab.training.esd.uce.TokenEncoder` over a ComfyUI CLIP: ``clip.tokenize`` +
     ``clip.encode_from_tokens`` (the context the UNet sees, with ComfyUI's layer choice: SD1.x ``clip_l``, SD2.x
     ``clip_h``, SDXL ``clip_l`` ‖ ``clip_g`` ``[1, 77, 2048]``); the last content token is found before the
     ``end_token`` of the CLIP-L tokenizer (the only one for SD1.x/SD2.x) in the first 77-token chunk (the
     reference truncates to 77 tokens). Raises ``ValueError`` for other text encoders (Flux's T5, …)."""
-    from ..training.uce import last_token_index
+    from ..training.esd.uce import last_token_index
 
     tok = clip.tokenizer
     if hasattr(tok, "clip_l") and hasattr(tok, "clip_g"):  # SDXL: both tokenizers see the same words
@@ -115,7 +115,7 @@ class ConceptLabUCEErase:
 
     def erase(self, model, clip, concepts, guide_concepts, preserve_concepts, concept_kind, variations,
               erase_scale, preserve_scale, lamb, seed, save_name, lora_rank, save_dtype):
-        """Run :func:`conceptlab.training.uce.erase_uce` on the MODEL's effective attn2 to_k / to_v weights.
+        """Run :func:`conceptlab.training.esd.uce.erase_uce` on the MODEL's effective attn2 to_k / to_v weights.
 
         Returns ``(MODEL clone with diff patches, file name relative to loras/, stats JSON)``. Saves
         ``output/loras/<save_name>_NNNNN.safetensors`` (+ SVD LoRA of ``lora_rank``) and ``training_stats.json``
@@ -123,8 +123,8 @@ class ConceptLabUCEErase:
         bad settings (:meth:`UCEConfig.validate`), an unsupported CLIP or an output path outside the output folder.
         """
         from ..formats.safetensors_io import parse_dtype
-        from ..training.esd_outputs import save_outputs
-        from ..training.uce import UCEConfig, erase_uce, uce_targets
+        from ..training.esd.outputs import save_outputs
+        from ..training.esd.uce import UCEConfig, erase_uce, uce_targets
         from . import comfy_host as ch
         from .esd import _next_free
 
@@ -209,7 +209,7 @@ class ConceptLabApplyReferenceErasure:
 
         from ..formats.lora_files import save_diff_file
         from ..formats.safetensors_io import parse_dtype
-        from ..training.esd_reference import diff_keys, from_reference
+        from ..training.esd.reference import diff_keys, from_reference
         from . import comfy_host as ch
         from .esd import _next_free
 

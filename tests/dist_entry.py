@@ -13,7 +13,7 @@ def _inject_failure() -> None:
     rank, step = os.environ.get("CONCEPTLAB_TEST_FAIL_RANK"), os.environ.get("CONCEPTLAB_TEST_FAIL_STEP")
     if rank is None or os.environ.get("RANK") != rank:
         return
-    from conceptlab.training import trainer
+    from conceptlab.training.lora import trainer
 
     real, calls = trainer.diffusion_loss, {"n": 0}
 

@@ -12,7 +12,7 @@ from conftest import requires_comfyui
 from tiny_models import tiny_flux_host, tiny_host, tiny_sdxl_host
 
 from conceptlab.training.host import FullDelta, OutputDeltaHook, check_delta_space
-from conceptlab.training.lora import LoRADelta
+from conceptlab.training.lora.network import LoRADelta
 
 
 def _randomise(delta: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
@@ -145,7 +145,7 @@ def test_activation_space_saves_no_weight_copies():
 
 def test_lycoris_deltas_equal_in_both_spaces():
     pytest.importorskip("lycoris")
-    from conceptlab.training.lycoris_net import LycorisNetwork
+    from conceptlab.training.lora.lycoris_net import LycorisNetwork
 
     host = tiny_host(1)
     g = torch.Generator().manual_seed(4)
@@ -169,7 +169,7 @@ def test_flux_fused_pieces_activation_equals_weight_space():
     """Fused BFL deltas on diffusers' split layers: LoRA on img_attn.qkv (to_q/to_k/to_v rows) and single_blocks
     linear1 (q/k/v/mlp rows), rows K/V of txt_attn.qkv (esd-x-strict's RowsDelta, weight and bias), full ΔW on
     final_layer.adaLN_modulation.1 (halves swapped in diffusers) and a T5 LoRA."""
-    from conceptlab.training.esd_params import RowsDelta
+    from conceptlab.training.esd.params import RowsDelta
 
     host = tiny_flux_host(0)
     mods = host.modules("unet")
@@ -207,7 +207,7 @@ def test_flux_fused_pieces_activation_equals_weight_space():
 
 def test_esd_erase_same_deltas_in_both_spaces():
     """Two ESD-x iterations (Adam, noised x_t) train the same ΔW whichever space the host applies them in."""
-    from conceptlab.training.esd import ESDConfig, erase
+    from conceptlab.training.esd.erase import ESDConfig, erase
 
     res = {}
     for space in ("weight", "activation"):
@@ -319,7 +319,7 @@ def test_comfyhost_flux_activation_equals_weight_space(fp8):
     from e2e.comfy_flux import tiny_flux_clip, tiny_flux_patcher
 
     from conceptlab.nodes.comfy_host import ComfyHost
-    from conceptlab.training.esd_params import RowsDelta
+    from conceptlab.training.esd.params import RowsDelta
     from conceptlab.training.flow import noisy_input
 
     with torch.inference_mode():
@@ -362,7 +362,7 @@ def test_esd_step_in_backward_and_checkpointing_same_deltas():
     """ESD's memory options leave the result unchanged: Adam stepped per tensor inside backward (each gradient
     freed as soon as used) and gradient checkpointing train the same ΔW as the plain loop; the result's tensors
     are handed over without a copy and no gradient is left on them."""
-    from conceptlab.training.esd import ESDConfig, erase
+    from conceptlab.training.esd.erase import ESDConfig, erase
 
     def run(**kw):
         cfg = ESDConfig(concepts="a cat", iterations=3, width=64, height=64, xt_source="noised", noised_cache=1,

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import requires_comfyui
 
+from conceptlab.training.conditioning import Conditioning
+
 pytestmark = requires_comfyui
 
 
@@ -174,7 +176,7 @@ def test_flux_schnell_predict_equals_diffusers():
 
 
 def _lora_on(host, paths, comp="unet", seed=0):
-    from conceptlab.training.lora import LoRADelta
+    from conceptlab.training.lora.network import LoRADelta
 
     g = torch.Generator().manual_seed(seed)
     deltas = []
@@ -247,6 +249,30 @@ def test_flux_training_backward_and_gradient_checkpointing(flux_models):
         host.close()
     assert not any(hasattr(b, "org_forward") for b in blocks)  # close() unpatches the shared model
     assert not any(m._forward_pre_hooks for m in model.model.diffusion_model.modules())
+
+
+def test_frozen_model_gets_no_gradients_when_its_tensors_are_normal():
+    """A model whose parameters are normal tensors (built outside inference mode, or moved by load_models_gpu on a
+    GPU) keeps PyTorch's requires_grad=True; the host freezes it on load, as TrainLoraNode does, so backward
+    computes gradients for the deltas only — no dense .grad per frozen weight (a second copy of the model)."""
+    from e2e.comfy_flux import tiny_flux_patcher
+
+    model = tiny_flux_patcher(seed=3)  # outside inference mode: every parameter requires grad
+    dm = model.model.diffusion_model
+    assert all(p.requires_grad for p in dm.parameters())
+    host = _host(model)
+    try:
+        deltas = _lora_on(host, _UNET_TARGETS)
+        x, sig, x0, eps = _inputs(batch=1)
+        g = torch.Generator().manual_seed(0)
+        cond = Conditioning(torch.randn(1, 8, 48, generator=g), torch.randn(1, 32, generator=g),
+                            {"guidance": torch.full((1,), 3.5)})
+        loss, grads = _loss_and_grads(host, deltas, cond, x, sig, x0, eps)
+        assert torch.isfinite(loss) and all(gr.abs().sum() > 0 for gr in grads)
+        assert not any(p.requires_grad for p in dm.parameters())
+        assert all(p.grad is None for p in dm.parameters())
+    finally:
+        host.close()
 
 
 def test_flux_fp8_base_trains_through_weight_wrappers():
@@ -352,7 +378,7 @@ def test_kohya_lora_flux_names_load_in_comfyui_with_zero_unloaded(flux_models, c
     import comfy.sd
     from conceptlab.nodes.comfy_host import iter_patched_weights
     from conceptlab.training.families import family
-    from conceptlab.training.lora import LoRADelta, _kohya_name
+    from conceptlab.training.lora.network import LoRADelta, _kohya_name
 
     model, clip, _ = flux_models
     host = _host(model, clip)

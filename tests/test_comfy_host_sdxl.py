@@ -79,7 +79,7 @@ def test_comfyhost_sdxl_lora_trains_and_schedule_patch(sdxl_models, tmp_path, da
 
     from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
     from conceptlab.nodes.comfy_host import ComfyHost
-    from conceptlab.training.trainer import LoraTrainer
+    from conceptlab.training.lora.trainer import LoraTrainer
 
     model, clip, vae = sdxl_models
     ds = make_dataset(dawnlike_dir, tmp_path / "ds", n=2, repeats=1)
@@ -145,8 +145,8 @@ def test_esd_x_through_comfyhost_on_sdxl_and_diff_keys_load(sdxl_models):
     import comfy.lora
 
     from conceptlab.nodes.comfy_host import ComfyHost
-    from conceptlab.training.esd import ESDConfig, erase
-    from conceptlab.training.esd_outputs import diff_state_dict
+    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.outputs import diff_state_dict
 
     model, clip, vae = sdxl_models
     with torch.inference_mode():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptlab.training.captions import CaptionConfig
-from conceptlab.training.dataset import (BucketManager, DatasetError, DatasetOptions, KohyaDataset,
+from conceptlab.training.lora.captions import CaptionConfig
+from conceptlab.training.lora.dataset import (BucketManager, DatasetError, DatasetOptions, KohyaDataset,
                                          make_bucket_resolutions, prepare_image)
 
 OPTS64 = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")

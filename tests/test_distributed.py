@@ -33,7 +33,7 @@ from tiny_models import tiny_host
 
 from conceptlab import cli
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
-from conceptlab.training import train_cli
+from conceptlab.training.lora import train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="the in-process cases fork (POSIX only)")
@@ -157,7 +157,7 @@ def _args(config: Path):
 
 
 def _nan_in_rank_1(rank):
-    from conceptlab.training import trainer
+    from conceptlab.training.lora import trainer
 
     real = trainer.diffusion_loss
     calls = {"n": 0}
@@ -181,7 +181,7 @@ def test_nan_in_one_process_and_a_cancel_stop_every_process_at_the_same_step(dat
     assert not (tmp_path / "nan" / "dp-000001.safetensors").exists()
 
     def cancel_on_main(rank):
-        from conceptlab.training.trainer import LoraTrainer
+        from conceptlab.training.lora.trainer import LoraTrainer
 
         real_run = LoraTrainer.run
 
@@ -258,7 +258,31 @@ def test_erase_refuses_a_multi_process_launch(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = tmp_path / "erase.toml"
     cfg.write_text('model = "x"\n[esd]\nconcepts = "a"\n')
-    from conceptlab.training import esd_cli
+    from conceptlab.training.esd import cli as esd_cli
 
     with pytest.raises(ValueError, match="runs in one process, but the launcher started 2: ESD takes one draw"):
         esd_cli.run(cli.build_parser("erase").parse_args(["erase", "--config", str(cfg)]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge", "a.safetensors", "b.safetensors", "-o", "out.safetensors"],
+    ["merge-n", "a.safetensors", "b.safetensors", "c.safetensors", "-o", "out.safetensors"],
+    ["extract-lora", "a.safetensors", "b.safetensors", "-o", "out.safetensors"],
+    ["resize-lora", "a.safetensors", "--rank", "4", "-o", "out.safetensors"],
+    ["uce", "--config", "uce.toml", "--output-dir", "out.safetensors"],
+    ["erase-convert", "a.safetensors", "out.safetensors", "--model", "m.safetensors"],
+    ["quickstart", "--out", "out", "--model", "missing_model", "--data", "missing_data"],
+], ids=lambda a: a[0])
+def test_one_process_commands_refuse_a_multi_process_launch(monkeypatch, tmp_path, argv):
+    """Every command that runs in one process refuses an `accelerate launch` of several (as `erase` does) before it
+    reads or writes anything; without a launcher the same command gets past the guard to its own input checks."""
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser(argv[0]).parse_args(argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=rf"conceptlab {argv[0]} runs in one process, but the launcher started 2: "):
+        args.func(args)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(Exception) as exc_info:  # the inputs do not exist: the command's own error, not the guard's
+        args.func(args)
+    assert "launcher started" not in str(exc_info.value)

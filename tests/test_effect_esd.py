@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (E.TINY_MODEL.is_dir() and (E.DATA / "sprite
 
 @pytest.fixture(scope="module")
 def erased():
-    from conceptlab.training.esd import erased_weights
+    from conceptlab.training.esd.erase import erased_weights
 
     host = E.load_host()
     res = E.erase_concept(host, "wall", iterations=40)

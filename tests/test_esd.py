@@ -1,4 +1,4 @@
-"""ESD erasure core (training/esd.py) on a tiny diffusers UNet + text encoder built in the test."""
+"""ESD erasure core (training/esd/erase.py) on a tiny diffusers UNet + text encoder built in the test."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conceptlab.training.esd import (ESDCancelled, ESDConfig, METHODS, count_parameters, erase,
+from conceptlab.training.esd.erase import (ESDCancelled, ESDConfig, METHODS, count_parameters, erase,
                                      erased_weights, paper_eta_from_reference, paper_target, reference_target,
                                      select_targets)
 from tiny_models import sd15_unet_meta, tiny_host

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from conceptlab.training.esd import ESDConfig, erase
-from conceptlab.training.masks import default_mask_weights, grid_masks
+from conceptlab.training.esd.erase import ESDConfig, erase
+from conceptlab.training.esd.masks import default_mask_weights, grid_masks
 from tiny_models import tiny_host
 
 FAST = dict(width=32, height=32, ddim_steps=3, lr=1e-3, noised_cache=1)

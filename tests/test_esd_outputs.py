@@ -1,4 +1,4 @@
-"""ESD output files (training/esd_outputs.py): full-rank diff file, SVD LoRA, JSON reports, plots, CLI."""
+"""ESD output files (training/esd/outputs.py): full-rank diff file, SVD LoRA, JSON reports, plots, CLI."""
 
 import json
 
@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from conceptlab.formats.keys import kohya_lora_name
 from conceptlab.formats.safetensors_io import read_metadata
-from conceptlab.training.esd import ESDConfig, erase, erased_weights, select_targets
-from conceptlab.training.esd_outputs import (comparison_grid, diff_state_dict, loss_plot, save_outputs,
+from conceptlab.training.esd.erase import ESDConfig, erase, erased_weights, select_targets
+from conceptlab.training.esd.outputs import (comparison_grid, diff_state_dict, loss_plot, save_outputs,
                                              svd_lora)
 from tiny_models import tiny_host
 
@@ -107,7 +107,7 @@ def test_sd15_esd_x_names_resolve_to_checkpoint_keys():
 
 
 def test_empty_result_and_plots():
-    from conceptlab.training.esd import ESDResult
+    from conceptlab.training.esd.erase import ESDResult
 
     with pytest.raises(ValueError):
         diff_state_dict(ESDResult({}, [], [], {}, {}))

@@ -1,4 +1,4 @@
-"""Reference interop (training/esd_reference.py): esd_sd.py / uce_sd_erase.py files (diffusers names, absolute
+"""Reference interop (training/esd/reference.py): esd_sd.py / uce_sd_erase.py files (diffusers names, absolute
 weights) <-> this project's .diff files, on a tiny model."""
 
 import copy
@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conceptlab.training.esd import ESDConfig, erase, erased_weights
-from conceptlab.training.esd_outputs import save_outputs
-from conceptlab.training.esd_reference import (base_tensors, convert_file, from_reference, reference_file_name,
+from conceptlab.training.esd.erase import ESDConfig, erase, erased_weights
+from conceptlab.training.esd.outputs import save_outputs
+from conceptlab.training.esd.reference import (base_tensors, convert_file, from_reference, reference_file_name,
                                                to_reference)
 from tiny_models import tiny_host
 

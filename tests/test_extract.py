@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conceptlab.cli import main as cli_main
 from conceptlab.formats.lora_files import lora_deltas, save_kohya_lora
-from conceptlab.training.extract import choose_rank, extract_lora, factorize, resize_lora, save_lora_tensors
+from conceptlab.training.lora.extract import choose_rank, extract_lora, factorize, resize_lora, save_lora_tensors
 
 U = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model.encoder.layers."

@@ -17,7 +17,7 @@ from conceptlab.formats import flux_views as V
 from conceptlab.formats.keys import detect_architecture
 from conceptlab.formats.lora_files import lora_deltas
 from conceptlab.metrics.weight_diff import diff_files
-from conceptlab.training import merge_files as MF
+from conceptlab.training.merge import files as MF
 from conftest import comfyui_path, requires_comfyui
 
 P = F.CANONICAL_PREFIX

@@ -11,7 +11,7 @@ from conceptlab.formats.flux_views import canonical_state_dict, to_diffusers_sta
 from conceptlab.training.conditioning import Conditioning
 from conceptlab.training.flux_host import FluxHost, FusedLinear
 from conceptlab.training.host import FullDelta
-from conceptlab.training.lora import LoRADelta
+from conceptlab.training.lora.network import LoRADelta
 
 from tiny_models import tiny_flux_host, tiny_flux_transformer
 

@@ -14,8 +14,9 @@ from tiny_models import tiny_flux_host, word_hash_tokenizer
 
 from conceptlab.formats.flux_views import canonical_state_dict
 from conceptlab.formats.safetensors_io import read_metadata, save_safetensors
-from conceptlab.training.lora import LoRANetwork
-from conceptlab.training.trainer import LoraTrainer, diffusion_loss
+from conceptlab.training.lora.network import LoRANetwork
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 def _write_single_files(host, root: Path) -> dict[str, Path]:
@@ -77,7 +78,7 @@ def test_cli_trains_a_flux_diffusers_folder_and_names_missing_single_files(tmp_p
     from test_model_loading import _write_clip_tokenizer
 
     from conceptlab import cli
-    from conceptlab.training.train_cli import _host_for
+    from conceptlab.training.lora.train_cli import _host_for
 
     host = tiny_flux_host(2)
     model = tmp_path / "model"
@@ -212,3 +213,67 @@ def test_lora_trains_on_an_int8_base():
     assert is_quantized(host.transformer.transformer_blocks[0].attn.to_q.weight)  # the base stayed int8
     with pytest.raises(ValueError, match="CUDA"):
         tiny_flux_host(0).quantize_base("int4")
+
+
+# -- text encoders off the accelerator after caching (kohya cache_text_encoder_outputs) ----------------------------
+
+def test_offload_text_encoders_keeps_sample_prompts_and_never_runs_them_again():
+    host = tiny_flux_host(0)
+    ref = host.encode_prompts(["a cat", ""])
+    calls = []
+    host.t5.register_forward_pre_hook(lambda m, a: calls.append("t5"))
+    host.clip.register_forward_pre_hook(lambda m, a: calls.append("clip"))
+    expect = sum(t.numel() * t.element_size() for m in (host.clip, host.t5) for t in [*m.parameters(), *m.buffers()])
+    moved = host.offload_text_encoders(["a cat", ""], device="meta")  # a device nothing can compute on afterwards
+    assert moved == expect and calls == ["clip", "t5"]  # encoded once, before the move
+    assert all(p.device.type == "meta" for m in (host.clip, host.t5) for p in m.parameters())
+    again = host.encode_prompts(["", "a cat"])
+    assert calls == ["clip", "t5"]  # cached: the (offloaded) encoders are not run
+    assert again.context.device == host.device
+    torch.testing.assert_close(again.context, torch.cat([ref.context[1:], ref.context[:1]]))
+    torch.testing.assert_close(again.pooled, torch.cat([ref.pooled[1:], ref.pooled[:1]]))
+    with pytest.raises(NotImplementedError):  # an uncached prompt runs the encoders where they are now
+        host.encode_prompts(["a dog"])
+
+
+def test_offload_to_the_cpu_still_encodes_new_prompts():
+    host = tiny_flux_host(0)
+    ref = host.encode_prompts(["a dog"])
+    host.offload_text_encoders([], device="cpu")
+    torch.testing.assert_close(host.encode_prompts(["a dog"]).context, ref.context)
+    net = LoRANetwork.create(host, network_dim=4, network_alpha=4, seed=0, train_unet=False, train_text_encoder=True)
+    net.install(host)
+    with pytest.raises(ValueError, match="text-encoder deltas"):  # a trained encoder stays on the device
+        host.offload_text_encoders(["x"])
+
+
+def test_trainer_caches_every_caption_then_moves_t5_and_clip_off(dawnlike_dir, tmp_path, monkeypatch):
+    import conceptlab.training.lora.te_offload as te_offload
+
+    import conceptlab.training.block_swap as block_swap
+
+    monkeypatch.setattr(te_offload, "OFFLOAD_DEVICE", "meta")  # the simulated CPU: nothing runs there afterwards
+    monkeypatch.setattr(te_offload, "PARK_DEVICE", "meta")
+    events = []
+    # the DiT's parking is recorded, not done (moving to meta loses the values)
+    monkeypatch.setattr(block_swap, "move_frozen", lambda m, dev, skip=(): events.append(
+        ("dit to", torch.device(dev).type, next(host.t5.parameters()).device.type)))
+    ds = make_dataset(dawnlike_dir, tmp_path / "ds", n=3, repeats=1)
+    ds.captions = ds.captions.__class__()  # static captions (make_dataset shuffles tags)
+    host = tiny_flux_host(0)
+    ds.cache_latents(host.encode_images)
+    host.t5.register_forward_pre_hook(lambda m, a: events.append(("t5 runs",)))
+    cfg = cfg_for(tmp_path / "o", max_train_epochs=2, sample_prompts="a knight --g 2.5 --s 2", sample_steps=2,
+                  sample_every_n_epochs=2, sample_width=32, sample_height=32, save_state=False)
+    res = LoraTrainer(host, ds, cfg).run()
+    assert all(p.device.type == "meta" for m in (host.clip, host.t5) for p in m.parameters())
+    # kohya's order: DiT off the device, every caption + the sample prompt encoded, encoders off, DiT back
+    assert events[0] == ("dit to", "meta", "cpu") and events[-1] == ("dit to", "cpu", "meta")
+    assert set(events[1:-1]) == {("t5 runs",)} and len(events) - 2 >= 2  # the captions, then the sample prompts
+    assert len(res.history) == 2 and len(res.history[-1]["samples"]) == 1  # trained and sampled after the move
+    # captions that change per step (shuffle_caption) cannot all be cached up front: the encoders stay
+    ds2 = make_dataset(dawnlike_dir, tmp_path / "ds2", n=2, repeats=1)
+    host2 = tiny_flux_host(0)
+    ds2.cache_latents(host2.encode_images)
+    LoraTrainer(host2, ds2, cfg_for(tmp_path / "o2", max_train_epochs=1, save_state=False)).run()
+    assert all(p.device.type == "cpu" for p in host2.t5.parameters())

@@ -46,10 +46,10 @@ def _rate(rows) -> float:
 
 
 #: exact-grid share each condition must reach over its N renders: the issue-13 targets (95 % on every
-#: nearest-neighbour condition) where they are met; where they are not (drift, soft upscales) the measured floor
+#: nearest-neighbour condition, 90 % on soft upscales) where they are met; where they are not (drift) the measured floor
 #: is asserted here and the target itself is an xfail(strict) test below.
 FLOOR = {"clean": 0.95, "noise": 0.95, "jpeg": 0.95, "crop": 0.95, "degraded": 0.95, "touching": 0.95,
-         "drift": 0.78, "bilinear": 0.85, "bicubic": 0.55, "lanczos": 0.45}
+         "drift": 0.78, "bilinear": 0.90, "bicubic": 0.90, "lanczos": 0.90}
 CONDITIONS = tuple(FLOOR)
 
 
@@ -57,7 +57,7 @@ CONDITIONS = tuple(FLOOR)
 def test_condition(condition, files):
     """Per condition, over 100 renders: the exact share reaches FLOOR (clean, noise only — no finer-grid
     harmonics —, JPEG only, frames cropped 2–10 px on every side, blur+noise+JPEG, a subject over the frame edge:
-    ≥ 95 %), and no render ever gets cells under MIN_CELL_PX: a grid is found, or its status says ``none`` (no
+    ≥ 95 %; bilinear / bicubic / Lanczos upscales at fractional scales: ≥ 90 %), and no render ever gets cells under MIN_CELL_PX: a grid is found, or its status says ``none`` (no
     silent 1-px fallback). Cropped frames report their partial border cells; drifting grids are followed cut by
     cut (cells of different widths); soft upscales choose a soft edge model."""
     rows = _run(condition, files)
@@ -74,11 +74,9 @@ def test_condition(condition, files):
         assert np.mean([g.mode == "soft" for g in right]) > 0.9
 
 
-@pytest.mark.parametrize("condition,target", [("drift", 0.95), ("bilinear", 0.90), ("bicubic", 0.90),
-                                              ("lanczos", 0.90)])
-@pytest.mark.xfail(strict=True, reason="issue 13 targets not reached yet (measured on seeds 1000–1099: drift 81 %, "
-                                       "bilinear 88 %, bicubic 60 %, Lanczos 48 %; see README 'Pixel-art palette "
-                                       "metrics')")
+@pytest.mark.parametrize("condition,target", [("drift", 0.95)])
+@pytest.mark.xfail(strict=True, reason="issue 13 targets not reached yet (measured on seeds 1000–1099: drift 81 %; "
+                                       "see README 'Pixel-art palette metrics')")
 def test_issue_targets_not_yet_met(condition, target, files):
     rows = _run(condition, files)
     assert _rate(rows) >= target, f"{condition}: {_rate(rows):.0%} exact"
@@ -99,4 +97,5 @@ def test_confidence_is_calibrated(files):
     low = [e for g, e in rows if g.status in ("low_confidence", "none")]
     assert all(g.confidence >= LOW_CONFIDENCE for g, _ in rows if g.status == "detected")
     assert np.mean(det) >= 0.9, f"detected grids right {np.mean(det):.0%}"
-    assert len(low) >= 10 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
+    # (≥ 5: soft upscales, once most of the low-confidence grids, are now found and detected — 5 of 250 on grid-soft)
+    assert len(low) >= 5 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"

@@ -13,10 +13,13 @@ import torch
 from tiny_models import tiny_host
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
-from conceptlab.training import kohya_args as KA
-from conceptlab.training.captions import read_caption
-from conceptlab.training.dataset import DatasetOptions, KohyaDataset
-from conceptlab.training.trainer import LoraTrainer, TrainConfig, build_network_and_groups, diffusion_loss
+from conceptlab.training.lora import kohya_args as KA
+from conceptlab.training.lora.captions import read_caption
+from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.build import build_network_and_groups
+from conceptlab.training.lora.config import TrainConfig
+from conceptlab.training.lora.loss import diffusion_loss
+from conceptlab.training.lora.trainer import LoraTrainer
 
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
 
@@ -38,7 +41,7 @@ def test_every_kohya_argument_is_in_exactly_one_list():
 
 
 def test_network_args_keys_cover_kohya_networks_lora():
-    from conceptlab.training.network_args import KNOWN_KEYS
+    from conceptlab.training.lora.network_args import KNOWN_KEYS
 
     assert set(KA.kohya_data()["lora_network_args"]) <= set(KNOWN_KEYS)
 
@@ -200,7 +203,7 @@ def test_scale_weight_norms_caps_every_module(dawnlike_dir, tmp_path):
 
 
 def test_bf16_on_cpu_says_it_trains_in_fp32(caplog):
-    from conceptlab.training.trainer import _autocast_factory
+    from conceptlab.training.lora.trainer import _autocast_factory
 
     with caplog.at_level(logging.WARNING):
         ctx, eff, scaler = _autocast_factory("bf16", torch.device("cpu"))
@@ -229,7 +232,7 @@ def test_sample_prompt_options_reach_the_sampler(dawnlike_dir, tmp_path):
 
 def test_cli_dataset_config_with_reg_images_runs_as_kohya(dawnlike_dir, tmp_path, monkeypatch, capsys):
     from conceptlab import cli
-    from conceptlab.training import train_cli
+    from conceptlab.training.lora import train_cli
 
     sprites = sorted(dawnlike_dir.glob("*.png"))
     for folder, files in (("img", sprites[:3]), ("reg", sprites[3:5])):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conceptlab.training.captions import CaptionConfig, process_caption, read_caption, tag_frequency
+from conceptlab.training.lora.captions import CaptionConfig, process_caption, read_caption, tag_frequency
 
 CAP = "mystyle, red hair, blue eyes, smiling, outdoors"
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from tiny_models import sd15_unet_meta, tiny_text_encoder
 
-from conceptlab.training import network_args as NA
-from conceptlab.training import noise as N
-from conceptlab.training.dataset_config import balance_reg_repeats
-from conceptlab.training.lora import kohya_targets
-from conceptlab.training.sample_prompts import parse_line
+from conceptlab.training.lora import network_args as NA
+from conceptlab.training.lora import noise as N
+from conceptlab.training.lora.dataset_config import balance_reg_repeats
+from conceptlab.training.lora.network import kohya_targets
+from conceptlab.training.lora.sample_prompts import parse_line
 
 FIX = json.loads((Path(__file__).parent / "fixtures" / "kohya_parity.json").read_text())
 
@@ -124,7 +124,7 @@ def test_regularization_dataset_matches_kohya_counts(tmp_path):
     """The same folders through our dataset builder: counts, repeats and reg flags as kohya's DreamBoothDataset."""
     from PIL import Image
 
-    from conceptlab.training.dataset_config import dataset_from_settings
+    from conceptlab.training.lora.dataset_config import dataset_from_settings
 
     case = FIX["reg_balance"][1]  # 2 training images x 4, reg 3 x 1 and 2 x 3
     (tmp_path / "train" / "4_sks dog").mkdir(parents=True)
@@ -260,7 +260,7 @@ def test_sdxl_network_names_ranks_and_shapes_match_kohya():
     """kohya's create_network on its own SDXL UNet (sdxl_original_unet.py, LDM names) with conv_dim: our targets
     on the diffusers SDXL UNet, named through the LDM map, have the same lora_unet_/lora_te1_/lora_te2_ names,
     ranks, alphas and lora_down / lora_up shapes (788 UNet + 24 text-encoder modules)."""
-    from conceptlab.training.lora import LoRADelta
+    from conceptlab.training.lora.network import LoRADelta
 
     case = FIX["network_sdxl"]
     host = MetaSDXLHost()

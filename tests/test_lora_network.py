@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tiny_models import tiny_host
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
-from conceptlab.training.lora import LoRADelta, LoRANetwork, kohya_targets
-from conceptlab.training.trainer import epoch_file_name, save_lora_file
+from conceptlab.training.lora.network import LoRADelta, LoRANetwork, kohya_targets
+from conceptlab.training.lora.output import epoch_file_name, save_lora_file
 
 ATTN_LEAVES = ("proj_in", "proj_out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
                "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -137,7 +137,7 @@ def test_from_kohya_state_dict_names_the_module_of_a_damaged_or_foreign_entry():
 
 
 def test_per_sample_loss_rejects_unknown_loss_types():
-    from conceptlab.training.trainer import per_sample_loss
+    from conceptlab.training.lora.loss import per_sample_loss
 
     p, t = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
     assert torch.equal(per_sample_loss(p, t, "l2"), torch.ones(2))

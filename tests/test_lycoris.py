@@ -14,8 +14,10 @@ from tiny_models import tiny_host
 pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata  # noqa: E402
-from conceptlab.training.dataset import DatasetOptions, KohyaDataset  # noqa: E402
-from conceptlab.training.trainer import LoraTrainer, TrainConfig, build_network_and_groups  # noqa: E402
+from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset  # noqa: E402
+from conceptlab.training.lora.build import build_network_and_groups  # noqa: E402
+from conceptlab.training.lora.config import TrainConfig  # noqa: E402
+from conceptlab.training.lora.trainer import LoraTrainer  # noqa: E402
 from conftest import requires_comfyui  # noqa: E402
 
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
@@ -70,7 +72,7 @@ def test_comfyui_loads_every_key_of_our_lycoris_file(algo, tmp_path):
     from test_formats_comfyui import _comfy_key, _comfy_python, _run_probe, _unet_shapes
 
     from conceptlab.formats import keys as K
-    from conceptlab.training.lycoris_net import LycorisNetwork, save_lycoris_file
+    from conceptlab.training.lora.lycoris_net import LycorisNetwork, save_lycoris_file
 
     py = _comfy_python()
     if py is None:

@@ -1,9 +1,9 @@
-"""Grid masks for ESD (training/masks.py)."""
+"""Grid masks for ESD (training/esd/masks.py)."""
 
 import pytest
 import torch
 
-from conceptlab.training.masks import (default_mask_weights, grid_masks, mask_preview, masked_mse,
+from conceptlab.training.esd.masks import (default_mask_weights, grid_masks, mask_preview, masked_mse,
                                        normalize_weights, parse_weights, prepare_masks)
 
 

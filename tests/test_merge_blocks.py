@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conceptlab.formats import keys as K
-from conceptlab.training import merge as M
+from conceptlab.training.merge import methods as M
 
 TABLE = json.loads((Path(__file__).parent / "data" / "merge_block_tables.json").read_text())
 PREFIX = "model.diffusion_model."

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conceptlab.cli import main as cli_main
 from conceptlab.formats import safetensors_io as sio
-from conceptlab.training import merge as M
-from conceptlab.training import merge_files as MF
-from conceptlab.training import merge_pipeline as MP
+from conceptlab.training.merge import methods as M
+from conceptlab.training.merge import files as MF
+from conceptlab.training.merge import pipeline as MP
 
 from test_merge_files import make_sd, write
 

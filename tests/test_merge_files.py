@@ -1,4 +1,4 @@
-"""Streaming checkpoint merges (training/merge_files.py), per-block weights and the ``conceptlab merge`` CLI
+"""Streaming checkpoint merges (training/merge/files.py), per-block weights and the ``conceptlab merge`` CLI
 on generated SD1.5-layout key sets with tiny tensors."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from conceptlab.cli import main as cli_main
 from conceptlab.formats import safetensors_io as sio
 from conceptlab.formats.keys import ldm_unet_keys
-from conceptlab.training import merge as M
-from conceptlab.training import merge_files as MF
+from conceptlab.training.merge import methods as M
+from conceptlab.training.merge import files as MF
 
 TE_KEYS = [
     "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",

@@ -1,4 +1,4 @@
-"""Closed-form checks of the merge methods (training/merge.py) on small tensors, and TIES / DARE against
+"""Closed-form checks of the merge methods (training/merge/methods.py) on small tensors, and TIES / DARE against
 independent reference implementations written here from the papers' algorithm boxes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conceptlab.training import merge as M
+from conceptlab.training.merge import methods as M
 
 
 def _rand(*shape, seed=0):

@@ -25,8 +25,8 @@ def test_contracts_and_step_labels():
 
 @requires_comfyui
 def test_n_model_weighted_sum_and_ties_in_graph(comfy):  # noqa: F811
-    from conceptlab.training.merge import MethodOptions
-    from conceptlab.training.merge_nmodel import merge_tensor_n
+    from conceptlab.training.merge.methods import MethodOptions
+    from conceptlab.training.merge.nmodel import merge_tensor_n
 
     m1, key = with_lora_like_patch(comfy, tiny_model(comfy, 1), 3)
     m2, m3, base = tiny_model(comfy, 2), tiny_model(comfy, 4), tiny_model(comfy, 5)

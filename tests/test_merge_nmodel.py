@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from conceptlab.cli import main as cli_main
-from conceptlab.training import merge as M
-from conceptlab.training import merge_files as MF
-from conceptlab.training import merge_nmodel as MN
+from conceptlab.training.merge import methods as M
+from conceptlab.training.merge import files as MF
+from conceptlab.training.merge import nmodel as MN
 
 from test_merge_files import make_sd, write
 

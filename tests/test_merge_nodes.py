@@ -121,7 +121,7 @@ def test_in_graph_weighted_sum_equals_model_merge_simple(comfy):
 
 @requires_comfyui
 def test_in_graph_block_weights_and_ties_from_patched_weights(comfy):
-    from conceptlab.training.merge import merge_tensor
+    from conceptlab.training.merge.methods import merge_tensor
 
     a0, b, c = tiny_model(comfy, 1), tiny_model(comfy, 2), tiny_model(comfy, 4)
     a, patched_key = with_lora_like_patch(comfy, a0, 3)

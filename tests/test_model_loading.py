@@ -356,7 +356,7 @@ def test_cli_passes_tokenizer_and_prediction_type(tmp_path, monkeypatch, dawnlik
     import shutil
 
     from conceptlab import cli
-    from conceptlab.training import train_cli
+    from conceptlab.training.lora import train_cli
 
     sub = tmp_path / "data" / "1_sprite"
     sub.mkdir(parents=True)
@@ -384,7 +384,7 @@ def test_cli_passes_tokenizer_and_prediction_type(tmp_path, monkeypatch, dawnlik
 
 
 def test_cli_single_file_against_shipped_configs_fails_clearly(tmp_path):
-    from conceptlab.training import train_cli
+    from conceptlab.training.lora import train_cli
 
     _, path, _ = _tiny_single_file(tmp_path)  # tiny weights do not fit the real SD1.5 configs
     with pytest.raises(ValueError, match="does not match the shipped config.*single-file SD 1.x/2.x"):

@@ -1,8 +1,8 @@
-"""Prompt variations for ESD (training/prompts.py)."""
+"""Prompt variations for ESD (training/esd/prompts.py)."""
 
 import pytest
 
-from conceptlab.training.prompts import (PromptSchedule, build_prompts, expand_templates, parse_concepts,
+from conceptlab.training.esd.prompts import (PromptSchedule, build_prompts, expand_templates, parse_concepts,
                                          parse_prompt_lines)
 
 
@@ -57,7 +57,7 @@ def test_schedule_cycles_or_samples_and_counts():
 
 # -- prompt variations by concept kind (issue: neutral templates) ----------------------------------------------
 
-from conceptlab.training.prompts import (KIND_TEMPLATES, KINDS, concept_kinds, infer_kind,  # noqa: E402
+from conceptlab.training.esd.prompts import (KIND_TEMPLATES, KINDS, concept_kinds, infer_kind,  # noqa: E402
                                          normalize_kind, prompt_source)
 
 # names and works of artists (and other concepts) that must never be baked into the generator
@@ -87,7 +87,7 @@ def test_generated_prompts_name_only_their_concept(concept, kind):
 
 
 def test_every_word_list_entry_is_concept_free():
-    from conceptlab.training import prompts as pr
+    from conceptlab.training.esd import prompts as pr
 
     for lst in (pr.SUBJECTS, pr.MEDIA, pr.TITLES, pr.ADJECTIVES, pr.SETTINGS, pr.SHOTS, pr.LIGHTING, pr.ACTIONS,
                 pr.CARRIERS):

@@ -17,7 +17,8 @@ from tiny_models import tiny_host, tiny_sdxl_host, word_hash_tokenizer
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training.conditioning import Conditioning, default_size_ids
 from conceptlab.training.host import zero_terminal_snr_alphas_cumprod
-from conceptlab.training.trainer import LoraTrainer, diffusion_loss, sdxl_size_ids
+from conceptlab.training.lora.loss import diffusion_loss, sdxl_size_ids
+from conceptlab.training.lora.trainer import LoraTrainer
 
 
 def test_sdxl_conditioning_and_prediction_equal_direct_diffusers_calls():
@@ -148,7 +149,7 @@ def test_sdxl_lora_training_files_keys_and_metadata(dawnlike_dir, tmp_path):
     assert {tuple(r[4:].tolist()) for s in train_ids for r in s} == {(64.0, 64.0)}
     assert {tuple(r[:2].tolist()) for s in train_ids for r in s} == {(16.0, 16.0)}
     # the file round-trips into a network for the same host with nothing unmatched
-    from conceptlab.training.lora import LoRANetwork
+    from conceptlab.training.lora.network import LoRANetwork
 
     net, unmatched = LoRANetwork.from_kohya_state_dict(host, sd)
     assert unmatched == [] and len(net.targets) == len(names)
@@ -181,7 +182,7 @@ def test_sdxl_lora_file_loads_in_diffusers_without_unexpected_keys(dawnlike_dir,
 
 
 def test_sd1_lora_does_not_load_into_sdxl():
-    from conceptlab.training.lora import LoRANetwork
+    from conceptlab.training.lora.network import LoRANetwork
 
     sd1 = LoRANetwork.create(tiny_host(), network_dim=2, train_text_encoder=True)
     state = {}
@@ -194,7 +195,7 @@ def test_sd1_lora_does_not_load_into_sdxl():
 
 
 def test_esd_x_on_sdxl_trains_cross_attention_only(tmp_path):
-    from conceptlab.training.esd import ESDConfig, erase, select_targets
+    from conceptlab.training.esd.erase import ESDConfig, erase, select_targets
 
     host = tiny_sdxl_host()
     targets = select_targets(host.modules("unet"), "esd-x")
@@ -208,7 +209,7 @@ def test_esd_x_on_sdxl_trains_cross_attention_only(tmp_path):
     assert set(res.deltas) == {(t.component, t.path, t.attr) for t in targets}
     assert any(float(d.abs().max()) > 0 for d in res.deltas.values())
     assert res.metadata["arch"] == "sdxl"
-    from conceptlab.training.esd_outputs import diff_state_dict
+    from conceptlab.training.esd.outputs import diff_state_dict
 
     keys = diff_state_dict(res)
     assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
@@ -311,7 +312,7 @@ def test_shipped_sdxl_configs_match_the_released_layout():
     assert vae.config.scaling_factor == pytest.approx(0.13025)
     assert sum(p.numel() for p in te2.parameters()) == 694_659_840  # OpenCLIP ViT-bigG/14 text tower
     # ESD parameter sets on SDXL base (esd_sdxl.py get_esd_trainable_parameters)
-    from conceptlab.training.esd import count_parameters, select_targets
+    from conceptlab.training.esd.erase import count_parameters, select_targets
 
     mods = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     counts = {m: count_parameters(select_targets(mods, m, arch="sdxl"))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conceptlab.training import quickstart_cli, train_cli
+from conceptlab.training.lora import quickstart_cli
+from conceptlab.training.lora import train_cli
 
 MODEL = quickstart_cli.TINY_MODEL
 

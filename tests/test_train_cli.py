@@ -11,7 +11,7 @@ from tiny_models import tiny_host
 
 from conceptlab import cli
 from conceptlab.formats.safetensors_io import read_metadata
-from conceptlab.training import train_cli
+from conceptlab.training.lora import train_cli
 
 
 

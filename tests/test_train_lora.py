@@ -12,12 +12,14 @@ import torch
 from tiny_models import tiny_host
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
-from conceptlab.training.captions import CaptionConfig
-from conceptlab.training.dataset import DatasetOptions, KohyaDataset
-from conceptlab.training.trainer import (EarlyStopping, LoraTrainer, OptimizerUnavailableError, TrainConfig,
-                                         TrainingDivergedError, build_optimizer, configs_from_mapping,
-                                         diffusion_loss, min_snr_weight, parse_kohya_toml, parse_set_values,
-                                         select_best)
+from conceptlab.training.lora.captions import CaptionConfig
+from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.config import (OptimizerUnavailableError, TrainConfig, TrainingDivergedError,
+                                             configs_from_mapping, parse_kohya_toml, parse_set_values)
+from conceptlab.training.lora.loss import diffusion_loss, min_snr_weight
+from conceptlab.training.lora.optim import build_optimizer
+from conceptlab.training.lora.report import EarlyStopping, select_best
+from conceptlab.training.lora.trainer import LoraTrainer
 
 OPTS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
 

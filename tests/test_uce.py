@@ -1,4 +1,4 @@
-"""UCE closed-form erasure (training/uce.py) on a tiny diffusers UNet + text encoder built in the test."""
+"""UCE closed-form erasure (training/esd/uce.py) on a tiny diffusers UNet + text encoder built in the test."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conceptlab.training.uce import (UCEConfig, diffusers_token_encoder, erase_uce_host, last_token_embeddings,
+from conceptlab.training.esd.uce import (UCEConfig, diffusers_token_encoder, erase_uce_host, last_token_embeddings,
                                      last_token_index, uce_closed_form, uce_prompts, uce_targets)
 from tiny_models import EOS, tiny_host
 
@@ -110,7 +110,7 @@ def test_uce_on_a_tiny_model_erases_and_preserves(host, tmp_path):
     assert s["trained_tensors"] == len(paths) and s["preserve_relative_drift_max"] < 0.05
     assert m["method"] == "uce" and m["guide_prompts"] == ["art"] and m["lamb"] == 0.5
     # same outputs as ESD: the .diff file and JSON reports
-    from conceptlab.training.esd_outputs import save_outputs
+    from conceptlab.training.esd.outputs import save_outputs
     from safetensors import safe_open
 
     out = save_outputs(res, tmp_path / "uce.safetensors", dtype=torch.float32)

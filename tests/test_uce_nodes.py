@@ -71,7 +71,7 @@ def test_uce_node_edits_only_kv_and_the_file_reproduces_the_model(cenv):
     import comfy.utils
 
     from conceptlab.nodes.comfy_host import iter_patched_weights
-    from conceptlab.training.uce import last_token_embeddings
+    from conceptlab.training.esd.uce import last_token_embeddings
 
     model, clip = cenv["model"], cenv["clip"]
     before = dict(model.patches)
@@ -167,7 +167,7 @@ def test_uce_node_on_comfyui_sdxl():
     from e2e.comfy_env import tiny_sdxl_clip, tiny_sdxl_patcher
 
     from conceptlab.nodes.comfy_host import iter_patched_weights
-    from conceptlab.training.uce import last_token_embeddings
+    from conceptlab.training.esd.uce import last_token_embeddings
 
     model, clip = tiny_sdxl_patcher(), tiny_sdxl_clip()
     with torch.inference_mode():

@@ -52,6 +52,10 @@ does not set it (a different value in the config wins, with a warning). ``gradie
 key (accelerate's only checkpointing switch is FSDP's). DeepSpeed, FSDP and Megatron launches are refused: the
 trainable LoRA parameters are small and replicated, there is nothing to shard.
 
+The other commands refuse a multi-process launch too (:func:`refuse_multi_process`): ``merge``, ``merge-n``,
+``extract-lora``, ``resize-lora``, ``uce`` and ``erase-convert`` compute one result into one file (each process
+would compute and write the same file), and ``quickstart`` is a one-process demo.
+
 ESD (``conceptlab erase``) stays single-process, and refuses a multi-process launch (:func:`refuse_multi_process`):
 
 * the method optimises with **one draw per iteration** (a prompt, a timestep, an ``x_t``: Gandikota et al. 2023

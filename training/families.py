@@ -38,12 +38,12 @@ class Family:
             ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) or ``"bfl"`` (Flux: the host's module
             paths are already the BFL names kohya's ``lora_flux.py`` uses: ``lora_unet_double_blocks_0_img_attn_qkv``).
         lora_targets: which modules kohya's LoRA network adapts: ``"unet"`` (``networks/lora.py``: UNet transformer
-            blocks, CLIP text encoders; :func:`.lora.kohya_targets`) or ``"flux"`` (``networks/lora_flux.py``: double
-            / single blocks, CLIP-L, optional T5; :mod:`.lora_flux`).
+            blocks, CLIP text encoders; :func:`.lora.network.kohya_targets`) or ``"flux"``
+            (``networks/lora_flux.py``: double / single blocks, CLIP-L, optional T5; :mod:`.lora.flux`).
         denoiser: module layout of the denoiser, which picks ESD's parameter-set rules
-            (:mod:`.esd_params`): ``"unet"`` or ``"flux-dit"`` (double/single-stream blocks, BFL paths).
+            (:mod:`.esd.params`): ``"unet"`` or ``"flux-dit"`` (double/single-stream blocks, BFL paths).
         patch_size: latent cells per token side (Flux packs 2×2 latent cells into one token; 1 for UNets). Loss
-            masks must be constant on each patch (:mod:`.esd_objective`).
+            masks must be constant on each patch (:mod:`.esd.objective`).
         guidance_default: the distilled-guidance value (``extras["guidance"]``) the family is sampled with by
             default (Flux.1-dev: 3.5, ComfyUI ``FluxGuidance`` / diffusers ``FluxPipeline``); ``None`` for
             families without a guidance embedding.

@@ -27,9 +27,10 @@ pipeline's own static method.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +119,12 @@ class PieceDelta(nn.Module):
         return weight + d.to(device=weight.device, dtype=weight.dtype)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (CPU for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _hf_tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> torch.Tensor:
     """Token ids ``[B, max_length]``: a transformers tokenizer (padding to ``max_length``, truncation, as
     ``FluxPipeline._get_t5_prompt_embeds`` / kohya ``FluxTokenizeStrategy``) or a callable
@@ -144,6 +151,8 @@ class FluxHost(DiffusionHost):
         guidance: default ``extras["guidance"]`` for dev when a conditioning has none (kohya ``guidance_scale``,
             3.5); ignored for schnell.
         device, dtype: where and in which dtype the frozen weights run (the VAE runs in fp32).
+        blocks_to_swap: kohya's ``blocks_to_swap`` (:meth:`enable_block_swap`); the swapped blocks go from the
+            CPU straight to their offloaded place, never all at once to ``device``.
         delta_space: ``"activation"`` (default: forward hooks adding :meth:`~.host.DeltaModule.output_delta`; a
             fused delta adds its rows to each split layer's output) or ``"weight"`` (``torch.nn.utils.parametrize``;
             :class:`PieceDelta` row slices on the split weights).
@@ -165,7 +174,7 @@ class FluxHost(DiffusionHost):
                  t5: nn.Module | None, t5_tokenizer: Callable | None, vae: nn.Module | None, *,
                  t5xxl_max_token_length: int | None = None, guidance: float = DEFAULT_GUIDANCE,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 delta_space: str = "activation"):
+                 delta_space: str = "activation", blocks_to_swap: int = 0):
         self.delta_space = check_delta_space(delta_space)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -173,7 +182,16 @@ class FluxHost(DiffusionHost):
         if int(cfg.in_channels) % 4:
             raise ValueError(f"not a Flux transformer: in_channels {cfg.in_channels} is not 4 × latent channels")
         self.latent_channels = int(cfg.in_channels) // 4
-        self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
+        if blocks_to_swap:  # kohya move_to_device_except_swap_blocks: the swapped blocks never visit the device
+            from .block_swap import flux_swap_counts, move_frozen
+
+            nd, ns = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+            d, s_ = flux_swap_counts(blocks_to_swap, nd, ns)
+            self.transformer = transformer.to(dtype=dtype).eval().requires_grad_(False)
+            move_frozen(self.transformer, self.device,
+                        skip=[*transformer.transformer_blocks[nd - d:], *transformer.single_transformer_blocks[ns - s_:]])
+        else:
+            self.transformer = transformer.to(self.device, dtype).eval().requires_grad_(False)
         self.clip = clip.to(self.device, dtype).eval().requires_grad_(False) if clip is not None else None
         self.t5 = t5.to(self.device, dtype).eval().requires_grad_(False) if t5 is not None else None
         self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
@@ -193,16 +211,22 @@ class FluxHost(DiffusionHost):
         self._installed: dict[tuple[str, str, str], DeltaModule] = {}
         self._registered: dict[tuple[str, str, str], list[tuple[nn.Module, str]]] = {}
         self._hooks: dict[int, OutputDeltaHook] = {}  # id(layer) -> activation-space hook
+        self._swaps, self._swap_hook = [], None
+        self._prompt_cache: dict[str, Conditioning] = {}  # offload_text_encoders
+        if blocks_to_swap:
+            self.enable_block_swap(blocks_to_swap)
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         t5xxl_max_token_length: int | None = None, transformer: nn.Module | None = None,
-                        guidance: float = DEFAULT_GUIDANCE, quantize: str | None = None) -> "FluxHost":
+                        guidance: float = DEFAULT_GUIDANCE, quantize: str | None = None,
+                        blocks_to_swap: int = 0) -> "FluxHost":
         """Load a local diffusers Flux folder (``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP-L),
         ``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``), as ``black-forest-labs/FLUX.1-dev`` ships it.
         Nothing is downloaded (``local_files_only``). ``transformer`` replaces ``transformer/`` (e.g. a quantized
-        or single-file one); ``quantize``: a :mod:`.quantize` scheme for the frozen transformer weights.
+        or single-file one); ``quantize``: a :mod:`.quantize` scheme for the frozen transformer weights;
+        ``blocks_to_swap``: kohya's block swap (:meth:`enable_block_swap`).
         Raises ``FileNotFoundError`` naming a missing part."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
@@ -223,7 +247,7 @@ class FluxHost(DiffusionHost):
         tok2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
         host = cls(transformer, clip, tok, t5, tok2, vae, t5xxl_max_token_length=t5xxl_max_token_length,
-                   guidance=guidance, device=device, dtype=dtype)
+                   guidance=guidance, device=device, dtype=dtype, blocks_to_swap=blocks_to_swap)
         if quantize:
             host.quantize_base(quantize)
         return host
@@ -232,10 +256,19 @@ class FluxHost(DiffusionHost):
         """Store the frozen transformer's and T5-XXL's Linear weights quantized (:func:`.quantize.quantize_frozen`,
         torchao; T5 is 4.9 B parameters, frozen unless ``train_t5xxl``), before any delta is installed. CLIP-L and
         the VAE stay dense. Returns the number of layers quantized."""
+        from .block_swap import move_frozen
         from .quantize import quantize_frozen
 
         self.quantized = scheme
-        n = quantize_frozen(self.transformer, scheme)
+        n, skip = 0, []
+        for sw, prefix in zip(getattr(self, "_swaps", ()), ("transformer_blocks", "single_transformer_blocks")):
+            for i, block in enumerate(sw.blocks):  # offloaded blocks: quantized on the device one at a time
+                if sw.location[i] != self.device:
+                    move_frozen(block, self.device)
+                    n += quantize_frozen(block, scheme)
+                    move_frozen(block, sw.location[i])
+                    skip.append(f"{prefix}.{i}.")
+        n += quantize_frozen(self.transformer, scheme, skip=tuple(skip))
         if self.t5 is not None:
             n += quantize_frozen(self.t5, scheme)
         return n
@@ -341,6 +374,49 @@ class FluxHost(DiffusionHost):
         """A copy of ``{(component, path, attr): delta}``."""
         return dict(self._installed)
 
+    # -- block swap -------------------------------------------------------------------------------------------
+    blocks_to_swap: int = 0
+
+    def enable_block_swap(self, blocks_to_swap: int) -> tuple[int, int]:
+        """kohya ``--blocks_to_swap N`` (``flux_train_network.py``; :mod:`.block_swap`): the last ``N // 2`` double
+        and ``(N − N // 2) · 2`` single blocks keep their frozen weights on the CPU and are moved to :attr:`device`
+        just before they compute, in forward and in backward, so the device holds ``19 − N // 2`` double and
+        ``38 − (N − N // 2) · 2`` single blocks at a time (Flux.1). ``0`` turns it off. Deltas installed on a
+        swapped block stay on the device. Use it with gradient checkpointing: block swap moves weights, not
+        activations (autograd's saved references to a swapped weight follow its in-place move, and the schedule
+        brings the block back before its backward; with weight-space deltas the dense ``W + ΔW`` copies autograd
+        keeps are not moved).
+
+        Returns ``(double, single)`` blocks swapped. Raises ``ValueError`` for N < 0 or more than kohya allows
+        (``flux_models.py`` 977: at most n − 2 blocks of each kind; Flux.1: N ≤ 35)."""
+        from .block_swap import BlockSwap, flux_swap_counts
+
+        tr = self.transformer
+        double, single = flux_swap_counts(blocks_to_swap, len(tr.transformer_blocks),
+                                          len(tr.single_transformer_blocks))
+        self.disable_block_swap()
+        if not double and not single:
+            return 0, 0
+        self._swaps = [BlockSwap(tr.transformer_blocks, double, self.device),
+                       BlockSwap(tr.single_transformer_blocks, single, self.device)]
+
+        def prepare(module, args, kwargs):  # kohya prepare_block_swap_before_forward, once per transformer call
+            for sw in self._swaps:
+                sw.prepare(forward_only=not torch.is_grad_enabled())
+        self._swap_hook = tr.register_forward_pre_hook(prepare, with_kwargs=True)
+        for sw in self._swaps:
+            sw.prepare()
+        self.blocks_to_swap = int(blocks_to_swap)
+        return double, single
+
+    def disable_block_swap(self) -> None:
+        """Remove block swapping and bring every block back to :attr:`device`."""
+        for sw in getattr(self, "_swaps", ()):
+            sw.remove()
+        if getattr(self, "_swap_hook", None) is not None:
+            self._swap_hook.remove()
+        self._swaps, self._swap_hook, self.blocks_to_swap = [], None, 0
+
     def set_gradient_checkpointing(self, on: bool) -> None:
         """diffusers' ``enable_gradient_checkpointing`` / ``disable_gradient_checkpointing`` on the transformer
         (recomputes each block in backward; same gradients, less activation memory)."""
@@ -380,12 +456,69 @@ class FluxHost(DiffusionHost):
         ``ValueError`` when a text encoder or tokenizer is missing."""
         if self.clip is None or self.t5 is None or self.clip_tokenizer is None or self.t5_tokenizer is None:
             raise ValueError("this Flux host has no text encoders / tokenizers (CLIP-L and T5-XXL are both needed)")
+        cache = self._prompt_cache
+        if cache and all(p in cache for p in prompts) and not self._te_deltas():
+            return Conditioning.cat([cache[p] for p in prompts]).to(self.device, self.dtype)
         n_clip = int(getattr(self.clip.config, "max_position_embeddings", 77))
-        ids_l = _hf_tokenize(self.clip_tokenizer, prompts, n_clip).to(self.device)
+        dev_l, dev_t5 = _device_of(self.clip), _device_of(self.t5)  # the CPU after offload_text_encoders
+        ids_l = _hf_tokenize(self.clip_tokenizer, prompts, n_clip).to(dev_l)
         pooled = self.clip(ids_l, output_hidden_states=False).pooler_output
-        ids_t5 = _hf_tokenize(self.t5_tokenizer, prompts, self.t5xxl_max_token_length).to(self.device)
+        ids_t5 = _hf_tokenize(self.t5_tokenizer, prompts, self.t5xxl_max_token_length).to(dev_t5)
         ctx = self.t5(ids_t5, output_hidden_states=False)[0]
-        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype))
+        return Conditioning(ctx.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+
+    # -- text encoders off the accelerator --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def denoiser_parked(self, device: str | torch.device = "cpu") -> Iterator[None]:
+        """Within the block the transformer's frozen weights are on ``device`` (the CPU), so the text encoders can
+        run on :attr:`device` without the transformer beside them — kohya ``cache_text_encoder_outputs_if_needed``
+        (``flux_train_network.py`` 231-237: "move vae and unet to cpu to save memory"). Afterwards every block is
+        back where it was (block swap's offloaded blocks stay offloaded); installed deltas never move. A no-op when
+        ``device`` is :attr:`device`."""
+        from . import block_swap
+
+        device = torch.device(device)
+        if device == self.device:
+            yield
+            return
+        away = [sw.blocks[i] for sw in self._swaps for i in range(sw.n) if sw.location[i] != sw.device]
+        block_swap.move_frozen(self.transformer, device, skip=away)
+        try:
+            yield
+        finally:
+            block_swap.move_frozen(self.transformer, self.device, skip=away)
+
+    def _te_deltas(self) -> bool:
+        return any(c in ("te1", "t5") for c, _, _ in self._installed)
+
+    def offload_text_encoders(self, prompts: Sequence[str] = (), device: str | torch.device = "cpu") -> int:
+        """Encode ``prompts`` (e.g. the sample prompts) while CLIP-L and T5-XXL are still on :attr:`device`, keep
+        their conditionings, then move both encoders to ``device`` (the CPU) — kohya ``flux_train_network.py``
+        ``cache_text_encoder_outputs_if_needed`` (lines 226-282: T5-XXL and, unless trained, CLIP-L "back to cpu"
+        after caching, sample prompts cached first). Afterwards :meth:`encode_prompts` returns the kept
+        conditionings for those prompts and runs the encoders where they now are for any other prompt (slower on
+        the CPU, same result). Returns the number of bytes of encoder weights moved off the device.
+
+        Raises ``ValueError`` when text-encoder deltas are installed (a trained encoder must stay on the device,
+        as kohya keeps CLIP-L there when it is trained)."""
+        if self._te_deltas():
+            raise ValueError("text-encoder deltas are installed: the text encoders are trained and stay on the device")
+        device = torch.device(device)
+        cache = dict(self._prompt_cache)
+        todo = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if todo and self.clip is not None and self.t5 is not None:
+            with torch.no_grad():
+                for p, row in zip(todo, self.encode_prompts(todo).detach().rows()):
+                    cache[p] = row.to("cpu")
+        self._prompt_cache = cache
+        moved = 0
+        for enc in (self.clip, self.t5):
+            if enc is not None and _device_of(enc) != device:
+                moved += sum(t.numel() * t.element_size() for t in [*enc.parameters(), *enc.buffers()])
+                enc.to(device)
+        if moved and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return moved
 
     def _guidance(self, cond: Conditioning, batch: int) -> torch.Tensor | None:
         if not self.transformer.config.guidance_embeds:

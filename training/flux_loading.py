@@ -128,7 +128,8 @@ def load_flux_single_files(transformer: str | os.PathLike, *, clip_l: str | os.P
                            ae: str | os.PathLike, clip_tokenizer: Any = None, t5_tokenizer: Any = None,
                            device: str = "cpu", dtype: torch.dtype = torch.float32,
                            t5xxl_max_token_length: int | None = None, configs_dir: str | os.PathLike | None = None,
-                           config_overrides: Mapping[str, Mapping] | None = None, quantize: str | None = None):
+                           config_overrides: Mapping[str, Mapping] | None = None, quantize: str | None = None,
+                           blocks_to_swap: int = 0):
     """A :class:`.flux_host.FluxHost` from the four Flux.1 single files (module docstring).
 
     Args:
@@ -140,6 +141,7 @@ def load_flux_single_files(transformer: str | os.PathLike, *, clip_l: str | os.P
         config_overrides: ``{"transformer": {...}, "vae": {...}, "clip_l": {...}, "t5xxl": {...}}`` merged into the
             shipped configs (tests use tiny ones; ``axes_dims_rope`` must sum to the head dim).
         quantize: ``None`` or a :mod:`.quantize` scheme applied to the transformer's frozen Linear weights.
+        blocks_to_swap: kohya's block swap (:meth:`.flux_host.FluxHost.enable_block_swap`).
 
     Raises:
         FileNotFoundError, formats.safetensors_io.WeightFileError: a missing or unreadable file.
@@ -204,7 +206,8 @@ def load_flux_single_files(transformer: str | os.PathLike, *, clip_l: str | os.P
     _load_strict(vae, vsd, "Flux VAE", ap, torch.float32)
 
     host = FluxHost(tr, clip, resolve_tokenizer(clip_tokenizer, arch="sd1"), t5, resolve_t5_tokenizer(t5_tokenizer),
-                    vae, t5xxl_max_token_length=t5xxl_max_token_length, device=device, dtype=dtype)
+                    vae, t5xxl_max_token_length=t5xxl_max_token_length, device=device, dtype=dtype,
+                    blocks_to_swap=blocks_to_swap)
     if quantize:
         host.quantize_base(quantize)
     host.load_report = {"path": str(tp), "arch": "flux", "variant": host.variant, "layout": flux_layout(shapes),

@@ -423,18 +423,61 @@ def load_single_file(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                            text_encoder_2=te2, zero_terminal_snr=ztsnr)
 
 
-def load_host(path_or_folder: str | os.PathLike, **kw):
-    """A :class:`~.diffusers_host.DiffusersHost` from a diffusers folder or a single-file checkpoint.
+def load_host(path_or_folder: str | os.PathLike, *, flux: Mapping[str, Any] | None = None,
+              quantize: str | None = None, blocks_to_swap: int = 0, **kw):
+    """The training host for a local model: the one router the CLIs share (nothing is ever downloaded).
 
-    A folder goes to :meth:`DiffusersHost.from_pretrained` (``device``, ``dtype`` only), a file to
-    :meth:`DiffusersHost.from_single_file` (also ``tokenizer``, ``prediction_type``, ``configs_dir``,
-    ``config_overrides``). Raises ``FileNotFoundError`` for a missing path (nothing is ever downloaded: a Hub id
-    is not accepted), ``ValueError`` when single-file-only options are given for a diffusers folder, and the errors
-    of the chosen loader.
+    * ``flux`` given (a mapping, possibly empty, of the Flux companion files ``clip_l`` / ``t5xxl`` / ``ae`` and
+      ``t5_tokenizer``; the caller trains or erases Flux too): a diffusers Flux.1 folder goes to
+      :meth:`.flux_host.FluxHost.from_pretrained`, a Flux transformer file with its three companions to
+      :func:`.flux_loading.load_flux_single_files` (``tokenizer`` is then the CLIP-L tokenizer), both with
+      ``quantize`` (``quantize_base``: ``"int8"`` / ``"int4"`` / ``"fp8"``, see :mod:`.quantize`) and
+      ``blocks_to_swap`` (kohya's block swap, :meth:`.flux_host.FluxHost.enable_block_swap`). Companions,
+      ``quantize`` or ``blocks_to_swap`` given for a model that is not Flux are refused by name.
+    * otherwise, and for every SD model: a :class:`~.diffusers_host.DiffusersHost`; a folder goes to
+      :meth:`DiffusersHost.from_pretrained` (``device``, ``dtype`` only), a file to
+      :meth:`DiffusersHost.from_single_file` (also ``tokenizer``, ``prediction_type``, ``configs_dir``,
+      ``config_overrides``). Without ``flux`` a Flux model is refused there ("train inside ComfyUI").
+
+    Raises ``FileNotFoundError`` for a missing path (a Hub id is not accepted), ``ValueError`` when single-file-only
+    options are given for a folder, a Flux file lacks a companion, or Flux-only settings are given for another
+    model, and the errors of the chosen loader.
     """
     from .diffusers_host import DiffusersHost
 
     p = Path(path_or_folder)
+    if flux is not None:
+        from .flux_loading import is_flux_checkpoint, is_flux_folder, load_flux_single_files
+
+        flux = {k: v for k, v in flux.items() if v}
+        device, dtype = kw.get("device", "cpu"), kw.get("dtype") or torch.float32
+        if is_flux_folder(p):
+            from .flux_host import FluxHost
+
+            if kw.get("tokenizer") is not None:
+                raise ValueError("tokenizer = ... is for single-file checkpoints; a Flux folder has tokenizer/ and "
+                                 "tokenizer_2/")
+            return FluxHost.from_pretrained(p, device=device, dtype=dtype, quantize=quantize,
+                                            blocks_to_swap=blocks_to_swap)
+        if is_flux_checkpoint(p):
+            missing = [k for k in ("clip_l", "t5xxl", "ae") if not flux.get(k)]
+            if missing:
+                raise ValueError(f"{p.name} is a Flux transformer file: also give {', '.join(missing)} (the CLIP-L, "
+                                 "T5-XXL and VAE files, as kohya's flux_train_network.py takes them)")
+            return load_flux_single_files(p, clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], ae=flux["ae"],
+                                          clip_tokenizer=kw.get("tokenizer"), t5_tokenizer=flux.get("t5_tokenizer"),
+                                          device=device, dtype=dtype, quantize=quantize,
+                                          blocks_to_swap=blocks_to_swap)
+        if quantize:
+            raise ValueError("quantize_base applies to Flux models only")
+        given = sorted(k for k in ("clip_l", "t5xxl", "ae", "t5_tokenizer") if flux.get(k))
+        if given:
+            raise ValueError(f"{given} are for Flux transformer files; {p.name} is not one")
+    elif quantize:
+        raise ValueError("quantize_base applies to Flux models only")
+    if blocks_to_swap:
+        raise ValueError("blocks_to_swap applies to Flux models only (kohya flux_train_network.py); for SD/SDXL use "
+                         "gradient_checkpointing")
     if p.is_dir():
         allowed = {"device", "dtype"}
         extra = sorted(k for k, v in kw.items() if k not in allowed and v is not None)

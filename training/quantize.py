@@ -5,9 +5,9 @@ its int8 weight-only scheme keeps ``nn.Linear`` modules as they are (only the we
 subclass) and runs on the CPU as well as CUDA, so a CPU test can show a LoRA training on an int8 base; bitsandbytes
 has no CPU path and replaces modules; optimum-quanto is in maintenance mode and also swaps modules.
 
-How it meets the weight-space deltas of :mod:`.lora`: a :class:`~.host.DeltaModule` dequantizes a quantized weight
-before adding ΔW (``W_q.dequantize() + ΔW``), so only the layers that carry a delta see a dense weight, and only
-while they run (with gradient checkpointing, per block); untouched layers use torchao's quantized matmul. The base
+How it meets the weight-space deltas of :mod:`.lora.network`: a :class:`~.host.DeltaModule` dequantizes a quantized
+weight before adding ΔW (``W_q.dequantize() + ΔW``), so only the layers that carry a delta see a dense weight, and
+only while they run (with gradient checkpointing, per block); untouched layers use torchao's quantized matmul. The base
 stays frozen and quantized in memory throughout.
 
 Schemes: ``"int8"`` (``Int8WeightOnlyConfig``: per-channel symmetric int8, CPU and CUDA), ``"int4"``
@@ -40,10 +40,11 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t.dequantize() if is_quantized(t) else t
 
 
-def quantize_frozen(model: nn.Module, scheme: str, *, min_features: int = 16) -> int:
+def quantize_frozen(model: nn.Module, scheme: str, *, min_features: int = 16, skip: tuple[str, ...] = ()) -> int:
     """Quantize the weights of ``model``'s ``nn.Linear`` layers in place (weight-only; biases stay float).
 
-    ``min_features``: layers with fewer input features are left dense (tiny embedders). Returns the number of
+    ``min_features``: layers with fewer input features are left dense (tiny embedders); ``skip``: module-path
+    prefixes (``"transformer_blocks.17."``) left as they are (already quantized elsewhere). Returns the number of
     layers quantized. Raises ``ValueError`` for an unknown scheme, int4 / fp8 on a non-CUDA model, or a model with
     deltas already installed; ``ImportError`` (naming the ``quant`` extra) without torchao.
     """
@@ -53,7 +54,8 @@ def quantize_frozen(model: nn.Module, scheme: str, *, min_features: int = 16) ->
         from torchao.quantization import quantize_
     except ImportError as exc:
         raise ImportError("quantize_base needs torchao: pip install 'conceptlab[quant]' (or torchao)") from exc
-    dev = next(model.parameters()).device
+    dev = next((p.device for n, p in model.named_parameters() if not any(n.startswith(s) for s in skip)),
+               next(model.parameters()).device)
     if scheme != "int8" and dev.type != "cuda":
         raise ValueError(f"quantize_base = {scheme!r} needs a CUDA device (torchao's {scheme} kernels); int8 also "
                          "runs on the CPU")
@@ -65,7 +67,8 @@ def quantize_frozen(model: nn.Module, scheme: str, *, min_features: int = 16) ->
     n = [0]
 
     def pick(mod: nn.Module, fqn: str) -> bool:
-        ok = isinstance(mod, nn.Linear) and mod.in_features >= min_features and mod.weight.is_floating_point()
+        ok = (isinstance(mod, nn.Linear) and mod.in_features >= min_features and mod.weight.is_floating_point()
+              and not any(fqn.startswith(p) for p in skip))
         n[0] += int(ok)
         return ok
 

@@ -63,7 +63,7 @@ def test_flux_file_detected_and_lora_trains_and_loads(flux_file_model, tmp_path)
     from conceptlab.nodes.comfy_host import ComfyHost
     from conceptlab.training.conditioning import Conditioning
     from conceptlab.training.flow import noisy_input, velocity_target
-    from conceptlab.training.lora import LoRADelta, _kohya_name
+    from conceptlab.training.lora.network import LoRADelta, _kohya_name
 
     model = flux_file_model
     base = model.model

@@ -137,7 +137,7 @@ def test_pixel_budget_refuses_bomb_below_pils_limit(tmp_path):
 
     from conceptlab.metrics.captions import load_rgb
     from conceptlab.metrics.palette import load_rgb as load_image
-    from conceptlab.training.dataset import KohyaDataset, open_rgb
+    from conceptlab.training.lora.dataset import KohyaDataset, open_rgb
 
     assert 11_000 * 11_000 < 2 * Image.MAX_IMAGE_PIXELS
     p = tmp_path / "ds" / "1_bomb" / "bomb.png"
@@ -160,7 +160,7 @@ def test_batch_pixel_budget():
 
 
 def test_dataset_image_count_bounded(tmp_path, monkeypatch):
-    from conceptlab.training import dataset as dsmod
+    from conceptlab.training.lora import dataset as dsmod
 
     make_kohya_folder(tmp_path / "ds", n=3)
     monkeypatch.setattr(dsmod, "MAX_DATASET_IMAGES", 2)
@@ -169,7 +169,7 @@ def test_dataset_image_count_bounded(tmp_path, monkeypatch):
 
 
 def test_dataset_scan_is_cancellable(tmp_path):
-    from conceptlab.training.dataset import KohyaDataset
+    from conceptlab.training.lora.dataset import KohyaDataset
 
     make_kohya_folder(tmp_path / "ds", n=3)
     seen = []

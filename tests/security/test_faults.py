@@ -14,8 +14,9 @@ import torch
 
 from conceptlab.formats.safetensors_io import load_state_dict
 from conceptlab.nodes import policy
-from conceptlab.training.dataset import DatasetOptions, KohyaDataset
-from conceptlab.training.trainer import LoraTrainer, TrainConfig
+from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.config import TrainConfig
+from conceptlab.training.lora.trainer import LoraTrainer
 
 from .conftest import make_kohya_folder
 
@@ -181,7 +182,7 @@ def test_merge_cancel_and_full_disk_leave_no_partial_file(tmp_path, monkeypatch)
 def test_network_size_is_counted_before_allocation(tmp_path, monkeypatch):
     from conceptlab.formats import limits
     from conceptlab.nodes.lora import _check_network_size
-    from conceptlab.training.lora import LoRANetwork
+    from conceptlab.training.lora.network import LoRANetwork
 
     host, ds = tiny_host(), _dataset(tmp_path)
     cfg = _cfg(tmp_path / "o", network_dim=8, conv_dim=4, conv_alpha=1)

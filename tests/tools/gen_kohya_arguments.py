@@ -1,4 +1,4 @@
-"""Regenerate ``training/kohya_arguments.json``: every argument name kohya-ss/sd-scripts' ``train_network.py``
+"""Regenerate ``training/lora/kohya_arguments.json``: every argument name kohya-ss/sd-scripts' ``train_network.py``
 parser accepts, every ``[[datasets]]`` / ``[[datasets.subsets]]`` key its dataset-config schema accepts, and every
 ``network_args`` key ``networks/lora.py`` reads, plus what ``flux_train_network.py`` adds (its parser and
 ``networks/lora_flux.py``'s ``network_args``) — read from kohya's own source with :mod:`ast` (nothing of
@@ -6,7 +6,7 @@ sd-scripts is imported or copied; only names, defaults and line numbers are reco
 
 Usage::
 
-    python tests/tools/gen_kohya_arguments.py /path/to/sd-scripts [--out training/kohya_arguments.json]
+    python tests/tools/gen_kohya_arguments.py /path/to/sd-scripts [--out training/lora/kohya_arguments.json]
 
 The sd-scripts checkout can come from ``fetch github:kohya-ss/sd-scripts`` (a bare git dir works too: pass
 ``--git-dir DIR`` and the files are read with ``git show HEAD:<path>``).
@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", nargs="?", help="sd-scripts checkout")
     ap.add_argument("--git-dir", help="bare git dir of sd-scripts (read HEAD)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "training" / "kohya_arguments.json"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "training" / "lora"
+                                         / "kohya_arguments.json"))
     a = ap.parse_args(argv)
     if not a.root and not a.git_dir:
         ap.error("give the sd-scripts checkout or --git-dir")
