@@ -84,23 +84,33 @@ def suite_accuracy(data: Path, n: int) -> None:
 
 
 def conditions_accuracy(data: Path, n: int, only: str = "") -> None:
-    """Exact-grid share and CPU ms / 512 px image per condition: per-line cuts (ours) vs one period (baseline)."""
+    """Exact-grid share and CPU ms / 512 px image per condition: per-line cuts (ours) vs one period (baseline);
+    "strict" holds blank border stretches to the full cut rule too (see ``cuts_match``); "low⇒wrong" is the
+    share of our low_confidence/none grids that are wrong (precision) and the share of our wrong grids that
+    are flagged (recall)."""
     from conceptlab.metrics.grid import detect_grid, detect_grid_uniform
     from conceptlab.metrics.palette_synth import CONDITIONS, condition_render, cuts_match
 
     files = sorted(data.glob("*.png"))
-    print(f"\ngrid exactly right on {n} renders of 512x512 per condition (every cut within max(1.5 px, 15 % of a "
-          "cell))")
-    print(f"{'condition':14s}{'ours':>8s}{'baseline':>10s}{'ours ms':>10s}{'base ms':>10s}{'ours low/none':>15s}")
+    print(f"\ngrid exactly right on {n} renders of 512x512 per condition (every visible cut within max(1.5 px, 15 % "
+          "of a cell); blank border stretches: cell count ± 1; strict: every cut)")
+    print(f"{'condition':14s}{'ours':>8s}{'strict':>8s}{'baseline':>10s}{'strict':>8s}{'ours ms':>10s}{'base ms':>10s}"
+          f"{'ours low/none':>15s}{'low=>wrong':>12s}{'wrong flagged':>15s}")
     tot_o = tot_b = 0.0
+
+    def exact(g, r, strict):
+        return g.cells_x > 0 and cuts_match(g.cuts_x, r.cuts_x, 512, r.cell, r.evidence_x, strict=strict) and \
+            cuts_match(g.cuts_y, r.cuts_y, 512, r.cell, r.evidence_y, strict=strict)
+
     for cond in CONDITIONS:
         if cond == "transparent" or (only and cond not in only.split(",")):
             continue
-        ok_o = ok_b = flagged = 0
+        ok = np.zeros(4)
+        flagged = flagged_wrong = wrong = 0
         t_o = t_b = 0.0
         for s in range(n):
             r = condition_render(cond, 5000 + s, files, size=(512, 512))
-            img = r.image[..., :3]
+            img = np.ascontiguousarray(r.image[..., :3])
             res = []
             for fn in (detect_grid, detect_grid_uniform):
                 t = time.process_time()
@@ -109,20 +119,20 @@ def conditions_accuracy(data: Path, n: int, only: str = "") -> None:
             (go, to), (gb, tb) = res
             t_o += to
             t_b += tb
-            for g, k in ((go, 0), (gb, 1)):
-                good = g.cells_x > 0 and cuts_match(g.cuts_x, r.cuts_x, 512, r.cell, r.evidence_x) and cuts_match(
-                    g.cuts_y, r.cuts_y, 512, r.cell, r.evidence_y)
-                if k == 0:
-                    ok_o += good
-                else:
-                    ok_b += good
-            flagged += go.status in ("low_confidence", "none")
+            ok += [exact(go, r, False), exact(go, r, True), exact(gb, r, False), exact(gb, r, True)]
+            low = go.status in ("low_confidence", "none")
+            good = exact(go, r, False)
+            flagged += low
+            flagged_wrong += low and not good
+            wrong += not good
         tot_o += t_o
         tot_b += t_b
-        print(f"{cond:14s}{ok_o / n:8.0%}{ok_b / n:10.0%}{1000 * t_o / n:10.1f}{1000 * t_b / n:10.1f}"
-              f"{flagged / n:15.0%}")
+        prec = f"{flagged_wrong}/{flagged}"
+        rec = f"{flagged_wrong}/{wrong}"
+        print(f"{cond:14s}{ok[0] / n:8.0%}{ok[1] / n:8.0%}{ok[2] / n:10.0%}{ok[3] / n:8.0%}{1000 * t_o / n:10.1f}"
+              f"{1000 * t_b / n:10.1f}{flagged / n:15.0%}{prec:>12s}{rec:>15s}")
     k = len([c for c in CONDITIONS if c != "transparent" and (not only or c in only.split(","))]) * n
-    print(f"{'mean ms/image':14s}{'':18s}{1000 * tot_o / k:10.1f}{1000 * tot_b / k:10.1f}")
+    print(f"{'mean ms/image':14s}{'':34s}{1000 * tot_o / k:10.1f}{1000 * tot_b / k:10.1f}")
 
 
 def _init():

@@ -53,6 +53,14 @@ SOFT_POOL = 0.2
 SOFT_RESIDUAL_FULL = 0.01
 #: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
+#: Sharp axes: the confidence falls linearly from 1 to 0 as the cut alternation (:func:`.grid_cuts.cut_support`:
+#: the edges on every 2nd / 3rd cut only — a grid 2–3× too fine) rises from ALTERNATION_RANGE[0] to [1]
+#: (right grids on the tuning seeds 0–99: ≤ 0.64; grids twice too fine: 0.72–0.83).
+ALTERNATION_RANGE = (0.6, 0.8)
+#: Sharp grids: the confidence is scaled by clip((n − EDGES_RANGE[0]) / (EDGES_RANGE[1] − EDGES_RANGE[0]), 0, 1)
+#: for n = the most edge-anchored cuts on one axis — a period read from ≤ 3 edges (two gaps) is any common
+#: divisor of them (tiny sprites on a plain canvas: the wrong grids at full confidence on the tuning seeds).
+EDGES_RANGE = (1.5, 5.5)
 
 
 def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
@@ -72,6 +80,26 @@ def _axis_confidence(score: float, separation: float, mode: str = "sharp", resid
     if mode == "soft":
         return float(np.clip(1.0 - residual / SOFT_RESIDUAL_FULL, 0.0, 1.0) * sep)
     return float(np.clip(score, 0.0, 1.0) ** 0.5 * sep)
+
+
+def _sharp_confidence(score: float, alternation: float, edges: int) -> float:
+    """Confidence of a sharp (nearest-neighbour) axis, 0..1 — calibrated per condition on the fixtures
+    (tests/test_grid_conditions.py): the edge concentration on the cuts (``score``, chance-corrected, see
+    :func:`.grid_cuts.edge_score`, square root), times a fall-off with the cut ``alternation``
+    (:data:`ALTERNATION_RANGE`; a grid 2–3× too fine puts every edge on one cut in 2 or 3), times
+    :func:`_edges_factor` of ``edges`` (the most edge-anchored cuts on either axis). The residual gain over
+    the next coarser grid (``separation``, which :func:`_axis_confidence` uses) is left out for sharp axes: on
+    the fixtures it was small for right grids whenever the art is small (few pixels change) and large for the
+    wrong ones, so it flagged right grids."""
+    lo, hi = ALTERNATION_RANGE
+    alt = float(np.clip((hi - alternation) / (hi - lo), 0.0, 1.0))
+    return float(np.clip(score, 0.0, 1.0) ** 0.5 * alt * _edges_factor(edges))
+
+
+def _edges_factor(n: int) -> float:
+    """Confidence scale for a sharp grid whose best axis has ``n`` edge-anchored cuts (:data:`EDGES_RANGE`)."""
+    lo, hi = EDGES_RANGE
+    return float(np.clip((n - lo) / (hi - lo), 0.0, 1.0))
 
 
 def _phase_of(cuts: tuple, cell: float) -> float:
@@ -130,7 +158,12 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
         raise ValueError(f"margin must be in (0, 1], got {margin}")
     if min(h, w) < 2 * gc.MIN_CELL_PX:
         return no_grid(w, h, f"image {w}x{h} is too small to hold a grid of cells >= {gc.MIN_CELL_PX:g} px")
-    u = detect_grid_uniform(rgb, None, margin, max_cells)
+    # sampled lines and edge profiles per axis, computed once: the uniform and cut-sequence hypotheses use them
+    views = (rgb, np.swapaxes(rgb, 0, 1))
+    lines_xy = [_lines(img) for img in views]
+    prof_xy = [gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2)) for img in views]
+    u = detect_grid_uniform(rgb, None, margin, max_cells, profiles=tuple(p1[1:-1] for p1, _ in prof_xy),
+                            lines=tuple(lines_xy))
     # an interpolating upscale (soft edges, issue 13): grid_soft's lattices win on the axes they explain; tried
     # unless both axes show a clearly sharp grid (they reject sharp, noisy, JPEG and blurred renders themselves)
     from .grid_soft import SOFT_TRY, detect_soft
@@ -139,15 +172,15 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
                                                                          (u.confidence_y, u.cell_h))]
     soft = detect_soft(rgb) if min(uc) < SOFT_TRY else [None, None]
     fits = []
-    for axis, img in ((0, rgb), (1, np.swapaxes(rgb, 0, 1))):
+    for axis, img in enumerate(views):
         L = img.shape[1]
-        lines = _lines(img)
+        lines = lines_xy[axis]
+        p1, p2 = prof_xy[axis]
         ucell = (u.cell_w if axis == 0 else u.cell_h) if u.method == "uniform" else 0.0
         # edges concentrated on a sharp grid (uniform confidence ≥ SOFT_POOL): no soft lattices
         uconf = (u.confidence_x if axis == 0 else u.confidence_y) if ucell > 1 else 0.0
         sfit = soft[axis]
         if sfit is None:
-            p1, p2 = gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2))
             modes = ("sharp",) if uconf >= SOFT_POOL else gc.MODES
             fit = gc.detect_axis(lines, p1, p2, (ucell,) if ucell >= gc.MIN_CELL_PX else (), ucell, modes,
                                  pool=uconf < SOFT_POOL)
@@ -158,9 +191,12 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)
             same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
+            # ... and one period reaches every visible cut (no edge-anchored cut of the line-by-line fit off it):
+            # otherwise the cells drift, and the tie goes to the cut sequence
+            same = same and gc.off_grid(p1, fit.cuts, ucuts, fit.cell) == 0
             if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
                     or ru < fit.residual - UNIFORM_TIE[2]):
-                conf_u = _confidence(_prepare(_profile_x(img, PROFILE_LINES)), L, ucell,
+                conf_u = _confidence(p1[1:L], L, ucell,
                                      u.phase_x if axis == 0 else u.phase_y)
                 fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
                                  fit.noise, fit.candidates)
@@ -180,7 +216,15 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             a.cell = b.cell
             a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
             a.score, a.separation, a.mode = b.score, b.separation, b.mode
-    cx, cy = (_axis_confidence(f.score, f.separation, f.mode, f.residual) for f in (fx, fy))
+            a.edges = False  # its cuts are borrowed: no edges of its own to count
+    support = [gc.cut_support(prof_xy[i][0], f.cuts, f.cell) if f.mode == "sharp" and getattr(f, "edges", True)
+               else (0, 0.0) for i, f in enumerate((fx, fy))]
+    for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px
+        if f.mode == "sharp" and getattr(f, "edges", True) and f.cuts.size:
+            f.score = max(f.score, gc.edge_score(prof_xy[i][0], f.cuts, f.length, max(2.0, min(3.0, f.cell / 4))))
+    edges = max(n for n, _ in support)
+    cx, cy = (_sharp_confidence(f.score, a, edges) if f.mode == "sharp" else
+              _axis_confidence(f.score, f.separation, f.mode, f.residual) for f, (_, a) in zip((fx, fy), support))
     conf = min(cx, cy)
     status = "detected" if conf >= LOW_CONFIDENCE else "low_confidence"
     method = "uniform" if getattr(fx, "uniform", False) and getattr(fy, "uniform", False) else "detected"
@@ -189,7 +233,9 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
              _phase_of(tuple(fx.cuts), fx.cell), _phase_of(tuple(fy.cuts), fy.cell), conf, cx, cy, method,
              {"residual_x": fx.residual, "residual_y": fy.residual, "separation_x": fx.separation,
               "separation_y": fy.separation, "score_x": fx.score, "score_y": fy.score,
-              "candidates_x": fx.candidates, "candidates_y": fy.candidates},
+              "candidates_x": fx.candidates, "candidates_y": fy.candidates, "edges_x": support[0][0],
+              "edges_y": support[1][0], "alternation_x": round(support[0][1], 4),
+              "alternation_y": round(support[1][1], 4)},
              tuple(float(c) for c in fx.cuts), tuple(float(c) for c in fy.cuts), status,
              "" if status == "detected" else f"confidence {conf:.2f} < {LOW_CONFIDENCE}", mode)
     return g

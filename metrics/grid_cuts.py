@@ -27,8 +27,13 @@ filters and Hough lines, not a period-constrained cut sequence); the pieces are 
    centre). Both models compete at every period only where no sharp grid concentrates the edges (``pool``);
    otherwise the model is chosen at the fundamental. Coarse harmonics leave real edges inside cells; the truth
    and its refinements tie near the minimum; the **coarsest candidate within a margin of the best** wins; the margin scales with the noise.
-5. **Confidence**: see ``_axis_confidence`` in :mod:`.grid` — calibrated on the fixtures of
+5. **Confidence**: see ``_sharp_confidence`` / ``_axis_confidence`` in :mod:`.grid` (edge evidence:
+   :func:`cut_support`) — calibrated per condition on the fixtures of
    :func:`conceptlab.metrics.palette_synth.condition_render` (tests/test_grid_conditions.py).
+
+Speed: the DP is the costliest step (one Python iteration per ≈ 0.7 cell), so candidates are tried coarse to
+fine and the finer ones are skipped once they cannot change the pick (:func:`_settled`; same result as trying
+all of them), and :mod:`.grid` computes the sampled lines and profiles once for both hypotheses.
 """
 
 from __future__ import annotations
@@ -204,27 +209,30 @@ def dp_cuts(e: np.ndarray, length: int, w: float, lam: float = DP_LAMBDA, slack:
     pen = lam * np.log(G / w) ** 2
     off = gmax + 1  # D is stored shifted by `off`; entries for positions ≤ 0 stay -inf
     D = np.full(length + off, -np.inf)
-    back = np.zeros(length, np.int64)
-    T = np.arange(gmin)[:, None] - G[None, :]  # [gmin, nG] predecessor offsets within a block
+    back = np.zeros(length, np.int64)  # gap to the previous cut (px); 0 = first cut
     rows = np.arange(gmin)
-    start = np.where(np.arange(length) <= gmax, 0.0, -np.inf)
+    T = rows[:, None] - G[None, :] + off  # [gmin, nG] predecessor offsets within a block, as indices into D
     for s in range(1, length, gmin):
         n = min(gmin, length - s)
-        P = s + T[:n]
-        V = D[P + off] - pen
+        V = D[T[:n] + s]
+        V -= pen
         j = V.argmax(1)
-        best = V[rows[:n], j]
-        st = start[s : s + n]
-        use = st >= best
-        D[s + off : s + n + off] = e[s : s + n] + np.where(use, st, best)
-        back[s : s + n] = np.where(use, 0, P[rows[:n], j])
+        best = V.max(1)
+        gap = G[j]
+        if s <= gmax:  # a first cut within gmax of the frame start has no predecessor (partial border cell)
+            use = (np.arange(s, s + n) <= gmax) & (best <= 0.0)
+            best[use] = 0.0
+            gap[use] = 0
+        D[s + off : s + n + off] = e[s : s + n] + best
+        back[s : s + n] = gap
     D = D[off:]
     ends = np.arange(max(1, length - gmax), length)
     c = int(ends[np.argmax(D[ends])])
     out = []
     while c > 0:
         out.append(c)
-        c = int(back[c])
+        g = int(back[c])
+        c = c - g if g else 0
     return np.array(out[::-1], np.int64)
 
 
@@ -475,11 +483,27 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     # models are not comparable across periods (a soft lattice of half the cells re-renders a blurred sharp render)
     # — unless ``pool`` (no sharp grid concentrates the edges: an interpolating upscale), where a sharp grid of
     # tiny cells re-renders the smooth image too and every (period, model) pair competes on the harmonic rule
+    floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
+    if pool and "sharp" in modes and run(w0, "sharp") <= floor:
+        # a line-by-line sharp grid re-renders the image within the noise floor at the fundamental, with its
+        # edges on the cuts: nearest-neighbour cells whose widths drift (no single period concentrates their
+        # edges, which is why ``pool`` was asked) — an interpolating upscale leaves gradients inside every cell
+        # that a sharp grid at its fundamental cannot re-render. Soft lattices are not tried (they cost most).
+        c0 = tried[(w0, "sharp")][1]
+        if c0.size and edge_score(p1, c0, L, max(1.0, min(2.0, w0 / 6))) >= 0.5:
+            pool, modes = False, ("sharp",)
     mode = min(modes, key=lambda m: (run(w0, m), MODES.index(m)))
-    for w in [c for c, _ in cands] + [w0 / 2]:
-        if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0):
-            for m in (modes if pool else (mode,)):
+    ws = [w for w in [c for c, _ in cands] + [w0 / 2] if MIN_CELL_PX <= w <= min(L / MIN_CELLS * 1.001, 4.5 * w0)]
+    if pool:
+        for w in ws:
+            for m in modes:
                 run(w, m)
+    else:  # coarse to fine, stopping once finer periods cannot change the outcome (see _settled)
+        ws = sorted(set(ws), reverse=True)
+        for i, w in enumerate(ws):
+            run(w, mode)
+            if mode == "sharp" and _settled(tried, mode, floor, [u for u in ws[i + 1 :] if (u, mode) not in tried]):
+                break
     if not pool:
         tried = {k: v for k, v in tried.items() if k[1] == mode}
     # soft lattices: a quick phase fit for every candidate, the full phase + period search for the contenders
@@ -487,22 +511,44 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     soft = sorted((r, w) for (w, m), (r, _) in tried.items() if m == "soft" and r <= 2.0 * best + 0.03)
     for r, w in soft[:SOFT_REFINE]:
         run(w, "soft", refine=True)
-    best = min(r for r, _ in tried.values())
-    floor = 0.008 + 0.5 * min(noise, 20.0) / 255.0
-    lim = best + max(HARMONIC_MARGIN * best, floor)
     acf = dict(cands)
-    ok = [(float(np.median(np.diff(c))) if c.size > 1 else w, r, w, mode) for (w, mode), (r, c) in tried.items()
-          if r <= lim]
-    top = max(o[0] for o in ok)
-    # the coarsest explaining cell size wins over its refinements (w/2, w/3 tie); periods within the DP's
-    # slack of it (ratio < SAME_PERIOD) are the same grid drawn with other gaps: the best residual among them
-    group = [o for o in ok if o[0] * SAME_PERIOD >= top]
-    rmin = min(o[1] for o in group)
-    tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
-    # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
-    # strongest autocorrelation peak
-    _, _, w, mode = min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), MODES.index(o[3]),
-                                            -acf.get(o[2], 0.0), o[1]))
+
+    def pick():
+        best = min(r for r, _ in tried.values())
+        lim = best + max(HARMONIC_MARGIN * best, floor)
+        ok = [(float(np.median(np.diff(c))) if c.size > 1 else w, r, w, mode) for (w, mode), (r, c) in tried.items()
+              if r <= lim]
+        top = max(o[0] for o in ok)
+        # the coarsest explaining cell size wins over its refinements (w/2, w/3 tie); periods within the DP's
+        # slack of it (ratio < SAME_PERIOD) are the same grid drawn with other gaps: the best residual among them
+        group = [o for o in ok if o[0] * SAME_PERIOD >= top]
+        rmin = min(o[1] for o in group)
+        tie = [o for o in group if o[1] <= rmin + max(0.001, 0.1 * rmin)]
+        # among ties: the preferred period (the uniform hypothesis' cell, when the caller has one), then the
+        # strongest autocorrelation peak
+        return min(tie, key=lambda o: (not (prefer and abs(o[2] / prefer - 1) < 0.03), MODES.index(o[3]),
+                                       -acf.get(o[2], 0.0), o[1]))[2:]
+
+    w, mode = pick()
+    if mode == "sharp" and not pool:
+        # periods read back from the fitted cuts (drifting cells decorrelate the autocorrelation, so its peaks
+        # can sit a few % off the mean cell or miss it): the mean gap over the edge-anchored span (a period whose
+        # DP slack is too narrow for the widest cells inserts cuts, and the mean gap shows it), and the typical
+        # gap between consecutive edge-anchored cuts when it is ≥ 1.6× the period (a fine harmonic that the
+        # candidates left without its fundamental). Each is one more candidate; a mean-gap period that ties its
+        # source inherits the source's place among ties.
+        cuts0 = tried[(w, mode)][1]
+        on, _ = anchored(p1, cuts0, w)
+        if on.sum() >= 4:
+            i = np.nonzero(on)[0]
+            mg = float(cuts0[i[-1]] - cuts0[i[0]]) / (i[-1] - i[0])  # mean gap over the visible span
+            if abs(mg / w - 1.0) > 0.04 and MIN_CELL_PX <= mg <= L / MIN_CELLS:
+                run(mg, mode)
+                acf[mg] = acf.get(w, 0.0) + 1e-9
+            g = float(np.percentile(np.diff(cuts0[on]), 25))
+            if g >= 1.6 * w and MIN_CELL_PX <= g <= L / MIN_CELLS:
+                run(g, mode)
+            w, mode = pick()
     r, cuts = tried[(w, mode)]
     cell = float(np.median(np.diff(cuts))) if cuts.size > 1 else float(w)
     coarser = [rr for (ww, mm), (rr, cc) in tried.items() if ww > 1.3 * w]
@@ -514,6 +560,87 @@ def detect_axis(lines: np.ndarray, p1: np.ndarray, p2: np.ndarray, extra: tuple 
     return fit
 
 
+def _settled(tried: dict, mode: str, floor: float, rest: list) -> bool:
+    """True when evaluating the periods ``rest`` (all finer than every period tried so far, besides the
+    fundamental) cannot change what :func:`detect_axis` picks — so their DP (the costliest step; the finest
+    periods cost most) is skipped, and the result is the one the full candidate set gives. The harmonic rule
+    keeps the candidates with residual ≤ lim = best + max(margin·best, floor); residuals are ≥ 0, so lim can
+    only fall to ``floor`` as more candidates are tried: a candidate with residual ≤ ``floor`` stays in, one
+    above the current lim stays out. If every tried candidate is one of these two kinds, at least one is in,
+    and no period in ``rest`` can reach the coarsest kept cell size within :data:`SAME_PERIOD` (its DP gaps are
+    ≤ 1.3·w + 1 px), the kept set, the coarsest group and its ties are final; the separation uses only
+    coarser periods."""
+    rs = [(r, c, w) for (w, m), (r, c) in tried.items() if m == mode]
+    best = min(r for r, _, _ in rs)
+    lim = best + max(HARMONIC_MARGIN * best, floor)
+    if any(floor < r <= lim for r, _, _ in rs):
+        return False
+    kept = [float(np.median(np.diff(c))) if c.size > 1 else w for r, c, w in rs if r <= floor]
+    if not kept:
+        return False
+    top = max(kept)
+    return all(((1.0 + GAP_SLACK) * u + 1.0) * SAME_PERIOD < top for u in rest)
+
+
 def _centres(cuts: np.ndarray, length: int) -> np.ndarray:
     b = np.concatenate([[0.0], cuts, [float(length)]])
     return 0.5 * (b[1:] + b[:-1])
+
+
+def anchored(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(on, v)``: which ``cuts`` (px) sit on an edge of the boundary-energy profile ``p`` (length L + 1, see
+    :func:`axis_profiles`) — normalised energy (:func:`_norm` at period ``cell``) ≥ :data:`ANCHOR` within 1 px —
+    and that energy per cut (float64)."""
+    c = np.asarray(cuts, np.float64)
+    L = p.size - 1
+    if c.size == 0 or L < 2:
+        return np.zeros(c.size, bool), np.zeros(c.size)
+    e = _norm(p, L, cell)
+    i = np.clip(np.rint(c).astype(np.int64), 0, L)
+    v = np.maximum(np.maximum(e[i], e[np.maximum(i - 1, 0)]), e[np.minimum(i + 1, L)])
+    return v >= ANCHOR, v
+
+
+def off_grid(p: np.ndarray, cuts: np.ndarray, other: np.ndarray, cell: float, strong: float = 0.3) -> int:
+    """How many of ``cuts`` that sit on a clear edge (normalised energy ≥ ``strong``, see :func:`anchored`; noise
+    and blur leave weaker maxima than a real cell boundary) lie farther than max(2 px, 12 % of
+    ``cell``) from every cut of ``other`` (px) — e.g. the visible cuts of a drifting grid that a single
+    period misses."""
+    _, v = anchored(p, cuts, cell)
+    c = np.asarray(cuts, np.float64)[v >= strong]
+    o = np.asarray(other, np.float64)
+    if c.size == 0:
+        return 0
+    if o.size == 0:
+        return int(c.size)
+    j = np.clip(np.searchsorted(o, c), 1, max(1, o.size - 1)) if o.size > 1 else np.zeros(c.size, np.int64)
+    d = np.abs(o[j] - c)
+    if o.size > 1:
+        d = np.minimum(d, np.abs(o[j - 1] - c))
+    return int((d > max(2.0, 0.12 * cell)).sum())
+
+
+def cut_support(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[int, float]:
+    """Evidence the edge profile ``p`` (boundary energy per position, length L + 1, see :func:`axis_profiles`)
+    gives a sharp axis' ``cuts`` (px): ``(anchored, alternation)``.
+
+    ``anchored``: how many cuts sit on an edge (:func:`anchored`) — a period read from one or two edges (a tiny
+    sprite on a plain canvas) is a guess. ``alternation`` 0..1: how much of the energy on the cuts falls on
+    every k-th cut only (k = 2, 3; the largest share of one residue class mod k, chance-corrected:
+    (share − 1/k) / (1 − 1/k), shrunk by n/(n + 4) for n anchored cuts so a handful of edges does not look
+    periodic by chance): a grid k times too fine puts the real edges on one residue class, the true grid
+    spreads them over all."""
+    c = np.asarray(cuts, np.float64)
+    on, v = anchored(p, c, cell)
+    n = int(on.sum())
+    tot = float(v[on].sum())
+    if n < 2 or tot <= 0:
+        return n, 0.0
+    idx = np.arange(c.size)
+    alt = 0.0
+    for k in (2, 3):
+        if c.size < 2 * k:
+            continue
+        share = max(float(v[on & (idx % k == r)].sum()) for r in range(k)) / tot
+        alt = max(alt, (share - 1.0 / k) / (1.0 - 1.0 / k))
+    return n, float(alt * n / (n + 4.0))

@@ -321,13 +321,18 @@ def grid_from_cells(width: int, height: int, cells_x: int, cells_y: int | None =
 
 
 def detect_grid_uniform(rgb: np.ndarray, cells: int | tuple[int, int] | None = None,
-                        margin: float = HARMONIC_MARGIN, max_cells: int = MAX_CELLS) -> Grid:
+                        margin: float = HARMONIC_MARGIN, max_cells: int = MAX_CELLS, profiles=None,
+                        lines=None) -> Grid:
     """The single-period detector (the project's detector before issue 13; kept as one hypothesis of
     :func:`detect_grid` and as the benchmark's baseline): one integer cell count per axis spanning the frame,
     one phase (see the module docstring, steps 1–5).
 
     ``cells``: user override — an int (cells along x, square cells) or ``(cells_x, cells_y)``; the phase is
-    still estimated. ``margin``: harmonic margin (0..1]. Returns a :class:`Grid`; an image without a detectable
+    still estimated. ``margin``: harmonic margin (0..1]. ``profiles`` / ``lines``: optional precomputed
+    ``(px, py)`` boundary profiles with JPEG blocking and noise floor removed (float64, lengths W−1 / H−1, as
+    :func:`edge_profiles` + deblocking + 25th-percentile floor; :func:`.grid.detect_grid` passes the ones it
+    derives from its own sampled lines, so they are computed once) and ``(lines_x, lines_y)`` residual lines
+    (int16 ``[3, r, W]`` / ``[3, r, H]``, see ``_lines``). Returns a :class:`Grid`; an image without a detectable
     grid gets native 1-px cells (``method="native"``, confidence 0) — :func:`detect_grid` turns that into
     ``status="none"``. Raises ValueError for a non-RGB-uint8 array, :class:`GridError` for an impossible override.
     """
@@ -339,12 +344,16 @@ def detect_grid_uniform(rgb: np.ndarray, cells: int | tuple[int, int] | None = N
         return grid_from_cells(w, h, cells, None, rgb)
     if not (0 < margin <= 1):
         raise ValueError(f"margin must be in (0, 1], got {margin}")
-    prx, pry = edge_profiles(rgb)
-    prx, pry = _prepare(prx), _prepare(pry)
+    if profiles is None:
+        prx, pry = edge_profiles(rgb)
+        prx, pry = _prepare(prx), _prepare(pry)
+    else:
+        prx, pry = profiles
+    lx, ly = lines if lines is not None else (_lines(rgb), _lines(np.swapaxes(rgb, 0, 1)))
     nsx, scx = axis_scores(prx, w, max_cells)
     nsy, scy = axis_scores(pry, h, max_cells)
-    ax = _Axis(prx, w, _lines(rgb), nsx, scx, margin)
-    ay = _Axis(pry, h, _lines(np.swapaxes(rgb, 0, 1)), nsy, scy, margin)
+    ax = _Axis(prx, w, lx, nsx, scx, margin)
+    ay = _Axis(pry, h, ly, nsy, scy, margin)
     nx, ny = ax.pick(), ay.pick()
 
     def score_at(ns, sc, n):
