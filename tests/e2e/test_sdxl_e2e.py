@@ -1,14 +1,15 @@
 """Real ComfyUI server with a full-size SDXL checkpoint (random weights, built once and cached, ~6.9 GB: ComfyUI
 recognises SDXL only at full size): the ``sdxl_pixel_art_lora`` API twin trains (2 steps at 64 px) and samples with
 the best epoch, its LoRA files carry kohya SDXL keys and load with zero "lora key not loaded"; ESD-x erases on the
-same model and its ``.diff`` file is applied.
+same model and its ``.diff`` file loads through ComfyUI's own ``LoraLoader`` with zero "lora key not loaded".
 
 Needs COMFYUI_PATH and free memory (skipped otherwise with the reason): the server runs with ComfyUI's own
 ``--bf16-unet`` (:data:`LOW_MEMORY_ARGS`): without it a CPU stores the SDXL UNet in fp32 (10.3 GB) and training at
 64 px reached 23.5 GB RSS (OOM-killed on a 24 GB machine); with it the LoRA workflow passed with a server peak RSS of
 17.9 GiB (``VmHWM``, printed; 259 s on 2 cores). The ESD part (ESD-x, 2 iterations, ``self_sample`` x_t, then
 the erasure comparison and weight diff) passed on its own server with a peak RSS of 18.0 GiB (1303 s on the shared
-2-core machine, load ≈ 9): ESD-x trains 350 attn2 tensors = 545.7 M parameters whose fp32 delta + gradient + two
+2-core machine, load ≈ 9; re-run on the quiet machine: 330.6 s, 17.36 GiB, then the written ``.diff`` through
+``LoraLoader`` on the same checkpoint, 1 step at 64 px: 14.5 s, zero "lora key not loaded"): ESD-x trains 350 attn2 tensors = 545.7 M parameters whose fp32 delta + gradient + two
 Adam moments are ≈ 8.7 GB on top of the 7.6 GB loaded model. It used to pass 23.9 GiB and be OOM-killed: with
 ``--bf16-unet`` every layer computes from an fp32 up-cast of its bf16 weight, and autograd kept that copy of every
 layer after the first trained one until backward (by analysis ≈ 10 GB: not measured separately); the node's ``gradient_checkpointing`` (default on)
@@ -131,6 +132,31 @@ def test_sdxl_esd_erasure(xl_server):
     print(f"esd_grid_erasure on full-size SDXL: {secs:.1f}s, server peak RSS so far "
           f"{_peak_rss_gib(xl_server.proc.pid):.2f} GiB")
     _assert_images(xl_server, entry, 2)
-    assert list((xl_server.output_dir / "loras" / "esd").glob("*.safetensors"))
+    diffs = sorted((xl_server.output_dir / "loras" / "esd").glob("*.safetensors"))
+    assert diffs
     log = xl_server.log.read_text(errors="replace")[log_start:]
     assert "lora key not loaded" not in log, log[-3000:]
+    # stage 2: the written .diff file through ComfyUI's own LoraLoader on the same full-size SDXL checkpoint, as a
+    # user applies it with a strength; ComfyUI logs "lora key not loaded" for every key it cannot map
+    lora_name = f"esd/{diffs[0].name}"
+    listed = xl_server.object_info()["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert lora_name in listed, listed[:10]
+    apply = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                     "strength_model": 0.8, "strength_clip": 0.8}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "a painting of a cat"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "esd_xl_applied"}},
+    }
+    log_before = len(xl_server.log.read_text(errors="replace"))
+    entry2, secs2 = _timed_run(xl_server, apply, timeout=1200)
+    print(f"ESD .diff through LoraLoader on full-size SDXL: {secs2:.1f}s")
+    _assert_images(xl_server, entry2, 1)
+    log2 = xl_server.log.read_text(errors="replace")[log_before:]
+    assert "lora key not loaded" not in log2, log2[-3000:]
