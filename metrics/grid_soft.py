@@ -46,8 +46,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import solveh_banded
 
-from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings
+from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings, line_fit
 
 __all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
            "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX", "SOFT_TRY"]
@@ -88,6 +89,11 @@ SAME_GRID = 1.3
 #: its thresholded residual (:func:`soft_residual`) ≤ MAX_RESIDUAL.
 SHARP_RATIO = 0.5
 MAX_RESIDUAL = 0.05
+#: Early exit of the soft search (before the precise fits): the least-squares error of the best screened lattice
+#: must be ≤ EARLY_RATIO × its nearest-neighbour error. Measured on condition_render (25 renders each, both
+#: axes): soft upscales (bilinear / bicubic / Lanczos) ≤ 0.17, blurred+noisy+JPEG sharp renders ≥ 0.45 (all of
+#: which the final SHARP_RATIO test rejected anyway); 0.35 keeps a 2× margin on the soft side.
+EARLY_RATIO = 0.35
 
 
 def _kernel(name: str, x: np.ndarray) -> np.ndarray:
@@ -185,7 +191,17 @@ def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
     B = np.zeros((K, Y.shape[1]))
     for i in range(m.size):
         B[j[starts] + m[i]] += np.add.reduceat(Y * w32[:, i, None], starts, axis=0)
-    V = np.linalg.solve(G, B).astype(np.float32)  # [K, n]
+    # G is symmetric positive definite and banded (half-bandwidth taps − 1): a banded Cholesky solve, O(K·taps²)
+    # and single-threaded (a dense LAPACK solve on a few dozen centres wakes OpenBLAS' thread pool, which on a
+    # busy machine costs up to tens of ms per call)
+    T = m.size
+    ab = np.zeros((T, K))
+    for d in range(T):
+        ab[T - 1 - d, d:] = np.diagonal(G, d)
+    try:
+        V = solveh_banded(ab, B, check_finite=False).astype(np.float32)  # [K, n]
+    except np.linalg.LinAlgError:
+        V = np.linalg.solve(G, B).astype(np.float32)
     out = V[cols[:, 0]] * w32[:, 0, None]
     for i in range(1, m.size):
         out += V[cols[:, i]] * w32[:, i, None]
@@ -281,8 +297,22 @@ def uniform_cuts(length: int, a: float, w: float) -> np.ndarray:
 def _phase_errors(sub: np.ndarray, w: float, kernel: str, phases: int) -> np.ndarray:
     """Per-pixel re-drawing error summed over lines, ``[phases, L]``, for cuts at ``(i / phases)·w``."""
     m = _clip_mask(sub)
-    return np.stack([(np.minimum(np.abs(render(sub, i * w / phases, w, kernel) - sub), ERROR_CLIP) * m).sum(0)
-                     for i in range(phases)])
+    L = sub.shape[-1]
+    # all phases in one pass (the same arithmetic as :func:`render` per phase, on one lattice wide enough for
+    # every phase: its extra centres are never tapped)
+    a = np.arange(phases) * (w / phases)
+    k0 = int(math.floor(-a[-1] / w)) - 4
+    ks = np.arange(k0, int(math.ceil(L / w)) + 5)
+    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w - 0.5 - k0  # [phases, L]
+    j = np.floor(u).astype(np.int64)
+    vals = _centre_values(sub, a[:, None] + (ks[None, :] + 0.5) * w)  # [r, phases, K]
+    taps, wt = kernel_weights(kernel, (u - j).ravel())
+    wt = wt.reshape(phases, L, -1)
+    out = np.zeros((sub.shape[0], phases, L), np.float32)
+    for i, off in enumerate(taps):
+        idx = np.minimum(np.maximum(j + off, 0), ks.size - 1)
+        out += np.take_along_axis(vals, np.broadcast_to(idx, out.shape), axis=2) * wt[:, :, i]
+    return (np.minimum(np.abs(out - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum(0)
 
 
 def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = PHASES,
@@ -318,13 +348,10 @@ def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = 
     un = phi.copy()
     for i in range(1, un.size):  # sequential unwrap (adjacent windows drift < w/2)
         un[i] -= w * np.round((un[i] - un[i - 1]) / w)
-    A = np.stack([np.ones_like(x), x], 1)
-    sw = np.sqrt(wt)
-    sol = np.linalg.lstsq(A * sw[:, None], un * sw, rcond=None)[0]
-    keep = np.abs(un - A @ sol) < max(0.15 * w, 1.5)
+    b0, slope = line_fit(x, un, wt)
+    keep = np.abs(un - (b0 + slope * x)) < max(0.15 * w, 1.5)
     if 2 <= keep.sum() < keep.size:
-        sol = np.linalg.lstsq(A[keep] * sw[keep, None], un[keep] * sw[keep], rcond=None)[0]
-    b0, slope = float(sol[0]), float(sol[1])
+        b0, slope = line_fit(x[keep], un[keep], wt[keep])
     if not abs(slope) < 0.25:
         a = (g / phases) * w
         return a % w, w, err
@@ -454,6 +481,10 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
     sbest = min(hyp, key=lambda c: hyp[c][0])
     e_ls = _error(sub, hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
+    # cheap early exit before the precise fits: a render the lattice does not explain far better than its own
+    # nearest-neighbour reconstruction (blurred / JPEG sharp renders) is never accepted (SHARP_RATIO below)
+    if e_ls > EARLY_RATIO * _nn_error(sub, hyp[sbest][1], sbest):
+        return None
     strict = e_ls * (1 + HARMONIC_REL) + HARMONIC_ABS
     def precise(s):
         e, a, k = hyp[s]
