@@ -455,6 +455,22 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     if sub.shape[0] == 0 or not np.any(np.diff(sub, axis=1)):
         return None
     ok = lambda s: MIN_CELL_PX <= s <= L / MIN_CELLS  # noqa: E731
+    msk = _clip_mask(sub)
+    nmsk = max(1, int(msk.sum()))
+    drawn: dict = {}  # (first cut, period, kernel) -> least-squares re-drawing of sub: each lattice solved once
+
+    def redrawn(a, s, k):
+        key = (float(a), float(s), k)
+        if key not in drawn:
+            drawn[key] = redraw(sub, a, s, k)
+        return drawn[key]
+
+    def ls_error(a, s, k):  # :func:`_error` on sub, from the cached re-drawing
+        return float((np.minimum(np.abs(redrawn(a, s, k) - sub), ERROR_CLIP) * msk).sum() / nmsk)
+
+    def sub_residual(a, s, k, thr):  # :func:`soft_residual` of sub[None] with one kernel, cached
+        return float((np.abs(sub - redrawn(a, s, k)) > thr).mean())
+
     hyp: dict = {}  # period -> (error, first cut, kernel); the lattice from the crossings
 
     def add(w):
@@ -480,7 +496,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
     loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
     sbest = min(hyp, key=lambda c: hyp[c][0])
-    e_ls = _error(sub, hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
+    e_ls = ls_error(hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
     # cheap early exit before the precise fits: a render the lattice does not explain far better than its own
     # nearest-neighbour reconstruction (blurred / JPEG sharp renders) is never accepted (SHARP_RATIO below)
     if e_ls > EARLY_RATIO * _nn_error(sub, hyp[sbest][1], sbest):
@@ -493,7 +509,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
             a1, s1, _ = local_phase(sub, s1, k)
         a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
         # the crossings' own lattice is often already exact (isolated steps): the better least-squares fit stays
-        e1, a1, s1 = min((_error(sub, a1, s1, k), a1, s1), (_error(sub, a, s, k), a, s))
+        e1, a1, s1 = min((ls_error(a1, s1, k), a1, s1), (ls_error(a, s, k), a, s))
         return a1, s1, e1, k
 
     found = None
@@ -520,8 +536,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     coarser = [c for c in hyp if c > 1.3 * s]
     if coarser:
         c = min(coarser)
-        sep = min(1.0, (soft_residual(sub[None], hyp[c][1], c, thr, (hyp[c][2],))[0]
-                        - soft_residual(sub[None], a, s, thr, (kern,))[0]) / zone)
+        sep = min(1.0, (sub_residual(hyp[c][1], c, hyp[c][2], thr) - sub_residual(a, s, kern, thr)) / zone)
     else:
         sep = 1.0
     tried = {s2: v[0] for s2, v in hyp.items()}
