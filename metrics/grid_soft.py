@@ -249,6 +249,29 @@ def _error_fast(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
     return float((np.minimum(np.abs(render(sub, a, w, kernel) - sub), ERROR_CLIP) * m).sum() / max(1, m.sum()))
 
 
+def _errors_fast_many(sub: np.ndarray, lattices, kernel: str) -> list[float]:
+    """:func:`_error_fast` of ``sub`` ``[r, L]`` for several lattices ``[(first cut, period), ...]`` in one pass
+    (the same arithmetic as :func:`render` per lattice, each on its own centres)."""
+    L = sub.shape[-1]
+    a = np.array([p[0] for p in lattices], np.float64)
+    w = np.array([p[1] for p in lattices], np.float64)
+    P = a.size
+    k0 = np.floor(-a / w).astype(np.int64) - 4
+    K = int((np.ceil((L - a) / w).astype(np.int64) + 4 - k0).max()) + 1
+    ks = k0[:, None] + np.arange(K)[None, :]  # [P, K]
+    vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
+    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
+    j = np.floor(u).astype(np.int64)
+    taps, wt = kernel_weights(kernel, (u - j).ravel())
+    base = (np.arange(P) * K)[:, None]
+    out = np.zeros((sub.shape[0], P * L), np.float32)
+    for i, off in enumerate(taps):
+        out += vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, i]
+    m = _clip_mask(sub)
+    e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum((0, 2))
+    return [float(x) / max(1, int(m.sum())) for x in e]
+
+
 def _nn_error(sub: np.ndarray, a: float, w: float) -> float:
     """Mean error (clipped like :func:`_error`) of the nearest-neighbour reconstruction of the same lattice
     (every pixel takes its cell's centre value): what a sharp render would show."""
@@ -308,10 +331,13 @@ def _phase_errors(sub: np.ndarray, w: float, kernel: str, phases: int) -> np.nda
     vals = _centre_values(sub, a[:, None] + (ks[None, :] + 0.5) * w)  # [r, phases, K]
     taps, wt = kernel_weights(kernel, (u - j).ravel())
     wt = wt.reshape(phases, L, -1)
-    out = np.zeros((sub.shape[0], phases, L), np.float32)
+    K = ks.size
+    flat = vals.reshape(sub.shape[0], phases * K)
+    base = (np.arange(phases) * K)[:, None]
+    out = np.zeros((sub.shape[0], phases * L), np.float32)
     for i, off in enumerate(taps):
-        idx = np.minimum(np.maximum(j + off, 0), ks.size - 1)
-        out += np.take_along_axis(vals, np.broadcast_to(idx, out.shape), axis=2) * wt[:, :, i]
+        out += flat[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, :, i].ravel()
+    out = out.reshape(sub.shape[0], phases, L)
     return (np.minimum(np.abs(out - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum(0)
 
 
@@ -381,8 +407,12 @@ def _polish(sub: np.ndarray, a: float, s: float, kernel: str, rounds: int = 2,
     for k in range(rounds):
         step, rel = s / (12 * 3**k), 0.005 / 3**k
         moves = []
-        for d, make in ((step, lambda x: at(x, 0.0)), (rel, lambda x: at(0.0, x))):
-            em, ep = err(sub, *make(-d), kernel), err(sub, *make(d), kernel)
+        probes = [at(-step, 0.0), at(step, 0.0), at(0.0, -rel), at(0.0, rel)]
+        if err is _error_fast:  # the four probes in one pass
+            pe = _errors_fast_many(sub, probes, kernel)
+        else:
+            pe = [err(sub, *p, kernel) for p in probes]
+        for d, (em, ep) in ((step, pe[:2]), (rel, pe[2:])):
             den = em - 2 * e + ep
             moves.append(float(np.clip(0.5 * (em - ep) / den, -1.5, 1.5)) * d if den > 0 else
                          (-d if em < min(e, ep) else d if ep < e else 0.0))
