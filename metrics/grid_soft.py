@@ -223,21 +223,36 @@ def _error(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
 def _errors_fast(sub: np.ndarray, a: float, w: float) -> tuple[float, str]:
     """``(smallest error, kernel)`` of :func:`_error_fast` over :data:`KERNELS` (centres sampled and their taps
     gathered once: the kernels' taps are nested, −2…3 ⊃ −1…2 ⊃ 0…1)."""
+    return _errors_fast_lattices(sub, [(a, w)])[0]
+
+
+def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
+    """:func:`_errors_fast` for several lattices ``[(first cut, period), ...]`` in one pass (each lattice on its
+    own centres, the same arithmetic as :func:`render`)."""
     L = sub.shape[-1]
-    ks, j, t = _lattice(L, a, w)
-    vals = _centre_values(sub, a + (ks + 0.5) * w)
-    taps = {off: vals[..., np.minimum(np.maximum(j + off, 0), ks.size - 1)] for off in range(-2, 4)}
+    a = np.array([p[0] for p in lattices], np.float64)
+    w = np.array([p[1] for p in lattices], np.float64)
+    P = a.size
+    k0 = np.floor(-a / w).astype(np.int64) - 4
+    K = int((np.ceil((L - a) / w).astype(np.int64) + 4 - k0).max()) + 1
+    ks = k0[:, None] + np.arange(K)[None, :]  # [P, K]
+    vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
+    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
+    j = np.floor(u).astype(np.int64)
+    t = (u - j).ravel()
+    base = (np.arange(P) * K)[:, None]
+    taps = {off: vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] for off in range(-2, 4)}
     msk = _clip_mask(sub)
     n = max(1, int(msk.sum()))
-    best = (np.inf, "")
+    best = [(np.inf, "")] * P
     for name in KERNELS:
         m, wt = kernel_weights(name, t)
         out = taps[int(m[0])] * wt[:, 0]
         for i in range(1, m.size):
             out += taps[int(m[i])] * wt[:, i]
-        e = float((np.minimum(np.abs(out - sub), ERROR_CLIP) * msk).sum() / n)
-        if e < best[0]:
-            best = (e, name)
+        e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP)
+             * msk[:, None, :]).sum((0, 2)) / n
+        best = [(float(x), name) if x < b[0] else b for x, b in zip(e, best)]
     return best
 
 
@@ -503,16 +518,25 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
 
     hyp: dict = {}  # period -> (error, first cut, kernel); the lattice from the crossings
 
-    def add(w):
+    pending: list = []
+
+    def add(w):  # the crossings' lattice near w, screened later (all pending lattices in one pass)
         if not ok(w) or any(abs(w / o - 1.0) < 0.04 for o in hyp):
             return
         a, s = crossing_lattice(pos, amp, w)
         if ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
-            e, k = _errors_fast(sub[:SCREEN_LINES], a, s)
-            hyp[s] = (e, a, k)
+            hyp[s] = None
+            pending.append((a, s))
+
+    def screen():
+        if pending:
+            for (a, s), (e, k) in zip(pending, _errors_fast_lattices(sub[:SCREEN_LINES], pending)):
+                hyp[s] = (e, a, k)
+            pending.clear()
 
     for w in cands:
         add(w)
+    screen()
     if not hyp:
         return None
     best = min(v[0] for v in hyp.values())
@@ -522,6 +546,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     # cell is flat); with a single candidate (the other axis' cell) only its multiples
     for w in (2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()):
         add(w)
+    screen()
     # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
     loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
