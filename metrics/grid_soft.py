@@ -183,25 +183,28 @@ def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
     K, j, m, wt = _taps(L, a, w, kernel)
     Y = np.ascontiguousarray(lines.reshape(-1, L).T, dtype=np.float32)  # [L, n]
     cols = j[:, None] + m[None, :]  # [L, T]
-    G = np.bincount((cols[:, :, None] * K + cols[:, None, :]).ravel(),
-                    (wt[:, :, None] * wt[:, None, :]).ravel(), K * K).reshape(K, K)
-    G[np.diag_indices(K)] += 1e-6 + 1e-9 * np.trace(G)
+    # AᵀA is symmetric and banded (half-bandwidth T − 1): its upper bands in LAPACK's banded layout
+    # (ab[T−1−d, c+d] = G[c, c+d]) straight from one bincount over the tap pairs (i, i+d)
+    T = m.size
+    iu, ju = np.triu_indices(T)
+    d = ju - iu
+    ab = np.bincount((((T - 1 - d) * K)[None, :] + cols[:, ju]).ravel(), (wt[:, iu] * wt[:, ju]).ravel(),
+                     minlength=T * K).reshape(T, K)
+    ab[T - 1] += 1e-6 + 1e-9 * ab[T - 1].sum()
     starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])
     w32 = wt.astype(np.float32)
     B = np.zeros((K, Y.shape[1]))
     for i in range(m.size):
         B[j[starts] + m[i]] += np.add.reduceat(Y * w32[:, i, None], starts, axis=0)
-    # G is symmetric positive definite and banded (half-bandwidth taps − 1): a banded Cholesky solve, O(K·taps²)
-    # and single-threaded (a dense LAPACK solve on a few dozen centres wakes OpenBLAS' thread pool, which on a
-    # busy machine costs up to tens of ms per call)
-    T = m.size
-    ab = np.zeros((T, K))
-    for d in range(T):
-        ab[T - 1 - d, d:] = np.diagonal(G, d)
+    # a banded Cholesky solve, O(K·T²) and single-threaded (a dense LAPACK solve on a few dozen centres wakes
+    # OpenBLAS' thread pool, which on a busy machine costs up to tens of ms per call)
     try:
         V = solveh_banded(ab, B, check_finite=False).astype(np.float32)  # [K, n]
     except np.linalg.LinAlgError:
-        V = np.linalg.solve(G, B).astype(np.float32)
+        G = np.zeros((K, K))
+        for dd in range(T):
+            G[np.arange(K - dd), np.arange(dd, K)] = ab[T - 1 - dd, dd:]
+        V = np.linalg.solve(G + np.triu(G, 1).T, B).astype(np.float32)
     out = V[cols[:, 0]] * w32[:, 0, None]
     for i in range(1, m.size):
         out += V[cols[:, i]] * w32[:, i, None]
