@@ -4,12 +4,15 @@ Runs on the tiny DawnLike model (``sample_data/tiny_dawnlike``) and the real Daw
 behind README's "Evidence" section and writes its pictures and a JSON of every figure to ``--out``.
 The fast versions of the same measurements are the tests ``tests/test_effect_*.py``.
 
-Sections (``--only lora,esd,merge,diff,rank``; default all, in this order):
+Sections (``--only lora,esd,merge,diff,rank``; default all, in this order; ``--only samples`` writes the
+model card's ``samples.png``):
 
 * **lora** — a LoRA on 16 Game-Boy-recoloured sprites with the trigger ``gbstyle``: in-palette fraction (Game Boy
   ramp, ΔE00 ≤ 5) and mean ΔE00 to the ramp of samples with / without the trigger, before and after, beside the
   ceiling (the training images through the model's VAE) and the pixel change against the base's samples; per-epoch samples and the trainer's
   best-epoch choice against an independent per-epoch measurement on other seeds; a grid of samples per epoch.
+  Then the same LoRA trained with regularization images (kohya ``reg_data_dir``: sprites in their own colours,
+  captions without the trigger, ``prior_loss_weight`` 1): do samples *without* the trigger stay put?
 * **rank** — the same LoRA at ``network_dim`` 4 / 8 / 16 / 32 / 64 (``network_alpha = network_dim``).
 * **esd** — a CNN trained on real sprites of six DawnLike groups (held-out accuracy); ESD-x erases ``wall``;
   the classifier's hit rate on samples of each group's prompts before / after, for ``self_sample`` vs
@@ -108,6 +111,23 @@ def section_lora(host, out: Path, seeds, res_all: dict) -> dict:
               f"{r['heldout_without_trigger_change']:11.1f}")
     print(f"[lora] trainer's best epoch {res.best_epoch}, measured best {best_measured['epoch']}, ΔE00 gap "
           f"{fig['chosen_vs_best_gap_de']:.2f} ({fig['seconds']} s)")
+    # the same LoRA with regularization images (kohya reg_data_dir, prior_loss_weight 1): DawnLike sprites in their
+    # own colours, captions without the trigger, as many as training images × repeats
+    tr = E.Timer()
+    reg = E.write_reg_dataset(out / "reg", n=len(train_imgs) * 3)
+    res_reg = E.train_style_lora(host, data, out / "lora_reg", reg_root=reg, max_train_epochs=8,
+                                 save_every_n_epochs=None)
+    with E.lora_installed(host, res_reg.final_path):
+        sc_reg = E.style_scores(host, seeds=held, reference=ref)
+    fig["with_reg_images"] = {"after_final": sc_reg, "reg_images": len(train_imgs) * 3,
+                              "steps": res_reg.global_step, "seconds": tr()}
+    fig["seconds"] = t()
+    print("[lora] final LoRA            with ipf  with ΔE00  with chg  without ipf  without ΔE00  without chg")
+    for name, sc in (("base", {**before, "with_trigger_change": 0.0, "without_trigger_change": 0.0}),
+                     ("no reg images", fig["after_final"]), ("with reg images", sc_reg)):
+        print(f"[lora] {name:20s} {sc['with_trigger']:9.3f}  {sc['with_trigger_de']:9.2f}  "
+              f"{sc['with_trigger_change']:8.1f}  {sc['without_trigger']:10.3f}  {sc['without_trigger_de']:12.2f}  "
+              f"{sc['without_trigger_change']:11.1f}")
     res_all["lora_final_path"] = str(res.final_path)
     res_all["lora_data"] = str(data)
     return fig
@@ -126,7 +146,9 @@ def section_rank(host, out: Path, seeds, res_all: dict) -> dict:
                                    for s in seeds])
         from conceptlab.metrics.palette import palette_report
 
-        eff = float(np.mean([palette_report(im).get("effective_colors", np.nan) for im in imgs]))
+        effs = [palette_report(im).get("effective_colors") for im in imgs]
+        effs = [e for e in effs if e is not None]  # None where the report finds no palette to count
+        eff = float(np.mean(effs)) if effs else float("nan")
         rows.append({"network_dim": dim, "with_trigger": sc["with_trigger"], "without_trigger": sc["without_trigger"],
                      "effective_colors": eff, "final_loss": float(np.mean([v for v in res.step_losses if v is not None][-6:] or [np.nan]))})
         rows[-1].update(with_trigger_de=sc["with_trigger_de"], without_trigger_de=sc["without_trigger_de"])
@@ -303,6 +325,8 @@ def main(argv=None) -> int:
             figures["merge"] = section_merge(host, args.out, seeds, state, sb)
         elif sec == "diff":
             figures["diff"] = section_diff(host, args.out, seeds, state)
+        elif sec == "samples":  # the model card's samples.png (not in the default run)
+            _save(E.model_card_samples(host), args.out / "samples.png")
         else:
             raise SystemExit(f"unknown section {sec!r}")
         (args.out / "effect.json").write_text(json.dumps(figures, indent=1, default=str))

@@ -85,6 +85,24 @@ def write_style_dataset(root: Path, n: int = 24, repeats: int = 2, trigger: str 
     return root
 
 
+def write_reg_dataset(root: Path, n: int = 48, repeats: int = 1, offset: int = 1) -> Path:
+    """Write kohya regularization images (``reg_data_dir``): ``root/<repeats>_pixel art/`` of ``n`` DawnLike
+    sprites in their own colours with captions *without* the trigger (``"pixel art, <group>, <name>"``), drawn
+    from the style groups but, with ``offset`` ≥ 1, not the sprites of :func:`write_style_dataset` (``offset`` 0).
+    Kohya's prior preservation: the LoRA sees prompts without the trigger keep the base's look. Returns ``root``."""
+    from PIL import Image
+
+    sub = root / f"{repeats}_pixel art"
+    if sub.exists():
+        shutil.rmtree(sub)
+    sub.mkdir(parents=True)
+    for path, name, group in style_sprites(n, offset):
+        stem = name.replace(" ", "_")
+        Image.fromarray(tiny.load_sprite(path)).save(sub / f"{stem}.png")
+        (sub / f"{stem}.txt").write_text(f"{tiny.caption(name, group)}\n", encoding="utf-8")
+    return root
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` float 0..1 → uint8 ``[B, H, W, 3]``."""
     return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -218,6 +236,14 @@ def concept_prompts(concept: str, k: int, seed: int = 0, classes: Sequence[str] 
     return [tiny.caption(names[i], concept) for i in pick]
 
 
+def model_card_samples(host, cols: int = 6, steps: int = 20, cfg: float = 4.0) -> np.ndarray:
+    """The model card's ``samples.png``: one row per :data:`CONCEPTS` group (tree, wall, floor, humanoid, avian,
+    potion), ``cols`` training-style prompts of that group (:func:`concept_prompts`, seed 0), sampling seed 0,
+    ``steps`` DDIM steps, CFG ``cfg``; tiled ×5 with 1 px gaps. Returns uint8 ``[H, W, 3]``."""
+    imgs = [sample(host, concept_prompts(c, cols, seed=0), seed=0, steps=steps, cfg=cfg) for c in CONCEPTS]
+    return grid(np.concatenate(imgs), cols, scale=5)
+
+
 def hit_rate(clf: SpriteClassifier, images: np.ndarray, concept: str) -> float:
     """Fraction of uint8 ``[N, 16, 16, 3]`` images the classifier assigns to ``concept``."""
     return float((clf.predict(images) == clf.classes.index(concept)).mean())
@@ -250,14 +276,23 @@ def lora_settings(out_dir: Path, **over) -> dict:
     return d
 
 
-def train_style_lora(host, data_root: Path, out_dir: Path, **over):
-    """Train the style LoRA with :func:`conceptlab.training.lora.trainer.train_lora`; returns its ``TrainResult``."""
-    from conceptlab.training.lora.dataset import KohyaDataset
+def train_style_lora(host, data_root: Path, out_dir: Path, reg_root: Path | None = None, **over):
+    """Train the style LoRA with :func:`conceptlab.training.lora.trainer.train_lora`; returns its ``TrainResult``.
+    ``reg_root``: a kohya ``reg_data_dir`` (e.g. :func:`write_reg_dataset`), read by the pack's kohya dataset
+    machinery (:func:`conceptlab.training.lora.dataset_config.dataset_from_settings`: regularization images
+    balanced to the training images' count, their loss times ``prior_loss_weight``, an ``over`` key)."""
     from conceptlab.training.lora.config import configs_from_mapping
+    from conceptlab.training.lora.dataset import KohyaDataset
+    from conceptlab.training.lora.dataset_config import dataset_from_settings
     from conceptlab.training.lora.trainer import train_lora
 
-    cfg, dopts, caps, _ = configs_from_mapping(lora_settings(out_dir, **over))
-    ds = KohyaDataset.scan(data_root, dopts, caps, seed=cfg.seed)
+    settings = lora_settings(out_dir, **over)
+    cfg, dopts, caps, _ = configs_from_mapping(settings)
+    if reg_root is not None:
+        ds, _ = dataset_from_settings({**settings, "train_data_dir": str(data_root), "reg_data_dir": str(reg_root)},
+                                      seed=cfg.seed)
+    else:
+        ds = KohyaDataset.scan(data_root, dopts, caps, seed=cfg.seed)
     try:
         return train_lora(host, ds, cfg)
     finally:

@@ -236,20 +236,27 @@ class ConceptLabESDErase:
                                                                   "the same result with much less memory (full-size "
                                                                   "SDXL on a CPU: needed to fit in 24 GB), one extra "
                                                                   "forward per iteration."}),
+                "step_in_backward": ("BOOLEAN", {"default": False,
+                                                 "tooltip": "Apply Adam to each trained tensor as soon as its "
+                                                            "gradient is ready and free that gradient, so the "
+                                                            "gradients of all tensors are never held at once: the "
+                                                            "same updates, one fp32 copy of the trained tensors "
+                                                            "less memory (2.2 GB for ESD-x on SDXL). The NaN guard "
+                                                            "then skips only the tensors whose gradient is bad."}),
             },
         }
 
     def erase(self, model, clip, concepts, prompt_variations, variations, method, xt_source, negative_guidance,
               iterations, lr, seed, resolution, start_guidance, ddim_steps, prompt_order, mask_mode, save_name,
               lora_rank, save_dtype, save_on_cancel, concept_kind="auto", erase_from="", masks=None,
-              mask_weights="", flux_guidance=3.5, gradient_checkpointing=True):
+              mask_weights="", flux_guidance=3.5, gradient_checkpointing=True, step_in_backward=False):
         """Run :func:`conceptlab.training.esd.erase.erase` on a clone of ``model`` (Gandikota et al. 2023, ICCV).
 
         ``resolution`` in px (square); ``masks`` MASK ``[M, H, W]`` with ``mask_weights`` text, or a ``grid-*``
         ``mask_mode`` preset; ``concept_kind`` picks the prompt templates; ``erase_from`` (non-empty) turns on
         attribute erasure (esd_sd.py's ``--erase_from``); ``flux_guidance``: Flux-dev's distilled guidance of the
         predictions (``ESDConfig.guidance_scale``; refused when changed from 3.5 on a model without a guidance
-        embedding); ``gradient_checkpointing``: ``ESDConfig.gradient_checkpointing``. Saves
+        embedding); ``gradient_checkpointing`` / ``step_in_backward``: the :class:`ESDConfig` fields. Saves
         ``output/loras/<save_name>_NNNNN.safetensors`` (+ optional SVD LoRA of ``lora_rank``) and the JSON / plot
         under ``output/esd/`` unless ``save_name`` is empty. Returns ``(MODEL, file name relative to loras/,
         loss-plot IMAGE [1, H, W, 3], stats JSON)``.
@@ -274,7 +281,7 @@ class ConceptLabESDErase:
             ddim_steps=int(ddim_steps), masks=masks, mask_weights=parse_weights(mask_weights) if masks is not None
             else None, mask_mode=mask_mode, seed=int(seed), concept_kind=concept_kind,
             erase_from=erase_from if (erase_from or "").strip() else None,
-            gradient_checkpointing=bool(gradient_checkpointing))
+            gradient_checkpointing=bool(gradient_checkpointing), step_in_backward=bool(step_in_backward))
         cfg.validate()
         _check_prompt_count(concepts, prompt_variations, int(variations))
         save_name = (save_name or "").strip()

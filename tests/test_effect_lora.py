@@ -1,9 +1,10 @@
 """Effect: a LoRA trained on the tiny DawnLike model moves the samples of its trigger prompts toward the Game Boy
 palette of its training images, as far as the model's VAE can draw that palette.
 
-Not asserted, because it is not so (measured): the samples of the same prompts *without* the trigger change about
-as much (27.4/255 mean pixel change against 28.3/255 with it) — 16 images that all carry the trigger, and no
-regularization images, teach the style to every prompt (kohya's answer is ``reg_data_dir`` prior preservation).
+Without regularization images the samples of the same prompts *without* the trigger change about as much
+(27.4/255 mean pixel change against 28.3/255 with it) — 16 images that all carry the trigger teach the style to
+every prompt; kohya's answer, ``reg_data_dir`` prior preservation, is the second test: with it they change 0.41
+as much.
 
 The measure is the mean CIEDE2000 distance of sample pixels to the nearest Game Boy colour, compared with the
 *ceiling*: the training images themselves encoded and decoded by the model's VAE (no UNet, so no LoRA, can draw
@@ -54,3 +55,24 @@ def test_lora_moves_trigger_samples_to_what_the_vae_can_draw_of_the_palette(tmp_
     assert a < b - 1.5, (b, a)
     assert a < ceiling + 0.5, (a, ceiling)  # the gap to what the VAE can draw is closed
     assert after["with_trigger_change"] > 10.0, after
+
+
+def test_reg_images_keep_samples_without_the_trigger_in_place(tmp_path):
+    """kohya prior preservation (``reg_data_dir``, ``prior_loss_weight`` 1): with DawnLike sprites in their own
+    colours and captions without the trigger interleaved (as many as training images × repeats), samples of the
+    prompts *without* the trigger change much less than those with it."""
+    host = E.load_host()
+    before = E.style_samples(host, PROMPTS, steps=12)
+    reg = E.write_reg_dataset(tmp_path / "reg", n=48)  # 48 = 16 training images × 3 repeats: no balancing needed
+    res = E.train_style_lora(host, DATA, tmp_path / "out", reg_root=reg, max_train_epochs=8, learning_rate=1e-2,
+                             save_every_n_epochs=None)
+    assert res.global_step == 8 * 12  # 48 training + 48 regularization samples per epoch, batch 8
+    with E.lora_installed(host, res.final_path):
+        after = E.style_scores(host, PROMPTS, steps=12, reference=before)
+    print(f"pixel change with trigger {after['with_trigger_change']:.1f}, without {after['without_trigger_change']:.1f}"
+          f" /255; ΔE00 with {E.mean_delta_e(before['with_trigger']):.2f} -> {after['with_trigger_de']:.2f}")
+    # measured on the shipped model (seed 0, 6 prompts, 12 DDIM steps, 96 steps): pixel change with the trigger
+    # 41.6/255, without 17.2/255 (0.41 of it; without regularization images: 27.4 against 28.3, 0.97 of it)
+    assert after["with_trigger_change"] > 10.0, after
+    assert after["without_trigger_change"] < 0.6 * after["with_trigger_change"], after
+    assert after["without_trigger_change"] < 24.0, after

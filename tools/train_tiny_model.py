@@ -10,8 +10,11 @@ Ettinger), in the diffusers folder layout so every loader of the pack reads it:
   loads with ``transformers.CLIPTokenizer`` offline.
 * ``text_encoder/`` — a small ``CLIPTextModel`` (trained jointly with the UNet, as LDM trained its text encoder).
 * ``vae/`` — a small ``AutoencoderKL`` with one 2× downsampling: a 16×16 image (the sprite on a flat background)
-  ↔ an ``[8, 8, 8]`` latent (8 channels where SD has 4: a 2×2 patch of pixel art holds up to four palette colours,
-  which 4 floats from a few minutes of training do not keep); trained first, then frozen.
+  ↔ a ``[12, 8, 8]`` latent (12 channels where SD has 4: a 2×2×3 pixel patch fits exactly, so flat pixel-art
+  colours can come back within ΔE00 5). Half of its training images are recoloured to random colours
+  (:func:`recolour_random`) so that it keeps colours DawnLike never uses (a Game Boy ramp, a user's palette);
+  trained first (2,000 steps, cosine learning rate), then frozen; its decoder is fine-tuned on the frozen
+  encoder's latents at the end (``--decoder-only`` does that beside a running UNet training).
 * ``unet/`` — ``UNet2DConditionModel`` with SD1's block types (CrossAttnDownBlock2D ×2 + DownBlock2D, mirrored
   up blocks, cross-attention mid block) at small widths.
 * ``scheduler/`` — SD1's DDPM "scaled_linear" schedule (β 0.00085 → 0.012, 1000 steps, ε-prediction).
@@ -22,11 +25,13 @@ empty prompt so classifier-free guidance works. The UNet is trained with the ε-
 
 Deterministic with ``--seed`` on a fixed number of threads (``--threads``; CPU float sums depend on it).
 Checkpoints (``<out>/train_state.pt``, resumable with ``--resume``) are written every ``--save-every`` steps and
-on Ctrl-C; the final model goes to ``<out>/model`` with a samples grid.
+on Ctrl-C; the final model goes to ``<out>/model`` (its samples grid: ``benchmarks/effect.py --model <out>/model
+--only samples``).
 
-Usage (the shipped model: 2 CPU cores, shared machine; see sample_data/tiny_dawnlike/README.md for the figures)::
+Usage (the shipped model: 2 CPU cores, shared machine; see sample_data/tiny_dawnlike/README.md for the exact
+command and figures)::
 
-    python tools/train_tiny_model.py --out /tmp/tiny --vae-steps 300 --steps 1400
+    python tools/train_tiny_model.py --out /tmp/tiny --seed 0 --steps 1400
 """
 
 from __future__ import annotations
@@ -246,13 +251,18 @@ def recolour_random(x: torch.Tensor, frac: float, gen: torch.Generator) -> torch
 
 
 def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log,
-              colour_augment: float = 0.0) -> None:
+              colour_augment: float = 0.0, cosine: bool = False) -> None:
     """Reconstruction (L1 + MSE) + KL·1e-6 (LDM's small KL weight), AdamW; ``pixels`` ``[N, 3, 16, 16]``;
-    ``colour_augment``: share of each batch recoloured by :func:`recolour_random` (0 in the shipped model)."""
+    ``colour_augment``: share of each batch recoloured by :func:`recolour_random` (0.5 in the shipped model);
+    ``cosine``: learning rate decays from ``lr`` to ``lr / 100`` on a half cosine (50 warm-up steps)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     t0 = time.time()
     for step in range(steps):
+        if cosine:
+            f = min(1.0, (step + 1) / 50) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            for g in opt.param_groups:
+                g["lr"] = lr * f
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
         x = recolour_random(pixels[idx], colour_augment, gen)
         post = vae.encode(x).latent_dist
@@ -268,12 +278,23 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen:
     vae.eval().requires_grad_(False)
 
 
-def finetune_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log) -> float:
-    """Fine-tune the VAE *decoder* on the frozen encoder's posterior means (as Stability's ft-MSE VAE did):
-    the latents the UNet learned do not change, reconstructions get sharper. L1 + MSE, AdamW. Returns the mean
-    absolute reconstruction error afterwards, in 0..255 units."""
+def round_trip_error(vae, pixels: torch.Tensor, colour_augment: float = 0.0, seed: int = 0) -> float:
+    """Mean absolute error (0..255 units) of ``pixels`` ``[N, 3, H, W]`` (``[-1, 1]``) encoded (posterior mean)
+    and decoded by ``vae``; with ``colour_augment`` = 1 every image is first recoloured by
+    :func:`recolour_random` (seeded): how well the VAE keeps colours the sprites never use."""
+    x = recolour_random(pixels, colour_augment, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 256]).latent_dist.mean).sample
+                         for i in range(0, len(x), 256)])
+    return (rec.clamp(-1, 1) - x).abs().mul(127.5).mean().item()
+
+
+def finetune_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log,
+                     colour_augment: float = 0.0) -> float:
+    """Fine-tune the VAE *decoder* on the frozen encoder's posterior means (as Stability's ft-MSE VAE did):
+    the latents the UNet learned do not change, reconstructions get sharper. L1 + MSE, AdamW;
+    ``colour_augment`` as in :func:`train_vae` (the recoloured images are encoded on the fly). Returns the mean
+    absolute reconstruction error of ``pixels`` afterwards, in 0..255 units."""
     dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in dec:
         p.requires_grad_(True)
@@ -282,17 +303,18 @@ def finetune_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, lr: floa
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        rec = vae.decode(means[idx]).sample
-        loss = F.l1_loss(rec, pixels[idx]) + F.mse_loss(rec, pixels[idx])
+        x = recolour_random(pixels[idx], colour_augment, gen)
+        with torch.no_grad():
+            mean = vae.encode(x).latent_dist.mean
+        rec = vae.decode(mean).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        rec = torch.cat([vae.decode(means[i:i + 256]).sample for i in range(0, len(means), 256)])
-    return (rec.clamp(-1, 1) - pixels).abs().mul(127.5).mean().item()
+    return round_trip_error(vae, pixels)
 
 
 def main(argv=None) -> int:
@@ -301,7 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="work folder (train_state.pt, model/, logs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=300)
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--vae-cosine", action=argparse.BooleanOptionalAction, default=True,
+                    help="decay the VAE learning rate on a half cosine to 1/100 (default on)")
     ap.add_argument("--steps", type=int, default=1400, help="UNet + text-encoder steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -315,11 +339,15 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-only", action="store_true",
                     help="only fine-tune the decoder of the VAE in <out>/train_state.pt (can run beside the UNet "
                          "training: the UNet never sees the decoder) and write <out>/vae_decoder.pt")
-    ap.add_argument("--latent-channels", type=int, default=8,
-                    help="VAE latent channels = UNet in/out channels (shipped: 8; 12 keeps a 2x2 RGB patch exactly)")
-    ap.add_argument("--colour-augment", type=float, default=0.0,
-                    help="share of VAE training images recoloured to random colours (shipped: 0; see README "
-                         "'Evidence': the shipped VAE cannot draw colours DawnLike does not use)")
+    ap.add_argument("--latent-channels", type=int, default=12,
+                    help="VAE latent channels = UNet in/out channels (12: a 2x2 RGB patch fits exactly; the first "
+                         "shipped model had 8)")
+    ap.add_argument("--colour-augment", type=float, default=0.5,
+                    help="share of VAE training images recoloured to random colours (without it the VAE cannot "
+                         "draw colours DawnLike does not use: README 'Evidence')")
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="reuse the VAE of a model folder (its vae/) instead of training one: a second base with "
+                         "another --seed in the same latent space (README 'Evidence', add-difference)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N sprites (smoke tests)")
     args = ap.parse_args(argv)
 
@@ -353,7 +381,7 @@ def main(argv=None) -> int:
     if args.decoder_only:
         vae.load_state_dict(torch.load(state_path, weights_only=True)["vae"])
         err = finetune_decoder(vae, pixels, args.decoder_steps, args.batch, 5e-4,
-                               torch.Generator().manual_seed(args.seed + 7), log)
+                               torch.Generator().manual_seed(args.seed + 7), log, args.colour_augment)
         torch.save({"vae": vae.state_dict(), "rec_err": err}, decoder_path)
         log(f"decoder fine-tuned: mean abs reconstruction error {err:.2f}/255 -> {decoder_path}")
         return 0
@@ -368,15 +396,26 @@ def main(argv=None) -> int:
         ema = st["ema"]; start = st["step"]; scaling = st["scaling"]
         vae.eval().requires_grad_(False)
         log(f"resumed at step {start}")
+    elif args.vae_from:
+        from diffusers import AutoencoderKL
+
+        src = AutoencoderKL.from_pretrained(args.vae_from / "vae")
+        vae.load_state_dict(src.state_dict())
+        vae.register_to_config(scaling_factor=src.config.scaling_factor)
+        vae.eval().requires_grad_(False)
+        log(f"VAE taken from {args.vae_from / 'vae'}")
     else:
-        train_vae(vae, pixels, args.vae_steps, args.batch, 2e-3, gen, log, args.colour_augment)
+        train_vae(vae, pixels, args.vae_steps, args.batch, 2e-3, gen, log, args.colour_augment, args.vae_cosine)
     with torch.no_grad():
         mean = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
         rec = torch.cat([vae.decode(mean[i:i + 256]).sample for i in range(0, len(mean), 256)])
     rec_err = (rec.clamp(-1, 1) - pixels).abs().mul(127.5).mean().item()
     if ema is None:
         scaling = float(1.0 / mean.std())
-    log(f"vae: mean abs reconstruction error {rec_err:.2f}/255, latent std {mean.std():.3f} -> "
+        if args.vae_from:
+            scaling = float(vae.config.scaling_factor)
+    log(f"vae: mean abs reconstruction error {rec_err:.2f}/255 (sprites recoloured to random colours: "
+        f"{round_trip_error(vae, pixels, 1.0, args.seed):.2f}/255), latent std {mean.std():.3f} -> "
         f"scaling_factor {scaling:.4f}")
     latents = mean * scaling
     vae.register_to_config(scaling_factor=scaling)
@@ -394,6 +433,8 @@ def main(argv=None) -> int:
                     "ema": ema, "step": step, "scaling": scaling}, tmp)
         os.replace(tmp, state_path)
 
+    if start == 0:
+        save_state(0)  # the VAE is final from here: --decoder-only can run beside the UNet training
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("flag", True))
     t0 = time.time()
@@ -451,7 +492,7 @@ def main(argv=None) -> int:
             vae.load_state_dict(dd["vae"]); rec_err = dd["rec_err"]
         elif args.decoder_steps:
             rec_err = finetune_decoder(vae, pixels, args.decoder_steps, args.batch, 5e-4,
-                                       torch.Generator().manual_seed(args.seed + 7), log)
+                                       torch.Generator().manual_seed(args.seed + 7), log, args.colour_augment)
         vae.register_to_config(scaling_factor=scaling)
         export(out / "model", vae, unet, te, ema, tok, args, step, rec_err, losses, log)
     return 0
@@ -477,6 +518,7 @@ def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses
     (model_dir / "training.json").write_text(json.dumps({
         "seed": args.seed, "threads": args.threads, "vae_steps": args.vae_steps, "steps": step,
         "latent_channels": args.latent_channels, "colour_augment": args.colour_augment,
+        "vae_cosine": args.vae_cosine, "decoder_steps": args.decoder_steps,
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "caption_dropout": args.caption_dropout,
         "weights": "raw" if args.export_raw else "ema",
         "vae_mean_abs_error_255": round(rec_err, 3), "final_loss_mean_last_100": float(np.mean(losses[-100:]))

@@ -59,7 +59,10 @@ def quantize_frozen(model: nn.Module, scheme: str, *, min_features: int = 16, sk
     if scheme != "int8" and dev.type != "cuda":
         raise ValueError(f"quantize_base = {scheme!r} needs a CUDA device (torchao's {scheme} kernels); int8 also "
                          "runs on the CPU")
-    if any(".parametrizations." in n for n, _ in model.named_modules()):
+    from .host import OutputDeltaHook
+
+    if any(".parametrizations." in n for n, _ in model.named_modules()) or any(
+            isinstance(h, OutputDeltaHook) for m in model.modules() for h in m._forward_hooks.values()):
         raise ValueError("quantize the base before installing deltas")
     n = [0]
 
