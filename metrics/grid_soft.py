@@ -194,8 +194,9 @@ def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])
     w32 = wt.astype(np.float32)
     B = np.zeros((K, Y.shape[1]))
+    seg = np.add.reduceat(Y[:, None, :] * w32[:, :, None], starts, axis=0)  # [segments, T, n]: every tap at once
     for i in range(m.size):
-        B[j[starts] + m[i]] += np.add.reduceat(Y * w32[:, i, None], starts, axis=0)
+        B[j[starts] + m[i]] += seg[:, i]
     # a banded Cholesky solve, O(K·T²) and single-threaded (a dense LAPACK solve on a few dozen centres wakes
     # OpenBLAS' thread pool, which on a busy machine costs up to tens of ms per call)
     try:
