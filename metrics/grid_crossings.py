@@ -125,3 +125,24 @@ def crossing_lattice(pos: np.ndarray, weight: np.ndarray, w: float, iters: int =
             return 0.0, float(w)
         a, s = float(xm - s1 * km), s1
     return a % s, s
+
+
+def line_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> tuple[float, float]:
+    """Weighted least-squares line ``y ≈ a + slope·x`` of 1-D float arrays ``x``, ``y`` (``weight`` ≥ 0, default
+    1): returns ``(a, slope)`` (``slope`` 0 and ``a`` the weighted mean where ``x`` does not vary). Closed-form
+    sums instead of ``np.polyfit`` / ``np.linalg.lstsq``: on a handful of points LAPACK's thread pool costs far
+    more than the work on a busy machine (same result to rounding)."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    wt = np.ones_like(x) if weight is None else np.asarray(weight, np.float64)
+    sw = float(wt.sum())
+    if sw <= 0:
+        return 0.0, 0.0
+    mx = float((wt * x).sum()) / sw
+    my = float((wt * y).sum()) / sw
+    dx = x - mx
+    sxx = float((wt * dx * dx).sum())
+    if sxx <= 1e-12 * max(1.0, sw * mx * mx):
+        return my, 0.0
+    slope = float((wt * dx * (y - my)).sum()) / sxx
+    return my - slope * mx, slope

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .grid_crossings import line_fit
 from .grid_soft import fit_soft
 
 __all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "GAP_SLACK", "MIN_CELL_PX"]
@@ -289,7 +290,7 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
         return pos, w
     k = np.arange(pos.size, dtype=np.float64)
     ka, pa = k[a], pos[a]
-    slope = float(np.polyfit(ka, pa, 1)[0]) if a.sum() >= 2 else w
+    slope = line_fit(ka, pa)[1] if a.sum() >= 2 else w
     if not (0.7 * w <= slope <= 1.3 * w):
         slope = w
     inner = (k >= ka[0]) & (k <= ka[-1])
@@ -335,7 +336,7 @@ def _regular(cuts: np.ndarray, length: int, w: float) -> np.ndarray:
     if g <= 1.0:
         return cuts
     k = np.round((cuts - cuts[0]) / g)
-    slope, a = np.polyfit(k, cuts, 1)
+    a, slope = line_fit(k, cuts)
     if not 0.85 * w <= slope <= 1.15 * w:
         return cuts
     k0 = int(np.floor((1.0 - a) / slope))

@@ -46,8 +46,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import solveh_banded
 
-from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings
+from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings, line_fit
 
 __all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
            "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX", "SOFT_TRY"]
@@ -88,6 +89,11 @@ SAME_GRID = 1.3
 #: its thresholded residual (:func:`soft_residual`) ≤ MAX_RESIDUAL.
 SHARP_RATIO = 0.5
 MAX_RESIDUAL = 0.05
+#: Early exit of the soft search (before the precise fits): the least-squares error of the best screened lattice
+#: must be ≤ EARLY_RATIO × its nearest-neighbour error. Measured on condition_render (25 renders each, both
+#: axes): soft upscales (bilinear / bicubic / Lanczos) ≤ 0.17, blurred+noisy+JPEG sharp renders ≥ 0.45 (all of
+#: which the final SHARP_RATIO test rejected anyway); 0.35 keeps a 2× margin on the soft side.
+EARLY_RATIO = 0.35
 
 
 def _kernel(name: str, x: np.ndarray) -> np.ndarray:
@@ -177,15 +183,29 @@ def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
     K, j, m, wt = _taps(L, a, w, kernel)
     Y = np.ascontiguousarray(lines.reshape(-1, L).T, dtype=np.float32)  # [L, n]
     cols = j[:, None] + m[None, :]  # [L, T]
-    G = np.bincount((cols[:, :, None] * K + cols[:, None, :]).ravel(),
-                    (wt[:, :, None] * wt[:, None, :]).ravel(), K * K).reshape(K, K)
-    G[np.diag_indices(K)] += 1e-6 + 1e-9 * np.trace(G)
+    # AᵀA is symmetric and banded (half-bandwidth T − 1): its upper bands in LAPACK's banded layout
+    # (ab[T−1−d, c+d] = G[c, c+d]) straight from one bincount over the tap pairs (i, i+d)
+    T = m.size
+    iu, ju = np.triu_indices(T)
+    d = ju - iu
+    ab = np.bincount((((T - 1 - d) * K)[None, :] + cols[:, ju]).ravel(), (wt[:, iu] * wt[:, ju]).ravel(),
+                     minlength=T * K).reshape(T, K)
+    ab[T - 1] += 1e-6 + 1e-9 * ab[T - 1].sum()
     starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])
     w32 = wt.astype(np.float32)
     B = np.zeros((K, Y.shape[1]))
+    seg = np.add.reduceat(Y[:, None, :] * w32[:, :, None], starts, axis=0)  # [segments, T, n]: every tap at once
     for i in range(m.size):
-        B[j[starts] + m[i]] += np.add.reduceat(Y * w32[:, i, None], starts, axis=0)
-    V = np.linalg.solve(G, B).astype(np.float32)  # [K, n]
+        B[j[starts] + m[i]] += seg[:, i]
+    # a banded Cholesky solve, O(K·T²) and single-threaded (a dense LAPACK solve on a few dozen centres wakes
+    # OpenBLAS' thread pool, which on a busy machine costs up to tens of ms per call)
+    try:
+        V = solveh_banded(ab, B, check_finite=False).astype(np.float32)  # [K, n]
+    except np.linalg.LinAlgError:
+        G = np.zeros((K, K))
+        for dd in range(T):
+            G[np.arange(K - dd), np.arange(dd, K)] = ab[T - 1 - dd, dd:]
+        V = np.linalg.solve(G + np.triu(G, 1).T, B).astype(np.float32)
     out = V[cols[:, 0]] * w32[:, 0, None]
     for i in range(1, m.size):
         out += V[cols[:, i]] * w32[:, i, None]
@@ -207,21 +227,36 @@ def _error(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
 def _errors_fast(sub: np.ndarray, a: float, w: float) -> tuple[float, str]:
     """``(smallest error, kernel)`` of :func:`_error_fast` over :data:`KERNELS` (centres sampled and their taps
     gathered once: the kernels' taps are nested, −2…3 ⊃ −1…2 ⊃ 0…1)."""
+    return _errors_fast_lattices(sub, [(a, w)])[0]
+
+
+def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
+    """:func:`_errors_fast` for several lattices ``[(first cut, period), ...]`` in one pass (each lattice on its
+    own centres, the same arithmetic as :func:`render`)."""
     L = sub.shape[-1]
-    ks, j, t = _lattice(L, a, w)
-    vals = _centre_values(sub, a + (ks + 0.5) * w)
-    taps = {off: vals[..., np.minimum(np.maximum(j + off, 0), ks.size - 1)] for off in range(-2, 4)}
+    a = np.array([p[0] for p in lattices], np.float64)
+    w = np.array([p[1] for p in lattices], np.float64)
+    P = a.size
+    k0 = np.floor(-a / w).astype(np.int64) - 4
+    K = int((np.ceil((L - a) / w).astype(np.int64) + 4 - k0).max()) + 1
+    ks = k0[:, None] + np.arange(K)[None, :]  # [P, K]
+    vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
+    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
+    j = np.floor(u).astype(np.int64)
+    t = (u - j).ravel()
+    base = (np.arange(P) * K)[:, None]
+    taps = {off: vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] for off in range(-2, 4)}
     msk = _clip_mask(sub)
     n = max(1, int(msk.sum()))
-    best = (np.inf, "")
+    best = [(np.inf, "")] * P
     for name in KERNELS:
         m, wt = kernel_weights(name, t)
         out = taps[int(m[0])] * wt[:, 0]
         for i in range(1, m.size):
             out += taps[int(m[i])] * wt[:, i]
-        e = float((np.minimum(np.abs(out - sub), ERROR_CLIP) * msk).sum() / n)
-        if e < best[0]:
-            best = (e, name)
+        e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP)
+             * msk[:, None, :]).sum((0, 2)) / n
+        best = [(float(x), name) if x < b[0] else b for x, b in zip(e, best)]
     return best
 
 
@@ -231,6 +266,29 @@ def _error_fast(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
     scans)."""
     m = _clip_mask(sub)
     return float((np.minimum(np.abs(render(sub, a, w, kernel) - sub), ERROR_CLIP) * m).sum() / max(1, m.sum()))
+
+
+def _errors_fast_many(sub: np.ndarray, lattices, kernel: str) -> list[float]:
+    """:func:`_error_fast` of ``sub`` ``[r, L]`` for several lattices ``[(first cut, period), ...]`` in one pass
+    (the same arithmetic as :func:`render` per lattice, each on its own centres)."""
+    L = sub.shape[-1]
+    a = np.array([p[0] for p in lattices], np.float64)
+    w = np.array([p[1] for p in lattices], np.float64)
+    P = a.size
+    k0 = np.floor(-a / w).astype(np.int64) - 4
+    K = int((np.ceil((L - a) / w).astype(np.int64) + 4 - k0).max()) + 1
+    ks = k0[:, None] + np.arange(K)[None, :]  # [P, K]
+    vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
+    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
+    j = np.floor(u).astype(np.int64)
+    taps, wt = kernel_weights(kernel, (u - j).ravel())
+    base = (np.arange(P) * K)[:, None]
+    out = np.zeros((sub.shape[0], P * L), np.float32)
+    for i, off in enumerate(taps):
+        out += vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, i]
+    m = _clip_mask(sub)
+    e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum((0, 2))
+    return [float(x) / max(1, int(m.sum())) for x in e]
 
 
 def _nn_error(sub: np.ndarray, a: float, w: float) -> float:
@@ -281,8 +339,25 @@ def uniform_cuts(length: int, a: float, w: float) -> np.ndarray:
 def _phase_errors(sub: np.ndarray, w: float, kernel: str, phases: int) -> np.ndarray:
     """Per-pixel re-drawing error summed over lines, ``[phases, L]``, for cuts at ``(i / phases)·w``."""
     m = _clip_mask(sub)
-    return np.stack([(np.minimum(np.abs(render(sub, i * w / phases, w, kernel) - sub), ERROR_CLIP) * m).sum(0)
-                     for i in range(phases)])
+    L = sub.shape[-1]
+    # all phases in one pass (the same arithmetic as :func:`render` per phase, on one lattice wide enough for
+    # every phase: its extra centres are never tapped)
+    a = np.arange(phases) * (w / phases)
+    k0 = int(math.floor(-a[-1] / w)) - 4
+    ks = np.arange(k0, int(math.ceil(L / w)) + 5)
+    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w - 0.5 - k0  # [phases, L]
+    j = np.floor(u).astype(np.int64)
+    vals = _centre_values(sub, a[:, None] + (ks[None, :] + 0.5) * w)  # [r, phases, K]
+    taps, wt = kernel_weights(kernel, (u - j).ravel())
+    wt = wt.reshape(phases, L, -1)
+    K = ks.size
+    flat = vals.reshape(sub.shape[0], phases * K)
+    base = (np.arange(phases) * K)[:, None]
+    out = np.zeros((sub.shape[0], phases * L), np.float32)
+    for i, off in enumerate(taps):
+        out += flat[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, :, i].ravel()
+    out = out.reshape(sub.shape[0], phases, L)
+    return (np.minimum(np.abs(out - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum(0)
 
 
 def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = PHASES,
@@ -318,13 +393,10 @@ def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = 
     un = phi.copy()
     for i in range(1, un.size):  # sequential unwrap (adjacent windows drift < w/2)
         un[i] -= w * np.round((un[i] - un[i - 1]) / w)
-    A = np.stack([np.ones_like(x), x], 1)
-    sw = np.sqrt(wt)
-    sol = np.linalg.lstsq(A * sw[:, None], un * sw, rcond=None)[0]
-    keep = np.abs(un - A @ sol) < max(0.15 * w, 1.5)
+    b0, slope = line_fit(x, un, wt)
+    keep = np.abs(un - (b0 + slope * x)) < max(0.15 * w, 1.5)
     if 2 <= keep.sum() < keep.size:
-        sol = np.linalg.lstsq(A[keep] * sw[keep, None], un[keep] * sw[keep], rcond=None)[0]
-    b0, slope = float(sol[0]), float(sol[1])
+        b0, slope = line_fit(x[keep], un[keep], wt[keep])
     if not abs(slope) < 0.25:
         a = (g / phases) * w
         return a % w, w, err
@@ -354,8 +426,12 @@ def _polish(sub: np.ndarray, a: float, s: float, kernel: str, rounds: int = 2,
     for k in range(rounds):
         step, rel = s / (12 * 3**k), 0.005 / 3**k
         moves = []
-        for d, make in ((step, lambda x: at(x, 0.0)), (rel, lambda x: at(0.0, x))):
-            em, ep = err(sub, *make(-d), kernel), err(sub, *make(d), kernel)
+        probes = [at(-step, 0.0), at(step, 0.0), at(0.0, -rel), at(0.0, rel)]
+        if err is _error_fast:  # the four probes in one pass
+            pe = _errors_fast_many(sub, probes, kernel)
+        else:
+            pe = [err(sub, *p, kernel) for p in probes]
+        for d, (em, ep) in ((step, pe[:2]), (rel, pe[2:])):
             den = em - 2 * e + ep
             moves.append(float(np.clip(0.5 * (em - ep) / den, -1.5, 1.5)) * d if den > 0 else
                          (-d if em < min(e, ep) else d if ep < e else 0.0))
@@ -428,18 +504,43 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     if sub.shape[0] == 0 or not np.any(np.diff(sub, axis=1)):
         return None
     ok = lambda s: MIN_CELL_PX <= s <= L / MIN_CELLS  # noqa: E731
+    msk = _clip_mask(sub)
+    nmsk = max(1, int(msk.sum()))
+    drawn: dict = {}  # (first cut, period, kernel) -> least-squares re-drawing of sub: each lattice solved once
+
+    def redrawn(a, s, k):
+        key = (float(a), float(s), k)
+        if key not in drawn:
+            drawn[key] = redraw(sub, a, s, k)
+        return drawn[key]
+
+    def ls_error(a, s, k):  # :func:`_error` on sub, from the cached re-drawing
+        return float((np.minimum(np.abs(redrawn(a, s, k) - sub), ERROR_CLIP) * msk).sum() / nmsk)
+
+    def sub_residual(a, s, k, thr):  # :func:`soft_residual` of sub[None] with one kernel, cached
+        return float((np.abs(sub - redrawn(a, s, k)) > thr).mean())
+
     hyp: dict = {}  # period -> (error, first cut, kernel); the lattice from the crossings
 
-    def add(w):
+    pending: list = []
+
+    def add(w):  # the crossings' lattice near w, screened later (all pending lattices in one pass)
         if not ok(w) or any(abs(w / o - 1.0) < 0.04 for o in hyp):
             return
         a, s = crossing_lattice(pos, amp, w)
         if ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
-            e, k = _errors_fast(sub[:SCREEN_LINES], a, s)
-            hyp[s] = (e, a, k)
+            hyp[s] = None
+            pending.append((a, s))
+
+    def screen():
+        if pending:
+            for (a, s), (e, k) in zip(pending, _errors_fast_lattices(sub[:SCREEN_LINES], pending)):
+                hyp[s] = (e, a, k)
+            pending.clear()
 
     for w in cands:
         add(w)
+    screen()
     if not hyp:
         return None
     best = min(v[0] for v in hyp.values())
@@ -449,11 +550,16 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     # cell is flat); with a single candidate (the other axis' cell) only its multiples
     for w in (2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()):
         add(w)
+    screen()
     # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
     loose = best * (1 + 2 * HARMONIC_REL) + 2 * HARMONIC_ABS
     sbest = min(hyp, key=lambda c: hyp[c][0])
-    e_ls = _error(sub, hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
+    e_ls = ls_error(hyp[sbest][1], sbest, hyp[sbest][2])  # the least-squares error the fits compare with
+    # cheap early exit before the precise fits: a render the lattice does not explain far better than its own
+    # nearest-neighbour reconstruction (blurred / JPEG sharp renders) is never accepted (SHARP_RATIO below)
+    if e_ls > EARLY_RATIO * _nn_error(sub, hyp[sbest][1], sbest):
+        return None
     strict = e_ls * (1 + HARMONIC_REL) + HARMONIC_ABS
     def precise(s):
         e, a, k = hyp[s]
@@ -462,7 +568,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
             a1, s1, _ = local_phase(sub, s1, k)
         a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
         # the crossings' own lattice is often already exact (isolated steps): the better least-squares fit stays
-        e1, a1, s1 = min((_error(sub, a1, s1, k), a1, s1), (_error(sub, a, s, k), a, s))
+        e1, a1, s1 = min((ls_error(a1, s1, k), a1, s1), (ls_error(a, s, k), a, s))
         return a1, s1, e1, k
 
     found = None
@@ -489,8 +595,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     coarser = [c for c in hyp if c > 1.3 * s]
     if coarser:
         c = min(coarser)
-        sep = min(1.0, (soft_residual(sub[None], hyp[c][1], c, thr, (hyp[c][2],))[0]
-                        - soft_residual(sub[None], a, s, thr, (kern,))[0]) / zone)
+        sep = min(1.0, (sub_residual(hyp[c][1], c, hyp[c][2], thr) - sub_residual(a, s, kern, thr)) / zone)
     else:
         sep = 1.0
     tried = {s2: v[0] for s2, v in hyp.items()}
