@@ -230,9 +230,11 @@ def _errors_fast(sub: np.ndarray, a: float, w: float) -> tuple[float, str]:
     return _errors_fast_lattices(sub, [(a, w)])[0]
 
 
-def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
-    """:func:`_errors_fast` for several lattices ``[(first cut, period), ...]`` in one pass (each lattice on its
-    own centres, the same arithmetic as :func:`render`)."""
+def _lattices_sampled(sub: np.ndarray, lattices):
+    """Shared set-up of the one-pass lattice errors: for ``sub`` ``[r, L]`` and lattices ``[(first cut, period),
+    ...]`` (px), returns ``(vals [r, P·K], j [P, L] int64, t [P, L], K, P)``: the image sampled at each lattice's
+    cell centres (K per lattice, 4 spare on each side), each pixel's cell index and its fraction within the cell
+    (the same arithmetic as :func:`render`)."""
     L = sub.shape[-1]
     a = np.array([p[0] for p in lattices], np.float64)
     w = np.array([p[1] for p in lattices], np.float64)
@@ -243,7 +245,15 @@ def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
     vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
     u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
     j = np.floor(u).astype(np.int64)
-    t = (u - j).ravel()
+    return vals, j, u - j, K, P
+
+
+def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
+    """:func:`_errors_fast` for several lattices ``[(first cut, period), ...]`` in one pass (each lattice on its
+    own centres, the same arithmetic as :func:`render`)."""
+    L = sub.shape[-1]
+    vals, j, frac, K, P = _lattices_sampled(sub, lattices)
+    t = frac.ravel()
     base = (np.arange(P) * K)[:, None]
     taps = {off: vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] for off in range(-2, 4)}
     msk = _clip_mask(sub)
@@ -272,16 +282,8 @@ def _errors_fast_many(sub: np.ndarray, lattices, kernel: str) -> list[float]:
     """:func:`_error_fast` of ``sub`` ``[r, L]`` for several lattices ``[(first cut, period), ...]`` in one pass
     (the same arithmetic as :func:`render` per lattice, each on its own centres)."""
     L = sub.shape[-1]
-    a = np.array([p[0] for p in lattices], np.float64)
-    w = np.array([p[1] for p in lattices], np.float64)
-    P = a.size
-    k0 = np.floor(-a / w).astype(np.int64) - 4
-    K = int((np.ceil((L - a) / w).astype(np.int64) + 4 - k0).max()) + 1
-    ks = k0[:, None] + np.arange(K)[None, :]  # [P, K]
-    vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
-    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
-    j = np.floor(u).astype(np.int64)
-    taps, wt = kernel_weights(kernel, (u - j).ravel())
+    vals, j, frac, K, P = _lattices_sampled(sub, lattices)
+    taps, wt = kernel_weights(kernel, frac.ravel())
     base = (np.arange(P) * K)[:, None]
     out = np.zeros((sub.shape[0], P * L), np.float32)
     for i, off in enumerate(taps):
