@@ -6,7 +6,8 @@ same model and its ``.diff`` file loads through ComfyUI's own ``LoraLoader`` wit
 Needs COMFYUI_PATH and free memory (skipped otherwise with the reason): the server runs with ComfyUI's own
 ``--bf16-unet`` (:data:`LOW_MEMORY_ARGS`): without it a CPU stores the SDXL UNet in fp32 (10.3 GB) and training at
 64 px reached 23.5 GB RSS (OOM-killed on a 24 GB machine); with it the LoRA workflow passed with a server peak RSS of
-17.9 GiB (``VmHWM``, printed; 259 s on 2 cores). The ESD part (ESD-x, 2 iterations, ``self_sample`` x_t, then
+17.9 GiB (``VmHWM``, printed; 259 s on 2 cores; after activation-space deltas and frozen weights that no
+longer require grad: 14.01 GiB, 104.2 s on the quiet machine). The ESD part (ESD-x, 2 iterations, ``self_sample`` x_t, then
 the erasure comparison and weight diff) passed on its own server with a peak RSS of 18.0 GiB (1303 s on the shared
 2-core machine, load ≈ 9; re-run on the quiet machine: 330.6 s, 17.36 GiB, then the written ``.diff`` through
 ``LoraLoader`` on the same checkpoint, 1 step at 64 px: 14.5 s, zero "lora key not loaded"): ESD-x trains 350 attn2 tensors = 545.7 M parameters whose fp32 delta + gradient + two
