@@ -13,8 +13,8 @@ import numpy as np
 
 from .grid_model import (LOW_CONFIDENCE, SAMPLES_PER_SIDE, STATUSES, Grid, GridError, _check_rgb, _uniform_cuts,
                          median_of_samples, no_grid, sample_cells, snap, upscale_native)
-from .grid_uniform import (HARMONIC_MARGIN, MAX_CELLS, MIN_SCORE, PROFILE_LINES, _confidence, _lines, _prepare,
-                           _profile_x, axis_scores, detect_grid_uniform, edge_profiles, grid_from_cells)
+from .grid_uniform import (HARMONIC_MARGIN, MAX_CELLS, MIN_SCORE, PROFILE_LINES, _confidence, _lines,
+                           axis_scores, detect_grid_uniform, edge_profiles, grid_from_cells)
 
 __all__ = [
     "Grid",
