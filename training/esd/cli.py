@@ -104,6 +104,24 @@ def _load_host(model_dir: Path, *, device: str, dtype, tokenizer, flux: dict):
     return load_host(model_dir, device=device, dtype=dtype, tokenizer=tokenizer, flux=flux, quantize=quant)
 
 
+def read_run_toml(path: Path, table: str, run_keys: set[str]) -> tuple[dict, dict]:
+    """Read an erase/UCE run config: ``(top-level run keys, the [table] section)``.
+
+    Raises ``FileNotFoundError`` when ``path`` is not a file and ``ValueError`` for invalid TOML or a top-level key
+    outside ``run_keys`` (named, with the known keys), so no setting is dropped silently."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    sub = dict(data.pop(table, {}))
+    unknown = sorted(set(data) - run_keys)
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; known: {sorted(run_keys)} and [{table}]")
+    return data, sub
+
+
 def run(args) -> int:
     """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
     from ...formats.safetensors_io import parse_dtype
@@ -115,16 +133,7 @@ def run(args) -> int:
     refuse_multi_process("erase", "ESD takes one draw per iteration (batch 1, as the paper); spreading draws over "
                          "processes would change the optimisation, not speed it up")
     cfg_path = Path(args.config)
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"config {cfg_path} not found")
-    try:
-        data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{cfg_path}: invalid TOML: {exc}") from None
-    esd_table = dict(data.pop("esd", {}))
-    unknown = sorted(set(data) - _RUN_KEYS)
-    if unknown:
-        raise ValueError(f"{cfg_path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [esd]")
+    data, esd_table = read_run_toml(cfg_path, "esd", _RUN_KEYS)
     if "model" not in data:
         from ..lora.quickstart_cli import TINY_MODEL
 

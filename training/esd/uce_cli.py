@@ -29,7 +29,6 @@ Writes ``<output_dir>/<name>.safetensors`` (``.diff``), ``training_stats.json`` 
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
 _RUN_KEYS = {"model", "output_dir", "name", "device", "dtype", "save_dtype", "lora_rank", "tokenizer",
@@ -60,16 +59,9 @@ def register(subparsers) -> None:
 
 
 def _read_toml(path: Path, table: str) -> tuple[dict, dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: invalid TOML: {exc}") from None
-    sub = dict(data.pop(table, {}))
-    unknown = sorted(set(data) - _RUN_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; known: {sorted(_RUN_KEYS)} and [{table}]")
+    from .cli import read_run_toml
+
+    data, sub = read_run_toml(path, table, _RUN_KEYS)
     if "model" not in data:
         raise ValueError(f"{path}: 'model' (a local diffusers folder or a single-file SD1.x/SD2.x checkpoint) is "
                          "required")
