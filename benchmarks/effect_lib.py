@@ -68,20 +68,26 @@ def style_sprites(n: int, offset: int = 0) -> list[tuple[Path, str, str]]:
     return [pool[(offset + i * step) % len(pool)] for i in range(n)]
 
 
-def write_style_dataset(root: Path, n: int = 24, repeats: int = 2, trigger: str = TRIGGER, offset: int = 0
-                        ) -> Path:
-    """Write a kohya folder ``root/<repeats>_<trigger>/`` of ``n`` Game-Boy-recoloured 16×16 sprites, captions
-    ``"<trigger>, pixel art, <group>, <name>"``. Returns ``root``."""
+def _write_sprites(sub: Path, n: int, offset: int, recolour, prefix: str) -> None:
+    """(Re)create the kohya folder ``sub`` with ``n`` style-group sprites from ``offset`` (:func:`style_sprites`),
+    each recoloured by ``recolour`` (``None``: own colours), captioned ``"<prefix>pixel art, <group>, <name>"``."""
     from PIL import Image
 
-    sub = root / f"{repeats}_{trigger}"
     if sub.exists():
         shutil.rmtree(sub)
     sub.mkdir(parents=True)
     for path, name, group in style_sprites(n, offset):
         stem = name.replace(" ", "_")
-        Image.fromarray(recolour_gameboy(tiny.load_sprite(path))).save(sub / f"{stem}.png")
-        (sub / f"{stem}.txt").write_text(f"{trigger}, {tiny.caption(name, group)}\n", encoding="utf-8")
+        img = tiny.load_sprite(path)
+        Image.fromarray(recolour(img) if recolour is not None else img).save(sub / f"{stem}.png")
+        (sub / f"{stem}.txt").write_text(f"{prefix}{tiny.caption(name, group)}\n", encoding="utf-8")
+
+
+def write_style_dataset(root: Path, n: int = 24, repeats: int = 2, trigger: str = TRIGGER, offset: int = 0
+                        ) -> Path:
+    """Write a kohya folder ``root/<repeats>_<trigger>/`` of ``n`` Game-Boy-recoloured 16×16 sprites, captions
+    ``"<trigger>, pixel art, <group>, <name>"``. Returns ``root``."""
+    _write_sprites(root / f"{repeats}_{trigger}", n, offset, recolour_gameboy, f"{trigger}, ")
     return root
 
 
@@ -90,16 +96,7 @@ def write_reg_dataset(root: Path, n: int = 48, repeats: int = 1, offset: int = 1
     sprites in their own colours with captions *without* the trigger (``"pixel art, <group>, <name>"``), drawn
     from the style groups but, with ``offset`` ≥ 1, not the sprites of :func:`write_style_dataset` (``offset`` 0).
     Kohya's prior preservation: the LoRA sees prompts without the trigger keep the base's look. Returns ``root``."""
-    from PIL import Image
-
-    sub = root / f"{repeats}_pixel art"
-    if sub.exists():
-        shutil.rmtree(sub)
-    sub.mkdir(parents=True)
-    for path, name, group in style_sprites(n, offset):
-        stem = name.replace(" ", "_")
-        Image.fromarray(tiny.load_sprite(path)).save(sub / f"{stem}.png")
-        (sub / f"{stem}.txt").write_text(f"{tiny.caption(name, group)}\n", encoding="utf-8")
+    _write_sprites(root / f"{repeats}_pixel art", n, offset, None, "")
     return root
 
 
