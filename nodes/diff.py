@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_host, policy
+from . import comfy_io, policy
 
 CATEGORY = "Concept Lab/Weight diff"
 
@@ -48,7 +48,7 @@ def _outputs(report: dict) -> tuple:
     from ..metrics.diff_plots import render_plots
     from ..metrics.diff_report import report_markdown
 
-    images = comfy_host.numpy_to_image(render_plots(report))
+    images = comfy_io.numpy_to_image(render_plots(report))
     return report_markdown(report), dumps_report(report), images
 
 
@@ -176,7 +176,7 @@ class DiffModels:
         n = len(model_a.get_key_patches("diffusion_model."))
         if clip_a is not None and clip_b is not None:
             n += len(clip_a.patcher.get_key_patches())
-        bar = comfy_host.Progress(n)
+        bar = comfy_io.Progress(n)
         report = diff_patchers(model_a, model_b, clip_a, clip_b,
                                _options(tolerance, top_n, effective_rank, rank_time_budget),
                                progress=lambda d, t: bar.set(min(d, n)))
@@ -188,14 +188,14 @@ _FILE_FOLDERS = ("checkpoints", "diffusion_models", "loras")
 
 
 def _file_choices() -> list[str]:
-    return [f"{folder}/{n}" for folder in _FILE_FOLDERS for n in comfy_host.model_list(folder)]
+    return [f"{folder}/{n}" for folder in _FILE_FOLDERS for n in comfy_io.model_list(folder)]
 
 
 def _resolve_choice(choice: str):
     folder, _, name = str(choice).partition("/")
     if folder not in _FILE_FOLDERS or not name:
         raise ValueError(f"{choice!r}: pick a file from the checkpoints/, diffusion_models/ or loras/ list")
-    return comfy_host.model_file(folder, name)
+    return comfy_io.model_file(folder, name)
 
 
 @policy.guarded
@@ -247,7 +247,7 @@ class DiffFiles:
         def progress(done, total):
             nonlocal bar
             if bar is None:
-                bar = comfy_host.Progress(total)
+                bar = comfy_io.Progress(total)
             bar.set(min(done, total))
 
         report = diff_files(pa, pb, lora_strength=float(lora_strength),
@@ -301,7 +301,7 @@ class CompareDiffReports:
                 raise ValueError(f"{n} must be the JSON text of a diff report (connect report_json)")
         report_1, report_2 = load_json(report_1, "report_1"), load_json(report_2, "report_2")  # bounded parse
         cmp = compare_reports(report_1, report_2, label1=label_1.strip() or None, label2=label_2.strip() or None)
-        img = comfy_host.numpy_to_image([plot_compare(cmp)])
+        img = comfy_io.numpy_to_image([plot_compare(cmp)])
         return compare_markdown(cmp), dumps_report(cmp), img
 
 

@@ -424,14 +424,14 @@ def test_node_contract():
 
 
 def test_node_runs_inside_input_folder_only(tmp_path, monkeypatch):
-    from conceptlab.nodes import comfy_host
+    from conceptlab.nodes import comfy_io
     from conceptlab.nodes.captions import ConceptLabCaptionAudit
 
     inp, outp = tmp_path / "input", tmp_path / "output"
     _dataset(inp / "ds")
     outp.mkdir()
-    monkeypatch.setattr(comfy_host, "input_dir", lambda: inp)
-    monkeypatch.setattr(comfy_host, "output_dir", lambda: outp)
+    monkeypatch.setattr(comfy_io, "input_dir", lambda: inp)
+    monkeypatch.setattr(comfy_io, "output_dir", lambda: outp)
     node = ConceptLabCaptionAudit()
     report, table = node.audit("ds", check_images=False, fix_to="ds_fixed")
     rep = json.loads(report)
