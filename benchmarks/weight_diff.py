@@ -12,7 +12,7 @@ subprocess so peak RSS is that phase's own:
   its pages are only read when touched.
 * **page-touch floor** (shown for transparency, a lower bound): the same, but only one byte per 4 KiB page is
   touched — the pages are mapped (and read from disk when cold) without the bytes being processed.
-* **ours** — ``conceptlab.metrics.weight_diff.diff_files`` producing the full report (every tensor's statistics,
+* **ours** — ``conceptlab.metrics.diff_models.diff_files`` producing the full report (every tensor's statistics,
   groups, histogram, JSON-able dict, Markdown) — and separately the three plots (not in the wall time).
 
 Every tensor of B differs from A (worst case: no bit-identical fast path). Each phase runs with the files in the
@@ -206,13 +206,17 @@ def phase_ours(a: str, b: str, plots: bool = True) -> dict:
     from conceptlab.metrics.diff_report import report_markdown
     import matplotlib  # noqa: F401
 
-    weight_diff.canonical_keys([], "sd1")  # warm imports of formats.keys
+    try:
+        from conceptlab.metrics.diff_models import canonical_keys, diff_files
+    except ImportError:  # a package from before diff_models.py (--before DIR): the same functions lived here
+        from conceptlab.metrics.weight_diff import canonical_keys, diff_files
+    canonical_keys([], "sd1")  # warm imports of formats.keys
     load = os.getloadavg()[0]
     _reset_peak()
     base = _rss_mb()
     t0 = time.perf_counter()
     c0 = time.process_time()
-    rep = weight_diff.diff_files(a, b)
+    rep = diff_files(a, b)
     md = report_markdown(rep)
     wall = time.perf_counter() - t0
     out = {"wall_s": wall, "cpu_s": time.process_time() - c0, "baseline_rss_mb": base, "peak_rss_mb": _peak_mb(),

@@ -53,7 +53,7 @@ def _outputs(report: dict) -> tuple:
 
 
 class PatchedWeights:
-    """A tensor source (see ``metrics.weight_diff.diff_sources``) over ComfyUI patchers' *patched* weights.
+    """A tensor source (see ``metrics.diff_models.diff_sources``) over ComfyUI patchers' *patched* weights.
 
     Args:
         name: label in the report ("model A").
@@ -116,9 +116,9 @@ class PatchedWeights:
 def diff_patchers(model_a, model_b, clip_a=None, clip_b=None, options=None, progress=None) -> dict:
     """Diff two ComfyUI MODELs (and CLIPs when both are given) on their patched weights; returns the report.
 
-    Raises the errors of ``metrics.weight_diff.diff_sources`` (different architectures, shapes).
+    Raises the errors of ``metrics.diff_models.diff_sources`` (different architectures, shapes).
     """
-    from ..metrics.weight_diff import diff_sources
+    from ..metrics.diff_models import diff_sources
 
     parts_a, parts_b = [(model_a, "diffusion_model.")], [(model_b, "diffusion_model.")]
     if clip_a is not None and clip_b is not None:
@@ -171,7 +171,7 @@ class DiffModels:
 
         ``tolerance``: |Δ| at or below it counts as unchanged (weight units); ``rank_time_budget`` in seconds.
         Returns ``(markdown, report JSON, plots IMAGE [3, H, W, 3])``. Raises the errors of
-        :func:`conceptlab.metrics.weight_diff.diff_sources` (``ValueError`` for different architectures/shapes).
+        :func:`conceptlab.metrics.diff_models.diff_sources` (``ValueError`` for different architectures/shapes).
         """
         n = len(model_a.get_key_patches("diffusion_model."))
         if clip_a is not None and clip_b is not None:
@@ -237,9 +237,9 @@ class DiffFiles:
 
         Raises ``ValueError`` for a choice outside the checkpoints / loras folders, ``FileNotFoundError`` for a
         name ComfyUI does not list, and the errors of
-        :func:`conceptlab.metrics.weight_diff.diff_files` (unreadable files, incompatible architectures).
+        :func:`conceptlab.metrics.diff_models.diff_files` (unreadable files, incompatible architectures).
         """
-        from ..metrics.weight_diff import diff_files
+        from ..metrics.diff_models import diff_files
 
         pa, pb = _resolve_choice(file_a), _resolve_choice(file_b)
         bar = None
