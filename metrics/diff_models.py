@@ -152,13 +152,13 @@ def diff_files(path_a: str | os.PathLike, path_b: str | os.PathLike, *, lora_str
             detected from tensor names. With one checkpoint and one LoRA the checkpoint is the base (A) and
             B = A + ``lora_strength``·ΔW, whichever order they were given in.
         lora_strength: multiplier of every LoRA ΔW (kohya/ComfyUI semantics: ΔW = strength·alpha/rank·up·down).
-        options: :class:`DiffOptions`.
+        options: :class:`.weight_diff.DiffOptions`.
         allow_shape_mismatch: list same-name tensors with different shapes (``shape_mismatch``) and skip them
             instead of raising.
         progress: ``progress(done, total)`` callback.
 
     Returns:
-        The report dict (see :func:`diff_pairs`).
+        The report dict (see :func:`.weight_diff.diff_pairs`).
 
     Raises:
         FileNotFoundError; WeightFileError (corrupt/truncated/pickle-only file); ArchitectureMismatchError
@@ -211,7 +211,7 @@ def diff_sources(ra, rb, *, options: DiffOptions | None = None, allow_shape_mism
             :class:`.diff_io.StreamingWeights`. ``get`` may return float32 values of a lower-precision stored
             weight (patched weights): changes that vanish in the stored dtype are then counted
             (``below_resolution``), as they are when the two files' dtypes differ.
-        options, progress: see :func:`diff_pairs`.
+        options, progress: see :func:`.weight_diff.diff_pairs`.
         allow_shape_mismatch: list and skip same-name tensors of different shapes instead of raising.
         mode, kind: labels in the report; a_info / b_info: extra fields for the ``a`` / ``b`` descriptions.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..metrics import caption_fix
 from ..metrics import captions as cap
 from . import policy
 
@@ -87,7 +88,7 @@ class ConceptLabCaptionAudit:
         report["fix"] = None
         if fix_to and fix_to.strip():
             out = policy.confine(comfy_io.output_dir(), fix_to.strip(), "fix_to")
-            fix = cap.fix_folder(root, out, images=bool(check_images), copy_images=True,
+            fix = caption_fix.fix_folder(root, out, images=bool(check_images), copy_images=True,
                                  tolerance=float(tolerance),
                                  progress=lambda done, total: progress.set(items + done))
             fix["out_dir"] = fix_to.strip()
