@@ -74,15 +74,15 @@ def _peak_mb() -> float:
 # ------------------------------------------------------------------------------------------------ key layout
 def sd15_layout(scale: float = 1.0) -> dict[str, tuple[int, ...]]:
     """Single-file SD1.5 key -> shape: UNet from diffusers' UNet2DConditionModel (config from
-    ``formats.keys.unet_config_for("sd1")``) on the meta device renamed to LDM names with diffusers' own converter
-    (``formats.keys.diffusers_to_ldm_unet``); CLIP-L text model (ViT-L/14 text config) and AutoencoderKL (SD VAE
+    ``formats.ldm_keys.unet_config_for("sd1")``) on the meta device renamed to LDM names with diffusers' own converter
+    (``formats.ldm_keys.diffusers_to_ldm_unet``); CLIP-L text model (ViT-L/14 text config) and AutoencoderKL (SD VAE
     config) from transformers / diffusers on the meta device. ``scale`` < 1 keeps only that fraction of the keys
     (for quick trials)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.formats.keys import diffusers_to_ldm_unet, unet_config_for
+    from conceptlab.formats.ldm_keys import diffusers_to_ldm_unet, unet_config_for
 
     out: dict[str, tuple[int, ...]] = {}
     d2l = diffusers_to_ldm_unet("sd1")  # computed on real (tiny) tensors, outside the meta device

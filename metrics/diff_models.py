@@ -39,11 +39,11 @@ _DIFFUSERS_UNET_HEADS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.",
 def canonical_keys(keys: Iterable[str], arch: str) -> dict[str, str]:
     """Map a file's tensor names to canonical single-file LDM keys: ``diffusion_model.*`` (ComfyUI state dicts)
     → ``model.diffusion_model.*``; bare or ``unet.``-prefixed diffusers UNet names → LDM names via
-    ``formats.keys.diffusers_to_ldm_unet`` (diffusers' own converter). Other keys are kept.
+    ``formats.ldm_keys.diffusers_to_ldm_unet`` (diffusers' own converter). Other keys are kept.
 
     Returns ``canonical key -> original key``. Raises ``ValueError`` if two names map to the same key.
     """
-    from ..formats.keys import diffusers_to_ldm_unet
+    from ..formats.ldm_keys import diffusers_to_ldm_unet
 
     keys = list(keys)
     d2l = None

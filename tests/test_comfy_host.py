@@ -366,10 +366,10 @@ def test_unet_key_map_agrees_with_formats_keys():
     from e2e.comfy_env import comfy_inprocess
 
     comfy_inprocess()
-    from conceptlab.formats import keys
+    from conceptlab.formats import ldm_keys
     from conceptlab.nodes.comfy_keys import model_key
 
-    d2l = keys.diffusers_to_ldm_unet("sd1")
+    d2l = ldm_keys.diffusers_to_ldm_unet("sd1")
     compared = 0
     for dkey, lkey in d2l.items():
         path, attr = dkey.rsplit(".", 1)

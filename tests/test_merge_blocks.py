@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conceptlab.formats import keys as K
+from conceptlab.formats import ldm_keys, keys as K
 from conceptlab.training.merge import methods as M
 
 TABLE = json.loads((Path(__file__).parent / "data" / "merge_block_tables.json").read_text())
@@ -29,7 +29,7 @@ def _rows(arch):
 def test_every_unet_key_in_the_references_block(arch, n):
     rows = list(_rows(arch))
     assert len(rows) == n == TABLE[arch]["n_keys"]
-    l2d = K.ldm_to_diffusers_unet(arch)
+    l2d = ldm_keys.ldm_to_diffusers_unet(arch)
     disagree = []
     for key, sm, mecha in rows:
         ours = K.classify_key(PREFIX + key, arch).block or M.BASE

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conceptlab.cli import main as cli_main
 from conceptlab.formats import safetensors_io as sio
-from conceptlab.formats.keys import ldm_unet_keys
+from conceptlab.formats.ldm_keys import ldm_unet_keys
 from conceptlab.training.merge import methods as M
 from conceptlab.training.merge import files as MF
 
@@ -307,7 +307,8 @@ def test_cli_merge(tmp_path, capsys):
 
 
 def test_bake_lora_at_strength(tmp_path, capsys):
-    from conceptlab.formats.keys import kohya_lora_name, ldm_to_diffusers_unet
+    from conceptlab.formats.kohya_keys import kohya_lora_name
+    from conceptlab.formats.ldm_keys import ldm_to_diffusers_unet
 
     sda = make_sd(0)
     a = write(tmp_path, "a.safetensors", sda)

@@ -1,6 +1,6 @@
 """Weight-diff analysis: exact statistics, attribution to layer types / blocks, LoRA vs merged checkpoint, bad
 inputs, report comparison and the CLI. Checkpoints are built in the test with real SD1.5 / SDXL key names
-(``formats.keys.ldm_unet_keys``) and tiny tensors."""
+(``formats.ldm_keys.ldm_unet_keys``) and tiny tensors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from conceptlab.cli import main as cli_main
-from conceptlab.formats.keys import classify_key, ldm_unet_keys, ldm_to_diffusers_unet
+from conceptlab.formats.keys import classify_key
+from conceptlab.formats.ldm_keys import ldm_unet_keys, ldm_to_diffusers_unet
 from conceptlab.formats.safetensors_io import WeightFileError
 from conceptlab.metrics.diff_io import StreamingWeights
 from conceptlab.metrics.diff_report import compare_markdown, fmt_ratio, report_markdown

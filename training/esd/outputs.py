@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from ...formats.keys import kohya_lora_name
+from ...formats.kohya_keys import kohya_lora_name
 from ...formats.safetensors_io import atomic_write_text
 from .erase import ESDResult
 from ..lora.extract import factorize
