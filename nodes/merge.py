@@ -20,8 +20,9 @@ import warnings
 
 import torch
 
-from ..training.merge.methods import (METHODS, METHODS_NEED_C, PRESETS, TIES_SIGNS, MergePlan, MethodOptions,
-                                      canonical_key, check_alpha, merge_tensor, parse_block_weights)
+from ..training.merge.blocks import PRESETS, parse_block_weights
+from ..training.merge.methods import (METHODS, METHODS_NEED_C, TIES_SIGNS, MergePlan, MethodOptions, canonical_key,
+                                      check_alpha, merge_tensor)
 from . import comfy_io, policy
 
 CATEGORY = "Concept Lab/Merge"
