@@ -268,7 +268,8 @@ class ConceptLabESDErase:
         from PIL import Image
 
         from ..formats.safetensors_io import atomic_output, parse_dtype
-        from ..training.esd.erase import ESDCancelled, ESDConfig, erase
+        from ..training.esd.config import ESDConfig
+        from ..training.esd.erase import ESDCancelled, erase
         from ..training.esd.outputs import loss_plot, save_outputs
         from ..training.esd.masks import parse_weights
         from . import comfy_io

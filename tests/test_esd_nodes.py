@@ -222,7 +222,8 @@ def test_esd_on_an_fp8_stored_flux_base_through_comfyhost():
     from e2e.comfy_flux import tiny_flux_clip, tiny_flux_patcher
 
     from conceptlab.nodes.comfy_host import ComfyHost
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
 
     with torch.inference_mode():
         model, clip = tiny_flux_patcher(weight_dtype=torch.float8_e4m3fn), tiny_flux_clip()

@@ -195,7 +195,8 @@ def test_sd1_lora_does_not_load_into_sdxl():
 
 
 def test_esd_x_on_sdxl_trains_cross_attention_only(tmp_path):
-    from conceptlab.training.esd.erase import ESDConfig, erase, select_targets
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase, select_targets
 
     host = tiny_sdxl_host()
     targets = select_targets(host.modules("unet"), "esd-x")
