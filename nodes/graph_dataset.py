@@ -75,7 +75,8 @@ class ConceptLabLoraDatasetFromImages:
         that do not match the images, and the folder node's errors (``DatasetError``) for bad options.
         """
         from ..training.lora.captions import CaptionConfig
-        from ..training.lora.dataset import DatasetOptions, KohyaDataset
+        from ..training.lora.dataset import KohyaDataset
+        from ..training.lora.dataset_options import DatasetOptions
         from ..training.lora.graph_dataset import match_captions, to_uint8_rgb, write_kohya_folder
         from .lora import _caption_audit
 

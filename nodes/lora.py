@@ -20,7 +20,8 @@ import torch
 
 from ..formats import limits
 from ..training.lora.captions import CaptionConfig
-from ..training.lora.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
+from ..training.lora.dataset import KohyaDataset
+from ..training.lora.dataset_options import INTERPOLATIONS, DatasetOptions
 from ..training.lora.config import BEST_METRICS, OPTIMIZERS, SCHEDULERS, configs_from_mapping, parse_kohya_toml
 from ..training.lora.report import labelled_grid, palette_metrics, render_epoch_table
 from ..training.lora.trainer import LoraTrainer
@@ -106,7 +107,7 @@ class ConceptLabLoraDataset:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max (see :func:`.policy.input_problems`): the caption extension."""
-        from ..training.lora.dataset import check_caption_extension
+        from ..training.lora.dataset_options import check_caption_extension
 
         if "caption_extension" in values:
             check_caption_extension(values["caption_extension"])
@@ -178,7 +179,7 @@ class ConceptLabTrainLora:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max: no file names and no out-of-bounds settings inside ``kohya_toml``."""
-        from ..training.lora.dataset import check_caption_extension
+        from ..training.lora.dataset_options import check_caption_extension
 
         _check_prompt_lines("sample_prompts", values.get("sample_prompts"))
         text = values.get("kohya_toml")

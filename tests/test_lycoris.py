@@ -14,7 +14,8 @@ from tiny_models import tiny_host
 pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata  # noqa: E402
-from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset  # noqa: E402
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetOptions  # noqa: E402
 from conceptlab.training.lora.build import build_network_and_groups  # noqa: E402
 from conceptlab.training.lora.config import TrainConfig  # noqa: E402
 from conceptlab.training.lora.trainer import LoraTrainer  # noqa: E402

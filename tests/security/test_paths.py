@@ -10,7 +10,7 @@ import pytest
 from conceptlab.nodes import NODE_CLASS_MAPPINGS, policy
 from conceptlab.nodes import lora as lora_nodes
 from conceptlab.nodes.policy import PathOutsideError
-from conceptlab.training.lora.dataset import DatasetOptions
+from conceptlab.training.lora.dataset_options import DatasetOptions
 
 from .conftest import make_kohya_folder, snapshot
 
