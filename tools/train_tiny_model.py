@@ -539,6 +539,7 @@ def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses
         "seed": args.seed, "threads": args.threads, "vae_steps": args.vae_steps, "steps": step,
         "latent_channels": args.latent_channels, "colour_augment": args.colour_augment,
         "vae_cosine": args.vae_cosine, "decoder_steps": args.decoder_steps,
+        "vae_from": str(args.vae_from) if args.vae_from else None, "fork_seed": args.fork_seed,
         "prediction_type": args.prediction_type, "batch": args.batch, "lr": args.lr, "ema": args.ema, "caption_dropout": args.caption_dropout,
         "weights": "raw" if args.export_raw else "ema",
         "vae_mean_abs_error_255": round(rec_err, 3), "final_loss_mean_last_100": float(np.mean(losses[-100:]))
