@@ -27,7 +27,7 @@ from scipy.linalg import solveh_banded
 __all__ = ["KERNELS", "ERROR_CLIP", "kernel_weights", "render", "redraw", "soft_residual", "uniform_cuts"]
 
 #: Interpolating kernels tried, with their taps relative to the centre left of a pixel.
-KERNELS = {"linear": (0, 1), "cubic": (-1, 2), "lanczos3": (-2, 3)}
+KERNELS = {"linear": (0, 1), "cubic": (-1, 2), "cubic75": (-1, 2), "lanczos3": (-2, 3)}
 #: Re-drawing errors are clipped here (0..255 units) so one occluded spot cannot dominate.
 ERROR_CLIP = 48.0
 
@@ -36,8 +36,8 @@ def _kernel(name: str, x: np.ndarray) -> np.ndarray:
     ax = np.abs(x)
     if name == "linear":
         return np.maximum(1.0 - ax, 0.0)
-    if name == "cubic":  # Keys (1981) eq. 15, a = -0.5 (Pillow's bicubic_filter)
-        a = -0.5
+    if name in ("cubic", "cubic75"):  # Keys (1981) eq. 15: a = -0.5 (Pillow's bicubic_filter), a = -0.75 (torch
+        a = -0.5 if name == "cubic" else -0.75  # upsample_bicubic2d, OpenCV INTER_CUBIC)
         return np.where(ax <= 1, (a + 2) * ax**3 - (a + 3) * ax**2 + 1,
                         np.where(ax < 2, a * ax**3 - 5 * a * ax**2 + 8 * a * ax - 4 * a, 0.0))
     return np.where(ax < 3, np.sinc(x) * np.sinc(x / 3.0), 0.0)  # Pillow's lanczos_filter, a = 3
