@@ -161,16 +161,23 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     # sampled lines and edge profiles per axis, computed once: the uniform and cut-sequence hypotheses use them
     views = (rgb, np.swapaxes(rgb, 0, 1))
     lines_xy = [_lines(img) for img in views]
+    # an interpolating upscale (soft edges, issue 13): grid_soft's lattices win on the axes they explain. Edges
+    # wide enough for one (looks_soft): searched first, and the sharp detectors are skipped when both axes are
+    # explained; otherwise tried unless both axes show a clearly sharp grid (the soft search rejects sharp,
+    # noisy, JPEG and blurred renders itself)
+    from .grid_soft import SOFT_TRY, detect_soft, looks_soft
+
+    soft = detect_soft(rgb, lines=tuple(lines_xy)) if looks_soft(lines_xy[0]) else None
+    if soft is not None and None not in soft and abs(soft[0].cell / soft[1].cell - 1.0) <= 0.1 and \
+            min(f.cell for f in soft) >= gc.MIN_CELL_PX:  # what the steps below would keep as they are
+        return _grid_from_fits(w, h, *soft, [(0, 0.0), (0, 0.0)])
     prof_xy = [gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2)) for img in views]
     u = detect_grid_uniform(rgb, None, margin, max_cells, profiles=tuple(p1[1:-1] for p1, _ in prof_xy),
                             lines=tuple(lines_xy))
-    # an interpolating upscale (soft edges, issue 13): grid_soft's lattices win on the axes they explain; tried
-    # unless both axes show a clearly sharp grid (they reject sharp, noisy, JPEG and blurred renders themselves)
-    from .grid_soft import SOFT_TRY, detect_soft
-
     uc = [c if u.method == "uniform" and cell > 1 else 0.0 for c, cell in ((u.confidence_x, u.cell_w),
                                                                          (u.confidence_y, u.cell_h))]
-    soft = detect_soft(rgb) if min(uc) < SOFT_TRY else [None, None]
+    if soft is None:
+        soft = detect_soft(rgb, lines=tuple(lines_xy)) if min(uc) < SOFT_TRY else [None, None]
     fits = []
     for axis, img in enumerate(views):
         L = img.shape[1]
@@ -222,6 +229,12 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px
         if f.mode == "sharp" and getattr(f, "edges", True) and f.cuts.size:
             f.score = max(f.score, gc.edge_score(prof_xy[i][0], f.cuts, f.length, max(2.0, min(3.0, f.cell / 4))))
+    return _grid_from_fits(w, h, fx, fy, support)
+
+
+def _grid_from_fits(w: int, h: int, fx, fy, support) -> Grid:
+    """The :class:`Grid` of two axis fits (``support``: ``(edge-anchored cuts, alternation)`` per axis of
+    :func:`.grid_cuts.cut_support`, ``(0, 0.0)`` for soft axes): confidence, status, diagnostics."""
     edges = max(n for n, _ in support)
     cx, cy = (_sharp_confidence(f.score, a, edges) if f.mode == "sharp" else
               _axis_confidence(f.score, f.separation, f.mode, f.residual) for f, (_, a) in zip((fx, fy), support))

@@ -53,7 +53,7 @@ from .grid_redraw import (ERROR_CLIP, KERNELS, _clip_mask, _error, _error_fast, 
                           uniform_cuts)
 
 __all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
-           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX", "SOFT_TRY"]
+           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "looks_soft", "MIN_CELL_PX", "SOFT_TRY"]
 
 #: Smallest cell searched (px) — the same floor as :data:`.grid_cuts.MIN_CELL_PX`.
 MIN_CELL_PX = 5.0
@@ -92,6 +92,12 @@ MAX_RESIDUAL = 0.05
 #: axes): soft upscales (bilinear / bicubic / Lanczos) ≤ 0.17, blurred+noisy+JPEG sharp renders ≥ 0.45 (all of
 #: which the final SHARP_RATIO test rejected anyway); 0.35 keeps a 2× margin on the soft side.
 EARLY_RATIO = 0.35
+#: :func:`looks_soft`: effective edge width (px) from which :func:`.grid.detect_grid` runs the soft search first
+#: (and skips the sharp detectors when it explains both axes). Measured on condition_render, seeds 0–99, 512 px:
+#: sharp conditions ≤ 2.33 (blur σ 1.5 + noise + JPEG; clean 1.0), soft upscales ≥ 3.06 (cells ≥ 12.8 px).
+#: Below it the old order stands (sharp detectors first, the soft search when their confidence is low).
+SOFT_FIRST_WIDTH = 2.8
+_DEBUG = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,6 +325,10 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
             # best-fitting one wins (a spurious peak a few % off can pass the margin before the truth is tried)
             rivals = [precise(c) for c in pool[i + 1:] if c * SAME_GRID > s]
             found = min([fit] + [r for r in rivals if ok(r[1])], key=lambda r: r[2])
+            if _DEBUG is not None:
+                e0, a0, k0 = hyp[s]
+                _DEBUG.append(dict(L=L, cross=(a0, s, ls_error(a0, s, k0), k0), fit=fit, found=found, strict=strict,
+                                   e_ls=e_ls, pool=pool, i=i, nrivals=len(rivals), hyp=dict(hyp)))
             break
     if found is None:
         return None
@@ -344,7 +354,20 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     return fit
 
 
-def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_CANDIDATES) -> list:
+def looks_soft(lines: np.ndarray) -> bool:
+    """Cheap test (~0.1 ms) that sampled lines ``[3, r, L]`` int16 show the soft signature of an interpolating
+    upscale: the effective edge width ``2·Σ|Δ|/Σ|Δ²|`` (px; a step drawn over ``W`` px has first differences
+    summing to its height and second differences to ≈ 2·height/W; a sharp step gives 1) of every third line is
+    ≥ :data:`SOFT_FIRST_WIDTH`. Noise raises ``Σ|Δ²|`` more than ``Σ|Δ|``, so it only ever says "not soft"."""
+    y = lines[:, ::3]
+    d1 = np.diff(y, axis=-1)
+    e1 = int(np.abs(d1).sum(dtype=np.int64))
+    e2 = int(np.abs(np.diff(d1, axis=-1)).sum(dtype=np.int64))
+    return e1 > 0 and 2.0 * e1 >= SOFT_FIRST_WIDTH * max(e2, 1)
+
+
+def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_CANDIDATES,
+                lines: tuple | None = None) -> list:
     """Soft lattices of an RGB uint8 image ``[H, W, 3]``, per axis (x then y): a :class:`.grid_cuts.AxisFit`
     with ``mode="soft"`` where an interpolating upscale explains that axis, else ``None`` (the caller falls back
     to the sharp / per-line detectors). See the module docstring for the method.
@@ -353,17 +376,19 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
     screened. The fit's ``residual`` is :func:`soft_residual` (share of pixels, all kernels, noise-adapted
     threshold of :func:`.grid_cuts.threshold`), ``separation`` the residual gain over the lattice of twice the
     cell (1.0 when that no longer fits 3 cells), ``score`` the periodogram value at the cell (0..1),
-    ``candidates`` the screened ``{"period/soft": error}``. Cost: ~O(candidates · PHASES · SEARCH_LINES · L) per
+    ``candidates`` the screened ``{"period/soft": error}``. ``lines``: the ``(x, y)`` sampled lines ``[3, r, L]`` int16
+    when the caller already has them (``lines_per_axis`` evenly spaced, as :func:`.grid_uniform._lines` reads). Cost: ~O(candidates · PHASES · SEARCH_LINES · L) per
     axis. Raises ValueError for a non-RGB-uint8 array."""
     from .grid_cuts import AxisFit, noise_level, threshold  # grid_cuts imports this module
 
     if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
         raise ValueError("expected an RGB uint8 array [H, W, 3]")
     H, W = rgb.shape[:2]
+    lines_xy = lines
     axes, widths = [], []
-    for img in (rgb, np.swapaxes(rgb, 0, 1)):
+    for ax, img in enumerate((rgb, np.swapaxes(rgb, 0, 1))):
         L = img.shape[1]
-        lines = _axis_lines(img, lines_per_axis)
+        lines = _axis_lines(img, lines_per_axis) if lines_xy is None else lines_xy[ax]
         noise = noise_level(lines)
         y = lines.reshape(-1, L).astype(np.float32)
         if noise > 1.5:  # a symmetric [1, 2, 1] smoothing keeps crossings in place and monotone runs whole
