@@ -47,7 +47,8 @@ import math
 
 import numpy as np
 
-from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings, line_fit
+from .grid_crossings import (_BINS_PER_PX, _peaks, crossing_lattice, crossing_lattices, crossing_spectrum,
+                             edge_crossings, line_fit)
 from .grid_redraw import (ERROR_CLIP, KERNELS, _clip_mask, _error, _error_fast, _errors_fast_lattices, _errors_fast_many,
                           _nn_error, _nn_share, _phase_errors, kernel_weights, redraw, render, soft_residual,
                           uniform_cuts)
@@ -269,13 +270,12 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
 
     pending: list = []
 
-    def add(w):  # the crossings' lattice near w, screened later (all pending lattices in one pass)
-        if not ok(w) or any(abs(w / o - 1.0) < 0.04 for o in hyp):
-            return
-        a, s = crossing_lattice(pos, amp, w)
-        if ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
-            hyp[s] = None
-            pending.append((a, s))
+    def add(ws):  # the crossings' lattices near periods ws (one batch), screened later (one pass)
+        ws = [w for w in ws if ok(w) and all(abs(w / o - 1.0) >= 0.04 for o in hyp)]
+        for w, (a, s) in zip(ws, crossing_lattices(pos, amp, ws)):
+            if all(abs(w / o - 1.0) >= 0.04 for o in hyp) and ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
+                hyp[s] = None
+                pending.append((a, s))
 
     def screen():
         if pending:
@@ -283,8 +283,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
                 hyp[s] = (e, a, k)
             pending.clear()
 
-    for w in cands:
-        add(w)
+    add(cands)
     screen()
     if not hyp:
         return None
@@ -293,8 +292,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     sb = min(hyp, key=lambda c: hyp[c][0])
     # coarser lattices the periodogram peaks missed (it peaks at harmonics k/s, and at 3/(2s) when every other
     # cell is flat); with a single candidate (the other axis' cell) only its multiples
-    for w in (2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()):
-        add(w)
+    add((2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()))
     screen()
     # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
