@@ -60,6 +60,47 @@ def kernel_weights(name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m, _LUT[name][np.rint(np.minimum(np.maximum(t, 0.0), 1.0) * _LUT_STEPS).astype(np.int64)]
 
 
+_LUT_T: dict = {}
+
+
+def _kernel_weights_t(name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`kernel_weights` with the weights transposed: ``(offsets [taps], weights [taps, len(t)] float32)``,
+    each tap's weights contiguous (the tap sums below multiply whole rows)."""
+    if name not in _LUT_T:
+        kernel_weights(name, np.zeros(1))
+        _LUT_T[name] = np.ascontiguousarray(_LUT[name].T)
+    lo, hi = KERNELS[name]
+    return np.arange(lo, hi + 1), _LUT_T[name][:, np.rint(np.minimum(np.maximum(t, 0.0), 1.0) * _LUT_STEPS).astype(np.int64)]
+
+
+def _tap_sums(vals: np.ndarray, idx: np.ndarray, t: np.ndarray, kernels) -> dict:
+    """Sampled re-drawings for several kernels sharing one gather: ``vals`` ``[r, M]`` centre values, ``idx``
+    ``[N]`` the centre left of each output pixel (into ``vals``' last axis), ``t`` ``[N]`` its fraction to the
+    next centre; returns ``{kernel: [r, N] float32}`` with ``out[:, x] = Σ_m w_m(t[x])·vals[:, idx[x] + m]``.
+    The taps of every kernel in :data:`KERNELS` lie in −2…3, so one gather of those offsets serves all."""
+    offs = range(min(KERNELS[k][0] for k in kernels), max(KERNELS[k][1] for k in kernels) + 1)
+    hi = vals.shape[1] - 1
+    G = {o: np.take(vals, np.clip(idx + o, 0, hi), axis=1) for o in offs}  # [r, N] per tap offset
+    out = {}
+    for name in kernels:
+        m, W = _kernel_weights_t(name, t)
+        o = G[int(m[0])] * W[0]
+        for i in range(1, m.size):
+            o += G[int(m[i])] * W[i]
+        out[name] = o
+    return out
+
+
+def _abs_err(out: np.ndarray, sub: np.ndarray, msk: np.ndarray) -> np.ndarray:
+    """``min(|out − sub|, ERROR_CLIP) · msk`` for ``out`` ``[r, P, L]`` against ``sub`` / ``msk`` ``[r, L]``,
+    in place on ``out`` (float32)."""
+    d = np.subtract(out, sub[:, None, :], out=out)
+    np.abs(d, out=d)
+    np.minimum(d, ERROR_CLIP, out=d)
+    d *= msk[:, None, :]
+    return d
+
+
 def _centre_values(lines: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Values of ``lines`` ``[..., L]`` at positions ``pos`` ``[...]`` px (pixel ``i`` spans [i, i+1)), linear
     between pixel centres, clamped at the ends: float32 ``[..., *pos.shape]``."""
@@ -189,19 +230,13 @@ def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
     own centres, the same arithmetic as :func:`render`)."""
     L = sub.shape[-1]
     vals, j, frac, K, P = _lattices_sampled(sub, lattices)
-    t = frac.ravel()
-    base = (np.arange(P) * K)[:, None]
-    taps = {off: vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] for off in range(-2, 4)}
+    idx = (j + (np.arange(P) * K)[:, None]).ravel()
+    outs = _tap_sums(vals, idx, frac.ravel(), tuple(KERNELS))
     msk = _clip_mask(sub)
     n = max(1, int(msk.sum()))
     best = [(np.inf, "")] * P
-    for name in KERNELS:
-        m, wt = kernel_weights(name, t)
-        out = taps[int(m[0])] * wt[:, 0]
-        for i in range(1, m.size):
-            out += taps[int(m[i])] * wt[:, i]
-        e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP)
-             * msk[:, None, :]).sum((0, 2)) / n
+    for name, out in outs.items():
+        e = _abs_err(out.reshape(sub.shape[0], P, L), sub, msk).sum((0, 2)) / n
         best = [(float(x), name) if x < b[0] else b for x, b in zip(e, best)]
     return best
 
@@ -219,13 +254,9 @@ def _errors_fast_many(sub: np.ndarray, lattices, kernel: str) -> list[float]:
     (the same arithmetic as :func:`render` per lattice, each on its own centres)."""
     L = sub.shape[-1]
     vals, j, frac, K, P = _lattices_sampled(sub, lattices)
-    taps, wt = kernel_weights(kernel, frac.ravel())
-    base = (np.arange(P) * K)[:, None]
-    out = np.zeros((sub.shape[0], P * L), np.float32)
-    for i, off in enumerate(taps):
-        out += vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, i]
+    out = _tap_sums(vals, (j + (np.arange(P) * K)[:, None]).ravel(), frac.ravel(), (kernel,))[kernel]
     m = _clip_mask(sub)
-    e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum((0, 2))
+    e = _abs_err(out.reshape(sub.shape[0], P, L), sub, m).sum((0, 2))
     return [float(x) / max(1, int(m.sum())) for x in e]
 
 
@@ -281,13 +312,7 @@ def _phase_errors(sub: np.ndarray, w: float, kernel: str, phases: int) -> np.nda
     u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w - 0.5 - k0  # [phases, L]
     j = np.floor(u).astype(np.int64)
     vals = _centre_values(sub, a[:, None] + (ks[None, :] + 0.5) * w)  # [r, phases, K]
-    taps, wt = kernel_weights(kernel, (u - j).ravel())
-    wt = wt.reshape(phases, L, -1)
     K = ks.size
-    flat = vals.reshape(sub.shape[0], phases * K)
-    base = (np.arange(phases) * K)[:, None]
-    out = np.zeros((sub.shape[0], phases * L), np.float32)
-    for i, off in enumerate(taps):
-        out += flat[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, :, i].ravel()
-    out = out.reshape(sub.shape[0], phases, L)
-    return (np.minimum(np.abs(out - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum(0)
+    idx = (j + (np.arange(phases) * K)[:, None]).ravel()
+    out = _tap_sums(vals.reshape(sub.shape[0], phases * K), idx, (u - j).ravel(), (kernel,))[kernel]
+    return _abs_err(out.reshape(sub.shape[0], phases, L), sub, m).sum(0)

@@ -29,16 +29,22 @@ rule. The re-drawing error is smooth and single-minimum in phase over a whole ce
    ``|Σ w·exp(2πi·x/p)| / Σ w`` (a histogram at 1/8 px and one FFT), both axes pooled (square cells), its
    strongest local maxima in [:data:`MIN_CELL_PX`, L/3], plus ×2, ×3 of the coarsest explaining one and ×1.5,
    ×2 of the best (harmonics); each gets phase and period from a least-squares fit of the crossings
-   (:func:`crossing_lattice`) and a screening error (sampled re-drawing, three kernels).
+   (:func:`crossing_lattice`) and a screening error (sampled re-drawing, four kernels).
 3. *Precise fit* (:func:`local_phase`): at a candidate period the re-drawing error is computed at
    :data:`PHASES` phases across a cell; in each window of ~3 cells the best phase is read (parabolic peak); the
    phases drift linearly along the axis when the period is off, so a weighted line fit through the unwrapped
-   window phases gives period and phase at once; then a parabolic polish.
+   window phases gives period and phase at once (a parabolic polish, :func:`_polish`, is available but off:
+   :data:`POLISH_ROUNDS`).
 4. *Choice*: the coarsest candidate whose least-squares re-drawing error (:func:`redraw`) is within a margin of
    the best (finer lattices tie); candidates less than :data:`SAME_GRID` apart are one grid read two ways and
    compete on the error. Accepted as soft only when the re-drawing beats the nearest-neighbour reconstruction
    of the same lattice clearly (a sharp render is re-drawn badly by ramps) and leaves few pixels off
    (:func:`soft_residual`). The y axis first tries the x cell (square cells), then the full search.
+
+**Cost** (issue 13: ≤ 20 ms CPU per 512 px image): :func:`.grid.detect_grid` runs this search first when the
+edges look soft (:func:`looks_soft`, ~0.1 ms) and skips the sharp detectors when it explains both axes; the
+re-drawings share their gathers across kernels (:func:`.grid_redraw._tap_sums`), the crossing lattices of all
+candidates are one pass (:func:`.grid_crossings.crossing_lattices`).
 """
 
 from __future__ import annotations
@@ -72,8 +78,10 @@ SCREEN_LINES = 6
 #: the finest period candidate (an interpolated step spans a cell or more: ≥ 1.4 on the fixtures; sharp, noisy
 #: or JPEG nearest-neighbour renders ≤ 1.0).
 MIN_SOFT_WIDTH = 1.0
-#: Rounds of the (sampled re-drawing) phase / period polish after the local-phase fit.
-POLISH_ROUNDS = 1
+#: Rounds of the (sampled re-drawing) phase / period polish after the local-phase fit: none — the least-squares
+#: comparison with the crossings' own lattice that follows settles the fit; on the tuning renders (seeds 0–99,
+#: four soft conditions) one round changed no grid and cost ~10 % of the soft search.
+POLISH_ROUNDS = 0
 #: Phases per cell in the local-phase scan.
 PHASES = 8
 #: Period candidates (periodogram peaks) screened per image.
@@ -98,7 +106,12 @@ EARLY_RATIO = 0.35
 #: sharp conditions ≤ 2.33 (blur σ 1.5 + noise + JPEG; clean 1.0), soft upscales ≥ 3.06 (cells ≥ 12.8 px).
 #: Below it the old order stands (sharp detectors first, the soft search when their confidence is low).
 SOFT_FIRST_WIDTH = 2.8
-_DEBUG = None
+#: Search lines the local-phase scans read (the strongest; all :data:`SEARCH_LINES` cost a third more, and on
+#: the tuning renders (seeds 0–99, four soft conditions) chose the same lattices).
+PHASE_LINES = 6
+#: :func:`soft_residual` of the accepted lattice reads every RESIDUAL_STEP-th sampled line (12 of 24 per axis:
+#: a share of ~18 k pixel values, ample for a share, at half the cost).
+RESIDUAL_STEP = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,7 +296,9 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
                 hyp[s] = (e, a, k)
             pending.clear()
 
-    add(cands)
+    # with a single candidate (the other axis' cell) its multiples are screened with it (below, they would be
+    # the only coarser lattices added)
+    add(list(cands) + ([2 * cands[0], 3 * cands[0]] if len(cands) == 1 else []))
     screen()
     if not hyp:
         return None
@@ -306,10 +321,11 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     strict = e_ls * (1 + HARMONIC_REL) + HARMONIC_ABS
     def precise(s):
         e, a, k = hyp[s]
-        a1, s1, _ = local_phase(sub, s, k)
+        a1, s1, _ = local_phase(sub[:PHASE_LINES], s, k)
         if abs(s1 / s - 1.0) > 0.02:
-            a1, s1, _ = local_phase(sub, s1, k)
-        a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
+            a1, s1, _ = local_phase(sub[:PHASE_LINES], s1, k)
+        if POLISH_ROUNDS:
+            a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
         # the crossings' own lattice is often already exact (isolated steps): the better least-squares fit stays
         e1, a1, s1 = min((ls_error(a1, s1, k), a1, s1), (ls_error(a, s, k), a, s))
         return a1, s1, e1, k
@@ -323,17 +339,13 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
             # best-fitting one wins (a spurious peak a few % off can pass the margin before the truth is tried)
             rivals = [precise(c) for c in pool[i + 1:] if c * SAME_GRID > s]
             found = min([fit] + [r for r in rivals if ok(r[1])], key=lambda r: r[2])
-            if _DEBUG is not None:
-                e0, a0, k0 = hyp[s]
-                _DEBUG.append(dict(L=L, cross=(a0, s, ls_error(a0, s, k0), k0), fit=fit, found=found, strict=strict,
-                                   e_ls=e_ls, pool=pool, i=i, nrivals=len(rivals), hyp=dict(hyp)))
             break
     if found is None:
         return None
     a, s, e, kern = found
     nn = _nn_error(sub, a, s)
     thr = threshold(noise)
-    res, _ = soft_residual(lines, a, s, thr, (kern,))
+    res, _ = soft_residual(lines[:, ::RESIDUAL_STEP], a, s, thr, (kern,))
     if not (e <= SHARP_RATIO * nn and res <= MAX_RESIDUAL):
         return None
     # separation as a share of the edge zone (the pixels the nearest-neighbour reconstruction of the lattice gets
