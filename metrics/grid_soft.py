@@ -352,15 +352,18 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     # wrong by > thr: the ramps), so a small sprite on a wide plain frame is not read as a weak grid
     zone = max(_nn_share(sub[None], a, s, thr), MIN_ZONE)  # on the search lines (the edge-rich ones)
     coarser = [c for c in hyp if c > 1.3 * s]
+    e_c = None
     if coarser:
         c = min(coarser)
         sep = min(1.0, (sub_residual(hyp[c][1], c, hyp[c][2], thr) - sub_residual(a, s, kern, thr)) / zone)
+        e_c = ls_error(hyp[c][1], c, hyp[c][2])
     else:
         sep = 1.0
     tried = {s2: v[0] for s2, v in hyp.items()}
     fit = AxisFit(L, uniform_cuts(L, a, s), float(s), "soft", float(res), 0.0, float(sep), float(noise),
                   {f"{k2:g}/soft": round(v, 4) for k2, v in tried.items()})
     fit.kernel = kern
+    fit.error, fit.coarser_error, fit.nn_error = float(e), e_c, float(nn)
     return fit
 
 
