@@ -148,32 +148,48 @@ def _taps(L: int, a: float, w: float, kernel: str):
     return ks.size, j, m, wt.astype(np.float64)
 
 
+_TRIU: dict = {}
+
+
 def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
     """Least-squares re-drawing of ``lines`` ``[..., L]``: the centre values ``v`` minimising ``‖y − A·v‖²``
     (``A``: the kernel taps of :func:`_taps`; a small ridge for centres that only tails reach), then ``A·v``;
     float32, same shape. Unlike sampling the centres (:func:`render`), this is exact at a kinked centre (a
     bilinear spike) and sub-pixel in phase; a finer lattice fits at least as well, so callers take the coarsest
-    that explains. ``A`` is banded and ``j`` non-decreasing, so ``AᵀA`` is one ``bincount`` and ``Aᵀy`` a
-    segmented sum per tap — no dense BLAS products (whose thread pools cost more than the work on a busy
+    that explains. ``A`` is banded and ``j`` non-decreasing, so ``AᵀA`` and ``Aᵀy`` are segmented sums per tap
+    (pair) — no dense BLAS products (whose thread pools cost more than the work on a busy
     machine)."""
     L = lines.shape[-1]
     K, j, m, wt = _taps(L, a, w, kernel)
     Y = np.ascontiguousarray(lines.reshape(-1, L).T, dtype=np.float32)  # [L, n]
     cols = j[:, None] + m[None, :]  # [L, T]
-    # AᵀA is symmetric and banded (half-bandwidth T − 1): its upper bands in LAPACK's banded layout
-    # (ab[T−1−d, c+d] = G[c, c+d]) straight from one bincount over the tap pairs (i, i+d)
+    # AᵀA is symmetric and banded (half-bandwidth T − 1), kept as its upper bands in LAPACK's banded layout
+    # (ab[T−1−d, c+d] = G[c, c+d]). Pixels with the same first tap j form one segment; j steps by 0 or 1 per
+    # pixel (cells ≥ 1 px), so segment k's taps are centres j0 + k + m: per-segment sums of the tap-pair
+    # products and of the weighted lines, added to AᵀA and Aᵀy as slices
     T = m.size
-    iu, ju = np.triu_indices(T)
-    d = ju - iu
-    ab = np.bincount((((T - 1 - d) * K)[None, :] + cols[:, ju]).ravel(), (wt[:, iu] * wt[:, ju]).ravel(),
-                     minlength=T * K).reshape(T, K)
-    ab[T - 1] += 1e-6 + 1e-9 * ab[T - 1].sum()
+    iu, ju = _TRIU.get(T) or _TRIU.setdefault(T, np.triu_indices(T))
     starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])
+    S, j0 = starts.size, int(j[0])
     w32 = wt.astype(np.float32)
+    ab = np.zeros((T, K))
     B = np.zeros((K, Y.shape[1]))
     seg = np.add.reduceat(Y[:, None, :] * w32[:, :, None], starts, axis=0)  # [segments, T, n]: every tap at once
-    for i in range(m.size):
-        B[j[starts] + m[i]] += seg[:, i]
+    if int(j[-1]) - j0 == S - 1:
+        pair = np.add.reduceat(wt[:, iu] * wt[:, ju], starts, axis=0)  # [segments, pairs]
+        for p, (i0, i1) in enumerate(zip(iu.tolist(), ju.tolist())):
+            c = j0 + int(m[i0]) + i1 - i0
+            ab[T - 1 - (i1 - i0), c:c + S] += pair[:, p]
+        for i in range(T):
+            c = j0 + int(m[i])
+            B[c:c + S] += seg[:, i]
+    else:  # (a lattice finer than the pixels: general scatter)
+        d = ju - iu
+        ab = np.bincount((((T - 1 - d) * K)[None, :] + cols[:, ju]).ravel(), (wt[:, iu] * wt[:, ju]).ravel(),
+                         minlength=T * K).reshape(T, K)
+        for i in range(T):
+            B[j[starts] + m[i]] += seg[:, i]
+    ab[T - 1] += 1e-6 + 1e-9 * ab[T - 1].sum()
     # a banded Cholesky solve, O(K·T²) and single-threaded (a dense LAPACK solve on a few dozen centres wakes
     # OpenBLAS' thread pool, which on a busy machine costs up to tens of ms per call)
     try:
