@@ -56,7 +56,7 @@ SEPARATION_FULL = 0.02
 #: Soft-search axes (:func:`_soft_confidence`): the confidence rises linearly from 0 to 1 as the next coarser
 #: lattice's re-drawing error grows from SOFT_RATIO_RANGE[0] to [1] times the found one's (0.5 — the
 #: low-confidence line — at 3×). Tuned on condition_render seeds 0–199 (random 320–512 px frames, bilinear /
-#: bicubic / Lanczos / torch bicubic, 800 renders): flags 1 right grid of 786 and 4 of 14 wrong ones. The error
+#: bicubic / Lanczos / torch bicubic, 800 renders): flags 2 right grids of 785 and 5 of 15 wrong ones. The error
 #: floor (0..255 units; 8-bit rounding alone leaves ~0.25) keeps a near-perfect fit from inflating the ratio.
 SOFT_RATIO_RANGE = (2.0, 4.0)
 SOFT_ERROR_FLOOR = 0.3
@@ -93,9 +93,9 @@ def _soft_confidence(error: float, coarser_error: float | None) -> float:
     """Confidence of an axis found by :func:`.grid_soft.detect_soft`, 0..1: how much worse the next coarser
     screened lattice re-draws the image than the found one — ``ratio = coarser_error / max(error,
     SOFT_ERROR_FLOOR)`` (mean least-squares re-drawing errors, 0..255 units; 1.0 when no coarser lattice fits
-    3 cells), mapped linearly from ``SOFT_RATIO_RANGE[0]`` (0) to ``[1]`` (1), see :data:`SOFT_RATIO_RANGE`. A wrong soft grid is mostly a
-    harmonic or a spurious period that a coarser lattice explains almost as well; a right one leaves the
-    coarser lattice far behind. The thresholded residual share (:func:`.grid_redraw.soft_residual`) is left
+    3 cells), mapped linearly from ``SOFT_RATIO_RANGE[0]`` (0) to ``[1]`` (1) (:data:`SOFT_RATIO_RANGE`). A
+    wrong soft grid is mostly a harmonic or a spurious period that a coarser lattice explains almost as well;
+    a right one leaves the coarser lattice far behind. The thresholded residual share (:func:`.grid_redraw.soft_residual`) is left
     out: it is ~0 for right and wrong lattices alike, and Lanczos renders whose clipped overshoot leaves
     0.5–0.9 % of pixels off were right (it only gates acceptance, :data:`.grid_soft.MAX_RESIDUAL`)."""
     if coarser_error is None:

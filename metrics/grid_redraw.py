@@ -70,7 +70,8 @@ def _kernel_weights_t(name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         kernel_weights(name, np.zeros(1))
         _LUT_T[name] = np.ascontiguousarray(_LUT[name].T)
     lo, hi = KERNELS[name]
-    return np.arange(lo, hi + 1), _LUT_T[name][:, np.rint(np.minimum(np.maximum(t, 0.0), 1.0) * _LUT_STEPS).astype(np.int64)]
+    i = np.rint(np.minimum(np.maximum(t, 0.0), 1.0) * _LUT_STEPS).astype(np.int64)
+    return np.arange(lo, hi + 1), _LUT_T[name][:, i]
 
 
 def _tap_sums(vals: np.ndarray, idx: np.ndarray, t: np.ndarray, kernels) -> dict:

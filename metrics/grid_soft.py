@@ -13,9 +13,9 @@ upscale by any — fractional — factor ``s`` puts native cell ``k``'s centre a
 colour at each cell centre, and every pixel between centres is ``Σ_m K(t − m)·v[j+m] / Σ_m K(t − m)`` of the
 neighbouring centre values. A hypothesis (cell ``s`` px, first cut ``a`` px) is checked by sampling the image at
 its centres ``a + (k + ½)·s`` (linear between pixels) and re-drawing every pixel with the kernel
-(:mod:`.grid_redraw`: :func:`render`, :func:`redraw`): the true lattice re-draws the image to rounding error; a coarser one cannot (it misses native
-cells); a finer one also re-draws it (it over-samples a band-limited signal) and loses on the coarsest-explaining
-rule. The re-drawing error is smooth and single-minimum in phase over a whole cell and in period over ±2–3 %
+(:mod:`.grid_redraw`: :func:`render`, :func:`redraw`): the true lattice re-draws the image to rounding error;
+a coarser one cannot (it misses native cells); a finer one also re-draws it (it over-samples a band-limited
+signal) and loses on the coarsest-explaining rule. The re-drawing error is smooth and single-minimum in phase over a whole cell and in period over ±2–3 %
 (measured on the fixtures), so each search only needs a start within that basin.
 
 **The search** (:func:`detect_soft`), all on 1-D lines sampled from the image:
@@ -55,12 +55,13 @@ import numpy as np
 
 from .grid_crossings import (_BINS_PER_PX, _peaks, crossing_lattice, crossing_lattices, crossing_spectrum,
                              edge_crossings, line_fit)
-from .grid_redraw import (ERROR_CLIP, KERNELS, _clip_mask, _error, _error_fast, _errors_fast_lattices, _errors_fast_many,
-                          _nn_error, _nn_share, _phase_errors, kernel_weights, redraw, render, soft_residual,
-                          uniform_cuts)
+from .grid_redraw import (ERROR_CLIP, KERNELS, _clip_mask, _error, _error_fast, _errors_fast_lattices,
+                          _errors_fast_many, _nn_error, _nn_share, _phase_errors, kernel_weights, redraw, render,
+                          soft_residual, uniform_cuts)
 
 __all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
-           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "looks_soft", "MIN_CELL_PX", "SOFT_TRY"]
+           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "looks_soft", "MIN_CELL_PX",
+           "SOFT_TRY"]
 
 #: Smallest cell searched (px) — the same floor as :data:`.grid_cuts.MIN_CELL_PX`.
 MIN_CELL_PX = 5.0
@@ -387,13 +388,16 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
     with ``mode="soft"`` where an interpolating upscale explains that axis, else ``None`` (the caller falls back
     to the sharp / per-line detectors). See the module docstring for the method.
 
-    ``lines_per_axis`` evenly spaced rows (columns) are read per axis; ``candidates`` periodogram peaks are
-    screened. The fit's ``residual`` is :func:`soft_residual` (share of pixels, all kernels, noise-adapted
-    threshold of :func:`.grid_cuts.threshold`), ``separation`` the residual gain over the lattice of twice the
-    cell (1.0 when that no longer fits 3 cells), ``score`` the periodogram value at the cell (0..1),
-    ``candidates`` the screened ``{"period/soft": error}``. ``lines``: the ``(x, y)`` sampled lines ``[3, r, L]`` int16
-    when the caller already has them (``lines_per_axis`` evenly spaced, as :func:`.grid_uniform._lines` reads). Cost: ~O(candidates · PHASES · SEARCH_LINES · L) per
-    axis. Raises ValueError for a non-RGB-uint8 array."""
+    ``lines_per_axis`` evenly spaced rows (columns) are read per axis — or ``lines``, the ``(x, y)`` sampled
+    lines ``[3, r, L]`` int16 when the caller already has them (as :func:`.grid_uniform._lines` reads them);
+    ``candidates`` periodogram peaks are screened. The fit's ``residual`` is :func:`soft_residual` (share of
+    pixels of every 2nd line, its kernel, noise-adapted threshold of :func:`.grid_cuts.threshold`), ``error``
+    its mean least-squares re-drawing error (0..255 units) and ``coarser_error`` that of the next coarser
+    screened lattice (``None`` when none fits 3 cells; both feed the confidence, see
+    :func:`.grid._soft_confidence`), ``nn_error`` the nearest-neighbour reconstruction's error, ``separation``
+    the residual gain over that coarser lattice per edge-zone pixel, ``score`` the periodogram value at the cell
+    (0..1), ``candidates`` the screened ``{"period/soft": error}``. Cost: ~O(candidates · PHASES ·
+    SEARCH_LINES · L) per axis. Raises ValueError for a non-RGB-uint8 array."""
     from .grid_cuts import AxisFit, noise_level, threshold  # grid_cuts imports this module
 
     if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
