@@ -95,9 +95,10 @@ def _soft_confidence(error: float, coarser_error: float | None) -> float:
     SOFT_ERROR_FLOOR)`` (mean least-squares re-drawing errors, 0..255 units; 1.0 when no coarser lattice fits
     3 cells), mapped linearly from ``SOFT_RATIO_RANGE[0]`` (0) to ``[1]`` (1) (:data:`SOFT_RATIO_RANGE`). A
     wrong soft grid is mostly a harmonic or a spurious period that a coarser lattice explains almost as well;
-    a right one leaves the coarser lattice far behind. The thresholded residual share (:func:`.grid_redraw.soft_residual`) is left
-    out: it is ~0 for right and wrong lattices alike, and Lanczos renders whose clipped overshoot leaves
-    0.5–0.9 % of pixels off were right (it only gates acceptance, :data:`.grid_soft.MAX_RESIDUAL`)."""
+    a right one leaves the coarser lattice far behind. The thresholded residual share
+    (:func:`.grid_redraw.soft_residual`) is left out: it is ~0 for right and wrong lattices alike, and Lanczos
+    renders whose clipped overshoot leaves 0.5–0.9 % of pixels off were right (it only gates acceptance,
+    :data:`.grid_soft.MAX_RESIDUAL`)."""
     if coarser_error is None:
         return 1.0
     lo, hi = SOFT_RATIO_RANGE

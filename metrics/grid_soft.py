@@ -15,8 +15,9 @@ neighbouring centre values. A hypothesis (cell ``s`` px, first cut ``a`` px) is 
 its centres ``a + (k + ½)·s`` (linear between pixels) and re-drawing every pixel with the kernel
 (:mod:`.grid_redraw`: :func:`render`, :func:`redraw`): the true lattice re-draws the image to rounding error;
 a coarser one cannot (it misses native cells); a finer one also re-draws it (it over-samples a band-limited
-signal) and loses on the coarsest-explaining rule. The re-drawing error is smooth and single-minimum in phase over a whole cell and in period over ±2–3 %
-(measured on the fixtures), so each search only needs a start within that basin.
+signal) and loses on the coarsest-explaining rule. The re-drawing error is smooth and single-minimum in phase
+over a whole cell and in period over ±2–3 % (measured on the fixtures), so each search only needs a start within
+that basin.
 
 **The search** (:func:`detect_soft`), all on 1-D lines sampled from the image:
 
