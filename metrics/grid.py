@@ -190,10 +190,12 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     # noisy, JPEG and blurred renders itself)
     from .grid_soft import SOFT_TRY, detect_soft, looks_soft
 
-    soft = detect_soft(rgb, lines=tuple(lines_xy)) if looks_soft(lines_xy[0]) else None
+    soft = detect_soft(rgb, lines=tuple(lines_xy), x_first=True) if looks_soft(lines_xy[0]) else None
     if soft is not None and None not in soft and abs(soft[0].cell / soft[1].cell - 1.0) <= 0.1 and \
             min(f.cell for f in soft) >= gc.MIN_CELL_PX:  # what the steps below would keep as they are
         return _grid_from_fits(w, h, *soft, [(0, 0.0), (0, 0.0)])
+    if soft is not None and soft[0] is None:  # (x_first: y not searched) the full search as before, if asked
+        soft = None
     prof_xy = [gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2)) for img in views]
     u = detect_grid_uniform(rgb, None, margin, max_cells, profiles=tuple(p1[1:-1] for p1, _ in prof_xy),
                             lines=tuple(lines_xy))

@@ -384,7 +384,7 @@ def looks_soft(lines: np.ndarray) -> bool:
 
 
 def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_CANDIDATES,
-                lines: tuple | None = None) -> list:
+                lines: tuple | None = None, x_first: bool = False) -> list:
     """Soft lattices of an RGB uint8 image ``[H, W, 3]``, per axis (x then y): a :class:`.grid_cuts.AxisFit`
     with ``mode="soft"`` where an interpolating upscale explains that axis, else ``None`` (the caller falls back
     to the sharp / per-line detectors). See the module docstring for the method.
@@ -397,7 +397,8 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
     screened lattice (``None`` when none fits 3 cells; both feed the confidence, see
     :func:`.grid._soft_confidence`), ``nn_error`` the nearest-neighbour reconstruction's error, ``separation``
     the residual gain over that coarser lattice per edge-zone pixel, ``score`` the periodogram value at the cell
-    (0..1), ``candidates`` the screened ``{"period/soft": error}``. Cost: ~O(candidates · PHASES ·
+    (0..1), ``candidates`` the screened ``{"period/soft": error}``. ``x_first``: return ``[None, None]`` as soon
+    as the x axis is not soft (the caller wants both axes, else runs its own order). Cost: ~O(candidates · PHASES ·
     SEARCH_LINES · L) per axis. Raises ValueError for a non-RGB-uint8 array."""
     from .grid_cuts import AxisFit, noise_level, threshold  # grid_cuts imports this module
 
@@ -447,6 +448,8 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
                 fit = None
         if fit is None:
             fit = _soft_axis(lines, noise, pos, amp, cands, L)
+        if fit is None and ax == 0 and x_first:
+            break  # the caller only wants both axes (and runs the full search itself otherwise)
         if fit is not None:
             s = fit.cell
             fit.score = float(joint[int(round(size / (s * _BINS_PER_PX)))]) if 1.0 / s <= f[-1] else 0.0
