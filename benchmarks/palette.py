@@ -10,7 +10,8 @@ machine, so CPU-ms per image (process time inside the workers) and the implied 2
 
 ``--conditions N`` (issue 13) adds, per render condition of
 :func:`conceptlab.metrics.palette_synth.condition_render` (clean, noise only, JPEG only, blur+noise+JPEG,
-cropped frame, ±15 % drift, bilinear / bicubic / Lanczos upscales, subject over the frame edge), the share of
+cropped frame, ±15 % drift, bilinear / bicubic / Lanczos upscales, subject over the frame edge, torch's a = −0.75
+bicubic), the share of
 N 512×512 renders whose grid is exactly right (every cut, :func:`~conceptlab.metrics.palette_synth.cuts_match`)
 and CPU ms per image, for the per-line-cut detector (:func:`conceptlab.metrics.grid.detect_grid`) beside the
 single-period detector it replaced (:func:`conceptlab.metrics.grid.detect_grid_uniform`, the naive baseline),

@@ -146,7 +146,7 @@ def degraded_suite(files, n: int = 200, seed: int = 0, cells=(16, 20, 24, 32), s
 
 #: Conditions :func:`condition_render` can build (each with known truth: per-line cuts, native image, background).
 CONDITIONS = ("clean", "noise", "jpeg", "degraded", "crop", "drift", "bilinear", "bicubic", "lanczos", "touching",
-              "transparent")
+              "transparent", "bicubic_torch")  # new conditions go last: a condition's index seeds its renders
 
 
 @dataclass
@@ -282,6 +282,18 @@ def _degrade(img: np.ndarray, rng: np.random.Generator, blur=0.0, noise=0.0, jpe
     return img
 
 
+def _torch_bicubic(nat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``nat`` RGB uint8 ``[h, w, 3]`` resized to ``size`` = (H, W) by ``torch.nn.functional.interpolate`` (bicubic,
+    a = −0.75, ``align_corners=False``, no antialias: what torch / OpenCV pipelines upscale with), rounded and
+    clipped to uint8 ``[H, W, 3]``. torch is imported lazily (``import conceptlab`` stays torch-free)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(nat.transpose(2, 0, 1))).to(torch.float32)[None]
+    y = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=False)[0]
+    return np.ascontiguousarray(y.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
 def condition_render(condition: str, seed: int, sprite_files=(), art: str | None = None,
                      size: tuple[int, int] | None = None) -> GridRender:
     """One render of ``condition`` (see :data:`CONDITIONS`) with known per-line truth, deterministic per ``seed``.
@@ -297,6 +309,10 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
       cells with art filling most of the frame (over a plain stretch drift leaves no trace to follow);
     - ``bilinear`` / ``bicubic`` / ``lanczos``: the native canvas resized by Pillow with that filter (soft
       edges; the filters interpolate, so cell centres keep the native colour), then cropped by a random phase;
+    - ``bicubic_torch``: the same with torch's ``F.interpolate(mode="bicubic", align_corners=False,
+      antialias=False)`` — Keys' cubic with a = −0.75, as in OpenCV's ``INTER_CUBIC`` and most render pipelines
+      (Pillow's bicubic is a = −0.5), out-of-range taps clamped to the edge rather than renormalised; rounded
+      and clipped to uint8 (torch is imported here only, so the CLI stays torch-free);
     - ``touching``: a large sprite (DawnLike on 17–24 cells, or a blob) running over the bottom-left corner
       of the frame, NN, light noise — the subject covers much of the border ring;
     - ``transparent``: an RGBA render (sprite on alpha 0), NN; ``background`` is ``None``.
@@ -328,7 +344,7 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition == "drift",
                                    touch=condition == "touching")
     params: dict = {"cells": n}
-    soft = condition in ("bilinear", "bicubic", "lanczos")
+    soft = condition in ("bilinear", "bicubic", "lanczos", "bicubic_torch")
     if condition == "drift":
         def cuts_for(count):
             widths = w * (1.0 + rng.uniform(-0.15, 0.15, count))
@@ -349,10 +365,13 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     if soft:
         from PIL import Image
 
-        filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[condition]
         ox, oy = int(round(off_x)), int(round(off_y))
         big_w, big_h = int(round(cells[1] * w)), int(round(cells[0] * w))
-        big = np.asarray(Image.fromarray(nat).resize((big_w, big_h), filt))
+        if condition == "bicubic_torch":
+            big = _torch_bicubic(nat, (big_h, big_w))
+        else:
+            filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[condition]
+            big = np.asarray(Image.fromarray(nat).resize((big_w, big_h), filt))
         img = big[oy : oy + H, ox : ox + W]
         sx, sy = big_w / cells[1], big_h / cells[0]
         cuts_x = np.arange(1, cells[1]) * sx - ox

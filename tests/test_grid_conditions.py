@@ -59,10 +59,12 @@ def _rate(rows) -> float:
 #: exact-grid share each condition must reach over its N renders: the issue-13 targets (95 % on every
 #: nearest-neighbour condition, 90 % on soft upscales), all met.
 FLOOR = {"clean": 0.95, "noise": 0.95, "jpeg": 0.95, "crop": 0.95, "degraded": 0.95, "touching": 0.95,
-         "drift": 0.95, "bilinear": 0.90, "bicubic": 0.90, "lanczos": 0.90}
+         "drift": 0.95, "bilinear": 0.90, "bicubic": 0.90, "lanczos": 0.90, "bicubic_torch": 0.90}
 CONDITIONS = tuple(FLOOR)
-#: nearest-neighbour conditions (sharp cells), where the confidence is calibrated per condition
+#: nearest-neighbour conditions (sharp cells) and interpolating upscales (soft edges; ``bicubic_torch`` is torch's
+#: a = −0.75 bicubic, as OpenCV's INTER_CUBIC, the others Pillow's): the confidence is calibrated per condition
 SHARP = ("clean", "noise", "jpeg", "crop", "degraded", "touching", "drift")
+SOFT = ("bilinear", "bicubic", "lanczos", "bicubic_torch")
 
 
 @pytest.mark.parametrize("condition", CONDITIONS)
@@ -70,7 +72,8 @@ def test_condition(condition, files):
     """Per condition, over 100 renders: the exact share reaches FLOOR (clean, noise only — no finer-grid
     harmonics —, JPEG only, frames cropped 2–10 px on every side, blur+noise+JPEG, a subject over the frame edge:
     ≥ 95 %; cells drifting ±15 %: ≥ 95 %, blank border stretches scored by cell count, see the module
-    docstring; bilinear / bicubic / Lanczos upscales at fractional scales: ≥ 90 %), and no render ever gets
+    docstring; bilinear / bicubic / Lanczos upscales at fractional scales, Pillow's and torch's bicubic: ≥ 90 %),
+    and no render ever gets
     cells under MIN_CELL_PX: a grid is found, or its status says ``none`` (no
     silent 1-px fallback). Cropped frames report their partial border cells; drifting grids are followed cut by
     cut (cells of different widths); soft upscales choose a soft edge model."""
@@ -84,10 +87,9 @@ def test_condition(condition, files):
     if condition == "drift":
         widths = [np.diff(g.cuts_x) for g in right]
         assert np.mean([w.std() / w.mean() for w in widths]) > 0.04  # not one uniform period
-    if condition in ("bilinear", "bicubic", "lanczos"):  # found as soft lattices, not as sharp grids
+    if condition in SOFT:  # found as soft lattices, not as sharp grids
         assert np.mean([g.mode == "soft" for g in right]) > 0.9
-    if condition in SHARP:
-        _assert_calibrated(condition, rows)
+    _assert_calibrated(condition, rows)
 
 
 def _flagged(g) -> bool:
@@ -95,11 +97,12 @@ def _flagged(g) -> bool:
 
 
 def _assert_calibrated(condition: str, rows) -> None:
-    """Confidence calibrated per nearest-neighbour condition, on the same renders: a ``low_confidence`` /
-    ``none`` status predicts a wrong grid — at most 2 right grids of 100 are flagged, and where ≥ 2 are flagged
-    at least half of them are wrong (seeds 1000–1099, flagged grids that are wrong: clean 1/1, noise 1/1,
-    JPEG 2/2, crop 0/0, drift 0/0, blur+noise+JPEG 1/2, touching 1/1) — and a ``detected`` grid is right
-    ≥ 95 % of the time."""
+    """Confidence calibrated per condition, on the same renders: a ``low_confidence`` / ``none`` status
+    predicts a wrong grid — at most 2 right grids of 100 are flagged, and where ≥ 2 are flagged at least half
+    of them are wrong (seeds 1000–1099, flagged grids that are wrong: clean 1/1, noise 1/1, JPEG 2/2, crop 0/0,
+    drift 0/0, blur+noise+JPEG 1/2, touching 1/1; bilinear 0/0, bicubic 1/2, Lanczos 2/2, torch bicubic 0/0 —
+    the soft rule, :func:`conceptlab.metrics.grid._soft_confidence`, was tuned on seeds 0–199 and only checked
+    here) — and a ``detected`` grid is right ≥ 95 % of the time."""
     flagged = [e for _, g, e in rows if _flagged(g)]
     det = [e for _, g, e in rows if g.status == "detected"]
     assert sum(flagged) <= 2, f"{condition}: {sum(flagged)} right grids flagged low/none"
@@ -136,7 +139,7 @@ def test_confidence_is_calibrated(files):
     low = [e for g, e in rows if g.status in ("low_confidence", "none")]
     assert all(g.confidence >= LOW_CONFIDENCE for g, _ in rows if g.status == "detected")
     assert np.mean(det) >= 0.9, f"detected grids right {np.mean(det):.0%}"
-    # (≥ 3: soft upscales, once most of the low-confidence grids, are now found and detected — 5 of 250 on
-    # grid-soft — and the sharp conditions' confidence no longer flags right grids: 3 of 250, 2 of them wrong.
-    # Calibration per sharp condition, on 700 renders, is asserted in test_condition / _pooled_sharp.)
-    assert len(low) >= 3 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
+    # (≥ 1: few grids are flagged now that neither the sharp nor the soft rule flags right grids — seeds
+    # 2000–2024, 275 renders: 1 flagged, wrong. Calibration per condition, on 1,100 renders, is asserted in
+    # test_condition; the flag's recall on the sharp conditions in test_..._pooled_sharp.)
+    assert len(low) >= 1 and 1 - np.mean(low) >= 0.5, f"low-confidence grids wrong {1 - np.mean(low):.0%}"
