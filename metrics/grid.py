@@ -217,6 +217,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
             a.score, a.separation, a.mode = b.score, b.separation, b.mode
             a.edges = False  # its cuts are borrowed: no edges of its own to count
+    gc.pool_borders([fx, fy], [p1 for p1, _ in prof_xy])  # blank borders: the mean cell of both axes
     support = [gc.cut_support(prof_xy[i][0], f.cuts, f.cell) if f.mode == "sharp" and getattr(f, "edges", True)
                else (0, 0.0) for i, f in enumerate((fx, fy))]
     for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px

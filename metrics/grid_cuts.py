@@ -46,7 +46,8 @@ import numpy as np
 from .grid_crossings import line_fit
 from .grid_soft import fit_soft
 
-__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "GAP_SLACK", "MIN_CELL_PX"]
+__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "border_cuts", "pool_borders", "width_trend",
+           "GAP_SLACK", "MIN_CELL_PX"]
 
 #: Cell gaps allowed by the DP, relative to the period: w·(1 ± GAP_SLACK) (covers ±15 % drift plus slack).
 GAP_SLACK = 0.3
@@ -73,6 +74,16 @@ MIX_WEIGHT = 0.2
 SAME_PERIOD = 1.4
 #: Normalised edge energy at which a DP cut counts as evidenced (others are interpolated).
 ANCHOR = 0.12
+#: Sharp cuts extrapolated into a blank border are kept down to this distance from the ends (px): a cut at
+#: c ∈ (0.5, 1) still puts pixel 0 (centre 0.5) in a cell of its own; at c ≤ 0.5 no pixel centre precedes it.
+BORDER_PX = 0.5
+#: Border stretches are extrapolated at the mean cell of both axes when their visible means agree within this
+#: share (square cells; the mean of m drifting widths scatters by ≈ 9 %/√m), else at each axis' own.
+SQUARE_POOL = 0.1
+#: A linear trend of the visible widths is carried into blank borders when its t-statistic exceeds TREND_T
+#: (see :func:`width_trend`), the extrapolated widths clipped to the mean·(1 ± TREND_CLIP).
+TREND_T = 3.0
+TREND_CLIP = 0.2
 
 
 @dataclass
@@ -278,10 +289,13 @@ def _midpoints(centres: np.ndarray, length: int, w: float) -> np.ndarray:
     return c[(c >= 1.0) & (c <= length - 1.0)]
 
 
-def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: float, reach: float = 0.0):
+def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: float, reach: float = 0.0,
+            sharp: bool = False):
     """Keep the DP positions that sit on real edges (normalised energy ≥ :data:`ANCHOR`), place the others by
     linear interpolation between the neighbouring anchors (a cell boundary in a flat area has no evidence of
-    its own), and re-extrapolate the border stretches at the anchors' least-squares mean gap.
+    its own), and re-extrapolate the border stretches at the anchors' mean gap — least squares, or for
+    ``sharp`` cells the span between the outermost anchors over its cell count (the mean of the visible
+    widths, see :func:`border_cuts`), out to :data:`BORDER_PX` from the ends.
     Returns ``(positions, mean gap)``."""
     if pos.size == 0:
         return pos, w
@@ -290,11 +304,16 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
         return pos, w
     k = np.arange(pos.size, dtype=np.float64)
     ka, pa = k[a], pos[a]
-    slope = line_fit(ka, pa)[1] if a.sum() >= 2 else w
+    if sharp:
+        slope = float(pa[-1] - pa[0]) / float(ka[-1] - ka[0])
+    else:
+        slope = line_fit(ka, pa)[1]
     if not (0.7 * w <= slope <= 1.3 * w):
         slope = w
     inner = (k >= ka[0]) & (k <= ka[-1])
     out = np.interp(k[inner], ka, pa)
+    if sharp:
+        return border_cuts(out, length, slope), slope
     lead, c = [], out[0] - slope
     while c >= 1.0 - reach:
         lead.append(c)
@@ -306,6 +325,58 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
     return np.concatenate([np.array(lead[::-1]), out, np.array(tail)]), slope
 
 
+def border_cuts(core: np.ndarray, length: int, slope: float, trend: float = 0.0, centre: float = 0.0) -> np.ndarray:
+    """``core`` (px, increasing: the cuts from the first to the last one that sits on an edge, indices 0..m)
+    extended into the blank border stretches on both sides, keeping every cut farther than :data:`BORDER_PX`
+    from the ends (a cut closer than half a pixel has no pixel centre beyond it). The cell whose mid index
+    (in core indices: the cell between cuts j−1 and j has mid j − ½) is q gets the width
+    ``slope + trend·(q − centre)`` px, clipped to ``slope``·(1 ± :data:`TREND_CLIP`) — ``trend = 0``: every
+    border cell at the mean cell ``slope``.
+
+    In a blank border stretch every line of the image is constant along the axis, so no pixel shows where
+    its cuts are: they are predicted from the visible lattice. When widths vary independently around a mean,
+    the best predictor of the next cut is the last visible one plus the mean cell (estimated by the visible
+    widths' mean: span / cell count); when the cell size drifts smoothly across the frame (a significant
+    linear trend of the visible widths, :func:`width_trend`), the trend carries on into the border."""
+    if core.size == 0 or slope <= 0:
+        return core
+    m = core.size - 1
+
+    def widths(q):
+        return np.clip(slope + trend * (q - centre), (1 - TREND_CLIP) * slope, (1 + TREND_CLIP) * slope)
+
+    n_lead = int((core[0] - BORDER_PX) / ((1 - TREND_CLIP) * slope)) + 1
+    n_tail = int((length - BORDER_PX - core[-1]) / ((1 - TREND_CLIP) * slope)) + 1
+    lead = core[0] - np.cumsum(widths(-0.5 - np.arange(n_lead)))
+    tail = core[-1] + np.cumsum(widths(m + 0.5 + np.arange(n_tail)))
+    lead, tail = lead[lead > BORDER_PX][::-1], tail[tail < length - BORDER_PX]
+    return np.concatenate([lead, core, tail])
+
+
+def width_trend(pos: np.ndarray, k: np.ndarray) -> tuple[float, float, float]:
+    """Linear trend of the cell widths between edge-anchored cuts at positions ``pos`` (px) with cut indices
+    ``k`` (increasing ints): the mean width of each run of cells between consecutive anchors, ``gap / Δk``,
+    regressed on the run's mid index with weights Δk (weighted least squares). Returns ``(mean width, slope
+    px per cell, centre index)``; the slope is 0 unless its t-statistic exceeds :data:`TREND_T` (under widths
+    drawn independently around one mean a chance trend that large is rare) and ≥ 4 runs are measured."""
+    pos = np.asarray(pos, np.float64)
+    k = np.asarray(k, np.float64)
+    dk = np.diff(k)
+    mean = float(pos[-1] - pos[0]) / float(k[-1] - k[0])
+    if dk.size < 4:
+        return mean, 0.0, 0.0
+    wid = np.diff(pos) / dk
+    mid = 0.5 * (k[1:] + k[:-1])
+    a, b = line_fit(mid, wid, dk)
+    res = wid - (a + b * mid)
+    mx = float((dk * mid).sum() / dk.sum())
+    sxx = float((dk * (mid - mx) ** 2).sum())
+    s2 = float((dk * res * res).sum()) / (dk.size - 2)
+    if sxx <= 0 or s2 <= 0 or abs(b) * math.sqrt(sxx / s2) < TREND_T:
+        return mean, 0.0, mx
+    return float(a + b * mx), float(b), mx
+
+
 def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode: str) -> np.ndarray:
     """Cuts (px, float64) for period ``w`` under ``mode``: ``"sharp"`` / ``"soft_edges"`` (DP on boundary energy
     ``p1``) or ``"soft"`` (DP on curvature ``p2`` = cell centres, cuts at the midpoints). See :func:`dp_cuts`.
@@ -314,7 +385,7 @@ def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode:
     if mode == "sharp":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)
-        return _anchor(e, idx, _refine(e, idx), length, w)[0]
+        return _anchor(e, idx, _refine(e, idx), length, w, sharp=True)[0]
     if mode == "soft_edges":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)
@@ -619,6 +690,37 @@ def off_grid(p: np.ndarray, cuts: np.ndarray, other: np.ndarray, cell: float, st
     if o.size > 1:
         d = np.minimum(d, np.abs(o[j - 1] - c))
     return int((d > max(2.0, 0.12 * cell)).sum())
+
+
+def pool_borders(fits: list, profiles: list) -> None:
+    """Re-extrapolate the blank border stretches of sharp cut sequences from the visible lattice of **both**
+    axes (see :func:`border_cuts`).
+
+    ``fits``: the two :class:`AxisFit` (x, y); ``profiles``: their boundary-energy profiles ``p1`` (see
+    :func:`axis_profiles`). An axis takes part when its cuts are its own (sharp, not the uniform hypothesis, not
+    borrowed) with ≥ 2 edge-anchored cuts (:func:`anchored`); its visible span is first → last anchored cut.
+    Where no pixel shows the cuts (the stretches beyond the outermost anchors) each border cell gets the mean
+    cell — pixel-art cells are square, so the pooled visible widths of both axes (Σ span / Σ cells), unless the
+    two axes' means differ by more than :data:`SQUARE_POOL` (non-square cells) — or, where the axis' visible
+    widths show a significant linear trend (:func:`width_trend`: the cell size drifting across the frame), its
+    own trend carried on. Updates the fits' ``cuts`` in place; the visible cuts are unchanged."""
+    use = []
+    for f, p in zip(fits, profiles):
+        if f.mode != "sharp" or getattr(f, "uniform", False) or not getattr(f, "edges", True) or f.cuts.size < 2:
+            continue
+        i = np.nonzero(anchored(p, f.cuts, f.cell)[0])[0]
+        if i.size >= 2:
+            use.append((f, i))
+    if not use:
+        return
+    spans = [(float(f.cuts[i[-1]] - f.cuts[i[0]]), int(i[-1] - i[0])) for f, i in use]
+    pooled = sum(s for s, _ in spans) / sum(n for _, n in spans)
+    square = len(use) == 2 and abs(spans[0][0] / spans[0][1] / (spans[1][0] / spans[1][1]) - 1.0) <= SQUARE_POOL
+    for (f, i), (span, n) in zip(use, spans):
+        mean, trend, centre = width_trend(f.cuts[i], i - i[0])
+        slope = mean if trend or not square else pooled
+        if 0.7 * f.cell <= slope <= 1.3 * f.cell:
+            f.cuts = border_cuts(f.cuts[i[0] : i[-1] + 1], f.length, slope, trend, centre)
 
 
 def cut_support(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[int, float]:

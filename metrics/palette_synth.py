@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Render", "make_render", "load_sprite", "degraded_suite", "DB16_DAWNLIKE", "GridRender", "CONDITIONS",
-           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles"]
+           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles", "DRIFTS", "warp_cuts"]
 
 #: The DawnBringer 16 palette as stored in the DawnLike sprite files (CC-BY 4.0, DawnBringer).
 DB16_DAWNLIKE = (
@@ -146,7 +146,13 @@ def degraded_suite(files, n: int = 200, seed: int = 0, cells=(16, 20, 24, 32), s
 
 #: Conditions :func:`condition_render` can build (each with known truth: per-line cuts, native image, background).
 CONDITIONS = ("clean", "noise", "jpeg", "degraded", "crop", "drift", "bilinear", "bicubic", "lanczos", "touching",
-              "transparent")
+              "transparent", "warp")
+#: Drifting-grid conditions (nearest-neighbour cells of varying width, art filling most of the frame).
+DRIFTS = ("drift", "warp")
+#: Smooth-warp drift (``warp``): the local cell size wanders by up to ± this share of the mean across the frame ...
+WARP_AMPLITUDE = (0.04, 0.09)
+#: ... and every cut sits up to ± this share of a cell off the smooth lattice (widths vary ±15 % in all).
+EDGE_JITTER = 0.03
 
 
 @dataclass
@@ -282,6 +288,22 @@ def _degrade(img: np.ndarray, rng: np.random.Generator, blur=0.0, noise=0.0, jpe
     return img
 
 
+def warp_cuts(rng: np.random.Generator, count: int, w: float) -> np.ndarray:
+    """Interior cuts (px, float64 ``[count − 1]``) of ``count`` cells of mean size ``w`` px on a smoothly warped
+    lattice — the ``warp`` condition. The local cell size is w·s(u) with s(u) = 1 + a·cos(2πu/P + φ) over the
+    canvas (u = cell centre / canvas length; a in :data:`WARP_AMPLITUDE`, period P 1–2 canvas lengths: at most
+    one slow swing of the cell size across the frame; s normalised to mean 1), and every cut is moved by an
+    independent ± :data:`EDGE_JITTER`·w (an edge drawn a pixel off): widths vary by up to ±15 %, neighbouring
+    widths anti-correlated, and the position error does not accumulate from cell to cell."""
+    amp = rng.uniform(*WARP_AMPLITUDE)
+    period = rng.uniform(1.0, 2.0)
+    phase = rng.uniform(0.0, 2.0 * np.pi)
+    u = (np.arange(count) + 0.5) / count
+    s = 1.0 + amp * np.cos(2.0 * np.pi * u / period + phase)
+    s /= s.mean()
+    return np.cumsum(w * s)[:-1] + w * rng.uniform(-EDGE_JITTER, EDGE_JITTER, count - 1)
+
+
 def condition_render(condition: str, seed: int, sprite_files=(), art: str | None = None,
                      size: tuple[int, int] | None = None) -> GridRender:
     """One render of ``condition`` (see :data:`CONDITIONS`) with known per-line truth, deterministic per ``seed``.
@@ -305,10 +327,11 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; choose from {', '.join(CONDITIONS)}")
-    rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
+    # warp shares drift's random stream: per seed the same art and frame, only the lattice differs
+    rng = np.random.default_rng([seed, CONDITIONS.index("drift" if condition in DRIFTS else condition)])
     arts = ("dawnlike", "blob") if sprite_files else ("blob",)
     if art is None:
-        if condition == "drift":  # drift only shows where cells differ: art that fills most of the frame
+        if condition in DRIFTS:  # drift only shows where cells differ: art that fills most of the frame
             art = (arts + ("tiles",))[int(rng.integers(len(arts) + 1))]
         else:
             art = arts[int(rng.integers(len(arts)))]
@@ -318,14 +341,14 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
         raise ValueError("art='dawnlike' needs sprite_files")
     files = sorted(sprite_files) if sprite_files else []
     H, W = size if size is not None else (int(rng.integers(320, 513)),) * 2
-    n = int(rng.integers(18 if art == "dawnlike" else 16, 41)) if condition not in ("drift", "touching") \
+    n = int(rng.integers(18 if art == "dawnlike" else 16, 41)) if condition not in DRIFTS + ("touching",) \
         else int(rng.integers(17, 25))
     w = W / n  # mean cell size (px), fractional
     ny = max(4, int(round(H / w)))
     pad = 2  # extra cells so phase / crop / drift never run out of canvas
     cells = (ny + 2 * pad, n + 2 * pad)
     bgc = tuple(int(v) for v in rng.integers(0, 256, 3))
-    nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition == "drift",
+    nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition in DRIFTS,
                                    touch=condition == "touching")
     params: dict = {"cells": n}
     soft = condition in ("bilinear", "bicubic", "lanczos")
@@ -333,6 +356,9 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
         def cuts_for(count):
             widths = w * (1.0 + rng.uniform(-0.15, 0.15, count))
             return np.cumsum(widths)[:-1]
+    elif condition == "warp":
+        def cuts_for(count):
+            return warp_cuts(rng, count, w)
     else:
         def cuts_for(count):
             return np.arange(1, count) * w
