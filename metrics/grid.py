@@ -188,16 +188,25 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             fit = sfit
         if ucell > 1 and sfit is None:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
+            uphase = u.phase_x if axis == 0 else u.phase_y
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)
             same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
             # ... and one period reaches every visible cut (no edge-anchored cut of the line-by-line fit off it):
             # otherwise the cells drift, and the tie goes to the cut sequence
             same = same and gc.off_grid(p1, fit.cuts, ucuts, fit.cell) == 0
+            if same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1]:
+                # one period fits: the lattice through the visible edges (the uniform detector's period is
+                # length / whole cells, a few % off on a cropped frame, and that adds up across blank borders)
+                lat = gc.lattice_through(p1, fit.cuts, fit.cell, L)
+                if lat is not None and lat.size:
+                    rl = gc.residual(lines, lat, fit.mode, thr)
+                    if rl <= ru:
+                        ucuts, ucell, ru = lat, float(np.median(np.diff(lat))) if lat.size > 1 else ucell, rl
+                        uphase = _phase_of(tuple(lat), ucell)
             if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
                     or ru < fit.residual - UNIFORM_TIE[2]):
-                conf_u = _confidence(p1[1:L], L, ucell,
-                                     u.phase_x if axis == 0 else u.phase_y)
+                conf_u = _confidence(p1[1:L], L, ucell, uphase)
                 fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
                                  fit.noise, fit.candidates)
                 fit.uniform = True

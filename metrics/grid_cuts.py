@@ -46,7 +46,7 @@ import numpy as np
 from .grid_crossings import line_fit
 from .grid_soft import fit_soft
 
-__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "border_cuts", "pool_borders", "width_trend",
+__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "border_cuts", "pool_borders", "width_trend", "lattice_through",
            "GAP_SLACK", "MIN_CELL_PX"]
 
 #: Cell gaps allowed by the DP, relative to the period: w·(1 ± GAP_SLACK) (covers ±15 % drift plus slack).
@@ -721,6 +721,24 @@ def pool_borders(fits: list, profiles: list) -> None:
         slope = mean if trend or not square else pooled
         if 0.7 * f.cell <= slope <= 1.3 * f.cell:
             f.cuts = border_cuts(f.cuts[i[0] : i[-1] + 1], f.length, slope, trend, centre)
+
+
+def lattice_through(p: np.ndarray, cuts: np.ndarray, cell: float, length: int) -> np.ndarray | None:
+    """A uniform lattice ``a + k·s`` (px, interior, farther than :data:`BORDER_PX` from the ends) fitted by least
+    squares through the edge-anchored ``cuts`` (:func:`anchored` on the boundary-energy profile ``p``) of a
+    line-by-line fit, with ``k`` their cut indices — the single period and phase the visible edges say, not
+    one that a whole number of cells must span (a cropped frame). ``None`` when fewer than 3 cuts are anchored
+    or the fitted period is more than 10 % off ``cell``."""
+    c = np.asarray(cuts, np.float64)
+    i = np.nonzero(anchored(p, c, cell)[0])[0]
+    if i.size < 3:
+        return None
+    a, s = line_fit(i.astype(np.float64), c[i])
+    if not (0.9 * cell <= s <= 1.1 * cell):
+        return None
+    k = np.arange(int(np.floor((BORDER_PX - a) / s)), int(np.ceil((length - BORDER_PX - a) / s)) + 1)
+    out = a + k * s
+    return out[(out > BORDER_PX) & (out < length - BORDER_PX)]
 
 
 def cut_support(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[int, float]:
