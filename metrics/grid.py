@@ -69,6 +69,15 @@ def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
 
 
+def _lattice_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest distance (px) from a cut of ``a`` to the nearest cut of ``b`` (both increasing)."""
+    j = np.clip(np.searchsorted(b, a), 1, max(1, b.size - 1)) if b.size > 1 else np.zeros(a.size, np.int64)
+    d = np.abs(b[j] - a)
+    if b.size > 1:
+        d = np.minimum(d, np.abs(b[j - 1] - a))
+    return float(d.max()) if d.size else 0.0
+
+
 def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0) -> float:
     """Confidence of one axis, 0..1, times how clearly the next coarser grid explains the image worse
     (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`): for a sharp grid, the edge
@@ -199,7 +208,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
                 # one period fits: the lattice through the visible edges (the uniform detector's period is
                 # length / whole cells, a few % off on a cropped frame, and that adds up across blank borders)
                 lat = gc.lattice_through(p1, fit.cuts, fit.cell, L)
-                if lat is not None and lat.size:
+                if lat is not None and lat.size and ucuts.size and _lattice_gap(ucuts, lat) > 1.0:
                     rl = gc.residual(lines, lat, fit.mode, thr)
                     if rl <= ru:
                         ucuts, ucell, ru = lat, float(np.median(np.diff(lat))) if lat.size > 1 else ucell, rl
