@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Render", "make_render", "load_sprite", "degraded_suite", "DB16_DAWNLIKE", "GridRender", "CONDITIONS",
-           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles", "DRIFTS", "warp_cuts"]
+           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles", "DRIFTS", "warp_cuts",
+           "reference_cuts"]
 
 #: The DawnBringer 16 palette as stored in the DawnLike sprite files (CC-BY 4.0, DawnBringer).
 DB16_DAWNLIKE = (
@@ -457,6 +458,25 @@ def cuts_match(found: np.ndarray, truth: np.ndarray, length: int, cell: float, e
         n_tail = int(((f > tb + tol) & (f < hi_f)).sum())
         return abs(n_lead - a) <= 1 and abs(n_tail - (t.size - 1 - b)) <= 1
     return _match_core(f, t, ev, cell, tol, lo_f, hi_f)
+
+
+def reference_cuts(truth: np.ndarray, evidence: np.ndarray, length: int, cell: float) -> np.ndarray:
+    """What a detector that sees every cut the image shows *exactly* would report, for one axis: the truth
+    cuts from the first to the last evidenced one (``evidence``, see :attr:`GridRender.evidence_x`), and
+    beyond them — the blank border stretches, where no pixel shows a cut — the last visible cut plus whole
+    mean cells ``cell`` (the generator's own mean, which no detector knows), down to 0.5 px from the ends.
+    With drifting cells this is the best prediction there is for the stretch (the expected position of each
+    cut), so :func:`cuts_match` with ``strict=True`` on it is the **reference ceiling** of the strict rule on a
+    condition: what knowing everything visible gives (``benchmarks/palette.py`` prints it beside ours)."""
+    t = np.asarray(truth, np.float64)
+    ev = np.asarray(evidence, bool)
+    if not ev.any():
+        c = np.arange(1, int(length / cell) + 1) * cell
+        return c[c < length - 0.5]
+    a, b = int(np.argmax(ev)), int(ev.size - 1 - np.argmax(ev[::-1]))
+    k = np.arange(1, int(length / cell) + 2)
+    lead, tail = t[a] - k * cell, t[b] + k * cell
+    return np.concatenate([lead[lead > 0.5][::-1], t[a : b + 1], tail[tail < length - 0.5]])
 
 
 def _match_core(f: np.ndarray, t: np.ndarray, ev: np.ndarray, cell: float, tol: float, lo_f: float,
