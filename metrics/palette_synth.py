@@ -161,8 +161,9 @@ class GridRender:
     """A render with per-line truth, for conditions a uniform grid cannot describe.
 
     ``image`` uint8 ``[H, W, 3]`` (``[H, W, 4]`` for the ``transparent`` condition); ``native``
-    ``[cells_y, cells_x, 3]`` uint8 (cells as drawn, including partial border cells); ``cuts_x`` / ``cuts_y``
-    float64: the interior boundary positions in px (cell ``i`` covers pixels whose centre lies in
+    ``[cells_y, cells_x, 3]`` uint8 (cells as drawn that hold a pixel centre, including partial border cells);
+    ``cuts_x`` / ``cuts_y`` float64: the interior boundary positions in px, in (0.5, W − 0.5] (cell ``i`` covers
+    pixels whose centre lies in
     ``[cuts[i-1], cuts[i])``, with 0 and W/H as the outer ends); ``cell`` the mean cell size (px);
     ``background`` (r, g, b) or ``None`` when transparent; ``condition`` and ``params`` describe the build.
     :attr:`evidence_x` / :attr:`evidence_y`: per cut, whether the native cells on its two sides differ in some
@@ -389,10 +390,12 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
         cuts_x, cuts_y = cx_full - off_x, cy_full - off_y
         xi, yi = _nn_axis(W, cuts_x), _nn_axis(H, cuts_y)
         img = nat[yi[:, None], xi[None, :]]
-    keep_x = (cuts_x > 0) & (cuts_x < W)
-    keep_y = (cuts_y > 0) & (cuts_y < H)
-    first_x = int(np.searchsorted(cuts_x, 0.0, side="right"))
-    first_y = int(np.searchsorted(cuts_y, 0.0, side="right"))
+    # truth holds the cells that contain a pixel centre: a cut within half a pixel of an end would bound a
+    # cell no pixel of the frame shows (the native image would gain a column or row that is not in it)
+    keep_x = (cuts_x > 0.5) & (cuts_x <= W - 0.5)
+    keep_y = (cuts_y > 0.5) & (cuts_y <= H - 0.5)
+    first_x = int(np.searchsorted(cuts_x, 0.5, side="right"))
+    first_y = int(np.searchsorted(cuts_y, 0.5, side="right"))
     cuts_x, cuts_y = cuts_x[keep_x], cuts_y[keep_y]
     native = nat[first_y : first_y + cuts_y.size + 1, first_x : first_x + cuts_x.size + 1]
     if condition == "transparent":
