@@ -83,6 +83,8 @@ SQUARE_POOL = 0.1
 #: A linear trend of the visible widths is carried into blank borders when its t-statistic exceeds TREND_T
 #: (see :func:`width_trend`), the extrapolated widths clipped to the mean·(1 ± TREND_CLIP).
 TREND_T = 3.0
+#: A long flat run is recounted when its span lies within this many cells of a whole number of measured cells.
+RECOUNT_FIT = 0.3
 TREND_CLIP = 0.2
 
 
@@ -305,6 +307,8 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
     k = np.arange(pos.size, dtype=np.float64)
     ka, pa = k[a], pos[a]
     if sharp:
+        ka = _recount(ka, pa)
+        k = np.arange(ka[-1] - ka[0] + 1, dtype=np.float64) + ka[0]
         slope = float(pa[-1] - pa[0]) / float(ka[-1] - ka[0])
     else:
         slope = line_fit(ka, pa)[1]
@@ -325,6 +329,31 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
     return np.concatenate([np.array(lead[::-1]), out, np.array(tail)]), slope
 
 
+def _recount(ka: np.ndarray, pa: np.ndarray) -> np.ndarray:
+    """Cut indices ``ka`` (float, increasing) of the edge-anchored positions ``pa`` (px) with the cell count of
+    every long flat run (≥ 3 cells between consecutive anchors) re-read from the cell measured where anchors
+    are close (runs of 1–2 cells: their count is unambiguous): the DP spans a long run at its candidate period,
+    which can be a few % off the drawn cells, and over ten cells that is one cell too many or too few. A run
+    is recounted only when its span is within ``RECOUNT_FIT`` cells of a whole number of measured cells and
+    the DP's count is farther than 0.5 from it; needs ≥ 3 short runs."""
+    dk = np.diff(ka)
+    short = dk <= 2
+    n_short = int(np.count_nonzero(short))
+    if n_short < 3 or n_short == dk.size:
+        return ka
+    gaps = np.diff(pa)
+    wm = float(np.median(gaps[short] / dk[short]))
+    if wm <= 0:
+        return ka
+    x = gaps / wm
+    m = np.maximum(np.rint(x), 1.0)
+    fix = ~short & (np.abs(x - m) <= RECOUNT_FIT) & (np.abs(x - dk) > 0.5) & (m >= 2)
+    if not fix.any():
+        return ka
+    dk = np.where(fix, m, dk)
+    return ka[0] + np.concatenate([[0.0], np.cumsum(dk)])
+
+
 def border_cuts(core: np.ndarray, length: int, slope: float, trend: float = 0.0, centre: float = 0.0) -> np.ndarray:
     """``core`` (px, increasing: the cuts from the first to the last one that sits on an edge, indices 0..m)
     extended into the blank border stretches on both sides, keeping every cut farther than :data:`BORDER_PX`
@@ -340,15 +369,15 @@ def border_cuts(core: np.ndarray, length: int, slope: float, trend: float = 0.0,
     linear trend of the visible widths, :func:`width_trend`), the trend carries on into the border."""
     if core.size == 0 or slope <= 0:
         return core
-    m = core.size - 1
-
-    def widths(q):
-        return np.clip(slope + trend * (q - centre), (1 - TREND_CLIP) * slope, (1 + TREND_CLIP) * slope)
-
-    n_lead = int((core[0] - BORDER_PX) / ((1 - TREND_CLIP) * slope)) + 1
-    n_tail = int((length - BORDER_PX - core[-1]) / ((1 - TREND_CLIP) * slope)) + 1
-    lead = core[0] - np.cumsum(widths(-0.5 - np.arange(n_lead)))
-    tail = core[-1] + np.cumsum(widths(m + 0.5 + np.arange(n_tail)))
+    if not trend:
+        lead = core[0] - slope * np.arange(1, int((core[0] - BORDER_PX) / slope) + 2)
+        tail = core[-1] + slope * np.arange(1, int((length - BORDER_PX - core[-1]) / slope) + 2)
+    else:
+        lo, hi = (1 - TREND_CLIP) * slope, (1 + TREND_CLIP) * slope
+        q = -0.5 - np.arange(int((core[0] - BORDER_PX) / lo) + 1)
+        lead = core[0] - np.cumsum(np.clip(slope + trend * (q - centre), lo, hi))
+        q = core.size - 0.5 + np.arange(int((length - BORDER_PX - core[-1]) / lo) + 1)
+        tail = core[-1] + np.cumsum(np.clip(slope + trend * (q - centre), lo, hi))
     lead, tail = lead[lead > BORDER_PX][::-1], tail[tail < length - BORDER_PX]
     return np.concatenate([lead, core, tail])
 
