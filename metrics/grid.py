@@ -3,7 +3,8 @@ lattices (interpolating upscales), a status and a calibrated confidence — :fun
 
 Modules: :mod:`.grid_model` (the :class:`Grid` and snapping), :mod:`.grid_uniform` (the single-period detector,
 one hypothesis here and the benchmark's baseline), :mod:`.grid_cuts` (per-line cuts by dynamic programming),
-:mod:`.grid_soft` (soft lattices re-rendered with the bilinear / bicubic / Lanczos kernels). Everything public in
+:mod:`.grid_soft` (soft lattices re-rendered with the bilinear / bicubic / Lanczos kernels), :mod:`.grid_borders`
+(cuts in blank border stretches, predicted from the visible lattice). Everything public in
 those modules is re-exported here.
 """
 

@@ -16,7 +16,8 @@ filters and Hough lines, not a period-constrained cut sequence); the pieces are 
 3. **Cuts for a period w**: dynamic programming over cut positions maximising Σ energy(cut) − λ Σ
    log²(gap / w), gaps in w·(1 ± :data:`GAP_SLACK`) — the beat-tracking DP of Ellis, "Beat tracking by dynamic
    programming", J. New Music Research 36(1), 2007, eq. 1–3, with onsets replaced by edge energy. The first
-   and last cells may be partial (a cropped frame); cuts are extrapolated into empty borders at the mean gap.
+   and last cells may be partial (a cropped frame); cuts in blank borders (no pixel shows them) are predicted
+   from the visible lattice by :mod:`.grid_borders` (mean cell of both axes, or a significant width trend).
    Soft renders (one interpolating resize: a uniform lattice) are fitted by :func:`.grid_soft.fit_soft`
    instead — re-rendering with the bilinear / bicubic / Lanczos kernels, phase and period searched on the
    re-rendering error.
@@ -43,11 +44,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .grid_borders import ANCHOR, _norm, anchored, border_cuts, lattice_through, pool_borders, recount_runs
 from .grid_crossings import line_fit
 from .grid_soft import fit_soft
 
-__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "border_cuts", "pool_borders", "width_trend", "lattice_through",
-           "GAP_SLACK", "MIN_CELL_PX"]
+__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "border_cuts", "pool_borders",
+           "lattice_through", "anchored", "GAP_SLACK", "MIN_CELL_PX"]
 
 #: Cell gaps allowed by the DP, relative to the period: w·(1 ± GAP_SLACK) (covers ±15 % drift plus slack).
 GAP_SLACK = 0.3
@@ -72,20 +74,6 @@ SOFT_REFINE = 2
 MIX_WEIGHT = 0.2
 #: Cell sizes closer than this ratio are one grid (harmonics are ≥ 1.5× apart).
 SAME_PERIOD = 1.4
-#: Normalised edge energy at which a DP cut counts as evidenced (others are interpolated).
-ANCHOR = 0.12
-#: Sharp cuts extrapolated into a blank border are kept down to this distance from the ends (px): a cut at
-#: c ∈ (0.5, 1) still puts pixel 0 (centre 0.5) in a cell of its own; at c ≤ 0.5 no pixel centre precedes it.
-BORDER_PX = 0.5
-#: Border stretches are extrapolated at the mean cell of both axes when their visible means agree within this
-#: share (square cells; the mean of m drifting widths scatters by ≈ 9 %/√m), else at each axis' own.
-SQUARE_POOL = 0.1
-#: A linear trend of the visible widths is carried into blank borders when its t-statistic exceeds TREND_T
-#: (see :func:`width_trend`), the extrapolated widths clipped to the mean·(1 ± TREND_CLIP).
-TREND_T = 3.0
-#: A long flat run is recounted when its span lies within this many cells of a whole number of measured cells.
-RECOUNT_FIT = 0.3
-TREND_CLIP = 0.2
 
 
 @dataclass
@@ -198,14 +186,6 @@ def period_candidates(p: np.ndarray, length: int, k: int = N_CANDIDATES) -> list
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _norm(e: np.ndarray, length: int, w: float) -> np.ndarray:
-    """Energy normalised so the mean of the strongest ⌈cells/2⌉ positions is 1."""
-    k = max(1, int(round(length / w / 2)))
-    top = np.partition(e, e.size - k)[e.size - k :] if e.size > k else e
-    s = float(top.mean()) if top.size else 0.0
-    return e / s if s > 0 else e
-
-
 def dp_cuts(e: np.ndarray, length: int, w: float, lam: float = DP_LAMBDA, slack: float = GAP_SLACK) -> np.ndarray:
     """Cut positions (px, int64, increasing) maximising Σ e[cut] − λ Σ log²(gap / w) over an axis of
     ``length`` px, every gap in [w(1−slack), w(1+slack)], the first cut within w(1+slack) of 0 and the last
@@ -297,7 +277,7 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
     linear interpolation between the neighbouring anchors (a cell boundary in a flat area has no evidence of
     its own), and re-extrapolate the border stretches at the anchors' mean gap — least squares, or for
     ``sharp`` cells the span between the outermost anchors over its cell count (the mean of the visible
-    widths, see :func:`border_cuts`), out to :data:`BORDER_PX` from the ends.
+    widths, see :func:`border_cuts`), out to :data:`.grid_borders.BORDER_PX` from the ends.
     Returns ``(positions, mean gap)``."""
     if pos.size == 0:
         return pos, w
@@ -307,7 +287,7 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
     k = np.arange(pos.size, dtype=np.float64)
     ka, pa = k[a], pos[a]
     if sharp:
-        ka = _recount(ka, pa)
+        ka = recount_runs(ka, pa)
         k = np.arange(ka[-1] - ka[0] + 1, dtype=np.float64) + ka[0]
         slope = float(pa[-1] - pa[0]) / float(ka[-1] - ka[0])
     else:
@@ -327,83 +307,6 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
         tail.append(c)
         c += slope
     return np.concatenate([np.array(lead[::-1]), out, np.array(tail)]), slope
-
-
-def _recount(ka: np.ndarray, pa: np.ndarray) -> np.ndarray:
-    """Cut indices ``ka`` (float, increasing) of the edge-anchored positions ``pa`` (px) with the cell count of
-    every long flat run (≥ 3 cells between consecutive anchors) re-read from the cell measured where anchors
-    are close (runs of 1–2 cells: their count is unambiguous): the DP spans a long run at its candidate period,
-    which can be a few % off the drawn cells, and over ten cells that is one cell too many or too few. A run
-    is recounted only when its span is within ``RECOUNT_FIT`` cells of a whole number of measured cells and
-    the DP's count is farther than 0.5 from it; needs ≥ 3 short runs."""
-    dk = np.diff(ka)
-    short = dk <= 2
-    n_short = int(np.count_nonzero(short))
-    if n_short < 3 or n_short == dk.size:
-        return ka
-    gaps = np.diff(pa)
-    wm = float(np.median(gaps[short] / dk[short]))
-    if wm <= 0:
-        return ka
-    x = gaps / wm
-    m = np.maximum(np.rint(x), 1.0)
-    fix = ~short & (np.abs(x - m) <= RECOUNT_FIT) & (np.abs(x - dk) > 0.5) & (m >= 2)
-    if not fix.any():
-        return ka
-    dk = np.where(fix, m, dk)
-    return ka[0] + np.concatenate([[0.0], np.cumsum(dk)])
-
-
-def border_cuts(core: np.ndarray, length: int, slope: float, trend: float = 0.0, centre: float = 0.0) -> np.ndarray:
-    """``core`` (px, increasing: the cuts from the first to the last one that sits on an edge, indices 0..m)
-    extended into the blank border stretches on both sides, keeping every cut farther than :data:`BORDER_PX`
-    from the ends (a cut closer than half a pixel has no pixel centre beyond it). The cell whose mid index
-    (in core indices: the cell between cuts j−1 and j has mid j − ½) is q gets the width
-    ``slope + trend·(q − centre)`` px, clipped to ``slope``·(1 ± :data:`TREND_CLIP`) — ``trend = 0``: every
-    border cell at the mean cell ``slope``.
-
-    In a blank border stretch every line of the image is constant along the axis, so no pixel shows where
-    its cuts are: they are predicted from the visible lattice. When widths vary independently around a mean,
-    the best predictor of the next cut is the last visible one plus the mean cell (estimated by the visible
-    widths' mean: span / cell count); when the cell size drifts smoothly across the frame (a significant
-    linear trend of the visible widths, :func:`width_trend`), the trend carries on into the border."""
-    if core.size == 0 or slope <= 0:
-        return core
-    if not trend:
-        lead = core[0] - slope * np.arange(1, int((core[0] - BORDER_PX) / slope) + 2)
-        tail = core[-1] + slope * np.arange(1, int((length - BORDER_PX - core[-1]) / slope) + 2)
-    else:
-        lo, hi = (1 - TREND_CLIP) * slope, (1 + TREND_CLIP) * slope
-        q = -0.5 - np.arange(int((core[0] - BORDER_PX) / lo) + 1)
-        lead = core[0] - np.cumsum(np.clip(slope + trend * (q - centre), lo, hi))
-        q = core.size - 0.5 + np.arange(int((length - BORDER_PX - core[-1]) / lo) + 1)
-        tail = core[-1] + np.cumsum(np.clip(slope + trend * (q - centre), lo, hi))
-    lead, tail = lead[lead > BORDER_PX][::-1], tail[tail < length - BORDER_PX]
-    return np.concatenate([lead, core, tail])
-
-
-def width_trend(pos: np.ndarray, k: np.ndarray) -> tuple[float, float, float]:
-    """Linear trend of the cell widths between edge-anchored cuts at positions ``pos`` (px) with cut indices
-    ``k`` (increasing ints): the mean width of each run of cells between consecutive anchors, ``gap / Δk``,
-    regressed on the run's mid index with weights Δk (weighted least squares). Returns ``(mean width, slope
-    px per cell, centre index)``; the slope is 0 unless its t-statistic exceeds :data:`TREND_T` (under widths
-    drawn independently around one mean a chance trend that large is rare) and ≥ 4 runs are measured."""
-    pos = np.asarray(pos, np.float64)
-    k = np.asarray(k, np.float64)
-    dk = np.diff(k)
-    mean = float(pos[-1] - pos[0]) / float(k[-1] - k[0])
-    if dk.size < 4:
-        return mean, 0.0, 0.0
-    wid = np.diff(pos) / dk
-    mid = 0.5 * (k[1:] + k[:-1])
-    a, b = line_fit(mid, wid, dk)
-    res = wid - (a + b * mid)
-    mx = float((dk * mid).sum() / dk.sum())
-    sxx = float((dk * (mid - mx) ** 2).sum())
-    s2 = float((dk * res * res).sum()) / (dk.size - 2)
-    if sxx <= 0 or s2 <= 0 or abs(b) * math.sqrt(sxx / s2) < TREND_T:
-        return mean, 0.0, mx
-    return float(a + b * mx), float(b), mx
 
 
 def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode: str) -> np.ndarray:
@@ -688,20 +591,6 @@ def _centres(cuts: np.ndarray, length: int) -> np.ndarray:
     return 0.5 * (b[1:] + b[:-1])
 
 
-def anchored(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(on, v)``: which ``cuts`` (px) sit on an edge of the boundary-energy profile ``p`` (length L + 1, see
-    :func:`axis_profiles`) — normalised energy (:func:`_norm` at period ``cell``) ≥ :data:`ANCHOR` within 1 px —
-    and that energy per cut (float64)."""
-    c = np.asarray(cuts, np.float64)
-    L = p.size - 1
-    if c.size == 0 or L < 2:
-        return np.zeros(c.size, bool), np.zeros(c.size)
-    e = _norm(p, L, cell)
-    i = np.clip(np.rint(c).astype(np.int64), 0, L)
-    v = np.maximum(np.maximum(e[i], e[np.maximum(i - 1, 0)]), e[np.minimum(i + 1, L)])
-    return v >= ANCHOR, v
-
-
 def off_grid(p: np.ndarray, cuts: np.ndarray, other: np.ndarray, cell: float, strong: float = 0.3) -> int:
     """How many of ``cuts`` that sit on a clear edge (normalised energy ≥ ``strong``, see :func:`anchored`; noise
     and blur leave weaker maxima than a real cell boundary) lie farther than max(2 px, 12 % of
@@ -719,55 +608,6 @@ def off_grid(p: np.ndarray, cuts: np.ndarray, other: np.ndarray, cell: float, st
     if o.size > 1:
         d = np.minimum(d, np.abs(o[j - 1] - c))
     return int((d > max(2.0, 0.12 * cell)).sum())
-
-
-def pool_borders(fits: list, profiles: list) -> None:
-    """Re-extrapolate the blank border stretches of sharp cut sequences from the visible lattice of **both**
-    axes (see :func:`border_cuts`).
-
-    ``fits``: the two :class:`AxisFit` (x, y); ``profiles``: their boundary-energy profiles ``p1`` (see
-    :func:`axis_profiles`). An axis takes part when its cuts are its own (sharp, not the uniform hypothesis, not
-    borrowed) with ≥ 2 edge-anchored cuts (:func:`anchored`); its visible span is first → last anchored cut.
-    Where no pixel shows the cuts (the stretches beyond the outermost anchors) each border cell gets the mean
-    cell — pixel-art cells are square, so the pooled visible widths of both axes (Σ span / Σ cells), unless the
-    two axes' means differ by more than :data:`SQUARE_POOL` (non-square cells) — or, where the axis' visible
-    widths show a significant linear trend (:func:`width_trend`: the cell size drifting across the frame), its
-    own trend carried on. Updates the fits' ``cuts`` in place; the visible cuts are unchanged."""
-    use = []
-    for f, p in zip(fits, profiles):
-        if f.mode != "sharp" or getattr(f, "uniform", False) or not getattr(f, "edges", True) or f.cuts.size < 2:
-            continue
-        i = np.nonzero(anchored(p, f.cuts, f.cell)[0])[0]
-        if i.size >= 2:
-            use.append((f, i))
-    if not use:
-        return
-    spans = [(float(f.cuts[i[-1]] - f.cuts[i[0]]), int(i[-1] - i[0])) for f, i in use]
-    pooled = sum(s for s, _ in spans) / sum(n for _, n in spans)
-    square = len(use) == 2 and abs(spans[0][0] / spans[0][1] / (spans[1][0] / spans[1][1]) - 1.0) <= SQUARE_POOL
-    for (f, i), (span, n) in zip(use, spans):
-        mean, trend, centre = width_trend(f.cuts[i], i - i[0])
-        slope = mean if trend or not square else pooled
-        if 0.7 * f.cell <= slope <= 1.3 * f.cell:
-            f.cuts = border_cuts(f.cuts[i[0] : i[-1] + 1], f.length, slope, trend, centre)
-
-
-def lattice_through(p: np.ndarray, cuts: np.ndarray, cell: float, length: int) -> np.ndarray | None:
-    """A uniform lattice ``a + k·s`` (px, interior, farther than :data:`BORDER_PX` from the ends) fitted by least
-    squares through the edge-anchored ``cuts`` (:func:`anchored` on the boundary-energy profile ``p``) of a
-    line-by-line fit, with ``k`` their cut indices — the single period and phase the visible edges say, not
-    one that a whole number of cells must span (a cropped frame). ``None`` when fewer than 3 cuts are anchored
-    or the fitted period is more than 10 % off ``cell``."""
-    c = np.asarray(cuts, np.float64)
-    i = np.nonzero(anchored(p, c, cell)[0])[0]
-    if i.size < 3:
-        return None
-    a, s = line_fit(i.astype(np.float64), c[i])
-    if not (0.9 * cell <= s <= 1.1 * cell):
-        return None
-    k = np.arange(int(np.floor((BORDER_PX - a) / s)), int(np.ceil((length - BORDER_PX - a) / s)) + 1)
-    out = a + k * s
-    return out[(out > BORDER_PX) & (out < length - BORDER_PX)]
 
 
 def cut_support(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[int, float]:
