@@ -294,15 +294,17 @@ def warp_cuts(rng: np.random.Generator, count: int, w: float) -> np.ndarray:
     """Interior cuts (px, float64 ``[count − 1]``) of ``count`` cells of mean size ``w`` px on a smoothly warped
     lattice — the ``warp`` condition. The local cell size is w·s(u) with s(u) = 1 + a·cos(2πu/P + φ) over the
     canvas (u = cell centre / canvas length; a in :data:`WARP_AMPLITUDE`, period P 1–2 canvas lengths: at most
-    one slow swing of the cell size across the frame; s normalised to mean 1), and every cut is moved by an
+    one slow swing of the cell size across the frame; the cosine centred to mean 0 and scaled to |·| ≤ 1, so
+    the mean cell is w and |s − 1| ≤ a), and every cut is moved by an
     independent ± :data:`EDGE_JITTER`·w (an edge drawn a pixel off): widths vary by up to ±15 %, neighbouring
     widths anti-correlated, and the position error does not accumulate from cell to cell."""
     amp = rng.uniform(*WARP_AMPLITUDE)
     period = rng.uniform(1.0, 2.0)
     phase = rng.uniform(0.0, 2.0 * np.pi)
     u = (np.arange(count) + 0.5) / count
-    s = 1.0 + amp * np.cos(2.0 * np.pi * u / period + phase)
-    s /= s.mean()
+    c = np.cos(2.0 * np.pi * u / period + phase)
+    c -= c.mean()
+    s = 1.0 + amp * c / max(1.0, float(np.abs(c).max()))
     return np.cumsum(w * s)[:-1] + w * rng.uniform(-EDGE_JITTER, EDGE_JITTER, count - 1)
 
 
