@@ -208,7 +208,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             if same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1]:
                 # one period fits: the lattice through the visible edges (the uniform detector's period is
                 # length / whole cells, a few % off on a cropped frame, and that adds up across blank borders)
-                lat = gc.lattice_through(p1, fit.cuts, fit.cell, L)
+                lat = gc.lattice_through(p1, fit.cuts, fit.cell, L, ucell)
                 if lat is not None and lat.size and ucuts.size and _lattice_gap(ucuts, lat) > 1.0:
                     rl = gc.residual(lines, lat, fit.mode, thr)
                     if rl <= ru:

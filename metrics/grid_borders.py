@@ -45,6 +45,9 @@ SQUARE_POOL = 0.1
 TREND_T = 3.0
 TREND_MIN = 0.04
 TREND_CLIP = 0.2
+#: The lattice through the visible edges replaces a given one when their periods differ by more than this many
+#: standard errors of the fitted period (:func:`lattice_through`).
+LATTICE_SE = 3.0
 #: A long flat run is recounted when its span lies within this many cells of a whole number of measured cells.
 RECOUNT_FIT = 0.3
 
@@ -181,19 +184,29 @@ def pool_borders(fits: list, profiles: list) -> None:
             f.cuts = border_cuts(f.cuts[i[0] : i[-1] + 1], f.length, slope, trend, centre)
 
 
-def lattice_through(p: np.ndarray, cuts: np.ndarray, cell: float, length: int) -> np.ndarray | None:
+def lattice_through(p: np.ndarray, cuts: np.ndarray, cell: float, length: int,
+                    period: float | None = None) -> np.ndarray | None:
     """A uniform lattice ``a + k·s`` (px, interior, farther than :data:`BORDER_PX` from the ends) fitted by least
     squares through the edge-anchored ``cuts`` (:func:`anchored` on the boundary-energy profile ``p``) of a
     line-by-line fit, with ``k`` their cut indices — the single period and phase the visible edges say, not
-    one that a whole number of cells must span (a cropped frame). ``None`` when fewer than 3 cuts are anchored
-    or the fitted period is more than 10 % off ``cell``."""
+    one that a whole number of cells must span (a cropped frame). ``None`` when fewer than 4 cuts are anchored,
+    the fitted period is more than 10 % off ``cell``, or — given the ``period`` of another lattice — the fitted
+    one is within :data:`LATTICE_SE` standard errors of it (the visible edges do not tell the two apart:
+    blurred edges seen over a few cells; a period found from the whole frame is then the better one)."""
     c = np.asarray(cuts, np.float64)
     i = np.nonzero(anchored(p, c, cell)[0])[0]
-    if i.size < 3:
+    if i.size < 4:
         return None
-    a, s = line_fit(i.astype(np.float64), c[i])
+    k = i.astype(np.float64)
+    a, s = line_fit(k, c[i])
     if not (0.9 * cell <= s <= 1.1 * cell):
         return None
-    k = np.arange(int(np.floor((BORDER_PX - a) / s)), int(np.ceil((length - BORDER_PX - a) / s)) + 1)
-    out = a + k * s
+    if period is not None:
+        res = c[i] - (a + s * k)
+        sxx = float(((k - k.mean()) ** 2).sum())
+        se = math.sqrt(max(float((res * res).sum()) / (i.size - 2), 0.25 / 12) / sxx)  # ≥ rounding to ½ px
+        if abs(s - period) <= LATTICE_SE * se:
+            return None
+    kk = np.arange(int(np.floor((BORDER_PX - a) / s)), int(np.ceil((length - BORDER_PX - a) / s)) + 1)
+    out = a + kk * s
     return out[(out > BORDER_PX) & (out < length - BORDER_PX)]

@@ -321,6 +321,13 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     - ``crop``: the frame cropped by 2–10 px on each side, so no whole number of cells spans it;
     - ``drift``: every cell's width and height drawn independently in ±15 % of the mean (cuts wander), 17–24
       cells with art filling most of the frame (over a plain stretch drift leaves no trace to follow);
+    - ``warp``: the same art and frames as ``drift`` (same seed), on a smoothly warped lattice
+      (:func:`warp_cuts`: the cell size swings by up to ±9 % across the frame, each cut ±3 % of a cell off it;
+      widths ±15 %). What renders show, as the tools that clean them describe it ("grid resolution drifts
+      across the image, creating a warped effect"; "pixels inconsistent in size and position"): a decoder
+      that draws every edge at once has no mechanism to accumulate an error from cell to cell as independent
+      widths do (their positions are a random walk, ±0.4 cell after 24 cells); a slow change of scale plus a
+      per-edge error is the closer model. Both are kept: the issue's "±15 % drift" is measured on both;
     - ``bilinear`` / ``bicubic`` / ``lanczos``: the native canvas resized by Pillow with that filter (soft
       edges; the filters interpolate, so cell centres keep the native colour), then cropped by a random phase;
     - ``touching``: a large sprite (DawnLike on 17–24 cells, or a blob) running over the bottom-left corner
