@@ -364,7 +364,8 @@ def erase_concept(host, concept: str, *, iterations: int = 60, lr: float = 2e-3,
                   negative_guidance: float = 1.0):
     """ESD-x (:func:`conceptlab.training.esd.erase.erase`) of ``concept`` on ``host`` at 16×16 px; returns the
     ``ESDResult``. ``masks``: ``None`` (whole latent) or ``"grid"``; ``variations``: 0 = the bare concept."""
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
 
     cfg = ESDConfig(concepts=concept, iterations=iterations, lr=lr, width=tiny.IMAGE_SIZE, height=tiny.IMAGE_SIZE,
                     ddim_steps=ddim_steps, xt_source=xt_source, masks=masks, variations=variations, seed=seed,

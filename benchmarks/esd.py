@@ -96,7 +96,8 @@ def peak_memory_mb(device: str) -> float:
 
 def run_ours(args) -> dict:
     from conceptlab.training.diffusers_host import DiffusersHost
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
 
     from conceptlab.training.conditioning import Conditioning
 

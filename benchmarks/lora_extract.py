@@ -30,11 +30,11 @@ def sd15_layers(blocks: int) -> dict[str, tuple[int, ...]]:
     """LDM key → shape of the SD1.5 layers kohya's LoRA targets, from the first ``blocks`` transformer blocks."""
     from diffusers import UNet2DConditionModel
 
-    from conceptlab.formats import keys as K
+    from conceptlab.formats import ldm_keys
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**K.unet_config_for("sd1"))
-    d2l = K.diffusers_to_ldm_unet("sd1")
+        unet = UNet2DConditionModel(**ldm_keys.unet_config_for("sd1"))
+    d2l = ldm_keys.diffusers_to_ldm_unet("sd1")
     out, seen = {}, []
     for name, p in unet.state_dict().items():
         m = re.match(r"((?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.", name)

@@ -69,7 +69,7 @@ def sd15_shapes() -> dict[str, tuple[int, ...]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.formats.keys import diffusers_to_ldm_unet, unet_config_for
+    from conceptlab.formats.ldm_keys import diffusers_to_ldm_unet, unet_config_for
 
     shapes = {}
     d2l = diffusers_to_ldm_unet("sd1")  # outside the meta-device context (it runs a real conversion)

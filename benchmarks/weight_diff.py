@@ -12,7 +12,7 @@ subprocess so peak RSS is that phase's own:
   its pages are only read when touched.
 * **page-touch floor** (shown for transparency, a lower bound): the same, but only one byte per 4 KiB page is
   touched — the pages are mapped (and read from disk when cold) without the bytes being processed.
-* **ours** — ``conceptlab.metrics.weight_diff.diff_files`` producing the full report (every tensor's statistics,
+* **ours** — ``conceptlab.metrics.diff_models.diff_files`` producing the full report (every tensor's statistics,
   groups, histogram, JSON-able dict, Markdown) — and separately the three plots (not in the wall time).
 
 Every tensor of B differs from A (worst case: no bit-identical fast path). Each phase runs with the files in the
@@ -74,15 +74,15 @@ def _peak_mb() -> float:
 # ------------------------------------------------------------------------------------------------ key layout
 def sd15_layout(scale: float = 1.0) -> dict[str, tuple[int, ...]]:
     """Single-file SD1.5 key -> shape: UNet from diffusers' UNet2DConditionModel (config from
-    ``formats.keys.unet_config_for("sd1")``) on the meta device renamed to LDM names with diffusers' own converter
-    (``formats.keys.diffusers_to_ldm_unet``); CLIP-L text model (ViT-L/14 text config) and AutoencoderKL (SD VAE
+    ``formats.ldm_keys.unet_config_for("sd1")``) on the meta device renamed to LDM names with diffusers' own converter
+    (``formats.ldm_keys.diffusers_to_ldm_unet``); CLIP-L text model (ViT-L/14 text config) and AutoencoderKL (SD VAE
     config) from transformers / diffusers on the meta device. ``scale`` < 1 keeps only that fraction of the keys
     (for quick trials)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.formats.keys import diffusers_to_ldm_unet, unet_config_for
+    from conceptlab.formats.ldm_keys import diffusers_to_ldm_unet, unet_config_for
 
     out: dict[str, tuple[int, ...]] = {}
     d2l = diffusers_to_ldm_unet("sd1")  # computed on real (tiny) tensors, outside the meta device
@@ -206,13 +206,17 @@ def phase_ours(a: str, b: str, plots: bool = True) -> dict:
     from conceptlab.metrics.diff_report import report_markdown
     import matplotlib  # noqa: F401
 
-    weight_diff.canonical_keys([], "sd1")  # warm imports of formats.keys
+    try:
+        from conceptlab.metrics.diff_models import canonical_keys, diff_files
+    except ImportError:  # a package from before diff_models.py (--before DIR): the same functions lived here
+        from conceptlab.metrics.weight_diff import canonical_keys, diff_files
+    canonical_keys([], "sd1")  # warm imports of formats.keys
     load = os.getloadavg()[0]
     _reset_peak()
     base = _rss_mb()
     t0 = time.perf_counter()
     c0 = time.process_time()
-    rep = weight_diff.diff_files(a, b)
+    rep = diff_files(a, b)
     md = report_markdown(rep)
     wall = time.perf_counter() - t0
     out = {"wall_s": wall, "cpu_s": time.process_time() - c0, "baseline_rss_mb": base, "peak_rss_mb": _peak_mb(),

@@ -409,14 +409,14 @@ def flux_lora_target(module: str, dims: FluxDims):
         dims: widths placing split parts in fused tensors (:func:`infer_dims` of the LoRA or the checkpoint).
 
     Returns:
-        ``formats.keys.CheckpointTarget`` with canonical ``weight_key`` / ``bias_key``; for a split module
+        ``formats.kohya_keys.CheckpointTarget`` with canonical ``weight_key`` / ``bias_key``; for a split module
         ``rows`` = its row slice and ``total_rows`` = the fused tensor's rows; ``swap_halves`` for diffusers'
         ``norm_out.linear``.
 
     Raises:
         ValueError: the name is no Flux transformer module.
     """
-    from .keys import CheckpointTarget
+    from .kohya_keys import CheckpointTarget
 
     name = module
     if name.startswith("base_model.model."):
@@ -450,7 +450,7 @@ def t5_lora_target(module: str):
     OneTrainer's ``lora_te2_`` to Flux's T5) or
     diffusers/peft ``text_encoder_2.encoder.block.0.layer.0.SelfAttention.q`` -> ``CheckpointTarget`` under
     :data:`T5_PREFIX`. Raises ``ValueError`` for anything else."""
-    from .keys import CheckpointTarget
+    from .kohya_keys import CheckpointTarget
 
     if module.startswith(("lora_te3_", "lora_te2_")):  # te2: OneTrainer's Flux T5 prefix (comfy/lora.py 150-153)
         m = _T5_US.match(module[len("lora_te3_"):])

@@ -39,11 +39,10 @@ from typing import Mapping
 
 import torch
 
-from .keys import (
-    CheckpointTarget, _arch_or_sd1, _layer_type_of, _OPENCLIP_WIDTH,
-    CHECKPOINT_PREFIXES, detect_architecture, kohya_target, normalize_te_path, openclip_ldm_to_hf,
-    split_component, unet_checkpoint_target,
-)
+from .keys import _layer_type_of, detect_architecture, split_component
+from .kohya_keys import (CheckpointTarget, _arch_or_sd1, CHECKPOINT_PREFIXES, kohya_target, normalize_te_path,
+                         unet_checkpoint_target)
+from .ldm_keys import _OPENCLIP_WIDTH, openclip_ldm_to_hf
 from .flux_keys import FluxDims, flux_lora_target, infer_dims, t5_lora_target
 from .safetensors_io import WeightFile, _stringify_metadata, save_safetensors
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from . import caption_fix
 from . import captions as cap
 
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                               duplicate_de=args.duplicate_de, min_fraction=args.min_fraction)
     report["fix"] = None
     if args.fix_to:
-        report["fix"] = cap.fix_folder(args.dir, args.fix_to, images=not args.no_images,
+        report["fix"] = caption_fix.fix_folder(args.dir, args.fix_to, images=not args.no_images,
                                        copy_images=args.copy_images, tolerance=args.tolerance)
     if args.json:
         json.dump(report, sys.stdout, indent=2, ensure_ascii=False)

@@ -73,7 +73,8 @@ def register(subparsers) -> None:
 
 def _run_diff(args: argparse.Namespace) -> int:
     from .diff_report import report_markdown
-    from .weight_diff import DiffOptions, diff_files
+    from .diff_models import diff_files
+    from .weight_diff import DiffOptions
 
     if args.rank_energy <= 0 or args.rank_energy > 1:
         raise ValueError("--rank-energy must be in (0, 1]")

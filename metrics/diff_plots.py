@@ -6,7 +6,7 @@
 * :func:`plot_compare` - ratio bars of two reports per layer type.
 
 Every ``plot_*`` returns a uint8 RGB array ``[H, W, 3]`` (all of one size, :data:`FIG_SIZE` at :data:`DPI`), ready for
-``nodes.comfy_host.numpy_to_image`` (ComfyUI IMAGE) or PNG output (:func:`save_png`).
+``nodes.comfy_io.numpy_to_image`` (ComfyUI IMAGE) or PNG output (:func:`save_png`).
 """
 
 from __future__ import annotations

@@ -204,12 +204,12 @@ def parse_palette(spec) -> list[tuple[int, int, int]]:
 
 def palette_from_caption(text: str) -> tuple[list[tuple[int, int, int]], list[str]]:
     """All hex codes of a caption → ``(unique colours (r, g, b) in first-occurrence order, malformed tokens as
-    written)``, using the caption audit's parser (:func:`.captions.parse_caption`) so ``conceptlab palette
+    written)``, using the caption audit's parser (:func:`.caption_parse.parse_caption`) so ``conceptlab palette
     --caption`` and ``conceptlab audit-captions`` agree on what is a valid or malformed hex (e.g. ``#12345``,
     ``#GGGGGG``, the ``#abc`` shorthand and ``(03dc73)`` without ``#`` are malformed for both). Labelled,
     palette-list and stray codes all count as targets. Never raises on any string.
     """
-    from .captions import parse_caption  # local: captions imports this module's siblings
+    from .caption_parse import parse_caption
 
     parsed = parse_caption(text or "")
     return [parse_hex(h) for h in parsed.all_hexes()], parsed.malformed

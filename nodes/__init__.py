@@ -2,8 +2,9 @@
 
 Each module defines V1 node classes (INPUT_TYPES / RETURN_TYPES / FUNCTION) plus its own
 ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``; this file merges them. Node modules import
-ComfyUI (``comfy``, ``folder_paths``) only inside functions, through :mod:`.comfy_host`, so that the
-classes import without ComfyUI and CI can check their contracts.
+ComfyUI (``comfy``, ``folder_paths``) only inside functions, through the bridge modules (:mod:`.comfy_io`,
+:mod:`.comfy_host`, :mod:`.comfy_patchers`), so that the classes import without ComfyUI and CI can check their
+contracts.
 """
 
 import os

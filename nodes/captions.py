@@ -1,6 +1,6 @@
 """ComfyUI node for the caption audit: a dataset folder inside ComfyUI's input directory -> report + table.
 
-Thin adapter over :mod:`..metrics.captions`; ComfyUI is reached only through :mod:`.comfy_host` inside
+Thin adapter over :mod:`..metrics.captions`; ComfyUI is reached only through :mod:`.comfy_io` inside
 functions, so this module imports without ComfyUI.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..metrics import caption_fix
 from ..metrics import captions as cap
 from . import policy
 
@@ -73,27 +74,27 @@ class ConceptLabCaptionAudit:
         see :func:`conceptlab.metrics.captions.audit_folder`. Raises ``PathOutsideError`` for a path leaving the input
         folder, ``FileNotFoundError`` / ``NotAFolderError`` for a missing folder or a file.
         """
-        from . import comfy_host
+        from . import comfy_io
 
-        root = comfy_host.resolve_input(folder)
+        root = comfy_io.resolve_input(folder)
         if not root.is_dir():
             raise cap.NotAFolderError(f"{folder!r} is a file; give a folder inside ComfyUI's input folder")
-        policy.check_folder(root, comfy_host.input_dir(), "dataset file")  # no symlink out, before any read
+        policy.check_folder(root, comfy_io.input_dir(), "dataset file")  # no symlink out, before any read
         items = len(cap.scan_folder(root))
-        progress = comfy_host.Progress(items * (2 if fix_to and fix_to.strip() else 1))
+        progress = comfy_io.Progress(items * (2 if fix_to and fix_to.strip() else 1))
         report = cap.audit_folder(root, images=bool(check_images), tolerance=float(tolerance),
                                   progress=lambda done, total: progress.set(done))
         report["root"] = folder
         report["fix"] = None
         if fix_to and fix_to.strip():
-            out = policy.confine(comfy_host.output_dir(), fix_to.strip(), "fix_to")
-            fix = cap.fix_folder(root, out, images=bool(check_images), copy_images=True,
+            out = policy.confine(comfy_io.output_dir(), fix_to.strip(), "fix_to")
+            fix = caption_fix.fix_folder(root, out, images=bool(check_images), copy_images=True,
                                  tolerance=float(tolerance),
                                  progress=lambda done, total: progress.set(items + done))
             fix["out_dir"] = fix_to.strip()
             report["fix"] = fix
         table = cap.render_table(report)
-        return (json.dumps(report, indent=2, ensure_ascii=False), comfy_host.numpy_to_image([table]))
+        return (json.dumps(report, indent=2, ensure_ascii=False), comfy_io.numpy_to_image([table]))
 
 
 NODE_CLASS_MAPPINGS = {"ConceptLabCaptionAudit": ConceptLabCaptionAudit}

@@ -1,508 +1,25 @@
-"""The one bridge between Concept Lab's nodes and ComfyUI's own APIs.
+"""ComfyHost: the training host protocol (:class:`~conceptlab.training.host.DiffusionHost`) over ComfyUI's own MODEL /
+CLIP / VAE objects, so the trainers of ``training/`` run inside ComfyUI unchanged.
 
-Everything here imports ComfyUI (``folder_paths``, ``comfy.*``) inside functions, so node classes import
-without ComfyUI. Node modules use these helpers instead of touching ComfyUI directly:
-
-* paths: :func:`input_dir`, :func:`output_dir`, :func:`safe_join`, :func:`resolve_input`,
-  :func:`output_file`: every file a node reads or writes stays inside ComfyUI's input / output / models
-  folders, because ``/prompt`` can be reached over the network;
-* progress and cancel: :class:`Progress` (ComfyUI ``ProgressBar`` + interrupt check);
-* images: :func:`image_to_numpy` / :func:`numpy_to_image` between IMAGE ``[B,H,W,3]`` float 0..1 and
-  uint8 arrays.
+Its parts live beside it in the ComfyUI bridge: key maps and family detection in :mod:`.comfy_keys`, the delta gate,
+clone-input hooks and block checkpointing in :mod:`.comfy_hooks`, loading and patch helpers (and ComfyUI's sampler)
+in :mod:`.comfy_patchers`; folders, progress and IMAGE conversion for every node in :mod:`.comfy_io`. ComfyUI is
+imported inside functions only, so node classes import without it.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from ..training.conditioning import Conditioning
 from ..training.families import family
 from ..training.host import DeltaModule, DiffusionHost, OutputDeltaHook, check_delta_space
-from .policy import PathOutsideError, check_name, confine  # noqa: F401 - PathOutsideError is re-exported for callers
-
-
-def _folder_paths():
-    import folder_paths  # ComfyUI
-
-    return folder_paths
-
-
-def input_dir() -> Path:
-    """ComfyUI's input directory."""
-    return Path(_folder_paths().get_input_directory())
-
-
-def output_dir() -> Path:
-    """ComfyUI's output directory."""
-    return Path(_folder_paths().get_output_directory())
-
-
-def safe_join(base: str | os.PathLike, relative: str) -> Path:
-    """Join ``relative`` under ``base`` and refuse anything that escapes it (:func:`.policy.confine`).
-
-    Absolute paths, ``..`` segments, backslashes, NUL, over-long names and symlinks resolving outside ``base``
-    raise :class:`PathOutsideError`; an empty ``relative`` names ``base`` itself.
-    """
-    return confine(base, relative, "path", allow_root=True)
-
-
-def resolve_input(relative: str, must_exist: bool = True) -> Path:
-    """A path inside ComfyUI's input directory (see :func:`safe_join`); ``FileNotFoundError`` if missing."""
-    p = safe_join(input_dir(), relative)
-    if must_exist and not p.exists():
-        raise FileNotFoundError(f"{relative!r} not found in ComfyUI's input folder ({input_dir()})")
-    return p
-
-
-def output_file(subfolder: str, filename: str) -> Path:
-    """A path ``output/<subfolder>/<filename>`` inside ComfyUI's output directory (folders created)."""
-    p = confine(output_dir(), f"{subfolder}/{filename}" if subfolder else filename, "output name")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def model_file(folder_name: str, filename: str) -> Path:
-    """Full path of a file listed by ComfyUI for ``folder_name`` (``"checkpoints"``, ``"loras"``, ...).
-
-    Only names from ComfyUI's own lists resolve, so no input can name an arbitrary path.
-    Raises ``FileNotFoundError``.
-    """
-    fp = _folder_paths()
-    filename = check_name(filename, f"{folder_name} file")
-    path = fp.get_full_path(folder_name, filename)
-    if not path:
-        raise FileNotFoundError(f"{filename!r} is not in ComfyUI's {folder_name} folder")
-    return Path(path)
-
-
-def model_list(folder_name: str) -> list[str]:
-    """ComfyUI's file list for a models folder, or ``[]`` without ComfyUI (contract checks)."""
-    try:
-        return list(_folder_paths().get_filename_list(folder_name))
-    except Exception:  # noqa: BLE001 - outside ComfyUI
-        return []
-
-
-def check_interrupt() -> None:
-    """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op outside ComfyUI)."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    mm.throw_exception_if_processing_interrupted()
-
-
-class Progress:
-    """ComfyUI progress bar that is also a cancel point; works (silently) outside ComfyUI.
-
-    ``update(n=1, preview=None)``: advance, optionally with a PIL preview image; then checks interrupt.
-    """
-
-    def __init__(self, total: int):
-        self.total = max(int(total), 1)
-        self.done = 0
-        try:
-            import comfy.utils
-
-            self._bar = comfy.utils.ProgressBar(self.total)
-        except ImportError:
-            self._bar = None
-
-    def update(self, n: int = 1, preview=None) -> None:
-        """Advance by ``n`` steps (optionally with a PIL preview); raises ComfyUI's interrupt if Cancel was pressed."""
-        self.done = min(self.done + int(n), self.total)
-        if self._bar is not None:
-            if preview is not None:
-                self._bar.update_absolute(self.done, self.total, ("JPEG", preview, 512))
-            else:
-                self._bar.update_absolute(self.done, self.total)
-        check_interrupt()
-
-    def set(self, value: int, preview=None) -> None:
-        """Set the absolute step count (see :meth:`update`)."""
-        self.update(int(value) - self.done, preview)
-
-
-def image_to_numpy(image: torch.Tensor) -> list[np.ndarray]:
-    """IMAGE ``[B,H,W,C]`` float 0..1 → list of uint8 ``[H,W,3]`` arrays (alpha dropped, gray expanded)."""
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    arr = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    out = []
-    for a in arr:
-        if a.shape[-1] == 1:
-            a = np.repeat(a, 3, axis=-1)
-        out.append(np.ascontiguousarray(a[..., :3]))
-    return out
-
-
-def numpy_to_image(arrays: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """uint8 (or float 0..1) ``[H,W,3]`` arrays of one size → IMAGE ``[B,H,W,3]`` float32 0..1.
-
-    Arrays of different sizes are padded (bottom/right, black) to the largest, since IMAGE is one tensor.
-    """
-    if isinstance(arrays, np.ndarray) and arrays.ndim == 3:
-        arrays = [arrays]
-    arrs = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays]
-    h = max(a.shape[0] for a in arrs)
-    w = max(a.shape[1] for a in arrs)
-    batch = np.zeros((len(arrs), h, w, 3), dtype=np.float32)
-    for i, a in enumerate(arrs):
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        batch[i, : a.shape[0], : a.shape[1]] = a[..., :3]
-    return torch.from_numpy(batch)
-
-
-# =============================================================================================================
-# Models: the ComfyUI side of the host protocol (training/host.py), key maps and patch helpers.
-# All ComfyUI imports stay inside functions.
-# =============================================================================================================
-
-#: Structural UNet configs (the part ``comfy.utils.unet_to_diffusers`` reads) of the SD families, as ComfyUI's
-#: ``comfy/model_detection.py`` defines them; used by :func:`model_key` when no model is at hand.
-_UNET_LAYOUTS = {
-    "sd1": {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1},
-    "sdxl": {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10},
-}
-_UNET_LAYOUTS["sd2"] = _UNET_LAYOUTS["sd1"]
-
-#: ComfyUI's CLIP-patcher prefix of each text-encoder component, per architecture
-_TE_PREFIX = {
-    "sd1": {"te": "clip_l.transformer."},
-    "sd2": {"te": "clip_h.transformer."},
-    "sdxl": {"te1": "clip_l.transformer.", "te2": "clip_g.transformer."},
-    "flux": {"te1": "clip_l.transformer.", "t5": "t5xxl.transformer."},
-}
-
-#: first path segment of each text-encoder component's canonical module paths (training/host.py): CLIP models
-#: ``text_model.encoder.layers.N…`` (transformers CLIPTextModel), T5 ``encoder.block.N…`` (T5EncoderModel; ComfyUI's
-#: ``comfy/text_encoders/t5.py`` uses the same module names)
-_TE_ROOT = {"t5": "encoder."}
-
-
-def _strip_attr(key: str) -> tuple[str, str]:
-    path, _, attr = key.rpartition(".")
-    return path, attr
-
-
-def unet_module_maps(unet_config: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """``(diffusers→ldm, ldm→diffusers)`` UNet *module path* maps for a ComfyUI ``unet_config``.
-
-    Built from ComfyUI's own ``comfy.utils.unet_to_diffusers`` (parameter-level map, here reduced to module
-    paths), so it follows the exact block layout of the loaded model (SD1/SD2/SDXL and tiny test UNets).
-    Raises ``ValueError`` for models that are not UNets (no ``num_res_blocks``: Flux, SD3, ...).
-    """
-    import comfy.utils
-
-    pmap = comfy.utils.unet_to_diffusers(dict(unet_config))
-    if not pmap:
-        raise ValueError("this MODEL is not a UNet (SD1.x / SD2.x / SDXL); Concept Lab cannot map its layers")
-    d2l: dict[str, str] = {}
-    for dkey, lkey in pmap.items():
-        dpath, dattr = _strip_attr(dkey)
-        lpath, lattr = _strip_attr(lkey)
-        if dattr in ("weight", "bias") and dattr == lattr:
-            d2l[dpath] = lpath
-    return d2l, {v: k for k, v in d2l.items()}
-
-
-_LAYOUT_MAPS: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
-
-
-def model_key(component: str, path: str, attr: str = "weight", *, arch: str = "sd1",
-              unet_config: dict | None = None) -> str:
-    """ComfyUI patch key of ``<component>.<path>.<attr>`` (canonical names, see training/host.py).
-
-    ``("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q", "weight")`` →
-    ``"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_q.weight"`` (a key of the MODEL's
-    ModelPatcher); ``("te", "text_model.encoder.layers.0.self_attn.q_proj", "weight")`` →
-    ``"clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"`` (a key of the CLIP's patcher;
-    SD2 ``clip_h``, SDXL ``te1``→``clip_l``, ``te2``→``clip_g``). ``unet_config``: the model's own
-    (``model.model.model_config.unet_config``) for non-standard UNets; default: the ``arch`` layout.
-    Raises ``ValueError`` for unknown components, architectures or paths.
-    """
-    if attr not in ("weight", "bias"):
-        raise ValueError(f"attr must be 'weight' or 'bias', got {attr!r}")
-    if component == "unet" and arch == "flux":
-        # ComfyUI's Flux module tree is BFL's, which is the canonical Flux naming (training/host.py)
-        from ..formats.flux_keys import BFL_ROOTS
-
-        if path.split(".", 1)[0] not in BFL_ROOTS or path.endswith((".weight", ".bias")):
-            raise ValueError(f"{path!r} is not a BFL Flux module path (double_blocks.N..., single_blocks.N..., img_in...)")
-        return f"diffusion_model.{path}.{attr}"
-    if component == "unet":
-        if unet_config is not None:
-            d2l = unet_module_maps(unet_config)[0]
-        else:
-            if arch not in _UNET_LAYOUTS:
-                raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_UNET_LAYOUTS)}")
-            if arch not in _LAYOUT_MAPS:
-                _LAYOUT_MAPS[arch] = unet_module_maps(_UNET_LAYOUTS[arch])
-            d2l = _LAYOUT_MAPS[arch][0]
-        if path not in d2l:
-            raise ValueError(f"{path!r} is not a UNet module path of this {arch} layout")
-        return f"diffusion_model.{d2l[path]}.{attr}"
-    prefixes = _TE_PREFIX.get(arch)
-    if prefixes is None:
-        raise ValueError(f"unknown arch {arch!r}")
-    if component not in prefixes:
-        raise ValueError(f"component {component!r} does not exist for {arch}; expected one of "
-                         f"{['unet', *prefixes]}")
-    root = _TE_ROOT.get(component, "text_model.")
-    if not path.startswith(root):
-        raise ValueError(f"{component} paths start with {root!r}, got {path!r}")
-    return f"{prefixes[component]}{path}.{attr}"
-
-
-def _is_flux(base_model) -> bool:
-    """True for ComfyUI's Flux.1 models (``comfy.model_base.Flux`` from ``supported_models.Flux`` / ``FluxSchnell``
-    / ``FluxInpaint``; Kontext loads as the same class). Chroma and Flux.2 are other classes and stay refused."""
-    import comfy.model_base
-
-    names = {c.__name__ for c in type(base_model.model_config).__mro__}
-    return type(base_model) is comfy.model_base.Flux and "Flux" in names
-
-
-def _arch_of(base_model) -> str:
-    """"sd1" | "sd2" | "sdxl" from ComfyUI's model config class (then context_dim), else "unknown".
-
-    Raises ``ValueError`` for the SDXL refiner (aesthetic-score conditioning; no kohya LoRA or ESD targets it).
-    """
-    names = {c.__name__ for c in type(base_model.model_config).__mro__}
-    if _is_flux(base_model):
-        return "flux"
-    if "SDXLRefiner" in names:
-        raise ValueError("this MODEL is the SDXL refiner: Concept Lab trains and erases SDXL base models (SDXL 1.0, "
-                         "Illustrious, NoobAI, Pony), not the refiner (its conditioning is an aesthetic score)")
-    if "SDXL" in names:
-        return "sdxl"
-    if "SD20" in names:
-        return "sd2"
-    if "SD15" in names:
-        return "sd1"
-    ctx = base_model.model_config.unet_config.get("context_dim")
-    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
-
-
-def _te_prefixes(clip) -> dict[str, str]:
-    """``{component: prefix}`` of the text encoders inside a ComfyUI CLIP object (``clip_l.transformer.``...)."""
-    csm = clip.cond_stage_model
-    found = []
-    for name, child in csm.named_children():
-        tr = getattr(child, "transformer", None)
-        if tr is not None and hasattr(tr, "text_model"):
-            found.append(name)
-    t5 = getattr(getattr(csm, "t5xxl", None), "transformer", None)
-    if found == ["clip_l"] and t5 is not None and hasattr(t5, "encoder"):  # comfy/text_encoders/flux.py FluxClipModel
-        return dict(_TE_PREFIX["flux"])
-    if len(found) == 1:
-        return {"te": f"{found[0]}.transformer."}
-    if set(found) == {"clip_l", "clip_g"}:
-        return {"te1": "clip_l.transformer.", "te2": "clip_g.transformer."}
-    raise ValueError(f"unsupported text encoder layout {found or list(dict(csm.named_children()))} "
-                     "(expected SD1/SD2 clip, SDXL clip_l + clip_g or Flux clip_l + t5xxl)")
-
-
-def _is_loaded(patcher) -> bool:
-    import comfy.model_management as mm
-
-    return any(lm.model is patcher for lm in mm.current_loaded_models)
-
-
-def _materialise_params(module: torch.nn.Module, prefix: str, root: torch.nn.Module) -> int:
-    """Replace inference-mode parameters of ``module`` by equal normal tensors; returns how many.
-
-    ComfyUI builds models inside ``torch.inference_mode()``; autograd cannot save such tensors for backward
-    ("Inference tensors cannot be saved for backward"), which any backward pass through a frozen layer needs.
-    PyTorch's advice is a clone; doing it once (values unchanged, same device/dtype) avoids ComfyUI
-    TrainLoraNode's per-forward copy of every weight.
-    """
-    import comfy.utils
-
-    n = 0
-    with torch.inference_mode(False):
-        # names first, then one parameter at a time: holding the list of old parameters would keep a second
-        # full copy of the model alive until the loop ends (a peak of 2x the UNet's size)
-        for name in [k for k, _ in module.named_parameters()]:
-            p = comfy.utils.get_attr(module, name)
-            if p.is_inference():
-                comfy.utils.set_attr_param(root, prefix + name, p.detach().clone())
-                n += 1
-            del p
-        for mname, m in list(module.named_modules()):
-            for bname, b in list(m.named_buffers(recurse=False)):
-                if b is not None and b.is_inference():
-                    m._buffers[bname] = b.clone()
-                    n += 1
-    return n
-
-
-def _load(patcher, materialise: torch.nn.Module | None = None, prefix: str = "") -> None:
-    """Load ``patcher`` (weight wrappers active) with ComfyUI's model management, fully, then make the
-    parameters of ``materialise`` normal tensors (see :func:`_materialise_params`)."""
-    import comfy.model_management as mm
-
-    base = patcher.model
-    if _is_loaded(patcher) and getattr(base, "current_weight_patches_uuid", None) == patcher.patches_uuid:
-        if materialise is not None:
-            _freeze(materialise)  # loaded by someone else (a sampler) outside our _load
-        return
-    with torch.inference_mode(False):
-        mm.load_models_gpu([patcher], force_full_load=True)
-        if materialise is not None:
-            _materialise_params(materialise, prefix, base)
-            _freeze(materialise)
-
-
-def _freeze(module: torch.nn.Module) -> int:
-    """``requires_grad = False`` on every parameter of the frozen model (what TrainLoraNode does with
-    ``mp.model.requires_grad_(False)``); returns how many changed.
-
-    A model whose parameters are normal tensors (built or moved outside inference mode: ``load_models_gpu``'s
-    ``.to(device)`` on a GPU, in-process models) otherwise keeps PyTorch's default ``requires_grad=True``, and the
-    first ``backward()`` computes and stores a dense ``.grad`` for every frozen weight — a second copy of the
-    model (measured: +364 MiB on the 85 M-parameter Flux benchmark model, half the step time). The trainable
-    deltas are weight wrappers, not submodules, so they keep requiring grad."""
-    n = 0
-    for p in module.parameters():
-        if p.requires_grad:
-            p.requires_grad_(False)
-            n += 1
-    return n
-
-
-def _unload(patcher) -> None:
-    import comfy.model_management as mm
-
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        lm = mm.current_loaded_models[i]
-        if lm.model is patcher:
-            mm.current_loaded_models.pop(i)
-            lm.model_unload()
-
-
-def _clone_input_hook(module, args):
-    """Forward pre-hook: give the module a private copy of its input while autograd records.
-
-    ComfyUI's ``comfy/clip_model.py`` CLIPLayer adds residuals in place (``x += self.mlp(self.layer_norm2(x))``);
-    once text-encoder deltas make ``x`` require grad, LayerNorm has saved ``x`` for backward and the in-place add
-    breaks backward ("modified by an inplace operation"). Cloning the LayerNorm input keeps ComfyUI's code
-    untouched and costs one activation copy per layer, only while grad is enabled.
-    """
-    if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
-        return (args[0].clone(),) + tuple(args[1:])
-    return None
-
-
-#: norms whose input ComfyUI's code later changes in place (``x += ...``): per module class, the attribute names.
-#: ``comfy/clip_model.py`` CLIPLayer; ``comfy/text_encoders/t5.py`` T5LayerSelfAttention / T5LayerFF
-#: (``x += output`` after ``layer_norm(x)``); ``comfy/ldm/flux/layers.py`` DoubleStreamBlock (``txt += ...`` after
-#: ``txt_norm1`` / ``txt_norm2``) and SingleStreamBlock (``x += ...`` after ``pre_norm``).
-_INPLACE_NORMS = {"CLIPLayer": ("layer_norm1", "layer_norm2"), "T5LayerSelfAttention": ("layer_norm",),
-                  "T5LayerFF": ("layer_norm",), "DoubleStreamBlock": ("txt_norm1", "txt_norm2"),
-                  "SingleStreamBlock": ("pre_norm",)}
-
-
-def _inplace_norms(module) -> list:
-    """The norm submodules of ``module`` that need :func:`_clone_input_hook` (see :data:`_INPLACE_NORMS`)."""
-    names = _INPLACE_NORMS.get(type(module).__name__, ())
-    return [m for m in (getattr(module, n, None) for n in names) if m is not None]
-
-
-class _DeltaGate:
-    """Whether a :class:`ComfyHost`'s activation-space deltas act right now (see ``ComfyHost`` "Mechanics").
-
-    The model's modules are shared by every clone of the MODEL, so the host's forward hooks add their deltas only
-    inside calls made through this host's own patcher: its :meth:`ComfyHost.predict` / text encoding, and ComfyUI's
-    sampler running the host's patcher (a ``DIFFUSION_MODEL`` wrapper on that patcher, :meth:`wrapper`). A
-    checkpointed block records the state at its forward and restores it for the recomputation in backward
-    (:func:`_checkpoint_block`), so gradient checkpointing recomputes exactly what the forward computed."""
-
-    def __init__(self):
-        self.depth = 0
-
-    def __call__(self) -> bool:
-        return self.depth > 0
-
-    def set(self, on: bool):
-        gate = self
-
-        class _Ctx:
-            def __enter__(self_inner):
-                self_inner.prev = gate.depth
-                gate.depth = 1 if on else 0
-
-            def __exit__(self_inner, *exc):
-                gate.depth = self_inner.prev
-
-        return _Ctx()
-
-    def on(self):
-        """Context manager: deltas act inside the block (nests)."""
-        gate = self
-
-        class _Ctx:
-            def __enter__(self_inner):
-                gate.depth += 1
-
-            def __exit__(self_inner, *exc):
-                gate.depth -= 1
-
-        return _Ctx()
-
-    def wrapper(self, executor, *args, **kwargs):
-        """ComfyUI ``WrappersMP.DIFFUSION_MODEL`` wrapper: the diffusion model's forward runs with deltas on."""
-        with self.on():
-            return executor(*args, **kwargs)
-
-
-def _checkpoint_block(m: nn.Module, gate: _DeltaGate | None = None, copy_inputs: bool = False) -> None:
-    """Run ``m.forward`` under ``torch.utils.checkpoint`` (non-reentrant), like ComfyUI's ``nodes_train.patch``
-    (same ``org_forward`` attribute, so ``nodes_train.unpatch`` undoes it). ``gate``: the host's
-    :class:`_DeltaGate`; its state at the forward is restored for the recomputation in backward (the recomputation
-    runs outside the host's call). ``copy_inputs``: see :func:`_checkpoint_block_copying_inputs`."""
-    org_forward = m.forward
-
-    def fwd(state, args, kwargs):
-        if copy_inputs:
-            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-            kwargs = {k: (v.clone() if k in ("img", "txt", "x") and isinstance(v, torch.Tensor) else v)
-                      for k, v in kwargs.items()}
-        if gate is None:
-            return org_forward(*args, **kwargs)
-        with gate.set(state):
-            return org_forward(*args, **kwargs)
-
-    def checkpointing_fwd(*args, **kwargs):
-        state = gate() if gate is not None else False
-        return torch.utils.checkpoint.checkpoint(fwd, state, args, kwargs, use_reentrant=False)
-
-    m.org_forward = org_forward
-    m.forward = checkpointing_fwd
-
-
-def _checkpoint_block_copying_inputs(m: nn.Module, gate: _DeltaGate | None = None) -> None:
-    """Run ``m.forward`` under ``torch.utils.checkpoint`` (non-reentrant), like ComfyUI's ``nodes_train.patch``
-    (same ``org_forward`` attribute, so ``nodes_train.unpatch`` undoes it), but hand the block a fresh copy of its
-    tensor inputs on every run (forward and the recomputation in backward). Needed for blocks that update their
-    inputs in place: checkpointing keeps references to the inputs, not copies, so the recomputation would
-    otherwise see the in-place-updated values. Copies of the stream inputs (``img``/``txt``/``x``) only."""
-    _checkpoint_block(m, gate, copy_inputs=True)
-
-
-def _to_normal(t: torch.Tensor) -> torch.Tensor:
-    """A tensor usable by autograd: inference tensors are cloned (call inside ``inference_mode(False)``)."""
-    return t.clone() if t.is_inference() else t
+from .comfy_hooks import DeltaGate, checkpoint_block, clone_input_hook, inplace_norms
+from .comfy_keys import arch_of, strip_attr, te_prefixes, te_root, unet_module_maps
+from .comfy_patchers import load_patcher, sample_images, to_normal, unload_patcher
 
 
 class ComfyHost(DiffusionHost):
@@ -523,7 +40,7 @@ class ComfyHost(DiffusionHost):
     module tree is shared by every clone of the MODEL, so the hooks exist only between :meth:`install_delta` and
     :meth:`clear_deltas` / :meth:`close`, and act only inside calls made through this host's patcher (a gate set by
     :meth:`predict`, the text encoding, and a ``DIFFUSION_MODEL`` wrapper on the patcher for ComfyUI's sampler;
-    :class:`_DeltaGate`); gradient checkpointing carries the gate into its recomputation. With
+    :class:`.comfy_hooks.DeltaGate`); gradient checkpointing carries the gate into its recomputation. With
     ``delta_space="weight"`` the deltas are ``ModelPatcher.add_weight_wrapper`` functions instead (ComfyUI's own
     TrainLoraNode mechanism, ``comfy_extras/nodes_train.py``), applied on the fly by ComfyUI's cast ops to a copy
     of each weight. The model is loaded with ``comfy.model_management.load_models_gpu``; training runs under
@@ -546,7 +63,7 @@ class ComfyHost(DiffusionHost):
         import comfy.model_sampling as cms
 
         self.delta_space = check_delta_space(delta_space)
-        self._gate = _DeltaGate()
+        self._gate = DeltaGate()
         self._act_hooks: dict[int, OutputDeltaHook] = {}
         self._weight_space: dict[tuple[str, str, str], bool] = {}
 
@@ -557,7 +74,7 @@ class ComfyHost(DiffusionHost):
         self._clip_orig_wrappers = ({k: list(v) for k, v in self.clip.patcher.weight_wrapper_patches.items()}
                                     if self.clip is not None else {})
         base = self.patcher.model
-        self.arch = _arch_of(base)
+        self.arch = arch_of(base)
         self.flow = family(self.arch).objective == "flow" if self.arch != "unknown" else False
         if self.flow:
             # ComfyUI's Flux module tree is BFL's own, which is the canonical naming of the flow families
@@ -568,7 +85,7 @@ class ComfyHost(DiffusionHost):
             self._l2d = dict(self._d2l)
         else:
             self._d2l, self._l2d = unet_module_maps(base.model_config.unet_config)
-        self._te = _te_prefixes(self.clip) if self.clip is not None else {}
+        self._te = te_prefixes(self.clip) if self.clip is not None else {}
         if self.clip is not None and self.arch != "unknown":
             want = family(self.arch).text_encoders
             if tuple(sorted(self._te)) != tuple(sorted(want)):
@@ -688,9 +205,9 @@ class ComfyHost(DiffusionHost):
 
         self.set_gradient_checkpointing(False)
         self.clear_deltas()
-        _unload(self.patcher)
+        unload_patcher(self.patcher)
         if self.clip is not None:
-            _unload(self.clip.patcher)
+            unload_patcher(self.clip.patcher)
         mm.soft_empty_cache()
 
     def set_gradient_checkpointing(self, on: bool) -> None:
@@ -702,8 +219,8 @@ class ComfyHost(DiffusionHost):
         Flux: the checkpointed units are the transformer blocks (``double_blocks.N`` and ``single_blocks.N``, where
         the activations are; kohya ``library/flux_models.py`` checkpoints the same units), not the small input
         embedders that ComfyUI's helper would also wrap, and each block runs on a private copy of its stream inputs
-        (:func:`_checkpoint_block_copying_inputs`): ComfyUI's Flux blocks add residuals into their *input* tensors
-        in place (``txt += ...``, ``x += ...``), so with ComfyUI's plain ``patch`` the recomputation in backward
+        (:func:`.comfy_hooks.checkpoint_block_copying_inputs`): ComfyUI's Flux blocks add residuals into their *input*
+        tensors in place (``txt += ...``, ``x += ...``), so with ComfyUI's plain ``patch`` the recomputation in backward
         reads already-updated inputs and the gradients are wrong (measured: tests/test_comfy_host_flux.py)."""
         from comfy_extras import nodes_train
 
@@ -715,7 +232,7 @@ class ComfyHost(DiffusionHost):
         for m in blocks:
             if on and not hasattr(m, "org_forward"):
                 # ComfyUI's nodes_train.patch, plus the delta gate's state carried into the recomputation
-                _checkpoint_block(m, self._gate, copy_inputs=self.flow)
+                checkpoint_block(m, self._gate, copy_inputs=self.flow)
             elif not on:
                 nodes_train.unpatch(m)
 
@@ -733,7 +250,8 @@ class ComfyHost(DiffusionHost):
         raise ValueError(f"unknown component {component!r}; this host has {self.components()}")
 
     def model_key(self, component: str, path: str, attr: str = "weight") -> str:
-        """This host's ComfyUI patch key for a canonical path (see :func:`model_key`); ``ValueError`` if unknown."""
+        """This host's ComfyUI patch key for a canonical path (see :func:`.comfy_keys.model_key`); ``ValueError`` if
+        unknown."""
         if attr not in ("weight", "bias"):
             raise ValueError(f"attr must be 'weight' or 'bias', got {attr!r}")
         if component == "unet":
@@ -741,7 +259,7 @@ class ComfyHost(DiffusionHost):
                 raise ValueError(f"{path!r} is not a UNet module path of this model")
             return f"diffusion_model.{self._d2l[path]}.{attr}"
         self._patcher_for(component)
-        root = _TE_ROOT.get(component, "text_model.")
+        root = te_root(component)
         if not path.startswith(root):
             raise ValueError(f"{component} paths start with {root!r}, got {path!r}")
         return f"{self._te[component]}{path}.{attr}"
@@ -758,7 +276,7 @@ class ComfyHost(DiffusionHost):
             return out
         self._patcher_for(component)
         prefix = self._te[component]
-        root = prefix + _TE_ROOT.get(component, "text_model.")
+        root = prefix + te_root(component)
         out = {}
         for name, m in self.clip.cond_stage_model.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and name.startswith(root):
@@ -809,12 +327,12 @@ class ComfyHost(DiffusionHost):
         self._deltas[(component, path, attr)] = delta
         if component != "unet" and not self._hooks:
             for m in self.clip.cond_stage_model.modules():
-                for ln in _inplace_norms(m):
-                    self._hooks.append(ln.register_forward_pre_hook(_clone_input_hook))
+                for ln in inplace_norms(m):
+                    self._hooks.append(ln.register_forward_pre_hook(clone_input_hook))
         if component == "unet" and self.flow and not self._unet_hooks:
             for m in self.patcher.model.diffusion_model.modules():
-                for ln in _inplace_norms(m):
-                    self._unet_hooks.append(ln.register_forward_pre_hook(_clone_input_hook))
+                for ln in inplace_norms(m):
+                    self._unet_hooks.append(ln.register_forward_pre_hook(clone_input_hook))
 
     def clear_deltas(self) -> None:
         """Remove every delta this host installed (from the patchers and from the loaded modules)."""
@@ -839,7 +357,7 @@ class ComfyHost(DiffusionHost):
             if patcher is None:
                 continue
             for key in list(patcher.weight_wrapper_patches):
-                path, attr = _strip_attr(key)
+                path, attr = strip_attr(key)
                 try:
                     mod = comfy.utils.get_attr(patcher.model, path)
                 except AttributeError:
@@ -871,12 +389,12 @@ class ComfyHost(DiffusionHost):
     # -- loading ----------------------------------------------------------------------------------------------
     def load(self) -> None:
         """Load the patched UNet (and CLIP) on the compute device with the deltas active (cheap if loaded)."""
-        _load(self.patcher, self.patcher.model.diffusion_model, "diffusion_model.")
+        load_patcher(self.patcher, self.patcher.model.diffusion_model, "diffusion_model.")
 
     def _load_clip(self) -> None:
         if self.clip is None:
             raise ValueError("this operation needs a CLIP: pass clip= to ComfyHost")
-        _load(self.clip.patcher, self.clip.cond_stage_model, "")
+        load_patcher(self.clip.patcher, self.clip.cond_stage_model, "")
 
     # -- conditioning, prediction, VAE ------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -930,7 +448,7 @@ class ComfyHost(DiffusionHost):
                 params["guidance"] = float(cond.extras["guidance"][i])
             for k, v in base.extra_conds(**params).items():
                 per_key.setdefault(k, []).append(v.process_cond(batch_size=1, device=x.device).cond)
-        return {k: torch.cat([_to_normal(t) for t in v]) for k, v in per_key.items()}
+        return {k: torch.cat([to_normal(t) for t in v]) for k, v in per_key.items()}
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
         """Raw network output ``[B, C, h, w]`` (ε, v or flow velocity, compute dtype) through ComfyUI's own model call.
@@ -962,22 +480,22 @@ class ComfyHost(DiffusionHost):
                              "host")
         self.load()
         with torch.inference_mode(False):
-            x = _to_normal(x_t).to(self.device, torch.float32)
+            x = to_normal(x_t).to(self.device, torch.float32)
             if self.flow:
-                sigma = _to_normal(timesteps).to(self.device, torch.float32)
+                sigma = to_normal(timesteps).to(self.device, torch.float32)
                 if sigma.dim() == 0:
                     sigma = sigma.expand(x.shape[0])
                 if bool(((sigma < 0) | (sigma > 1)).any()):
                     raise ValueError("flow models take sigmas in [0, 1] as timesteps (not kohya's σ·1000)")
                 x_in = x
             else:
-                t = _to_normal(timesteps).to(self.device).long()
+                t = to_normal(timesteps).to(self.device).long()
                 if t.dim() == 0:
                     t = t.expand(x.shape[0])
                 ms = self.patcher.get_model_object("model_sampling")
                 sigma = ms.sigmas.to(self.device, torch.float32)[t]
                 x_in = x * (sigma ** 2 + 1.0).sqrt().view(-1, *([1] * (x.dim() - 1)))
-            c = cond.map_tensors(_to_normal).to(self.device, self.dtype)
+            c = cond.map_tensors(to_normal).to(self.device, self.dtype)
             kwargs = self._model_conds(c, x)
             captured: dict[str, torch.Tensor] = {}
 
@@ -1008,17 +526,17 @@ class ComfyHost(DiffusionHost):
         if self.vae is None:
             raise ValueError("encode_images needs a VAE: pass vae= to ComfyHost")
         with torch.inference_mode(False), torch.no_grad():
-            img = ((_to_normal(pixels.detach()).float().cpu() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+            img = ((to_normal(pixels.detach()).float().cpu() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
             raw = self.vae.encode(img)
-            return _to_normal(self._latent_format().process_in(raw.float()).cpu())
+            return to_normal(self._latent_format().process_in(raw.float()).cpu())
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``[B,4,h,w]`` → images ``[B,3,8h,8w]`` float 0..1 on CPU (``process_out`` + VAE)."""
         if self.vae is None:
             raise ValueError("decode_latents needs a VAE: pass vae= to ComfyHost")
         with torch.inference_mode(False), torch.no_grad():
-            raw = self._latent_format().process_out(_to_normal(latents.detach()).float().cpu())
-            return _to_normal(self.vae.decode(raw).float().movedim(-1, 1).clamp(0, 1).cpu())
+            raw = self._latent_format().process_out(to_normal(latents.detach()).float().cpu())
+            return to_normal(self.vae.decode(raw).float().movedim(-1, 1).clamp(0, 1).cpu())
 
     def conditioning(self, prompt: str) -> list:
         """ComfyUI CONDITIONING for ``prompt`` from this host's (patched) CLIP, like CLIPTextEncode."""
@@ -1062,137 +580,3 @@ class ComfyHost(DiffusionHost):
                                 width=width, height=height)
             imgs.append(img.movedim(-1, 1))
         return torch.cat(imgs, 0)
-
-
-def sample_images(model, positive, negative, vae, seed: int, steps: int, cfg: float, sampler_name: str,
-                  scheduler: str, width: int, height: int, batch_size: int = 1, denoise: float = 1.0,
-                  callback=None) -> torch.Tensor:
-    """Text-to-image with ComfyUI's own sampler: KSampler's path (empty latent, ``comfy.sample.prepare_noise``
-    with ``seed``, ``comfy.sample.sample``), then ``vae.decode``.
-
-    Args: ``model`` MODEL (ModelPatcher); ``positive``/``negative`` CONDITIONING; ``sampler_name``/``scheduler``
-    names from ``comfy.samplers.KSampler.SAMPLERS`` / ``SCHEDULERS``; ``width``/``height`` pixels (multiples
-    of 8). Returns IMAGE ``[batch_size, H, W, 3]`` float 0..1 (CPU). Raises ``ValueError`` for unknown
-    sampler/scheduler names. Cancel (ComfyUI interrupt) is honoured between steps by ComfyUI's sampler.
-    ``callback(step, x0, x, total_steps)``: ComfyUI's per-step sampler callback (e.g. to drive a Progress).
-    """
-    import comfy.model_management as mm
-    import comfy.sample
-    import comfy.samplers
-
-    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler_name!r}")
-    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}")
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise ValueError(f"width/height must be positive multiples of 8, got {width}x{height}")
-    with torch.no_grad():
-        latent = torch.zeros([int(batch_size), 4, height // 8, width // 8], device=mm.intermediate_device())
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = comfy.sample.prepare_noise(latent, int(seed))
-        def step_callback(*args):  # a cancel point every sampler step (ComfyUI's sampler checks none itself)
-            check_interrupt()
-            if callback is not None:
-                callback(*args)
-
-        samples = comfy.sample.sample(model, noise, int(steps), float(cfg), sampler_name, scheduler, positive,
-                                      negative, latent, denoise=float(denoise), seed=int(seed),
-                                      disable_pbar=True, callback=step_callback)
-        return vae.decode(samples).float().clamp(0, 1).cpu()
-
-
-def _normalise_model_key(key: str) -> str:
-    return key[len("model."):] if key.startswith("model.diffusion_model.") else key
-
-
-def _is_clip(obj) -> bool:
-    return hasattr(obj, "cond_stage_model") and hasattr(obj, "patcher")
-
-
-def _normalise_clip_key(key: str, prefixes: dict[str, str]) -> str:
-    """LDM checkpoint text-encoder keys → ComfyUI CLIP-patcher keys (SD1: ``cond_stage_model.transformer.``;
-    SDXL te1: ``conditioner.embedders.0.transformer.``); other keys unchanged."""
-    if len(prefixes) == 1:
-        (pre,) = prefixes.values()
-        for src in ("cond_stage_model.transformer.", "te."):
-            if key.startswith(src):
-                rest = key[len(src):]
-                return pre + (rest if rest.startswith("text_model.") else "text_model." + rest)
-    elif "te1" in prefixes and key.startswith("conditioner.embedders.0.transformer."):
-        return prefixes["te1"] + key[len("conditioner.embedders.0.transformer."):]
-    return key
-
-
-def add_diff_patches(model, diffs: dict, strength: float = 1.0):
-    """A clone of ``model`` with full-rank ``("diff", (ΔW,))`` patches, applied by ComfyUI as
-    ``W + strength·ΔW`` when the model loads (``comfy.lora.calculate_weight``); the input is not changed.
-
-    ``model``: a MODEL (ModelPatcher) or a CLIP (then a CLIP clone is returned). Keys: ComfyUI keys
-    (``"diffusion_model.input_blocks...weight"``, ``"clip_l.transformer.text_model...weight"``) or LDM checkpoint
-    keys (``"model.diffusion_model...."``, ``"cond_stage_model.transformer.text_model...."``). ΔW: any float
-    tensor shaped like the weight. All keys and shapes are checked before anything is patched: ``KeyError``
-    for keys the model lacks, ``ValueError`` for shape mismatches.
-    """
-    clip_prefixes = _te_prefixes(model) if _is_clip(model) else None
-    sd = (model.patcher if clip_prefixes is not None else model).model_state_dict()
-    patches = {}
-    missing = []
-    for k, d in diffs.items():
-        mk = _normalise_clip_key(k, clip_prefixes) if clip_prefixes is not None else _normalise_model_key(k)
-        if mk not in sd:
-            missing.append(k)
-            continue
-        if tuple(d.shape) != tuple(sd[mk].shape):
-            raise ValueError(f"diff for {k} has shape {tuple(d.shape)}, weight is {tuple(sd[mk].shape)}")
-        patches[mk] = ("diff", (d.detach(),))
-    if missing:
-        raise KeyError(f"{len(missing)} keys are not in this model, e.g. {missing[:3]}")
-    out = model.clone()
-    added = out.add_patches(patches, strength_patch=float(strength))
-    if len(added) != len(patches):
-        raise RuntimeError(f"ComfyUI accepted {len(added)} of {len(patches)} patches")
-    return out
-
-
-def iter_patched_weights(patcher, keys=None, extra_wrappers: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, weight)`` for each key of ``patcher`` (a ModelPatcher, or a CLIP: its patcher; ``keys``
-    default: all of its state dict, LDM ``model.`` prefixes accepted) with every key patch applied, one tensor
-    at a time.
-
-    Each weight: the unpatched base weight (taken from the loaded patcher's backup when some clone of the same
-    model is loaded with its patches baked in), copied to float32, then ``comfy.lora.calculate_weight`` with
-    the patcher's patches (ComfyUI's own LoRA/diff maths), then this patcher's weight wrappers (e.g. a
-    :class:`ComfyHost`'s weight-space deltas), then ``extra_wrappers[key]`` (``{key: [f(weight) -> weight]}``: a
-    :class:`ComfyHost`'s activation-space deltas baked in weight space, :meth:`ComfyHost.delta_wrappers`). Returned
-    as float32 CPU tensors; the model is not modified or loaded. ``KeyError`` for unknown keys.
-    """
-    import comfy.lora
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    if _is_clip(patcher):
-        patcher = patcher.patcher
-    base = patcher.model
-    backup = dict(patcher.backup)
-    for lm in mm.current_loaded_models:
-        other = lm.model
-        if other is not None and other is not patcher and other.model is base:
-            backup.update(other.backup)
-    sd_keys = list(patcher.model_state_dict().keys()) if keys is None else None
-    todo = sd_keys if sd_keys is not None else [_normalise_model_key(k) for k in keys]
-    for key in todo:
-        try:
-            weight, _set_func, convert_func = comfy.model_patcher.get_key_weight(base, key)
-        except AttributeError as e:
-            raise KeyError(f"{key!r} is not a weight of this model") from e
-        if key in backup:
-            weight = backup[key].weight
-        with torch.no_grad():
-            w = weight.detach().to(torch.float32, copy=True)
-            if convert_func is not None:
-                w = convert_func(w, inplace=True)
-            if key in patcher.patches:
-                w = comfy.lora.calculate_weight(patcher.patches[key], w, key)
-            for f in [*patcher.weight_wrapper_patches.get(key, []), *(extra_wrappers or {}).get(key, [])]:
-                w = f(w).to(torch.float32)
-        yield key, w.cpu()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import comfy_host, policy
+from . import comfy_io, policy
 
 CATEGORY = "Concept Lab/Weight diff"
 
@@ -48,12 +48,12 @@ def _outputs(report: dict) -> tuple:
     from ..metrics.diff_plots import render_plots
     from ..metrics.diff_report import report_markdown
 
-    images = comfy_host.numpy_to_image(render_plots(report))
+    images = comfy_io.numpy_to_image(render_plots(report))
     return report_markdown(report), dumps_report(report), images
 
 
 class PatchedWeights:
-    """A tensor source (see ``metrics.weight_diff.diff_sources``) over ComfyUI patchers' *patched* weights.
+    """A tensor source (see ``metrics.diff_models.diff_sources``) over ComfyUI patchers' *patched* weights.
 
     Args:
         name: label in the report ("model A").
@@ -116,9 +116,9 @@ class PatchedWeights:
 def diff_patchers(model_a, model_b, clip_a=None, clip_b=None, options=None, progress=None) -> dict:
     """Diff two ComfyUI MODELs (and CLIPs when both are given) on their patched weights; returns the report.
 
-    Raises the errors of ``metrics.weight_diff.diff_sources`` (different architectures, shapes).
+    Raises the errors of ``metrics.diff_models.diff_sources`` (different architectures, shapes).
     """
-    from ..metrics.weight_diff import diff_sources
+    from ..metrics.diff_models import diff_sources
 
     parts_a, parts_b = [(model_a, "diffusion_model.")], [(model_b, "diffusion_model.")]
     if clip_a is not None and clip_b is not None:
@@ -171,12 +171,12 @@ class DiffModels:
 
         ``tolerance``: |Δ| at or below it counts as unchanged (weight units); ``rank_time_budget`` in seconds.
         Returns ``(markdown, report JSON, plots IMAGE [3, H, W, 3])``. Raises the errors of
-        :func:`conceptlab.metrics.weight_diff.diff_sources` (``ValueError`` for different architectures/shapes).
+        :func:`conceptlab.metrics.diff_models.diff_sources` (``ValueError`` for different architectures/shapes).
         """
         n = len(model_a.get_key_patches("diffusion_model."))
         if clip_a is not None and clip_b is not None:
             n += len(clip_a.patcher.get_key_patches())
-        bar = comfy_host.Progress(n)
+        bar = comfy_io.Progress(n)
         report = diff_patchers(model_a, model_b, clip_a, clip_b,
                                _options(tolerance, top_n, effective_rank, rank_time_budget),
                                progress=lambda d, t: bar.set(min(d, n)))
@@ -188,14 +188,14 @@ _FILE_FOLDERS = ("checkpoints", "diffusion_models", "loras")
 
 
 def _file_choices() -> list[str]:
-    return [f"{folder}/{n}" for folder in _FILE_FOLDERS for n in comfy_host.model_list(folder)]
+    return [f"{folder}/{n}" for folder in _FILE_FOLDERS for n in comfy_io.model_list(folder)]
 
 
 def _resolve_choice(choice: str):
     folder, _, name = str(choice).partition("/")
     if folder not in _FILE_FOLDERS or not name:
         raise ValueError(f"{choice!r}: pick a file from the checkpoints/, diffusion_models/ or loras/ list")
-    return comfy_host.model_file(folder, name)
+    return comfy_io.model_file(folder, name)
 
 
 @policy.guarded
@@ -237,9 +237,9 @@ class DiffFiles:
 
         Raises ``ValueError`` for a choice outside the checkpoints / loras folders, ``FileNotFoundError`` for a
         name ComfyUI does not list, and the errors of
-        :func:`conceptlab.metrics.weight_diff.diff_files` (unreadable files, incompatible architectures).
+        :func:`conceptlab.metrics.diff_models.diff_files` (unreadable files, incompatible architectures).
         """
-        from ..metrics.weight_diff import diff_files
+        from ..metrics.diff_models import diff_files
 
         pa, pb = _resolve_choice(file_a), _resolve_choice(file_b)
         bar = None
@@ -247,7 +247,7 @@ class DiffFiles:
         def progress(done, total):
             nonlocal bar
             if bar is None:
-                bar = comfy_host.Progress(total)
+                bar = comfy_io.Progress(total)
             bar.set(min(done, total))
 
         report = diff_files(pa, pb, lora_strength=float(lora_strength),
@@ -301,7 +301,7 @@ class CompareDiffReports:
                 raise ValueError(f"{n} must be the JSON text of a diff report (connect report_json)")
         report_1, report_2 = load_json(report_1, "report_1"), load_json(report_2, "report_2")  # bounded parse
         cmp = compare_reports(report_1, report_2, label1=label_1.strip() or None, label2=label_2.strip() or None)
-        img = comfy_host.numpy_to_image([plot_compare(cmp)])
+        img = comfy_io.numpy_to_image([plot_compare(cmp)])
         return compare_markdown(cmp), dumps_report(cmp), img
 
 

@@ -1,8 +1,8 @@
 """ComfyUI nodes for ESD concept erasure: grid masks, the eraser, and an original-vs-erased comparison grid.
 
 Thin adapters over :mod:`conceptlab.training.esd.erase` (the loop), :mod:`conceptlab.training.esd.masks`,
-:mod:`conceptlab.training.esd.outputs` (files, plots, grids) and :mod:`.comfy_host` (ComfyHost, diff patches,
-sampling, safe output paths, progress). ComfyUI is imported only inside functions.
+:mod:`conceptlab.training.esd.outputs` (files, plots, grids), :mod:`.comfy_host` (ComfyHost), :mod:`.comfy_patchers`
+(diff patches, sampling) and :mod:`.comfy_io` (safe output paths, progress). ComfyUI is imported only inside functions.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class ConceptLabGridMasks:
         negative or non-numeric values; see :func:`conceptlab.training.esd.masks.normalize_weights`).
         """
         from ..training.esd.masks import grid_masks, mask_preview, normalize_weights, parse_weights
-        from .comfy_host import numpy_to_image
+        from .comfy_io import numpy_to_image
 
         masks, names = grid_masks(int(height), int(width), int(grid_n), float(centre_size))
         w = normalize_weights(parse_weights(weights), masks)
@@ -268,10 +268,13 @@ class ConceptLabESDErase:
         from PIL import Image
 
         from ..formats.safetensors_io import atomic_output, parse_dtype
-        from ..training.esd.erase import ESDCancelled, ESDConfig, erase
+        from ..training.esd.config import ESDConfig
+        from ..training.esd.erase import ESDCancelled, erase
         from ..training.esd.outputs import loss_plot, save_outputs
         from ..training.esd.masks import parse_weights
-        from . import comfy_host as ch
+        from . import comfy_io
+        from .comfy_host import ComfyHost
+        from .comfy_patchers import add_diff_patches
 
         cfg = ESDConfig(
             concepts=concepts, prompts=prompt_variations or None, variations=int(variations),
@@ -288,10 +291,10 @@ class ConceptLabESDErase:
         target = None
         if save_name:  # resolve (and check) the output path before hours of training
             stem_rel = save_name[:-len(".safetensors")] if save_name.endswith(".safetensors") else save_name
-            first = ch.output_file("loras", stem_rel + ".safetensors")
-            target = _next_free(first.parent, first.stem, claim_root=ch.output_file("esd", "x").parent)
+            first = comfy_io.output_file("loras", stem_rel + ".safetensors")
+            target = _next_free(first.parent, first.stem, claim_root=comfy_io.output_file("esd", "x").parent)
 
-        bar = ch.Progress(int(iterations))
+        bar = comfy_io.Progress(int(iterations))
 
         def progress(info):
             preview = None
@@ -300,7 +303,7 @@ class ConceptLabESDErase:
                                                                     f"{info['total']}", 512, 288))
             bar.update(1, preview)
 
-        host = ch.ComfyHost(model, clip)
+        host = ComfyHost(model, clip)
         cancel_exc = None
         try:
             from ..training.esd.objective import has_guidance_embedding, host_family
@@ -311,7 +314,7 @@ class ConceptLabESDErase:
                 raise ValueError(f"flux_guidance {flux_guidance} is set, but this {host.arch} model has no guidance "
                                  f"embedding (only Flux-dev has one): leave it at 3.5")
             try:
-                result = erase(host, cfg, progress=progress, cancel_check=ch.check_interrupt)
+                result = erase(host, cfg, progress=progress, cancel_check=comfy_io.check_interrupt)
             except ESDCancelled as exc:
                 result, cancel_exc = exc.result, exc
             keys = {k: host.model_key(*k) for k in result.deltas}
@@ -323,19 +326,20 @@ class ConceptLabESDErase:
         for k in ("concept_kinds", "prompt_source", "erase_from", "mask_mode", "mask_preset"):
             stats[k] = result.metadata.get(k)
         if target is not None and (cancel_exc is None or save_on_cancel) and result.stats["iterations_done"] > 0:
-            stats_dir = ch.output_file("esd", target.stem + "/x").parent
+            stats_dir = comfy_io.output_file("esd", target.stem + "/x").parent
             paths = save_outputs(result, target, stats_dir=stats_dir, lora_rank=int(lora_rank),
                                  dtype=parse_dtype(save_dtype), overwrite=False)
             with atomic_output(stats_dir / "loss.png") as tmp:
                 Image.fromarray(loss_plot(result.losses, f"ESD {method}")).save(tmp, format="PNG")
-            file_name = target.relative_to(ch.output_dir() / "loras").as_posix()
+            file_name = target.relative_to(comfy_io.output_dir() / "loras").as_posix()
             stats["files"] = {k: str(v) for k, v in paths.items() if k != "svd" and v is not None}
             if paths["svd"]:
                 stats["svd_lora"] = {k: v for k, v in paths["svd"].items() if k != "energy_kept_per_module"}
         if cancel_exc is not None:
             raise cancel_exc.__cause__ or cancel_exc
-        erased = ch.add_diff_patches(model, {keys[k]: d for k, d in result.deltas.items()})
-        plot = ch.numpy_to_image(loss_plot(result.losses, f"ESD {method}: {', '.join(result.metadata['concepts'])}"))
+        erased = add_diff_patches(model, {keys[k]: d for k, d in result.deltas.items()})
+        title = f"ESD {method}: {', '.join(result.metadata['concepts'])}"
+        plot = comfy_io.numpy_to_image(loss_plot(result.losses, title))
         losses = stats.pop("losses", None) or [None]
         stats["loss_first"], stats["loss_last"] = losses[0], losses[-1]
         return erased, file_name, plot, json.dumps(stats, indent=1)
@@ -414,13 +418,14 @@ class ConceptLabErasureCompare:
         """
         from ..training.esd.outputs import comparison_grid
         from ..training.esd.prompts import parse_prompt_lines
-        from . import comfy_host as ch
+        from . import comfy_io
+        from .comfy_patchers import sample_images
 
         rows = [(p, "concept") for p in parse_prompt_lines(concept_prompts)]
         rows += [(p, "unrelated") for p in parse_prompt_lines(unrelated_prompts)]
         if not rows:
             raise ValueError("give at least one prompt (concept or unrelated)")
-        bar = ch.Progress(2 * len(rows))
+        bar = comfy_io.Progress(2 * len(rows))
         with torch.no_grad():
             neg = clip.encode_from_tokens_scheduled(clip.tokenize(str(negative)))
             images, grid_rows = [], []
@@ -428,15 +433,15 @@ class ConceptLabErasureCompare:
                 pos = clip.encode_from_tokens_scheduled(clip.tokenize(p))
                 pair = []
                 for m in (original, erased):
-                    img = ch.sample_images(m, pos, neg, vae, seed=int(seed) + i, steps=int(steps), cfg=float(cfg),
+                    img = sample_images(m, pos, neg, vae, seed=int(seed) + i, steps=int(steps), cfg=float(cfg),
                                            sampler_name=sampler_name, scheduler=scheduler, width=int(width),
                                            height=int(height))
                     images.append(img)
-                    pair.append(ch.image_to_numpy(img)[0])
+                    pair.append(comfy_io.image_to_numpy(img)[0])
                     bar.update(1)
                 grid_rows.append((f"[{kind}] {p}", pair))
         grid = comparison_grid(grid_rows, ["original", "erased"])
-        return ch.numpy_to_image(grid), torch.cat(images, 0)
+        return comfy_io.numpy_to_image(grid), torch.cat(images, 0)
 
 
 NODE_CLASS_MAPPINGS = {

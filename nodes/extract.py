@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from . import comfy_host, policy
+from . import comfy_io, policy
 
 CATEGORY = "Concept Lab/LoRA"
 
@@ -33,13 +33,13 @@ _OUT_TIPS = ("File name of the new LoRA inside output/loras (pick it in LoraLoad
 
 def _free_name(prefix: str) -> tuple[str, object]:
     """``loras/<prefix>_00001.safetensors`` (next free counter) inside the output folder; the prefix may not
-    leave it (``comfy_host.safe_join``)."""
+    leave it (``comfy_io.safe_join``)."""
     prefix = (prefix or "lora").strip().replace("\\", "/")
     if not prefix or prefix.endswith("/") or not re.fullmatch(r"[\w\-. /]+", prefix):
         raise ValueError(f"filename_prefix {prefix!r}: use letters, digits, '-', '_', '.', '/' only")
     for i in range(1, 100000):
         name = f"{prefix}_{i:05d}.safetensors"
-        path = comfy_host.output_file("loras", name)
+        path = comfy_io.output_file("loras", name)
         if not path.exists():
             return name, path
     raise FileExistsError(f"no free file name for prefix {prefix!r}")
@@ -76,7 +76,7 @@ def _outputs(name: str, report: dict) -> tuple:
     from ..training.lora.extract import layer_table
 
     return (name, layer_table(report), json.dumps(report, indent=1),
-            comfy_host.numpy_to_image(energy_plot(report)))
+            comfy_io.numpy_to_image(energy_plot(report)))
 
 
 def _progress():
@@ -85,7 +85,7 @@ def _progress():
     def cb(done, total):
         nonlocal bar
         if bar is None:
-            bar = comfy_host.Progress(total)
+            bar = comfy_io.Progress(total)
         bar.set(min(done, total))
     return cb
 
@@ -110,7 +110,7 @@ class ExtractLora:
     @classmethod
     def INPUT_TYPES(cls):
         """ComfyUI V1 input spec with a tooltip on every input."""
-        ckpts = comfy_host.model_list("checkpoints") or ["none"]
+        ckpts = comfy_io.model_list("checkpoints") or ["none"]
         return {"required": {
             "base_checkpoint": (ckpts, {"tooltip": "The original model the fine-tune started from (same family)."}),
             "tuned_checkpoint": (ckpts, {"tooltip": "The fine-tuned or merged model. The LoRA is tuned − base."}),
@@ -141,8 +141,8 @@ class ExtractLora:
         from ..formats.safetensors_io import parse_dtype
         from ..training.lora.extract import extract_lora
 
-        base = comfy_host.model_file("checkpoints", base_checkpoint)
-        tuned = comfy_host.model_file("checkpoints", tuned_checkpoint)
+        base = comfy_io.model_file("checkpoints", base_checkpoint)
+        tuned = comfy_io.model_file("checkpoints", tuned_checkpoint)
         if base == tuned:
             raise ValueError("base_checkpoint and tuned_checkpoint are the same file")
         res = extract_lora(base, tuned, rank=int(rank), conv_rank=int(conv_rank), mode=rank_mode,
@@ -172,7 +172,7 @@ class ResizeLora:
     @classmethod
     def INPUT_TYPES(cls):
         """ComfyUI V1 input spec with a tooltip on every input."""
-        loras = comfy_host.model_list("loras") or ["none"]
+        loras = comfy_io.model_list("loras") or ["none"]
         return {"required": {
             "lora_name": (loras, {"tooltip": "The LoRA to resize (kohya lora_down/lora_up or peft lora_A/lora_B)."}),
             "rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "New rank of linear modules (the "
@@ -197,7 +197,7 @@ class ResizeLora:
         from ..formats.safetensors_io import parse_dtype
         from ..training.lora.extract import resize_lora, save_lora_tensors
 
-        src = comfy_host.model_file("loras", lora_name)
+        src = comfy_io.model_file("loras", lora_name)
         tensors, report, md = resize_lora(src, rank=int(rank), conv_rank=int(conv_rank) or None, mode=rank_mode,
                                           param=None if rank_mode == "fixed" else float(mode_param),
                                           progress=_progress())

@@ -9,7 +9,7 @@ processing (shuffle, keep_tokens, dropout) needs the text, so connect its IMAGE 
 
 from __future__ import annotations
 
-from . import comfy_host, policy
+from . import comfy_io, policy
 
 CATEGORY = "Concept Lab/LoRA"
 _SUBFOLDER = "conceptlab_datasets"
@@ -38,7 +38,7 @@ def _temp_dir():
     """ComfyUI's temp folder (emptied by ComfyUI at start-up: the dataset folders are a cache)."""
     from pathlib import Path
 
-    return Path(comfy_host._folder_paths().get_temp_directory())
+    return Path(comfy_io._folder_paths().get_temp_directory())
 
 
 @policy.guarded
@@ -75,7 +75,8 @@ class ConceptLabLoraDatasetFromImages:
         that do not match the images, and the folder node's errors (``DatasetError``) for bad options.
         """
         from ..training.lora.captions import CaptionConfig
-        from ..training.lora.dataset import DatasetOptions, KohyaDataset
+        from ..training.lora.dataset import KohyaDataset
+        from ..training.lora.dataset_options import DatasetOptions
         from ..training.lora.graph_dataset import match_captions, to_uint8_rgb, write_kohya_folder
         from .lora import _caption_audit
 

@@ -5,7 +5,7 @@
   the file name, loss curve, epoch table and sample grid; files in ``output/loras/``.
 * ``ConceptLabEpochCompare``: saved epoch files → the same prompts/seeds per file as a labelled grid + metrics.
 
-ComfyUI is imported only inside functions (through :mod:`.comfy_host`).
+ComfyUI is imported only inside functions (through :mod:`.comfy_io` and :mod:`.comfy_host`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 from ..formats import limits
 from ..training.lora.captions import CaptionConfig
-from ..training.lora.dataset import INTERPOLATIONS, DatasetOptions, KohyaDataset
+from ..training.lora.dataset import KohyaDataset
+from ..training.lora.dataset_options import INTERPOLATIONS, DatasetOptions
 from ..training.lora.config import BEST_METRICS, OPTIMIZERS, SCHEDULERS, configs_from_mapping, parse_kohya_toml
 from ..training.lora.report import labelled_grid, palette_metrics, render_epoch_table
 from ..training.lora.trainer import LoraTrainer
@@ -106,7 +107,7 @@ class ConceptLabLoraDataset:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max (see :func:`.policy.input_problems`): the caption extension."""
-        from ..training.lora.dataset import check_caption_extension
+        from ..training.lora.dataset_options import check_caption_extension
 
         if "caption_extension" in values:
             check_caption_extension(values["caption_extension"])
@@ -134,25 +135,25 @@ class ConceptLabLoraDataset:
         caption-audit JSON STRING)``. Raises ``PathOutsideError`` for a path leaving the input folder and
         ``DatasetError`` (a ``ValueError``) for an empty folder, corrupt images or folders without the ``N_`` prefix.
         """
-        from . import comfy_host
+        from . import comfy_io
 
-        root = comfy_host.resolve_input(folder)
+        root = comfy_io.resolve_input(folder)
         opts = DatasetOptions.from_mapping(kw)
         caps = CaptionConfig.from_mapping(kw)
-        policy.check_folder(root, comfy_host.input_dir(), "dataset file")  # no symlink out, before any read
-        ds = KohyaDataset.scan(root, opts, caps, progress=lambda d, t: comfy_host.check_interrupt())
+        policy.check_folder(root, comfy_io.input_dir(), "dataset file")  # no symlink out, before any read
+        ds = KohyaDataset.scan(root, opts, caps, progress=lambda d, t: comfy_io.check_interrupt())
         return (ds, ds.summary_text(1), _caption_audit(root))
 
 
 def _caption_audit(root) -> str:
-    from . import comfy_host
+    from . import comfy_io
 
     try:
         from ..metrics.captions import audit_folder
     except ImportError:
         return "caption audit unavailable (metrics.captions not installed)"
     try:
-        rep = audit_folder(root, progress=lambda d, t: comfy_host.check_interrupt())
+        rep = audit_folder(root, progress=lambda d, t: comfy_io.check_interrupt())
     except limits.LimitError as exc:
         return f"caption audit refused: {exc}"
     except Exception as exc:  # noqa: BLE001 - the audit is advisory; training does not depend on it
@@ -162,11 +163,11 @@ def _caption_audit(root) -> str:
 
 
 def _np_to_image(arr: np.ndarray | None) -> torch.Tensor:
-    from . import comfy_host
+    from . import comfy_io
 
     if arr is None:
         arr = np.full((64, 64, 3), 255, np.uint8)
-    return comfy_host.numpy_to_image([arr])
+    return comfy_io.numpy_to_image([arr])
 
 
 @policy.guarded
@@ -178,7 +179,7 @@ class ConceptLabTrainLora:
     @staticmethod
     def check_inputs(values: dict) -> None:
         """Widget checks beyond min/max: no file names and no out-of-bounds settings inside ``kohya_toml``."""
-        from ..training.lora.dataset import check_caption_extension
+        from ..training.lora.dataset_options import check_caption_extension
 
         _check_prompt_lines("sample_prompts", values.get("sample_prompts"))
         text = values.get("kohya_toml")
@@ -306,7 +307,7 @@ class ConceptLabTrainLora:
         ``ValueError`` for invalid settings (e.g. AdamW8bit without CUDA/bitsandbytes) and a clear error naming the last
         good checkpoint on a NaN/Inf loss.
         """
-        from . import comfy_host
+        from . import comfy_host, comfy_io
 
         if not isinstance(dataset, KohyaDataset):
             raise ValueError("dataset must come from the LoRA Dataset node")
@@ -335,9 +336,9 @@ class ConceptLabTrainLora:
                 # [[datasets]] / dataset_config / reg_data_dir: every folder must lie inside ComfyUI's input folder
                 import os
 
-                rel_root = os.path.relpath(dataset.root, comfy_host.input_dir())
+                rel_root = os.path.relpath(dataset.root, comfy_io.input_dir())
                 ds, batch = _dataset_from_settings({**values, "train_data_dir": rel_root}, seed=int(values["seed"]),
-                                                   resolve=comfy_host.resolve_input)
+                                                   resolve=comfy_io.resolve_input)
                 if batch is not None:
                     values["train_batch_size"] = batch
             else:
@@ -348,8 +349,8 @@ class ConceptLabTrainLora:
         name = str(values["output_name"])
         if not re.fullmatch(r"[\w.\- ]+", name):
             raise ValueError(f"output_name {name!r} may only contain letters, digits, space, '.', '-' and '_'")
-        lora_dir = comfy_host.output_file("loras", f"{name}.safetensors").parent
-        name, state_dir = policy.reserve_run_name(lora_dir, comfy_host.output_dir() / "conceptlab_training", name,
+        lora_dir = comfy_io.output_file("loras", f"{name}.safetensors").parent
+        name, state_dir = policy.reserve_run_name(lora_dir, comfy_io.output_dir() / "conceptlab_training", name,
                                                   resume=bool(values.get("resume")))
         values["output_name"], values["output_dir"], values["state_dir"] = name, str(lora_dir), str(state_dir)
         cfg, _, _, _ = configs_from_mapping(values)
@@ -363,7 +364,7 @@ class ConceptLabTrainLora:
                 trainer = LoraTrainer(host, ds, cfg)
                 _check_network_size(host, cfg, trainer)
                 _, max_steps, _ = trainer.schedule()
-                bar = comfy_host.Progress(max_steps)
+                bar = comfy_io.Progress(max_steps)
 
                 def on_step(step, total, info):
                     bar.set(step)
@@ -379,7 +380,7 @@ class ConceptLabTrainLora:
                     from .interop import continue_from_lora_model
 
                     trainer.init_network = continue_from_lora_model(model, lora_model)
-                trainer.encode_latents_progress = lambda d, t: comfy_host.check_interrupt()
+                trainer.encode_latents_progress = lambda d, t: comfy_io.check_interrupt()
                 res = trainer.run()
             finally:
                 if host is not None:
@@ -551,12 +552,12 @@ class ConceptLabEpochCompare:
         """
         from ..formats.safetensors_io import load_state_dict, read_metadata
         from ..training.lora.network import LoRANetwork
-        from . import comfy_host
+        from . import comfy_host, comfy_io
 
         prompt_list = [p.strip() for p in prompts.splitlines() if p.strip()]
         if not prompt_list:
             raise ValueError("give at least one prompt")
-        available = comfy_host.model_list("loras")
+        available = comfy_io.model_list("loras")
         names: list[str] = []
         for pat in [p.strip() for p in lora_files.splitlines() if p.strip()]:
             hits = [n for n in available if fnmatch.fnmatch(n, pat)] if any(c in pat for c in "*?[") else [pat]
@@ -567,14 +568,14 @@ class ConceptLabEpochCompare:
             raise ValueError("no LoRA file matches; names are relative to the loras folder")
         files = []
         for n in names:
-            path = comfy_host.model_file("loras", n)
+            path = comfy_io.model_file("loras", n)
             md = read_metadata(path)
             ep = md.get("ss_epoch")
             files.append((int(ep) if ep and ep.isdigit() else 10 ** 9, n, path))
         files.sort()
         pal = [t.strip() for t in palette.replace("\n", ",").split(",") if t.strip()]
         rows, labels, records = [], [], []
-        bar = comfy_host.Progress(len(files) * len(prompt_list))
+        bar = comfy_io.Progress(len(files) * len(prompt_list))
         with torch.inference_mode(False):
             host = comfy_host.ComfyHost(model, clip, vae)
             try:

@@ -10,7 +10,7 @@ ComfyUI's core ``ModelMergeSimple`` is the opposite (its ``ratio`` 1.0 keeps mod
 * :class:`MergeCheckpointFiles` — streaming file-to-file merge into ``output/checkpoints/``.
 * :class:`MergeSweep` — weighted sums at several ratios, sampled with ComfyUI's own sampler, as a grid.
 
-ComfyUI is imported only inside functions (via :mod:`.comfy_host` or locally), so the classes import without it.
+ComfyUI is imported only inside functions (via :mod:`.comfy_io` or locally), so the classes import without it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import warnings
 
 import torch
 
-from ..training.merge.methods import (METHODS, METHODS_NEED_C, PRESETS, TIES_SIGNS, MergePlan, MethodOptions,
-                                      canonical_key, check_alpha, merge_tensor, parse_block_weights)
-from . import comfy_host, policy
+from ..training.merge.blocks import PRESETS, parse_block_weights
+from ..training.merge.methods import (METHODS, METHODS_NEED_C, TIES_SIGNS, MergePlan, MethodOptions, canonical_key,
+                                      check_alpha, merge_tensor)
+from . import comfy_io, policy
 
 CATEGORY = "Concept Lab/Merge"
 CONVENTION = "α is the weight of B: (1 − α)·A + α·B (0 = A, 1 = B). ComfyUI's ModelMergeSimple ratio is the opposite: ratio = 1 − α."
@@ -217,7 +218,7 @@ class MergeModels:
         if clip_a is not None and clip_b is not None and te_mode == "merge":
             n_clip = len(_key_patches(clip_a))
         n_model = len(_key_patches(model_a, "diffusion_model."))
-        bar = comfy_host.Progress(n_model + n_clip)
+        bar = comfy_io.Progress(n_model + n_clip)
         m, extra = merge_patchers(model_a, model_b, model_c, method, plan, density, seed, "diffusion_model.",
                                   "unet", progress=lambda d, t: bar.set(d), options=opts)
         lines += extra
@@ -257,8 +258,8 @@ class MergeCheckpointFiles:
     @classmethod
     def INPUT_TYPES(cls):
         _register_output_checkpoints()
-        ckpts = comfy_host.model_list("checkpoints")
-        loras = comfy_host.model_list("loras")
+        ckpts = comfy_io.model_list("checkpoints")
+        loras = comfy_io.model_list("loras")
         return {
             "required": {
                 "ckpt_a": (ckpts, {"tooltip": "Checkpoint A (weight 1 − α); the output has A's keys."}),
@@ -309,18 +310,18 @@ class MergeCheckpointFiles:
             raise ValueError("filename is empty")
         if not name.lower().endswith(".safetensors"):
             name += ".safetensors"
-        out = comfy_host.output_file("checkpoints", name)
-        a = comfy_host.model_file("checkpoints", ckpt_a)
-        b = comfy_host.model_file("checkpoints", ckpt_b) if ckpt_b != "none" else None
-        c = comfy_host.model_file("checkpoints", ckpt_c) if ckpt_c and ckpt_c != "none" else None
-        lora = comfy_host.model_file("loras", lora_name) if lora_name and lora_name != "none" else None
+        out = comfy_io.output_file("checkpoints", name)
+        a = comfy_io.model_file("checkpoints", ckpt_a)
+        b = comfy_io.model_file("checkpoints", ckpt_b) if ckpt_b != "none" else None
+        c = comfy_io.model_file("checkpoints", ckpt_c) if ckpt_c and ckpt_c != "none" else None
+        lora = comfy_io.model_file("loras", lora_name) if lora_name and lora_name != "none" else None
         if b is None and lora is None:
             raise ValueError("choose checkpoint B, or a LoRA to bake into A")
         bar = {"p": None}
 
         def progress(done, total):
             if bar["p"] is None:
-                bar["p"] = comfy_host.Progress(total)
+                bar["p"] = comfy_io.Progress(total)
             bar["p"].set(done)
 
         with warnings.catch_warnings():
@@ -331,7 +332,7 @@ class MergeCheckpointFiles:
                 vae="merge" if vae == "merge" else "a", lora=lora, lora_strength=lora_strength,
                 overwrite=overwrite, options=_options(ties_sign, slerp_norm), progress=progress)
         _register_output_checkpoints()
-        rel = out.relative_to(comfy_host.output_dir() / "checkpoints").as_posix()
+        rel = out.relative_to(comfy_io.output_dir() / "checkpoints").as_posix()
         return {"ui": {"text": [report.summary()]}, "result": (rel, report.summary())}
 
 
@@ -340,7 +341,7 @@ def _register_output_checkpoints() -> None:
     try:
         import folder_paths
 
-        d = comfy_host.output_dir() / "checkpoints"
+        d = comfy_io.output_dir() / "checkpoints"
         d.mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path("checkpoints", str(d))
     except Exception:  # noqa: BLE001 - outside ComfyUI (contract checks)
@@ -396,7 +397,7 @@ def sample_cell(model, seed: int, steps: int, cfg: float, sampler_name: str, sch
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                   denoise=1.0, disable_pbar=True, seed=seed,
-                                  callback=lambda *_: comfy_host.check_interrupt())
+                                  callback=lambda *_: comfy_io.check_interrupt())
     img = vae.decode(samples)
     if img.dim() == 5:
         img = img.reshape(-1, *img.shape[-3:])
@@ -450,7 +451,7 @@ class MergeSweep:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 check_alpha(a)
-        bar = comfy_host.Progress(len(alphas) * rows)
+        bar = comfy_io.Progress(len(alphas) * rows)
         cells = []  # row-major
         arch = _arch_of(_key_patches(model_a, "diffusion_model."))
         models = []
@@ -472,7 +473,7 @@ def _label_grid(cells: list, rows: int, col_labels: list[str], row_labels: list[
     """Lay IMAGE cells ``[1,H,W,3]`` (row-major) on a white canvas with column / row labels → IMAGE ``[1,H',W',3]``."""
     from PIL import Image, ImageDraw
 
-    arrs = comfy_host.image_to_numpy(torch.cat(cells, dim=0))
+    arrs = comfy_io.image_to_numpy(torch.cat(cells, dim=0))
     h, w = arrs[0].shape[:2]
     cols = len(col_labels)
     top, left, pad = 28, 90, 4
@@ -487,7 +488,7 @@ def _label_grid(cells: list, rows: int, col_labels: list[str], row_labels: list[
         canvas.paste(Image.fromarray(arr), (left + ci * (w + pad), top + ri * (h + pad)))
     import numpy as np
 
-    return comfy_host.numpy_to_image([np.asarray(canvas)])
+    return comfy_io.numpy_to_image([np.asarray(canvas)])
 
 
 NODE_CLASS_MAPPINGS = {

@@ -19,7 +19,7 @@ import torch
 
 from ..training.merge.methods import TIES_SIGNS, MergePlan, MethodOptions, canonical_key, check_alpha
 from ..training.merge.nmodel import METHODS_N, METHODS_N_NEED_BASE, merge_tensor_n, parse_weights
-from . import comfy_host, policy
+from . import comfy_io, policy
 from .merge import (CONVENTION, _arch_of, _check_same, _key_patches, _label_grid, _patched_weight, merge_patchers,
                     sample_cell, sweep_sampling_inputs)
 
@@ -107,7 +107,7 @@ class MergeModelsN:
         skipped = len(kps[0]) - len(keys)
         if skipped:
             lines.append(f"{skipped} weights missing from some model: kept from model_1")
-        bar = comfy_host.Progress(max(len(keys), 1))
+        bar = comfy_io.Progress(max(len(keys), 1))
         for n, k in enumerate(keys, 1):
             if method == "weighted_sum":
                 out.add_patches({k: kps[1][k]}, w[1], w[0])      # w1·M1 + w2·M2
@@ -204,7 +204,7 @@ class MergeStepsSweep:
         import comfy.sd
 
         names = _parse_names(checkpoints)
-        paths = [(n, comfy_host.model_file("checkpoints", n)) for n in names]
+        paths = [(n, comfy_io.model_file("checkpoints", n)) for n in names]
         paths.sort(key=lambda np_: (step_label(np_[0])[0] is None, step_label(np_[0])[0] or 0, np_[0]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -214,7 +214,7 @@ class MergeStepsSweep:
             return lambda: comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
 
         loaders = [(step_label(n)[1], loader(p)) for n, p in paths]
-        bar = comfy_host.Progress(len(loaders))
+        bar = comfy_io.Progress(len(loaders))
         cells, labels = steps_sweep(
             model_a, loaders, alpha,
             lambda m, s: sample_cell(m, s, steps, cfg, sampler_name, scheduler, positive, negative, vae, width, height),

@@ -24,7 +24,7 @@ from ..metrics.palette import (
     quantize,
 )
 from . import policy
-from .comfy_host import Progress, image_to_numpy, numpy_to_image
+from .comfy_io import Progress, image_to_numpy, numpy_to_image
 
 CATEGORY = "Concept Lab/Palette"
 logger = logging.getLogger("conceptlab.palette")
@@ -388,11 +388,11 @@ class ConceptLabPaletteSummary:
         the ``image`` batch (IMAGE ``[B, H, W, 3]`` float 0..1). Returns ``(JSON list, text table)``. Raises
         ValueError when neither is given, FileNotFoundError / ValueError for a bad folder."""
         from ..metrics.palette_summary import summarize, summarize_folder, summary_table
-        from . import comfy_host
+        from . import comfy_io
 
         sums = []
         if folder and folder.strip():
-            root = comfy_host.resolve_input(folder.strip())
+            root = comfy_io.resolve_input(folder.strip())
             prog = Progress(1)
             sums.append(summarize_folder(root, int(colors), float(cluster_threshold)))
             sums[-1]["name"] = folder.strip()

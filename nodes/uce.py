@@ -125,7 +125,9 @@ class ConceptLabUCEErase:
         from ..formats.safetensors_io import parse_dtype
         from ..training.esd.outputs import save_outputs
         from ..training.esd.uce import UCEConfig, erase_uce, uce_targets
-        from . import comfy_host as ch
+        from . import comfy_io
+        from .comfy_host import ComfyHost
+        from .comfy_patchers import add_diff_patches, iter_patched_weights
         from .esd import _next_free
 
         cfg = UCEConfig(concepts=concepts, guide_concepts=guide_concepts if guide_concepts.strip() else None,
@@ -137,10 +139,10 @@ class ConceptLabUCEErase:
         target = None
         if save_name:
             stem_rel = save_name[:-len(".safetensors")] if save_name.endswith(".safetensors") else save_name
-            first = ch.output_file("loras", stem_rel + ".safetensors")
+            first = comfy_io.output_file("loras", stem_rel + ".safetensors")
             target = _next_free(first.parent, first.stem)
         encode = comfy_token_encoder(clip)
-        host = ch.ComfyHost(model, clip)
+        host = ComfyHost(model, clip)
         try:
             paths = [t.path for t in uce_targets(host.modules("unet"))]
             keys = {p: host.model_key("unet", p, "weight") for p in paths}
@@ -148,7 +150,7 @@ class ConceptLabUCEErase:
         finally:
             host.close()
         with torch.inference_mode(False), torch.no_grad():
-            effective = dict(zip(paths, (w for _, w in ch.iter_patched_weights(model, list(keys.values())))))
+            effective = dict(zip(paths, (w for _, w in iter_patched_weights(model, list(keys.values())))))
             result = erase_uce(effective, encode, cfg, arch=arch)
         stats = dict(result.stats)
         stats.pop("losses", None)
@@ -156,14 +158,14 @@ class ConceptLabUCEErase:
         stats["guide_prompts"] = result.metadata["guide_prompts"]
         file_name = ""
         if target is not None:
-            stats_dir = ch.output_file("esd", target.stem + "/x").parent
+            stats_dir = comfy_io.output_file("esd", target.stem + "/x").parent
             out = save_outputs(result, target, stats_dir=stats_dir, lora_rank=int(lora_rank),
                                dtype=parse_dtype(save_dtype), overwrite=False)
-            file_name = target.relative_to(ch.output_dir() / "loras").as_posix()
+            file_name = target.relative_to(comfy_io.output_dir() / "loras").as_posix()
             stats["files"] = {k: str(v) for k, v in out.items() if k != "svd" and v is not None}
             if out["svd"]:
                 stats["svd_lora"] = {k: v for k, v in out["svd"].items() if k != "energy_kept_per_module"}
-        erased = ch.add_diff_patches(model, {keys[p]: d for (_, p, _), d in result.deltas.items()})
+        erased = add_diff_patches(model, {keys[p]: d for (_, p, _), d in result.deltas.items()})
         return erased, file_name, json.dumps(stats, indent=1)
 
 
@@ -188,11 +190,11 @@ class ConceptLabApplyReferenceErasure:
     @classmethod
     def INPUT_TYPES(cls):
         """ComfyUI V1 input spec with a tooltip on every input; ``file`` lists the loras folder."""
-        from . import comfy_host as ch
+        from . import comfy_io
 
         return {"required": {
             "model": ("MODEL", {"tooltip": "The base model the erasure was trained from (SD1.x / SD2.x)."}),
-            "file": (ch.model_list("loras"), {"tooltip": "The reference erasure file (put it in models/loras)."}),
+            "file": (comfy_io.model_list("loras"), {"tooltip": "The reference erasure file (put it in models/loras)."}),
             "save_name": ("STRING", {"default": "",
                                      "tooltip": "Also save it as a .diff file under this prefix in output/loras/ "
                                                 "(a counter is added). Empty = do not save."}),
@@ -202,7 +204,7 @@ class ConceptLabApplyReferenceErasure:
 
     def apply(self, model, file, save_name, save_dtype):
         """``(MODEL clone with diff patches W_file − W_model, saved file name)``; the deltas are taken against
-        the weights the MODEL currently computes (:func:`conceptlab.nodes.comfy_host.iter_patched_weights`).
+        the weights the MODEL currently computes (:func:`conceptlab.nodes.comfy_patchers.iter_patched_weights`).
         Raises ``FileNotFoundError`` for a file outside ComfyUI's loras list and ``ValueError`` for a file whose
         names or shapes do not fit the model (e.g. a kohya LoRA or a ``.diff`` file)."""
         from safetensors.torch import load_file
@@ -210,11 +212,13 @@ class ConceptLabApplyReferenceErasure:
         from ..formats.lora_files import save_diff_file
         from ..formats.safetensors_io import parse_dtype
         from ..training.esd.reference import diff_keys, from_reference
-        from . import comfy_host as ch
+        from . import comfy_io
+        from .comfy_host import ComfyHost
+        from .comfy_patchers import add_diff_patches, iter_patched_weights
         from .esd import _next_free
 
-        tensors = load_file(str(ch.model_file("loras", file)))
-        host = ch.ComfyHost(model)
+        tensors = load_file(str(comfy_io.model_file("loras", file)))
+        host = ComfyHost(model)
         try:
             mods = host.modules("unet")
             names = {f"{p}.{a}": (p, a) for p, m in mods.items() for a in ("weight", "bias")
@@ -227,18 +231,18 @@ class ConceptLabApplyReferenceErasure:
         finally:
             host.close()
         with torch.inference_mode(False), torch.no_grad():
-            current = dict(zip(tensors, (w for _, w in ch.iter_patched_weights(model, list(keys.values())))))
+            current = dict(zip(tensors, (w for _, w in iter_patched_weights(model, list(keys.values())))))
             deltas = from_reference(tensors, current)
         file_name = ""
         if (save_name or "").strip():
             stem_rel = save_name.strip().removesuffix(".safetensors")
-            first = ch.output_file("loras", stem_rel + ".safetensors")
+            first = comfy_io.output_file("loras", stem_rel + ".safetensors")
             target = _next_free(first.parent, first.stem)
             save_diff_file(target, diff_keys(deltas), {"conceptlab_converted_from": file,
                                                         "ss_network_module": "conceptlab.esd"},
                            dtype=parse_dtype(save_dtype), overwrite=False)
-            file_name = target.relative_to(ch.output_dir() / "loras").as_posix()
-        erased = ch.add_diff_patches(model, {keys[f"{p}.{a}"]: d for (_, p, a), d in deltas.items()})
+            file_name = target.relative_to(comfy_io.output_dir() / "loras").as_posix()
+        erased = add_diff_patches(model, {keys[f"{p}.{a}"]: d for (_, p, a), d in deltas.items()})
         return erased, file_name
 
 

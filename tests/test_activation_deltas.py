@@ -207,7 +207,8 @@ def test_flux_fused_pieces_activation_equals_weight_space():
 
 def test_esd_erase_same_deltas_in_both_spaces():
     """Two ESD-x iterations (Adam, noised x_t) train the same ΔW whichever space the host applies them in."""
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
 
     res = {}
     for space in ("weight", "activation"):
@@ -362,7 +363,8 @@ def test_esd_step_in_backward_and_checkpointing_same_deltas():
     """ESD's memory options leave the result unchanged: Adam stepped per tensor inside backward (each gradient
     freed as soon as used) and gradient checkpointing train the same ΔW as the plain loop; the result's tensors
     are handed over without a copy and no gradient is left on them."""
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
 
     def run(**kw):
         cfg = ESDConfig(concepts="a cat", iterations=3, width=64, height=64, xt_source="noised", noised_cache=1,

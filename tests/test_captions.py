@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conceptlab.metrics import caption_colours, caption_fix, caption_parse
 from conceptlab.metrics import captions as cap
 from conceptlab.metrics import color
 from conftest import comfyui_path, requires_comfyui
@@ -29,7 +30,7 @@ def by_code(findings, code):
 
 
 def test_parse_example_caption():
-    p = cap.parse_caption(EXAMPLE)
+    p = caption_parse.parse_caption(EXAMPLE)
     assert p.labelled == [("green hair", "#03dc73"), ("background", "#03dc73")]
     assert p.palette == ["#03dc73", "#2c1600"]
     assert p.stray == ["#f7d7c0"]
@@ -38,7 +39,7 @@ def test_parse_example_caption():
 
 
 def test_parse_palette_rules_and_parentheses():
-    p = cap.parse_caption("a, cape (#112233, #445566), color palette: #aabbcc #DDEEFF; #000000, "
+    p = caption_parse.parse_caption("a, cape (#112233, #445566), color palette: #aabbcc #DDEEFF; #000000, "
                           "#ffffff, style words, #123456, palette: warm tones")
     assert p.labelled == [("cape", "#112233"), ("cape", "#445566")]
     assert p.palette == ["#aabbcc", "#ddeeff", "#000000", "#ffffff"]
@@ -46,7 +47,7 @@ def test_parse_palette_rules_and_parentheses():
     # "palette: warm tones" is text, not a second (empty) palette list
     assert p.segments[-1] == "palette: warm tones"
     # a caption without any palette list
-    q = cap.parse_caption("hair (#010203), #040506")
+    q = caption_parse.parse_caption("hair (#010203), #040506")
     assert not q.has_palette and q.stray == ["#040506"]
 
 
@@ -63,13 +64,13 @@ def test_parse_palette_rules_and_parentheses():
     ("##03dc73", None, "#03dc73"),
 ])
 def test_normalize_hex(token, expect_hex, expect_suggestion):
-    assert cap.normalize_hex(token) == (expect_hex, expect_suggestion)
+    assert caption_parse.normalize_hex(token) == (expect_hex, expect_suggestion)
     if expect_hex:  # agrees with the colour module's parser
         assert color.rgb_to_hex(color.parse_hex(token)) == expect_hex
 
 
 def test_parse_malformed_tokens_keep_their_role():
-    p = cap.parse_caption("eyes (#12345), cape (03dc73), palette: #GGGGGG, #2c1600")
+    p = caption_parse.parse_caption("eyes (#12345), cape (03dc73), palette: #GGGGGG, #2c1600")
     roles = {t.raw: t.role for t in p.tokens}
     assert roles == {"#12345": "labelled", "03dc73": "labelled", "#GGGGGG": "palette", "#2c1600": "palette"}
     assert sorted(p.malformed) == sorted(["#12345", "03dc73", "#GGGGGG"])
@@ -78,7 +79,7 @@ def test_parse_malformed_tokens_keep_their_role():
 
 def test_parse_never_raises_on_odd_text():
     for text in ["", ",,,", "(((", "#", "palette:", "\ufffd\ufffd #zz", "a" * 10000 + " (#000000)"]:
-        p = cap.parse_caption(text)
+        p = caption_parse.parse_caption(text)
         cap.check_text(p)
 
 
@@ -86,7 +87,7 @@ def test_parse_never_raises_on_odd_text():
 
 
 def test_duplicate_hex_exact_with_background_is_error():
-    f = by_code(cap.check_text(cap.parse_caption(EXAMPLE)), "duplicate_hex")
+    f = by_code(cap.check_text(caption_parse.parse_caption(EXAMPLE)), "duplicate_hex")
     assert len(f) == 1
     assert f[0].severity == "error" and f[0].data["background"] is True
     assert {f[0].feature, f[0].data["other_feature"]} == {"green hair", "background"}
@@ -95,55 +96,55 @@ def test_duplicate_hex_exact_with_background_is_error():
 def test_duplicate_hex_near_threshold_uses_delta_e00():
     base = "#03dc73"
     near, far = "#04dd74", "#2c1600"
-    d_near = cap.delta_e00_hex(base, near)
-    d_far = cap.delta_e00_hex(base, far)
+    d_near = caption_colours.delta_e00_hex(base, near)
+    d_far = caption_colours.delta_e00_hex(base, far)
     assert d_near < 2 < d_far
-    found = cap.check_text(cap.parse_caption(f"hair ({base}), cape ({near}), boots ({far})"))
+    found = cap.check_text(caption_parse.parse_caption(f"hair ({base}), cape ({near}), boots ({far})"))
     dup = by_code(found, "duplicate_hex")
     assert len(dup) == 1 and dup[0].severity == "warning"
     assert dup[0].data["delta_e00"] == pytest.approx(d_near, abs=1e-3)
     # raising the threshold above the far pair's ΔE00 catches it too
-    found = cap.check_text(cap.parse_caption(f"hair ({base}), cape ({near}), boots ({far})"),
+    found = cap.check_text(caption_parse.parse_caption(f"hair ({base}), cape ({near}), boots ({far})"),
                            duplicate_de=d_far + 1)
     assert len(by_code(found, "duplicate_hex")) == 3
 
 
 def test_same_feature_repeated_is_not_a_duplicate():
-    found = cap.check_text(cap.parse_caption("hair (#03dc73), hair (#03dc73)"))
+    found = cap.check_text(caption_parse.parse_caption("hair (#03dc73), hair (#03dc73)"))
     assert "duplicate_hex" not in codes(found)
 
 
 def test_unlabelled_hex():
-    found = cap.check_text(cap.parse_caption(EXAMPLE))
+    found = cap.check_text(caption_parse.parse_caption(EXAMPLE))
     un = by_code(found, "unlabelled_hex")
     assert [f.hex for f in un] == ["#f7d7c0"]
     assert un[0].data == {"in_palette": False, "labelled": False}
 
 
 def test_palette_mismatch_both_directions():
-    found = cap.check_text(cap.parse_caption("hair (#03dc73), eyes (#2233ee), palette: #03dc73, #2c1600"))
+    found = cap.check_text(caption_parse.parse_caption("hair (#03dc73), eyes (#2233ee), palette: #03dc73, #2c1600"))
     pm = by_code(found, "palette_mismatch")
     dirs = {(f.hex, f.data["direction"]) for f in pm}
     assert dirs == {("#2233ee", "labelled_not_in_palette"), ("#2c1600", "palette_not_labelled")}
     # no palette list: nothing to mismatch
-    assert "palette_mismatch" not in codes(cap.check_text(cap.parse_caption("hair (#03dc73)")))
+    assert "palette_mismatch" not in codes(cap.check_text(caption_parse.parse_caption("hair (#03dc73)")))
 
 
 def test_name_hex_mismatch():
     blue = "#2233ee"
     assert color.color_family(blue) == "Blue"
-    found = cap.check_text(cap.parse_caption(f"red eyes ({blue}), blue cape ({blue}), boots ({blue})"))
+    found = cap.check_text(caption_parse.parse_caption(f"red eyes ({blue}), blue cape ({blue}), boots ({blue})"))
     nm = by_code(found, "name_hex_mismatch")
     assert [f.feature for f in nm] == ["red eyes"]
     assert nm[0].data["word_family"] == "Red" and nm[0].data["hex_family"] == "Blue"
     # adjacent families (a "blue" that is really a bit purple) are not flagged
     purple = "#6a3dd8"
     assert color.families_compatible("Blue", str(color.color_family(purple)))
-    assert not by_code(cap.check_text(cap.parse_caption(f"blue cape ({purple})")), "name_hex_mismatch")
+    assert not by_code(cap.check_text(caption_parse.parse_caption(f"blue cape ({purple})")), "name_hex_mismatch")
 
 
 def test_malformed_hex_findings():
-    found = cap.check_text(cap.parse_caption("eyes (#12345), palette: #GGGGGG, #2c1600, #abc"))
+    found = cap.check_text(caption_parse.parse_caption("eyes (#12345), palette: #GGGGGG, #2c1600, #abc"))
     mf = by_code(found, "malformed_hex")
     assert [f.data["raw"] for f in mf] == ["#12345", "#GGGGGG"]
     assert all(f.severity == "error" for f in mf)
@@ -152,7 +153,7 @@ def test_malformed_hex_findings():
 
 def test_clean_caption_has_no_findings():
     text = "pixel art, hair (#03dc73), background (#2c1600), palette: #03dc73, #2c1600, retro pixel art style"
-    assert cap.check_text(cap.parse_caption(text)) == []
+    assert cap.check_text(caption_parse.parse_caption(text)) == []
 
 
 def test_every_code_documented():
@@ -165,14 +166,14 @@ def test_every_code_documented():
 # ------------------------------------------------------------------------------------ image findings
 
 
-def _colours_from_native(native: np.ndarray) -> cap.ImageColours:
+def _colours_from_native(native: np.ndarray) -> caption_colours.ImageColours:
     """ImageColours straight from a native-resolution image (each distinct colour its own cluster)."""
     flat = native.reshape(-1, 3)
     uniq, counts = np.unique(flat, axis=0, return_counts=True)
     lab = color.srgb_to_lab(uniq)
     clusters = sorted(((color.rgb_to_hex(u), c / flat.shape[0], l) for u, c, l in zip(uniq, counts, lab)),
                       key=lambda t: -t[1])
-    return cap.ImageColours(cell_lab=lab, cell_counts=counts, clusters=clusters,
+    return caption_colours.ImageColours(cell_lab=lab, cell_counts=counts, clusters=clusters,
                             cell_hex=[color.rgb_to_hex(u) for u in uniq])
 
 
@@ -191,15 +192,15 @@ def test_absent_from_image_uses_tolerance():
     native = _native()
     colours = _colours_from_native(native)
     near = "#06df76"  # a hair off the real hair colour
-    d = cap.delta_e00_hex(near, "#03dc73")
+    d = caption_colours.delta_e00_hex(near, "#03dc73")
     assert 0 < d < 5
     text = f"hair ({near}), cape (#ee1111), background (#2c1600), palette: {near}, #ee1111, #2c1600"
-    found = cap.check_image(cap.parse_caption(text), colours)
+    found = cap.check_image(caption_parse.parse_caption(text), colours)
     ab = by_code(found, "absent_from_image")
     assert [f.hex for f in ab] == ["#ee1111"]
     assert ab[0].feature == "cape" and ab[0].data["nearest_delta_e00"] > 5
     # a tolerance below the hair's ΔE00 flags it as absent as well
-    found = cap.check_image(cap.parse_caption(text), colours, tolerance=d / 2)
+    found = cap.check_image(caption_parse.parse_caption(text), colours, tolerance=d / 2)
     assert {f.hex for f in by_code(found, "absent_from_image")} == {"#ee1111", near}
 
 
@@ -207,15 +208,15 @@ def test_image_color_not_captioned_threshold():
     native = _native(small_cells=30)  # 30/576 = 5.2 % of cells
     colours = _colours_from_native(native)
     text = "hair (#03dc73), background (#2c1600)"
-    found = cap.check_image(cap.parse_caption(text), colours)
+    found = cap.check_image(caption_parse.parse_caption(text), colours)
     nc = by_code(found, "image_color_not_captioned")
     assert [f.hex for f in nc] == ["#f7d7c0"]
     assert nc[0].data["fraction"] == pytest.approx(30 / 576, abs=1e-4)
     # a colour below 3 % of cells does not need a caption hex
     small = _colours_from_native(_native(small_cells=10))
-    assert not by_code(cap.check_image(cap.parse_caption(text), small), "image_color_not_captioned")
+    assert not by_code(cap.check_image(caption_parse.parse_caption(text), small), "image_color_not_captioned")
     # captioning it (within tolerance) clears the finding
-    ok = cap.check_image(cap.parse_caption(text + ", skin (#f6d6c1)"), colours)
+    ok = cap.check_image(caption_parse.parse_caption(text + ", skin (#f6d6c1)"), colours)
     assert not by_code(ok, "image_color_not_captioned")
 
 
@@ -310,9 +311,9 @@ def test_audit_folder_rejects_bad_settings(tmp_path):
 def test_fix_caption_repairs_and_is_idempotent():
     text = ("pixel art, eyes (#12345), cape (03dc73), hair (#03DC73), palette: #03dc73, #GGGGGG, #abc, "
             "retro pixel art style, #f7d7c0\n")
-    new, changes = cap.fix_caption(text)
+    new, changes = caption_fix.fix_caption(text)
     assert changes and new.endswith("\n")
-    p = cap.parse_caption(new)
+    p = caption_parse.parse_caption(new)
     assert p.malformed == [] and p.stray == []
     assert ("cape", "#03dc73") in p.labelled and ("eyes" in p.segments)
     assert set(p.palette) == {"#03dc73", "#aabbcc", "#f7d7c0"} and len(p.palette) == len(set(p.palette))
@@ -321,16 +322,16 @@ def test_fix_caption_repairs_and_is_idempotent():
         assert gone not in left
     assert not [f for f in cap.check_text(p) if f.code == "palette_mismatch"
                 and f.data["direction"] == "labelled_not_in_palette"]
-    again, changes2 = cap.fix_caption(new)
+    again, changes2 = caption_fix.fix_caption(new)
     assert again == new and changes2 == []
     # a clean caption is returned untouched
     clean = "hair (#03dc73), palette: #03dc73"
-    assert cap.fix_caption(clean) == (clean, [])
+    assert caption_fix.fix_caption(clean) == (clean, [])
 
 
 def test_fix_caption_creates_palette_for_strays():
-    new, _ = cap.fix_caption("hair (#03dc73), style, #f7d7c0")
-    p = cap.parse_caption(new)
+    new, _ = caption_fix.fix_caption("hair (#03dc73), style, #f7d7c0")
+    p = caption_parse.parse_caption(new)
     assert p.has_palette and p.stray == [] and set(p.palette) == {"#03dc73", "#f7d7c0"}
     assert "style" in p.segments
 
@@ -338,10 +339,10 @@ def test_fix_caption_creates_palette_for_strays():
 def test_fix_caption_snaps_absent_hex_to_image():
     colours = _colours_from_native(_native())
     off = "#30c080"  # close to the real #03dc73 but outside ΔE00 5
-    d = cap.delta_e00_hex(off, "#03dc73")
+    d = caption_colours.delta_e00_hex(off, "#03dc73")
     assert cap.DEFAULT_TOLERANCE < d <= cap.DEFAULT_SNAP_FIX_DE
-    new, changes = cap.fix_caption(f"hair ({off}), cape (#ee1111), palette: {off}, #ee1111", colours)
-    p = cap.parse_caption(new)
+    new, changes = caption_fix.fix_caption(f"hair ({off}), cape (#ee1111), palette: {off}, #ee1111", colours)
+    p = caption_parse.parse_caption(new)
     assert ("hair", "#03dc73") in p.labelled  # snapped to the image colour
     assert ("cape", "#ee1111") in p.labelled  # too far from anything: left for a person
     assert any("nearest image colour" in c for c in changes)
@@ -351,7 +352,7 @@ def test_fix_folder_writes_new_folder_only(tmp_path):
     root = _dataset(tmp_path / "ds")
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     out = tmp_path / "fixed"
-    res = cap.fix_folder(root, out, images=False, copy_images=True)
+    res = caption_fix.fix_folder(root, out, images=False, copy_images=True)
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert before == after  # dataset untouched
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.txt"))
@@ -371,11 +372,11 @@ def test_fix_folder_refuses_in_place_and_non_empty(tmp_path):
     root = _dataset(tmp_path / "ds")
     for bad in (root, root / "10_hero", tmp_path):
         with pytest.raises(ValueError, match="fix-to"):
-            cap.fix_folder(root, bad)
+            caption_fix.fix_folder(root, bad)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="not an empty folder"):
-        cap.fix_folder(root, tmp_path / "full")
+        caption_fix.fix_folder(root, tmp_path / "full")
     assert not (tmp_path / "ds" / "10_hero" / "10_hero").exists()
 
 
@@ -424,14 +425,14 @@ def test_node_contract():
 
 
 def test_node_runs_inside_input_folder_only(tmp_path, monkeypatch):
-    from conceptlab.nodes import comfy_host
+    from conceptlab.nodes import comfy_io
     from conceptlab.nodes.captions import ConceptLabCaptionAudit
 
     inp, outp = tmp_path / "input", tmp_path / "output"
     _dataset(inp / "ds")
     outp.mkdir()
-    monkeypatch.setattr(comfy_host, "input_dir", lambda: inp)
-    monkeypatch.setattr(comfy_host, "output_dir", lambda: outp)
+    monkeypatch.setattr(comfy_io, "input_dir", lambda: inp)
+    monkeypatch.setattr(comfy_io, "output_dir", lambda: outp)
     node = ConceptLabCaptionAudit()
     report, table = node.audit("ds", check_images=False, fix_to="ds_fixed")
     rep = json.loads(report)
@@ -468,7 +469,7 @@ def test_audit_caption_on_fractional_render():
     parsed, found = cap.audit_caption(text, render)
     assert [f.hex for f in by_code(found, "absent_from_image")] == ["#ee1111"]
     assert [f.hex for f in by_code(found, "image_color_not_captioned")] == ["#f7d7c0"]
-    colours = cap.image_colours(render)
+    colours = caption_colours.image_colours(render)
     # the grid is the palette module's business; a finer multiple snaps to the same colours
     assert colours.grid["cells_x"] % 24 == 0 and colours.grid["cells_y"] % 24 == 0
     assert sum(f for _, f, _ in colours.clusters) == pytest.approx(1.0)
@@ -521,26 +522,26 @@ print(json.dumps({{"summary": json.loads(report)["summary"], "shape": list(table
 
 def test_hashtags_are_not_hex_and_survive_the_fix():
     text = "sprite #1, knight #pixelart #gamedev, hair (#03dc73), palette: #03dc73, #retro"
-    p = cap.parse_caption(text)
+    p = caption_parse.parse_caption(text)
     assert p.malformed == [] and p.all_hexes() == ["#03dc73"]
     assert "malformed_hex" not in codes(cap.check_text(p))
-    new, _ = cap.fix_caption(text)
+    new, _ = caption_fix.fix_caption(text)
     for tag in ("#1", "#pixelart", "#gamedev", "#retro"):
         assert tag in new
 
 
 def test_rgba_hex_is_trimmed_not_dropped():
-    p = cap.parse_caption("hair (#03DC73FF), palette: #03dc7380")
+    p = caption_parse.parse_caption("hair (#03DC73FF), palette: #03dc7380")
     assert p.labelled == [("hair", "#03dc73")] and p.palette == ["#03dc73"]
-    new, changes = cap.fix_caption("hair (#03DC73FF), palette: #03dc73")
+    new, changes = caption_fix.fix_caption("hair (#03DC73FF), palette: #03dc73")
     assert "#03dc73" in new and "ff" not in new.lower().replace("#03dc73", "") and changes
 
 
 def test_self_named_css_colours_do_not_contradict_themselves():
     for word, hx in (("azure", "#f0ffff"), ("beige", "#f5f5dc"), ("lavender", "#e6e6fa")):
-        found = cap.check_text(cap.parse_caption(f"{word} cape ({hx})"))
+        found = cap.check_text(caption_parse.parse_caption(f"{word} cape ({hx})"))
         assert "name_hex_mismatch" not in codes(found), (word, found)
-    assert "name_hex_mismatch" in codes(cap.check_text(cap.parse_caption("azure cape (#ff0000)")))
+    assert "name_hex_mismatch" in codes(cap.check_text(caption_parse.parse_caption("azure cape (#ff0000)")))
 
 
 def test_long_caption_does_not_blow_up():
@@ -555,7 +556,7 @@ def test_long_caption_does_not_blow_up():
     assert len(text) > 1_000_000
     tracemalloc.start()
     t = time.process_time()
-    found = cap.check_text(cap.parse_caption(text))
+    found = cap.check_text(caption_parse.parse_caption(text))
     cpu = time.process_time() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -576,10 +577,10 @@ def test_transparent_image_one_rule(tmp_path):
     rgba[80:112, 80:112] = (40, 40, 200, 255)
     path = tmp_path / "s.png"
     Image.fromarray(np.kron(rgba[::16, ::16], np.ones((16, 16, 1), np.uint8))).save(path)
-    colours = cap.image_colours(cap.load_rgb(path))
+    colours = caption_colours.image_colours(caption_colours.load_rgb(path))
     hexes = {h for h, _, _ in colours.clusters}
     assert hexes == {"#c82828", "#2828c8"}
-    found = cap.check_image(cap.parse_caption("body (#c82828), eyes (#2828c8)"), colours)
+    found = cap.check_image(caption_parse.parse_caption("body (#c82828), eyes (#2828c8)"), colours)
     assert found == []
     with Image.open(path) as im:
         rep = palette_report(im)

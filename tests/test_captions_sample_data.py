@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conceptlab.metrics import caption_fix
 from conceptlab.metrics import captions as cap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_sample_audit_finds_the_planted_defects():
 
 
 def test_sample_fix_repairs_recoverable_defects(tmp_path):
-    res = cap.fix_folder(SAMPLE / "pixel_art", tmp_path / "fixed")
+    res = caption_fix.fix_folder(SAMPLE / "pixel_art", tmp_path / "fixed")
     assert res["written"] == 12 and res["skipped"] == []
     rep = cap.audit_folder(tmp_path / "fixed", images=False)
     assert rep["summary"]["by_code"]["malformed_hex"] == 0

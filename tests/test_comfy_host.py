@@ -1,5 +1,6 @@
-"""ComfyUI bridge (nodes/comfy_host.py): safe paths without ComfyUI; ComfyHost and patch helpers on real
-ComfyUI (``requires_comfyui``) with ComfyUI's own SD15 model class at tiny size (tests/e2e/comfy_env.py)."""
+"""ComfyUI bridge (nodes/comfy_io.py, comfy_keys.py, comfy_host.py, comfy_patchers.py): safe paths without
+ComfyUI; ComfyHost and patch helpers on real ComfyUI (``requires_comfyui``) with ComfyUI's own SD15 model class at
+tiny size (tests/e2e/comfy_env.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conceptlab.nodes.comfy_host import PathOutsideError, safe_join
+from conceptlab.nodes.comfy_io import PathOutsideError, safe_join
 from conftest import requires_comfyui
 
 # -- safe paths (no ComfyUI) ---------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def test_module_model_key_sd_layouts():
     from e2e.comfy_env import comfy_inprocess
 
     comfy_inprocess()
-    from conceptlab.nodes.comfy_host import model_key
+    from conceptlab.nodes.comfy_keys import model_key
 
     assert model_key("unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0") == \
         "diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_out.0.weight"
@@ -234,7 +235,8 @@ def test_gradients_reach_deltas_from_inference_mode(comfy_models):
 
 @requires_comfyui
 def test_vae_round_trip_and_comfy_sampler(comfy_models):
-    from conceptlab.nodes.comfy_host import ComfyHost, sample_images
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.nodes.comfy_patchers import sample_images
 
     model, clip, vae = comfy_models
     with torch.inference_mode():
@@ -266,7 +268,7 @@ def test_vae_round_trip_and_comfy_sampler(comfy_models):
 @requires_comfyui
 def test_add_diff_patches_and_iter_patched_weights(comfy_models):
     import comfy.model_management as mm
-    from conceptlab.nodes.comfy_host import add_diff_patches, iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import add_diff_patches, iter_patched_weights
 
     model, _, _ = comfy_models
     k1 = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -304,7 +306,7 @@ def test_add_diff_patches_and_iter_patched_weights(comfy_models):
 
 @requires_comfyui
 def test_clip_diff_patches(comfy_models):
-    from conceptlab.nodes.comfy_host import add_diff_patches, iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import add_diff_patches, iter_patched_weights
 
     _, clip, _ = comfy_models
     key = "clip_l.transformer.text_model.encoder.layers.1.self_attn.k_proj.weight"
@@ -322,7 +324,7 @@ def test_clip_diff_patches(comfy_models):
 
 def test_image_numpy_round_trip():
     import numpy as np
-    from conceptlab.nodes.comfy_host import image_to_numpy, numpy_to_image
+    from conceptlab.nodes.comfy_io import image_to_numpy, numpy_to_image
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
@@ -338,7 +340,7 @@ def test_input_output_paths_stay_inside(tmp_path, monkeypatch):
     import sys
     import types
 
-    from conceptlab.nodes import comfy_host
+    from conceptlab.nodes import comfy_io
 
     fp = types.ModuleType("folder_paths")
     (tmp_path / "in").mkdir()
@@ -347,15 +349,15 @@ def test_input_output_paths_stay_inside(tmp_path, monkeypatch):
     fp.get_input_directory = lambda: str(tmp_path / "in")
     fp.get_output_directory = lambda: str(tmp_path / "out")
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
-    assert comfy_host.resolve_input("a.png") == (tmp_path / "in" / "a.png").resolve()
+    assert comfy_io.resolve_input("a.png") == (tmp_path / "in" / "a.png").resolve()
     with pytest.raises(FileNotFoundError):
-        comfy_host.resolve_input("missing.png")
+        comfy_io.resolve_input("missing.png")
     with pytest.raises(PathOutsideError):
-        comfy_host.resolve_input("../out/x")
-    p = comfy_host.output_file("loras/run1", "x.safetensors")
+        comfy_io.resolve_input("../out/x")
+    p = comfy_io.output_file("loras/run1", "x.safetensors")
     assert p.parent.is_dir() and p.parent == (tmp_path / "out" / "loras" / "run1").resolve()
     with pytest.raises(PathOutsideError):
-        comfy_host.output_file("../../etc", "x")
+        comfy_io.output_file("../../etc", "x")
 
 
 @requires_comfyui
@@ -364,10 +366,10 @@ def test_unet_key_map_agrees_with_formats_keys():
     from e2e.comfy_env import comfy_inprocess
 
     comfy_inprocess()
-    from conceptlab.formats import keys
-    from conceptlab.nodes.comfy_host import model_key
+    from conceptlab.formats import ldm_keys
+    from conceptlab.nodes.comfy_keys import model_key
 
-    d2l = keys.diffusers_to_ldm_unet("sd1")
+    d2l = ldm_keys.diffusers_to_ldm_unet("sd1")
     compared = 0
     for dkey, lkey in d2l.items():
         path, attr = dkey.rsplit(".", 1)

@@ -40,7 +40,7 @@ def _inputs(batch=2, seed=0, hw=8):
 
 
 def test_flux_host_protocol(flux_models):
-    from conceptlab.nodes.comfy_host import model_key
+    from conceptlab.nodes.comfy_keys import model_key
 
     model, clip, vae = flux_models
     host = _host(model, clip, vae)
@@ -376,7 +376,7 @@ def test_kohya_lora_flux_names_load_in_comfyui_with_zero_unloaded(flux_models, c
     import logging
 
     import comfy.sd
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
     from conceptlab.training.families import family
     from conceptlab.training.lora.network import LoRADelta, _kohya_name
 

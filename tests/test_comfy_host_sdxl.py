@@ -145,7 +145,8 @@ def test_esd_x_through_comfyhost_on_sdxl_and_diff_keys_load(sdxl_models):
     import comfy.lora
 
     from conceptlab.nodes.comfy_host import ComfyHost
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
     from conceptlab.training.esd.outputs import diff_state_dict
 
     model, clip, vae = sdxl_models

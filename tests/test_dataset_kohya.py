@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from conceptlab.training.lora.captions import CaptionConfig
-from conceptlab.training.lora.dataset import (BucketManager, DatasetError, DatasetOptions, KohyaDataset,
-                                         make_bucket_resolutions, prepare_image)
+from conceptlab.training.lora.buckets import BucketManager, make_bucket_resolutions, prepare_image
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetError, DatasetOptions
 
 OPTS64 = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, resize_interpolation="nearest")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from conceptlab.training.esd.erase import (ESDCancelled, ESDConfig, METHODS, count_parameters, erase,
-                                     erased_weights, paper_eta_from_reference, paper_target, reference_target,
-                                     select_targets)
+from conceptlab.training.esd.config import ESDConfig
+from conceptlab.training.esd.erase import (ESDCancelled, METHODS, count_parameters, erase, erased_weights,
+                                           paper_eta_from_reference, paper_target, reference_target, select_targets)
 from tiny_models import sd15_unet_meta, tiny_host
 
 FAST = dict(concepts="Van Gogh", width=32, height=32, ddim_steps=3, lr=1e-3, noised_cache=1)

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from conceptlab.training.esd.erase import ESDConfig, erase
+from conceptlab.training.esd.config import ESDConfig
+from conceptlab.training.esd.erase import erase
 from conceptlab.training.esd.masks import default_mask_weights, grid_masks
 from tiny_models import tiny_host
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conceptlab.formats.flux_keys import FluxDims
-from conceptlab.training.esd.erase import (ESDConfig, _resolve_masks, count_parameters, erase, paper_target,
-                                          select_targets)
+from conceptlab.training.esd.config import ESDConfig
+from conceptlab.training.esd.erase import _resolve_masks, count_parameters, erase, paper_target, select_targets
 from conceptlab.training.esd.objective import objective_for
 from conceptlab.training.esd.params import flux_counts
 from tiny_models import tiny_flux_host, tiny_host

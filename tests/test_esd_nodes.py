@@ -79,7 +79,7 @@ def test_erase_node_changes_only_attn2_and_file_loads_with_lora_loader(cenv, era
     import comfy.sd
     import comfy.utils
 
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
 
     model = cenv["model"]
     erased, file_name, plot, stats = erased_run
@@ -110,10 +110,10 @@ def test_erase_node_changes_only_attn2_and_file_loads_with_lora_loader(cenv, era
 
 @requires_comfyui
 def test_erase_node_cancel_saves_partial_and_reraises(cenv, monkeypatch):
-    from conceptlab.nodes import comfy_host as ch
+    from conceptlab.nodes import comfy_io
 
     state = {"updates": 0}
-    orig_update = ch.Progress.update
+    orig_update = comfy_io.Progress.update
 
     class Stop(Exception):
         pass
@@ -126,8 +126,8 @@ def test_erase_node_cancel_saves_partial_and_reraises(cenv, monkeypatch):
         if state["updates"] >= 2:
             raise Stop()
 
-    monkeypatch.setattr(ch.Progress, "update", update)
-    monkeypatch.setattr(ch, "check_interrupt", interrupt)
+    monkeypatch.setattr(comfy_io.Progress, "update", update)
+    monkeypatch.setattr(comfy_io, "check_interrupt", interrupt)
     with torch.inference_mode(), pytest.raises(Stop):
         esd_nodes.ConceptLabESDErase().erase(cenv["model"], cenv["clip"],
                                              **_erase_kwargs(iterations=50, save_name="esd/cancelled"))
@@ -174,7 +174,7 @@ def test_erase_node_on_flux_changes_text_attention_and_file_resolves_in_comfyui(
     import comfy.sd
     import comfy.utils
 
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
 
     model, (erased, file_name, _plot, stats) = flux_run
     assert '"iterations_done": 2' in stats
@@ -222,7 +222,8 @@ def test_esd_on_an_fp8_stored_flux_base_through_comfyhost():
     from e2e.comfy_flux import tiny_flux_clip, tiny_flux_patcher
 
     from conceptlab.nodes.comfy_host import ComfyHost
-    from conceptlab.training.esd.erase import ESDConfig, erase
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase
 
     with torch.inference_mode():
         model, clip = tiny_flux_patcher(weight_dtype=torch.float8_e4m3fn), tiny_flux_clip()

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conceptlab.formats.keys import kohya_lora_name
+from conceptlab.formats.kohya_keys import kohya_lora_name
 from conceptlab.formats.safetensors_io import read_metadata
-from conceptlab.training.esd.erase import ESDConfig, erase, erased_weights, select_targets
+from conceptlab.training.esd.config import ESDConfig
+from conceptlab.training.esd.erase import erase, erased_weights, select_targets
 from conceptlab.training.esd.outputs import (comparison_grid, diff_state_dict, loss_plot, save_outputs,
                                              svd_lora)
 from tiny_models import tiny_host
@@ -96,7 +97,7 @@ def test_sd15_esd_x_names_resolve_to_checkpoint_keys():
     """Every ESD-x kohya name of a real SD1.5 UNet resolves to an LDM attn2 checkpoint key."""
     from torch import nn
 
-    from conceptlab.formats.keys import kohya_name_to_checkpoint_key
+    from conceptlab.formats.kohya_keys import kohya_name_to_checkpoint_key
     from tiny_models import sd15_unet_meta
 
     mods = {n: m for n, m in sd15_unet_meta().named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -107,7 +108,7 @@ def test_sd15_esd_x_names_resolve_to_checkpoint_keys():
 
 
 def test_empty_result_and_plots():
-    from conceptlab.training.esd.erase import ESDResult
+    from conceptlab.training.esd.config import ESDResult
 
     with pytest.raises(ValueError):
         diff_state_dict(ESDResult({}, [], [], {}, {}))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conceptlab.training.esd.erase import ESDConfig, erase, erased_weights
+from conceptlab.training.esd.config import ESDConfig
+from conceptlab.training.esd.erase import erase, erased_weights
 from conceptlab.training.esd.outputs import save_outputs
 from conceptlab.training.esd.reference import (base_tensors, convert_file, from_reference, reference_file_name,
                                                to_reference)

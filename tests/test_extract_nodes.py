@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import requires_comfyui
 
-from conceptlab.nodes import comfy_host
+from conceptlab.nodes import comfy_io
 from conceptlab.nodes import extract as N
 
 U = "model.diffusion_model."
@@ -59,9 +59,9 @@ def fake_comfy(tmp_path, monkeypatch):
             raise FileNotFoundError(f"{name!r} is not in ComfyUI's {folder} folder")
         return tmp_path / ("output" if folder == "loras" else "models") / folder / name
 
-    monkeypatch.setattr(comfy_host, "model_list", lambda folder: listed.get(folder, []))
-    monkeypatch.setattr(comfy_host, "model_file", model_file)
-    monkeypatch.setattr(comfy_host, "output_dir", lambda: tmp_path / "output")
+    monkeypatch.setattr(comfy_io, "model_list", lambda folder: listed.get(folder, []))
+    monkeypatch.setattr(comfy_io, "model_file", model_file)
+    monkeypatch.setattr(comfy_io, "output_dir", lambda: tmp_path / "output")
     return listed
 
 

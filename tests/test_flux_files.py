@@ -16,7 +16,7 @@ from conceptlab.formats import flux_keys as F
 from conceptlab.formats import flux_views as V
 from conceptlab.formats.keys import detect_architecture
 from conceptlab.formats.lora_files import lora_deltas
-from conceptlab.metrics.weight_diff import diff_files
+from conceptlab.metrics.diff_models import diff_files
 from conceptlab.training.merge import files as MF
 from conftest import comfyui_path, requires_comfyui
 

@@ -9,7 +9,8 @@ import torch
 from conceptlab.formats.flux_keys import CANONICAL_PREFIX
 from conceptlab.formats.flux_views import canonical_state_dict, to_diffusers_state_dict
 from conceptlab.training.conditioning import Conditioning
-from conceptlab.training.flux_host import FluxHost, FusedLinear
+from conceptlab.training.flux_fused import FusedLinear
+from conceptlab.training.flux_host import FluxHost
 from conceptlab.training.host import FullDelta
 from conceptlab.training.lora.network import LoRADelta
 

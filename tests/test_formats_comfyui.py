@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conceptlab.formats import keys as K
+from conceptlab.formats import kohya_keys, ldm_keys
 from conceptlab.formats.lora_files import lora_deltas, save_diff_file, save_kohya_lora
 from conftest import comfyui_path, requires_comfyui
 
@@ -49,8 +49,8 @@ def _unet_shapes(arch):
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**K.unet_config_for(arch))
-    d2l = K.diffusers_to_ldm_unet(arch)
+        unet = UNet2DConditionModel(**ldm_keys.unet_config_for(arch))
+    d2l = ldm_keys.diffusers_to_ldm_unet(arch)
     return unet, {d2l[k]: list(v.shape) for k, v in unet.state_dict().items()}
 
 
@@ -99,7 +99,7 @@ def test_comfyui_loads_every_key_of_our_kohya_lora(arch, tmp_path, comfy_python)
     by their LDM path (``lora_unet_input_blocks_4_1_...``), with the down/upsampler convs of conv_dim LoRAs."""
     ldm_names = arch == "sdxl-ldm"
     arch = "sdxl" if ldm_names else arch
-    d2l = K.diffusers_to_ldm_unet(arch)
+    d2l = ldm_keys.diffusers_to_ldm_unet(arch)
     unet, shapes = _unet_shapes(arch)
     g = torch.Generator().manual_seed(0)
     modules = {}
@@ -111,21 +111,21 @@ def test_comfyui_loads_every_key_of_our_kohya_lora(arch, tmp_path, comfy_python)
             down = torch.randn(1, *w.shape[1:], generator=g) * 0.01
             up = torch.randn(w.shape[0], 1, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.01
             path = d2l[name + ".weight"][: -len(".weight")] if ldm_names else name
-            modules[K.kohya_lora_name("unet", path)] = (down, up, 0.5)
+            modules[kohya_keys.kohya_lora_name("unet", path)] = (down, up, 0.5)
     te = "te" if arch == "sd1" else "te1"
     layers = 12
     clip_keys, clip_shapes = _clip_keys("clip_l", layers, 768)
     for i in range(layers):
         for m, (o, n) in (("self_attn.q_proj", (768, 768)), ("mlp.fc1", (3072, 768))):
             # transformers-5 module path: kohya_lora_name adds the text_model. level
-            modules[K.kohya_lora_name(te, f"encoder.layers.{i}.{m}")] = (torch.randn(1, n, generator=g),
+            modules[kohya_keys.kohya_lora_name(te, f"encoder.layers.{i}.{m}")] = (torch.randn(1, n, generator=g),
                                                                          torch.randn(o, 1, generator=g), 1.0)
     if arch == "sdxl":
         ck, cs = _clip_keys("clip_g", 32, 1280)
         clip_keys += ck
         clip_shapes.update(cs)
         for i in (0, 31):
-            modules[K.kohya_lora_name("te2", f"text_model.encoder.layers.{i}.self_attn.k_proj")] = (
+            modules[kohya_keys.kohya_lora_name("te2", f"text_model.encoder.layers.{i}.self_attn.k_proj")] = (
                 torch.randn(1, 1280, generator=g), torch.randn(1280, 1, generator=g), 1.0)
     path = save_kohya_lora(tmp_path / "l.safetensors", modules, {"ss_network_dim": "1"}, dtype=torch.float32)
     ours = lora_deltas(path, arch=arch)
@@ -151,9 +151,9 @@ def test_comfyui_loads_our_diff_file(tmp_path, comfy_python):
     diffs = {}
     for dk in ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
                "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0"):
-        ldm = K.diffusers_to_ldm_unet("sd1")[dk + ".weight"]
-        diffs[K.kohya_lora_name("unet", dk) + ".diff"] = torch.randn(*shapes[ldm], generator=g)
-    diffs[K.kohya_lora_name("unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0") + ".diff_b"] = \
+        ldm = ldm_keys.diffusers_to_ldm_unet("sd1")[dk + ".weight"]
+        diffs[kohya_keys.kohya_lora_name("unet", dk) + ".diff"] = torch.randn(*shapes[ldm], generator=g)
+    diffs[kohya_keys.kohya_lora_name("unet", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0") + ".diff_b"] = \
         torch.randn(320, generator=g)
     path = save_diff_file(tmp_path / "d.safetensors", diffs, {}, dtype=torch.float32)
     ours = lora_deltas(path, arch="sd1")

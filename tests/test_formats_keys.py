@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conceptlab.formats import keys as K
+from conceptlab.formats import kohya_keys, ldm_keys, keys as K
 
 # The real SD1.5 UNet config (runwayml/stable-diffusion-v1-5 unet/config.json values that shape the key set).
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -26,11 +26,11 @@ def sd15_meta_unet():
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_ldm_diffusers_round_trip_every_key(arch):
-    l2d = K.ldm_to_diffusers_unet(arch)
-    d2l = K.diffusers_to_ldm_unet(arch)
+    l2d = ldm_keys.ldm_to_diffusers_unet(arch)
+    d2l = ldm_keys.diffusers_to_ldm_unet(arch)
     assert len(l2d) == len(d2l) == len(set(l2d.values()))  # bijective
-    assert set(l2d) == set(K.ldm_unet_keys(arch))
-    assert set(d2l) == set(K.diffusers_unet_keys(arch))
+    assert set(l2d) == set(ldm_keys.ldm_unet_keys(arch))
+    assert set(d2l) == set(ldm_keys.diffusers_unet_keys(arch))
     for ldm, dif in l2d.items():
         assert d2l[dif] == ldm
     # every LDM key is a real LDM name, every diffusers key a real diffusers name
@@ -40,7 +40,7 @@ def test_ldm_diffusers_round_trip_every_key(arch):
 
 def test_sd15_keys_match_real_sd15_unet(sd15_meta_unet):
     real = set(sd15_meta_unet.state_dict())
-    assert set(K.diffusers_to_ldm_unet("sd1")) == real
+    assert set(ldm_keys.diffusers_to_ldm_unet("sd1")) == real
     assert len(real) == 686
 
 
@@ -67,7 +67,7 @@ def test_sd15_keys_match_real_sd15_unet(sd15_meta_unet):
 ])
 def test_known_pairs(arch, ldm, dif):
     # pairs checked by hand against ComfyUI comfy/utils.py unet_to_diffusers
-    assert K.ldm_to_diffusers_unet(arch)[ldm] == dif
+    assert ldm_keys.ldm_to_diffusers_unet(arch)[ldm] == dif
 
 
 @pytest.mark.parametrize("arch,n_blocks", [("sd1", 25), ("sdxl", 19)])
@@ -75,7 +75,7 @@ def test_classification_ldm_equals_diffusers_and_covers_all_blocks(arch, n_block
     assert len(K.BLOCK_IDS[arch]) == n_blocks
     seen_blocks = set()
     types = {}
-    for ldm, dif in K.ldm_to_diffusers_unet(arch).items():
+    for ldm, dif in ldm_keys.ldm_to_diffusers_unet(arch).items():
         a = K.classify_key("model.diffusion_model." + ldm, arch)
         b = K.classify_key(dif, arch)
         c = K.classify_key("diffusion_model." + ldm, arch)
@@ -165,8 +165,8 @@ def _ldm_shapes(arch):
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**K.unet_config_for(arch))
-    d2l = K.diffusers_to_ldm_unet(arch)
+        unet = UNet2DConditionModel(**ldm_keys.unet_config_for(arch))
+    d2l = ldm_keys.diffusers_to_ldm_unet(arch)
     return {"model.diffusion_model." + d2l[k]: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
@@ -179,8 +179,8 @@ def test_detect_architecture():
     assert K.detect_architecture(sdxl, sdxl) == "sdxl"
     assert K.detect_architecture(list(sdxl)) == "sdxl"  # names alone (label_emb)
     assert K.detect_architecture(list(sd1) + ["cond_stage_model.model.transformer.resblocks.0.ln_1.weight"]) == "sd2"
-    assert K.detect_architecture(K.diffusers_unet_keys("sd1")) == "sd1"
-    assert K.detect_architecture(K.diffusers_unet_keys("sdxl")) == "sdxl"
+    assert K.detect_architecture(ldm_keys.diffusers_unet_keys("sd1")) == "sd1"
+    assert K.detect_architecture(ldm_keys.diffusers_unet_keys("sdxl")) == "sdxl"
     assert K.detect_architecture(["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]) == "flux"
     assert K.detect_architecture(["foo.weight", "bar.bias"]) == "unknown"
     # LoRA files
@@ -201,45 +201,45 @@ def _attn_ff_proj_modules(unet):
 
 
 def test_kohya_names_for_all_attention_targets_map_to_checkpoint_keys(sd15_meta_unet):
-    ldm_keys = {"model.diffusion_model." + k for k in K.ldm_unet_keys("sd1")}
+    ckpt_keys = {"model.diffusion_model." + k for k in ldm_keys.ldm_unet_keys("sd1")}
     mods = _attn_ff_proj_modules(sd15_meta_unet)
     assert len(mods) == 16 * 8 + 16 * 2 + 16 * 2
     for path in mods:
-        name = K.kohya_lora_name("unet", path)
+        name = kohya_keys.kohya_lora_name("unet", path)
         assert name == "lora_unet_" + path.replace(".", "_")
-        assert K.parse_kohya_lora_name(name) == ("unet", path)
-        assert K.parse_kohya_lora_name(name, mods) == ("unet", path)
-        ck = K.kohya_name_to_checkpoint_key(name, "sd1")
-        assert ck + ".weight" in ldm_keys
+        assert kohya_keys.parse_kohya_lora_name(name) == ("unet", path)
+        assert kohya_keys.parse_kohya_lora_name(name, mods) == ("unet", path)
+        ck = kohya_keys.kohya_name_to_checkpoint_key(name, "sd1")
+        assert ck + ".weight" in ckpt_keys
         assert K.classify_key(ck + ".weight").block == K.classify_key(path + ".weight").block
         # the LDM spelling (kohya SDXL style) resolves to the same key
         ldm_name = "lora_unet_" + ck[len("model.diffusion_model."):].replace(".", "_")
-        assert K.kohya_name_to_checkpoint_key(ldm_name, "sd1") == ck
+        assert kohya_keys.kohya_name_to_checkpoint_key(ldm_name, "sd1") == ck
 
 
 def test_kohya_text_encoder_names_and_transformers5_paths():
-    assert K.kohya_lora_name("te", "text_model.encoder.layers.0.self_attn.q_proj") == \
+    assert kohya_keys.kohya_lora_name("te", "text_model.encoder.layers.0.self_attn.q_proj") == \
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     # transformers 5.x CLIPTextModel module names have no "text_model." level
-    assert K.kohya_lora_name("te", "encoder.layers.0.self_attn.q_proj") == \
+    assert kohya_keys.kohya_lora_name("te", "encoder.layers.0.self_attn.q_proj") == \
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    assert K.kohya_lora_name("te1", "encoder.layers.3.mlp.fc1.weight") == "lora_te1_text_model_encoder_layers_3_mlp_fc1"
-    assert K.kohya_lora_name("te2", "text_encoder_2.encoder.layers.3.mlp.fc2") == \
+    assert kohya_keys.kohya_lora_name("te1", "encoder.layers.3.mlp.fc1.weight") == "lora_te1_text_model_encoder_layers_3_mlp_fc1"
+    assert kohya_keys.kohya_lora_name("te2", "text_encoder_2.encoder.layers.3.mlp.fc2") == \
         "lora_te2_text_model_encoder_layers_3_mlp_fc2"
-    assert K.parse_kohya_lora_name("lora_te1_text_model_encoder_layers_3_self_attn_out_proj.alpha") == \
+    assert kohya_keys.parse_kohya_lora_name("lora_te1_text_model_encoder_layers_3_self_attn_out_proj.alpha") == \
         ("te1", "text_model.encoder.layers.3.self_attn.out_proj")
-    assert K.kohya_name_to_checkpoint_key("lora_te_text_model_encoder_layers_11_mlp_fc1", "sd1") == \
+    assert kohya_keys.kohya_name_to_checkpoint_key("lora_te_text_model_encoder_layers_11_mlp_fc1", "sd1") == \
         "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1"
-    assert K.kohya_name_to_checkpoint_key("lora_te1_text_model_encoder_layers_0_mlp_fc1", "sdxl") == \
+    assert kohya_keys.kohya_name_to_checkpoint_key("lora_te1_text_model_encoder_layers_0_mlp_fc1", "sdxl") == \
         "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1"
     with pytest.raises(ValueError, match="kohya"):
-        K.kohya_lora_name("vae", "encoder.conv_in")
+        kohya_keys.kohya_lora_name("vae", "encoder.conv_in")
     with pytest.raises(ValueError, match="not a kohya"):
-        K.parse_kohya_lora_name("unet.down_blocks.0")
+        kohya_keys.parse_kohya_lora_name("unet.down_blocks.0")
     with pytest.raises(ValueError, match="known module paths"):
-        K.parse_kohya_lora_name("lora_unet_down_blocks_9_x", ["down_blocks.0.x"])
+        kohya_keys.parse_kohya_lora_name("lora_unet_down_blocks_9_x", ["down_blocks.0.x"])
     with pytest.raises(ValueError, match="does not exist"):
-        K.kohya_target("lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn2_to_q", "sd1")
+        kohya_keys.kohya_target("lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn2_to_q", "sd1")
 
 
 @pytest.mark.parametrize("arch,width", [("sdxl", 1280), ("sd2", 1024)])
@@ -248,11 +248,11 @@ def test_openclip_fused_qkv_targets(arch, width):
         "lora_te_text_model_encoder_layers_5_self_attn_{}_proj"
     pre = "conditioner.embedders.1.model." if arch == "sdxl" else "cond_stage_model.model."
     for i, p in enumerate("qkv"):
-        t = K.kohya_target(name.format(p), arch)
+        t = kohya_keys.kohya_target(name.format(p), arch)
         assert t.weight_key == pre + "transformer.resblocks.5.attn.in_proj_weight"
         assert t.bias_key == pre + "transformer.resblocks.5.attn.in_proj_bias"
         assert t.rows == (i * width, (i + 1) * width)
-    t = K.kohya_target(name.format("out"), arch)
+    t = kohya_keys.kohya_target(name.format("out"), arch)
     assert t.weight_key == pre + "transformer.resblocks.5.attn.out_proj.weight" and t.rows is None
-    fc = K.kohya_target(name.replace("self_attn_{}_proj", "mlp_fc1"), arch)
+    fc = kohya_keys.kohya_target(name.replace("self_attn_{}_proj", "mlp_fc1"), arch)
     assert fc.weight_key == pre + "transformer.resblocks.5.mlp.c_fc.weight"

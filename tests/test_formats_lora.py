@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from conceptlab.formats import keys as K
+from conceptlab.formats import kohya_keys, ldm_keys
 from conceptlab.formats.lora_files import (
     LoraFormatError, lora_deltas, model_hashes, save_diff_file, save_kohya_lora,
 )
@@ -268,7 +268,7 @@ def test_diffusers_loads_our_kohya_lora_without_unexpected_keys(tmp_path):
         r = 2
         down = torch.randn(r, *w.shape[1:], generator=g) * 0.1
         up = torch.randn(w.shape[0], r, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
-        modules[K.kohya_lora_name("unet", n)] = (down, up, 1.0)
+        modules[kohya_keys.kohya_lora_name("unet", n)] = (down, up, 1.0)
     path = save_kohya_lora(tmp_path / "tiny.safetensors", modules, {"ss_network_dim": "2"}, dtype=torch.float32)
 
     from safetensors.torch import load_file
@@ -281,9 +281,9 @@ def test_diffusers_loads_our_kohya_lora_without_unexpected_keys(tmp_path):
     unet.fuse_lora(lora_scale=1.0)
     after = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
     res = lora_deltas(path, arch="sd1")
-    d2l_unused = K.diffusers_to_ldm_unet  # names below are the SD1 layout (tiny UNet has the same module tree)
+    d2l_unused = ldm_keys.diffusers_to_ldm_unet  # names below are the SD1 layout (tiny UNet has the same module tree)
     assert d2l_unused
-    l2d = K.ldm_to_diffusers_unet("sd1")
+    l2d = ldm_keys.ldm_to_diffusers_unet("sd1")
     n_checked = 0
     for ldm_key, delta in res.deltas.items():
         dk = l2d[ldm_key[len("model.diffusion_model."):]]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conceptlab.nodes import graph_dataset as G
 from conceptlab.training.lora.captions import CaptionConfig, process_caption
-from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetOptions
 from conceptlab.training.lora.graph_dataset import match_captions, to_uint8_rgb, write_kohya_folder
 
 SIZES = [(64, 48), (40, 80), (96, 96), (50, 30), (72, 64), (64, 64)]

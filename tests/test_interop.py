@@ -64,7 +64,7 @@ def _kw(**kw):
 
 
 def _unet_weights(patcher):
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
 
     keys = [k for k in patcher.model_state_dict() if k.startswith("diffusion_model.") and k.endswith(".weight")]
     return dict(iter_patched_weights(patcher, keys))

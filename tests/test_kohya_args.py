@@ -15,7 +15,8 @@ from tiny_models import tiny_host
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training.lora import kohya_args as KA
 from conceptlab.training.lora.captions import read_caption
-from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetOptions
 from conceptlab.training.lora.build import build_network_and_groups
 from conceptlab.training.lora.config import TrainConfig
 from conceptlab.training.lora.loss import diffusion_loss

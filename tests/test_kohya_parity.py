@@ -227,7 +227,7 @@ class MetaSDXLHost:
         from tiny_models import tiny_text_encoder_2
         from torch import nn
 
-        from conceptlab.formats.keys import diffusers_to_ldm_unet
+        from conceptlab.formats.ldm_keys import diffusers_to_ldm_unet
 
         # the shipped SDXL base UNet config (what the CLI host loads single files with)
         cfg = {k: v for k, v in json.loads((Path(__file__).parents[1] / "configs" / "sdxl_unet.json").read_text())

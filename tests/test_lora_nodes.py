@@ -113,11 +113,11 @@ def test_cancel_keeps_the_last_finished_checkpoint(tmp_path, dawnlike_dir, monke
 
     import comfy.model_management as mm
 
-    from conceptlab.nodes import comfy_host
+    from conceptlab.nodes import comfy_io
 
     ds = _dataset()
     state = {"step": 0}
-    real_update = comfy_host.Progress.update
+    real_update = comfy_io.Progress.update
 
     def update(self, n=1, preview=None):  # remember the training step the progress bar is at
         state["step"] = self.done + int(n)
@@ -127,8 +127,8 @@ def test_cancel_keeps_the_last_finished_checkpoint(tmp_path, dawnlike_dir, monke
         if state["step"] >= 5:  # 4 steps per epoch: cancel during epoch 2
             raise mm.InterruptProcessingException()
 
-    monkeypatch.setattr(comfy_host.Progress, "update", update)
-    monkeypatch.setattr(comfy_host, "check_interrupt", interrupt)
+    monkeypatch.setattr(comfy_io.Progress, "update", update)
+    monkeypatch.setattr(comfy_io, "check_interrupt", interrupt)
     model = tiny_sd15_patcher()
     with pytest.raises(mm.InterruptProcessingException):
         with torch.inference_mode():

@@ -14,7 +14,8 @@ from tiny_models import tiny_host
 pytest.importorskip("lycoris", reason="lycoris-lora is not installed")
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata  # noqa: E402
-from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset  # noqa: E402
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetOptions  # noqa: E402
 from conceptlab.training.lora.build import build_network_and_groups  # noqa: E402
 from conceptlab.training.lora.config import TrainConfig  # noqa: E402
 from conceptlab.training.lora.trainer import LoraTrainer  # noqa: E402
@@ -71,7 +72,7 @@ def test_comfyui_loads_every_key_of_our_lycoris_file(algo, tmp_path):
     """The SD1.5 UNet layout (meta device): ComfyUI's key map loads every module and its ΔW equals ours."""
     from test_formats_comfyui import _comfy_key, _comfy_python, _run_probe, _unet_shapes
 
-    from conceptlab.formats import keys as K
+    from conceptlab.formats import ldm_keys
     from conceptlab.training.lora.lycoris_net import LycorisNetwork, save_lycoris_file
 
     py = _comfy_python()
@@ -98,7 +99,7 @@ def test_comfyui_loads_every_key_of_our_lycoris_file(algo, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     path = save_lycoris_file(tmp_path / f"{algo}.safetensors", net, {"ss_network_module": "lycoris.kohya"},
                              torch.float32)
-    d2l = K.diffusers_to_ldm_unet("sd1")
+    d2l = ldm_keys.diffusers_to_ldm_unet("sd1")
     picks = [n for n in net.loras if re.search(r"(attn2_to_k|proj_in|resnets_0_conv1)$", n)][:6]
     compare_ldm = ["model.diffusion_model." + d2l[net.targets[n].path + ".weight"] for n in picks]
     res, comfy_d = _run_probe(py, tmp_path, path, shapes, [], {}, [_comfy_key(k) for k in compare_ldm])

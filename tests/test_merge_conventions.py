@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conceptlab.cli import main as cli_main
 from conceptlab.formats import safetensors_io as sio
+from conceptlab.training.merge import blocks
 from conceptlab.training.merge import methods as M
 from conceptlab.training.merge import files as MF
 from conceptlab.training.merge import pipeline as MP
@@ -143,14 +144,14 @@ def test_modelspec_of_a_is_kept_when_it_has_one(tmp_path):
 def test_sd1_block_list_converted_for_sdxl_as_supermerger_does():
     vals = [0.5] + [i / 100 for i in range(25)]  # BASE, IN00..IN11 (0..11), M00 (12), OUT00..OUT11 (13..24)
     with pytest.warns(UserWarning, match="converted for SDXL"):
-        bw = M.parse_block_weights(",".join(str(v) for v in vals), "sdxl", 0.5)
+        bw = blocks.parse_block_weights(",".join(str(v) for v in vals), "sdxl", 0.5)
     assert bw.values["BASE"] == 0.5
     assert [bw.values[f"IN{i:02d}"] for i in range(9)] == [i / 100 for i in range(9)]
     assert bw.values["M00"] == 0.12
     assert [bw.values[f"OUT{i:02d}"] for i in range(9)] == [(13 + i) / 100 for i in range(9)]
     assert len(bw.as_list()) == 20
     with pytest.raises(ValueError, match="20 values"):
-        M.parse_block_weights(",".join(["0.1"] * 23), "sdxl")
+        blocks.parse_block_weights(",".join(["0.1"] * 23), "sdxl")
 
 
 def test_inpainting_a_with_normal_b_merges_the_first_four_channels(tmp_path):

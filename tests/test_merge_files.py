@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from conceptlab.cli import main as cli_main
 from conceptlab.formats import safetensors_io as sio
-from conceptlab.formats.keys import ldm_unet_keys
-from conceptlab.training.merge import methods as M
+from conceptlab.formats.ldm_keys import ldm_unet_keys
+from conceptlab.training.merge import blocks
 from conceptlab.training.merge import files as MF
 
 TE_KEYS = [
@@ -66,48 +66,48 @@ def expected_block(key: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ block weights
 def test_parse_block_weights_forms():
-    ids = M.block_ids("sd1")
+    ids = blocks.block_ids("sd1")
     assert len(ids) == 25 and ids[0] == "IN00" and ids[12] == "M00" and ids[-1] == "OUT11"
-    assert len(M.block_ids("sdxl")) == 19
+    assert len(blocks.block_ids("sdxl")) == 19
     vals = [i / 100 for i in range(26)]
-    bw = M.parse_block_weights(",".join(str(v) for v in vals), "sd1")
+    bw = blocks.parse_block_weights(",".join(str(v) for v in vals), "sd1")
     assert bw.values["BASE"] == 0.0 and bw.values["IN00"] == 0.01 and bw.values["OUT11"] == 0.25
     assert bw.as_list() == vals
-    bw = M.parse_block_weights(" ".join(["1"] * 25), "sd1", alpha=0.3)
+    bw = blocks.parse_block_weights(" ".join(["1"] * 25), "sd1", alpha=0.3)
     assert bw.values["BASE"] == 0.3 and bw.values["M00"] == 1.0
-    bw = M.parse_block_weights("IN00=0.2, out05:0.9, BASE=0", "sd1", alpha=0.5)
+    bw = blocks.parse_block_weights("IN00=0.2, out05:0.9, BASE=0", "sd1", alpha=0.5)
     assert bw.weight("IN00") == 0.2 and bw.weight("OUT05") == 0.9 and bw.weight(None) == 0.0
     assert bw.weight("IN01") == 0.5
     with pytest.raises(ValueError, match="26 values"):
-        M.parse_block_weights("0.1,0.2", "sd1")
+        blocks.parse_block_weights("0.1,0.2", "sd1")
     with pytest.raises(ValueError, match="20 values"):
-        M.parse_block_weights(",".join(["0.5"] * 24), "sdxl")  # 26 (an SD1 list) is converted: test_merge_conventions
+        blocks.parse_block_weights(",".join(["0.5"] * 24), "sdxl")  # 26 (an SD1 list) is converted: test_merge_conventions
     with pytest.raises(ValueError, match="unknown block"):
-        M.parse_block_weights("IN12=1", "sdxl")
+        blocks.parse_block_weights("IN12=1", "sdxl")
     with pytest.raises(ValueError, match="not a number"):
-        M.parse_block_weights("a,b", "sd1")
+        blocks.parse_block_weights("a,b", "sd1")
     with pytest.warns(UserWarning, match="outside"):
-        M.parse_block_weights("IN00=1.5", "sd1")
+        blocks.parse_block_weights("IN00=1.5", "sd1")
 
 
 def test_presets():
-    ids = M.block_ids("sd1")
-    flat = M.parse_block_weights("flat", "sd1", alpha=0.4)
+    ids = blocks.block_ids("sd1")
+    flat = blocks.parse_block_weights("flat", "sd1", alpha=0.4)
     assert set(flat.values.values()) == {0.4}
-    gin = M.parse_block_weights("gradient_in", "sd1", alpha=1.0)
-    gout = M.parse_block_weights("gradient-out", "sd1", alpha=1.0)
+    gin = blocks.parse_block_weights("gradient_in", "sd1", alpha=1.0)
+    gout = blocks.parse_block_weights("gradient-out", "sd1", alpha=1.0)
     assert gin.values["IN00"] == 1.0 and gin.values["OUT11"] == 0.0 and gin.values["M00"] == pytest.approx(0.5)
     assert gout.values["IN00"] == 0.0 and gout.values["OUT11"] == 1.0
     assert all(gin.values[ids[i]] >= gin.values[ids[i + 1]] for i in range(len(ids) - 1))
-    ino = M.parse_block_weights("in_only", "sd1", alpha=0.7)
+    ino = blocks.parse_block_weights("in_only", "sd1", alpha=0.7)
     assert ino.values["IN05"] == 0.7 and ino.values["M00"] == 0.0 and ino.values["OUT00"] == 0.0
     assert ino.values["BASE"] == 0.0
-    outo = M.parse_block_weights("out_only", "sdxl", alpha=1.0)
+    outo = blocks.parse_block_weights("out_only", "sdxl", alpha=1.0)
     assert outo.values["OUT08"] == 1.0 and outo.values["IN08"] == 0.0
 
 
 def test_block_weights_hit_exactly_the_right_keys(tmp_path):
-    ids = M.block_ids("sd1")
+    ids = blocks.block_ids("sd1")
     weights = {b: (i + 1) / 32 for i, b in enumerate(ids)}
     spec = ",".join(["0.875"] + [str(weights[b]) for b in ids])  # BASE first (supermerger order)
     a = write(tmp_path, "a.safetensors", make_sd(0, fill=0.0))
@@ -307,7 +307,8 @@ def test_cli_merge(tmp_path, capsys):
 
 
 def test_bake_lora_at_strength(tmp_path, capsys):
-    from conceptlab.formats.keys import kohya_lora_name, ldm_to_diffusers_unet
+    from conceptlab.formats.kohya_keys import kohya_lora_name
+    from conceptlab.formats.ldm_keys import ldm_to_diffusers_unet
 
     sda = make_sd(0)
     a = write(tmp_path, "a.safetensors", sda)
@@ -357,7 +358,7 @@ def test_in_place_weighted_sum_is_bit_exact_and_inputs_untouched(tmp_path, dtype
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
         assert torch.equal(sda[k], keep[k]), k  # inputs of the in-memory merge are not modified
     k = UNET_KEYS[4]  # closed form: lerp in the inputs' dtype with the key's block weight
-    w = M.parse_block_weights("gradient_in", "sd1", 0.37).weight(expected_block(k))
+    w = blocks.parse_block_weights("gradient_in", "sd1", 0.37).weight(expected_block(k))
     assert torch.equal(ref[k], torch.lerp(keep[k], sdb[k], w))
 
 

@@ -1,7 +1,7 @@
 """Single-file checkpoint loading for the diffusers host (training/model_loading.py, DiffusersHost.from_single_file).
 
 Tiny SD1/SD2-shaped single files are written in the test by renaming a tiny diffusers UNet/VAE/CLIP to LDM names:
-the UNet with formats.keys.diffusers_to_ldm_unet, the VAE and CLIP by inverting diffusers' forward conversion
+the UNet with formats.ldm_keys.diffusers_to_ldm_unet, the VAE and CLIP by inverting diffusers' forward conversion
 (diffusers ships no diffusers->LDM converter in the package). Loading them back through diffusers' own
 single-file converters must reproduce the tiny model's outputs exactly. Nothing is downloaded.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conceptlab.formats.keys import diffusers_to_ldm_unet, openclip_ldm_to_hf
+from conceptlab.formats.ldm_keys import diffusers_to_ldm_unet, openclip_ldm_to_hf
 from conceptlab.formats.safetensors_io import WeightFileError, save_safetensors
 from conceptlab.training.diffusers_host import DiffusersHost
 from conceptlab.training.model_loading import (CheckpointLoadError, TokenizerNotFound, load_configs, load_host,
@@ -73,7 +73,7 @@ def _te_to_ldm_sd1(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _te_to_ldm_sd2(sd: dict[str, torch.Tensor], width: int, layers: int) -> dict[str, torch.Tensor]:
     """CLIPTextModel -> SD2 OpenCLIP ``cond_stage_model.model.`` names (fused in_proj), by inverting
-    formats.keys.openclip_ldm_to_hf (itself read from diffusers' convert_open_clip_checkpoint)."""
+    formats.ldm_keys.openclip_ldm_to_hf (itself read from diffusers' convert_open_clip_checkpoint)."""
     table = openclip_ldm_to_hf(width, layers)
     canon = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items()}
     parts: dict[str, list] = {}
@@ -250,7 +250,7 @@ def test_shipped_configs_match_diffusers_layouts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.formats.keys import diffusers_unet_keys, unet_config_for
+    from conceptlab.formats.ldm_keys import diffusers_unet_keys, unet_config_for
 
     for arch, n_layers, width in (("sd1", 12, 768), ("sd2", 23, 1024)):
         cfgs = load_configs(arch)

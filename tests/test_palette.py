@@ -333,7 +333,7 @@ def test_example_workflow_consistent():
 
 
 def test_palette_from_caption_agrees_with_caption_audit():
-    from conceptlab.metrics.captions import parse_caption
+    from conceptlab.metrics.caption_parse import parse_caption
     from conceptlab.metrics.palette import palette_from_caption
 
     text = ("pixel art, hair (#03DC73), eyes (#abc), skin (03dc73), palette: #03dc73, #2c1600, #12345, #GGGGGG, "

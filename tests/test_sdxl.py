@@ -195,7 +195,8 @@ def test_sd1_lora_does_not_load_into_sdxl():
 
 
 def test_esd_x_on_sdxl_trains_cross_attention_only(tmp_path):
-    from conceptlab.training.esd.erase import ESDConfig, erase, select_targets
+    from conceptlab.training.esd.config import ESDConfig
+    from conceptlab.training.esd.erase import erase, select_targets
 
     host = tiny_sdxl_host()
     targets = select_targets(host.modules("unet"), "esd-x")
@@ -222,7 +223,7 @@ def _tiny_sdxl_single_file(tmp_path: Path, markers=()):
     from test_model_loading import _te_to_ldm_sd2, _vae_to_ldm
     from tiny_models import TINY_SDXL_UNET_CONFIG
 
-    from conceptlab.formats.keys import diffusers_to_ldm_unet
+    from conceptlab.formats.ldm_keys import diffusers_to_ldm_unet
     from conceptlab.formats.safetensors_io import save_safetensors
 
     host = tiny_sdxl_host(seed=5)
@@ -293,7 +294,7 @@ def test_shipped_sdxl_configs_match_the_released_layout():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from conceptlab.formats.keys import diffusers_unet_keys, unet_config_for
+    from conceptlab.formats.ldm_keys import diffusers_unet_keys, unet_config_for
     from conceptlab.training.model_loading import load_configs
 
     cfgs = load_configs("sdxl")

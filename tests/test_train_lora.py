@@ -13,7 +13,8 @@ from tiny_models import tiny_host
 
 from conceptlab.formats.safetensors_io import load_state_dict, read_metadata
 from conceptlab.training.lora.captions import CaptionConfig
-from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetOptions
 from conceptlab.training.lora.config import (OptimizerUnavailableError, TrainConfig, TrainingDivergedError,
                                              configs_from_mapping, parse_kohya_toml, parse_set_values)
 from conceptlab.training.lora.loss import diffusion_loss, min_snr_weight

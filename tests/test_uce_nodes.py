@@ -70,7 +70,7 @@ def test_uce_node_edits_only_kv_and_the_file_reproduces_the_model(cenv):
     import comfy.sd
     import comfy.utils
 
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
     from conceptlab.training.esd.uce import last_token_embeddings
 
     model, clip = cenv["model"], cenv["clip"]
@@ -116,7 +116,7 @@ def test_esd_node_attribute_erasure_with_grid_preset(cenv):
 
 @requires_comfyui
 def test_esd_node_esd_all_trains_outside_cross_attention(cenv):
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
 
     model, clip = cenv["model"], cenv["clip"]
     with torch.inference_mode():
@@ -133,7 +133,8 @@ def test_apply_reference_erasure_file_node(cenv):
     """A file saved as esd_sd.py saves (absolute attn2 weights, diffusers names) applies as its weights."""
     from safetensors.torch import save_file
 
-    from conceptlab.nodes.comfy_host import ComfyHost, iter_patched_weights
+    from conceptlab.nodes.comfy_host import ComfyHost
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
 
     model = cenv["model"]
     host = ComfyHost(model)
@@ -166,7 +167,7 @@ def test_apply_reference_erasure_file_node(cenv):
 def test_uce_node_on_comfyui_sdxl():
     from e2e.comfy_env import tiny_sdxl_clip, tiny_sdxl_patcher
 
-    from conceptlab.nodes.comfy_host import iter_patched_weights
+    from conceptlab.nodes.comfy_patchers import iter_patched_weights
     from conceptlab.training.esd.uce import last_token_embeddings
 
     model, clip = tiny_sdxl_patcher(), tiny_sdxl_clip()

@@ -1,6 +1,6 @@
 """Weight-diff analysis: exact statistics, attribution to layer types / blocks, LoRA vs merged checkpoint, bad
 inputs, report comparison and the CLI. Checkpoints are built in the test with real SD1.5 / SDXL key names
-(``formats.keys.ldm_unet_keys``) and tiny tensors."""
+(``formats.ldm_keys.ldm_unet_keys``) and tiny tensors."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ import torch
 from safetensors.torch import save_file
 
 from conceptlab.cli import main as cli_main
-from conceptlab.formats.keys import classify_key, ldm_unet_keys, ldm_to_diffusers_unet
+from conceptlab.formats.keys import classify_key
+from conceptlab.formats.ldm_keys import ldm_unet_keys, ldm_to_diffusers_unet
 from conceptlab.formats.safetensors_io import WeightFileError
 from conceptlab.metrics.diff_io import StreamingWeights
 from conceptlab.metrics.diff_report import compare_markdown, fmt_ratio, report_markdown
+from conceptlab.metrics.diff_models import diff_files
+from conceptlab.metrics.diff_stats import effective_rank
 from conceptlab.metrics.weight_diff import (ArchitectureMismatchError, DiffOptions, ShapeMismatchError, TensorPair,
-                                            compare_reports, diff_files, diff_pairs, effective_rank)
+                                            compare_reports, diff_pairs)
 
 UNET = "model.diffusion_model."
 TE_KEYS = [f"cond_stage_model.transformer.text_model.encoder.layers.{i}.self_attn.{p}_proj.weight"
@@ -435,7 +438,7 @@ def _np_tensor_stats(a: np.ndarray, b: np.ndarray, tol: float) -> dict:
 def test_multi_chunk_tensors_match_numpy_exactly(dtype, tol):
     """Tensors spanning several CHUNKs (plus a ragged tail, some elements unchanged) go through the chunked
     fast path: every statistic must equal numpy's float64 result on the same data, at float32-sum accuracy."""
-    from conceptlab.metrics import weight_diff as wd
+    from conceptlab.metrics import diff_stats as wd
 
     g = torch.Generator().manual_seed(11)
     n = 5 * (2 * wd.CHUNK // 5 + 12_345)
@@ -468,7 +471,7 @@ def test_multi_chunk_tensors_match_numpy_exactly(dtype, tol):
 
 
 def test_multi_chunk_identical_and_below_resolution_counts():
-    from conceptlab.metrics import weight_diff as wd
+    from conceptlab.metrics import diff_stats as wd
 
     g = torch.Generator().manual_seed(12)
     n = wd.CHUNK + 999

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from conftest import requires_comfyui
 
 from conceptlab.metrics.weight_diff import TensorPair, diff_pairs
-from conceptlab.nodes import comfy_host
+from conceptlab.nodes import comfy_io
 from conceptlab.nodes import diff as N
 
 UNET = "model.diffusion_model."
@@ -71,8 +71,8 @@ def test_file_node_resolves_only_listed_names(tmp_path, monkeypatch):
             raise FileNotFoundError(f"{name!r} is not in ComfyUI's {folder} folder")
         return tmp_path / folder / name
 
-    monkeypatch.setattr(comfy_host, "model_list", lambda folder: listed.get(folder, []))
-    monkeypatch.setattr(comfy_host, "model_file", model_file)
+    monkeypatch.setattr(comfy_io, "model_list", lambda folder: listed.get(folder, []))
+    monkeypatch.setattr(comfy_io, "model_file", model_file)
     spec = N.DiffFiles.INPUT_TYPES()["required"]
     assert spec["file_a"][0] == ["checkpoints/a.safetensors", "checkpoints/b.safetensors"]
     with torch.inference_mode():

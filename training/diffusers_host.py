@@ -272,10 +272,10 @@ class DiffusersHost(DiffusionHost):
 
     def unet_ldm_paths(self) -> dict[str, str]:
         """Diffusers → LDM UNet module paths for this UNet's own config, from
-        :func:`conceptlab.formats.keys.diffusers_to_ldm_unet` (checked there against diffusers' converter).
+        :func:`conceptlab.formats.ldm_keys.diffusers_to_ldm_unet` (checked there against diffusers' converter).
         Raises ``ValueError`` for a UNet layout diffusers' converter does not describe."""
         if getattr(self, "_ldm_paths", None) is None:
-            from ..formats.keys import diffusers_to_ldm_unet
+            from ..formats.ldm_keys import diffusers_to_ldm_unet
 
             pmap = diffusers_to_ldm_unet("sdxl" if self.arch == "sdxl" else "sd1", dict(self.unet.config))
             self._ldm_paths = {d.rpartition(".")[0]: l.rpartition(".")[0] for d, l in pmap.items()

@@ -7,8 +7,9 @@ Wraps diffusers' ``FluxTransformer2DModel``, transformers' ``CLIPTextModel`` (CL
 * the denoiser component is ``"unet"`` and its module paths are the **BFL** names
   (``double_blocks.0.img_attn.qkv``, ``single_blocks.0.linear1``, ``img_in`` …): a fused BFL module that diffusers
   splits (``img_attn.qkv`` → ``attn.to_q/to_k/to_v``; ``linear1`` → ``to_q/to_k/to_v/proj_mlp``) is exposed as a
-  :class:`FusedLinear` view and a delta installed on it becomes row slices on the split diffusers weights
-  (:func:`conceptlab.formats.flux_keys.diffusers_pieces`), so one ΔW means the same function in every host;
+  :class:`~.flux_fused.FusedLinear` view (:mod:`.flux_fused`) and a delta installed on it becomes row slices on the
+  split diffusers weights (:func:`conceptlab.formats.flux_keys.diffusers_pieces`), so one ΔW means the same function
+  in every host;
 * ``predict`` packs the ``[B, 16, h, w]`` latent into 2×2 patches and builds the image / text position ids with
   diffusers' own ``FluxPipeline._pack_latents`` / ``_unpack_latents`` / ``_prepare_latent_image_ids``, feeds the
   σ ∈ [0, 1] timesteps (the transformer scales them ×1000 itself, as ``FluxPipeline`` passes ``t / 1000``) and the
@@ -36,9 +37,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..formats.flux_keys import FluxDims, Piece, diffusers_pieces, piece_of, CANONICAL_PREFIX
+from ..formats.flux_keys import FluxDims, diffusers_pieces
 from .conditioning import Conditioning
 from .diffusers_host import _canonical_te_path
+from .flux_fused import PieceDelta, bfl_modules
 from .host import DeltaModule, DiffusionHost, OutputDeltaHook, check_delta_space
 
 #: kohya ``flux_train_network.py`` lines 171-177: T5-XXL tokens when ``t5xxl_max_token_length`` is unset
@@ -46,77 +48,6 @@ T5_DEFAULT_TOKENS = {"dev": 512, "schnell": 256}
 #: Flux-dev's default distilled guidance (diffusers ``FluxPipeline.__call__`` guidance_scale=3.5; kohya
 #: ``flux_train_network.py`` ``--guidance_scale`` default 3.5 for training, sample prompts ``--g`` default 3.5)
 DEFAULT_GUIDANCE = 3.5
-
-
-class FusedLinear(nn.Module):
-    """A read-only view of a fused BFL ``Linear`` (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``) that diffusers
-    stores as several ``nn.Linear`` row blocks.
-
-    ``weight`` / ``bias`` are the row-concatenation of the pieces (computed on access, no copy kept), so
-    ``weight.shape`` is the BFL shape ``[Σ rows, in]``; ``in_features`` / ``out_features`` as ``nn.Linear``.
-    ``pieces``: ``[(diffusers nn.Linear, Piece)]`` in row order. Not callable (the model calls the pieces).
-    """
-
-    def __init__(self, pieces: list[tuple[nn.Linear, Piece]]):
-        super().__init__()
-        self._pieces = pieces  # plain list: the pieces stay registered under the transformer only
-        self.in_features = int(pieces[0][0].in_features)
-        self.out_features = int(sum(m.out_features for m, _ in pieces))
-
-    @property
-    def pieces(self) -> list[tuple[nn.Linear, Piece]]:
-        """``[(diffusers nn.Linear, Piece of the fused BFL tensor)]`` in row order."""
-        return list(self._pieces)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The fused weight ``[Σ rows, in]`` (a new tensor: the pieces concatenated, dequantized if quantized)."""
-        from .quantize import dense
-
-        return torch.cat([dense(m.weight) for m, _ in self._pieces], dim=0)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The fused bias ``[Σ rows]``, or None when a piece has no bias."""
-        if any(m.bias is None for m, _ in self._pieces):
-            return None
-        return torch.cat([m.bias for m, _ in self._pieces], dim=0)
-
-    def forward(self, *a, **k):  # pragma: no cover - never called by the model
-        raise RuntimeError("FusedLinear is a view of split diffusers weights; call the transformer instead")
-
-
-class PieceDelta(nn.Module):
-    """Parametrization of one diffusers tensor that is a :class:`~conceptlab.formats.flux_keys.Piece` (row slice,
-    half swap) of a BFL tensor carrying ``parent`` (a :class:`~.host.DeltaModule` shaped like the BFL tensor).
-
-    ``forward(W) = W + multiplier · piece.cut(parent.delta())``, honouring ``parent.enabled`` / ``multiplier``.
-    When the parent has ``delta_rows(start, stop)`` (LoRA: ``up[start:stop] @ down``) only those rows are
-    computed; otherwise the full ΔW is computed and sliced.
-    """
-
-    def __init__(self, parent: DeltaModule, piece: Piece):
-        super().__init__()
-        self.parent = parent
-        self.piece = piece
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        p = self.parent
-        if not p.enabled or p.multiplier == 0.0:
-            return weight
-        from .quantize import dense
-
-        weight = dense(weight)  # quantized frozen base: dequantize, then add ΔW
-        rows = self.piece.rows
-        if rows is not None and not self.piece.swap and hasattr(p, "delta_rows"):
-            d = p.delta_rows(rows[0], rows[1])
-        else:
-            d = p.delta()
-            if d.dim() > 0:
-                d = self.piece.cut(d)
-        if p.multiplier != 1.0:
-            d = d * p.multiplier
-        return weight + d.to(device=weight.device, dtype=weight.dtype)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -155,7 +86,7 @@ class FluxHost(DiffusionHost):
             CPU straight to their offloaded place, never all at once to ``device``.
         delta_space: ``"activation"`` (default: forward hooks adding :meth:`~.host.DeltaModule.output_delta`; a
             fused delta adds its rows to each split layer's output) or ``"weight"`` (``torch.nn.utils.parametrize``;
-            :class:`PieceDelta` row slices on the split weights).
+            :class:`~.flux_fused.PieceDelta` row slices on the split weights).
 
     Attributes: ``arch = "flux"``, ``prediction_type = "flow"``, ``variant`` (``"dev"`` / ``"schnell"``),
     ``latent_channels = 16``, ``vae_scale`` (8 for the real VAE), ``dims`` (:class:`FluxDims`).
@@ -291,29 +222,14 @@ class FluxHost(DiffusionHost):
 
     def _unet_modules(self) -> dict[str, nn.Module]:
         if self._bfl_modules is None:
-            dm = {n: m for n, m in self.transformer.named_modules()
-                  if isinstance(m, nn.Linear) and ".parametrizations." not in f".{n}."}
-            groups: dict[str, list[tuple[nn.Linear, Piece]]] = {}
-            for name, mod in dm.items():
-                p = piece_of(name + ".weight", self.dims)
-                if p is None:
-                    continue
-                bfl = p.canonical[len(CANONICAL_PREFIX):-len(".weight")]
-                groups.setdefault(bfl, []).append((mod, p))
-            out: dict[str, nn.Module] = {}
-            for bfl, items in groups.items():
-                if len(items) == 1 and items[0][1].rows is None and not items[0][1].swap:
-                    out[bfl] = items[0][0]
-                else:
-                    out[bfl] = FusedLinear(sorted(items, key=lambda it: (it[1].rows or (0, 0))[0]))
-            # model order: as diffusers enumerates modules (double blocks, then single blocks, globals around them)
-            self._bfl_modules = out
+            self._bfl_modules = bfl_modules(self.transformer, self.dims)
         return self._bfl_modules
 
     def modules(self, component: str) -> dict[str, nn.Module]:
-        """``"unet"``: ``{BFL path: nn.Linear or FusedLinear}`` (module docstring); ``"te1"``: CLIP-L Linear modules
-        keyed ``text_model.…``; ``"t5"``: T5 Linear modules keyed as in ``T5EncoderModel``
-        (``encoder.block.0.layer.0.SelfAttention.q``). Raises ``ValueError`` for a component the host lacks."""
+        """``"unet"``: ``{BFL path: nn.Linear or FusedLinear}`` (module docstring, :func:`.flux_fused.bfl_modules`);
+        ``"te1"``: CLIP-L Linear modules keyed ``text_model.…``; ``"t5"``: T5 Linear modules keyed as in
+        ``T5EncoderModel`` (``encoder.block.0.layer.0.SelfAttention.q``). Raises ``ValueError`` for a component the
+        host lacks."""
         if component == "unet":
             return dict(self._unet_modules())
         root = {"te1": self.clip, "t5": self.t5}.get(component)
@@ -328,11 +244,12 @@ class FluxHost(DiffusionHost):
 
     def install_delta(self, component: str, path: str, attr: str, delta: DeltaModule) -> None:
         """Install ``delta`` on ``<component>.<path>.<attr>``. Activation space (:attr:`delta_space`, default): an
-        entry of the layer's :class:`~.host.OutputDeltaHook`; on a :class:`FusedLinear` one entry per diffusers
-        piece, each adding its rows of the fused output (``F.linear(x, ΔW[rows])``; LoRA ``up[rows]``). Weight space:
-        ``torch.nn.utils.parametrize``; on a :class:`FusedLinear` one :class:`PieceDelta` per piece (row slices; the
-        swapped halves of ``final_layer.adaLN_modulation.1``). Raises ``ValueError`` (bad attr, tensor absent,
-        already installed, unknown component) or ``KeyError`` (unknown path)."""
+        entry of the layer's :class:`~.host.OutputDeltaHook`; on a :class:`~.flux_fused.FusedLinear` one entry per
+        diffusers piece, each adding its rows of the fused output (``F.linear(x, ΔW[rows])``; LoRA ``up[rows]``).
+        Weight space: ``torch.nn.utils.parametrize``; on a :class:`~.flux_fused.FusedLinear` one
+        :class:`~.flux_fused.PieceDelta` per piece (row slices; the swapped halves of
+        ``final_layer.adaLN_modulation.1``). Raises ``ValueError`` (bad attr, tensor absent, already installed, unknown
+        component) or ``KeyError`` (unknown path)."""
         mod = self._delta_target(component, path, attr)
         key = (component, path, attr)
         delta.to(self.device)

@@ -10,7 +10,7 @@ Conventions every host follows:
   and transformers-4-style, with the ``text_model.`` level, for CLIP text encoders
   (``text_model.encoder.layers.0.self_attn.q_proj``), whatever the host's own module tree is. Components are
   ``"unet"``, ``"te"`` (SD1/SD2) or ``"te1"``/``"te2"`` (SDXL). Kohya names are derived from these paths with
-  :func:`conceptlab.formats.keys.kohya_lora_name`.
+  :func:`conceptlab.formats.kohya_keys.kohya_lora_name`.
 * **Trainable deltas** are :class:`DeltaModule` objects installed on a module's ``weight`` or ``bias``. The shared
   base weights are never modified; switching deltas off (:meth:`DiffusionHost.deltas_disabled`) gives the frozen
   model, so ESD needs one model copy, not two. A delta has two equivalent applications (:data:`DELTA_SPACES`):

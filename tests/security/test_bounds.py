@@ -135,9 +135,10 @@ def test_pixel_budget_refuses_bomb_below_pils_limit(tmp_path):
     """121 Mpx: above our 64 Mpx budget, below PIL's error limit (2 × 89.5 Mpx), refused from the header."""
     from PIL import Image
 
-    from conceptlab.metrics.captions import load_rgb
+    from conceptlab.metrics.caption_colours import load_rgb
     from conceptlab.metrics.palette import load_rgb as load_image
-    from conceptlab.training.lora.dataset import KohyaDataset, open_rgb
+    from conceptlab.training.lora.buckets import open_rgb
+    from conceptlab.training.lora.dataset import KohyaDataset
 
     assert 11_000 * 11_000 < 2 * Image.MAX_IMAGE_PIXELS
     p = tmp_path / "ds" / "1_bomb" / "bomb.png"

@@ -14,7 +14,8 @@ import torch
 
 from conceptlab.formats.safetensors_io import load_state_dict
 from conceptlab.nodes import policy
-from conceptlab.training.lora.dataset import DatasetOptions, KohyaDataset
+from conceptlab.training.lora.dataset import KohyaDataset
+from conceptlab.training.lora.dataset_options import DatasetOptions
 from conceptlab.training.lora.config import TrainConfig
 from conceptlab.training.lora.trainer import LoraTrainer
 

@@ -10,7 +10,7 @@ import pytest
 from conceptlab.nodes import NODE_CLASS_MAPPINGS, policy
 from conceptlab.nodes import lora as lora_nodes
 from conceptlab.nodes.policy import PathOutsideError
-from conceptlab.training.lora.dataset import DatasetOptions
+from conceptlab.training.lora.dataset_options import DatasetOptions
 
 from .conftest import make_kohya_folder, snapshot
 
@@ -136,30 +136,30 @@ def test_caption_audit_refuses_symlink_out(comfy_dirs):
 
 def test_output_symlinks_are_not_followed(comfy_dirs):
     """output_name / save_name / filename naming a symlink inside output/ that leads out are refused."""
-    from conceptlab.nodes import comfy_host
+    from conceptlab.nodes import comfy_io
 
     outd, outside = comfy_dirs["output"], comfy_dirs["outside"]
     (outd / "loras").mkdir()
     _symlink(outside / "x.safetensors", outd / "loras" / "link_out.safetensors")  # dangling, would be created
     _symlink(outside, outd / "loras" / "link_dir")
     with pytest.raises(PathOutsideError):
-        comfy_host.output_file("loras", "link_out.safetensors")
+        comfy_io.output_file("loras", "link_out.safetensors")
     with pytest.raises(PathOutsideError):
-        comfy_host.output_file("loras", "link_dir/erased.safetensors")
+        comfy_io.output_file("loras", "link_dir/erased.safetensors")
     _symlink(outside, outd / "checkpoints")
     with pytest.raises(PathOutsideError):
-        comfy_host.output_file("checkpoints", "merged.safetensors")
+        comfy_io.output_file("checkpoints", "merged.safetensors")
     assert snapshot(outside) == {"secret.txt": (10, (outside / "secret.txt").stat().st_mtime_ns)}
 
 
 def test_models_names_come_from_comfy_lists_only(comfy_dirs):
-    from conceptlab.nodes import comfy_host
+    from conceptlab.nodes import comfy_io
 
     (comfy_dirs["models"] / "loras" / "a.safetensors").write_bytes(b"x")
-    assert comfy_host.model_file("loras", "a.safetensors").name == "a.safetensors"
+    assert comfy_io.model_file("loras", "a.safetensors").name == "a.safetensors"
     for bad in ("../../outside/secret.txt", "/etc/passwd", "a\\..\\..\\b"):
         with pytest.raises(ValueError):
-            comfy_host.model_file("loras", bad)
+            comfy_io.model_file("loras", bad)
 
 
 # --- paths inside kohya_toml -------------------------------------------------------------------------------------

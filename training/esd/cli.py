@@ -1,7 +1,7 @@
 """``conceptlab erase --config erase.toml``: ESD concept erasure with the diffusers host.
 
 The TOML file has the run settings at the top level and the erasure settings in an ``[esd]`` table (the fields
-of :class:`conceptlab.training.esd.erase.ESDConfig`)::
+of :class:`conceptlab.training.esd.config.ESDConfig`)::
 
     model = "models/stable-diffusion-v1-5"   # local diffusers folder (unet/ text_encoder/ tokenizer/ vae/),
                                              # or a single-file SD1.x/SD2.x/SDXL .safetensors checkpoint,
@@ -125,7 +125,8 @@ def read_run_toml(path: Path, table: str, run_keys: set[str]) -> tuple[dict, dic
 def run(args) -> int:
     """Execute ``conceptlab erase``; returns 0, or raises ``ValueError`` / ``FileNotFoundError`` for bad input."""
     from ...formats.safetensors_io import parse_dtype
-    from .erase import ESDCancelled, config_from_mapping, erase
+    from .config import config_from_mapping
+    from .erase import ESDCancelled, erase
     from .outputs import loss_plot, save_outputs
     from ..distributed import refuse_multi_process
 

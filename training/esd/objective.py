@@ -274,9 +274,9 @@ def grid_on_patches(latent_hw: tuple[int, int], patch: int, n: int, centre_size:
 
 
 def resolve_masks(cfg, latent_hw: tuple[int, int], patch: int = 1):
-    """``(masks [M, h, w] | None, weights [M] | None, names)`` for an :class:`.erase.ESDConfig` at the latent size,
+    """``(masks [M, h, w] | None, weights [M] | None, names)`` for an :class:`.config.ESDConfig` at the latent size,
     on ``patch × patch`` tokens (module docstring). Raises ``ValueError`` for bad masks or weights."""
-    from .erase import MASK_PRESETS
+    from .config import MASK_PRESETS
     from .masks import normalize_weights, prepare_masks
 
     # patch > 1 (Flux's 2x2 tokens): grids are built on the token grid, user masks averaged per token

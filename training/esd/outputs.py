@@ -25,9 +25,9 @@ from typing import Mapping
 
 import torch
 
-from ...formats.keys import kohya_lora_name
+from ...formats.kohya_keys import kohya_lora_name
 from ...formats.safetensors_io import atomic_write_text
-from .erase import ESDResult
+from .config import ESDResult
 from ..lora.extract import factorize
 
 _ARCH_SPEC = {"sd1": ("sd_v1", "stable-diffusion-v1/lora"), "sd2": ("sd_v2", "stable-diffusion-v2/lora"),

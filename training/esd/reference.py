@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from ...formats.keys import kohya_lora_name
+from ...formats.kohya_keys import kohya_lora_name
 
 Deltas = dict[tuple[str, str, str], torch.Tensor]
 

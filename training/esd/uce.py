@@ -32,7 +32,7 @@ above, computed in float64 with one ``torch.linalg.solve`` for all projections (
 ``torch.inverse`` of ``mat2`` in float32 for every projection); the prompt expansion (``expand_prompts``) uses this project's kind templates (:mod:`.prompts`), each
 guide prompt the same template filled with the guide concept, instead of the script's five fixed phrasings.
 
-Outputs are the ESD eraser's (:class:`~.erase.ESDResult`): ``deltas`` ΔW = W_new − W_old (so the same ``.diff``
+Outputs are the ESD eraser's (:class:`~.config.ESDResult`): ``deltas`` ΔW = W_new − W_old (so the same ``.diff``
 file, patches and JSON reports), with ``method = "uce"``. Nothing here is in a library (diffusers/peft have no
 closed-form attention editing); it is a few lines of linear algebra.
 """
@@ -47,7 +47,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .erase import ESDResult, Target
+from .config import ESDResult
+from .erase import Target
 from .prompts import concept_kinds, expand_templates, normalize_kind, parse_concepts, parse_prompt_lines
 
 #: ``encode(prompts) -> (hidden [B, L, D] float, last content-token index per prompt [B] int)``
@@ -281,7 +282,7 @@ def erase_uce(weights: Mapping[str, torch.Tensor], encode: TokenEncoder, config:
         arch: recorded in the metadata (``"sd1"`` / ``"sd2"``). base_hash: optional identifier of the base.
 
     Returns:
-        :class:`~.erase.ESDResult` with ``deltas`` ``{(component, path, "weight"): W_new − W_old}`` (fp32 CPU),
+        :class:`~.config.ESDResult` with ``deltas`` ``{(component, path, "weight"): W_new − W_old}`` (fp32 CPU),
         no losses, ``stats`` (wall time, counts, how far the erased prompts' keys/values now are from their
         guides' and how far the preserved prompts' moved) and ``metadata`` (``method = "uce"``, prompts, kinds,
         scales).

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from .captions import CaptionConfig
-from .dataset import DatasetOptions
+from .dataset_options import DatasetOptions
 from .noise import NoiseOptions
 from .objective import FlowSettings
 

@@ -23,6 +23,9 @@ Image preparation differs from kohya in two deliberate ways: transparent images 
 background colour (kohya drops alpha, which turns transparent pixels into whatever RGB they hold), and the
 resize filter can be **nearest** (pixel art keeps hard edges); ``"auto"`` is kohya's default (area when
 shrinking, Lanczos when enlarging; PIL's BOX filter stands in for OpenCV's INTER_AREA).
+
+The options are :mod:`.dataset_options` (:class:`~.dataset_options.DatasetOptions`), the buckets and the image
+preparation :mod:`.buckets`; this module scans folders, makes the epochs' batches and caches latents.
 """
 
 from __future__ import annotations
@@ -33,236 +36,19 @@ import logging
 import math
 import os
 import random
-import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ...formats.limits import MAX_DATASET_IMAGES, LimitError, check_count, check_image_pixels
+from ...formats.limits import MAX_DATASET_IMAGES, check_count
+from .buckets import BucketManager, open_rgb, prepare_image
 from .captions import CaptionConfig, CaptionFileError, read_caption, tag_frequency
+from .dataset_options import IMAGE_EXTENSIONS, DatasetError, DatasetOptions, parse_color
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-INTERPOLATIONS = ("auto", "nearest", "bilinear", "bicubic", "lanczos", "area", "box")
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be trained on (empty, misnamed, unreadable image or caption)."""
-
-
-@dataclass
-class DatasetOptions:
-    """Kohya dataset options (same names as sd-scripts; defaults noted where they differ).
-
-    Attributes:
-        resolution: training resolution, an int (square) or ``(width, height)`` in pixels.
-        enable_bucket: aspect-ratio bucketing (kohya default False; Concept Lab default True).
-        min_bucket_reso / max_bucket_reso: smallest / largest bucket side in pixels (kohya 256 / 1024).
-        bucket_reso_steps: bucket side step in pixels (64; must be a multiple of the VAE's 8).
-        bucket_no_upscale: never enlarge images; bucket = image size rounded down to the step.
-        resize_interpolation: one of :data:`INTERPOLATIONS` (``"nearest"`` keeps pixel art sharp).
-        flip_aug: random horizontal flip (50 %) on each use.
-        caption_extension: caption file extension (kohya default ``.caption``; Concept Lab default ``.txt``).
-        background: colour transparent pixels are composited on (``"#rrggbb"``).
-        validation_split: fraction in [0, 1) of each subset held out for validation loss.
-        validation_seed: shuffle seed for the split (``None``: the training seed).
-        cache_latents_to_disk: also keep VAE latents in ``<stem>_<w>x<h>_cl.safetensors`` beside the images.
-    """
-
-    resolution: int | tuple[int, int] = 512
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    resize_interpolation: str = "auto"
-    flip_aug: bool = False
-    caption_extension: str = ".txt"
-    background: str = "#ffffff"
-    validation_split: float = 0.0
-    validation_seed: int | None = None
-    cache_latents_to_disk: bool = False
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """``(width, height)`` of the training resolution."""
-        r = self.resolution
-        if isinstance(r, str):
-            parts = [int(p) for p in r.replace("x", ",").split(",") if p.strip()]
-            r = parts[0] if len(parts) == 1 else tuple(parts[:2])
-        if isinstance(r, (list, tuple)):
-            return int(r[0]), int(r[1])
-        return int(r), int(r)
-
-    def validate(self) -> "DatasetOptions":
-        """Check values; raises ``ValueError`` (kohya's messages where kohya asserts). Returns ``self``.
-
-        With bucketing on, ``min_bucket_reso`` is rounded down and ``max_bucket_reso`` up to a multiple of
-        ``bucket_reso_steps`` in place (as kohya's ``BucketManager`` does). ``background`` is checked by
-        :func:`parse_color`.
-        """
-        w, h = self.size
-        if w < 8 or h < 8:
-            raise ValueError(f"resolution must be at least 8 px, got {w}x{h}")
-        if self.resize_interpolation not in INTERPOLATIONS:
-            raise ValueError(f"resize_interpolation must be one of {', '.join(INTERPOLATIONS)}")
-        if not 0.0 <= float(self.validation_split) < 1.0:
-            raise ValueError("validation_split must be in [0, 1)")
-        parse_color(self.background)
-        check_caption_extension(self.caption_extension)
-        if self.enable_bucket:
-            step = int(self.bucket_reso_steps)
-            if step < 8 or step % 8:
-                raise ValueError(f"bucket_reso_steps must be a multiple of 8, got {step}")
-            if self.min_bucket_reso % step:
-                self.min_bucket_reso -= self.min_bucket_reso % step
-            if self.max_bucket_reso % step:
-                self.max_bucket_reso += step - self.max_bucket_reso % step
-            if not self.bucket_no_upscale:
-                if min(w, h) < self.min_bucket_reso:
-                    raise ValueError(f"min_bucket_reso ({self.min_bucket_reso}) must be <= the resolution "
-                                     f"({min(w, h)}); lower min_bucket_reso or raise the resolution")
-                if max(w, h) > self.max_bucket_reso:
-                    raise ValueError(f"max_bucket_reso ({self.max_bucket_reso}) must be >= the resolution "
-                                     f"({max(w, h)})")
-        return self
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, object]) -> "DatasetOptions":
-        """Build from a (flattened kohya) mapping; unrelated keys and ``None`` values are ignored (except
-        ``validation_seed``, where ``None`` means "the training seed"). Raises ``ValueError`` via :meth:`validate`."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in values.items() if k in names and v is not None}
-        if "validation_seed" in values:
-            kw["validation_seed"] = values["validation_seed"]
-        return cls(**kw).validate()
-
-    def to_dict(self) -> dict:
-        """All fields as a plain dict, with ``resolution`` normalised to ``[width, height]``."""
-        d = asdict(self)
-        d["resolution"] = list(self.size)
-        return d
-
-
-def check_caption_extension(ext: object) -> str:
-    """``ext`` if it is a file extension only (``.txt``, ``caption``, ``.tags.txt``: letters, digits, ``_``, ``-``,
-    at most three dot-parts of 16); ``ValueError`` otherwise — a caption path is ``<image stem><ext>``, so a ``/``
-    or ``..`` here would read any file (issue 18)."""
-    if not isinstance(ext, str) or not re.fullmatch(r"\.?[A-Za-z0-9_-]{1,16}(\.[A-Za-z0-9_-]{1,16}){0,2}", ext):
-        raise ValueError(f"caption_extension must be a file extension such as .txt or .caption, got "
-                         f"{str(ext)[:40]!r}")
-    return ext
-
-
-def parse_color(text: str) -> tuple[int, int, int]:
-    """``"#rrggbb"`` / ``"rrggbb"`` / ``"r,g,b"`` → ``(r, g, b)`` ints 0..255; ``ValueError`` otherwise."""
-    s = str(text).strip()
-    try:
-        if "," in s:
-            vals = tuple(int(v) for v in s.split(","))
-            if len(vals) == 3 and all(0 <= v <= 255 for v in vals):
-                return vals  # type: ignore[return-value]
-        else:
-            s = s.lstrip("#")
-            if len(s) == 6:
-                return tuple(int(s[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
-    except ValueError:
-        pass
-    raise ValueError(f"background colour {text!r} is not '#rrggbb' or 'r,g,b'")
-
-
-# -- buckets ------------------------------------------------------------------------------------------------
-
-def make_bucket_resolutions(max_reso: tuple[int, int], min_size: int = 256, max_size: int = 1024,
-                            divisible: int = 64) -> list[tuple[int, int]]:
-    """Kohya's predefined bucket resolutions ``[(w, h), ...]`` (sorted), model_util.make_bucket_resolutions.
-
-    All ``(w, h)`` with ``w`` stepping by ``divisible`` in ``[min_size, max_size]`` and
-    ``h = min(max_size, floor(max_area / w / divisible)·divisible) >= min_size`` plus their transposes, and the
-    square of side ``floor(sqrt(max_area)/divisible)·divisible``.
-    """
-    max_area = max_reso[0] * max_reso[1]
-    resos = set()
-    side = int(math.sqrt(max_area) // divisible) * divisible
-    resos.add((side, side))
-    width = min_size
-    while width <= max_size:
-        height = min(max_size, int((max_area // width) // divisible) * divisible)
-        if height >= min_size:
-            resos.add((width, height))
-            resos.add((height, width))
-        width += divisible
-    return sorted(resos)
-
-
-class BucketManager:
-    """Kohya's ``BucketManager.select_bucket`` (train_util.py) for one dataset's options.
-
-    ``select(w, h) -> (bucket_reso (w, h), resized_size (w, h), aspect-ratio error)``: the image is resized to
-    ``resized_size`` then centre-cropped to ``bucket_reso``. All sizes in pixels; the error is
-    ``bucket_w/bucket_h − width/height`` (signed). Source: kohya-ss/sd-scripts ``library/train_util.py``
-    ``BucketManager.select_bucket`` / ``round_to_steps``.
-    """
-
-    def __init__(self, opts: DatasetOptions):
-        self.no_upscale = bool(opts.bucket_no_upscale) and bool(opts.enable_bucket)
-        self.max_reso = opts.size
-        self.max_area = self.max_reso[0] * self.max_reso[1]
-        self.steps = int(opts.bucket_reso_steps)
-        if not opts.enable_bucket:
-            self.predefined = [self.max_reso]
-        elif not self.no_upscale:
-            self.predefined = make_bucket_resolutions(self.max_reso, opts.min_bucket_reso, opts.max_bucket_reso,
-                                                      self.steps)
-        else:
-            self.predefined = []
-        self._ars = np.array([w / h for w, h in self.predefined]) if self.predefined else None
-
-    def _round(self, x: float) -> int:
-        x = int(x + 0.5)
-        return x - x % self.steps
-
-    def select(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], float]:
-        """``(bucket_reso, resized_size, ar_error)`` for an image of ``width`` × ``height`` px (both ≥ 1).
-
-        Predefined buckets: the one of nearest aspect ratio, resized to cover it. ``bucket_no_upscale``: images
-        above the max area are scaled down to it, then the bucket is the size rounded down to the step.
-        Raises :class:`DatasetError` when, with ``bucket_no_upscale``, the image is smaller than one step.
-        """
-        ar = width / height
-        if not self.no_upscale:
-            reso = (width, height)
-            if reso not in self.predefined:
-                reso = self.predefined[int(np.abs(self._ars - ar).argmin())]
-            ar_reso = reso[0] / reso[1]
-            scale = reso[1] / height if ar > ar_reso else reso[0] / width
-            resized = (int(width * scale + 0.5), int(height * scale + 0.5))
-        else:
-            if width * height > self.max_area:
-                rw = math.sqrt(self.max_area * ar)
-                rh = self.max_area / rw
-                bw = self._round(rw)
-                bh_w = self._round(bw / ar)
-                ar_w = bw / bh_w if bh_w else float("inf")
-                bh = self._round(rh)
-                bw_h = self._round(bh * ar)
-                ar_h = bw_h / bh if bh else float("inf")
-                if abs(ar_w - ar) < abs(ar_h - ar):
-                    resized = (bw, int(bw / ar + 0.5))
-                else:
-                    resized = (int(bh * ar + 0.5), bh)
-            else:
-                resized = (width, height)
-            reso = (resized[0] - resized[0] % self.steps, resized[1] - resized[1] % self.steps)
-            if reso[0] < self.steps or reso[1] < self.steps:
-                raise DatasetError(f"an image of {width}x{height} px is smaller than one bucket step "
-                                   f"({self.steps} px) with bucket_no_upscale; lower bucket_reso_steps")
-        return reso, resized, reso[0] / reso[1] - ar
-
 
 # -- entries ------------------------------------------------------------------------------------------------
 
@@ -304,69 +90,6 @@ class SubsetInfo:
     val_count: int = 0
     missing_captions: list[str] = field(default_factory=list)
     is_reg: bool = False
-
-
-def _resample(name: str, shrinking: bool):
-    from PIL import Image
-
-    if name == "auto":
-        return Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
-    return {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-            "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}[name]
-
-
-def open_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)):
-    """Open an image as RGB PIL, compositing any transparency (alpha, palette transparency) on ``background``.
-
-    Raises :class:`DatasetError` for unreadable / corrupt files.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            check_image_pixels(*im.size, Path(path).name)  # from the header, before decoding
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info) or (
-                    "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (*background, 255))
-                return Image.alpha_composite(bg, rgba).convert("RGB")
-            return im.convert("RGB")
-    except (DatasetError, LimitError):
-        raise
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise DatasetError(f"cannot read image {Path(path).name}: {exc}") from None
-
-
-def prepare_image(path: str | os.PathLike, bucket_reso: tuple[int, int], resized_size: tuple[int, int],
-                  interpolation: str = "auto", background: tuple[int, int, int] = (255, 255, 255)) -> torch.Tensor:
-    """Load, composite, resize and centre-crop one image to its bucket (kohya ``trim_and_resize_if_required``).
-
-    Returns float32 ``[3, H, W]`` in ``[-1, 1]`` with ``(W, H) = bucket_reso``. ``bucket_reso`` /
-    ``resized_size`` are ``(w, h)`` in pixels, ``resized_size`` ≥ ``bucket_reso`` on both sides; ``background``
-    is the uint8 RGB colour transparency is composited on.
-    Raises :class:`DatasetError` for an unreadable image or a ``resized_size`` smaller than the bucket.
-    """
-    img = open_rgb(path, background)
-    w, h = img.size
-    if (w, h) != tuple(resized_size):
-        shrinking = resized_size[0] <= w and resized_size[1] <= h
-        img = img.resize(tuple(resized_size), resample=_resample(interpolation, shrinking))
-    arr = np.asarray(img, dtype=np.uint8)
-    H, W = arr.shape[:2]
-    bw, bh = bucket_reso
-    if W > bw:
-        p = (W - bw) // 2
-        arr = arr[:, p:p + bw]
-    if H > bh:
-        p = (H - bh) // 2
-        arr = arr[p:p + bh]
-    if arr.shape[0] != bh or arr.shape[1] != bw:
-        raise DatasetError(f"internal error: {Path(path).name} prepared as {arr.shape[1]}x{arr.shape[0]}, "
-                           f"bucket {bw}x{bh}")
-    t = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return t
 
 
 def _list_images(folder: Path) -> list[Path]:

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .captions import CaptionConfig, CaptionFileError, read_caption, tag_frequency
-from .dataset import (IMAGE_EXTENSIONS, DatasetError, DatasetOptions, ImageEntry, KohyaDataset, SubsetInfo,
-                      _list_images, _parse_subset_name, open_rgb, parse_color, split_train_val)
+from .buckets import open_rgb
+from .dataset import ImageEntry, KohyaDataset, SubsetInfo, _list_images, _parse_subset_name, split_train_val
+from .dataset_options import IMAGE_EXTENSIONS, DatasetError, DatasetOptions, parse_color
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def build_dataset(user_config: Mapping[str, Any] | None, args: Mapping[str, Any]
     ``batch_size`` is the dataset's ``batch_size`` if the config set one (else ``None``).
 
     Raises ``ValueError`` (unsupported keys or several ``[[datasets]]``), ``FileNotFoundError`` (missing folder)
-    and :class:`~.dataset.DatasetError` (no images, bad captions).
+    and :class:`~.dataset_options.DatasetError` (no images, bad captions).
     """
     general: Mapping[str, Any] = {}
     if user_config is None:

@@ -232,13 +232,13 @@ def candidates(keys: Iterable[str], shapes: Mapping[str, tuple], arch: str, conv
     UNet names are kohya's for the family (diffusers spelling for SD1/SD2, LDM spelling for SDXL as kohya's SDXL
     trainer writes). Raises ``ValueError`` for an architecture other than sd1/sd2/sdxl.
     """
-    from ...formats import keys as K
+    from ...formats import kohya_keys, ldm_keys
 
     if arch not in _TES:
         raise ValueError(f"LoRA extraction supports SD1, SD2 and SDXL checkpoints, not {arch!r}")
     keyset = set(keys)
     out: list[Candidate] = []
-    l2d = K.ldm_to_diffusers_unet(arch)
+    l2d = ldm_keys.ldm_to_diffusers_unet(arch)
     for ldm_w, diff_w in l2d.items():
         full = "model.diffusion_model." + ldm_w
         if not ldm_w.endswith(".weight") or full not in keyset or len(shapes[full]) not in (2, 4):
@@ -251,14 +251,14 @@ def candidates(keys: Iterable[str], shapes: Mapping[str, tuple], arch: str, conv
             group = "conv"
         else:
             continue
-        name = K.kohya_lora_name("unet", ldm_w[: -len(".weight")] if arch == "sdxl" else dpath)
+        name = kohya_keys.kohya_lora_name("unet", ldm_w[: -len(".weight")] if arch == "sdxl" else dpath)
         out.append(Candidate(name, full, None, group))
     for comp in _TES[arch]:
         for i in range(64):  # every layer index CLIP text towers have (files may hold only some)
             for m in _TE_MODULES:
-                name = K.kohya_lora_name(comp, f"text_model.encoder.layers.{i}.{m}")
+                name = kohya_keys.kohya_lora_name(comp, f"text_model.encoder.layers.{i}.{m}")
                 try:
-                    t = K.kohya_target(name, arch)
+                    t = kohya_keys.kohya_target(name, arch)
                 except ValueError:
                     continue
                 if t.weight_key in keyset:

@@ -339,7 +339,7 @@ def own_setting_names() -> set[str]:
     from dataclasses import fields
 
     from .captions import CaptionConfig
-    from .dataset import DatasetOptions
+    from .dataset_options import DatasetOptions
     from .config import TrainConfig
 
     return {f.name for cls in (TrainConfig, DatasetOptions, CaptionConfig) for f in fields(cls)}

@@ -51,7 +51,7 @@ _TE_TARGET = re.compile(r"(^|\.)(self_attn|mlp)\.")
 def _kohya_name(component: str, path: str, host: DiffusionHost | None = None) -> str:
     """kohya's LoRA module name for a host module: the family's naming (:class:`..families.Family`
     ``kohya_unet_names``) decides whether UNet modules are named by their diffusers or their LDM path."""
-    from ...formats.keys import kohya_lora_name
+    from ...formats.kohya_keys import kohya_lora_name
     from ..families import FAMILIES
 
     if component == "t5":  # Flux T5-XXL: kohya lora_flux.py LORA_PREFIX_TEXT_ENCODER_T5, transformers paths

@@ -23,7 +23,7 @@ What follows kohya-ss/sd-scripts (``train_network.py``, ``library/train_util.py`
 
 What Concept Lab adds: training state saved beside each checkpoint as safetensors + JSON (never pickle) with
 every RNG the run uses, so a resumed run reproduces an uninterrupted one bit for bit; a NaN/Inf guard; sample
-images and palette metrics each epoch; a per-epoch table (JSON, table image, loss curve); best-epoch selection
+images and palette metrics each epoch (:mod:`.samples`); a per-epoch table (JSON, table image, loss curve); best-epoch selection
 by a metric and direction with optional early stopping; the winner written as ``<name>-best.safetensors``.
 
 All randomness comes from dedicated generators (``torch.Generator`` for noise/timesteps and LoRA dropout,
@@ -59,8 +59,9 @@ from .noise import max_norm_regularization
 from .objective import objective_for
 from .optim import _optimizer_kwargs, build_optimizer, build_scheduler
 from .output import EPOCHS_SCHEMA, TrainResult, build_metadata, epoch_file_name, save_lora_file
-from .report import (EarlyStopping, _to_uint8, labelled_grid, palette_metrics, render_epoch_table, render_loss_curve,
-                     resolve_metric, save_png, score_of)
+from .report import (EarlyStopping, labelled_grid, render_epoch_table, render_loss_curve, resolve_metric, save_png,
+                     score_of)
+from .samples import dataset_effective_colors, render_samples, sample_metrics
 from .state import _jsonable, _py_rng_from_json, find_latest_state, optimizer_state_from_flat, read_state, write_state
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class LoraTrainer:
             raise ValueError("network_train_text_encoder_only is set but the model has no text encoder")
         self._te_cache: dict[str, Conditioning] = {}
         self.dataset_effective_colors: float | None = None
+        self._sample_warnings: set[str] = set()  # warnings render_samples gives once per run
         self.family = family(getattr(host, "arch", "sd1"))
         for msg in objective_for(host).check_config(self.cfg, host):  # raises for settings that contradict it
             logger.warning(msg)
@@ -226,55 +228,13 @@ class LoraTrainer:
     @torch.no_grad()
     def render_samples(self, prompts: Sequence[str]) -> list[np.ndarray]:
         """One image per prompt (uint8 ``[H, W, 3]``); kohya per-prompt options (:mod:`.sample_prompts`) override
-        the trainer's sample settings; seeds ``sample_seed + i`` unless a prompt gives ``--d``."""
-        import inspect
-
-        from .sample_prompts import SamplePrompt, comfy_sampler, round_size
-
-        cfg = self.cfg
-        specs = {sp.prompt: sp for sp in cfg.prompt_specs}
-        w0 = cfg.sample_width or self.dataset.options.size[0]
-        h0 = cfg.sample_height or self.dataset.options.size[1]
-        seed = cfg.sample_seed if cfg.sample_seed is not None else cfg.seed
-        params = inspect.signature(self.host.sample).parameters
-        takes_sampler = "sampler_name" in params
-        native = getattr(self.host, "native_sampler", "ddim")
-        # kohya's Flux samples: true CFG ("scale") defaults to 1.0 (flux_train_utils.py line 159), --g = guidance
-        cfg_default = cfg.sample_cfg if "guidance" not in params or cfg.sample_cfg != TrainConfig.sample_cfg else 1.0
-        out = []
-        for i, p in enumerate(prompts):
-            sp = specs.get(p) or SamplePrompt(p)
-            kw = {}
-            name = sp.sample_sampler or cfg.sample_sampler
-            if takes_sampler:
-                kw["sampler_name"], kw["scheduler"] = comfy_sampler(name)
-            elif (name or native).lower() not in (native, TrainConfig.sample_sampler) \
-                    and not getattr(self, "_sampler_warned", False):
-                logger.warning("sample_sampler %s has no effect: this model host samples with %s only", name, native)
-                self._sampler_warned = True
-            if "guidance" in params:
-                kw["guidance"] = sp.guidance_scale
-            elif sp.guidance_scale is not None:
-                logger.warning("sample prompt option --g (distilled guidance, Flux) has no effect on this model")
-            img = self.host.sample([p], sp.negative_prompt if sp.negative_prompt is not None else cfg.sample_negative,
-                                   width=round_size(sp.width or w0) if sp.width else w0,
-                                   height=round_size(sp.height or h0) if sp.height else h0,
-                                   steps=sp.sample_steps or cfg.sample_steps,
-                                   cfg=sp.scale if sp.scale is not None else cfg_default,
-                                   seed=sp.seed if sp.seed is not None else seed + i, **kw)
-            out.append(_to_uint8(img[0]))
-        return out
+        the trainer's sample settings; seeds ``sample_seed + i`` unless a prompt gives ``--d``
+        (:func:`.samples.render_samples`)."""
+        return render_samples(self.host, self.cfg, prompts, self.dataset.options.size, self._sample_warnings)
 
     def _dataset_effective_colors(self) -> float | None:
         if self.dataset_effective_colors is None:
-            vals = []
-            for e in self.dataset.entries[:256]:
-                img = ((self.dataset.load_image(e) + 1) * 127.5).round().clamp(0, 255).byte()
-                m = palette_metrics(img.permute(1, 2, 0).numpy(), self.cfg.palette_list,
-                                    self.cfg.sample_grid_cells)
-                if "effective_colors" in m:
-                    vals.append(m["effective_colors"])
-            self.dataset_effective_colors = float(np.median(vals)) if vals else None
+            self.dataset_effective_colors = dataset_effective_colors(self.dataset, self.cfg)
         return self.dataset_effective_colors
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -505,15 +465,7 @@ class LoraTrainer:
                         p = save_png(im, sample_dir / f"{cfg.output_name}_e{ep1:06d}_{i:02d}.png")
                         names.append(str(p.relative_to(self.state_dir)))
                     record["samples"] = names
-                    mets = [palette_metrics(im, cfg.palette_list, cfg.sample_grid_cells) for im in samples]
-                    keys = sorted(set().union(*[m.keys() for m in mets])) if mets else []
-                    for k in keys:
-                        vals = [m[k] for m in mets if k in m]
-                        if vals:
-                            record[k] = float(np.mean(vals))
-                    if "effective_colors" in record and target_value is not None:
-                        record["effective_colors_vs_dataset"] = record["effective_colors"]
-                        record["dataset_effective_colors"] = target_value
+                    record.update(sample_metrics(samples, cfg, target_value))
                     sample_rows.append(samples)
                     sample_labels.append(f"epoch {ep1}")
 

@@ -15,7 +15,8 @@ import json
 import sys
 import warnings
 
-from .methods import METHODS, PRESET_HELP, PRESETS, TIES_SIGNS, MethodOptions
+from .blocks import PRESET_HELP, PRESETS
+from .methods import METHODS, TIES_SIGNS, MethodOptions
 
 
 def register(subparsers) -> None:

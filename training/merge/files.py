@@ -49,7 +49,8 @@ import torch
 
 from ...formats.safetensors_io import SafetensorsStreamWriter, WeightFile, parse_dtype
 from ...formats.weight_folders import open_weight_source
-from .methods import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor, parse_block_weights
+from .blocks import parse_block_weights
+from .methods import METHODS, METHODS_NEED_C, MergePlan, MethodOptions, check_alpha, merge_tensor
 from .io import (_BufferPool, _byte_view, _cached_hashes, _fast_reader, _Hasher,  # noqa: F401 - re-exported
                        _PreadSafetensors, _collect_hashes, _remember_hashes)
 from .pipeline import (_MEMORY_BOUND, _pipeline, _torch_threads, arithmetic_threads,  # noqa: F401
