@@ -3,7 +3,8 @@ lattices (interpolating upscales), a status and a calibrated confidence — :fun
 
 Modules: :mod:`.grid_model` (the :class:`Grid` and snapping), :mod:`.grid_uniform` (the single-period detector,
 one hypothesis here and the benchmark's baseline), :mod:`.grid_cuts` (per-line cuts by dynamic programming),
-:mod:`.grid_soft` (soft lattices re-rendered with the bilinear / bicubic / Lanczos kernels). Everything public in
+:mod:`.grid_soft` (soft lattices re-rendered with the bilinear / bicubic / Lanczos kernels), :mod:`.grid_borders`
+(cuts in blank border stretches, predicted from the visible lattice). Everything public in
 those modules is re-exported here.
 """
 
@@ -74,6 +75,15 @@ def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
     h = rgb.shape[0]
     step = max(1, h // count)
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
+
+
+def _lattice_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest distance (px) from a cut of ``a`` to the nearest cut of ``b`` (both increasing)."""
+    j = np.clip(np.searchsorted(b, a), 1, max(1, b.size - 1)) if b.size > 1 else np.zeros(a.size, np.int64)
+    d = np.abs(b[j] - a)
+    if b.size > 1:
+        d = np.minimum(d, np.abs(b[j - 1] - a))
+    return float(d.max()) if d.size else 0.0
 
 
 def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0) -> float:
@@ -220,16 +230,25 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             fit = sfit
         if ucell > 1 and sfit is None:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
+            uphase = u.phase_x if axis == 0 else u.phase_y
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)
             same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
             # ... and one period reaches every visible cut (no edge-anchored cut of the line-by-line fit off it):
             # otherwise the cells drift, and the tie goes to the cut sequence
             same = same and gc.off_grid(p1, fit.cuts, ucuts, fit.cell) == 0
+            if same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1]:
+                # one period fits: the lattice through the visible edges (the uniform detector's period is
+                # length / whole cells, a few % off on a cropped frame, and that adds up across blank borders)
+                lat = gc.lattice_through(p1, fit.cuts, fit.cell, L, ucell)
+                if lat is not None and lat.size and ucuts.size and _lattice_gap(ucuts, lat) > 1.0:
+                    rl = gc.residual(lines, lat, fit.mode, thr)
+                    if rl <= ru:
+                        ucuts, ucell, ru = lat, float(np.median(np.diff(lat))) if lat.size > 1 else ucell, rl
+                        uphase = _phase_of(tuple(lat), ucell)
             if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
                     or ru < fit.residual - UNIFORM_TIE[2]):
-                conf_u = _confidence(p1[1:L], L, ucell,
-                                     u.phase_x if axis == 0 else u.phase_y)
+                conf_u = _confidence(p1[1:L], L, ucell, uphase)
                 fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
                                  fit.noise, fit.candidates)
                 fit.uniform = True
@@ -249,6 +268,7 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
             a.score, a.separation, a.mode = b.score, b.separation, b.mode
             a.edges = False  # its cuts are borrowed: no edges of its own to count
+    gc.pool_borders([fx, fy], [p1 for p1, _ in prof_xy])  # blank borders: the mean cell of both axes
     support = [gc.cut_support(prof_xy[i][0], f.cuts, f.cell) if f.mode == "sharp" and getattr(f, "edges", True)
                else (0, 0.0) for i, f in enumerate((fx, fy))]
     for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px
