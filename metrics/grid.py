@@ -3,7 +3,8 @@ lattices (interpolating upscales), a status and a calibrated confidence — :fun
 
 Modules: :mod:`.grid_model` (the :class:`Grid` and snapping), :mod:`.grid_uniform` (the single-period detector,
 one hypothesis here and the benchmark's baseline), :mod:`.grid_cuts` (per-line cuts by dynamic programming),
-:mod:`.grid_soft` (soft lattices re-rendered with the bilinear / bicubic / Lanczos kernels). Everything public in
+:mod:`.grid_soft` (soft lattices re-rendered with the bilinear / bicubic / Lanczos kernels), :mod:`.grid_borders`
+(cuts in blank border stretches, predicted from the visible lattice). Everything public in
 those modules is re-exported here.
 """
 
@@ -53,6 +54,13 @@ SOFT_POOL = 0.2
 SOFT_RESIDUAL_FULL = 0.01
 #: Residual gain over the next coarser grid at which the confidence saturates (share of pixels).
 SEPARATION_FULL = 0.02
+#: Soft-search axes (:func:`_soft_confidence`): the confidence rises linearly from 0 to 1 as the next coarser
+#: lattice's re-drawing error grows from SOFT_RATIO_RANGE[0] to [1] times the found one's (0.5 — the
+#: low-confidence line — at 3×). Tuned on condition_render seeds 0–199 (random 320–512 px frames, bilinear /
+#: bicubic / Lanczos / torch bicubic, 800 renders): flags 2 right grids of 785 and 5 of 15 wrong ones. The error
+#: floor (0..255 units; 8-bit rounding alone leaves ~0.25) keeps a near-perfect fit from inflating the ratio.
+SOFT_RATIO_RANGE = (2.0, 4.0)
+SOFT_ERROR_FLOOR = 0.3
 #: Sharp axes: the confidence falls linearly from 1 to 0 as the cut alternation (:func:`.grid_cuts.cut_support`:
 #: the edges on every 2nd / 3rd cut only — a grid 2–3× too fine) rises from ALTERNATION_RANGE[0] to [1]
 #: (right grids on the tuning seeds 0–99: ≤ 0.64; grids twice too fine: 0.72–0.83).
@@ -69,6 +77,15 @@ def _profile_lines(rgb: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[np.arange(step // 2, h, step)].transpose(2, 0, 1), dtype=np.int16)
 
 
+def _lattice_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest distance (px) from a cut of ``a`` to the nearest cut of ``b`` (both increasing)."""
+    j = np.clip(np.searchsorted(b, a), 1, max(1, b.size - 1)) if b.size > 1 else np.zeros(a.size, np.int64)
+    d = np.abs(b[j] - a)
+    if b.size > 1:
+        d = np.minimum(d, np.abs(b[j - 1] - a))
+    return float(d.max()) if d.size else 0.0
+
+
 def _axis_confidence(score: float, separation: float, mode: str = "sharp", residual: float = 0.0) -> float:
     """Confidence of one axis, 0..1, times how clearly the next coarser grid explains the image worse
     (``separation``, residual gain, saturating at :data:`SEPARATION_FULL`): for a sharp grid, the edge
@@ -80,6 +97,22 @@ def _axis_confidence(score: float, separation: float, mode: str = "sharp", resid
     if mode == "soft":
         return float(np.clip(1.0 - residual / SOFT_RESIDUAL_FULL, 0.0, 1.0) * sep)
     return float(np.clip(score, 0.0, 1.0) ** 0.5 * sep)
+
+
+def _soft_confidence(error: float, coarser_error: float | None) -> float:
+    """Confidence of an axis found by :func:`.grid_soft.detect_soft`, 0..1: how much worse the next coarser
+    screened lattice re-draws the image than the found one — ``ratio = coarser_error / max(error,
+    SOFT_ERROR_FLOOR)`` (mean least-squares re-drawing errors, 0..255 units; 1.0 when no coarser lattice fits
+    3 cells), mapped linearly from ``SOFT_RATIO_RANGE[0]`` (0) to ``[1]`` (1) (:data:`SOFT_RATIO_RANGE`). A
+    wrong soft grid is mostly a harmonic or a spurious period that a coarser lattice explains almost as well;
+    a right one leaves the coarser lattice far behind. The thresholded residual share
+    (:func:`.grid_redraw.soft_residual`) is left out: it is ~0 for right and wrong lattices alike, and Lanczos
+    renders whose clipped overshoot leaves 0.5–0.9 % of pixels off were right (it only gates acceptance,
+    :data:`.grid_soft.MAX_RESIDUAL`)."""
+    if coarser_error is None:
+        return 1.0
+    lo, hi = SOFT_RATIO_RANGE
+    return float(np.clip((coarser_error / max(error, SOFT_ERROR_FLOOR) - lo) / (hi - lo), 0.0, 1.0))
 
 
 def _sharp_confidence(score: float, alternation: float, edges: int) -> float:
@@ -161,16 +194,25 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
     # sampled lines and edge profiles per axis, computed once: the uniform and cut-sequence hypotheses use them
     views = (rgb, np.swapaxes(rgb, 0, 1))
     lines_xy = [_lines(img) for img in views]
+    # an interpolating upscale (soft edges, issue 13): grid_soft's lattices win on the axes they explain. Edges
+    # wide enough for one (looks_soft): searched first, and the sharp detectors are skipped when both axes are
+    # explained; otherwise tried unless both axes show a clearly sharp grid (the soft search rejects sharp,
+    # noisy, JPEG and blurred renders itself)
+    from .grid_soft import SOFT_TRY, detect_soft, looks_soft
+
+    soft = detect_soft(rgb, lines=tuple(lines_xy), x_first=True) if looks_soft(lines_xy[0]) else None
+    if soft is not None and None not in soft and abs(soft[0].cell / soft[1].cell - 1.0) <= 0.1 and \
+            min(f.cell for f in soft) >= gc.MIN_CELL_PX:  # what the steps below would keep as they are
+        return _grid_from_fits(w, h, *soft, [(0, 0.0), (0, 0.0)])
+    if soft is not None and soft[0] is None:  # (x_first: y not searched) the full search as before, if asked
+        soft = None
     prof_xy = [gc.axis_profiles(_profile_lines(img, PROFILE_LINES // 2)) for img in views]
     u = detect_grid_uniform(rgb, None, margin, max_cells, profiles=tuple(p1[1:-1] for p1, _ in prof_xy),
                             lines=tuple(lines_xy))
-    # an interpolating upscale (soft edges, issue 13): grid_soft's lattices win on the axes they explain; tried
-    # unless both axes show a clearly sharp grid (they reject sharp, noisy, JPEG and blurred renders themselves)
-    from .grid_soft import SOFT_TRY, detect_soft
-
     uc = [c if u.method == "uniform" and cell > 1 else 0.0 for c, cell in ((u.confidence_x, u.cell_w),
                                                                          (u.confidence_y, u.cell_h))]
-    soft = detect_soft(rgb) if min(uc) < SOFT_TRY else [None, None]
+    if soft is None:
+        soft = detect_soft(rgb, lines=tuple(lines_xy)) if min(uc) < SOFT_TRY else [None, None]
     fits = []
     for axis, img in enumerate(views):
         L = img.shape[1]
@@ -188,16 +230,25 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             fit = sfit
         if ucell > 1 and sfit is None:
             ucuts = np.asarray(u.cuts_x if axis == 0 else u.cuts_y, np.float64)
+            uphase = u.phase_x if axis == 0 else u.phase_y
             thr = gc.threshold(fit.noise)
             ru = gc.residual(lines, ucuts, fit.mode, thr)
             same = fit.cuts.size > 0 and abs(ucell / fit.cell - 1.0) < 0.1  # a harmonic was already ruled out
             # ... and one period reaches every visible cut (no edge-anchored cut of the line-by-line fit off it):
             # otherwise the cells drift, and the tie goes to the cut sequence
             same = same and gc.off_grid(p1, fit.cuts, ucuts, fit.cell) == 0
+            if same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1]:
+                # one period fits: the lattice through the visible edges (the uniform detector's period is
+                # length / whole cells, a few % off on a cropped frame, and that adds up across blank borders)
+                lat = gc.lattice_through(p1, fit.cuts, fit.cell, L, ucell)
+                if lat is not None and lat.size and ucuts.size and _lattice_gap(ucuts, lat) > 1.0:
+                    rl = gc.residual(lines, lat, fit.mode, thr)
+                    if rl <= ru:
+                        ucuts, ucell, ru = lat, float(np.median(np.diff(lat))) if lat.size > 1 else ucell, rl
+                        uphase = _phase_of(tuple(lat), ucell)
             if (fit.cuts.size == 0 or (same and ru <= UNIFORM_TIE[0] * fit.residual + UNIFORM_TIE[1])
                     or ru < fit.residual - UNIFORM_TIE[2]):
-                conf_u = _confidence(p1[1:L], L, ucell,
-                                     u.phase_x if axis == 0 else u.phase_y)
+                conf_u = _confidence(p1[1:L], L, ucell, uphase)
                 fit = gc.AxisFit(L, ucuts, ucell, fit.mode if fit.cuts.size else "sharp", ru, conf_u, fit.separation if fit.cuts.size else 1.0,
                                  fit.noise, fit.candidates)
                 fit.uniform = True
@@ -217,13 +268,21 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
             a.cuts = np.asarray(_uniform_cuts(L, b.cell, 0.0))
             a.score, a.separation, a.mode = b.score, b.separation, b.mode
             a.edges = False  # its cuts are borrowed: no edges of its own to count
+    gc.pool_borders([fx, fy], [p1 for p1, _ in prof_xy])  # blank borders: the mean cell of both axes
     support = [gc.cut_support(prof_xy[i][0], f.cuts, f.cell) if f.mode == "sharp" and getattr(f, "edges", True)
                else (0, 0.0) for i, f in enumerate((fx, fy))]
     for i, f in enumerate((fx, fy)):  # blurred edges spread beyond ±2 px: also count energy within ±2..3 px
         if f.mode == "sharp" and getattr(f, "edges", True) and f.cuts.size:
             f.score = max(f.score, gc.edge_score(prof_xy[i][0], f.cuts, f.length, max(2.0, min(3.0, f.cell / 4))))
+    return _grid_from_fits(w, h, fx, fy, support)
+
+
+def _grid_from_fits(w: int, h: int, fx, fy, support) -> Grid:
+    """The :class:`Grid` of two axis fits (``support``: ``(edge-anchored cuts, alternation)`` per axis of
+    :func:`.grid_cuts.cut_support`, ``(0, 0.0)`` for soft axes): confidence, status, diagnostics."""
     edges = max(n for n, _ in support)
     cx, cy = (_sharp_confidence(f.score, a, edges) if f.mode == "sharp" else
+              _soft_confidence(f.error, f.coarser_error) if getattr(f, "error", None) is not None else
               _axis_confidence(f.score, f.separation, f.mode, f.residual) for f, (_, a) in zip((fx, fy), support))
     conf = min(cx, cy)
     status = "detected" if conf >= LOW_CONFIDENCE else "low_confidence"
@@ -235,7 +294,10 @@ def detect_grid(rgb: np.ndarray, cells: int | tuple[int, int] | None = None, mar
               "separation_y": fy.separation, "score_x": fx.score, "score_y": fy.score,
               "candidates_x": fx.candidates, "candidates_y": fy.candidates, "edges_x": support[0][0],
               "edges_y": support[1][0], "alternation_x": round(support[0][1], 4),
-              "alternation_y": round(support[1][1], 4)},
+              "alternation_y": round(support[1][1], 4), "error_x": getattr(fx, "error", None),
+              "error_y": getattr(fy, "error", None), "coarser_error_x": getattr(fx, "coarser_error", None),
+              "coarser_error_y": getattr(fy, "coarser_error", None), "nn_error_x": getattr(fx, "nn_error", None),
+              "nn_error_y": getattr(fy, "nn_error", None)},
              tuple(float(c) for c in fx.cuts), tuple(float(c) for c in fy.cuts), status,
              "" if status == "detected" else f"confidence {conf:.2f} < {LOW_CONFIDENCE}", mode)
     return g

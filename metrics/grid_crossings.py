@@ -146,3 +146,36 @@ def line_fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> 
         return my, 0.0
     slope = float((wt * dx * (y - my)).sum()) / sxx
     return my - slope * mx, slope
+
+
+def crossing_lattices(pos: np.ndarray, weight: np.ndarray, ws, iters: int = 2) -> list[tuple[float, float]]:
+    """:func:`crossing_lattice` for several start periods ``ws`` (px) at once: ``[(a, s), ...]`` in their order,
+    the same arithmetic on ``[len(ws), len(pos)]`` arrays (one pass instead of a Python loop per period)."""
+    w = np.asarray(ws, np.float64)
+    if w.size == 0:
+        return []
+    if pos.size < 2:
+        return [(0.0, float(x)) for x in w]
+    z = (weight[None, :] * np.exp(2j * np.pi * pos[None, :] / w[:, None])).sum(1)
+    a = (np.angle(z) / (2 * np.pi) * w) % w
+    s = w.copy()
+    live = np.ones(w.size, bool)  # rows still iterating (the scalar version's ``break``)
+    bad = np.zeros(w.size, bool)  # rows whose fit collapsed (the scalar version returns (0, w))
+    for _ in range(iters):
+        k = np.rint((pos[None, :] - a[:, None]) / s[:, None])
+        keep = np.abs(pos[None, :] - a[:, None] - k * s[:, None]) < 0.25 * s[:, None]
+        ww = weight[None, :] * keep
+        sw = ww.sum(1)
+        go = live & (sw > 0)
+        swd = np.where(go, sw, 1.0)
+        km = (ww * k).sum(1) / swd
+        xm = (ww * pos[None, :]).sum(1) / swd
+        var = (ww * (k - km[:, None]) ** 2).sum(1)
+        go &= var > 1e-9
+        s1 = (ww * (k - km[:, None]) * (pos[None, :] - xm[:, None])).sum(1) / np.where(go, var, 1.0)
+        bad |= go & ~(s1 > 0)
+        go &= s1 > 0
+        a = np.where(go, xm - s1 * km, a)
+        s = np.where(go, s1, s)
+        live = go
+    return [(0.0, float(x)) if b else (float(ai % si), float(si)) for ai, si, x, b in zip(a, s, w, bad)]

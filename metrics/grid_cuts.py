@@ -16,7 +16,8 @@ filters and Hough lines, not a period-constrained cut sequence); the pieces are 
 3. **Cuts for a period w**: dynamic programming over cut positions maximising Σ energy(cut) − λ Σ
    log²(gap / w), gaps in w·(1 ± :data:`GAP_SLACK`) — the beat-tracking DP of Ellis, "Beat tracking by dynamic
    programming", J. New Music Research 36(1), 2007, eq. 1–3, with onsets replaced by edge energy. The first
-   and last cells may be partial (a cropped frame); cuts are extrapolated into empty borders at the mean gap.
+   and last cells may be partial (a cropped frame); cuts in blank borders (no pixel shows them) are predicted
+   from the visible lattice by :mod:`.grid_borders` (mean cell of both axes, or a significant width trend).
    Soft renders (one interpolating resize: a uniform lattice) are fitted by :func:`.grid_soft.fit_soft`
    instead — re-rendering with the bilinear / bicubic / Lanczos kernels, phase and period searched on the
    re-rendering error.
@@ -43,10 +44,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .grid_borders import ANCHOR, _norm, anchored, border_cuts, lattice_through, pool_borders, recount_runs
 from .grid_crossings import line_fit
 from .grid_soft import fit_soft
 
-__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "GAP_SLACK", "MIN_CELL_PX"]
+__all__ = ["AxisFit", "detect_axis", "axis_profiles", "period_candidates", "dp_cuts", "border_cuts", "pool_borders",
+           "lattice_through", "anchored", "GAP_SLACK", "MIN_CELL_PX"]
 
 #: Cell gaps allowed by the DP, relative to the period: w·(1 ± GAP_SLACK) (covers ±15 % drift plus slack).
 GAP_SLACK = 0.3
@@ -71,8 +74,6 @@ SOFT_REFINE = 2
 MIX_WEIGHT = 0.2
 #: Cell sizes closer than this ratio are one grid (harmonics are ≥ 1.5× apart).
 SAME_PERIOD = 1.4
-#: Normalised edge energy at which a DP cut counts as evidenced (others are interpolated).
-ANCHOR = 0.12
 
 
 @dataclass
@@ -185,14 +186,6 @@ def period_candidates(p: np.ndarray, length: int, k: int = N_CANDIDATES) -> list
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _norm(e: np.ndarray, length: int, w: float) -> np.ndarray:
-    """Energy normalised so the mean of the strongest ⌈cells/2⌉ positions is 1."""
-    k = max(1, int(round(length / w / 2)))
-    top = np.partition(e, e.size - k)[e.size - k :] if e.size > k else e
-    s = float(top.mean()) if top.size else 0.0
-    return e / s if s > 0 else e
-
-
 def dp_cuts(e: np.ndarray, length: int, w: float, lam: float = DP_LAMBDA, slack: float = GAP_SLACK) -> np.ndarray:
     """Cut positions (px, int64, increasing) maximising Σ e[cut] − λ Σ log²(gap / w) over an axis of
     ``length`` px, every gap in [w(1−slack), w(1+slack)], the first cut within w(1+slack) of 0 and the last
@@ -278,10 +271,13 @@ def _midpoints(centres: np.ndarray, length: int, w: float) -> np.ndarray:
     return c[(c >= 1.0) & (c <= length - 1.0)]
 
 
-def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: float, reach: float = 0.0):
+def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: float, reach: float = 0.0,
+            sharp: bool = False):
     """Keep the DP positions that sit on real edges (normalised energy ≥ :data:`ANCHOR`), place the others by
     linear interpolation between the neighbouring anchors (a cell boundary in a flat area has no evidence of
-    its own), and re-extrapolate the border stretches at the anchors' least-squares mean gap.
+    its own), and re-extrapolate the border stretches at the anchors' mean gap — least squares, or for
+    ``sharp`` cells the span between the outermost anchors over its cell count (the mean of the visible
+    widths, see :func:`border_cuts`), out to :data:`.grid_borders.BORDER_PX` from the ends.
     Returns ``(positions, mean gap)``."""
     if pos.size == 0:
         return pos, w
@@ -290,11 +286,18 @@ def _anchor(e: np.ndarray, idx: np.ndarray, pos: np.ndarray, length: int, w: flo
         return pos, w
     k = np.arange(pos.size, dtype=np.float64)
     ka, pa = k[a], pos[a]
-    slope = line_fit(ka, pa)[1] if a.sum() >= 2 else w
+    if sharp:
+        ka = recount_runs(ka, pa)
+        k = np.arange(ka[-1] - ka[0] + 1, dtype=np.float64) + ka[0]
+        slope = float(pa[-1] - pa[0]) / float(ka[-1] - ka[0])
+    else:
+        slope = line_fit(ka, pa)[1]
     if not (0.7 * w <= slope <= 1.3 * w):
         slope = w
     inner = (k >= ka[0]) & (k <= ka[-1])
     out = np.interp(k[inner], ka, pa)
+    if sharp:
+        return border_cuts(out, length, slope), slope
     lead, c = [], out[0] - slope
     while c >= 1.0 - reach:
         lead.append(c)
@@ -314,7 +317,7 @@ def cuts_for_period(p1: np.ndarray, p2: np.ndarray, length: int, w: float, mode:
     if mode == "sharp":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)
-        return _anchor(e, idx, _refine(e, idx), length, w)[0]
+        return _anchor(e, idx, _refine(e, idx), length, w, sharp=True)[0]
     if mode == "soft_edges":
         e = _norm(p1, length, w)
         idx = dp_cuts(e, length, w)
@@ -586,20 +589,6 @@ def _settled(tried: dict, mode: str, floor: float, rest: list) -> bool:
 def _centres(cuts: np.ndarray, length: int) -> np.ndarray:
     b = np.concatenate([[0.0], cuts, [float(length)]])
     return 0.5 * (b[1:] + b[:-1])
-
-
-def anchored(p: np.ndarray, cuts: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(on, v)``: which ``cuts`` (px) sit on an edge of the boundary-energy profile ``p`` (length L + 1, see
-    :func:`axis_profiles`) — normalised energy (:func:`_norm` at period ``cell``) ≥ :data:`ANCHOR` within 1 px —
-    and that energy per cut (float64)."""
-    c = np.asarray(cuts, np.float64)
-    L = p.size - 1
-    if c.size == 0 or L < 2:
-        return np.zeros(c.size, bool), np.zeros(c.size)
-    e = _norm(p, L, cell)
-    i = np.clip(np.rint(c).astype(np.int64), 0, L)
-    v = np.maximum(np.maximum(e[i], e[np.maximum(i - 1, 0)]), e[np.minimum(i + 1, L)])
-    return v >= ANCHOR, v
 
 
 def off_grid(p: np.ndarray, cuts: np.ndarray, other: np.ndarray, cell: float, strong: float = 0.3) -> int:

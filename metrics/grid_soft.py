@@ -13,10 +13,11 @@ upscale by any — fractional — factor ``s`` puts native cell ``k``'s centre a
 colour at each cell centre, and every pixel between centres is ``Σ_m K(t − m)·v[j+m] / Σ_m K(t − m)`` of the
 neighbouring centre values. A hypothesis (cell ``s`` px, first cut ``a`` px) is checked by sampling the image at
 its centres ``a + (k + ½)·s`` (linear between pixels) and re-drawing every pixel with the kernel
-(:func:`render`): the true lattice re-draws the image to rounding error; a coarser one cannot (it misses native
-cells); a finer one also re-draws it (it over-samples a band-limited signal) and loses on the coarsest-explaining
-rule. The re-drawing error is smooth and single-minimum in phase over a whole cell and in period over ±2–3 %
-(measured on the fixtures), so each search only needs a start within that basin.
+(:mod:`.grid_redraw`: :func:`render`, :func:`redraw`): the true lattice re-draws the image to rounding error;
+a coarser one cannot (it misses native cells); a finer one also re-draws it (it over-samples a band-limited
+signal) and loses on the coarsest-explaining rule. The re-drawing error is smooth and single-minimum in phase
+over a whole cell and in period over ±2–3 % (measured on the fixtures), so each search only needs a start within
+that basin.
 
 **The search** (:func:`detect_soft`), all on 1-D lines sampled from the image:
 
@@ -29,16 +30,22 @@ rule. The re-drawing error is smooth and single-minimum in phase over a whole ce
    ``|Σ w·exp(2πi·x/p)| / Σ w`` (a histogram at 1/8 px and one FFT), both axes pooled (square cells), its
    strongest local maxima in [:data:`MIN_CELL_PX`, L/3], plus ×2, ×3 of the coarsest explaining one and ×1.5,
    ×2 of the best (harmonics); each gets phase and period from a least-squares fit of the crossings
-   (:func:`crossing_lattice`) and a screening error (sampled re-drawing, three kernels).
+   (:func:`crossing_lattice`) and a screening error (sampled re-drawing, four kernels).
 3. *Precise fit* (:func:`local_phase`): at a candidate period the re-drawing error is computed at
    :data:`PHASES` phases across a cell; in each window of ~3 cells the best phase is read (parabolic peak); the
    phases drift linearly along the axis when the period is off, so a weighted line fit through the unwrapped
-   window phases gives period and phase at once; then a parabolic polish.
+   window phases gives period and phase at once (a parabolic polish, :func:`_polish`, is available but off:
+   :data:`POLISH_ROUNDS`).
 4. *Choice*: the coarsest candidate whose least-squares re-drawing error (:func:`redraw`) is within a margin of
    the best (finer lattices tie); candidates less than :data:`SAME_GRID` apart are one grid read two ways and
    compete on the error. Accepted as soft only when the re-drawing beats the nearest-neighbour reconstruction
    of the same lattice clearly (a sharp render is re-drawn badly by ramps) and leaves few pixels off
    (:func:`soft_residual`). The y axis first tries the x cell (square cells), then the full search.
+
+**Cost** (issue 13: ≤ 20 ms CPU per 512 px image): :func:`.grid.detect_grid` runs this search first when the
+edges look soft (:func:`looks_soft`, ~0.1 ms) and skips the sharp detectors when it explains both axes; the
+re-drawings share their gathers across kernels (:func:`.grid_redraw._tap_sums`), the crossing lattices of all
+candidates are one pass (:func:`.grid_crossings.crossing_lattices`).
 """
 
 from __future__ import annotations
@@ -46,15 +53,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.linalg import solveh_banded
 
-from .grid_crossings import _BINS_PER_PX, _peaks, crossing_lattice, crossing_spectrum, edge_crossings, line_fit
+from .grid_crossings import (_BINS_PER_PX, _peaks, crossing_lattice, crossing_lattices, crossing_spectrum,
+                             edge_crossings, line_fit)
+from .grid_redraw import (ERROR_CLIP, KERNELS, _clip_mask, _error, _error_fast, _errors_fast_lattices,
+                          _errors_fast_many, _nn_error, _nn_share, _phase_errors, kernel_weights, redraw, render,
+                          soft_residual, uniform_cuts)
 
 __all__ = ["KERNELS", "kernel_weights", "render", "soft_residual", "fit_soft", "uniform_cuts", "edge_crossings",
-           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "MIN_CELL_PX", "SOFT_TRY"]
+           "crossing_spectrum", "crossing_lattice", "local_phase", "detect_soft", "looks_soft", "MIN_CELL_PX",
+           "SOFT_TRY"]
 
-#: Interpolating kernels tried, with their taps relative to the centre left of a pixel.
-KERNELS = {"linear": (0, 1), "cubic": (-1, 2), "lanczos3": (-2, 3)}
 #: Smallest cell searched (px) — the same floor as :data:`.grid_cuts.MIN_CELL_PX`.
 MIN_CELL_PX = 5.0
 #: Fewest cells per axis.
@@ -71,14 +80,14 @@ SCREEN_LINES = 6
 #: the finest period candidate (an interpolated step spans a cell or more: ≥ 1.4 on the fixtures; sharp, noisy
 #: or JPEG nearest-neighbour renders ≤ 1.0).
 MIN_SOFT_WIDTH = 1.0
-#: Rounds of the (sampled re-drawing) phase / period polish after the local-phase fit.
-POLISH_ROUNDS = 1
+#: Rounds of the (sampled re-drawing) phase / period polish after the local-phase fit: none — the least-squares
+#: comparison with the crossings' own lattice that follows settles the fit; on the tuning renders (seeds 0–99,
+#: four soft conditions) one round changed no grid and cost ~10 % of the soft search.
+POLISH_ROUNDS = 0
 #: Phases per cell in the local-phase scan.
 PHASES = 8
 #: Period candidates (periodogram peaks) screened per image.
 N_CANDIDATES = 4
-#: Re-drawing errors are clipped here (0..255 units) so one occluded spot cannot dominate.
-ERROR_CLIP = 48.0
 #: Coarsest-explaining rule: a coarser lattice wins when its error ≤ best·(1 + HARMONIC_REL) + HARMONIC_ABS.
 HARMONIC_REL, HARMONIC_ABS = 2.0, 0.3
 #: Smallest edge zone (share of pixels) the separation is divided by.
@@ -94,272 +103,24 @@ MAX_RESIDUAL = 0.05
 #: axes): soft upscales (bilinear / bicubic / Lanczos) ≤ 0.17, blurred+noisy+JPEG sharp renders ≥ 0.45 (all of
 #: which the final SHARP_RATIO test rejected anyway); 0.35 keeps a 2× margin on the soft side.
 EARLY_RATIO = 0.35
-
-
-def _kernel(name: str, x: np.ndarray) -> np.ndarray:
-    ax = np.abs(x)
-    if name == "linear":
-        return np.maximum(1.0 - ax, 0.0)
-    if name == "cubic":  # Keys (1981) eq. 15, a = -0.5 (Pillow's bicubic_filter)
-        a = -0.5
-        return np.where(ax <= 1, (a + 2) * ax**3 - (a + 3) * ax**2 + 1,
-                        np.where(ax < 2, a * ax**3 - 5 * a * ax**2 + 8 * a * ax - 4 * a, 0.0))
-    return np.where(ax < 3, np.sinc(x) * np.sinc(x / 3.0), 0.0)  # Pillow's lanczos_filter, a = 3
-
-
-_LUT_STEPS = 256
-_LUT: dict = {}
-
-
-def kernel_weights(name: str, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(offsets [taps] int64, weights [len(t), taps] float32)`` of kernel ``name`` (:data:`KERNELS`) for
-    fractional positions ``t`` in [0, 1] between the centre on the left (offset 0) and the next; rows sum to 1
-    (Pillow normalises its taps the same way). Read from a table at 1/256 steps (≤ 0.2 % weight error)."""
-    lo, hi = KERNELS[name]
-    m = np.arange(lo, hi + 1)
-    if name not in _LUT:
-        tt = np.arange(_LUT_STEPS + 1) / _LUT_STEPS
-        w = _kernel(name, tt[:, None] - m[None, :])
-        _LUT[name] = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-    return m, _LUT[name][np.rint(np.minimum(np.maximum(t, 0.0), 1.0) * _LUT_STEPS).astype(np.int64)]
-
-
-def _centre_values(lines: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Values of ``lines`` ``[..., L]`` at positions ``pos`` ``[...]`` px (pixel ``i`` spans [i, i+1)), linear
-    between pixel centres, clamped at the ends: float32 ``[..., *pos.shape]``."""
-    L = lines.shape[-1]
-    if L < 2:
-        return np.repeat(lines[..., :1].astype(np.float32), pos.size, axis=-1).reshape(lines.shape[:-1] + pos.shape)
-    u = np.minimum(np.maximum(pos - 0.5, 0.0), L - 1.0)
-    i0 = np.minimum(np.floor(u).astype(np.int64), L - 2)
-    t = (u - i0).astype(np.float32)
-    a = lines[..., i0].astype(np.float32)
-    return a + (lines[..., i0 + 1] - a) * t
-
-
-def _lattice(L: int, a: float, w: float):
-    """Centre indices ``ks``, the centre index left of each pixel (relative to ``ks[0]``) and the pixel's
-    fraction of the way to the next centre, for the lattice with cuts at ``a + k·w`` on an axis of ``L`` px."""
-    k0 = int(math.floor(-a / w)) - 4
-    k1 = int(math.ceil((L - a) / w)) + 4
-    ks = np.arange(k0, k1 + 1)
-    u = (np.arange(L) + 0.5 - a) / w - 0.5 - k0
-    j = np.floor(u).astype(np.int64)
-    return ks, j, u - j
-
-
-def render(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
-    """Re-drawing of ``lines`` ``[..., L]`` (any leading shape, 0..255 values) from their values at the centres
-    of the uniform lattice with cuts at ``a + k·w`` px, with interpolating ``kernel`` (:data:`KERNELS`):
-    float32, same shape. Cost O(lines · L · taps)."""
-    L = lines.shape[-1]
-    ks, j, t = _lattice(L, a, w)
-    vals = _centre_values(lines, a + (ks + 0.5) * w)
-    m, wt = kernel_weights(kernel, t)
-    out = np.zeros(lines.shape, np.float32)
-    for i, off in enumerate(m):
-        out += vals[..., np.minimum(np.maximum(j + off, 0), ks.size - 1)] * wt[:, i]
-    return out
-
-
-def _taps(L: int, a: float, w: float, kernel: str):
-    """``(K centres, centre index of each pixel's first tap j [L] int64, tap offsets m, weights [L, taps])`` of
-    the lattice with cuts at ``a + k·w``: pixel ``x`` = ``Σ_m wt[x, m]·v[j[x] + m]`` (Pillow's normalised kernel
-    taps; the lattice extends 4 centres beyond each end, so every tap has its centre)."""
-    ks, j, t = _lattice(L, a, w)
-    m, wt = kernel_weights(kernel, t)
-    return ks.size, j, m, wt.astype(np.float64)
-
-
-def redraw(lines: np.ndarray, a: float, w: float, kernel: str) -> np.ndarray:
-    """Least-squares re-drawing of ``lines`` ``[..., L]``: the centre values ``v`` minimising ``‖y − A·v‖²``
-    (``A``: the kernel taps of :func:`_taps`; a small ridge for centres that only tails reach), then ``A·v``;
-    float32, same shape. Unlike sampling the centres (:func:`render`), this is exact at a kinked centre (a
-    bilinear spike) and sub-pixel in phase; a finer lattice fits at least as well, so callers take the coarsest
-    that explains. ``A`` is banded and ``j`` non-decreasing, so ``AᵀA`` is one ``bincount`` and ``Aᵀy`` a
-    segmented sum per tap — no dense BLAS products (whose thread pools cost more than the work on a busy
-    machine)."""
-    L = lines.shape[-1]
-    K, j, m, wt = _taps(L, a, w, kernel)
-    Y = np.ascontiguousarray(lines.reshape(-1, L).T, dtype=np.float32)  # [L, n]
-    cols = j[:, None] + m[None, :]  # [L, T]
-    # AᵀA is symmetric and banded (half-bandwidth T − 1): its upper bands in LAPACK's banded layout
-    # (ab[T−1−d, c+d] = G[c, c+d]) straight from one bincount over the tap pairs (i, i+d)
-    T = m.size
-    iu, ju = np.triu_indices(T)
-    d = ju - iu
-    ab = np.bincount((((T - 1 - d) * K)[None, :] + cols[:, ju]).ravel(), (wt[:, iu] * wt[:, ju]).ravel(),
-                     minlength=T * K).reshape(T, K)
-    ab[T - 1] += 1e-6 + 1e-9 * ab[T - 1].sum()
-    starts = np.flatnonzero(np.r_[True, j[1:] != j[:-1]])
-    w32 = wt.astype(np.float32)
-    B = np.zeros((K, Y.shape[1]))
-    seg = np.add.reduceat(Y[:, None, :] * w32[:, :, None], starts, axis=0)  # [segments, T, n]: every tap at once
-    for i in range(m.size):
-        B[j[starts] + m[i]] += seg[:, i]
-    # a banded Cholesky solve, O(K·T²) and single-threaded (a dense LAPACK solve on a few dozen centres wakes
-    # OpenBLAS' thread pool, which on a busy machine costs up to tens of ms per call)
-    try:
-        V = solveh_banded(ab, B, check_finite=False).astype(np.float32)  # [K, n]
-    except np.linalg.LinAlgError:
-        G = np.zeros((K, K))
-        for dd in range(T):
-            G[np.arange(K - dd), np.arange(dd, K)] = ab[T - 1 - dd, dd:]
-        V = np.linalg.solve(G + np.triu(G, 1).T, B).astype(np.float32)
-    out = V[cols[:, 0]] * w32[:, 0, None]
-    for i in range(1, m.size):
-        out += V[cols[:, i]] * w32[:, i, None]
-    return out.T.reshape(lines.shape)
-
-
-def _clip_mask(sub: np.ndarray) -> np.ndarray:
-    """Pixels whose value is not at the 0 / 255 ends (there Pillow clipped an overshoot; the model can't say)."""
-    return (sub > 0.5) & (sub < 254.5)
-
-
-def _error(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
-    """Mean least-squares re-drawing error (:func:`redraw`; |·| clipped at :data:`ERROR_CLIP`, 0..255 units;
-    pixels at 0 / 255 left out) of ``sub`` ``[r, L]`` float32."""
-    m = _clip_mask(sub)
-    return float((np.minimum(np.abs(redraw(sub, a, w, kernel) - sub), ERROR_CLIP) * m).sum() / max(1, m.sum()))
-
-
-def _errors_fast(sub: np.ndarray, a: float, w: float) -> tuple[float, str]:
-    """``(smallest error, kernel)`` of :func:`_error_fast` over :data:`KERNELS` (centres sampled and their taps
-    gathered once: the kernels' taps are nested, −2…3 ⊃ −1…2 ⊃ 0…1)."""
-    return _errors_fast_lattices(sub, [(a, w)])[0]
-
-
-def _lattices_sampled(sub: np.ndarray, lattices):
-    """Shared set-up of the one-pass lattice errors: for ``sub`` ``[r, L]`` and lattices ``[(first cut, period),
-    ...]`` (px), returns ``(vals [r, P·K], j [P, L] int64, t [P, L], K, P)``: the image sampled at each lattice's
-    cell centres (K per lattice, 4 spare on each side), each pixel's cell index and its fraction within the cell
-    (the same arithmetic as :func:`render`)."""
-    L = sub.shape[-1]
-    a = np.array([p[0] for p in lattices], np.float64)
-    w = np.array([p[1] for p in lattices], np.float64)
-    P = a.size
-    k0 = np.floor(-a / w).astype(np.int64) - 4
-    K = int((np.ceil((L - a) / w).astype(np.int64) + 4 - k0).max()) + 1
-    ks = k0[:, None] + np.arange(K)[None, :]  # [P, K]
-    vals = _centre_values(sub, a[:, None] + (ks + 0.5) * w[:, None]).reshape(sub.shape[0], P * K)
-    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w[:, None] - 0.5 - k0[:, None]  # [P, L]
-    j = np.floor(u).astype(np.int64)
-    return vals, j, u - j, K, P
-
-
-def _errors_fast_lattices(sub: np.ndarray, lattices) -> list[tuple[float, str]]:
-    """:func:`_errors_fast` for several lattices ``[(first cut, period), ...]`` in one pass (each lattice on its
-    own centres, the same arithmetic as :func:`render`)."""
-    L = sub.shape[-1]
-    vals, j, frac, K, P = _lattices_sampled(sub, lattices)
-    t = frac.ravel()
-    base = (np.arange(P) * K)[:, None]
-    taps = {off: vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] for off in range(-2, 4)}
-    msk = _clip_mask(sub)
-    n = max(1, int(msk.sum()))
-    best = [(np.inf, "")] * P
-    for name in KERNELS:
-        m, wt = kernel_weights(name, t)
-        out = taps[int(m[0])] * wt[:, 0]
-        for i in range(1, m.size):
-            out += taps[int(m[i])] * wt[:, i]
-        e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP)
-             * msk[:, None, :]).sum((0, 2)) / n
-        best = [(float(x), name) if x < b[0] else b for x, b in zip(e, best)]
-    return best
-
-
-def _error_fast(sub: np.ndarray, a: float, w: float, kernel: str) -> float:
-    """Like :func:`_error` but re-drawing from the image sampled at the centres (:func:`render`, no solve):
-    ~3× cheaper, biased up at kinked centres; used where only a loose comparison is needed (screening, phase
-    scans)."""
-    m = _clip_mask(sub)
-    return float((np.minimum(np.abs(render(sub, a, w, kernel) - sub), ERROR_CLIP) * m).sum() / max(1, m.sum()))
-
-
-def _errors_fast_many(sub: np.ndarray, lattices, kernel: str) -> list[float]:
-    """:func:`_error_fast` of ``sub`` ``[r, L]`` for several lattices ``[(first cut, period), ...]`` in one pass
-    (the same arithmetic as :func:`render` per lattice, each on its own centres)."""
-    L = sub.shape[-1]
-    vals, j, frac, K, P = _lattices_sampled(sub, lattices)
-    taps, wt = kernel_weights(kernel, frac.ravel())
-    base = (np.arange(P) * K)[:, None]
-    out = np.zeros((sub.shape[0], P * L), np.float32)
-    for i, off in enumerate(taps):
-        out += vals[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, i]
-    m = _clip_mask(sub)
-    e = (np.minimum(np.abs(out.reshape(sub.shape[0], P, L) - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum((0, 2))
-    return [float(x) / max(1, int(m.sum())) for x in e]
-
-
-def _nn_error(sub: np.ndarray, a: float, w: float) -> float:
-    """Mean error (clipped like :func:`_error`) of the nearest-neighbour reconstruction of the same lattice
-    (every pixel takes its cell's centre value): what a sharp render would show."""
-    L = sub.shape[-1]
-    ks, j, t = _lattice(L, a, w)
-    vals = _centre_values(sub, a + (ks + 0.5) * w)
-    rec = vals[..., np.clip(j + (t >= 0.5), 0, ks.size - 1)]
-    return float(np.minimum(np.abs(rec - sub), ERROR_CLIP).mean())
-
-
-def _nn_share(lines: np.ndarray, a: float, w: float, thr: float) -> float:
-    """Share of pixels of ``lines`` ``[3, r, L]`` whose nearest-neighbour reconstruction (their cell's centre
-    value) differs by more than ``thr`` (max channel): the soft ramps of the lattice."""
-    L = lines.shape[-1]
-    ks, j, t = _lattice(L, a, w)
-    vals = _centre_values(lines, a + (ks + 0.5) * w)
-    rec = vals[..., np.minimum(j + (t >= 0.5), ks.size - 1)]
-    return float((np.abs(rec - lines).max(axis=0) > thr).mean())
-
-
-def soft_residual(lines: np.ndarray, a: float, w: float, thr: float, kernels=tuple(KERNELS)) -> tuple[float, str]:
-    """Share of pixels of ``lines`` ``[3, r, L]`` int16 that differ (max channel, 0..255 units) by more than
-    ``thr`` from the re-drawing of the uniform lattice (first cut ``a`` px, cell ``w`` px) with each kernel in
-    ``kernels``; returns ``(smallest share 0..1, its kernel name)``. Cost O(3·r·L·taps) per kernel."""
-    ref = lines.astype(np.float32)
-    best = (1.0, "")
-    for name in kernels:
-        r = float((np.abs(ref - redraw(ref, a, w, name)).max(axis=0) > thr).mean())
-        if r < best[0]:
-            best = (r, name)
-    return best
-
-
-def uniform_cuts(length: int, a: float, w: float) -> np.ndarray:
-    """Interior cuts ``a + k·w`` in [1, length − 1] px (float64)."""
-    k = np.arange(int(math.floor((1.0 - a) / w)), int(math.ceil((length - 1.0 - a) / w)) + 1)
-    c = a + k * w
-    return c[(c >= 1.0) & (c <= length - 1.0)]
+#: :func:`looks_soft`: effective edge width (px) from which :func:`.grid.detect_grid` runs the soft search first
+#: (and skips the sharp detectors when it explains both axes). Measured on condition_render, seeds 0–99, 512 px:
+#: sharp conditions ≤ 2.33 (blur σ 1.5 + noise + JPEG; clean 1.0), soft upscales ≥ 3.06 (cells ≥ 12.8 px).
+#: Below it the old order stands (sharp detectors first, the soft search when their confidence is low).
+SOFT_FIRST_WIDTH = 2.8
+#: Search lines the local-phase scans read (the strongest; all :data:`SEARCH_LINES` cost a third more, and on
+#: the tuning renders (seeds 0–99, four soft conditions) chose the same lattices).
+PHASE_LINES = 6
+#: :func:`soft_residual` of the accepted lattice reads every RESIDUAL_STEP-th sampled line (12 of 24 per axis:
+#: a share of ~18 k pixel values, ample for a share, at half the cost).
+RESIDUAL_STEP = 2
+NOISE_STEP = 2
+CROSS_STEP = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # phase and period by re-drawing
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _phase_errors(sub: np.ndarray, w: float, kernel: str, phases: int) -> np.ndarray:
-    """Per-pixel re-drawing error summed over lines, ``[phases, L]``, for cuts at ``(i / phases)·w``."""
-    m = _clip_mask(sub)
-    L = sub.shape[-1]
-    # all phases in one pass (the same arithmetic as :func:`render` per phase, on one lattice wide enough for
-    # every phase: its extra centres are never tapped)
-    a = np.arange(phases) * (w / phases)
-    k0 = int(math.floor(-a[-1] / w)) - 4
-    ks = np.arange(k0, int(math.ceil(L / w)) + 5)
-    u = (np.arange(L)[None, :] + 0.5 - a[:, None]) / w - 0.5 - k0  # [phases, L]
-    j = np.floor(u).astype(np.int64)
-    vals = _centre_values(sub, a[:, None] + (ks[None, :] + 0.5) * w)  # [r, phases, K]
-    taps, wt = kernel_weights(kernel, (u - j).ravel())
-    wt = wt.reshape(phases, L, -1)
-    K = ks.size
-    flat = vals.reshape(sub.shape[0], phases * K)
-    base = (np.arange(phases) * K)[:, None]
-    out = np.zeros((sub.shape[0], phases * L), np.float32)
-    for i, off in enumerate(taps):
-        out += flat[:, (np.minimum(np.maximum(j + off, 0), K - 1) + base).ravel()] * wt[:, :, i].ravel()
-    out = out.reshape(sub.shape[0], phases, L)
-    return (np.minimum(np.abs(out - sub[:, None, :]), ERROR_CLIP) * m[:, None, :]).sum(0)
 
 
 def local_phase(sub: np.ndarray, w: float, kernel: str = "cubic", phases: int = PHASES,
@@ -526,13 +287,12 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
 
     pending: list = []
 
-    def add(w):  # the crossings' lattice near w, screened later (all pending lattices in one pass)
-        if not ok(w) or any(abs(w / o - 1.0) < 0.04 for o in hyp):
-            return
-        a, s = crossing_lattice(pos, amp, w)
-        if ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
-            hyp[s] = None
-            pending.append((a, s))
+    def add(ws):  # the crossings' lattices near periods ws (one batch), screened later (one pass)
+        ws = [w for w in ws if ok(w) and all(abs(w / o - 1.0) >= 0.04 for o in hyp)]
+        for w, (a, s) in zip(ws, crossing_lattices(pos, amp, ws)):
+            if all(abs(w / o - 1.0) >= 0.04 for o in hyp) and ok(s) and all(abs(s / o - 1.0) >= 0.04 for o in hyp):
+                hyp[s] = None
+                pending.append((a, s))
 
     def screen():
         if pending:
@@ -540,8 +300,9 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
                 hyp[s] = (e, a, k)
             pending.clear()
 
-    for w in cands:
-        add(w)
+    # with a single candidate (the other axis' cell) its multiples are screened with it (below, they would be
+    # the only coarser lattices added)
+    add(list(cands) + ([2 * cands[0], 3 * cands[0]] if len(cands) == 1 else []))
     screen()
     if not hyp:
         return None
@@ -550,8 +311,7 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     sb = min(hyp, key=lambda c: hyp[c][0])
     # coarser lattices the periodogram peaks missed (it peaks at harmonics k/s, and at 3/(2s) when every other
     # cell is flat); with a single candidate (the other axis' cell) only its multiples
-    for w in (2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()):
-        add(w)
+    add((2 * s0, 3 * s0) + ((1.5 * sb, 2 * sb) if len(cands) > 1 else ()))
     screen()
     # precise fits, coarsest first, of the lattices within a loose margin (crossing lattices are not exact);
     # the first that re-draws within the strict margin of the best wins (finer lattices re-draw a soft image too)
@@ -565,10 +325,11 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     strict = e_ls * (1 + HARMONIC_REL) + HARMONIC_ABS
     def precise(s):
         e, a, k = hyp[s]
-        a1, s1, _ = local_phase(sub, s, k)
+        a1, s1, _ = local_phase(sub[:PHASE_LINES], s, k)
         if abs(s1 / s - 1.0) > 0.02:
-            a1, s1, _ = local_phase(sub, s1, k)
-        a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
+            a1, s1, _ = local_phase(sub[:PHASE_LINES], s1, k)
+        if POLISH_ROUNDS:
+            a1, s1, _ = _polish(sub, a1, s1, k, rounds=POLISH_ROUNDS, err=_error_fast)
         # the crossings' own lattice is often already exact (isolated steps): the better least-squares fit stays
         e1, a1, s1 = min((ls_error(a1, s1, k), a1, s1), (ls_error(a, s, k), a, s))
         return a1, s1, e1, k
@@ -588,47 +349,69 @@ def _soft_axis(lines: np.ndarray, noise: float, pos: np.ndarray, amp: np.ndarray
     a, s, e, kern = found
     nn = _nn_error(sub, a, s)
     thr = threshold(noise)
-    res, _ = soft_residual(lines, a, s, thr, (kern,))
+    res, _ = soft_residual(lines[:, ::RESIDUAL_STEP], a, s, thr, (kern,))
     if not (e <= SHARP_RATIO * nn and res <= MAX_RESIDUAL):
         return None
     # separation as a share of the edge zone (the pixels the nearest-neighbour reconstruction of the lattice gets
     # wrong by > thr: the ramps), so a small sprite on a wide plain frame is not read as a weak grid
     zone = max(_nn_share(sub[None], a, s, thr), MIN_ZONE)  # on the search lines (the edge-rich ones)
     coarser = [c for c in hyp if c > 1.3 * s]
+    e_c = None
     if coarser:
         c = min(coarser)
         sep = min(1.0, (sub_residual(hyp[c][1], c, hyp[c][2], thr) - sub_residual(a, s, kern, thr)) / zone)
+        e_c = ls_error(hyp[c][1], c, hyp[c][2])
     else:
         sep = 1.0
     tried = {s2: v[0] for s2, v in hyp.items()}
     fit = AxisFit(L, uniform_cuts(L, a, s), float(s), "soft", float(res), 0.0, float(sep), float(noise),
                   {f"{k2:g}/soft": round(v, 4) for k2, v in tried.items()})
     fit.kernel = kern
+    fit.error, fit.coarser_error, fit.nn_error = float(e), e_c, float(nn)
     return fit
 
 
-def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_CANDIDATES) -> list:
+def looks_soft(lines: np.ndarray) -> bool:
+    """Cheap test (~0.1 ms) that sampled lines ``[3, r, L]`` int16 show the soft signature of an interpolating
+    upscale: the effective edge width ``2·Σ|Δ|/Σ|Δ²|`` (px; a step drawn over ``W`` px has first differences
+    summing to its height and second differences to ≈ 2·height/W; a sharp step gives 1) of every third line is
+    ≥ :data:`SOFT_FIRST_WIDTH`. Noise raises ``Σ|Δ²|`` more than ``Σ|Δ|``, so it only ever says "not soft"."""
+    y = lines[:, ::3]
+    d1 = np.diff(y, axis=-1)
+    e1 = int(np.abs(d1).sum(dtype=np.int64))
+    e2 = int(np.abs(np.diff(d1, axis=-1)).sum(dtype=np.int64))
+    return e1 > 0 and 2.0 * e1 >= SOFT_FIRST_WIDTH * max(e2, 1)
+
+
+def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_CANDIDATES,
+                lines: tuple | None = None, x_first: bool = False) -> list:
     """Soft lattices of an RGB uint8 image ``[H, W, 3]``, per axis (x then y): a :class:`.grid_cuts.AxisFit`
     with ``mode="soft"`` where an interpolating upscale explains that axis, else ``None`` (the caller falls back
     to the sharp / per-line detectors). See the module docstring for the method.
 
-    ``lines_per_axis`` evenly spaced rows (columns) are read per axis; ``candidates`` periodogram peaks are
-    screened. The fit's ``residual`` is :func:`soft_residual` (share of pixels, all kernels, noise-adapted
-    threshold of :func:`.grid_cuts.threshold`), ``separation`` the residual gain over the lattice of twice the
-    cell (1.0 when that no longer fits 3 cells), ``score`` the periodogram value at the cell (0..1),
-    ``candidates`` the screened ``{"period/soft": error}``. Cost: ~O(candidates · PHASES · SEARCH_LINES · L) per
-    axis. Raises ValueError for a non-RGB-uint8 array."""
+    ``lines_per_axis`` evenly spaced rows (columns) are read per axis — or ``lines``, the ``(x, y)`` sampled
+    lines ``[3, r, L]`` int16 when the caller already has them (as :func:`.grid_uniform._lines` reads them);
+    ``candidates`` periodogram peaks are screened. The fit's ``residual`` is :func:`soft_residual` (share of
+    pixels of every 2nd line, its kernel, noise-adapted threshold of :func:`.grid_cuts.threshold`), ``error``
+    its mean least-squares re-drawing error (0..255 units) and ``coarser_error`` that of the next coarser
+    screened lattice (``None`` when none fits 3 cells; both feed the confidence, see
+    :func:`.grid._soft_confidence`), ``nn_error`` the nearest-neighbour reconstruction's error, ``separation``
+    the residual gain over that coarser lattice per edge-zone pixel, ``score`` the periodogram value at the cell
+    (0..1), ``candidates`` the screened ``{"period/soft": error}``. ``x_first``: return ``[None, None]`` as soon
+    as the x axis is not soft (the caller wants both axes, else runs its own order). Cost: ~O(candidates · PHASES ·
+    SEARCH_LINES · L) per axis. Raises ValueError for a non-RGB-uint8 array."""
     from .grid_cuts import AxisFit, noise_level, threshold  # grid_cuts imports this module
 
     if not (isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8):
         raise ValueError("expected an RGB uint8 array [H, W, 3]")
     H, W = rgb.shape[:2]
+    lines_xy = lines
     axes, widths = [], []
-    for img in (rgb, np.swapaxes(rgb, 0, 1)):
+    for ax, img in enumerate((rgb, np.swapaxes(rgb, 0, 1))):
         L = img.shape[1]
-        lines = _axis_lines(img, lines_per_axis)
-        noise = noise_level(lines)
-        y = lines.reshape(-1, L).astype(np.float32)
+        lines = _axis_lines(img, lines_per_axis) if lines_xy is None else lines_xy[ax]
+        noise = noise_level(lines[:, ::NOISE_STEP])
+        y = lines[:, ::CROSS_STEP].reshape(-1, L).astype(np.float32)
         if noise > 1.5:  # a symmetric [1, 2, 1] smoothing keeps crossings in place and monotone runs whole
             y[:, 1:-1] = 0.25 * y[:, :-2] + 0.5 * y[:, 1:-1] + 0.25 * y[:, 2:]
         pos, amp, width = edge_crossings(y, max(12.0, 4.0 * noise), with_width=True)
@@ -665,6 +448,8 @@ def detect_soft(rgb: np.ndarray, lines_per_axis: int = 24, candidates: int = N_C
                 fit = None
         if fit is None:
             fit = _soft_axis(lines, noise, pos, amp, cands, L)
+        if fit is None and ax == 0 and x_first:
+            break  # the caller only wants both axes (and runs the full search itself otherwise)
         if fit is not None:
             s = fit.cell
             fit.score = float(joint[int(round(size / (s * _BINS_PER_PX)))]) if 1.0 / s <= f[-1] else 0.0

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Render", "make_render", "load_sprite", "degraded_suite", "DB16_DAWNLIKE", "GridRender", "CONDITIONS",
-           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles"]
+           "condition_render", "cuts_match", "render_cuts", "random_sprite", "random_tiles", "DRIFTS", "warp_cuts",
+           "reference_cuts"]
 
 #: The DawnBringer 16 palette as stored in the DawnLike sprite files (CC-BY 4.0, DawnBringer).
 DB16_DAWNLIKE = (
@@ -146,7 +147,13 @@ def degraded_suite(files, n: int = 200, seed: int = 0, cells=(16, 20, 24, 32), s
 
 #: Conditions :func:`condition_render` can build (each with known truth: per-line cuts, native image, background).
 CONDITIONS = ("clean", "noise", "jpeg", "degraded", "crop", "drift", "bilinear", "bicubic", "lanczos", "touching",
-              "transparent")
+              "transparent", "bicubic_torch", "warp")  # new conditions go last: a condition's index seeds its renders
+#: Drifting-grid conditions (nearest-neighbour cells of varying width, art filling most of the frame).
+DRIFTS = ("drift", "warp")
+#: Smooth-warp drift (``warp``): the local cell size wanders by up to ± this share of the mean across the frame ...
+WARP_AMPLITUDE = (0.04, 0.09)
+#: ... and every cut sits up to ± this share of a cell off the smooth lattice (widths vary ±15 % in all).
+EDGE_JITTER = 0.03
 
 
 @dataclass
@@ -154,8 +161,9 @@ class GridRender:
     """A render with per-line truth, for conditions a uniform grid cannot describe.
 
     ``image`` uint8 ``[H, W, 3]`` (``[H, W, 4]`` for the ``transparent`` condition); ``native``
-    ``[cells_y, cells_x, 3]`` uint8 (cells as drawn, including partial border cells); ``cuts_x`` / ``cuts_y``
-    float64: the interior boundary positions in px (cell ``i`` covers pixels whose centre lies in
+    ``[cells_y, cells_x, 3]`` uint8 (cells as drawn that hold a pixel centre, including partial border cells);
+    ``cuts_x`` / ``cuts_y`` float64: the interior boundary positions in px, in (0.5, W − 0.5] (cell ``i`` covers
+    pixels whose centre lies in
     ``[cuts[i-1], cuts[i])``, with 0 and W/H as the outer ends); ``cell`` the mean cell size (px);
     ``background`` (r, g, b) or ``None`` when transparent; ``condition`` and ``params`` describe the build.
     :attr:`evidence_x` / :attr:`evidence_y`: per cut, whether the native cells on its two sides differ in some
@@ -282,6 +290,36 @@ def _degrade(img: np.ndarray, rng: np.random.Generator, blur=0.0, noise=0.0, jpe
     return img
 
 
+def _torch_bicubic(nat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``nat`` RGB uint8 ``[h, w, 3]`` resized to ``size`` = (H, W) by ``torch.nn.functional.interpolate`` (bicubic,
+    a = −0.75, ``align_corners=False``, no antialias: what torch / OpenCV pipelines upscale with), rounded and
+    clipped to uint8 ``[H, W, 3]``. torch is imported lazily (``import conceptlab`` stays torch-free)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(nat.transpose(2, 0, 1))).to(torch.float32)[None]
+    y = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=False)[0]
+    return np.ascontiguousarray(y.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def warp_cuts(rng: np.random.Generator, count: int, w: float) -> np.ndarray:
+    """Interior cuts (px, float64 ``[count − 1]``) of ``count`` cells of mean size ``w`` px on a smoothly warped
+    lattice — the ``warp`` condition. The local cell size is w·s(u) with s(u) = 1 + a·cos(2πu/P + φ) over the
+    canvas (u = cell centre / canvas length; a in :data:`WARP_AMPLITUDE`, period P 1–2 canvas lengths: at most
+    one slow swing of the cell size across the frame; the cosine centred to mean 0 and scaled to |·| ≤ 1, so
+    the mean cell is w and |s − 1| ≤ a), and every cut is moved by an
+    independent ± :data:`EDGE_JITTER`·w (an edge drawn a pixel off): widths vary by up to ±15 %, neighbouring
+    widths anti-correlated, and the position error does not accumulate from cell to cell."""
+    amp = rng.uniform(*WARP_AMPLITUDE)
+    period = rng.uniform(1.0, 2.0)
+    phase = rng.uniform(0.0, 2.0 * np.pi)
+    u = (np.arange(count) + 0.5) / count
+    c = np.cos(2.0 * np.pi * u / period + phase)
+    c -= c.mean()
+    s = 1.0 + amp * c / max(1.0, float(np.abs(c).max()))
+    return np.cumsum(w * s)[:-1] + w * rng.uniform(-EDGE_JITTER, EDGE_JITTER, count - 1)
+
+
 def condition_render(condition: str, seed: int, sprite_files=(), art: str | None = None,
                      size: tuple[int, int] | None = None) -> GridRender:
     """One render of ``condition`` (see :data:`CONDITIONS`) with known per-line truth, deterministic per ``seed``.
@@ -295,8 +333,19 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     - ``crop``: the frame cropped by 2–10 px on each side, so no whole number of cells spans it;
     - ``drift``: every cell's width and height drawn independently in ±15 % of the mean (cuts wander), 17–24
       cells with art filling most of the frame (over a plain stretch drift leaves no trace to follow);
+    - ``warp``: the same art and frames as ``drift`` (same seed), on a smoothly warped lattice
+      (:func:`warp_cuts`: the cell size swings by up to ±9 % across the frame, each cut ±3 % of a cell off it;
+      widths ±15 %). What renders show, as the tools that clean them describe it ("grid resolution drifts
+      across the image, creating a warped effect"; "pixels inconsistent in size and position"): a decoder
+      that draws every edge at once has no mechanism to accumulate an error from cell to cell as independent
+      widths do (their positions are a random walk, ±0.4 cell after 24 cells); a slow change of scale plus a
+      per-edge error is the closer model. Both are kept: the issue's "±15 % drift" is measured on both;
     - ``bilinear`` / ``bicubic`` / ``lanczos``: the native canvas resized by Pillow with that filter (soft
       edges; the filters interpolate, so cell centres keep the native colour), then cropped by a random phase;
+    - ``bicubic_torch``: the same with torch's ``F.interpolate(mode="bicubic", align_corners=False,
+      antialias=False)`` — Keys' cubic with a = −0.75, as in OpenCV's ``INTER_CUBIC`` and most render pipelines
+      (Pillow's bicubic is a = −0.5), out-of-range taps clamped to the edge rather than renormalised; rounded
+      and clipped to uint8 (torch is imported here only, so the CLI stays torch-free);
     - ``touching``: a large sprite (DawnLike on 17–24 cells, or a blob) running over the bottom-left corner
       of the frame, NN, light noise — the subject covers much of the border ring;
     - ``transparent``: an RGBA render (sprite on alpha 0), NN; ``background`` is ``None``.
@@ -305,10 +354,11 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     """
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}; choose from {', '.join(CONDITIONS)}")
-    rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
+    # warp shares drift's random stream: per seed the same art and frame, only the lattice differs
+    rng = np.random.default_rng([seed, CONDITIONS.index("drift" if condition in DRIFTS else condition)])
     arts = ("dawnlike", "blob") if sprite_files else ("blob",)
     if art is None:
-        if condition == "drift":  # drift only shows where cells differ: art that fills most of the frame
+        if condition in DRIFTS:  # drift only shows where cells differ: art that fills most of the frame
             art = (arts + ("tiles",))[int(rng.integers(len(arts) + 1))]
         else:
             art = arts[int(rng.integers(len(arts)))]
@@ -318,21 +368,24 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
         raise ValueError("art='dawnlike' needs sprite_files")
     files = sorted(sprite_files) if sprite_files else []
     H, W = size if size is not None else (int(rng.integers(320, 513)),) * 2
-    n = int(rng.integers(18 if art == "dawnlike" else 16, 41)) if condition not in ("drift", "touching") \
+    n = int(rng.integers(18 if art == "dawnlike" else 16, 41)) if condition not in DRIFTS + ("touching",) \
         else int(rng.integers(17, 25))
     w = W / n  # mean cell size (px), fractional
     ny = max(4, int(round(H / w)))
     pad = 2  # extra cells so phase / crop / drift never run out of canvas
     cells = (ny + 2 * pad, n + 2 * pad)
     bgc = tuple(int(v) for v in rng.integers(0, 256, 3))
-    nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition == "drift",
+    nat, mask, bg = _native_canvas(rng, art, cells, files, bgc, fill=condition in DRIFTS,
                                    touch=condition == "touching")
     params: dict = {"cells": n}
-    soft = condition in ("bilinear", "bicubic", "lanczos")
+    soft = condition in ("bilinear", "bicubic", "lanczos", "bicubic_torch")
     if condition == "drift":
         def cuts_for(count):
             widths = w * (1.0 + rng.uniform(-0.15, 0.15, count))
             return np.cumsum(widths)[:-1]
+    elif condition == "warp":
+        def cuts_for(count):
+            return warp_cuts(rng, count, w)
     else:
         def cuts_for(count):
             return np.arange(1, count) * w
@@ -349,10 +402,13 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
     if soft:
         from PIL import Image
 
-        filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[condition]
         ox, oy = int(round(off_x)), int(round(off_y))
         big_w, big_h = int(round(cells[1] * w)), int(round(cells[0] * w))
-        big = np.asarray(Image.fromarray(nat).resize((big_w, big_h), filt))
+        if condition == "bicubic_torch":
+            big = _torch_bicubic(nat, (big_h, big_w))
+        else:
+            filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[condition]
+            big = np.asarray(Image.fromarray(nat).resize((big_w, big_h), filt))
         img = big[oy : oy + H, ox : ox + W]
         sx, sy = big_w / cells[1], big_h / cells[0]
         cuts_x = np.arange(1, cells[1]) * sx - ox
@@ -362,10 +418,12 @@ def condition_render(condition: str, seed: int, sprite_files=(), art: str | None
         cuts_x, cuts_y = cx_full - off_x, cy_full - off_y
         xi, yi = _nn_axis(W, cuts_x), _nn_axis(H, cuts_y)
         img = nat[yi[:, None], xi[None, :]]
-    keep_x = (cuts_x > 0) & (cuts_x < W)
-    keep_y = (cuts_y > 0) & (cuts_y < H)
-    first_x = int(np.searchsorted(cuts_x, 0.0, side="right"))
-    first_y = int(np.searchsorted(cuts_y, 0.0, side="right"))
+    # truth holds the cells that contain a pixel centre: a cut within half a pixel of an end would bound a
+    # cell no pixel of the frame shows (the native image would gain a column or row that is not in it)
+    keep_x = (cuts_x > 0.5) & (cuts_x <= W - 0.5)
+    keep_y = (cuts_y > 0.5) & (cuts_y <= H - 0.5)
+    first_x = int(np.searchsorted(cuts_x, 0.5, side="right"))
+    first_y = int(np.searchsorted(cuts_y, 0.5, side="right"))
     cuts_x, cuts_y = cuts_x[keep_x], cuts_y[keep_y]
     native = nat[first_y : first_y + cuts_y.size + 1, first_x : first_x + cuts_x.size + 1]
     if condition == "transparent":
@@ -431,6 +489,25 @@ def cuts_match(found: np.ndarray, truth: np.ndarray, length: int, cell: float, e
         n_tail = int(((f > tb + tol) & (f < hi_f)).sum())
         return abs(n_lead - a) <= 1 and abs(n_tail - (t.size - 1 - b)) <= 1
     return _match_core(f, t, ev, cell, tol, lo_f, hi_f)
+
+
+def reference_cuts(truth: np.ndarray, evidence: np.ndarray, length: int, cell: float) -> np.ndarray:
+    """What a detector that sees every cut the image shows *exactly* would report, for one axis: the truth
+    cuts from the first to the last evidenced one (``evidence``, see :attr:`GridRender.evidence_x`), and
+    beyond them — the blank border stretches, where no pixel shows a cut — the last visible cut plus whole
+    mean cells ``cell`` (the generator's own mean, which no detector knows), down to 0.5 px from the ends.
+    With drifting cells this is the best prediction there is for the stretch (the expected position of each
+    cut), so :func:`cuts_match` with ``strict=True`` on it is the **reference ceiling** of the strict rule on a
+    condition: what knowing everything visible gives (``benchmarks/palette.py`` prints it beside ours)."""
+    t = np.asarray(truth, np.float64)
+    ev = np.asarray(evidence, bool)
+    if not ev.any():
+        c = np.arange(1, int(length / cell) + 1) * cell
+        return c[c < length - 0.5]
+    a, b = int(np.argmax(ev)), int(ev.size - 1 - np.argmax(ev[::-1]))
+    k = np.arange(1, int(length / cell) + 2)
+    lead, tail = t[a] - k * cell, t[b] + k * cell
+    return np.concatenate([lead[lead > 0.5][::-1], t[a : b + 1], tail[tail < length - 0.5]])
 
 
 def _match_core(f: np.ndarray, t: np.ndarray, ev: np.ndarray, cell: float, tol: float, lo_f: float,

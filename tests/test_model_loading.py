@@ -343,10 +343,10 @@ def test_real_sd15_single_file_with_comfyui_tokenizer(monkeypatch):
     assert host.load_report["unused_keys"] == {}
     assert sum(p.numel() for p in host.unet.parameters()) == 859_520_964
     ids = host._tokenize(["a cat"])
-    assert ids.shape == (1, 77) and ids[0, :4].tolist() == [49406, 320, 2368, 49407]
+    assert ids.shape == (1, 1, 77) and ids[0, 0, :4].tolist() == [49406, 320, 2368, 49407]  # [B, chunks, 77]
     with torch.no_grad():
         cond = host.encode_prompts(["pixel art knight"])
-        assert cond.shape == (1, 77, 768) and torch.isfinite(cond).all()
+        assert cond.context.shape == (1, 77, 768) and torch.isfinite(cond.context).all()
         out = host.predict(torch.randn(1, 4, 8, 8), torch.tensor([500]), cond)
         assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
         assert torch.isfinite(host.decode_latents(torch.randn(1, 4, 8, 8))).all()
