@@ -225,8 +225,7 @@ def section_merge(host, out: Path, seeds, res_all: dict, second_bases=()) -> dic
         data = E.write_style_dataset(out / "data", n=16, repeats=3)
         lora = E.train_style_lora(host, data, out / "lora_merge", save_every_n_epochs=None).final_path
     base = E.model_state(host)
-    with E.lora_installed(host, lora):
-        baked = E.model_state(host)
+    baked = E.baked_state(host, lora)
     changed = [k for k in base if not torch.equal(base[k], baked[k])]
     rows, strip = [], []
     for a in (0.0, 0.25, 0.5, 0.75, 1.0):

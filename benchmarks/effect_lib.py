@@ -34,6 +34,8 @@ if str(TOOLS) not in sys.path:
 import train_tiny_model as tiny  # noqa: E402  (tools/ is a script folder, not a package)
 
 TINY_MODEL = REPO / "sample_data" / "tiny_dawnlike"
+#: the v-prediction sibling (12 latent channels, a VAE that keeps colours DawnLike never uses): the in-palette test
+TINY_VPRED = REPO / "sample_data" / "tiny_dawnlike_vpred"
 DATA = tiny.DEFAULT_DATA
 #: the Game Boy DMG ramp, darkest to lightest
 GAMEBOY = ("#0f380f", "#306230", "#8bac0f", "#9bbc0f")
@@ -430,9 +432,24 @@ def diff_report(host, changed: dict, name: str = "edited") -> dict:
                       mode="models")
 
 
+def baked_state(host, lora_path, multiplier: float = 1.0) -> dict:
+    """:func:`model_state` of ``host`` with the kohya LoRA file ``lora_path`` baked in at ``multiplier``: the LoRA
+    is installed in weight space (``host.delta_space = "weight"`` while it is installed: the module's ``weight``
+    becomes W + ΔW), so the returned tensors are the LoRA-merged checkpoint a merge tool would write. With the
+    hosts' default activation-space deltas the weights never change and a plain :func:`model_state` under
+    :class:`lora_installed` returns the base."""
+    saved = host.delta_space
+    host.delta_space = "weight"
+    try:
+        with lora_installed(host, lora_path, multiplier):
+            return model_state(host)
+    finally:
+        host.delta_space = saved
+
+
 def model_state(host) -> dict:
     """``{"<component>.<path>.<attr>": fp32 copy}`` of every UNet / text-encoder weight and bias the host sees
-    (with installed deltas applied: a LoRA installed at strength 1 gives the LoRA-baked model)."""
+    (deltas installed in weight space included; activation-space deltas never show here: :func:`baked_state`)."""
     out = {}
     for comp in host.components():
         for path, mod in host.modules(comp).items():

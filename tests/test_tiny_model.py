@@ -4,6 +4,8 @@ classes offline, stays small, carries its credits, and is the CLI's default mode
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ import torch
 
 from conceptlab.training.lora import quickstart_cli
 from conceptlab.training.lora import train_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import train_tiny_model as tiny  # noqa: E402
 
 MODEL = quickstart_cli.TINY_MODEL
 
@@ -84,3 +89,43 @@ def test_timing_line_names_phases_cpu_and_load():
     line = quickstart_cli.timing_line(125.4, 98.2, {"audit": 0.4, "training with per-epoch samples": 100.0})
     assert line.startswith("done in 125 s wall-clock, 98 s CPU (audit 0 s, training with per-epoch samples 100 s)")
     assert "load average" in line and "cores" in line
+
+
+VPRED = MODEL.parent / "tiny_dawnlike_vpred"
+
+
+def test_both_tiny_models_fit_the_size_budget_and_the_vpred_one_loads_as_v_prediction():
+    size = sum(f.stat().st_size for m in (MODEL, VPRED) for f in m.rglob("*") if f.is_file())
+    assert size <= 25 * 2 ** 20, f"{size / 2 ** 20:.1f} MB > 25 MB for both tiny models"
+    assert "CC-BY 4.0" in (VPRED / "README.md").read_text(encoding="utf-8")
+    from conceptlab.training.model_loading import load_host
+
+    host = load_host(VPRED)
+    assert host.prediction_type == "v_prediction" and host.latent_channels == 12 and host.vae_scale == 2
+    assert next(host.unet.parameters()).dtype == torch.float32  # fp16 files, fp32 compute on CPU
+    imgs = host.sample(["pixel art, plant, oak tree"], width=16, height=16, steps=4, cfg=4.0, seed=0)
+    assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all() and imgs.std() > 0.05
+
+
+@pytest.mark.skipif(not (tiny.DEFAULT_DATA / "sprites").is_dir(), reason="needs ../shared/data/dawnlike")
+def test_training_script_writes_v_prediction_and_forks_a_second_base(tmp_path, monkeypatch):
+    """tools/train_tiny_model.py on 48 sprites for a few steps: the model folder says v_prediction (the default) and
+    a copy of the run's state resumed with --fork-seed continues from the same weights on other batches."""
+    monkeypatch.setattr(tiny.signal, "signal", lambda *a: None)  # keep the test worker's SIGTERM handler
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # and its thread count
+    common = ["--limit", "48", "--vae-steps", "2", "--batch", "4", "--decoder-steps", "0", "--save-every", "2"]
+    assert tiny.main(["--out", str(tmp_path / "a"), "--steps", "2", *common]) == 0
+    sched = json.loads((tmp_path / "a" / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "train_state.pt", tmp_path / "b" / "train_state.pt")
+    for out, seed in (("a", []), ("b", ["--fork-seed", "1"])):
+        assert tiny.main(["--out", str(tmp_path / out), "--resume", "--steps", "4", *seed, *common]) == 0
+    info = json.loads((tmp_path / "b" / "model" / "training.json").read_text())
+    assert info["fork_seed"] == 1 and info["steps"] == 4
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(tmp_path / o / "model" / "unet" / "diffusion_pytorch_model.safetensors")) for o in "ab")
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa), "the fork drew the same batches"
+    with pytest.raises(SystemExit):
+        tiny.main(["--out", str(tmp_path / "c"), "--fork-seed", "1", *common])  # --fork-seed needs --resume

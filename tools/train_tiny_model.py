@@ -348,8 +348,20 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="reuse the VAE of a model folder (its vae/) instead of training one: a second base with "
                          "another --seed in the same latent space (README 'Evidence', add-difference)")
+    ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
+                    help="what the UNet predicts (written to scheduler/scheduler_config.json). v_prediction "
+                         "(Salimans & Ho 2022, Eq. 9-10; SD 2.x 768-v, NoobAI v-pred): a model this small and this "
+                         "short-trained predicts epsilon too poorly at high noise, where x0 = (x_t - sqrt(1-a) eps) / "
+                         "sqrt(a) multiplies the error by up to 15, so its samples came out as coloured noise")
+    ap.add_argument("--fork-seed", type=int, default=None,
+                    help="with --resume: draw batches, timesteps, noise and caption dropout from this seed from the "
+                         "resumed step on. A copy of another run's train_state.pt resumed with another seed is a "
+                         "second base that shares the first run's early steps, as community finetunes share their "
+                         "ancestor (README 'Evidence', add-difference)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N sprites (smoke tests)")
     args = ap.parse_args(argv)
+    if args.fork_seed is not None and not args.resume:
+        ap.error("--fork-seed needs --resume (it forks the run whose train_state.pt is in --out)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -396,6 +408,10 @@ def main(argv=None) -> int:
         ema = st["ema"]; start = st["step"]; scaling = st["scaling"]
         vae.eval().requires_grad_(False)
         log(f"resumed at step {start}")
+        if args.fork_seed is not None:
+            gen.manual_seed(args.fork_seed)
+            torch.manual_seed(args.fork_seed)
+            log(f"forked: batches and noise from seed {args.fork_seed} from step {start} on")
     elif args.vae_from:
         from diffusers import AutoencoderKL
 
@@ -459,7 +475,10 @@ def main(argv=None) -> int:
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             ctx = te(tok_ids)[0]
             pred = unet(xt, t, encoder_hidden_states=ctx).sample
-            loss = F.mse_loss(pred, noise)
+            # ε-MSE (Ho et al. 2020, Eq. 14) or v-MSE with v = sqrt(a)·ε − sqrt(1−a)·x0 (Salimans & Ho 2022,
+            # Eq. 9; diffusers DDPMScheduler.get_velocity)
+            target = noise if args.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+            loss = F.mse_loss(pred, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
@@ -508,7 +527,8 @@ def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses
     vae.save_pretrained(model_dir / "vae", safe_serialization=True)
     te.save_pretrained(model_dir / "text_encoder", safe_serialization=True)
     (model_dir / "scheduler").mkdir(exist_ok=True)
-    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**SCHEDULER_CONFIG, "prediction_type": args.prediction_type}, indent=2))
     (model_dir / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
@@ -519,7 +539,8 @@ def export(model_dir: Path, vae, unet, te, ema, tok, args, step, rec_err, losses
         "seed": args.seed, "threads": args.threads, "vae_steps": args.vae_steps, "steps": step,
         "latent_channels": args.latent_channels, "colour_augment": args.colour_augment,
         "vae_cosine": args.vae_cosine, "decoder_steps": args.decoder_steps,
-        "batch": args.batch, "lr": args.lr, "ema": args.ema, "caption_dropout": args.caption_dropout,
+        "vae_from": str(args.vae_from) if args.vae_from else None, "fork_seed": args.fork_seed,
+        "prediction_type": args.prediction_type, "batch": args.batch, "lr": args.lr, "ema": args.ema, "caption_dropout": args.caption_dropout,
         "weights": "raw" if args.export_raw else "ema",
         "vae_mean_abs_error_255": round(rec_err, 3), "final_loss_mean_last_100": float(np.mean(losses[-100:]))
         if losses else None, "image_size": IMAGE_SIZE, "background": "#%02x%02x%02x" % BACKGROUND}, indent=2))
