@@ -162,7 +162,7 @@ REFUSED: dict[str, str] = {
     "vae": "a separate VAE file is not supported by the CLI; train in ComfyUI with the VAE you want",
     "fp8_base": "kohya's fp8 storage is not implemented; for Flux set quantize_base = \"fp8\" (torchao float8 "
                 "weight-only, CUDA) or \"int8\" (also CPU)", "fp8_base_unet": "see fp8_base",
-    "use_lion_optimizer": f"Lion is not supported; use optimizer_type AdamW, AdamW8bit, Adafactor, Prodigy or "
+    "use_lion_optimizer": "Lion is not supported; use optimizer_type AdamW, AdamW8bit, Adafactor, Prodigy or "
                           "SGDNesterov",
     "lr_scheduler_type": "custom scheduler classes are not supported; use lr_scheduler",
     "lr_scheduler_args": "custom scheduler arguments are not supported",

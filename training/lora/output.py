@@ -41,7 +41,6 @@ def save_lora_file(path: str | os.PathLike, network: LoRANetwork, metadata: Mapp
     md = {k: (v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
           for k, v in metadata.items()}
     if hasattr(network, "algo"):  # a LyCORIS network (training/lora/lycoris_net.py): its own key names
-        from ...formats.safetensors_io import parse_dtype
         from .lycoris_net import save_lycoris_file
 
         return Path(save_lycoris_file(path, network, md, parse_dtype({"float": "fp32"}.get(precision, precision))))

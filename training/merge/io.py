@@ -11,12 +11,15 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from ...formats.safetensors_io import WeightFile, WeightFileError
 from ...formats.weight_folders import sha256_source
+
+if TYPE_CHECKING:  # annotations only: files.py imports this module
+    from .files import _Source
 
 
 class _PreadSafetensors:

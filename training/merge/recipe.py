@@ -7,12 +7,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from ...formats.safetensors_io import SafetensorsStreamWriter, WeightFile
 from .methods import MethodOptions
+
+if TYPE_CHECKING:  # annotations only: files.py imports this module
+    from .files import _Source
 
 RECIPE_KEY = "conceptlab.recipe"
 RECIPE_FORMAT = "conceptlab.merge/1"
